@@ -1,0 +1,122 @@
+"""Python entry points of the soo_ext ops, their fake kernels, and the fallback to the references.
+
+The compiled module ``soo_ext._C`` registers the ops in the ``soo`` namespace (CPU and CUDA kernels
+of one schema).  When it is missing, or was built against another torch, the wrappers here run the
+pure-PyTorch references of :mod:`soo_ext.reference` instead, after one warning;
+``SOO_EXT_REQUIRE_EXT=1`` turns that into an ImportError.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["lbfgs_direction", "extension_loaded", "extension_error", "build_info"]
+
+_BUILD_INFO_FILE = Path(__file__).with_name("_build_info.json")
+
+
+def _load_extension() -> tuple[bool, str | None]:
+    """Import ``soo_ext._C`` if it was built against the running torch; says why not otherwise."""
+    if os.environ.get("SOO_EXT_DISABLE_EXT") == "1":
+        return False, "disabled by SOO_EXT_DISABLE_EXT=1"
+    try:
+        recorded = json.loads(_BUILD_INFO_FILE.read_text())
+    except (OSError, ValueError):
+        return False, "compiled module soo_ext._C not found (not built)"
+    # Checked before the import: loading a module built for another torch can fail or crash.
+    if recorded.get("torch_version") != torch.__version__:
+        return False, (f"soo_ext._C was built against torch {recorded.get('torch_version')}, "
+                       f"running torch {torch.__version__}: rebuild it")
+    try:
+        from . import _C  # noqa: F401  (registers the soo:: ops)
+    except ImportError as exc:
+        return False, f"soo_ext._C failed to import: {exc}"
+    return True, None
+
+
+_LOADED, _ERROR = _load_extension()
+if not _LOADED:
+    if os.environ.get("SOO_EXT_REQUIRE_EXT") == "1":
+        raise ImportError(f"SOO_EXT_REQUIRE_EXT=1 but {_ERROR}")
+    warnings.warn(f"soo_ext: {_ERROR}; ops fall back to the pure-PyTorch references (slow).",
+                  RuntimeWarning, stacklevel=2)
+
+
+def extension_loaded() -> bool:
+    """Whether the compiled kernels are in use (False: references are used instead)."""
+    return _LOADED
+
+
+def extension_error() -> str | None:
+    """Why the compiled module is not in use, or None."""
+    return _ERROR
+
+
+def build_info() -> dict:
+    """Package version, the torch the module was built against, CUDA kernels and architectures."""
+    from . import __version__
+    info = {"version": __version__, "extension_loaded": _LOADED, "extension_error": _ERROR,
+            "torch_runtime": torch.__version__}
+    if _LOADED:
+        from . import _C
+        info.update(_C.build_info())
+    else:
+        try:
+            info.update(json.loads(_BUILD_INFO_FILE.read_text()))
+        except (OSError, ValueError):
+            info.update({"torch_version": None, "with_cuda": False, "cuda_archs": []})
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# lbfgs_direction
+
+def _check_lbfgs_direction(S: Tensor, Y: Tensor, SY: Tensor, YY: Tensor, g: Tensor,
+                           newest: int, count: int) -> None:
+    torch._check(g.dim() == 1, lambda: f"g must be 1-D, got shape {tuple(g.shape)}")
+    torch._check(g.dtype in (torch.float32, torch.float64),
+                 lambda: f"g must be float32 or float64, got {g.dtype}")
+    torch._check(S.dim() == 2 and S.shape == Y.shape,
+                 lambda: f"S and Y must be [m, n] of one shape, got {tuple(S.shape)}, {tuple(Y.shape)}")
+    torch._check(S.shape[1] == g.shape[0],
+                 lambda: f"history length {S.shape[1]} != gradient length {g.shape[0]}")
+    allowed = (g.dtype, torch.bfloat16) if g.dtype == torch.float32 else (g.dtype,)
+    torch._check(S.dtype == Y.dtype and S.dtype in allowed,
+                 lambda: f"history dtype {S.dtype} not allowed with a {g.dtype} gradient")
+    m = S.shape[0]
+    acc = reference.accumulation_dtype(g.dtype)
+    torch._check(SY.shape == (m, m) and YY.shape == (m, m) and SY.dtype == acc and YY.dtype == acc,
+                 lambda: f"SY and YY must be [{m}, {m}] {acc}")
+    torch._check(0 <= count <= m, lambda: f"count must be in [0, {m}], got {count}")
+    torch._check(0 <= newest < max(m, 1), lambda: f"newest must be in [0, {m}), got {newest}")
+    torch._check(S.device == g.device and Y.device == g.device and SY.device == g.device
+                 and YY.device == g.device, lambda: "all tensors must be on one device")
+
+
+def lbfgs_direction(S: Tensor, Y: Tensor, SY: Tensor, YY: Tensor, g: Tensor,
+                    newest: int, count: int, update_gram: bool = False) -> tuple[Tensor, Tensor]:
+    """L-BFGS direction ``d = -H g`` by the compact two-loop recursion (fused kernels).
+
+    See :func:`soo_ext.reference.lbfgs_direction` for the exact contract.  With ``update_gram``
+    the row and column ``newest`` of SY and YY are recomputed in the same pass over the history
+    that computes ``S^T g`` and ``Y^T g`` (SY and YY are mutated in place).  Never synchronises
+    with the host.  Returns ``(d, stats)`` with ``stats = [g.d, max|d|]``.
+    """
+    _check_lbfgs_direction(S, Y, SY, YY, g, newest, count)
+    if _LOADED:
+        return torch.ops.soo.lbfgs_direction.default(S, Y, SY, YY, g, newest, count, update_gram)
+    return reference.lbfgs_direction(S, Y, SY, YY, g, newest, count, update_gram)
+
+
+if _LOADED:
+    @torch.library.register_fake("soo::lbfgs_direction")
+    def _lbfgs_direction_fake(S, Y, SY, YY, g, newest, count, update_gram):
+        _check_lbfgs_direction(S, Y, SY, YY, g, newest, count)
+        return torch.empty_like(g), g.new_empty(2, dtype=reference.accumulation_dtype(g.dtype))
