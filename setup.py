@@ -7,6 +7,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST    CUDA architectures to build, e.g. "8.0;9.0+PTX"
   CUDA_HOME               CUDA toolkit root (default /usr/local/cuda when it has nvcc)
 """
+import importlib.util
 import json
 import os
 import re
@@ -37,6 +38,19 @@ def find_nvcc() -> str | None:
     if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
         return str(Path(CUDA_HOME) / "bin" / "nvcc")
     return shutil.which("nvcc")
+
+
+def cuda_library_include_flags() -> list[str]:
+    """torch's CUDA headers include cuSPARSE/cuBLAS headers; a bare toolkit (nvcc only) lacks
+    them, but the nvidia-* wheels torch depends on ship them: search those last (-isystem)."""
+    if (Path(CUDA_HOME or "/nonexistent") / "include" / "cusparse.h").exists():
+        return []
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations if spec else []):
+        for include in sorted(Path(root).glob("*/include")):
+            if (include / "cusparse.h").exists():
+                return ["-isystem", str(include)]
+    return []
 
 
 def cuda_wanted() -> bool:
@@ -105,7 +119,9 @@ extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
 extension = CppExtension
 if WITH_CUDA:
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-    extra_compile_args["nvcc"] = ["-O3", "-DSOO_WITH_CUDA_KERNELS"]
+    library_includes = cuda_library_include_flags()
+    extra_compile_args["cxx"] += library_includes
+    extra_compile_args["nvcc"] = ["-O3", *library_includes]
     extension = CUDAExtension
 
 setup(
