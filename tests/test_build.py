@@ -1,0 +1,107 @@
+"""The build: build information, device code for the requested architectures, the fallback."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import soo_ext
+from soo_ext import ops
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_archs import embedded_archs, requested_archs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+
+def test_build_info_describes_the_module():
+    info = soo_ext.build_info()
+    assert info["version"] == soo_ext.__version__
+    assert info["extension_loaded"] is ops.extension_loaded()
+    if ops.extension_loaded():
+        assert info["torch_version"] == torch.__version__
+        assert isinstance(info["with_cuda"], bool) and isinstance(info["cuda_archs"], list)
+        assert info["with_cuda"] == bool(info["cuda_archs"])
+
+
+@pytest.mark.skipif(not (ops.extension_loaded() and soo_ext.build_info()["with_cuda"]),
+                    reason="CUDA kernels not built")
+def test_module_contains_device_code_for_every_requested_arch():
+    module = Path(soo_ext.ops.__file__).parent
+    so = next(module.glob("_C*.so"))
+    got = embedded_archs(so)
+    wanted = requested_archs(";".join(soo_ext.build_info()["cuda_archs"]))
+    assert wanted["elf"] <= got["elf"] and wanted["ptx"] <= got["ptx"], (wanted, got)
+    assert {80, 86, 90} <= got["elf"] or os.environ.get("TORCH_CUDA_ARCH_LIST")  # the default list
+
+
+def test_requested_archs_parsing():
+    assert requested_archs("8.0;8.6;9.0+PTX") == {"elf": {80, 86, 90}, "ptx": {90}}
+    assert requested_archs("9.0 10.0+PTX") == {"elf": {90, 100}, "ptx": {100}}
+
+
+def test_fallback_to_references_warns_once():
+    res = run_python(
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import soo_ext\n"
+        "    h = soo_ext.LBFGSHistory(5, 2, dtype=torch.float64)\n"
+        "    h.push(torch.ones(5, dtype=torch.float64), 2 * torch.ones(5, dtype=torch.float64))\n"
+        "    d, _ = h.direction(torch.ones(5, dtype=torch.float64))\n"
+        "msgs = [str(x.message) for x in w if 'soo_ext' in str(x.message)]\n"
+        "assert len(msgs) == 1 and 'fall back' in msgs[0], msgs\n"
+        "assert not soo_ext.ops.extension_loaded()\n"
+        "assert torch.allclose(d, -0.5 * torch.ones(5, dtype=torch.float64))\n"
+        "print('ok')", SOO_EXT_DISABLE_EXT="1", SOO_EXT_REQUIRE_EXT="0")
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_require_ext_turns_the_fallback_into_an_error():
+    res = run_python("import soo_ext", SOO_EXT_DISABLE_EXT="1", SOO_EXT_REQUIRE_EXT="1")
+    assert res.returncode != 0 and "SOO_EXT_REQUIRE_EXT" in res.stderr
+
+
+@pytest.mark.skipif(not ops.extension_loaded(), reason="compiled module not built")
+def test_module_built_for_another_torch_is_not_loaded(tmp_path):
+    pkg = tmp_path / "soo_ext"
+    shutil.copytree(ROOT / "soo_ext", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    info = json.loads((pkg / "_build_info.json").read_text())
+    info["torch_version"] = "1.0.0"
+    (pkg / "_build_info.json").write_text(json.dumps(info))
+    res = subprocess.run(
+        [sys.executable, "-c", "import soo_ext; assert not soo_ext.ops.extension_loaded(); "
+                               "print(soo_ext.ops.extension_error())"],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "SOO_EXT_REQUIRE_EXT": "0"})
+    assert res.returncode == 0, res.stderr
+    assert "built against torch 1.0.0" in res.stdout and "rebuild" in res.stderr
+
+
+def setup_py(*args, **env):
+    return subprocess.run([sys.executable, "setup.py", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **env})
+
+
+def test_forced_cuda_build_without_nvcc_fails_loudly(tmp_path):
+    res = setup_py("--version", SOO_EXT_CUDA="1", CUDA_HOME=str(tmp_path),
+                   PATH=os.path.dirname(sys.executable) + ":/usr/bin:/bin")
+    if torch.version.cuda is None:
+        assert res.returncode != 0 and "torch has no CUDA support" in res.stderr
+    else:
+        assert res.returncode != 0 and "nvcc not found" in res.stderr
+
+
+def test_cuda_can_be_switched_off():
+    res = setup_py("--version", SOO_EXT_CUDA="0")
+    assert res.returncode == 0 and "CUDA kernels off" in res.stderr
+    assert setup_py("--version", SOO_EXT_CUDA="maybe").returncode != 0
