@@ -16,8 +16,7 @@
 namespace soo {
 namespace {
 
-constexpr int64_t kChunk = 16384;  // elements per work item (fits in L2 with g and its tile)
-constexpr int64_t kTile = 1024;    // pass-2 accumulation tile (stays in L1)
+constexpr int64_t kChunk = 16384;  // elements per work item: long runs per row, tile fits in L2
 constexpr int kLanes = 16;
 
 template <typename acc_t, typename hist_t>
@@ -34,11 +33,6 @@ inline acc_t dot_range(const A* a, const B* b, int64_t lo, int64_t hi) {
   for (; i < hi; ++i) total += to_acc<acc_t>(a[i]) * to_acc<acc_t>(b[i]);
   for (int l = 0; l < kLanes; ++l) total += lane[l];
   return total;
-}
-
-template <typename acc_t>
-inline acc_t nan_max(acc_t a, acc_t b) {  // max that keeps NaN, so a poisoned d is visible
-  return (a != a || b > a || b != b) ? (a != a ? a : b) : a;
 }
 
 template <typename scalar_t, typename hist_t>
@@ -87,26 +81,40 @@ void direction_kernel(const hist_t* S, const hist_t* Y, scalar_t* SY, scalar_t* 
   // Pass 2: d = -(gamma g + sum coef_y y_k + sum coef_s s_k), with partial g.d and max|d|.
   std::vector<acc_t> gd_part(n_chunks), dmax_part(n_chunks);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    acc_t tile[kTile];
+    std::vector<acc_t> tile(kChunk);
     for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = c * kChunk, len = std::min(n, lo + kChunk) - lo;
+      const acc_t gamma = coef[0];
+      for (int64_t i = 0; i < len; ++i) tile[i] = gamma * g[lo + i];
+      for (int64_t k = 0; k < count; ++k) {
+        const acc_t cy = coef[1 + k], cs = coef[1 + count + k];
+        const hist_t* s = S + slot[k] * n + lo;
+        const hist_t* y = Y + slot[k] * n + lo;
+        for (int64_t i = 0; i < len; ++i)
+          tile[i] += cy * to_acc<acc_t>(y[i]) + cs * to_acc<acc_t>(s[i]);
+      }
+      // Lane-wise reductions so the loop vectorises; a NaN in d makes g.d NaN, so the
+      // max needs no NaN handling of its own beyond that.
+      acc_t gd_lane[kLanes] = {}, max_lane[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+          const acc_t di = -tile[i + l];
+          d[lo + i + l] = di;
+          gd_lane[l] += g[lo + i + l] * di;
+          const acc_t a = std::abs(di);
+          max_lane[l] = a > max_lane[l] ? a : max_lane[l];
+        }
       acc_t gd = 0, dmax = 0;
-      for (int64_t t0 = c * kChunk; t0 < std::min(n, (c + 1) * kChunk); t0 += kTile) {
-        const int64_t len = std::min(kTile, n - t0);
-        const acc_t gamma = coef[0];
-        for (int64_t i = 0; i < len; ++i) tile[i] = gamma * g[t0 + i];
-        for (int64_t k = 0; k < count; ++k) {
-          const acc_t cy = coef[1 + k], cs = coef[1 + count + k];
-          const hist_t* s = S + slot[k] * n + t0;
-          const hist_t* y = Y + slot[k] * n + t0;
-          for (int64_t i = 0; i < len; ++i)
-            tile[i] += cy * to_acc<acc_t>(y[i]) + cs * to_acc<acc_t>(s[i]);
-        }
-        for (int64_t i = 0; i < len; ++i) {
-          const acc_t di = -tile[i];
-          d[t0 + i] = di;
-          gd += g[t0 + i] * di;
-          dmax = nan_max(dmax, std::abs(di));
-        }
+      for (; i < len; ++i) {
+        const acc_t di = -tile[i];
+        d[lo + i] = di;
+        gd += g[lo + i] * di;
+        dmax = std::max(dmax, std::abs(di));
+      }
+      for (int l = 0; l < kLanes; ++l) {
+        gd += gd_lane[l];
+        dmax = std::max(dmax, max_lane[l]);
       }
       gd_part[c] = gd;
       dmax_part[c] = dmax;
@@ -115,10 +123,10 @@ void direction_kernel(const hist_t* S, const hist_t* Y, scalar_t* SY, scalar_t* 
   acc_t gd = 0, dmax = 0;
   for (int64_t c = 0; c < n_chunks; ++c) {
     gd += gd_part[c];
-    dmax = nan_max(dmax, dmax_part[c]);
+    dmax = std::max(dmax, dmax_part[c]);
   }
   stats[0] = gd;
-  stats[1] = dmax;
+  stats[1] = gd != gd ? gd : dmax;  // non-finite d: report NaN, as torch.max would
 }
 
 }  // namespace
