@@ -129,7 +129,7 @@ direction_pass1(const hist_t* __restrict__ S, const hist_t* __restrict__ Y,
       const int64_t i = v * VEC;
       acc_t gv[VEC], sn[VEC], yn[VEC];
       load_vec<VEC>(g + i, gv);
-      if (GRAM) {
+      if constexpr (GRAM) {
         load_vec<VEC>(s_new + i, sn);
         load_vec<VEC>(y_new + i, yn);
       }
@@ -143,7 +143,7 @@ direction_pass1(const hist_t* __restrict__ S, const hist_t* __restrict__ Y,
           for (int e = 0; e < VEC; ++e) {
             acc[0 * kRows + r] += sv[e] * gv[e];
             acc[1 * kRows + r] += yv[e] * gv[e];
-            if (GRAM) {
+            if constexpr (GRAM) {
               acc[2 * kRows + r] += sv[e] * yn[e];
               acc[3 * kRows + r] += sn[e] * yv[e];
               acc[4 * kRows + r] += yv[e] * yn[e];
@@ -167,7 +167,7 @@ direction_pass1(const hist_t* __restrict__ S, const hist_t* __restrict__ Y,
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    if (GRAM) lbfgs_store_gram(dots, count, m, newest, SY, YY);
+    if constexpr (GRAM) lbfgs_store_gram(dots, count, m, newest, SY, YY);
     lbfgs_coefficients(dots, dots + count, SY, YY, count, m, newest, coef);
   }
 }
@@ -260,6 +260,8 @@ void launch(const at::Tensor& S, const at::Tensor& Y, at::Tensor& SY, at::Tensor
   const hist_t* s_ptr = reinterpret_cast<const hist_t*>(S.data_ptr());
   const hist_t* y_ptr = reinterpret_cast<const hist_t*>(Y.data_ptr());
   auto stream = at::cuda::getCurrentCUDAStream();
+  const size_t smem = count * sizeof(int64_t) + (1 + 2 * count) * sizeof(acc_t);
+  TORCH_CHECK(smem <= 48 * 1024, "lbfgs_direction: history_size ", m, " too large for the CUDA kernel");
 
   if (count > 0) {
     auto pass1 = update_gram ? direction_pass1<acc_t, hist_t, true, VEC> : direction_pass1<acc_t, hist_t, false, VEC>;
@@ -268,8 +270,6 @@ void launch(const at::Tensor& S, const at::Tensor& Y, at::Tensor& SY, at::Tensor
                                            YY.data_ptr<acc_t>(), coef, counter);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const size_t smem = count * sizeof(int64_t) + (1 + 2 * count) * sizeof(acc_t);
-  TORCH_CHECK(smem <= 48 * 1024, "lbfgs_direction: history_size ", m, " too large for the CUDA kernel");
   direction_pass2<acc_t, hist_t, VEC><<<blocks, kThreads, smem, stream>>>(
       s_ptr, y_ptr, g.data_ptr<acc_t>(), d.data_ptr<acc_t>(), n, m, newest, count, coef, partial2,
       stats.data_ptr<acc_t>(), counter + 1);
