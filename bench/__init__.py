@@ -1,0 +1,1 @@
+"""Benchmarks of soo_ext against the PyTorch code it replaces: ``python -m bench --help``."""
