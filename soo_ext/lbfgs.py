@@ -20,6 +20,14 @@ _GLOBAL_OPTIONS = ("max_iter", "max_eval", "tolerance_grad", "tolerance_change",
 _MIN_CURVATURE = 1e-10  # a pair (s, y) is stored only if y.s exceeds this, as in torch
 
 
+def _max_abs(v: Tensor) -> Tensor:
+    """``max|v|`` (NaN if v holds one); aminmax is several times faster than the inf-norm on CPU."""
+    if v.numel() == 0:
+        return v.new_zeros(())
+    lo, hi = torch.aminmax(v)
+    return torch.maximum(hi, -lo)
+
+
 class NonFiniteError(RuntimeError):
     """A closure evaluation gave a non-finite loss or gradient (with ``on_nonfinite='raise'``)."""
 
@@ -105,6 +113,7 @@ class _Workspace:
         self.history = history
         self._pool: list[tuple[Tensor, list[Tensor]]] = []  # gradient buffers and their views
         self.y = self._empty()
+        self.y_of: tuple[Tensor, Tensor] | None = None  # (g, g_prev) when y holds g - g_prev
         self.x0: tuple[Tensor, list[Tensor]] | None = None
         self.x0_t: float | None = None  # params == x0 + x0_t * d; None: no snapshot in use
         self.metric: tuple[Tensor, Tensor] | None = None  # (sqrt(P), 1/sqrt(P)); None if P = I
@@ -164,12 +173,14 @@ class _Workspace:
 
     def push(self, d: Tensor, g: Tensor, g_prev: Tensor, t: float) -> None:
         """Store the pair s = t d, y = g - g_prev (mapped to the metric's variables)."""
-        y = torch.sub(g, g_prev, out=self.y)
+        if self.y_of is None or self.y_of[0] is not g or self.y_of[1] is not g_prev:
+            torch.sub(g, g_prev, out=self.y)
+        self.y_of = None
         if self.metric is None:
-            self.history.push(d, y, t)
+            self.history.push(d, self.y, t)
         else:
             sqrt_p, inv_sqrt_p = self.metric
-            self.history.push(d * inv_sqrt_p, y.mul_(sqrt_p), t)
+            self.history.push(d * inv_sqrt_p, self.y.mul_(sqrt_p), t)
 
     def direction(self, g: Tensor) -> tuple[Tensor, float, float]:
         """``d = -H g`` and the host scalars ``g.d``, ``max|d|`` (one host sync)."""
@@ -179,7 +190,7 @@ class _Workspace:
             sqrt_p, _ = self.metric
             d, stats = self.history.direction(g * sqrt_p)
             d.mul_(sqrt_p)
-            stats = torch.stack([stats[0], torch.linalg.vector_norm(d, math.inf).to(stats.dtype)])
+            stats = torch.stack([stats[0], _max_abs(d).to(stats.dtype)])
         gtd, dmax = stats.tolist()
         return d, gtd, dmax
 
@@ -351,10 +362,11 @@ class LBFGS(Optimizer):
         """Run the closure, gather its gradient into ``buf`` and fetch, in one host sync, the
         loss, ``max|g|`` and optionally ``sum|g|``, ``g.along`` and ``(g - g_prev).d`` for
         ``pair = (g_prev, d)``.  Raises _NonFinite if any of them is not finite."""
+        ws.y_of = None  # buf may be one of the vectors y was computed from
         loss = closure()
         ws.gather(buf, maximize)
         g = buf[0]
-        scalars = [torch.linalg.vector_norm(g, math.inf)]
+        scalars = [_max_abs(g)]
         if gsum:
             scalars.append(torch.linalg.vector_norm(g, 1))
         if along is not None:
@@ -362,6 +374,7 @@ class LBFGS(Optimizer):
         if pair is not None:
             g_prev, d = pair
             scalars.append(torch.dot(torch.sub(g, g_prev, out=ws.y), d))
+            ws.y_of = (g, g_prev)
         if isinstance(loss, Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss, got shape "

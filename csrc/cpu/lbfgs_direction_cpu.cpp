@@ -1,8 +1,8 @@
 // CPU kernel of soo::lbfgs_direction: two parallel passes over the history (at::parallel_for).
 //
-// Work is cut into fixed-size chunks whose partial sums are combined in chunk order, so results
-// do not depend on the number of threads (bit-identical reruns and resumes).  Inner loops keep
-// kLanes independent accumulators so the compiler vectorises them without reassociating sums.
+// Work is cut into fixed-size chunks whose partial sums are combined in chunk order, and every
+// sum inside a chunk runs on fixed SIMD lanes (vec.h), so results do not depend on the number of
+// threads or on the instruction set picked at run time (bit-identical reruns and resumes).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -12,34 +12,155 @@
 #include <vector>
 
 #include "../lbfgs_direction.h"
+#include "vec.h"
 
 namespace soo {
 namespace {
 
+using cpu::lane_max;
+using cpu::lane_sum;
+using cpu::load;
+using cpu::scalar;
+using cpu::Vec;
+
 constexpr int64_t kChunk = 16384;  // elements per work item: long runs per row, tile fits in L2
-constexpr int kLanes = 16;
 
-template <typename acc_t, typename hist_t>
-inline acc_t to_acc(hist_t x) { return static_cast<acc_t>(x); }
+template <typename V, typename T>
+SOO_ALWAYS_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
 
-// Sum over [lo, hi) of a[i] * b[i], with a, b possibly of different storage types.
-template <typename acc_t, typename A, typename B>
-inline acc_t dot_range(const A* a, const B* b, int64_t lo, int64_t hi) {
-  acc_t lane[kLanes] = {};
-  int64_t i = lo;
-  for (; i + kLanes <= hi; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] += to_acc<acc_t>(a[i + l]) * to_acc<acc_t>(b[i + l]);
-  acc_t total = 0;
-  for (; i < hi; ++i) total += to_acc<acc_t>(a[i]) * to_acc<acc_t>(b[i]);
-  for (int l = 0; l < kLanes; ++l) total += lane[l];
-  return total;
+// Pass 1 on elements [lo, hi): per history row k, s_k.g and y_k.g, and with kGram the Gram
+// entries s_k.y_new, s_new.y_k, y_k.y_new, all in one sweep over the row.  `out` is [dot][count].
+template <typename acc_t, typename hist_t, bool kGram>
+SOO_ALWAYS_INLINE void pass1_chunk(const hist_t* S, const hist_t* Y, const acc_t* g,
+                                   const int64_t* slot, int64_t count, int64_t n, int64_t newest,
+                                   int64_t lo, int64_t hi, acc_t* out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int W = Vec<acc_t>::width;
+  const hist_t* s_new = S + newest * n;
+  const hist_t* y_new = Y + newest * n;
+  for (int64_t k = 0; k < count; ++k) {
+    const hist_t* s = S + slot[k] * n;
+    const hist_t* y = Y + slot[k] * n;
+    V sg{}, yg{}, sy{}, ny{}, yy{};
+    int64_t i = lo;
+    for (; i + W <= hi; i += W) {
+      const V vs = load<acc_t>(s + i), vy = load<acc_t>(y + i), vg = load<acc_t>(g + i);
+      sg += vs * vg;
+      yg += vy * vg;
+      if constexpr (kGram) {
+        const V yn = load<acc_t>(y_new + i), sn = load<acc_t>(s_new + i);
+        sy += vs * yn;
+        ny += sn * vy;
+        yy += vy * yn;
+      }
+    }
+    acc_t t_sg = lane_sum(sg), t_yg = lane_sum(yg);
+    acc_t t_sy = lane_sum(sy), t_ny = lane_sum(ny), t_yy = lane_sum(yy);
+    for (; i < hi; ++i) {
+      const acc_t vs = scalar(s[i]), vy = scalar(y[i]);
+      t_sg += vs * g[i];
+      t_yg += vy * g[i];
+      if constexpr (kGram) {
+        t_sy += vs * scalar(y_new[i]);
+        t_ny += scalar(s_new[i]) * vy;
+        t_yy += vy * scalar(y_new[i]);
+      }
+    }
+    out[k] = t_sg;
+    out[count + k] = t_yg;
+    if constexpr (kGram) {
+      out[2 * count + k] = t_sy;
+      out[3 * count + k] = t_ny;
+      out[4 * count + k] = t_yy;
+    }
+  }
 }
+
+// Pass 2 on elements [lo, lo + len): d = -(gamma g + sum coef_y y_k + sum coef_s s_k) built in
+// `tile` one row at a time, then written out with the chunk's g.d and max|d|.
+template <typename acc_t, typename hist_t>
+SOO_ALWAYS_INLINE void pass2_chunk(const hist_t* S, const hist_t* Y, const acc_t* g,
+                                   const acc_t* coef, const int64_t* slot, int64_t count,
+                                   int64_t n, int64_t lo, int64_t len, acc_t* tile, acc_t* d,
+                                   acc_t* gd_out, acc_t* dmax_out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int W = Vec<acc_t>::width;
+  const int64_t vec_len = len - len % W;
+  g += lo;
+  d += lo;
+  const acc_t gamma = coef[0];
+  for (int64_t i = 0; i < vec_len; i += W) store(tile + i, gamma * load<acc_t>(g + i));
+  for (int64_t i = vec_len; i < len; ++i) tile[i] = gamma * g[i];
+  for (int64_t k = 0; k < count; ++k) {
+    const acc_t cy = coef[1 + k], cs = coef[1 + count + k];
+    const hist_t* s = S + slot[k] * n + lo;
+    const hist_t* y = Y + slot[k] * n + lo;
+    for (int64_t i = 0; i < vec_len; i += W)
+      store(tile + i, load<acc_t>(tile + i) + (cy * load<acc_t>(y + i) + cs * load<acc_t>(s + i)));
+    for (int64_t i = vec_len; i < len; ++i) tile[i] += cy * scalar(y[i]) + cs * scalar(s[i]);
+  }
+  // A NaN in d makes g.d NaN, which the caller reports; the max needs no NaN handling.
+  const V zero{};
+  V gd{}, dmax{};
+  for (int64_t i = 0; i < vec_len; i += W) {
+    const V di = -load<acc_t>(tile + i);
+    store(d + i, di);
+    gd += load<acc_t>(g + i) * di;
+    const V a = di < zero ? -di : di;
+    dmax = a > dmax ? a : dmax;
+  }
+  acc_t t_gd = lane_sum(gd), t_max = lane_max(dmax);
+  for (int64_t i = vec_len; i < len; ++i) {
+    const acc_t di = -tile[i];
+    d[i] = di;
+    t_gd += g[i] * di;
+    t_max = std::max(t_max, std::abs(di));
+  }
+  *gd_out = t_gd;
+  *dmax_out = t_max;
+}
+
+// The chunk kernels compiled for the baseline ISA and for AVX2 (same results, see vec.h).
+template <typename acc_t, typename hist_t, bool kGram>
+void pass1_base(const hist_t* S, const hist_t* Y, const acc_t* g, const int64_t* slot,
+                int64_t count, int64_t n, int64_t newest, int64_t lo, int64_t hi, acc_t* out) {
+  pass1_chunk<acc_t, hist_t, kGram>(S, Y, g, slot, count, n, newest, lo, hi, out);
+}
+template <typename acc_t, typename hist_t>
+void pass2_base(const hist_t* S, const hist_t* Y, const acc_t* g, const acc_t* coef,
+                const int64_t* slot, int64_t count, int64_t n, int64_t lo, int64_t len,
+                acc_t* tile, acc_t* d, acc_t* gd, acc_t* dmax) {
+  pass2_chunk<acc_t, hist_t>(S, Y, g, coef, slot, count, n, lo, len, tile, d, gd, dmax);
+}
+#if SOO_HAVE_AVX2_PATH
+template <typename acc_t, typename hist_t, bool kGram>
+SOO_TARGET_AVX2 void pass1_avx2(const hist_t* S, const hist_t* Y, const acc_t* g,
+                                const int64_t* slot, int64_t count, int64_t n, int64_t newest,
+                                int64_t lo, int64_t hi, acc_t* out) {
+  pass1_chunk<acc_t, hist_t, kGram>(S, Y, g, slot, count, n, newest, lo, hi, out);
+}
+template <typename acc_t, typename hist_t>
+SOO_TARGET_AVX2 void pass2_avx2(const hist_t* S, const hist_t* Y, const acc_t* g,
+                                const acc_t* coef, const int64_t* slot, int64_t count, int64_t n,
+                                int64_t lo, int64_t len, acc_t* tile, acc_t* d, acc_t* gd,
+                                acc_t* dmax) {
+  pass2_chunk<acc_t, hist_t>(S, Y, g, coef, slot, count, n, lo, len, tile, d, gd, dmax);
+}
+#endif
 
 template <typename scalar_t, typename hist_t>
 void direction_kernel(const hist_t* S, const hist_t* Y, scalar_t* SY, scalar_t* YY,
                       const scalar_t* g, scalar_t* d, scalar_t* stats, int64_t n, int64_t m,
                       int64_t newest, int64_t count, bool update_gram) {
   using acc_t = scalar_t;
+  auto pass1 = update_gram ? pass1_base<acc_t, hist_t, true> : pass1_base<acc_t, hist_t, false>;
+  auto pass2 = pass2_base<acc_t, hist_t>;
+#if SOO_HAVE_AVX2_PATH
+  if (cpu::cpu_has_avx2()) {
+    pass1 = update_gram ? pass1_avx2<acc_t, hist_t, true> : pass1_avx2<acc_t, hist_t, false>;
+    pass2 = pass2_avx2<acc_t, hist_t>;
+  }
+#endif
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
   const int ndots = update_gram ? kDotsWithGram : kDotsPlain;
   std::vector<int64_t> slot(count);
@@ -48,24 +169,10 @@ void direction_kernel(const hist_t* S, const hist_t* Y, scalar_t* SY, scalar_t* 
   // Pass 1: partial dots per chunk, laid out [chunk][dot][count].
   std::vector<acc_t> partial(n_chunks * ndots * count);
   if (count > 0) {
-    const hist_t* s_new = S + newest * n;
-    const hist_t* y_new = Y + newest * n;
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
-        acc_t* out = partial.data() + c * ndots * count;
-        for (int64_t k = 0; k < count; ++k) {
-          const hist_t* s = S + slot[k] * n;
-          const hist_t* y = Y + slot[k] * n;
-          out[k] = dot_range<acc_t>(s, g, lo, hi);
-          out[count + k] = dot_range<acc_t>(y, g, lo, hi);
-          if (update_gram) {
-            out[2 * count + k] = dot_range<acc_t>(s, y_new, lo, hi);
-            out[3 * count + k] = dot_range<acc_t>(s_new, y, lo, hi);
-            out[4 * count + k] = dot_range<acc_t>(y, y_new, lo, hi);
-          }
-        }
-      }
+      for (int64_t c = c0; c < c1; ++c)
+        pass1(S, Y, g, slot.data(), count, n, newest, c * kChunk, std::min(n, (c + 1) * kChunk),
+              partial.data() + c * ndots * count);
     });
   }
   std::vector<acc_t> dots(ndots * count, acc_t(0));
@@ -78,46 +185,14 @@ void direction_kernel(const hist_t* S, const hist_t* Y, scalar_t* SY, scalar_t* 
     lbfgs_coefficients(dots.data(), dots.data() + count, SY, YY, count, m, newest, coef.data());
   }
 
-  // Pass 2: d = -(gamma g + sum coef_y y_k + sum coef_s s_k), with partial g.d and max|d|.
+  // Pass 2: the direction, with partial g.d and max|d| per chunk.
   std::vector<acc_t> gd_part(n_chunks), dmax_part(n_chunks);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> tile(kChunk);
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t lo = c * kChunk, len = std::min(n, lo + kChunk) - lo;
-      const acc_t gamma = coef[0];
-      for (int64_t i = 0; i < len; ++i) tile[i] = gamma * g[lo + i];
-      for (int64_t k = 0; k < count; ++k) {
-        const acc_t cy = coef[1 + k], cs = coef[1 + count + k];
-        const hist_t* s = S + slot[k] * n + lo;
-        const hist_t* y = Y + slot[k] * n + lo;
-        for (int64_t i = 0; i < len; ++i)
-          tile[i] += cy * to_acc<acc_t>(y[i]) + cs * to_acc<acc_t>(s[i]);
-      }
-      // Lane-wise reductions so the loop vectorises; a NaN in d makes g.d NaN, so the
-      // max needs no NaN handling of its own beyond that.
-      acc_t gd_lane[kLanes] = {}, max_lane[kLanes] = {};
-      int64_t i = 0;
-      for (; i + kLanes <= len; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) {
-          const acc_t di = -tile[i + l];
-          d[lo + i + l] = di;
-          gd_lane[l] += g[lo + i + l] * di;
-          const acc_t a = std::abs(di);
-          max_lane[l] = a > max_lane[l] ? a : max_lane[l];
-        }
-      acc_t gd = 0, dmax = 0;
-      for (; i < len; ++i) {
-        const acc_t di = -tile[i];
-        d[lo + i] = di;
-        gd += g[lo + i] * di;
-        dmax = std::max(dmax, std::abs(di));
-      }
-      for (int l = 0; l < kLanes; ++l) {
-        gd += gd_lane[l];
-        dmax = std::max(dmax, max_lane[l]);
-      }
-      gd_part[c] = gd;
-      dmax_part[c] = dmax;
+      const int64_t lo = c * kChunk;
+      pass2(S, Y, g, coef.data(), slot.data(), count, n, lo, std::min(n, lo + kChunk) - lo,
+            tile.data(), d, &gd_part[c], &dmax_part[c]);
     }
   });
   acc_t gd = 0, dmax = 0;
@@ -167,6 +242,9 @@ std::tuple<at::Tensor, at::Tensor> lbfgs_direction_cpu(const at::Tensor& S, cons
   at::Tensor stats = at::empty({2}, g.options());
   const int64_t n = g.size(0), m = S.size(0);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lbfgs_direction_cpu", [&] {
+    // bfloat16 storage only with float gradients (checked above); the double instantiation
+    // never runs with it.
+    using bf16_t = std::conditional_t<std::is_same_v<scalar_t, float>, at::BFloat16, scalar_t>;
     auto run = [&](auto* hist_ptr_tag) {
       using hist_t = std::remove_pointer_t<decltype(hist_ptr_tag)>;
       direction_kernel<scalar_t, hist_t>(Sc.data_ptr<hist_t>(), Yc.data_ptr<hist_t>(),
@@ -175,11 +253,10 @@ std::tuple<at::Tensor, at::Tensor> lbfgs_direction_cpu(const at::Tensor& S, cons
                                          stats.data_ptr<scalar_t>(), n, m, newest, count,
                                          update_gram);
     };
-    if (S.scalar_type() == at::kBFloat16) {
-      if constexpr (std::is_same_v<scalar_t, float>) run(static_cast<at::BFloat16*>(nullptr));
-    } else {
+    if (S.scalar_type() == at::kBFloat16)
+      run(static_cast<bf16_t*>(nullptr));
+    else
       run(static_cast<scalar_t*>(nullptr));
-    }
   });
   return {d, stats};
 }
