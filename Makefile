@@ -20,7 +20,7 @@ $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) ninja numpy pytest hypothesis \
-		expecttest tabulate tqdm matplotlib scikit-learn
+		expecttest tabulate tqdm matplotlib scikit-learn mnist1d
 	touch $@
 
 # Rebuilt only when a source changes (ninja then recompiles only what changed).
