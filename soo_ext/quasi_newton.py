@@ -1,0 +1,475 @@
+"""The machinery shared by :class:`soo_ext.LBFGS` and :class:`soo_ext.BFGS`: torch.optim.LBFGS's
+iteration (closure evaluations, stopping rules, strong-Wolfe line search, curvature pairs) over
+one flat vector of all params, with a pluggable curvature model (limited-memory or dense)."""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .line_search import LinePoint, strong_wolfe
+
+__all__ = ["NonFiniteError", "QuasiNewton"]
+
+# Options that must agree between param groups: there is one run over one flat vector.
+_GLOBAL_OPTIONS = ("max_iter", "max_eval", "tolerance_grad", "tolerance_change", "line_search_fn",
+                   "on_nonfinite", "maximize")
+_MIN_CURVATURE = 1e-10  # a pair (s, y) is stored only if y.s exceeds this, as in torch
+
+
+def _max_abs(v: Tensor) -> Tensor:
+    """``max|v|`` (NaN if v holds one); aminmax is several times faster than the inf-norm on CPU."""
+    if v.numel() == 0:
+        return v.new_zeros(())
+    lo, hi = torch.aminmax(v)
+    return torch.maximum(hi, -lo)
+
+
+class NonFiniteError(RuntimeError):
+    """A closure evaluation gave a non-finite loss or gradient (with ``on_nonfinite='raise'``)."""
+
+
+class _NonFinite(Exception):
+    """Internal: an evaluation was not finite; ``loss`` is what the closure returned."""
+
+    def __init__(self, what: str, loss: Any = None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.loss = loss
+
+
+class _Eval(NamedTuple):
+    """Host scalars of one closure evaluation (fetched together) and its flat gradient."""
+    loss: Any           # what the closure returned
+    f: float            # the loss as a float, negated when maximising
+    g: Tensor           # flat gradient, negated when maximising
+    gmax: float         # max|g|
+    gsum: float | None  # sum|g|, for the first step length
+    gtd: float | None   # g.d along the current direction (line-search trials)
+    yd: float | None    # (g - g_prev).d: the pending pair's curvature is y.s = t * yd
+
+
+def _check_options(o: dict) -> None:
+    """ValueError naming the offending option."""
+    lr = o["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"Invalid lr: a Tensor lr must have one element, "
+                         f"got shape {tuple(lr.shape)}")
+    if not isinstance(lr, (Real, Tensor)) or not float(lr) >= 0:
+        raise ValueError(f"Invalid lr: {lr!r} (must be >= 0)")
+    for key in ("max_iter", "max_eval"):
+        v = o[key]
+        if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"Invalid {key}: {v!r} (must be an int >= 1)")
+    for key in ("tolerance_grad", "tolerance_change"):
+        v = o[key]
+        if not isinstance(v, Real) or isinstance(v, bool) or not v >= 0:
+            raise ValueError(f"Invalid {key}: {v!r} (must be a number >= 0)")
+    if o["line_search_fn"] not in (None, "strong_wolfe"):
+        raise ValueError(f"Invalid line_search_fn: {o['line_search_fn']!r} "
+                         "(must be None or 'strong_wolfe')")
+    if o["on_nonfinite"] not in ("raise", "skip"):
+        raise ValueError(f"Invalid on_nonfinite: {o['on_nonfinite']!r} (must be 'raise' or 'skip')")
+    if not isinstance(o["maximize"], bool):
+        raise ValueError(f"Invalid maximize: {o['maximize']!r} (must be a bool)")
+
+
+def _check_params(params: list[Tensor], name: str) -> None:
+    if not params:
+        return
+    p0 = params[0]
+    for p in params:
+        if p.is_complex():
+            raise ValueError(f"{name} does not support complex params (optimise real and imaginary "
+                             "parts as separate real tensors, e.g. torch.view_as_real)")
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{name} params must have dtype float32 or float64, got {p.dtype}")
+        if p.dtype != p0.dtype:
+            raise ValueError(f"{name} params must share one dtype, got {p0.dtype} and {p.dtype}")
+        if p.device != p0.device:
+            raise ValueError(f"{name} params must be on one device, got {p0.device} and {p.device}")
+        if p.is_sparse:
+            raise ValueError(f"{name} does not support sparse params")
+
+
+class _Workspace:
+    """Everything derived from the params for a run: flat layout, gradient buffers, the snapshot
+    of the iterate being searched from, the per-group lr metric and the curvature model."""
+
+    def __init__(self, params: list[Tensor], curvature: Any, name: str) -> None:
+        self.params = params
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.curvature = curvature  # LBFGSHistory or DenseInverseHessian
+        self.name = name
+        self._pool: list[tuple[Tensor, list[Tensor]]] = []  # gradient buffers and their views
+        self.y = self._empty()
+        self.y_of: tuple[Tensor, Tensor] | None = None  # (g, g_prev) when y holds g - g_prev
+        self.x0: tuple[Tensor, list[Tensor]] | None = None
+        self.x0_t: float | None = None  # params == x0 + x0_t * d; None: no snapshot in use
+        self.metric: tuple[Tensor, Tensor] | None = None  # (sqrt(P), 1/sqrt(P)); None if P = I
+        self._metric_key: tuple[float, ...] | None = None
+
+    def _empty(self) -> Tensor:
+        p0 = self.params[0]
+        return torch.empty(sum(self.numels), dtype=p0.dtype, device=p0.device)
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """``flat`` cut into views shaped like the params."""
+        return [v.view(s) for v, s in zip(flat.split(self.numels), self.shapes)]
+
+    def take(self, avoid: tuple) -> tuple[Tensor, list[Tensor]]:
+        """A gradient buffer that is none of ``avoid`` (at most 4 are ever needed)."""
+        for buf, views in self._pool:
+            if not any(buf is a for a in avoid):
+                return buf, views
+        buf = self._empty()
+        self._pool.append((buf, self.views(buf)))
+        return self._pool[-1]
+
+    def gather(self, buf: tuple[Tensor, list[Tensor]], maximize: bool) -> None:
+        """Copy the params' gradients into ``buf`` (from :meth:`take`); None counts as zero."""
+        flat, views = buf
+        dst, src, missing = [], [], []
+        for p, v in zip(self.params, views):
+            if p.grad is None:
+                missing.append(v)
+            elif p.grad.layout != torch.strided:
+                raise RuntimeError(f"{self.name} does not support sparse gradients (got {p.grad.layout})")
+            else:
+                dst.append(v)
+                src.append(p.grad)
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if missing:
+            torch._foreach_zero_(missing)
+        if maximize:
+            flat.neg_()
+
+    def set_metric(self, ratios: list[float]) -> None:
+        """Per-param ``lr / lr_ref``: P = diag of these ratios over the flat vector."""
+        key = tuple(ratios)
+        if key == self._metric_key:
+            return
+        self._metric_key = key
+        if all(r == 1.0 for r in ratios):
+            self.metric = None
+            return
+        p0 = self.params[0]
+        sqrt_p = torch.cat([torch.full((n,), math.sqrt(r), dtype=p0.dtype, device=p0.device)
+                            for n, r in zip(self.numels, ratios)])
+        inv = torch.cat([torch.full((n,), 1.0 / math.sqrt(r) if r > 0 else 0.0, dtype=p0.dtype,
+                                    device=p0.device) for n, r in zip(self.numels, ratios)])
+        self.metric = (sqrt_p, inv)
+
+    def push(self, d: Tensor, g: Tensor, g_prev: Tensor, t: float) -> None:
+        """Store the pair s = t d, y = g - g_prev (mapped to the metric's variables)."""
+        if self.y_of is None or self.y_of[0] is not g or self.y_of[1] is not g_prev:
+            torch.sub(g, g_prev, out=self.y)
+        self.y_of = None
+        if self.metric is None:
+            self.curvature.push(d, self.y, t)
+        else:
+            sqrt_p, inv_sqrt_p = self.metric
+            self.curvature.push(d * inv_sqrt_p, self.y.mul_(sqrt_p), t)
+
+    def direction(self, g: Tensor) -> tuple[Tensor, float, float]:
+        """``d = -H g`` and the host scalars ``g.d``, ``max|d|`` (one host sync)."""
+        if self.metric is None:
+            d, stats = self.curvature.direction(g)
+        else:
+            sqrt_p, _ = self.metric
+            d, stats = self.curvature.direction(g * sqrt_p)
+            d.mul_(sqrt_p)
+            stats = torch.stack([stats[0], _max_abs(d).to(stats.dtype)])
+        gtd, dmax = stats.tolist()
+        return d, gtd, dmax
+
+    # Moving the params along d.  Every trial is x0 + t d computed from the snapshot x0 (as torch
+    # does), so the accepted point is bit-identical to the trial that was evaluated there.
+
+    def snapshot(self) -> None:
+        if self.x0 is None:
+            buf = self._empty()
+            self.x0 = (buf, self.views(buf))
+        torch._foreach_copy_(self.x0[1], self.params)
+        self.x0_t = 0.0
+
+    def move_to(self, t: float, d_views: list[Tensor]) -> None:
+        if t == self.x0_t:
+            return
+        if self.x0_t != 0.0:
+            torch._foreach_copy_(self.params, self.x0[1])
+        if t != 0.0:
+            torch._foreach_add_(self.params, d_views, alpha=t)
+        self.x0_t = t
+
+    def restore(self) -> None:
+        """Back to the snapshot (if the params left it), then forget it."""
+        if self.x0_t:
+            torch._foreach_copy_(self.params, self.x0[1])
+        self.x0_t = None
+
+    def commit(self) -> None:
+        """The current params are the new iterate: the snapshot is no longer a fallback."""
+        self.x0_t = None
+
+
+class QuasiNewton(Optimizer):
+    """Base of :class:`soo_ext.LBFGS` and :class:`soo_ext.BFGS`: everything but the curvature model.
+
+    A subclass names the state entry of its curvature model (``STATE_KEY``), its extra options
+    that must agree between groups (``CURVATURE_OPTIONS``), checks them, and builds the model:
+    an object with ``push(s, y, s_scale)``, ``direction(g) -> (d, [g.d, max|d|])``,
+    ``state_dict()`` and ``load_state_dict()``.
+    """
+
+    STATE_KEY = "curvature"
+    CURVATURE_OPTIONS: tuple[str, ...] = ()
+
+    @classmethod
+    def _check_curvature_options(cls, options: dict) -> None:
+        """ValueError naming a bad curvature option."""
+
+    def _check_curvature_params(self, params: list[Tensor], group: dict) -> None:
+        """ValueError if the params do not suit the curvature options."""
+
+    def _new_curvature(self, n: int, dtype: torch.dtype, device: torch.device, group: dict) -> Any:
+        raise NotImplementedError
+
+    def _check_curvature_unchanged(self, curvature: Any, group: dict) -> None:
+        """ValueError if an option the curvature model was built with has changed."""
+
+    def __init__(self, params, defaults: dict) -> None:
+        if defaults["max_eval"] is None and isinstance(defaults["max_iter"], Integral):
+            defaults["max_eval"] = defaults["max_iter"] * 5 // 4
+        _check_options(defaults)
+        self._check_curvature_options(defaults)
+        self._ws: _Workspace | None = None
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._ws = None  # rebuilt from the state at the next step
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self.state:
+            raise RuntimeError(f"{type(self).__name__}: cannot add a param group after the first "
+                               "step (the curvature model spans the flat vector of all params)")
+        super().add_param_group(param_group)
+        try:
+            self._check_groups()
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._ws = None
+
+    def _check_groups(self) -> None:
+        first = self.param_groups[0]
+        for i, group in enumerate(self.param_groups):
+            _check_options(group)
+            self._check_curvature_options(group)
+            for key in _GLOBAL_OPTIONS + self.CURVATURE_OPTIONS:
+                if group[key] != first[key]:
+                    raise ValueError(f"Invalid {key} in param group {i}: {group[key]!r} differs "
+                                     f"from group 0 ({first[key]!r}); only lr may differ")
+        params = self._all_params()
+        _check_params(params, type(self).__name__)
+        if params:
+            self._check_curvature_params(params, first)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Optimizer.load_state_dict casts every floating tensor of a param's state to the param's
+        # dtype; the curvature model (possibly bfloat16) goes around it and is copied in at the
+        # next step.
+        key = self.STATE_KEY
+        state_dict = dict(state_dict)
+        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        models = {k: v.pop(key) for k, v in state_dict["state"].items() if key in v}
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        super().load_state_dict(state_dict)
+        by_id = dict(zip(saved_ids, self._all_params()))
+        for k, model in models.items():
+            self.state[by_id[k]][key] = model
+
+    def _workspace(self, state: dict) -> _Workspace:
+        if self._ws is None:
+            params, group = self._all_params(), self.param_groups[0]
+            curvature = self._new_curvature(sum(p.numel() for p in params), params[0].dtype,
+                                            params[0].device, group)
+            if self.STATE_KEY in state:
+                curvature.load_state_dict(state[self.STATE_KEY])
+            state[self.STATE_KEY] = curvature.state_dict()
+            self._ws = _Workspace(params, curvature, type(self).__name__)
+        else:
+            self._check_curvature_unchanged(self._ws.curvature, self.param_groups[0])
+        return self._ws
+
+    def _evaluate(self, closure: Callable, ws: _Workspace, buf: tuple[Tensor, list[Tensor]],
+                  maximize: bool, *, gsum: bool = False, along: Tensor | None = None,
+                  pair: tuple[Tensor, Tensor] | None = None) -> _Eval:
+        """Run the closure, gather its gradient into ``buf`` and fetch, in one host sync, the
+        loss, ``max|g|`` and optionally ``sum|g|``, ``g.along`` and ``(g - g_prev).d`` for
+        ``pair = (g_prev, d)``.  Raises _NonFinite if any of them is not finite."""
+        ws.y_of = None  # buf may be one of the vectors y was computed from
+        loss = closure()
+        ws.gather(buf, maximize)
+        g = buf[0]
+        scalars = [_max_abs(g)]
+        if gsum:
+            scalars.append(torch.linalg.vector_norm(g, 1))
+        if along is not None:
+            scalars.append(torch.dot(g, along))
+        if pair is not None:
+            g_prev, d = pair
+            scalars.append(torch.dot(torch.sub(g, g_prev, out=ws.y), d))
+            ws.y_of = (g, g_prev)
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"the closure must return a scalar loss, got shape "
+                                 f"{tuple(loss.shape)}")
+            scalars.insert(0, loss.detach().reshape(()).to(g.device))
+            values = torch.stack([s.to(torch.float64) for s in scalars]).tolist()
+        else:
+            values = [float(loss)] + torch.stack([s.to(torch.float64) for s in scalars]).tolist()
+        f, gmax = values[0], values[1]
+        if not math.isfinite(f):
+            raise _NonFinite(f"the closure returned a non-finite loss ({f})", loss)
+        if not all(math.isfinite(v) for v in values):
+            raise _NonFinite("the closure produced a non-finite gradient" if not math.isfinite(gmax)
+                             else "products with the gradient overflowed", loss)
+        rest = iter(values[2:])
+        return _Eval(loss, -f if maximize else f, g, gmax,
+                     next(rest) if gsum else None,
+                     next(rest) if along is not None else None,
+                     next(rest) if pair is not None else None)
+
+    def _nonfinite(self, bad: _NonFinite, loss: Any) -> Any:
+        if self.param_groups[0]["on_nonfinite"] == "raise":
+            raise NonFiniteError(f"{type(self).__name__}: {bad.what}; nothing from it was stored and the params "
+                                 "are at the last finite iterate (on_nonfinite='skip' skips "
+                                 "such steps instead of raising)") from None
+        return loss
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        """Perform one optimisation step (up to ``max_iter`` quasi-Newton iterations).
+
+        Args:
+            closure: reevaluates the model (zeroing the gradients, calling backward) and returns
+                the loss; it is always called with grad enabled.
+
+        Returns:
+            The loss of the first closure evaluation, like ``torch.optim.LBFGS``.
+        """
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__}.step() requires a closure that reevaluates "
+                               "the model and returns the loss")
+        closure = torch.enable_grad()(closure)
+        params = self._all_params()
+        if not params:  # nothing to optimise, but the caller still gets a loss
+            return closure()
+        self._check_groups()
+        group = self.param_groups[0]
+        state = self.state[params[0]]
+        state.setdefault("func_evals", 0)
+        state.setdefault("n_iter", 0)
+        ws = self._workspace(state)
+
+        lrs = [float(g["lr"]) for g in self.param_groups]
+        lr_ref = max(lrs)
+        ws.set_metric([lr / lr_ref if lr_ref > 0 else 1.0
+                       for g, lr in zip(self.param_groups, lrs) for _ in g["params"]])
+
+        # A pair is pending if a step was taken along d since prev_flat_grad was evaluated.
+        pending = state["n_iter"] > 0 and state["t"] != 0.0
+        try:
+            first = self._evaluate(
+                closure, ws, ws.take((state.get("prev_flat_grad"),)), group["maximize"],
+                gsum=state["n_iter"] == 0,
+                pair=(state["prev_flat_grad"], state["d"]) if pending else None)
+        except _NonFinite as bad:
+            return self._nonfinite(bad, bad.loss)
+        state["func_evals"] += 1
+        if first.gmax <= group["tolerance_grad"]:
+            return first.loss
+        try:
+            self._iterate(closure, state, ws, group, lr_ref, first)
+        except BaseException as exc:
+            # Leave the params at the last accepted iterate; the state already describes it.
+            ws.restore()
+            if state["n_iter"] == 1:  # the very first iteration failed: start afresh next time
+                state["n_iter"] = 0
+            if isinstance(exc, _NonFinite):
+                return self._nonfinite(exc, first.loss)
+            raise
+        return first.loss
+
+    def _iterate(self, closure: Callable, state: dict, ws: _Workspace, group: dict,
+                 lr_ref: float, ev: _Eval) -> None:
+        """The L-BFGS iterations of one step, from the step's first evaluation ``ev``."""
+        max_iter, max_eval = group["max_iter"], group["max_eval"]
+        tolerance_grad, tolerance_change = group["tolerance_grad"], group["tolerance_change"]
+        maximize = group["maximize"]
+        evals, n_iter = 1, 0
+        loss, g, gmax, yd = ev.f, ev.g, ev.gmax, ev.yd
+        while n_iter < max_iter:
+            n_iter += 1
+            state["n_iter"] += 1
+
+            # Curvature pair completed by the current gradient, then the new direction.
+            t_prev = state.get("t", 0.0)
+            if yd is not None and t_prev * yd > _MIN_CURVATURE:
+                ws.push(state["d"], g, state["prev_flat_grad"], t_prev)
+            d, gtd, dmax = ws.direction(g)
+            state.update(d=d, t=0.0, prev_flat_grad=g, prev_loss=loss,
+                         **{self.STATE_KEY: ws.curvature.state_dict()})
+            if not (math.isfinite(gtd) and math.isfinite(dmax)):
+                raise _NonFinite("the search direction is not finite")
+            prev_loss = loss
+            t = (min(1.0, 1.0 / ev.gsum) if state["n_iter"] == 1 else 1.0) * lr_ref
+            if gtd > -tolerance_change:  # not a descent direction (to tolerance)
+                break
+
+            d_views = ws.views(d)
+            if group["line_search_fn"] == "strong_wolfe":
+                ws.snapshot()
+                g_start = g
+
+                def trial(t_trial: float, keep: tuple) -> LinePoint:
+                    buf = ws.take((g_start,) + tuple(e.g for e in keep))
+                    ws.move_to(t_trial, d_views)
+                    e = self._evaluate(closure, ws, buf, maximize, along=d, pair=(g_start, d))
+                    state["func_evals"] += 1
+                    return LinePoint(t_trial, e.f, e.gtd, e)
+
+                start = LinePoint(0.0, loss, gtd, _Eval(None, loss, g, gmax, None, gtd, 0.0))
+                point, ls_evals = strong_wolfe(trial, start, t, dmax,
+                                               tolerance_change=tolerance_change,
+                                               max_ls=max_eval - evals)
+                ws.move_to(point.t, d_views)
+                evals += ls_evals
+                t, ev = point.t, point.data
+                loss, g, gmax, yd = ev.f, ev.g, ev.gmax, ev.yd
+            elif n_iter != max_iter:
+                ws.snapshot()
+                ws.move_to(t, d_views)
+                ev = self._evaluate(closure, ws, ws.take((g,)), maximize, pair=(g, d))
+                state["func_evals"] += 1
+                evals += 1
+                loss, g, gmax, yd = ev.f, ev.g, ev.gmax, ev.yd
+            else:  # last iteration: step without reevaluating, as torch does
+                torch._foreach_add_(ws.params, d_views, alpha=t)
+            state["t"] = t
+            ws.commit()
+
+            if (n_iter == max_iter or evals >= max_eval or gmax <= tolerance_grad
+                    or t * dmax <= tolerance_change or abs(loss - prev_loss) < tolerance_change):
+                break
