@@ -13,6 +13,10 @@ TORCH_LIBRARY(soo, m) {
   // when update_gram.  Returns (d, [g.d, max|d|]).
   m.def("lbfgs_direction(Tensor S, Tensor Y, Tensor(a!) SY, Tensor(b!) YY, Tensor g, "
         "int newest, int count, bool update_gram) -> (Tensor, Tensor)");
+  // d = -H g for a dense inverse-Hessian approximation H, after (when update) the BFGS update
+  // of H with the pair (s, y) in place.  Returns (d, [g.d, max|d|]).
+  m.def("bfgs_direction(Tensor(a!) H, Tensor s, Tensor y, Tensor g, bool update) "
+        "-> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, mod) {

@@ -2,8 +2,9 @@
 __version__ = "0.1.0"
 
 from . import ops, reference  # noqa: E402  (ops loads the compiled module or warns)
+from .bfgs import BFGS  # noqa: E402
 from .history import LBFGSHistory  # noqa: E402
 from .lbfgs import LBFGS  # noqa: E402
 from .ops import build_info  # noqa: E402
 
-__all__ = ["LBFGS", "LBFGSHistory", "build_info", "ops", "reference", "__version__"]
+__all__ = ["BFGS", "LBFGS", "LBFGSHistory", "build_info", "ops", "reference", "__version__"]

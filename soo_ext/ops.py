@@ -120,3 +120,42 @@ if _LOADED:
     def _lbfgs_direction_fake(S, Y, SY, YY, g, newest, count, update_gram):
         _check_lbfgs_direction(S, Y, SY, YY, g, newest, count)
         return torch.empty_like(g), g.new_empty(2, dtype=reference.accumulation_dtype(g.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# bfgs_direction
+
+def _check_bfgs_direction(H: Tensor, s: Tensor, y: Tensor, g: Tensor) -> None:
+    torch._check(g.dim() == 1, lambda: f"g must be 1-D, got shape {tuple(g.shape)}")
+    torch._check(g.dtype in (torch.float32, torch.float64),
+                 lambda: f"g must be float32 or float64, got {g.dtype}")
+    n = g.shape[0]
+    torch._check(H.shape == (n, n) and s.shape == (n,) and y.shape == (n,),
+                 lambda: f"H must be [{n}, {n}] and s, y [{n}], got {tuple(H.shape)}, "
+                         f"{tuple(s.shape)}, {tuple(y.shape)}")
+    torch._check(H.dtype == g.dtype and s.dtype == g.dtype and y.dtype == g.dtype,
+                 lambda: f"H, s, y must have g's dtype {g.dtype}")
+    torch._check(H.is_contiguous(), lambda: "H must be contiguous (it is updated in place)")
+    torch._check(H.device == g.device and s.device == g.device and y.device == g.device,
+                 lambda: "all tensors must be on one device")
+
+
+def bfgs_direction(H: Tensor, s: Tensor, y: Tensor, g: Tensor,
+                   update: bool) -> tuple[Tensor, Tensor]:
+    """Dense BFGS direction ``d = -H g``, after the BFGS update of ``H`` with ``(s, y)`` in place
+    when ``update`` (fused: H is read once and, when updating, written once).
+
+    See :func:`soo_ext.reference.bfgs_direction` for the exact contract.  Never synchronises with
+    the host.  Returns ``(d, stats)`` with ``stats = [g.d, max|d|]``.
+    """
+    _check_bfgs_direction(H, s, y, g)
+    if _LOADED:
+        return torch.ops.soo.bfgs_direction.default(H, s, y, g, update)
+    return reference.bfgs_direction(H, s, y, g, update)
+
+
+if _LOADED:
+    @torch.library.register_fake("soo::bfgs_direction")
+    def _bfgs_direction_fake(H, s, y, g, update):
+        _check_bfgs_direction(H, s, y, g)
+        return torch.empty_like(g), g.new_empty(2)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "ring_slots", "lbfgs_direction", "lbfgs_two_loop_textbook"]
+__all__ = ["accumulation_dtype", "ring_slots", "lbfgs_direction", "lbfgs_two_loop_textbook",
+           "bfgs_direction"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -109,3 +110,26 @@ def lbfgs_two_loop_textbook(S: Tensor, Y: Tensor, g: Tensor, newest: int, count:
         beta = rho[i] * torch.dot(y[i], r)
         r = r + (alpha[i] - beta) * s[i]
     return r
+
+
+def bfgs_direction(H: Tensor, s: Tensor, y: Tensor, g: Tensor,
+                   update: bool) -> tuple[Tensor, Tensor]:
+    """Dense BFGS direction (reference of ``soo::bfgs_direction``).
+
+    ``H``: ``[n, n]`` symmetric inverse-Hessian approximation, dtype ``g.dtype``.  With ``update``
+    it is first replaced, in place, by the BFGS update with the pair ``(s, y)`` (the caller
+    guarantees ``y.s > 0``)::
+
+        H <- (I - rho s y^T) H (I - rho y s^T) + rho s s^T,   rho = 1 / y.s
+          =  H - rho (s u^T + u s^T) + (rho^2 y.u + rho) s s^T,   u = H y
+
+    Returns ``(d, stats)``: ``d = -H g`` with the (updated) H, ``stats = [g.d, max|d|]``.
+    """
+    if update:
+        u = H @ y
+        rho = 1.0 / torch.dot(y, s)
+        c = rho * rho * torch.dot(y, u) + rho
+        H.sub_(rho * (torch.outer(s, u) + torch.outer(u, s))).add_(c * torch.outer(s, s))
+    d = -(H @ g)
+    stats = torch.stack([torch.dot(g, d), d.abs().max() if d.numel() else d.new_zeros(())])
+    return d, stats
