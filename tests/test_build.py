@@ -105,3 +105,41 @@ def test_cuda_can_be_switched_off():
     res = setup_py("--version", SOO_EXT_CUDA="0")
     assert res.returncode == 0 and "CUDA kernels off" in res.stderr
     assert setup_py("--version", SOO_EXT_CUDA="maybe").returncode != 0
+
+
+ISA_SCRIPT = """
+import sys, torch
+sys.path.insert(0, "tests")
+from test_ops import random_history
+from test_bfgs import random_problem
+from soo_ext import ops
+out = []
+for dtype, hist_dtype in [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                          (torch.float32, torch.bfloat16)]:
+    hist, g = random_history(7, 40_013, 7, 3, dtype, hist_dtype, "cpu")
+    hist.push(g * 0.5, g * 0.7 + 0.1)
+    out += list(hist.direction(g)) + [hist.SY, hist.YY]
+for dtype in (torch.float64, torch.float32):
+    H, s, y, g = (t.to(dtype) for t in random_problem(203))
+    out += list(ops.bfgs_direction(H, s, y, g, True)) + [H]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not ops.extension_loaded(), reason="compiled module not built")
+def test_cpu_kernels_give_the_same_bits_on_every_instruction_set(tmp_path):
+    """The AVX2 and baseline builds of the CPU kernels (vec.h) agree bit for bit."""
+    results = []
+    for baseline in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "SOO_EXT_CPU_BASELINE"}
+        if baseline == "1":
+            env["SOO_EXT_CPU_BASELINE"] = "1"
+        path = tmp_path / f"{baseline}.pt"
+        done = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(path)], cwd=ROOT,
+                              env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        results.append(torch.load(path))
+    assert len(results[0]) == 3 * 4 + 2 * 3
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -123,42 +123,6 @@ def test_cpu_result_independent_of_thread_count():
 
 
 
-BASELINE_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-from test_ops import random_history
-out = []
-for dtype, hist_dtype in [(torch.float64, torch.float64), (torch.float32, torch.float32),
-                          (torch.float32, torch.bfloat16)]:
-    hist, g = random_history(7, 40_013, 7, 3, dtype, hist_dtype, "cpu")
-    hist.push(g * 0.5, g * 0.7 + 0.1)
-    out += list(hist.direction(g)) + [hist.SY.clone(), hist.YY.clone()]
-torch.save(out, sys.argv[1])
-"""
-
-
-@requires_ext
-def test_cpu_result_independent_of_instruction_set(tmp_path):
-    """The AVX2 and baseline builds of the CPU kernel give bit-identical results."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = str(Path(__file__).resolve().parent)
-    results = []
-    for baseline in (False, True):
-        env = {k: v for k, v in os.environ.items() if k != "SOO_EXT_CPU_BASELINE"}
-        if baseline:
-            env["SOO_EXT_CPU_BASELINE"] = "1"
-        path = tmp_path / f"{baseline}.pt"
-        subprocess.run([sys.executable, "-c", BASELINE_SCRIPT.format(tests=tests), str(path)],
-                       env=env, check=True, timeout=300)
-        results.append(torch.load(path))
-    assert len(results[0]) == 12
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,hist_dtype,tol", DTYPES, ids=DTYPE_IDS)
 def test_cuda_matches_cpu(dtype, hist_dtype, tol):
