@@ -1,0 +1,609 @@
+"""python -m bench train: optimizers side by side on real training problems, to a target accuracy.
+
+Data (nothing is downloaded):
+  MNIST-1D   generated locally by the mnist1d package with its default arguments and data seed 42
+             (the canonical set): 4000 training and 1000 test sequences of 40 floats, 10 classes.
+             Generated once per process (a few seconds).
+  digits     scikit-learn's bundled 8x8 digits (1797 images, pixels / 16), split 75/25
+             (stratified, random_state 0): 1347 training and 450 test images, 10 classes.
+
+Cases (model, parameter count, default target test accuracy):
+  mnist1d-mlp  Linear 40-100, ReLU, Linear 100-100, ReLU, Linear 100-10      15,210 params  0.60
+  mnist1d-cnn  Conv1d 1->25 (k5, stride 2, pad 1), ReLU, Conv1d 25->25 (k3, stride 2, pad 1),
+               ReLU, the same again, ReLU, flatten (25 x 5), Linear 125-10     5,210 params  0.80
+  digits-mlp   Linear 64-32, tanh, Linear 32-10                               2,410 params  0.90
+The MNIST-1D MLP over-fits: it levels off at 0.62-0.66 test accuracy with Adam (full-batch
+L-BFGS drives its training loss to 0 at about 0.58), hence its low target; the CNN passes 0.85.
+digits-mlp is the case sized for dense BFGS (n^2 state: 23 MB in float32; the MNIST-1D MLP's is
+0.93 GB).
+Loss: mean cross-entropy; no weight decay for any optimizer, so all minimise the same function.
+
+Optimizers and learning-rate sweeps:
+  torch.optim.SGD     momentum 0.9, minibatch              lr 0.03, 0.1, 0.3
+  torch.optim.Adam    default betas, minibatch             lr 0.003, 0.01, 0.03
+  soo_ext.MLBFGS      momentum L-BFGS defaults (momentum 0.9, history 10, pairs every 50
+                      steps), weight_decay 0, minibatch    lr 0.03, 0.1, 0.3
+  torch.optim.LBFGS   strong Wolfe, history 100, full batch    lr 0.1, 1
+  soo_ext.LBFGS       the same options, full batch             lr 0.1, 1
+  soo_ext.BFGS        strong Wolfe, full batch, where its n^2 state fits its default
+                      max_state_bytes (otherwise skipped with a note)  lr 0.1, 1
+Minibatch optimizers draw --batch-size samples a step, without replacement, reshuffled every
+epoch (the last incomplete batch of an epoch is dropped).  Full-batch optimizers take a closure
+over the whole training set; each step() call runs up to --full-batch-iters iterations.
+
+Budget and clock: every run of a case gets the same budget: it stops at the first evaluation
+after --budget seconds of training or --max-steps steps.  A step is one gradient evaluation:
+one minibatch for the minibatch optimizers, one closure call (whole training set, line-search
+trials included) for the full-batch ones.  Evaluations (training loss over the whole training
+set, test accuracy) run every --eval-every steps for the minibatch optimizers and after every
+step() call for the full-batch ones, and at step 0; the clock is paused while they run.  Each
+(case, optimizer, lr) runs once per seed (--seeds): torch.manual_seed(seed) before the model is
+built (so every optimizer starts from the same weights for a seed), and the seed also orders the
+minibatches.  An untimed warm-up step per (case, optimizer) on a throwaway model comes first.
+By default that is 3 cases x 15 settings x 3 seeds = 135 runs of about 10 s: some 30 minutes.
+
+Best learning rate per (case, optimizer): the most seeds reaching the target, then the smallest
+mean wall-clock to target, then the highest mean final test accuracy.
+
+Columns (mean +- sample std over seeds; time and steps to target over the seeds that reached it):
+  reached        seeds whose test accuracy reached the target at some evaluation
+  s to target    training seconds (clock paused during evaluations) at the first evaluation with
+                 test accuracy >= target
+  steps to tgt   steps (gradient evaluations) at that evaluation
+  x Adam         s to target / that of the best torch.optim.Adam setting of the case (for
+                 soo_ext.MLBFGS on MNIST-1D the goal is <= 0.8)
+  train loss     training loss at the last evaluation
+  test acc       test accuracy at the last evaluation
+  ms/step        training seconds / steps (per gradient evaluation)
+  epochs         training samples processed / training-set size, at the end
+  diverged       seeds stopped by a non-finite loss
+
+--json: one record per (case, optimizer, lr): the columns' means (keys time_to_target,
+steps_to_target, time_to_target_vs_adam, final_train_loss, final_test_acc, ms_per_step, steps,
+epochs) with their std as KEY_std, the per-seed numbers under runs, best, and for the best
+setting its mean curve (time, step, train_loss, test_acc per evaluation; what --plot draws).
+null stands for "not reached" or a non-finite number.  The environment holds the options, the
+cases (n_params, n_train, n_test, target), the sweeps and the notes on skipped optimizers.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import soo_ext
+from soo_ext.quasi_newton import NonFiniteError
+
+from . import common
+
+MNIST1D_SEED = 42  # mnist1d's default: the canonical MNIST-1D
+CURVE_KEYS = ("time", "step", "train_loss", "test_acc")
+DEFAULTS = dict(budget=10.0, max_steps=5000, eval_every=10, full_batch_iters=10)
+QUICK = dict(budget=0.2, max_steps=10, eval_every=5, full_batch_iters=2)
+
+
+@dataclass(frozen=True)
+class Data:
+    """Training inputs and labels, test inputs and labels."""
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def to(self, device: str) -> "Data":
+        return Data(*(t.to(device) for t in (self.x, self.y, self.x_test, self.y_test)))
+
+
+@functools.lru_cache(maxsize=None)
+def mnist1d_data() -> Data:
+    """MNIST-1D from its generator (cached: the generation takes a few seconds)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = MNIST1D_SEED
+    raw = make_dataset(args)
+    return Data(torch.tensor(raw["x"], dtype=torch.float32), torch.tensor(raw["y"]),
+                torch.tensor(raw["x_test"], dtype=torch.float32), torch.tensor(raw["y_test"]))
+
+
+@functools.lru_cache(maxsize=None)
+def digits_data() -> Data:
+    """scikit-learn's digits, pixels scaled to [0, 1], a fixed stratified 75/25 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    images, labels = load_digits(return_X_y=True)
+    x, x_test, y, y_test = train_test_split(images / 16.0, labels, test_size=0.25,
+                                            random_state=0, stratify=labels)
+    return Data(torch.tensor(x, dtype=torch.float32), torch.tensor(y),
+                torch.tensor(x_test, dtype=torch.float32), torch.tensor(y_test))
+
+
+def mnist1d_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+                         nn.Linear(100, 10))
+
+
+def mnist1d_cnn() -> nn.Module:
+    return nn.Sequential(nn.Unflatten(1, (1, 40)),
+                         nn.Conv1d(1, 25, 5, stride=2, padding=1), nn.ReLU(),   # length 19
+                         nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),  # length 10
+                         nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),  # length 5
+                         nn.Flatten(), nn.Linear(25 * 5, 10))
+
+
+def digits_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+
+@dataclass(frozen=True)
+class Case:
+    """A data set, a model and the default target test accuracy."""
+    name: str
+    load: Callable[[], Data]
+    make_model: Callable[[], nn.Module]
+    target: float  # default target test accuracy
+
+
+CASES = (Case("mnist1d-mlp", mnist1d_data, mnist1d_mlp, 0.6),
+         Case("mnist1d-cnn", mnist1d_data, mnist1d_cnn, 0.8),
+         Case("digits-mlp", digits_data, digits_mlp, 0.9))
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer, its learning-rate sweep and how it is fed (minibatches or a closure)."""
+    name: str
+    lrs: tuple[float, ...]
+    full_batch: bool
+    make: Callable[..., torch.optim.Optimizer]  # (params, lr, full_batch_iters)
+
+
+def _strong_wolfe(make: Callable[..., torch.optim.Optimizer]) -> Callable:
+    return lambda params, lr, iters: make(params, lr=lr, max_iter=iters,
+                                          line_search_fn="strong_wolfe")
+
+
+# The soo_ext classes are looked up when a run starts, so that a missing one only skips its runs.
+OPTIMIZERS = (
+    OptimizerSpec("torch.optim.SGD", (0.03, 0.1, 0.3), False,
+                  lambda params, lr, _: torch.optim.SGD(params, lr=lr, momentum=0.9)),
+    OptimizerSpec("torch.optim.Adam", (3e-3, 1e-2, 3e-2), False,
+                  lambda params, lr, _: torch.optim.Adam(params, lr=lr)),
+    OptimizerSpec("soo_ext.MLBFGS", (0.03, 0.1, 0.3), False,
+                  lambda params, lr, _: soo_ext.MLBFGS(params, lr=lr, weight_decay=0.0)),
+    OptimizerSpec("torch.optim.LBFGS", (0.1, 1.0), True, _strong_wolfe(torch.optim.LBFGS)),
+    OptimizerSpec("soo_ext.LBFGS", (0.1, 1.0), True, _strong_wolfe(soo_ext.LBFGS)),
+    OptimizerSpec("soo_ext.BFGS", (0.1, 1.0), True,
+                  _strong_wolfe(lambda *args, **kw: soo_ext.BFGS(*args, **kw))),
+)
+ADAM = "torch.optim.Adam"
+MLBFGS = "soo_ext.MLBFGS"
+
+
+def missing_optimizer(spec: OptimizerSpec) -> bool:
+    """True for MLBFGS and BFGS while they are not in soo_ext yet (written in parallel)."""
+    return spec.name in ("soo_ext.MLBFGS", "soo_ext.BFGS") and not hasattr(
+        soo_ext, spec.name.split(".")[1])
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every run gets, and how often it is evaluated (see the module docstring)."""
+    seconds: float
+    max_steps: int
+    eval_every: int
+    full_batch_iters: int
+    batch_size: int
+
+
+def parse_target(text: str) -> tuple[str | None, float]:
+    """``0.7`` (every case) or ``CASE=0.7`` (one case)."""
+    case, _, value = text.rpartition("=")
+    if case and case not in {c.name for c in CASES}:
+        raise argparse.ArgumentTypeError(f"unknown case {case!r}")
+    try:
+        accuracy = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an accuracy: {value!r}") from None
+    if not 0 < accuracy <= 1:
+        raise argparse.ArgumentTypeError(f"target accuracy must be in (0, 1], got {accuracy}")
+    return case or None, accuracy
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="train real models with each optimizer: wall-clock to a target accuracy",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where to train (default: cpu)")
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES],
+                        default=[c.name for c in CASES], metavar="CASE",
+                        help="cases to run: " + ", ".join(c.name for c in CASES)
+                             + " (default: all)")
+    parser.add_argument("--optimizers", nargs="+", choices=[o.name for o in OPTIMIZERS],
+                        default=[o.name for o in OPTIMIZERS], metavar="NAME",
+                        help="optimizers to run: " + ", ".join(o.name for o in OPTIMIZERS)
+                             + " (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
+                        help="one run per seed and setting (default: 0 1 2)")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="minibatch size of SGD, Adam and MLBFGS (default: 128)")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help=f"training seconds per run (default {DEFAULTS['budget']:g}; "
+                             f"--quick: {QUICK['budget']:g})")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help=f"gradient evaluations per run at most (default "
+                             f"{DEFAULTS['max_steps']}; --quick: {QUICK['max_steps']})")
+    parser.add_argument("--eval-every", type=int, default=None, metavar="K",
+                        help=f"evaluate every K minibatch steps (default "
+                             f"{DEFAULTS['eval_every']}; --quick: {QUICK['eval_every']})")
+    parser.add_argument("--full-batch-iters", type=int, default=None, metavar="K",
+                        help=f"max_iter of the full-batch optimizers: iterations per step() call, "
+                             f"evaluated after each call (default {DEFAULTS['full_batch_iters']}; "
+                             f"--quick: {QUICK['full_batch_iters']})")
+    parser.add_argument("--target", nargs="+", type=parse_target, default=[],
+                        metavar="[CASE=]ACC",
+                        help="target test accuracy, for every case or for one (default: "
+                             + ", ".join(f"{c.name}={c.target:g}" for c in CASES) + ")")
+    parser.add_argument("--quick", action="store_true", help="a tiny budget (smoke test)")
+    parser.add_argument("--json", metavar="PATH", help="write records and environment as JSON")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="write a PNG: loss and accuracy against time and steps per case")
+    return parser
+
+
+def first_crossing(times: Sequence[float], steps: Sequence[int], accs: Sequence[float],
+                   target: float) -> tuple[float, int] | None:
+    """(time, steps) at the first evaluation with accuracy >= target; None if there is none."""
+    for t, step, acc in zip(times, steps, accs):
+        if acc >= target:
+            return t, step
+    return None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data) -> tuple[float, float]:
+    """Mean cross-entropy over the whole training set, and test accuracy."""
+    train_loss = F.cross_entropy(model(data.x), data.y).item()
+    test_acc = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    return train_loss, test_acc
+
+
+class MinibatchTrainer:
+    """``advance()`` takes up to ``eval_every`` minibatch steps (fewer at the step cap)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Data,
+                 budget: Budget, seed: int) -> None:
+        self.model, self.optimizer, self.data, self.budget = model, optimizer, data, budget
+        self.samples_per_step = budget.batch_size
+        self.steps = 0
+        self.generator = torch.Generator(device=data.x.device).manual_seed(seed)
+        self.batches: list[torch.Tensor] = []
+
+    def next_batch(self) -> torch.Tensor:
+        if not self.batches:
+            n = len(self.data.x)
+            order = torch.randperm(n, generator=self.generator, device=self.data.x.device)
+            whole = n // self.budget.batch_size * self.budget.batch_size
+            self.batches = list(order[:whole].split(self.budget.batch_size))[::-1]
+        return self.batches.pop()
+
+    def advance(self) -> None:
+        for _ in range(min(self.budget.eval_every, self.budget.max_steps - self.steps)):
+            idx = self.next_batch()
+            self.optimizer.zero_grad()
+            F.cross_entropy(self.model(self.data.x[idx]), self.data.y[idx]).backward()
+            self.optimizer.step()
+            self.steps += 1
+
+
+class FullBatchTrainer:
+    """``advance()`` is one ``step(closure)`` call; every closure call counts as a step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Data) -> None:
+        self.model, self.optimizer, self.data = model, optimizer, data
+        self.samples_per_step = len(data.x)
+        self.steps = 0
+
+    def closure(self) -> torch.Tensor:
+        self.steps += 1
+        self.optimizer.zero_grad()
+        loss = F.cross_entropy(self.model(self.data.x), self.data.y)
+        loss.backward()
+        return loss
+
+    def advance(self) -> None:
+        self.optimizer.step(self.closure)
+
+
+def make_trainer(spec: OptimizerSpec, model: nn.Module, lr: float, data: Data, budget: Budget,
+                 seed: int) -> MinibatchTrainer | FullBatchTrainer:
+    optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters)
+    if spec.full_batch:
+        return FullBatchTrainer(model, optimizer, data)
+    return MinibatchTrainer(model, optimizer, data, budget, seed)
+
+
+def warm_up(case: Case, spec: OptimizerSpec, data: Data, budget: Budget, device: str) -> str | None:
+    """One untimed step on a throwaway model (kernel selection, lazy initialisation); the
+    ValueError of an optimizer that does not fit the model (BFGS's n^2 state) as a string."""
+    model = case.make_model().to(device)
+    one_step = replace(budget, eval_every=1, full_batch_iters=1)
+    try:
+        trainer = make_trainer(spec, model, spec.lrs[0], data, one_step, seed=0)
+        trainer.advance()
+    except ValueError as exc:
+        return str(exc)
+    common.synchronize(device)
+    return None
+
+
+def train_run(case: Case, spec: OptimizerSpec, lr: float, seed: int, data: Data, budget: Budget,
+              target: float, device: str) -> dict:
+    """One training run; its curve (one point per evaluation) and final numbers."""
+    torch.manual_seed(seed)
+    model = case.make_model().to(device)
+    trainer = make_trainer(spec, model, lr, data, budget, seed)
+    curve = {key: [] for key in CURVE_KEYS}
+    seconds, diverged = 0.0, False
+
+    def record() -> bool:
+        train_loss, test_acc = evaluate(model, data)
+        for key, value in zip(CURVE_KEYS, (seconds, trainer.steps, train_loss, test_acc)):
+            curve[key].append(value)
+        return math.isfinite(train_loss)
+
+    record()
+    while trainer.steps < budget.max_steps and seconds < budget.seconds:
+        common.synchronize(device)
+        start = time.perf_counter()
+        try:
+            trainer.advance()
+        except NonFiniteError:  # soo_ext's quasi-Newton optimizers refuse non-finite losses
+            diverged = True
+        common.synchronize(device)
+        seconds += time.perf_counter() - start
+        if not record() or diverged:
+            diverged = True
+            break
+
+    crossing = first_crossing(curve["time"], curve["step"], curve["test_acc"], target)
+    return {
+        "seed": seed, "steps": trainer.steps, "train_seconds": seconds,
+        "epochs": trainer.steps * trainer.samples_per_step / len(data.x),
+        "ms_per_step": 1e3 * seconds / trainer.steps if trainer.steps else math.nan,
+        "time_to_target": crossing[0] if crossing else None,
+        "steps_to_target": crossing[1] if crossing else None,
+        "final_train_loss": curve["train_loss"][-1], "final_test_acc": curve["test_acc"][-1],
+        "diverged": diverged, "curve": curve,
+    }
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std (0 for one value); None, None for no values."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_curve(curves: list[dict]) -> dict:
+    """Evaluation-by-evaluation mean over seeds, up to the shortest run."""
+    length = min(len(c["time"]) for c in curves)
+    return {key: [statistics.fmean(c[key][i] for c in curves) for i in range(length)]
+            for key in CURVE_KEYS}
+
+
+def summarize(case: Case, spec: OptimizerSpec, lr: float, runs: list[dict], target: float,
+              n_params: int, device: str) -> dict:
+    """The record of one (case, optimizer, lr): means and stds over its seeds, and each seed's."""
+    reached = [r for r in runs if r["time_to_target"] is not None]
+    row = {"case": case.name, "optimizer": spec.name, "lr": lr, "full_batch": spec.full_batch,
+           "device": device, "n_params": n_params, "target": target, "seeds": len(runs),
+           "reached": len(reached), "diverged": sum(r["diverged"] for r in runs)}
+    for key, values in (("time_to_target", [r["time_to_target"] for r in reached]),
+                        ("steps_to_target", [r["steps_to_target"] for r in reached]),
+                        ("final_train_loss", [r["final_train_loss"] for r in runs]),
+                        ("final_test_acc", [r["final_test_acc"] for r in runs]),
+                        ("ms_per_step", [r["ms_per_step"] for r in runs]),
+                        ("steps", [r["steps"] for r in runs]),
+                        ("epochs", [r["epochs"] for r in runs])):
+        row[key], row[key + "_std"] = mean_std(values)
+    row["runs"] = [{k: v for k, v in r.items() if k != "curve"} for r in runs]
+    row["best"], row["time_to_target_vs_adam"] = False, None
+    return row
+
+
+def selection_key(row: dict) -> tuple:
+    """Most seeds reaching the target, then fastest mean wall-clock, then best test accuracy."""
+    time_to_target = row["time_to_target"] if row["time_to_target"] is not None else math.inf
+    return -row["reached"], time_to_target, -row["final_test_acc"]
+
+
+def mark_best(rows: list[dict], curves: dict[tuple, list[dict]]) -> None:
+    """Flag the best lr per (case, optimizer), give it its mean curve and its ratio to Adam."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["case"], row["optimizer"]), []).append(row)
+    for (case, optimizer), group in groups.items():
+        best = min(group, key=selection_key)
+        best["best"] = True
+        best["curve"] = mean_curve(curves[(case, optimizer, best["lr"])])
+    adam = {r["case"]: r["time_to_target"] for r in rows if r["best"] and r["optimizer"] == ADAM}
+    for row in rows:
+        if row["best"] and None not in (row["time_to_target"], adam.get(row["case"])):
+            row["time_to_target_vs_adam"] = row["time_to_target"] / adam[row["case"]]
+
+
+def json_safe(value):
+    """Non-finite floats as None (JSON has no NaN), through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def resolve_budget(args: argparse.Namespace) -> Budget:
+    preset = QUICK if args.quick else DEFAULTS
+    options = {key: getattr(args, key) if getattr(args, key) is not None else preset[key]
+               for key in DEFAULTS}
+    return Budget(options["budget"], options["max_steps"], options["eval_every"],
+                  options["full_batch_iters"], args.batch_size)
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    device = common.devices(args.device)[0]
+    budget = resolve_budget(args)
+    cases = [c for c in CASES if c.name in args.cases]
+    targets = {c.name: c.target for c in cases}
+    for case_name, accuracy in args.target:
+        for name in targets:
+            if case_name in (None, name):
+                targets[name] = accuracy
+    notes = []
+    specs = []
+    for spec in OPTIMIZERS:
+        if spec.name not in args.optimizers:
+            continue
+        if missing_optimizer(spec):
+            notes.append(f"{spec.name} is not in soo_ext yet: skipped")
+        else:
+            specs.append(spec)
+
+    jobs, case_info = [], {}
+    for case in cases:
+        data = case.load().to(device)
+        n_params = sum(p.numel() for p in case.make_model().parameters())
+        case_info[case.name] = {"n_params": n_params, "n_train": len(data.x),
+                                "n_test": len(data.x_test), "target": targets[case.name]}
+        for spec in specs:
+            error = warm_up(case, spec, data, budget, device)
+            if error:
+                notes.append(f"{spec.name} skipped on {case.name} (n = {n_params}): {error}")
+                continue
+            jobs += [(case, data, n_params, spec, lr, seed)
+                     for lr in spec.lrs for seed in args.seeds]
+    for note in notes:
+        print("note:", note)
+
+    env = common.environment([device])
+    env.update(budget_seconds=budget.seconds, max_steps=budget.max_steps,
+               eval_every=budget.eval_every, full_batch_iters=budget.full_batch_iters,
+               batch_size=budget.batch_size, seeds=args.seeds, mnist1d_seed=MNIST1D_SEED,
+               cases=case_info, lrs={s.name: list(s.lrs) for s in specs}, notes=notes)
+
+    runs: dict[tuple, list[dict]] = {}
+    progress = tqdm(jobs, desc="train", unit="run")
+    for case, data, n_params, spec, lr, seed in progress:
+        progress.set_postfix_str(f"{case.name} {spec.name} lr={lr:g} seed={seed}")
+        runs.setdefault((case, spec, lr, n_params), []).append(
+            train_run(case, spec, lr, seed, data, budget, targets[case.name], device))
+    rows = [summarize(case, spec, lr, seed_runs, targets[case.name], n_params, device)
+            for (case, spec, lr, n_params), seed_runs in runs.items()]
+    mark_best(rows, {(case.name, spec.name, lr): [r["curve"] for r in seed_runs]
+                     for (case, spec, lr, _), seed_runs in runs.items()})
+    records = json_safe(rows)
+    report(records, env, args)
+    return records, env
+
+
+def plus_minus(row: dict, key: str) -> str | None:
+    if row[key] is None:
+        return None
+    return f"{row[key]:.3g} ± {row[key + '_std']:.2g}"
+
+
+def mlbfgs_vs_adam(records: list[dict]) -> list[str]:
+    """The headline ratio per MNIST-1D case: mL-BFGS's wall-clock to target over Adam's."""
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in records if r["case"].startswith("mnist1d")):
+        best = {r["optimizer"]: r for r in records if r["case"] == case and r["best"]}
+        if MLBFGS not in best or ADAM not in best:
+            lines.append(f"{case}: mL-BFGS vs Adam not measured (both must run)")
+            continue
+        ratio = best[MLBFGS]["time_to_target_vs_adam"]
+        measured = (f"{ratio:.2f}x" if ratio is not None
+                    else f"n/a (target reached by {best[MLBFGS]['reached']} mL-BFGS and "
+                         f"{best[ADAM]['reached']} Adam seeds)")
+        lines.append(f"{case}: mL-BFGS / Adam wall-clock to test acc {best[ADAM]['target']:g}: "
+                     f"{measured} (goal <= 0.8x)")
+    return lines
+
+
+def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
+    display = [dict(r, time_to_target=plus_minus(r, "time_to_target"),
+                    steps_to_target=plus_minus(r, "steps_to_target"),
+                    final_train_loss=plus_minus(r, "final_train_loss"),
+                    final_test_acc=plus_minus(r, "final_test_acc"),
+                    ms_per_step=plus_minus(r, "ms_per_step"),
+                    reached=f"{r['reached']}/{r['seeds']}", best="*" if r["best"] else "")
+               for r in records]
+    kernels = ("fused kernels" if env["soo_ext"]["extension_loaded"]
+               else "pure-PyTorch fallback")
+    devices = ", ".join(f"{device} ({name})" for device, name in env["devices"].items())
+    common.print_table(
+        [r for r in display if r["best"]],
+        {"case": "case", "optimizer": "optimizer", "lr": "best lr", "target": "target",
+         "reached": "reached", "time_to_target": "s to target", "steps_to_target": "steps to tgt",
+         "time_to_target_vs_adam": "x Adam", "final_train_loss": "train loss",
+         "final_test_acc": "test acc", "ms_per_step": "ms/step", "epochs": "epochs",
+         "diverged": "diverged"},
+        f"Best lr per optimizer ({devices}; {env['budget_seconds']:g} s or "
+        f"{env['max_steps']} steps a run, {len(env['seeds'])} seeds; soo_ext: {kernels})")
+    common.print_table(
+        display,
+        {"case": "case", "optimizer": "optimizer", "lr": "lr", "best": "best",
+         "reached": "reached", "time_to_target": "s to target", "final_test_acc": "test acc",
+         "ms_per_step": "ms/step", "diverged": "diverged"},
+        "Learning-rate sweep (best: most seeds at target, then fastest, then test accuracy)")
+    for line in mlbfgs_vs_adam(records):
+        print(line)
+    if args.json:
+        common.write_json(args.json, "train", env, records)
+    if args.plot:
+        plot(records, args.plot)
+
+
+def plot(records: list[dict], path: str) -> None:
+    """A row per case: train loss and test accuracy against training seconds and against steps,
+    a line per optimizer (best lr, mean over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    fig, axes = plt.subplots(len(cases), 4, figsize=(22, 4.2 * len(cases)), squeeze=False)
+    colors = {spec.name: f"C{i}" for i, spec in enumerate(OPTIMIZERS)}
+    for row_axes, case in zip(axes, cases):
+        best = [r for r in records if r["case"] == case and r["best"]]
+        panels = [("time", "train_loss"), ("time", "test_acc"),
+                  ("step", "train_loss"), ("step", "test_acc")]
+        for ax, (x_key, y_key) in zip(row_axes, panels):
+            for r in best:
+                ax.plot(r["curve"][x_key], r["curve"][y_key], color=colors[r["optimizer"]],
+                        label=f"{r['optimizer']} lr={r['lr']:g}")
+            if y_key == "test_acc":
+                ax.axhline(best[0]["target"], color="gray", linestyle="--", label="target")
+            else:
+                ax.set_yscale("log")
+            if x_key == "step":  # full-batch runs take far fewer steps than minibatch ones
+                ax.set_xscale("symlog", linthresh=1)
+                ax.set_xlim(left=0)
+            ax.set(xlabel="training seconds" if x_key == "time" else "steps (gradient evals)",
+                   ylabel="train loss" if y_key == "train_loss" else "test accuracy",
+                   title=f"{case} (n={best[0]['n_params']})")
+            ax.grid(True, alpha=0.3)
+        row_axes[1].legend(fontsize="small")
+    common.save_figure(fig, path)

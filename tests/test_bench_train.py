@@ -1,0 +1,163 @@
+"""Tests of python -m bench train: its time-to-target and selection helpers on hand-made numbers,
+and smoke runs at a tiny budget (the JSON holds every record with sane numbers, the plot is
+written).  Whether an optimizer reaches a target fast is what the benchmark reports, not tested."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+import soo_ext
+from bench import __main__ as cli
+from bench import train
+
+# Optimizers that exist whatever else is being merged; MLBFGS and BFGS are tested apart.
+STABLE = ["torch.optim.SGD", "torch.optim.Adam", "torch.optim.LBFGS", "soo_ext.LBFGS"]
+N_PARAMS = {"mnist1d-mlp": 15_210, "mnist1d-cnn": 5_210, "digits-mlp": 2_410}
+
+
+@pytest.fixture
+def one_thread():
+    """Timings are not tested: one thread keeps a smoke run fast on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_first_crossing_on_a_hand_made_curve():
+    times = [0.0, 0.5, 1.25, 2.0, 3.0]
+    steps = [0, 10, 20, 30, 40]
+    accs = [0.1, 0.55, 0.6, 0.4, 0.7]
+    assert train.first_crossing(times, steps, accs, 0.6) == (1.25, 20)  # reaching it counts
+    assert train.first_crossing(times, steps, accs, 0.65) == (3.0, 40)  # the first, after a dip
+    assert train.first_crossing(times, steps, accs, 0.1) == (0.0, 0)    # already at the start
+    assert train.first_crossing(times, steps, accs, 0.71) is None       # never reached
+    assert train.first_crossing([], [], [], 0.5) is None
+
+
+def test_best_setting_rule():
+    def row(reached, seconds, acc):
+        return {"reached": reached, "time_to_target": seconds, "final_test_acc": acc}
+
+    rows = [row(2, 0.5, 0.9), row(3, 5.0, 0.9), row(3, 2.0, 0.6), row(3, 2.0, 0.65),
+            row(0, None, 0.99)]
+    # most seeds at target, then the fastest, then the best final test accuracy
+    assert min(rows, key=train.selection_key) is rows[3]
+    assert min([rows[0], rows[4]], key=train.selection_key) is rows[0]
+    assert min([row(0, None, 0.5), row(0, None, 0.7)], key=train.selection_key)[
+        "final_test_acc"] == 0.7
+
+
+def test_mean_curve_is_taken_evaluation_by_evaluation_up_to_the_shortest_run():
+    a = {"time": [0.0, 1.0, 2.0], "step": [0, 10, 20], "train_loss": [2.0, 1.0, 0.5],
+         "test_acc": [0.1, 0.5, 0.7]}
+    b = {"time": [0.0, 3.0], "step": [0, 10], "train_loss": [2.0, 2.0], "test_acc": [0.1, 0.3]}
+    assert train.mean_curve([a, b]) == {"time": [0.0, 2.0], "step": [0, 10],
+                                        "train_loss": [2.0, 1.5], "test_acc": [0.1, 0.4]}
+
+
+def test_target_option():
+    assert train.parse_target("0.7") == (None, 0.7)
+    assert train.parse_target("mnist1d-cnn=0.9") == ("mnist1d-cnn", 0.9)
+    for bad in ("nocase=0.5", "1.5", "0", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            train.parse_target(bad)
+
+
+def test_an_optimizer_that_does_not_fit_is_reported_by_the_warm_up():
+    def refuse(params, lr, iters):
+        raise ValueError("n^2 state too large")
+
+    spec = train.OptimizerSpec("refuses", (1.0,), True, refuse)
+    case = train.CASES[-1]  # digits: no data generation
+    budget = train.Budget(1.0, 10, 5, 2, 32)
+    assert train.warm_up(case, spec, case.load(), budget, "cpu") == "n^2 state too large"
+    adam = next(s for s in train.OPTIMIZERS if s.name == "torch.optim.Adam")
+    assert train.warm_up(case, adam, case.load(), budget, "cpu") is None
+
+
+@pytest.mark.parametrize("name", ["torch.optim.Adam", "soo_ext.LBFGS"])
+def test_runs_are_deterministic_given_the_seed(name, one_thread):
+    case = train.CASES[-1]
+    spec = next(s for s in train.OPTIMIZERS if s.name == name)
+    budget = train.Budget(math.inf, 10, 5, 2, 32)
+
+    def curve(seed):
+        run = train.train_run(case, spec, spec.lrs[0], seed, case.load(), budget, 0.9, "cpu")
+        return {key: run["curve"][key] for key in ("step", "train_loss", "test_acc")}
+
+    assert curve(0) == curve(0) != curve(1)
+
+
+def check_record(row, seeds, max_steps):
+    assert row["device"] == "cpu" and row["n_params"] == N_PARAMS[row["case"]]
+    assert row["seeds"] == len(seeds) and [r["seed"] for r in row["runs"]] == seeds
+    assert 0 <= row["reached"] <= len(seeds) and row["diverged"] == 0
+    for key in ("final_train_loss", "final_test_acc", "ms_per_step", "steps", "epochs"):
+        assert math.isfinite(row[key]) and math.isfinite(row[key + "_std"]), (key, row)
+    assert 0 <= row["final_test_acc"] <= 1 and row["ms_per_step"] > 0 and row["epochs"] > 0
+    for run in row["runs"]:
+        assert run["steps"] >= 1 and run["train_seconds"] > 0
+        if not row["full_batch"]:  # a full-batch step() call may pass the cap; it is checked after
+            assert run["steps"] <= max_steps
+        assert (run["time_to_target"] is None) == (run["steps_to_target"] is None)
+    if row["reached"]:
+        assert row["time_to_target"] >= 0 and math.isfinite(row["time_to_target_std"])
+        assert 0 <= row["steps_to_target"] <= row["steps"]
+    else:
+        assert row["time_to_target"] is None and row["steps_to_target"] is None
+    if row["best"]:
+        curve = row["curve"]
+        assert set(curve) == set(train.CURVE_KEYS) and curve["time"][0] == curve["step"][0] == 0
+        assert len({len(v) for v in curve.values()}) == 1 and len(curve["time"]) >= 2
+        assert curve["time"] == sorted(curve["time"]) and curve["step"] == sorted(curve["step"])
+    else:
+        assert "curve" not in row and row["time_to_target_vs_adam"] is None
+
+
+def test_train_writes_records_table_json_and_plot(tmp_path, capsys, one_thread):
+    out, png = tmp_path / "train.json", tmp_path / "train.png"
+    records, _ = cli.main(["train", "--quick", "--device", "cpu", "--seeds", "0", "1",
+                           "--optimizers", *STABLE, "--target", "0.3", "digits-mlp=0.2",
+                           "--json", str(out), "--plot", str(png)])
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "train" and payload["records"] == records
+    env = payload["environment"]
+    for key in ("date", "torch_version", "devices", "soo_ext", "seeds", "budget_seconds",
+                "max_steps", "eval_every", "full_batch_iters", "batch_size", "lrs", "notes"):
+        assert key in env
+    assert env["seeds"] == [0, 1] and env["budget_seconds"] == train.QUICK["budget"]
+    assert {c: info["n_params"] for c, info in env["cases"].items()} == N_PARAMS
+    assert {c: info["target"] for c, info in env["cases"].items()} == {
+        "mnist1d-mlp": 0.3, "mnist1d-cnn": 0.3, "digits-mlp": 0.2}
+    assert env["cases"]["mnist1d-mlp"]["n_train"] == 4000
+    assert env["cases"]["mnist1d-mlp"]["n_test"] == 1000
+
+    specs = [s for s in train.OPTIMIZERS if s.name in STABLE]
+    assert [(r["case"], r["optimizer"], r["lr"]) for r in records] == [
+        (case, s.name, lr) for case in N_PARAMS for s in specs for lr in s.lrs]
+    for row in records:
+        check_record(row, [0, 1], train.QUICK["max_steps"])
+    best = [(r["case"], r["optimizer"]) for r in records if r["best"]]
+    assert sorted(best) == sorted((case, s.name) for case in N_PARAMS for s in specs)
+    for row in records:
+        if row["best"] and row["optimizer"] == train.ADAM and row["reached"]:
+            assert row["time_to_target_vs_adam"] == 1.0
+    assert png.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "Best lr per optimizer" in printed and "Learning-rate sweep" in printed
+    assert "mnist1d-mlp: mL-BFGS vs Adam not measured" in printed
+
+
+@pytest.mark.parametrize("name", ["soo_ext.MLBFGS", "soo_ext.BFGS"])
+def test_train_runs_the_optimizers_being_merged(name, one_thread):
+    if not hasattr(soo_ext, name.split(".")[1]):
+        pytest.skip(f"{name} is not in soo_ext yet")
+    records, env = cli.main(["train", "--quick", "--device", "cpu", "--cases", "digits-mlp",
+                             "--seeds", "0", "--optimizers", name])
+    spec = next(s for s in train.OPTIMIZERS if s.name == name)
+    assert [r["lr"] for r in records] == list(spec.lrs) and env["notes"] == []
+    for row in records:
+        check_record(row, [0], train.QUICK["max_steps"])
