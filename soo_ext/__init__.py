@@ -5,6 +5,8 @@ from . import ops, reference  # noqa: E402  (ops loads the compiled module or wa
 from .bfgs import BFGS  # noqa: E402
 from .history import LBFGSHistory  # noqa: E402
 from .lbfgs import LBFGS  # noqa: E402
+from .mlbfgs import MLBFGS  # noqa: E402
 from .ops import build_info  # noqa: E402
 
-__all__ = ["BFGS", "LBFGS", "LBFGSHistory", "build_info", "ops", "reference", "__version__"]
+__all__ = ["BFGS", "LBFGS", "LBFGSHistory", "MLBFGS", "build_info", "ops", "reference",
+           "__version__"]
