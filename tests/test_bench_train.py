@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 
-import soo_ext
 from bench import __main__ as cli
 from bench import train
 
-# Optimizers that exist whatever else is being merged; MLBFGS and BFGS are tested apart.
+# The smoke run's optimizers; MLBFGS and BFGS get their own quick runs below.
 STABLE = ["torch.optim.SGD", "torch.optim.Adam", "torch.optim.LBFGS", "soo_ext.LBFGS"]
 N_PARAMS = {"mnist1d-mlp": 15_210, "mnist1d-cnn": 5_210, "digits-mlp": 2_410}
 
@@ -152,12 +151,17 @@ def test_train_writes_records_table_json_and_plot(tmp_path, capsys, one_thread):
 
 
 @pytest.mark.parametrize("name", ["soo_ext.MLBFGS", "soo_ext.BFGS"])
-def test_train_runs_the_optimizers_being_merged(name, one_thread):
-    if not hasattr(soo_ext, name.split(".")[1]):
-        pytest.skip(f"{name} is not in soo_ext yet")
+def test_train_runs_mlbfgs_and_bfgs(name, one_thread):
     records, env = cli.main(["train", "--quick", "--device", "cpu", "--cases", "digits-mlp",
                              "--seeds", "0", "--optimizers", name])
     spec = next(s for s in train.OPTIMIZERS if s.name == name)
     assert [r["lr"] for r in records] == list(spec.lrs) and env["notes"] == []
     for row in records:
         check_record(row, [0], train.QUICK["max_steps"])
+
+
+def test_bfgs_is_skipped_with_a_note_where_its_state_is_too_large(one_thread):
+    records, env = cli.main(["train", "--quick", "--device", "cpu", "--cases", "mnist1d-mlp",
+                             "--seeds", "0", "--optimizers", "soo_ext.BFGS"])
+    assert records == []
+    assert len(env["notes"]) == 1 and "max_state_bytes" in env["notes"][0]
