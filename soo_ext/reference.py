@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["accumulation_dtype", "ring_slots", "lbfgs_direction", "lbfgs_two_loop_textbook",
-           "bfgs_direction"]
+           "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,3 +133,56 @@ def bfgs_direction(H: Tensor, s: Tensor, y: Tensor, g: Tensor,
     d = -(H @ g)
     stats = torch.stack([torch.dot(g, d), d.abs().max() if d.numel() else d.new_zeros(())])
     return d, stats
+
+
+# --------------------------------------------------------------------------------------------- #
+# DRSOM (dimension-reduced second-order method): the three fused vector ops.
+
+def drsom_perturb(x: Tensor, x0: Tensor, v: Tensor, t: Tensor, save: bool) -> None:
+    """Move to a perturbed point (reference of ``soo::drsom_perturb``), in place.
+
+    With ``save``: ``x0 <- x`` then ``x <- x0 + t v``; without: ``x <- x0 + t v`` (``x0`` already
+    holds the base point).  ``t`` is a 0-dim (or one-element) device tensor of the vectors' dtype.
+    ``x.copy_(x0)`` restores the base point exactly.
+    """
+    if save:
+        x0.copy_(x)
+    x.copy_(x0 + t.reshape(()) * v)
+
+
+def drsom_reduce(g_pert: Tensor, g: Tensor, V: list[Tensor], t: Tensor,
+                 with_gram: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Reductions of one DRSOM step (reference of ``soo::drsom_reduce``).
+
+    ``q[j] = (g_pert - g) . V[j] / t`` (finite-difference Hessian-vector products projected on the
+    directions; central differences: ``g_pert = grad(x + t v)``, ``g = grad(x - t v)``, ``2t``).
+    With ``with_gram`` also ``G[i, j] = V[i] . V[j]`` and ``c[j] = g . V[j]``; without, ``G`` and
+    ``c`` are empty tensors of shapes ``[0, 0]`` and ``[0]``.  All in the vectors' dtype.
+    """
+    k = len(V)
+    dt = g.dtype
+    if k == 0:
+        Vm = g.new_zeros((0, g.numel()))
+    else:
+        Vm = torch.stack([vj.reshape(-1) for vj in V])
+    q = (Vm @ (g_pert - g)) / t.reshape(())
+    if with_gram:
+        G = Vm @ Vm.T
+        c = Vm @ g
+    else:
+        G = g.new_zeros((0, 0))
+        c = g.new_zeros((0,))
+    return q.to(dt), G.to(dt), c.to(dt)
+
+
+def drsom_update(x: Tensor, p: Tensor, V: list[Tensor], alpha: Tensor) -> None:
+    """Take the step (reference of ``soo::drsom_update``), in place.
+
+    ``p <- sum_j alpha[j] V[j]`` then ``x <- x + p``.  ``p`` may alias one of ``V`` (every
+    ``V[j]`` is read before ``p`` is written).
+    """
+    step = torch.zeros_like(x)
+    for j, vj in enumerate(V):
+        step = step + alpha[j] * vj
+    p.copy_(step)
+    x.add_(step)
