@@ -3,10 +3,11 @@ __version__ = "0.1.0"
 
 from . import ops, reference  # noqa: E402  (ops loads the compiled module or warns)
 from .bfgs import BFGS  # noqa: E402
+from .drsom import DRSOM  # noqa: E402
 from .history import LBFGSHistory  # noqa: E402
 from .lbfgs import LBFGS  # noqa: E402
 from .mlbfgs import MLBFGS  # noqa: E402
 from .ops import build_info  # noqa: E402
 
-__all__ = ["BFGS", "LBFGS", "LBFGSHistory", "MLBFGS", "build_info", "ops", "reference",
+__all__ = ["BFGS", "DRSOM", "LBFGS", "LBFGSHistory", "MLBFGS", "build_info", "ops", "reference",
            "__version__"]

@@ -1,0 +1,618 @@
+"""DRSOM: the dimension-reduced second-order method (Zhang, Ge, He, Jiang, Jiang, Ye, 2022) on the
+fused ``soo::drsom_perturb``, ``soo::drsom_reduce`` and ``soo::drsom_update`` ops."""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from . import reference as _ops  # TODO: soo_ext.ops once the drsom wrappers land
+from .quasi_newton import NonFiniteError
+
+__all__ = ["DRSOM", "NonFiniteError", "same_randomness"]
+
+# Number options: (accepts the value, what is required).  NaN fails every test.
+_NUMBERS = {
+    "gamma": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "gamma_increase": (lambda v: 1 < v < math.inf, "a number > 1"),
+    "gamma_min": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "eta_accept": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eta_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eta_high": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "collinearity": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "armijo": (lambda v: 0 < v < 1, "in (0, 1)"),
+}
+_LAMBDA_FLOOR = 1e-8  # lb = max(1e-8, -lambda_min), as in DRSOM.jl
+# State entries that Optimizer.load_state_dict must not cast to the params' dtype/device.
+_UNCAST = ("generator",)
+
+
+def _check_options(o: dict) -> None:
+    """ValueError naming the offending option."""
+    for key, (accepts, required) in _NUMBERS.items():
+        v = o[key]
+        if not isinstance(v, Real) or isinstance(v, bool) or not accepts(v):
+            raise ValueError(f"Invalid {key}: {v!r} (must be {required})")
+    if not o["eta_accept"] <= o["eta_low"] < o["eta_high"]:
+        raise ValueError(f"Invalid eta_low: need eta_accept <= eta_low < eta_high, got "
+                         f"{o['eta_accept']}, {o['eta_low']}, {o['eta_high']}")
+    if o["hvp"] not in ("fd", "central", "autograd"):
+        raise ValueError(f"Invalid hvp: {o['hvp']!r} (must be 'fd', 'central' or 'autograd')")
+    for key in ("directions", "max_trials"):
+        v = o[key]
+        low = 2 if key == "directions" else 1
+        if not isinstance(v, Integral) or isinstance(v, bool) or v < low:
+            raise ValueError(f"Invalid {key}: {v!r} (must be an int >= {low})")
+    if not isinstance(o["random"], bool):
+        raise ValueError(f"Invalid random: {o['random']!r} (must be a bool)")
+    if o["random"] and o["directions"] != 2:
+        raise ValueError(f"Invalid directions: {o['directions']!r} with random=True (the random "
+                         "variant uses span{g, u}: directions must be 2)")
+    if not isinstance(o["seed"], Integral) or isinstance(o["seed"], bool):
+        raise ValueError(f"Invalid seed: {o['seed']!r} (must be an int)")
+    if o["on_nonfinite"] not in ("raise", "skip"):
+        raise ValueError(f"Invalid on_nonfinite: {o['on_nonfinite']!r} (must be 'raise' or 'skip')")
+    if not isinstance(o["maximize"], bool):
+        raise ValueError(f"Invalid maximize: {o['maximize']!r} (must be a bool)")
+
+
+def _check_params(params: list[Tensor]) -> None:
+    p0 = params[0]
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise ValueError(f"Invalid params: {type(p).__name__} is not a Tensor")
+        if p.is_complex():
+            raise ValueError("Invalid params: DRSOM does not support complex params (optimise real "
+                             "and imaginary parts as separate real tensors)")
+        if p.layout != torch.strided:
+            raise ValueError(f"Invalid params: DRSOM does not support sparse params ({p.layout})")
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Invalid params: dtype must be float32 or float64, got {p.dtype}")
+        if p.dtype != p0.dtype:
+            raise ValueError(f"Invalid params: must share one dtype, got {p0.dtype} and {p.dtype}")
+        if p.device != p0.device:
+            raise ValueError(f"Invalid params: must be on one device, got {p0.device} and "
+                             f"{p.device}")
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("Invalid params: a param appears twice")
+
+
+def _all_finite(vectors: list[Tensor]) -> Tensor:
+    """0-dim bool device tensor: every entry is finite (extremes by aminmax, no host sync)."""
+    extremes = [e for v in vectors if v.numel() for e in torch.aminmax(v)]
+    if not extremes:
+        return torch.ones((), dtype=torch.bool, device=vectors[0].device)
+    return torch.isfinite(torch.stack(extremes)).all()
+
+
+# --------------------------------------------------------------------------------------------- #
+# Same batch, same randomness for the extra evaluations of a step
+
+def _capture_rng() -> tuple[Tensor, list[Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _restore_rng(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class same_randomness:
+    """Context manager making repeated evaluations of ``model`` see the same randomness.
+
+    Inside the block, BatchNorm layers of ``model`` that are in training mode still normalise with
+    the batch statistics but do not update their running statistics (nor
+    ``num_batches_tracked``): ``track_running_stats`` is switched off and restored on exit.
+    ``replay()`` restores the torch (CPU) and CUDA RNG states captured on entry (or the
+    ``rng_state`` given), so that dropout draws the same masks again::
+
+        with same_randomness(model) as ctx:
+            l1 = loss_fn(model(x), y)
+            ctx.replay()
+            l2 = loss_fn(model(x), y)   # == l1, running stats unchanged
+
+    :class:`DRSOM` given ``model=`` uses it for every extra evaluation of a step (finite-difference
+    gradients, trial points): each replays the RNG state from before the step's base evaluation,
+    and the RNG state after the base evaluation is put back at the end of the step, so the random
+    stream advances as if the closure had been evaluated once.
+    """
+
+    def __init__(self, model: nn.Module | None = None, rng_state=None) -> None:
+        self.model = model
+        self.rng_state = rng_state
+        self._frozen: list[nn.Module] = []
+
+    def __enter__(self) -> "same_randomness":
+        if self.rng_state is None:
+            self.rng_state = _capture_rng()
+        if self.model is not None:
+            for m in self.model.modules():
+                if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                        and m.track_running_stats):
+                    m.track_running_stats = False
+                    self._frozen.append(m)
+        return self
+
+    def replay(self) -> None:
+        """Put back the RNG state of the start (dropout masks repeat)."""
+        _restore_rng(self.rng_state)
+
+    def __exit__(self, *exc) -> None:
+        for m in self._frozen:
+            m.track_running_stats = True
+        self._frozen = []
+
+
+# --------------------------------------------------------------------------------------------- #
+
+class _Workspace:
+    """Scratch vectors of a run (not state): base point, gradients at the base and perturbed
+    points, and device constants."""
+
+    def __init__(self, x: Tensor, central: bool) -> None:
+        self.x0 = torch.empty_like(x)
+        self.g = torch.empty_like(x)
+        self.gp = torch.empty_like(x)
+        self.gm = torch.empty_like(x) if central else None
+        self.one = torch.ones((), dtype=x.dtype, device=x.device)
+
+
+class DRSOM(Optimizer):
+    """DRSOM, the dimension-reduced second-order method (Zhang et al., arXiv 2208.00208).
+
+    Each step minimises a quadratic model of the objective over a ``k``-dimensional subspace
+    ``span V`` with a trust region in the metric of the subspace, on the fused
+    ``soo::drsom_*`` ops.
+
+    **Directions.**  ``V = [g, d_1, ..., d_{k-1}]`` where ``g`` is the gradient and ``d_j`` are the
+    last accepted steps, newest first (``directions=k``; ``span{g, x_k - x_{k-1}, x_k - x_{k-2},
+    ...}`` is the same subspace).  The step is ``p = V a``; with ``k = 2`` this is the paper's
+    ``p = -alpha_1 g + alpha_2 d`` with ``a = (-alpha_1, alpha_2)`` (the model is the same, only
+    the sign of the first coordinate differs).  A stored ``d_j`` is left out of a step when
+    ``|cos(g, d_j)|`` or its ``|cos|`` with a direction already kept is ``>= collinearity``.
+    ``random=True``: ``V = [g, u]`` with ``u ~ N(0, I - g_bar g_bar^T)`` (``g_bar = g/||g||``),
+    drawn from a ``torch.Generator`` seeded with ``seed`` and kept in the state.
+
+    **Model.**  ``m(a) = f + c^T a + a^T Q a / 2`` with ``c = V^T g``, ``Q = V^T H V``
+    (symmetrised), ``G = V^T V``.  Solved on the device without a radius: the generalized
+    eigenvalues of ``(Q, G)`` (directions scaled to unit length, ``G`` regularised by
+    ``sqrt(eps) I``, Cholesky of G and ``eigvalsh`` of ``L^-1 Q L^-T``) give
+    ``lb = max(1e-8, -lambda_min)`` and ``top = max(lb, lambda_max) + max|lambda|``;
+    ``lambda = gamma top + (1 - gamma) lb``; ``a = -(Q + lambda G)^-1 c``.
+
+    **Trust-region decision.**  The trial ``x0 + p`` is evaluated (loss only, under no_grad);
+    ``rho = (f - f_trial) / (-c^T a - a^T Q a / 2)``.  Rejected (``gamma <- gamma_increase *
+    gamma``, retry from ``x0``, at most ``max_trials`` trials) if the trial loss is not finite,
+    is above ``f``, or ``rho <= eta_accept``.  Accepted otherwise, and then ``gamma`` grows the
+    same way if ``rho <= eta_low``, shrinks to ``max(min(sqrt(gamma), log10(1 + gamma)),
+    gamma_min)`` if ``rho >= eta_high``.  The accepted ``p`` becomes ``d_1``.  If every trial is
+    rejected, the params are restored exactly and the step changes only ``gamma``.
+
+    **Line search.**  When no stored direction is usable (the first step, or collinear
+    directions), or the model ``Q`` is not finite, the step is a backtracking (Armijo,
+    ``f(x - t g) <= f - armijo t ||g||^2``) line search along ``-g`` from ``t = min(1, 1/||g||)``
+    (then from the last accepted ``t``, doubled if it was accepted at once), halving ``t`` at
+    most ``max_trials`` times.
+
+    **Hessian-vector products** (``hvp``):
+
+    * ``'fd'`` (default): one extra gradient per direction,
+      ``Q[:, j] = V^T (grad f(x + t v_j) - g) / t`` with
+      ``t = 2 sqrt(eps) (1 + ||x||) / ||v_j||`` (eps of the dtype; about ``sqrt(eps)`` relative
+      accuracy).  The params are moved by ``drsom_perturb`` and restored bit-exactly.
+    * ``'central'``: two gradients per direction, ``(grad f(x + t v) - grad f(x - t v)) / 2t``
+      with ``t = eps^(1/3) (1 + ||x||) / ||v||`` (about ``eps^(2/3)`` relative).
+    * ``'autograd'``: exact products by double backward through the base gradient (computed
+      with ``create_graph=True``).  Finite differences also work where double backward does not
+      (fused attention kernels, cuDNN RNNs, ...).
+
+    Every norm, step size and reduction stays on the device.
+
+    **Closure.**  Required.  It must recompute the loss on the same batch and return it, and must
+    NOT call ``backward``: DRSOM differentiates it itself (``torch.autograd.grad``; ``.grad`` of
+    the params is not touched).  It is called under ``torch.enable_grad()`` at the base point
+    and at finite-difference points, and under ``torch.no_grad()`` at trial points.  It must be
+    re-evaluable with the same randomness: pass ``model=`` to have dropout replayed and
+    BatchNorm running statistics frozen during the extra evaluations (see
+    :class:`same_randomness`).
+
+    **Flat params.**  At construction the params are copied into one contiguous buffer and each
+    ``p.data`` is re-pointed to a view of it (all params must share one device and one float
+    dtype).  In-place changes of the params (``copy_``, ``model.load_state_dict``) are seen by
+    the optimizer; replacing ``p.data`` (e.g. ``model.to(...)`` after construction) breaks the
+    link and makes ``step`` raise.  One param group.
+
+    **Host synchronisation.**  One host fetch at the base point (loss, finiteness of loss and
+    gradient, the Gram matrix of the candidate directions) plus one per trial (trust-region
+    decision: trial loss, ratio, predicted decrease and the finiteness of the model fetched
+    together) or per line-search trial.  A step accepted at its first trial synchronises twice.
+
+    **Cost per step.**  1 gradient + ``k`` gradients ('fd', ``2k`` 'central') or ``k``
+    Hessian-vector products ('autograd') + one forward per trial.
+
+    **Non-finite values.**  A non-finite trial loss is a rejected trial.  A non-finite loss or
+    gradient at the base point raises :class:`soo_ext.quasi_newton.NonFiniteError`
+    (``on_nonfinite='raise'``, default) or skips the step (``'skip'``); either way params and
+    state are left untouched.
+
+    **State** (under the first param): ``step`` (int, steps taken), ``gamma`` (float),
+    ``directions`` (a ``k x n`` buffer: ``k - 1`` directions and one scratch row), ``order``
+    (row of ``d_1, d_2, ...`` in it), ``count`` (stored directions), ``ls_step`` (float or None),
+    ``generator`` (the state of the random-direction generator), and counters ``func_evals``,
+    ``grad_evals``, ``trials``, ``rejections``, ``line_searches``.  ``load_state_dict`` keeps
+    ``generator`` out of Optimizer's casting; a resumed run is bit-identical.
+
+    Args:
+        params: iterable of params (float32 or float64, one dtype, one device), one group.
+        hvp: ``'fd'`` (default), ``'central'`` or ``'autograd'``.
+        directions: k, the subspace dimension (default 2: ``span{g, d}``).
+        random: use ``span{g, u}`` with a random ``u`` (requires ``directions=2``).
+        gamma: initial gamma (default 1e-6).
+        gamma_increase: factor on rejection (default 5).
+        gamma_min: floor of gamma when it shrinks (default 1e-16).
+        eta_accept, eta_low, eta_high: ratio thresholds (0.05, 0.1, 0.5).
+        max_trials: trials per step (default 20).
+        collinearity: ``|cos|`` above which a direction is left out (default 0.97).
+        armijo: sufficient-decrease constant of the line search (default 1e-4).
+        seed: seed of the random-direction generator (default 0).
+        model: a module whose dropout/BatchNorm randomness is replayed (default None).
+        on_nonfinite: ``'raise'`` (default) or ``'skip'``.
+        maximize: maximise the objective (default False).
+    """
+
+    def __init__(self, params, hvp: str = "fd", directions: int = 2, random: bool = False, *,
+                 gamma: float = 1e-6, gamma_increase: float = 5.0, gamma_min: float = 1e-16,
+                 eta_accept: float = 0.05, eta_low: float = 0.1, eta_high: float = 0.5,
+                 max_trials: int = 20, collinearity: float = 0.97, armijo: float = 1e-4,
+                 seed: int = 0, model: nn.Module | None = None, on_nonfinite: str = "raise",
+                 maximize: bool = False) -> None:
+        defaults = {"hvp": hvp, "directions": directions, "random": random, "gamma": gamma,
+                    "gamma_increase": gamma_increase, "gamma_min": gamma_min,
+                    "eta_accept": eta_accept, "eta_low": eta_low, "eta_high": eta_high,
+                    "max_trials": max_trials, "collinearity": collinearity, "armijo": armijo,
+                    "seed": seed, "on_nonfinite": on_nonfinite, "maximize": maximize}
+        _check_options(defaults)
+        if model is not None and not isinstance(model, nn.Module):
+            raise ValueError(f"Invalid model: {type(model).__name__} (must be an nn.Module or None)")
+        self._model = model
+        self._ws: _Workspace | None = None
+        super().__init__(params, defaults)
+        self._flatten()
+
+    # ---- layout ---------------------------------------------------------------------------- #
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self.param_groups:
+            raise ValueError("Invalid params: DRSOM supports one param group")
+        super().add_param_group(param_group)
+
+    def _flatten(self) -> None:
+        params = self.param_groups[0]["params"]
+        if not params:
+            raise ValueError("Invalid params: empty parameter list")
+        _check_params(params)
+        numels = [p.numel() for p in params]
+        p0 = params[0]
+        self._x = torch.empty(sum(numels), dtype=p0.dtype, device=p0.device)
+        self._views = [v.view_as(p) for v, p in zip(self._x.split(numels), params)]
+        torch._foreach_copy_(self._views, [p.detach() for p in params])
+        for p, v in zip(params, self._views):
+            p.data = v
+        self._ptrs = [v.data_ptr() for v in self._views]
+        self._numels = numels
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_model": self._model}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_model", None)
+        self._ws = None
+        self._flatten()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        kept = {k: {key: v.pop(key) for key in _UNCAST if key in v}
+                for k, v in state_dict["state"].items()}
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        super().load_state_dict(state_dict)
+        by_id = dict(zip(saved_ids, self.param_groups[0]["params"]))
+        for k, entries in kept.items():
+            self.state[by_id[k]].update({key: v.clone() for key, v in entries.items()})
+        _check_options(self.param_groups[0])
+
+    def _state(self) -> dict:
+        group = self.param_groups[0]
+        p0 = group["params"][0]
+        st = self.state[p0]
+        if "step" not in st:
+            k = group["directions"]
+            gen = torch.Generator(device=self._x.device)
+            gen.manual_seed(group["seed"])
+            st.update({"step": 0, "gamma": float(group["gamma"]),
+                       "directions": torch.zeros((k, self._x.numel()), dtype=self._x.dtype,
+                                                 device=self._x.device),
+                       "order": list(range(k)), "count": 0, "ls_step": None,
+                       "generator": gen.get_state(), "func_evals": 0, "grad_evals": 0,
+                       "trials": 0, "rejections": 0, "line_searches": 0})
+        elif st["directions"].shape[0] != group["directions"]:
+            raise ValueError("Invalid directions: it cannot change after the first step")
+        return st
+
+    # ---- evaluations ----------------------------------------------------------------------- #
+
+    def _objective(self, closure: Callable, maximize: bool):
+        loss = closure()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise RuntimeError("DRSOM: the closure must return the loss as a one-element tensor")
+        obj = -loss if maximize else loss
+        return loss, obj.reshape(())
+
+    def _gradient(self, closure: Callable, out: Tensor, create_graph: bool = False):
+        """Evaluate the closure with grad, write the flat gradient into ``out``; returns
+        ``(loss, objective as a device scalar of the params' dtype, gradient list or None)``."""
+        params = self.param_groups[0]["params"]
+        maximize = self.param_groups[0]["maximize"]
+        with torch.enable_grad():
+            loss, obj = self._objective(closure, maximize)
+            if not obj.requires_grad:
+                raise RuntimeError("DRSOM: the loss does not require grad (the closure must "
+                                   "return the loss without calling backward, under grad mode)")
+            grads = torch.autograd.grad(obj, params, allow_unused=True, create_graph=create_graph)
+        self._gather(grads, out)
+        return loss, obj.detach().to(self._x.dtype), (grads if create_graph else None)
+
+    def _gather(self, grads, out: Tensor) -> None:
+        views = [v.view_as(p) for v, p in zip(out.split(self._numels), self._views)]
+        dst, src, missing = [], [], []
+        for v, gr in zip(views, grads):
+            if gr is None:
+                missing.append(v)
+            elif gr.layout != torch.strided:
+                raise RuntimeError(f"DRSOM does not support sparse gradients ({gr.layout})")
+            elif gr.is_complex():
+                raise RuntimeError("DRSOM does not support complex gradients")
+            else:
+                dst.append(v)
+                src.append(gr.detach())
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if missing:
+            torch._foreach_zero_(missing)
+
+    def _loss_at_trial(self, closure: Callable, replay) -> Tensor:
+        replay()
+        with torch.no_grad():
+            _, obj = self._objective(closure, self.param_groups[0]["maximize"])
+        return obj.detach().to(self._x.dtype)
+
+    def _hessian(self, closure: Callable, V: list[Tensor], G: Tensor, grads, replay) -> Tensor:
+        """``Q = V^T H V`` (symmetrised), from finite differences or double backward.  Leaves x
+        at the base point (bit-exactly) and ``x0`` holding it."""
+        group = self.param_groups[0]
+        ws, x, st = self._ws, self._x, self.state[group["params"][0]]
+        cols = []
+        if group["hvp"] == "autograd":
+            ws.x0.copy_(x)
+            params = group["params"]
+            used = [i for i, gr in enumerate(grads) if gr is not None and gr.requires_grad]
+            for v in V:
+                vs = [w.view_as(p) for w, p in zip(v.split(self._numels), self._views)]
+                hv = torch.autograd.grad([grads[i] for i in used], [params[i] for i in used],
+                                         grad_outputs=[vs[i] for i in used], retain_graph=True,
+                                         allow_unused=True) if used else []
+                full = [None] * len(params)
+                for i, h in zip(used, hv):
+                    full[i] = h
+                self._gather(full, ws.gp)
+                cols.append(torch.stack([torch.dot(w, ws.gp) for w in V]))
+        else:
+            eps = torch.finfo(x.dtype).eps
+            central = group["hvp"] == "central"
+            scale = (eps ** (1 / 3) if central else 2 * math.sqrt(eps)) * (
+                1 + torch.linalg.vector_norm(x))
+            ts = scale / torch.sqrt(torch.diagonal(G))
+            for j, v in enumerate(V):
+                t = ts[j]
+                _ops.drsom_perturb(x, ws.x0, v, t, j == 0)
+                replay()
+                self._gradient(closure, ws.gp)
+                if central:
+                    _ops.drsom_perturb(x, ws.x0, v, -t, False)
+                    replay()
+                    self._gradient(closure, ws.gm)
+                    q, _, _ = _ops.drsom_reduce(ws.gp, ws.gm, V, 2 * t, False)
+                else:
+                    q, _, _ = _ops.drsom_reduce(ws.gp, ws.g, V, t, False)
+                cols.append(q)
+            x.copy_(ws.x0)
+            st["grad_evals"] += len(V) * (2 if central else 1)
+            st["func_evals"] += len(V) * (2 if central else 1)
+        Q = torch.stack(cols, 1)
+        return (Q + Q.T) / 2
+
+    # ---- the step -------------------------------------------------------------------------- #
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        """One DRSOM step.  Returns the loss the closure returned at the base point."""
+        if closure is None:
+            raise RuntimeError("DRSOM requires a closure (returning the loss, without backward)")
+        group = self.param_groups[0]
+        _check_options(group)
+        if [v.data_ptr() for v in self._views] != self._ptrs or any(
+                p.data_ptr() != ptr for p, ptr in zip(group["params"], self._ptrs)):
+            raise RuntimeError("DRSOM: a param's storage was replaced after construction (e.g. "
+                               "model.to()); construct the optimizer after moving the model")
+        st = self._state()
+        if self._ws is None:
+            self._ws = _Workspace(self._x, group["hvp"] == "central")
+        ws, x = self._ws, self._x
+        model = self._model
+        rng0 = _capture_rng() if model is not None else None
+
+        loss, f, grads = self._gradient(closure, ws.g, create_graph=group["hvp"] == "autograd")
+        rng1 = _capture_rng() if model is not None else None
+        bufs, order = st["directions"], st["order"]
+        stored = [] if group["random"] else [bufs[order[i]] for i in range(st["count"])]
+        cand = [ws.g] + stored
+        _, G, c = _ops.drsom_reduce(ws.g, ws.g, cand, ws.one, True)
+        finite = _all_finite([ws.g]) & torch.isfinite(f)
+        vals = torch.cat([f.reshape(1), finite.reshape(1).to(f.dtype), G.reshape(-1)]).tolist()
+        if not vals[1]:  # nothing has changed yet
+            if group["on_nonfinite"] == "raise":
+                raise NonFiniteError("DRSOM: the loss or gradient at the base point is not "
+                                     "finite; nothing changed (on_nonfinite='skip' skips instead)")
+            return loss
+        f_host = vals[0]
+        n = len(cand)
+        Gh = [vals[2 + i * n: 2 + (i + 1) * n] for i in range(n)]
+        gg = Gh[0][0]
+        st["func_evals"] += 1
+        st["grad_evals"] += 1
+        if gg == 0:  # stationary point
+            st["step"] += 1
+            return loss
+        kept = [0]
+        for j in range(1, n):
+            if not Gh[j][j] > 0:
+                continue
+            if all(abs(Gh[i][j]) < group["collinearity"] * math.sqrt(Gh[i][i] * Gh[j][j])
+                   for i in kept):
+                kept.append(j)
+
+        ctx = same_randomness(model, rng0) if model is not None else None
+        replay = ctx.replay if ctx is not None else (lambda: None)
+        try:
+            if ctx is not None:
+                ctx.__enter__()
+            if group["random"]:
+                u = bufs[order[0]]
+                gen = torch.Generator(device=x.device)
+                gen.set_state(st["generator"])
+                torch.randn(u.shape, generator=gen, out=u)
+                u.add_(ws.g * (-(torch.dot(ws.g, u) / gg)))
+                st["generator"] = gen.get_state()
+                V = [ws.g, u]
+                _, G, c = _ops.drsom_reduce(ws.g, ws.g, V, ws.one, True)
+                scratch = order[1]
+            elif len(kept) == 1:
+                self._line_search(closure, st, f_host, gg, replay)
+                return loss
+            else:
+                V = [cand[j] for j in kept]
+                if len(kept) != n:
+                    idx = torch.tensor(kept, device=x.device)
+                    G, c = G[idx][:, idx], c[idx]
+                scratch = order[-1]
+            Q = self._hessian(closure, V, G, grads, replay)
+            grads = None
+            if not self._trust_region(closure, st, V, Q, G, c, f, bufs[scratch], replay):
+                self._line_search(closure, st, f_host, gg, replay)
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+                _restore_rng(rng1)
+        return loss
+
+    def _push(self, st: dict, scratch_row: int) -> None:
+        """The step just written into ``scratch_row`` becomes ``d_1``."""
+        order = st["order"]
+        if self.param_groups[0]["random"]:
+            return
+        order.remove(scratch_row)
+        st["order"] = [scratch_row] + order
+        st["count"] = min(st["count"] + 1, len(order))
+
+    def _trust_region(self, closure, st, V, Q, G, c, f, p, replay) -> bool:
+        """The radius-free trust-region loop.  False if the model is not finite (x restored)."""
+        group = self.param_groups[0]
+        x, x0 = self._x, self._ws.x0
+        k = len(V)
+        dtype, device = x.dtype, x.device
+        s = torch.rsqrt(torch.diagonal(G))
+        eye = torch.eye(k, dtype=dtype, device=device)
+        Gh = G * s[:, None] * s[None, :] + math.sqrt(torch.finfo(dtype).eps) * eye
+        Qh = Q * s[:, None] * s[None, :]
+        ch = c * s
+        L, _ = torch.linalg.cholesky_ex(Gh)
+        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+        M = Linv @ Qh @ Linv.T
+        ev = torch.linalg.eigvalsh((M + M.T) / 2)
+        lmin, lmax = ev[0], ev[-1]
+        lb = torch.clamp_min(-lmin, _LAMBDA_FLOOR)
+        top = torch.maximum(lb, lmax) + torch.maximum(lmin.abs(), lmax.abs())
+        model_ok = torch.isfinite(torch.cat([Qh.reshape(-1), ch, ev])).all()
+        scratch_row = next(i for i in range(st["directions"].shape[0])
+                           if st["directions"][i].data_ptr() == p.data_ptr())
+        for trial in range(group["max_trials"]):
+            gamma = st["gamma"]
+            lam = gamma * top + (1 - gamma) * lb
+            ah, _ = torch.linalg.solve_ex(Qh + lam * Gh, ch)
+            ah = -ah
+            pred = -(torch.dot(ch, ah) + 0.5 * torch.dot(ah, Qh @ ah))
+            if trial:
+                x.copy_(x0)
+            _ops.drsom_update(x, p, V, ah * s)
+            ft = self._loss_at_trial(closure, replay)
+            st["func_evals"] += 1
+            st["trials"] += 1
+            rho = (f - ft) / pred
+            ft_h, rho_h, pred_h, ok = torch.stack(
+                [ft, rho, pred, model_ok.to(dtype)]).tolist()
+            if not ok:
+                x.copy_(x0)
+                return False
+            inc = group["gamma_increase"] * gamma
+            accept = (math.isfinite(ft_h) and math.isfinite(rho_h) and pred_h > 0
+                      and rho_h > group["eta_accept"])
+            if not accept:
+                st["gamma"] = inc
+                st["rejections"] += 1
+                continue
+            if rho_h <= group["eta_low"]:
+                st["gamma"] = inc
+            elif rho_h >= group["eta_high"]:
+                st["gamma"] = max(min(math.sqrt(gamma), math.log10(gamma + 1)), group["gamma_min"])
+            self._push(st, scratch_row)
+            st["step"] += 1
+            return True
+        x.copy_(x0)
+        st["step"] += 1
+        return True
+
+    def _line_search(self, closure, st, f, gg, replay) -> None:
+        """Backtracking (Armijo) along -g from x; x0 takes the base point."""
+        group = self.param_groups[0]
+        ws, x = self._ws, self._x
+        bufs, order = st["directions"], st["order"]
+        scratch_row = order[-1] if not group["random"] else order[1]
+        p = bufs[scratch_row]
+        ws.x0.copy_(x)
+        t = st["ls_step"] if st["ls_step"] is not None else min(1.0, 1.0 / math.sqrt(gg))
+        st["line_searches"] += 1
+        for trial in range(group["max_trials"]):
+            if trial:
+                x.copy_(ws.x0)
+            _ops.drsom_update(x, p, [ws.g], torch.full((1,), -t, dtype=x.dtype, device=x.device))
+            ft = self._loss_at_trial(closure, replay).item()
+            st["func_evals"] += 1
+            st["trials"] += 1
+            if math.isfinite(ft) and ft <= f - group["armijo"] * t * gg:
+                st["ls_step"] = 2 * t if trial == 0 else t
+                self._push(st, scratch_row)
+                st["step"] += 1
+                return
+            st["rejections"] += 1
+            t *= 0.5
+        x.copy_(ws.x0)
+        st["ls_step"] = t
+        st["step"] += 1

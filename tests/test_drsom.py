@@ -1,0 +1,464 @@
+"""soo_ext.DRSOM: accuracy of the subspace Hessian (finite differences against double backward),
+convergence (Rosenbrock, logistic regression), fused attention, k-direction and random variants,
+non-finite handling, resume, arguments, same randomness, host syncs."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import soo_ext
+from soo_ext import ops
+from soo_ext.drsom import DRSOM, _Workspace, same_randomness
+from soo_ext.quasi_newton import NonFiniteError
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Every problem here is tiny: more threads only add overhead (much more on a busy host)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rosenbrock(x):
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+def rosenbrock_start(n=20, dtype=torch.float64, device="cpu"):
+    x = torch.ones(n, dtype=dtype, device=device)
+    x[::2] = -1.2
+    return nn.Parameter(x)
+
+
+def mlp_problem(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    X = torch.randn(64, 5, dtype=dtype, generator=gen)
+    y = torch.randint(0, 3, (64,), generator=gen)
+    return net, lambda: F.cross_entropy(net(X), y)
+
+
+def subspace_hessian(hvp, dtype, seed=0):
+    """Q = V^T H V for V = [g, d] (d fixed, random) at an MLP's initial point, scaled to unit
+    directions, through the optimizer's own code path."""
+    net, closure = mlp_problem(dtype, seed)
+    opt = DRSOM(net.parameters(), hvp=hvp)
+    opt._state()
+    ws = opt._ws = _Workspace(opt._x, hvp == "central")
+    _, _, grads = opt._gradient(closure, ws.g, create_graph=hvp == "autograd")
+    d = torch.randn(opt._x.numel(), dtype=dtype, generator=torch.Generator().manual_seed(seed + 1))
+    V = [ws.g, 0.01 * d]
+    _, G, _ = ops.drsom_reduce(ws.g, ws.g, V, ws.one, True)
+    x_before = opt._x.clone()
+    Q = opt._hessian(closure, V, G, grads, lambda: None)
+    assert torch.equal(opt._x, x_before)  # restored bit-exactly
+    s = torch.rsqrt(torch.diagonal(G))
+    return Q * s[:, None] * s[None, :]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+@pytest.mark.parametrize("dtype,tol_fd,tol_central", [(torch.float32, 1e-3, 1e-4),
+                                                     (torch.float64, 1e-6, 1e-6)],
+                         ids=["fp32", "fp64"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_finite_difference_hessian_matches_autograd(dtype, tol_fd, tol_central, seed):
+    exact = subspace_hessian("autograd", dtype, seed)
+    torch.testing.assert_close(exact, exact.T)
+    assert rel(subspace_hessian("fd", dtype, seed), exact) < tol_fd
+    assert rel(subspace_hessian("central", dtype, seed), exact) < tol_central
+
+
+def test_step_convention_matches_paper_on_quadratic():
+    """On a convex quadratic the first DRSOM step after the line search is the exact minimiser
+    of the quadratic over x + span{g, d} (gamma tiny: lambda ~ 1e-8)."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(8, 8, dtype=torch.float64, generator=gen)
+    A = A @ A.T + 8 * torch.eye(8, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64, generator=gen)
+    x = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+
+    def f(z):
+        return 0.5 * z @ A @ z - b @ z
+    opt = DRSOM([x], hvp="autograd", gamma=1e-16)
+    opt.step(lambda: f(x))  # line search
+    x1 = x.detach().clone()
+    d = opt.state[x]["directions"][opt.state[x]["order"][0]].clone()
+    g = A @ x1 - b
+    opt.step(lambda: f(x))
+    V = torch.stack([g, d], 1)
+    a = torch.linalg.solve(V.T @ A @ V, -V.T @ g)
+    torch.testing.assert_close(x.detach(), x1 + V @ a, rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convergence
+
+@pytest.mark.parametrize("hvp", ["fd", "central", "autograd"])
+def test_minimises_rosenbrock(hvp):
+    x = rosenbrock_start(20)
+    opt = DRSOM([x], hvp=hvp)
+    for _ in range(300):
+        opt.step(lambda: rosenbrock(x))
+    assert rosenbrock(x).item() < 1e-5
+    assert (x.detach() - 1).abs().max().item() < 1e-2
+
+
+def test_rosenbrock_fp32():
+    x = rosenbrock_start(20, torch.float32)
+    opt = DRSOM([x])
+    for _ in range(300):
+        opt.step(lambda: rosenbrock(x))
+    assert rosenbrock(x).item() < 1e-4
+
+
+def test_logistic_regression_breast_cancer():
+    datasets = pytest.importorskip("sklearn.datasets")
+    X, y = datasets.load_breast_cancer(return_X_y=True)
+    X = torch.tensor(X, dtype=torch.float64)
+    X = (X - X.mean(0)) / X.std(0)
+    y = torch.tensor(y, dtype=torch.float64)
+    lam = 1e-3
+    w = nn.Parameter(torch.zeros(X.shape[1], dtype=torch.float64))
+    b = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def loss():
+        return (F.binary_cross_entropy_with_logits(X @ w + b, y)
+                + 0.5 * lam * (w @ w))
+    opt = DRSOM([w, b])
+    for _ in range(150):
+        opt.step(loss)
+    # the reference minimiser: Newton's method (strongly convex)
+    wb = torch.zeros(X.shape[1] + 1, dtype=torch.float64)
+    Xa = torch.cat([X, torch.ones(len(X), 1, dtype=torch.float64)], 1)
+    reg = torch.diag(torch.cat([torch.full((X.shape[1],), lam, dtype=torch.float64),
+                                torch.zeros(1, dtype=torch.float64)]))
+    for _ in range(30):
+        p = torch.sigmoid(Xa @ wb)
+        grad = Xa.T @ (p - y) / len(X) + reg @ wb
+        H = Xa.T @ (Xa * (p * (1 - p))[:, None]) / len(X) + reg
+        wb = wb - torch.linalg.solve(H, grad)
+    with torch.no_grad():
+        best = (F.binary_cross_entropy_with_logits(Xa @ wb, y) + 0.5 * lam * wb[:-1] @ wb[:-1])
+        assert loss().item() - best.item() < 1e-6
+        accuracy = ((X @ w + b > 0).double() == y).double().mean().item()
+    assert accuracy > 0.97
+
+
+class TinyAttention(nn.Module):
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v)
+        return self.out(h.transpose(1, 2).reshape(B, T, D).mean(1)).squeeze(-1)
+
+
+def test_scaled_dot_product_attention_trains_with_fd():
+    torch.manual_seed(0)
+    net = TinyAttention().double()
+    X = torch.randn(32, 6, 16, dtype=torch.float64)
+    y = X[:, :, 0].sum(1).tanh()
+
+    def closure():
+        return F.mse_loss(net(X), y)
+    opt = DRSOM(net.parameters(), hvp="fd")
+    first = closure().item()
+    for _ in range(15):
+        opt.step(closure)
+    assert closure().item() < 0.5 * first
+
+
+@pytest.mark.parametrize("options", [{"directions": 3}, {"directions": 4}, {"random": True}],
+                         ids=["k3", "k4", "random"])
+def test_variants_reduce_the_loss(options):
+    net, closure = mlp_problem(torch.float64)
+    opt = DRSOM(net.parameters(), **options)
+    first = closure().item()
+    losses = [opt.step(closure).item() for _ in range(30)]
+    assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))  # monotone
+    assert closure().item() < 0.7 * first
+    if not options.get("random"):
+        assert opt.state[net[0].weight]["count"] == options["directions"] - 1
+
+
+def test_k_directions_on_rosenbrock():
+    x = rosenbrock_start(20)
+    opt = DRSOM([x], directions=3)
+    for _ in range(300):
+        opt.step(lambda: rosenbrock(x))
+    assert rosenbrock(x).item() < 1e-5
+
+
+def test_maximize_gives_the_same_iterates():
+    x, z = rosenbrock_start(10), rosenbrock_start(10)
+    opt_min, opt_max = DRSOM([x]), DRSOM([z], maximize=True)
+    for _ in range(10):
+        opt_min.step(lambda: rosenbrock(x))
+        opt_max.step(lambda: -rosenbrock(z))
+    assert torch.equal(x, z)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values
+
+def test_nonfinite_trial_is_rejected():
+    x = rosenbrock_start(10)
+    start = rosenbrock(x).item()
+    start_point = x.detach().clone()
+
+    def closure():  # a wall: NaN beyond a small ball around the start
+        dist = (x - start_point).norm()
+        return rosenbrock(x) + torch.where(dist > 0.05, torch.nan, 0.0)
+    opt = DRSOM([x])
+    for _ in range(10):
+        opt.step(closure)
+    st = opt.state[x]
+    assert st["rejections"] > 0
+    assert math.isfinite(rosenbrock(x).item()) and rosenbrock(x).item() < start
+
+
+class BadGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, value):
+        ctx.value = value
+        return t * 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.value, None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["loss", "grad"])
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_nonfinite_base_point_changes_nothing(value, where, on_nonfinite):
+    x = rosenbrock_start(10)
+    opt = DRSOM([x], on_nonfinite=on_nonfinite)
+    for _ in range(3):
+        opt.step(lambda: rosenbrock(x))
+    x_before, state_before = x.detach().clone(), copy.deepcopy(opt.state_dict())
+
+    def bad():
+        if where == "loss":
+            return rosenbrock(x) + value
+        return rosenbrock(x) + BadGrad.apply(x[0], value)  # finite loss, non-finite gradient
+    if on_nonfinite == "raise":
+        with pytest.raises(NonFiniteError):
+            opt.step(bad)
+    else:
+        opt.step(bad)
+    assert torch.equal(x.detach(), x_before)
+    after = opt.state_dict()
+    for key, v in state_before["state"][0].items():
+        assert (torch.equal(v, after["state"][0][key]) if isinstance(v, torch.Tensor)
+                else v == after["state"][0][key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume, arguments, layout
+
+@pytest.mark.parametrize("options", [{}, {"random": True}, {"hvp": "central", "directions": 3}],
+                         ids=["fd", "random", "central-k3"])
+@pytest.mark.parametrize("via_bytes", [False, True])
+def test_resume_is_bit_identical(options, via_bytes):
+    net, closure = mlp_problem(torch.float32)
+    opt = DRSOM(net.parameters(), **options)
+    for _ in range(4):
+        opt.step(closure)
+    params_mid = copy.deepcopy(net.state_dict())
+    if via_bytes:
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        saved = torch.load(buf)
+    else:
+        saved = copy.deepcopy(opt.state_dict())
+    for _ in range(4):
+        opt.step(closure)
+
+    net2, closure2 = mlp_problem(torch.float32)
+    net2.load_state_dict(params_mid)
+    opt2 = DRSOM(net2.parameters(), **options)
+    opt2.load_state_dict(saved)
+    for _ in range(4):
+        opt2.step(closure2)
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+    st, st2 = opt.state[net[0].weight], opt2.state[net2[0].weight]
+    assert st["gamma"] == st2["gamma"] and st["order"] == st2["order"]
+    assert torch.equal(st["directions"], st2["directions"])
+    assert torch.equal(st["generator"], st2["generator"])
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"hvp": "exact"}, "hvp"), ({"directions": 1}, "directions"), ({"directions": 2.0}, "directions"),
+    ({"random": 1}, "random"), ({"random": True, "directions": 3}, "directions"),
+    ({"gamma": 0.0}, "gamma"), ({"gamma": float("nan")}, "gamma"),
+    ({"gamma_increase": 1.0}, "gamma_increase"), ({"gamma_min": -1.0}, "gamma_min"),
+    ({"eta_accept": 1.0}, "eta_accept"), ({"eta_low": 0.6}, "eta_low"),
+    ({"eta_high": 1.5}, "eta_high"), ({"max_trials": 0}, "max_trials"),
+    ({"max_trials": True}, "max_trials"), ({"collinearity": 0.0}, "collinearity"),
+    ({"armijo": 1.0}, "armijo"), ({"seed": 1.5}, "seed"), ({"on_nonfinite": "ignore"}, "on_nonfinite"),
+    ({"maximize": 1}, "maximize"), ({"model": "net"}, "model"),
+])
+def test_invalid_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        DRSOM([nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+@pytest.mark.parametrize("params", [
+    lambda: [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))],
+    lambda: [nn.Parameter(torch.zeros(2, dtype=torch.float16))],
+    lambda: [nn.Parameter(torch.zeros(2, dtype=torch.complex64))],
+    lambda: [],
+    lambda: [{"params": [nn.Parameter(torch.zeros(2))]}, {"params": [nn.Parameter(torch.zeros(2))]}],
+], ids=["dtypes", "half", "complex", "empty", "groups"])
+def test_invalid_params(params):
+    with pytest.raises(ValueError, match="Invalid params|empty parameter list"):
+        DRSOM(params())
+
+
+def test_params_are_views_of_one_flat_buffer():
+    net, closure = mlp_problem(torch.float64)
+    values = [p.detach().clone() for p in net.parameters()]
+    opt = DRSOM(net.parameters())
+    for p, v in zip(net.parameters(), values):
+        assert torch.equal(p, v) and p.is_leaf
+    assert opt._x.data_ptr() == net[0].weight.data_ptr()
+    with torch.no_grad():
+        net[2].bias.fill_(0.5)  # in-place changes are seen
+    assert torch.equal(opt._x[-3:], torch.full((3,), 0.5, dtype=torch.float64))
+    opt.step(closure)
+    net[0].weight.data = net[0].weight.data.clone()
+    with pytest.raises(RuntimeError, match="replaced"):
+        opt.step(closure)
+
+
+def test_closure_required():
+    with pytest.raises(RuntimeError, match="closure"):
+        DRSOM([nn.Parameter(torch.zeros(2))]).step()
+
+
+def test_unused_param_has_zero_gradient():
+    x, unused = rosenbrock_start(6), nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = DRSOM([x, unused])
+    for _ in range(5):
+        opt.step(lambda: rosenbrock(x))
+    assert torch.equal(unused.detach(), torch.ones(3, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Same randomness
+
+class NoisyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.3),
+                                  nn.Linear(12, 2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def noisy_problem():
+    torch.manual_seed(0)
+    net = NoisyNet().double()
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(48, 6, dtype=torch.float64, generator=gen)
+    y = (X[:, 0] > 0).long()
+    return net, X, y
+
+
+def test_same_randomness_replays_dropout_and_freezes_batchnorm():
+    net, X, y = noisy_problem()
+    bn = net.body[1]
+    stats = [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
+    with same_randomness(net) as ctx:
+        l1 = F.cross_entropy(net(X), y)
+        ctx.replay()
+        l2 = F.cross_entropy(net(X), y)
+    assert torch.equal(l1, l2)
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert torch.equal(bn.num_batches_tracked, stats[2])
+    assert bn.track_running_stats
+    l3 = F.cross_entropy(net(X), y)  # outside: a new mask, stats update
+    assert not torch.equal(l1, l3) and bn.num_batches_tracked.item() == 1
+
+
+def test_drsom_with_model_replays_randomness():
+    net, X, y = noisy_problem()
+    bn = net.body[1]
+    rng = torch.get_rng_state()
+
+    def closure():
+        return F.cross_entropy(net(X), y)
+    opt = DRSOM(net.parameters(), model=net)
+    losses = [opt.step(closure).item() for _ in range(10)]
+    assert bn.num_batches_tracked.item() == 10  # one update per step
+    # the global stream advanced as if the closure had been evaluated once per step
+    after = torch.get_rng_state()
+    torch.set_rng_state(rng)
+    for _ in range(10):
+        closure()
+    assert torch.equal(torch.get_rng_state(), after)
+    assert losses[-1] < losses[0]
+    assert opt.state[net.body[0].weight]["rejections"] < opt.state[net.body[0].weight]["trials"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Host synchronisation
+
+@pytest.mark.parametrize("options", [{}, {"hvp": "autograd"}, {"random": True}],
+                         ids=["fd", "autograd", "random"])
+def test_host_syncs_per_step(monkeypatch, options):
+    """One fetch at the base point plus one per trial (trust-region or line-search)."""
+    x = rosenbrock_start(30)
+    opt = DRSOM([x], **options)
+    count = [0]
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    st = opt.state
+    for _ in range(12):
+        trials = st[x]["trials"] if st else 0
+        count[0] = 0
+        opt.step(lambda: rosenbrock(x))
+        assert count[0] == 1 + st[x]["trials"] - trials
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+@cuda
+@pytest.mark.parametrize("options", [{}, {"hvp": "central"}, {"random": True}])
+def test_rosenbrock_cuda_matches_cpu_closely(options):
+    x, xc = rosenbrock_start(20), rosenbrock_start(20, device="cuda")
+    opt, optc = DRSOM([x], **options), DRSOM([xc], **options)
+    for _ in range(200):
+        opt.step(lambda: rosenbrock(x))
+        optc.step(lambda: rosenbrock(xc))
+    assert rosenbrock(xc).item() < 1e-4
+    assert rosenbrock(x).item() < 1e-4
