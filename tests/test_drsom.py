@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import soo_ext
-from soo_ext import ops
+from soo_ext.drsom import _ops as drsom_ops
 from soo_ext.drsom import DRSOM, _Workspace, same_randomness
 from soo_ext.quasi_newton import NonFiniteError
 
@@ -56,7 +56,7 @@ def subspace_hessian(hvp, dtype, seed=0):
     _, _, grads = opt._gradient(closure, ws.g, create_graph=hvp == "autograd")
     d = torch.randn(opt._x.numel(), dtype=dtype, generator=torch.Generator().manual_seed(seed + 1))
     V = [ws.g, 0.01 * d]
-    _, G, _ = ops.drsom_reduce(ws.g, ws.g, V, ws.one, True)
+    _, G, _ = drsom_ops.drsom_reduce(ws.g, ws.g, V, ws.one, True)
     x_before = opt._x.clone()
     Q = opt._hessian(closure, V, G, grads, lambda: None)
     assert torch.equal(opt._x, x_before)  # restored bit-exactly
