@@ -89,6 +89,22 @@ def _all_finite(vectors: list[Tensor]) -> Tensor:
     return torch.isfinite(torch.stack(extremes)).all()
 
 
+def _extreme_eigenvalues(M: Tensor) -> Tensor:
+    """Smallest and largest eigenvalue of a small symmetric matrix, on the device.  ``k <= 2`` in
+    closed form (no host sync); larger ``k`` by ``torch.linalg.eigvalsh`` (which checks its
+    result on the host: one more sync per step on CUDA)."""
+    k = M.shape[0]
+    if k == 1:
+        return M.reshape(1).repeat(2)
+    if k == 2:
+        a, b, d = M[0, 0], M[0, 1], M[1, 1]
+        mean = (a + d) / 2
+        radius = torch.hypot((a - d) / 2, b)
+        return torch.stack([mean - radius, mean + radius])
+    ev = torch.linalg.eigvalsh(M)
+    return torch.stack([ev[0], ev[-1]])
+
+
 # --------------------------------------------------------------------------------------------- #
 # Same batch, same randomness for the extra evaluations of a step
 
@@ -183,7 +199,8 @@ class DRSOM(Optimizer):
     **Model.**  ``m(a) = f + c^T a + a^T Q a / 2`` with ``c = V^T g``, ``Q = V^T H V``
     (symmetrised), ``G = V^T V``.  Solved on the device without a radius: the generalized
     eigenvalues of ``(Q, G)`` (directions scaled to unit length, ``G`` regularised by
-    ``sqrt(eps) I``, Cholesky of G and ``eigvalsh`` of ``L^-1 Q L^-T``) give
+    ``sqrt(eps) I``, Cholesky of G and the extreme eigenvalues of ``L^-1 Q L^-T``, in closed form
+    for ``k = 2``, by ``torch.linalg.eigvalsh`` for larger ``k``) give
     ``lb = max(1e-8, -lambda_min)`` and ``top = max(lb, lambda_max) + max|lambda|``;
     ``lambda = gamma top + (1 - gamma) lb``; ``a = -(Q + lambda G)^-1 c``.
 
@@ -233,6 +250,7 @@ class DRSOM(Optimizer):
     gradient, the Gram matrix of the candidate directions) plus one per trial (trust-region
     decision: trial loss, ratio, predicted decrease and the finiteness of the model fetched
     together) or per line-search trial.  A step accepted at its first trial synchronises twice.
+    (With ``directions >= 3`` on CUDA, ``torch.linalg.eigvalsh`` adds one internal sync.)
 
     **Cost per step.**  1 gradient + ``k`` gradients ('fd', ``2k`` 'central') or ``k``
     Hessian-vector products ('autograd') + one forward per trial.
@@ -546,7 +564,7 @@ class DRSOM(Optimizer):
         L, _ = torch.linalg.cholesky_ex(Gh)
         Linv = torch.linalg.solve_triangular(L, eye, upper=False)
         M = Linv @ Qh @ Linv.T
-        ev = torch.linalg.eigvalsh((M + M.T) / 2)
+        ev = _extreme_eigenvalues((M + M.T) / 2)
         lmin, lmax = ev[0], ev[-1]
         lb = torch.clamp_min(-lmin, _LAMBDA_FLOOR)
         top = torch.maximum(lb, lmax) + torch.maximum(lmin.abs(), lmax.abs())

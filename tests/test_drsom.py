@@ -462,3 +462,13 @@ def test_rosenbrock_cuda_matches_cpu_closely(options):
         optc.step(lambda: rosenbrock(xc))
     assert rosenbrock(xc).item() < 1e-4
     assert rosenbrock(x).item() < 1e-4
+
+
+def test_extreme_eigenvalues():
+    from soo_ext.drsom import _extreme_eigenvalues
+    gen = torch.Generator().manual_seed(0)
+    for k in (1, 2, 3, 5):
+        A = torch.randn(k, k, dtype=torch.float64, generator=gen)
+        A = A + A.T
+        ev = torch.linalg.eigvalsh(A)
+        torch.testing.assert_close(_extreme_eigenvalues(A), torch.stack([ev[0], ev[-1]]))
