@@ -472,3 +472,28 @@ def test_extreme_eigenvalues():
         A = A + A.T
         ev = torch.linalg.eigvalsh(A)
         torch.testing.assert_close(_extreme_eigenvalues(A), torch.stack([ev[0], ev[-1]]))
+
+
+@pytest.mark.parametrize("replayed", [True, False])
+def test_finite_differences_need_the_same_randomness(replayed):
+    """With dropout replayed and BatchNorm frozen, the fd Hessian matches double backward (same
+    masks); without, it does not."""
+    def hessian(hvp):
+        net, X, y = noisy_problem()
+        opt = DRSOM(net.parameters(), hvp=hvp)
+        opt._state()
+        ws = opt._ws = _Workspace(opt._x, False)
+        rng0 = torch.get_rng_state()
+        _, _, grads = opt._gradient(lambda: F.cross_entropy(net(X), y), ws.g,
+                                    create_graph=hvp == "autograd")
+        d = torch.randn(opt._x.numel(), dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(3))
+        V = [ws.g, d]
+        _, G, _ = drsom_ops.drsom_reduce(ws.g, ws.g, V, ws.one, True)
+        with same_randomness(net if replayed else None, (rng0, None)) as ctx:
+            Q = opt._hessian(lambda: F.cross_entropy(net(X), y), V, G, grads,
+                             ctx.replay if replayed else (lambda: None))
+        s = torch.rsqrt(torch.diagonal(G))
+        return Q * s[:, None] * s[None, :]
+    err = rel(hessian("fd"), hessian("autograd"))
+    assert (err < 1e-5) if replayed else (err > 1e-2)
