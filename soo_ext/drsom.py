@@ -27,6 +27,7 @@ _NUMBERS = {
     "armijo": (lambda v: 0 < v < 1, "in (0, 1)"),
 }
 _LAMBDA_FLOOR = 1e-8  # lb = max(1e-8, -lambda_min), as in DRSOM.jl
+_MAX_DIRECTIONS = 8  # the fused ops take 1 to 8 directions
 # State entries that Optimizer.load_state_dict must not cast to the params' dtype/device.
 _UNCAST = ("generator",)
 
@@ -42,11 +43,12 @@ def _check_options(o: dict) -> None:
                          f"{o['eta_accept']}, {o['eta_low']}, {o['eta_high']}")
     if o["hvp"] not in ("fd", "central", "autograd"):
         raise ValueError(f"Invalid hvp: {o['hvp']!r} (must be 'fd', 'central' or 'autograd')")
-    for key in ("directions", "max_trials"):
+    for key, low, high in (("directions", 2, _MAX_DIRECTIONS), ("max_trials", 1, None)):
         v = o[key]
-        low = 2 if key == "directions" else 1
-        if not isinstance(v, Integral) or isinstance(v, bool) or v < low:
-            raise ValueError(f"Invalid {key}: {v!r} (must be an int >= {low})")
+        if (not isinstance(v, Integral) or isinstance(v, bool) or v < low
+                or (high is not None and v > high)):
+            raise ValueError(f"Invalid {key}: {v!r} (must be an int >= {low}"
+                             + (f" and <= {high})" if high else ")"))
     if not isinstance(o["random"], bool):
         raise ValueError(f"Invalid random: {o['random']!r} (must be a bool)")
     if o["random"] and o["directions"] != 2:
@@ -270,7 +272,7 @@ class DRSOM(Optimizer):
     Args:
         params: iterable of params (float32 or float64, one dtype, one device), one group.
         hvp: ``'fd'`` (default), ``'central'`` or ``'autograd'``.
-        directions: k, the subspace dimension (default 2: ``span{g, d}``).
+        directions: k, the subspace dimension, 2 to 8 (default 2: ``span{g, d}``).
         random: use ``span{g, u}`` with a random ``u`` (requires ``directions=2``).
         gamma: initial gamma (default 1e-6).
         gamma_increase: factor on rejection (default 5).
@@ -298,7 +300,8 @@ class DRSOM(Optimizer):
                     "seed": seed, "on_nonfinite": on_nonfinite, "maximize": maximize}
         _check_options(defaults)
         if model is not None and not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model: {type(model).__name__} (must be an nn.Module or None)")
+            raise ValueError(f"Invalid model: {type(model).__name__} "
+                             "(must be an nn.Module or None)")
         self._model = model
         self._ws: _Workspace | None = None
         super().__init__(params, defaults)

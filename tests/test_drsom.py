@@ -310,14 +310,16 @@ def test_resume_is_bit_identical(options, via_bytes):
 
 
 @pytest.mark.parametrize("kwargs,name", [
-    ({"hvp": "exact"}, "hvp"), ({"directions": 1}, "directions"), ({"directions": 2.0}, "directions"),
+    ({"hvp": "exact"}, "hvp"), ({"directions": 1}, "directions"), ({"directions": 9}, "directions"),
+    ({"directions": 2.0}, "directions"),
     ({"random": 1}, "random"), ({"random": True, "directions": 3}, "directions"),
     ({"gamma": 0.0}, "gamma"), ({"gamma": float("nan")}, "gamma"),
     ({"gamma_increase": 1.0}, "gamma_increase"), ({"gamma_min": -1.0}, "gamma_min"),
     ({"eta_accept": 1.0}, "eta_accept"), ({"eta_low": 0.6}, "eta_low"),
     ({"eta_high": 1.5}, "eta_high"), ({"max_trials": 0}, "max_trials"),
     ({"max_trials": True}, "max_trials"), ({"collinearity": 0.0}, "collinearity"),
-    ({"armijo": 1.0}, "armijo"), ({"seed": 1.5}, "seed"), ({"on_nonfinite": "ignore"}, "on_nonfinite"),
+    ({"armijo": 1.0}, "armijo"), ({"seed": 1.5}, "seed"),
+    ({"on_nonfinite": "ignore"}, "on_nonfinite"),
     ({"maximize": 1}, "maximize"), ({"model": "net"}, "model"),
 ])
 def test_invalid_arguments(kwargs, name):
@@ -330,7 +332,8 @@ def test_invalid_arguments(kwargs, name):
     lambda: [nn.Parameter(torch.zeros(2, dtype=torch.float16))],
     lambda: [nn.Parameter(torch.zeros(2, dtype=torch.complex64))],
     lambda: [],
-    lambda: [{"params": [nn.Parameter(torch.zeros(2))]}, {"params": [nn.Parameter(torch.zeros(2))]}],
+    lambda: [{"params": [nn.Parameter(torch.zeros(2))]},
+             {"params": [nn.Parameter(torch.zeros(2))]}],
 ], ids=["dtypes", "half", "complex", "empty", "groups"])
 def test_invalid_params(params):
     with pytest.raises(ValueError, match="Invalid params|empty parameter list"):
@@ -351,6 +354,10 @@ def test_params_are_views_of_one_flat_buffer():
     net[0].weight.data = net[0].weight.data.clone()
     with pytest.raises(RuntimeError, match="replaced"):
         opt.step(closure)
+
+
+def test_exported():
+    assert soo_ext.DRSOM is DRSOM and "DRSOM" in soo_ext.__all__
 
 
 def test_closure_required():
