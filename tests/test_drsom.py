@@ -220,20 +220,32 @@ def test_maximize_gives_the_same_iterates():
 # ---------------------------------------------------------------------------------------------
 # Non-finite values
 
-def test_nonfinite_trial_is_rejected():
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_trial_is_rejected(value):
+    """A trust-region trial whose loss is not finite is a rejected trial (gamma grows, retry from
+    the base point), not a crash."""
     x = rosenbrock_start(10)
-    start = rosenbrock(x).item()
-    start_point = x.detach().clone()
+    poison = [False]
 
-    def closure():  # a wall: NaN beyond a small ball around the start
-        dist = (x - start_point).norm()
-        return rosenbrock(x) + torch.where(dist > 0.05, torch.nan, 0.0)
+    def closure():
+        loss = rosenbrock(x)
+        if poison[0] and not torch.is_grad_enabled():  # the next trial point only
+            poison[0] = False
+            return loss + value
+        return loss
     opt = DRSOM([x])
-    for _ in range(10):
+    for _ in range(4):
         opt.step(closure)
     st = opt.state[x]
-    assert st["rejections"] > 0
-    assert math.isfinite(rosenbrock(x).item()) and rosenbrock(x).item() < start
+    before = {k: st[k] for k in ("rejections", "trials", "line_searches", "gamma", "step")}
+    f_before = rosenbrock(x).item()
+    poison[0] = True
+    opt.step(closure)
+    assert st["line_searches"] == before["line_searches"]  # a trust-region step
+    assert st["rejections"] == before["rejections"] + 1 and st["trials"] >= before["trials"] + 2
+    assert st["gamma"] > before["gamma"]
+    assert st["step"] == before["step"] + 1
+    assert math.isfinite(rosenbrock(x).item()) and rosenbrock(x).item() < f_before
 
 
 class BadGrad(torch.autograd.Function):
