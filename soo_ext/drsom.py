@@ -260,7 +260,9 @@ class DRSOM(Optimizer):
     **Non-finite values.**  A non-finite trial loss is a rejected trial.  A non-finite loss or
     gradient at the base point raises :class:`soo_ext.quasi_newton.NonFiniteError`
     (``on_nonfinite='raise'``, default) or skips the step (``'skip'``); either way params and
-    state are left untouched.
+    state are left untouched.  A non-finite model (e.g. a non-finite gradient at a
+    finite-difference point) is seen at the first trust-region decision (its trial evaluation is
+    wasted) and the step falls back to the line search along ``-g``.
 
     **State** (under the first param): ``step`` (int, steps taken), ``gamma`` (float),
     ``directions`` (a ``k x n`` buffer: ``k - 1`` directions and one scratch row), ``order``

@@ -285,6 +285,29 @@ def test_nonfinite_base_point_changes_nothing(value, where, on_nonfinite):
                 else v == after["state"][0][key]), key
 
 
+def test_nonfinite_hessian_product_falls_back_to_the_line_search():
+    x = rosenbrock_start(10)
+    grad_calls = [0]
+    poison = [False]
+
+    def closure():
+        loss = rosenbrock(x)
+        if torch.is_grad_enabled():
+            grad_calls[0] += 1
+            if poison[0] and grad_calls[0] == 2:  # the first finite-difference point
+                return loss + BadGrad.apply(x[0], float("nan"))
+        return loss
+    opt = DRSOM([x])
+    for _ in range(4):
+        opt.step(closure)
+    st = opt.state[x]
+    searches, f_before = st["line_searches"], rosenbrock(x).item()
+    poison[0], grad_calls[0] = True, 0
+    opt.step(closure)
+    assert st["line_searches"] == searches + 1
+    assert math.isfinite(rosenbrock(x).item()) and rosenbrock(x).item() < f_before
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume, arguments, layout
 
