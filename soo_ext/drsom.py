@@ -28,6 +28,9 @@ _NUMBERS = {
 }
 _LAMBDA_FLOOR = 1e-8  # lb = max(1e-8, -lambda_min), as in DRSOM.jl
 _MAX_DIRECTIONS = 8  # the fused ops take 1 to 8 directions
+# gamma grows at most to this: lambda ~ 1e16 lambda_max already gives steps below rounding (at the
+# noise floor of the loss every trial is rejected; without a cap gamma would overflow to inf)
+_GAMMA_MAX = 1e16
 # State entries that Optimizer.load_state_dict must not cast to the params' dtype/device.
 _UNCAST = ("generator",)
 
@@ -209,8 +212,8 @@ class DRSOM(Optimizer):
     **Trust-region decision.**  The trial ``x0 + p`` is evaluated (loss only, under no_grad);
     ``rho = (f - f_trial) / (-c^T a - a^T Q a / 2)``.  Rejected (``gamma <- gamma_increase *
     gamma``, retry from ``x0``, at most ``max_trials`` trials) if the trial loss is not finite,
-    is above ``f``, or ``rho <= eta_accept``.  Accepted otherwise, and then ``gamma`` grows the
-    same way if ``rho <= eta_low``, shrinks to ``max(min(sqrt(gamma), log10(1 + gamma)),
+    is above ``f``, or ``rho <= eta_accept`` (``gamma`` is capped at 1e16).  Accepted otherwise,
+    and then ``gamma`` grows the same way if ``rho <= eta_low``, shrinks to ``max(min(sqrt(gamma), log10(1 + gamma)),
     gamma_min)`` if ``rho >= eta_high``.  The accepted ``p`` becomes ``d_1``.  If every trial is
     rejected, the params are restored exactly and the step changes only ``gamma``.
 
@@ -594,7 +597,7 @@ class DRSOM(Optimizer):
             if not ok:
                 x.copy_(x0)
                 return False
-            inc = group["gamma_increase"] * gamma
+            inc = min(group["gamma_increase"] * gamma, _GAMMA_MAX)
             accept = (math.isfinite(ft_h) and math.isfinite(rho_h) and pred_h > 0
                       and rho_h > group["eta_accept"])
             if not accept:

@@ -217,6 +217,20 @@ def test_maximize_gives_the_same_iterates():
     assert torch.equal(x, z)
 
 
+def test_gamma_stays_finite_at_the_noise_floor():
+    """At the minimiser every trial is rejected (no decrease is measurable): gamma is capped and
+    the params stay put."""
+    x = nn.Parameter(torch.ones(10, dtype=torch.float32))
+    opt = DRSOM([x], max_trials=5)
+    with torch.no_grad():
+        x.add_(1e-3)
+    for _ in range(60):
+        opt.step(lambda: rosenbrock(x))
+    st = opt.state[x]
+    assert st["gamma"] <= 1e16 and math.isfinite(rosenbrock(x).item())
+    assert rosenbrock(x).item() < 1e-8
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-finite values
 
