@@ -17,6 +17,14 @@ TORCH_LIBRARY(soo, m) {
   // of H with the pair (s, y) in place.  Returns (d, [g.d, max|d|]).
   m.def("bfgs_direction(Tensor(a!) H, Tensor s, Tensor y, Tensor g, bool update) "
         "-> (Tensor, Tensor)");
+  // DRSOM (csrc/drsom.h): x0 <- x when save, then x <- x0 + t v (t a 0-dim device tensor).
+  m.def("drsom_perturb(Tensor(a!) x, Tensor(b!) x0, Tensor v, Tensor t, bool save) -> ()");
+  // q[j] = (g_pert - g).V[j] / t; with_gram: G = V V^T (k x k) and c = V g in the same pass,
+  // else G, c are empty ([0, 0] and [0]).  k = len(V) in [1, 8].
+  m.def("drsom_reduce(Tensor g_pert, Tensor g, Tensor[] V, Tensor t, bool with_gram) "
+        "-> (Tensor, Tensor, Tensor)");
+  // p <- sum_j alpha[j] V[j], x <- x + p (p may alias one of V).
+  m.def("drsom_update(Tensor(a!) x, Tensor(b!) p, Tensor[] V, Tensor alpha) -> ()");
 }
 
 PYBIND11_MODULE(_C, mod) {

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["lbfgs_direction", "extension_loaded", "extension_error", "build_info"]
+__all__ = ["lbfgs_direction", "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update",
+           "extension_loaded", "extension_error", "build_info"]
 
 _BUILD_INFO_FILE = Path(__file__).with_name("_build_info.json")
 
@@ -159,3 +160,132 @@ if _LOADED:
     def _bfgs_direction_fake(H, s, y, g, update):
         _check_bfgs_direction(H, s, y, g)
         return torch.empty_like(g), g.new_empty(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# DRSOM: perturb, reduce, update (see csrc/drsom.h)
+
+_DRSOM_MAX_DIRS = 8
+
+
+def _check_drsom_vector(op: str, name: str, a: Tensor, ref: Tensor) -> None:
+    torch._check(a.dim() == 1, lambda: f"{op}: {name} must be 1-D, got shape {tuple(a.shape)}")
+    torch._check(a.dtype == ref.dtype,
+                 lambda: f"{op}: {name} has dtype {a.dtype}, expected {ref.dtype} (no dtype mix)")
+    torch._check(a.device == ref.device,
+                 lambda: f"{op}: {name} is on {a.device}, expected {ref.device} "
+                         "(all tensors on one device)")
+    torch._check(a.shape[0] == ref.shape[0],
+                 lambda: f"{op}: {name} has length {a.shape[0]}, expected {ref.shape[0]}")
+    torch._check(a.is_contiguous(), lambda: f"{op}: {name} must be contiguous")
+
+
+def _check_drsom_base(op: str, name: str, a: Tensor) -> None:
+    torch._check(a.dim() == 1, lambda: f"{op}: {name} must be 1-D, got shape {tuple(a.shape)}")
+    torch._check(a.dtype in (torch.float32, torch.float64),
+                 lambda: f"{op}: {name} must be float32 or float64, got {a.dtype}")
+    torch._check(a.is_contiguous(), lambda: f"{op}: {name} must be contiguous")
+
+
+def _check_drsom_directions(op: str, V, ref: Tensor) -> None:
+    torch._check(isinstance(V, (list, tuple)) and 1 <= len(V) <= _DRSOM_MAX_DIRS,
+                 lambda: f"{op}: V must hold 1 to {_DRSOM_MAX_DIRS} directions, got "
+                         f"{len(V) if isinstance(V, (list, tuple)) else type(V).__name__}")
+    for vj in V:
+        _check_drsom_vector(op, "every V[j]", vj, ref)
+
+
+def _check_drsom_scalar(op: str, name: str, a: Tensor, ref: Tensor) -> None:
+    torch._check(a.dtype == ref.dtype,
+                 lambda: f"{op}: {name} has dtype {a.dtype}, expected {ref.dtype} (no dtype mix)")
+    torch._check(a.device == ref.device,
+                 lambda: f"{op}: {name} is on {a.device}, expected {ref.device} "
+                         "(all tensors on one device)")
+
+
+def _check_drsom_perturb(x: Tensor, x0: Tensor, v: Tensor, t: Tensor) -> None:
+    op = "drsom_perturb"
+    _check_drsom_base(op, "x", x)
+    _check_drsom_vector(op, "x0", x0, x)
+    _check_drsom_vector(op, "v", v, x)
+    torch._check(t.dim() == 0, lambda: f"{op}: t must be a 0-dim tensor, got shape {tuple(t.shape)}")
+    _check_drsom_scalar(op, "t", t, x)
+
+
+def _check_drsom_reduce(g_pert: Tensor, g: Tensor, V, t: Tensor) -> None:
+    op = "drsom_reduce"
+    _check_drsom_base(op, "g", g)
+    _check_drsom_vector(op, "g_pert", g_pert, g)
+    _check_drsom_directions(op, V, g)
+    torch._check(t.dim() == 0, lambda: f"{op}: t must be a 0-dim tensor, got shape {tuple(t.shape)}")
+    _check_drsom_scalar(op, "t", t, g)
+
+
+def _check_drsom_update(x: Tensor, p: Tensor, V, alpha: Tensor) -> None:
+    op = "drsom_update"
+    _check_drsom_base(op, "x", x)
+    _check_drsom_vector(op, "p", p, x)
+    _check_drsom_directions(op, V, x)
+    torch._check(alpha.dim() == 1 and alpha.shape[0] == len(V),
+                 lambda: f"{op}: alpha must be 1-D with len(V) = {len(V)} entries, got shape "
+                         f"{tuple(alpha.shape)}")
+    _check_drsom_scalar(op, "alpha", alpha, x)
+    torch._check(alpha.is_contiguous(), lambda: f"{op}: alpha must be contiguous")
+
+
+def drsom_perturb(x: Tensor, x0: Tensor, v: Tensor, t: Tensor, save: bool) -> None:
+    """DRSOM perturbation in one pass, in place: with ``save`` ``x0 <- x``; then ``x <- x0 + t v``.
+
+    ``t`` is a 0-dim tensor of the vectors' dtype on their device (no host sync).  Restore the
+    base point exactly with ``x.copy_(x0)``.  See :func:`soo_ext.reference.drsom_perturb`.
+    """
+    _check_drsom_perturb(x, x0, v, t)
+    if _LOADED:
+        torch.ops.soo.drsom_perturb.default(x, x0, v, t, save)
+    else:
+        reference.drsom_perturb(x, x0, v, t, save)
+
+
+def drsom_reduce(g_pert: Tensor, g: Tensor, V, t: Tensor,
+                 with_gram: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """DRSOM reductions in one pass over ``g_pert``, ``g`` and the k (1..8) directions ``V``.
+
+    Returns ``(q, G, c)``: ``q[j] = (g_pert - g).V[j] / t``; with ``with_gram``
+    ``G[i, j] = V[i].V[j]`` and ``c[j] = g.V[j]``, else empty ``[0, 0]`` and ``[0]`` tensors.
+    See :func:`soo_ext.reference.drsom_reduce`.  Never synchronises with the host.
+    """
+    _check_drsom_reduce(g_pert, g, V, t)
+    if _LOADED:
+        return torch.ops.soo.drsom_reduce.default(g_pert, g, list(V), t, with_gram)
+    return reference.drsom_reduce(g_pert, g, list(V), t, with_gram)
+
+
+def drsom_update(x: Tensor, p: Tensor, V, alpha: Tensor) -> None:
+    """DRSOM step in one pass, in place: ``p <- sum_j alpha[j] V[j]``, ``x <- x + p``.
+
+    ``p`` may alias one of ``V``.  See :func:`soo_ext.reference.drsom_update`.
+    """
+    _check_drsom_update(x, p, V, alpha)
+    if _LOADED:
+        torch.ops.soo.drsom_update.default(x, p, list(V), alpha)
+    else:
+        reference.drsom_update(x, p, list(V), alpha)
+
+
+if _LOADED:
+    @torch.library.register_fake("soo::drsom_perturb")
+    def _drsom_perturb_fake(x, x0, v, t, save):
+        _check_drsom_perturb(x, x0, v, t)
+        return None
+
+    @torch.library.register_fake("soo::drsom_reduce")
+    def _drsom_reduce_fake(g_pert, g, V, t, with_gram):
+        _check_drsom_reduce(g_pert, g, V, t)
+        k = len(V)
+        m = k if with_gram else 0
+        return g.new_empty(k), g.new_empty(m, m), g.new_empty(m)
+
+    @torch.library.register_fake("soo::drsom_update")
+    def _drsom_update_fake(x, p, V, alpha):
+        _check_drsom_update(x, p, V, alpha)
+        return None

@@ -122,6 +122,17 @@ for dtype, hist_dtype in [(torch.float64, torch.float64), (torch.float32, torch.
 for dtype in (torch.float64, torch.float32):
     H, s, y, g = (t.to(dtype) for t in random_problem(203))
     out += list(ops.bfgs_direction(H, s, y, g, True)) + [H]
+for dtype in (torch.float64, torch.float32):  # DRSOM ops: n not a multiple of the SIMD width
+    gen = torch.Generator().manual_seed(5)
+    gp, g, x, *V = (torch.randn(40_013, generator=gen, dtype=torch.float64).to(dtype)
+                    for _ in range(8))
+    t = torch.tensor(1e-3, dtype=dtype)
+    out += list(ops.drsom_reduce(gp, g, V, t, True))
+    x0 = torch.empty_like(x)
+    ops.drsom_perturb(x, x0, V[0], t, True)
+    p = torch.empty_like(x)
+    ops.drsom_update(x0, p, V, torch.linspace(-1, 1, 5, dtype=dtype))
+    out += [x, x0, p]
 torch.save(out, sys.argv[1])
 """
 
@@ -140,6 +151,6 @@ def test_cpu_kernels_give_the_same_bits_on_every_instruction_set(tmp_path):
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         results.append(torch.load(path))
-    assert len(results[0]) == 3 * 4 + 2 * 3
+    assert len(results[0]) == 3 * 4 + 2 * 3 + 2 * 6
     for a, b in zip(*results):
         assert torch.equal(a, b)

@@ -1,0 +1,323 @@
+// CUDA kernels of the DRSOM ops (soo::drsom_perturb, drsom_reduce, drsom_update): one launch
+// each on the current stream, no host sync (t and alpha are read on the device).
+//
+// The k <= 8 direction pointers travel in a small struct passed by value (no host-device copy).
+// drsom_reduce: grid-stride sweep with all dots in double registers (also for float32 vectors, as
+// on the CPU; fixed layout for k = 8: q, the upper triangle of G, c), a block reduction in a fixed
+// tree, per-block partials, and the last block to finish sums the partials in block order
+// (deterministic) and writes q, G and c, rounded once to the vectors' dtype.
+// Loads are 16-byte wide (4 elements) whenever n % 4 == 0 and every buffer is 16-byte aligned.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "../drsom.h"
+
+namespace soo {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxK = static_cast<int>(kDrsomMaxDirs);
+constexpr int kTri = kMaxK * (kMaxK + 1) / 2;
+
+template <typename T>
+struct DirPtrs {
+  const T* p[kMaxK];
+};
+
+// Loads / stores of VEC consecutive elements; VEC == 4 uses 16-byte accesses.
+template <int VEC, typename T>
+__device__ __forceinline__ void load_vec(const T* p, T (&v)[VEC]) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) v[e] = p[e];
+}
+template <>
+__device__ __forceinline__ void load_vec<4, float>(const float* p, float (&v)[4]) {
+  const float4 x = *reinterpret_cast<const float4*>(p);
+  v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+}
+template <>
+__device__ __forceinline__ void load_vec<4, double>(const double* p, double (&v)[4]) {
+  const double2 a = reinterpret_cast<const double2*>(p)[0];
+  const double2 b = reinterpret_cast<const double2*>(p)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+}
+template <int VEC, typename T>
+__device__ __forceinline__ void store_vec(T* p, const T (&v)[VEC]) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) p[e] = v[e];
+}
+template <>
+__device__ __forceinline__ void store_vec<4, float>(float* p, const float (&v)[4]) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+template <>
+__device__ __forceinline__ void store_vec<4, double>(double* p, const double (&v)[4]) {
+  reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
+  reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
+}
+
+// Block-wide sums of NV values in a fixed order; afterwards thread t < NV holds total t.
+template <int NV, typename T>
+__device__ __forceinline__ T block_sum(T (&v)[NV], T (*smem)[kWarps]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    T x = v[i];
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) x += __shfl_down_sync(0xffffffffu, x, off);
+    if (lane == 0) smem[i][warp] = x;
+  }
+  __syncthreads();
+  T total = 0;
+  if (threadIdx.x < NV)
+    for (int w = 0; w < kWarps; ++w) total += smem[threadIdx.x][w];
+  __syncthreads();
+  return total;
+}
+
+// Elects the last block to finish; every block must call it after writing its partials.
+__device__ __forceinline__ bool last_block_done(unsigned* counter) {
+  __shared__ bool is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  return is_last;
+}
+
+template <typename T, bool SAVE, int VEC>
+__global__ void __launch_bounds__(kThreads)
+perturb_kernel(T* __restrict__ x, T* __restrict__ x0, const T* __restrict__ v,
+               const T* __restrict__ t, int64_t n) {
+  const T tv = *t;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; u < n / VEC;
+       u += stride) {
+    const int64_t i = u * VEC;
+    T base[VEC], vv[VEC], out[VEC];
+    load_vec<VEC>(SAVE ? x + i : x0 + i, base);
+    load_vec<VEC>(v + i, vv);
+    if constexpr (SAVE) store_vec<VEC>(x0 + i, base);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = base[e] + tv * vv[e];
+    store_vec<VEC>(x + i, out);
+  }
+}
+
+// p may alias one of the directions: no __restrict__ on them, and each thread reads all its
+// direction entries before it writes p.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+update_kernel(T* __restrict__ x, T* p, DirPtrs<T> V, int k, const T* __restrict__ alpha,
+              int64_t n) {
+  T a[kMaxK];
+#pragma unroll
+  for (int j = 0; j < kMaxK; ++j) a[j] = j < k ? alpha[j] : T(0);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; u < n / VEC;
+       u += stride) {
+    const int64_t i = u * VEC;
+    T step[VEC], xv[VEC];
+    load_vec<VEC>(V.p[0] + i, step);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) step[e] *= a[0];
+#pragma unroll
+    for (int j = 1; j < kMaxK; ++j) {
+      if (j < k) {
+        T vv[VEC];
+        load_vec<VEC>(V.p[j] + i, vv);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) step[e] += a[j] * vv[e];
+      }
+    }
+    load_vec<VEC>(x + i, xv);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) xv[e] += step[e];
+    store_vec<VEC>(p + i, step);
+    store_vec<VEC>(x + i, xv);
+  }
+}
+
+// Fixed register layout of the dots: q_j at j, G_ab (a <= b) at kMaxK + tri(a, b), c_j at
+// kMaxK + kTri + j.
+__host__ __device__ constexpr int tri_index(int a, int b) {
+  return a * kMaxK - a * (a - 1) / 2 + (b - a);
+}
+
+template <typename T, bool GRAM, int VEC>
+__global__ void __launch_bounds__(kThreads)
+reduce_kernel(const T* __restrict__ gp, const T* __restrict__ g, DirPtrs<T> V, int k, int64_t n,
+              const T* __restrict__ t, double* partial, T* __restrict__ q, T* __restrict__ G,
+              T* __restrict__ c, unsigned* counter) {
+  constexpr int ND = GRAM ? 2 * kMaxK + kTri : kMaxK;
+  __shared__ double smem[ND][kWarps];
+  double acc[ND];
+#pragma unroll
+  for (int d = 0; d < ND; ++d) acc[d] = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; u < n / VEC;
+       u += stride) {
+    const int64_t i = u * VEC;
+    T gpv[VEC], gv[VEC], vv[kMaxK][VEC];
+    load_vec<VEC>(gp + i, gpv);
+    load_vec<VEC>(g + i, gv);
+#pragma unroll
+    for (int j = 0; j < kMaxK; ++j) {
+      if (j < k) {
+        load_vec<VEC>(V.p[j] + i, vv[j]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) vv[j][e] = 0;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const double diff = static_cast<double>(gpv[e]) - static_cast<double>(gv[e]);
+#pragma unroll
+      for (int j = 0; j < kMaxK; ++j)
+        if (j < k) acc[j] += diff * static_cast<double>(vv[j][e]);
+      if constexpr (GRAM) {
+#pragma unroll
+        for (int a = 0; a < kMaxK; ++a) {
+          if (a < k) {
+#pragma unroll
+            for (int b = a; b < kMaxK; ++b)
+              if (b < k)
+                acc[kMaxK + tri_index(a, b)] +=
+                    static_cast<double>(vv[a][e]) * static_cast<double>(vv[b][e]);
+            acc[kMaxK + kTri + a] += static_cast<double>(gv[e]) * static_cast<double>(vv[a][e]);
+          }
+        }
+      }
+    }
+  }
+  const double total = block_sum<ND>(acc, smem);
+  if (threadIdx.x < ND) partial[blockIdx.x * ND + threadIdx.x] = total;
+  if (!last_block_done(counter)) return;
+  if (threadIdx.x < ND) {
+    const int d = threadIdx.x;
+    double sum = 0;
+    for (unsigned b = 0; b < gridDim.x; ++b) sum += __ldcg(partial + b * ND + d);
+    if (d < kMaxK) {
+      if (d < k) q[d] = static_cast<T>(sum / static_cast<double>(*t));
+    } else if (d < kMaxK + kTri) {
+      int a = 0;
+      while (d - kMaxK >= tri_index(a + 1, a + 1)) ++a;  // row of the triangle entry
+      const int b = a + (d - kMaxK - tri_index(a, a));
+      if (a < k && b < k) {
+        G[a * k + b] = static_cast<T>(sum);
+        G[b * k + a] = static_cast<T>(sum);
+      }
+    } else {
+      const int j = d - kMaxK - kTri;
+      if (j < k) c[j] = static_cast<T>(sum);
+    }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+int num_blocks(int64_t n, int vec) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>((n + per_block - 1) / per_block, 4 * sms)));
+}
+
+template <typename T>
+DirPtrs<T> dir_ptrs(at::TensorList V) {
+  DirPtrs<T> ptrs{};
+  for (size_t j = 0; j < V.size(); ++j) ptrs.p[j] = V[j].data_ptr<T>();
+  for (size_t j = V.size(); j < static_cast<size_t>(kMaxK); ++j) ptrs.p[j] = ptrs.p[0];
+  return ptrs;
+}
+
+bool all_vec4(int64_t n, std::initializer_list<const void*> ptrs) {
+  if (n % 4 != 0) return false;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return false;
+  return true;
+}
+
+void drsom_perturb_cuda(at::Tensor& x, at::Tensor& x0, const at::Tensor& v, const at::Tensor& t,
+                        bool save) {
+  check_drsom_perturb_args(x, x0, v, t);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(0);
+  if (n == 0) return;
+  const bool vec4 = all_vec4(n, {x.data_ptr(), x0.data_ptr(), v.data_ptr()});
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "drsom_perturb_cuda", [&] {
+    auto fn = vec4 ? (save ? perturb_kernel<scalar_t, true, 4> : perturb_kernel<scalar_t, false, 4>)
+                   : (save ? perturb_kernel<scalar_t, true, 1> : perturb_kernel<scalar_t, false, 1>);
+    fn<<<num_blocks(n, vec4 ? 4 : 1), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), x0.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+        t.data_ptr<scalar_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> drsom_reduce_cuda(const at::Tensor& g_pert,
+                                                                 const at::Tensor& g,
+                                                                 at::TensorList V,
+                                                                 const at::Tensor& t,
+                                                                 bool with_gram) {
+  check_drsom_reduce_args(g_pert, g, V, t);
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int64_t n = g.size(0);
+  const int k = static_cast<int>(V.size());
+  at::Tensor q, G, c;
+  std::tie(q, G, c) = drsom_reduce_outputs(g, k, with_gram);
+  bool vec4 = all_vec4(n, {g_pert.data_ptr(), g.data_ptr()});
+  for (const at::Tensor& vj : V) vec4 = vec4 && aligned16(vj.data_ptr());
+  const int blocks = num_blocks(n, vec4 ? 4 : 1);
+  const int nd = with_gram ? 2 * kMaxK + kTri : kMaxK;
+  at::Tensor partial = at::empty({static_cast<int64_t>(blocks) * nd}, g.options().dtype(at::kDouble));
+  at::Tensor counter = at::zeros({1}, g.options().dtype(at::kInt));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "drsom_reduce_cuda", [&] {
+    auto fn = vec4 ? (with_gram ? reduce_kernel<scalar_t, true, 4> : reduce_kernel<scalar_t, false, 4>)
+                   : (with_gram ? reduce_kernel<scalar_t, true, 1> : reduce_kernel<scalar_t, false, 1>);
+    scalar_t* Gp = with_gram ? G.data_ptr<scalar_t>() : nullptr;
+    scalar_t* cp = with_gram ? c.data_ptr<scalar_t>() : nullptr;
+    fn<<<blocks, kThreads, 0, stream>>>(
+        g_pert.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dir_ptrs<scalar_t>(V), k, n,
+        t.data_ptr<scalar_t>(), partial.data_ptr<double>(), q.data_ptr<scalar_t>(), Gp, cp,
+        reinterpret_cast<unsigned*>(counter.data_ptr<int>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {q, G, c};
+}
+
+void drsom_update_cuda(at::Tensor& x, at::Tensor& p, at::TensorList V, const at::Tensor& alpha) {
+  check_drsom_update_args(x, p, V, alpha);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(0);
+  if (n == 0) return;
+  bool vec4 = all_vec4(n, {x.data_ptr(), p.data_ptr()});
+  for (const at::Tensor& vj : V) vec4 = vec4 && aligned16(vj.data_ptr());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "drsom_update_cuda", [&] {
+    auto fn = vec4 ? update_kernel<scalar_t, 4> : update_kernel<scalar_t, 1>;
+    fn<<<num_blocks(n, vec4 ? 4 : 1), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), dir_ptrs<scalar_t>(V),
+        static_cast<int>(V.size()), alpha.data_ptr<scalar_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(soo, CUDA, m) {
+  m.impl("drsom_perturb", &drsom_perturb_cuda);
+  m.impl("drsom_reduce", &drsom_reduce_cuda);
+  m.impl("drsom_update", &drsom_update_cuda);
+}
+
+}  // namespace soo
