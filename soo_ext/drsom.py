@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import reference as _ops  # TODO: soo_ext.ops once the drsom wrappers land
+from . import ops as _ops
 from .quasi_newton import NonFiniteError
 
 __all__ = ["DRSOM", "NonFiniteError", "same_randomness"]
@@ -190,7 +190,11 @@ class DRSOM(Optimizer):
 
     Each step minimises a quadratic model of the objective over a ``k``-dimensional subspace
     ``span V`` with a trust region in the metric of the subspace, on the fused
-    ``soo::drsom_*`` ops.
+    ``soo::drsom_*`` ops.  Usage (the closure returns the loss and does not call backward)::
+
+        opt = soo_ext.DRSOM(model.parameters(), hvp="fd", model=model)
+        for x, y in loader:
+            loss = opt.step(lambda: loss_fn(model(x), y))
 
     **Directions.**  ``V = [g, d_1, ..., d_{k-1}]`` where ``g`` is the gradient and ``d_j`` are the
     last accepted steps, newest first (``directions=k``; ``span{g, x_k - x_{k-1}, x_k - x_{k-2},
@@ -396,8 +400,18 @@ class DRSOM(Optimizer):
         self._gather(grads, out)
         return loss, obj.detach().to(self._x.dtype), (grads if create_graph else None)
 
+    def _split(self, flat: Tensor) -> list[Tensor]:
+        """Per-param views of a flat vector (cached for the workspace buffers)."""
+        key = flat.data_ptr()
+        cache = self.__dict__.setdefault("_split_cache", {})
+        views = cache.get(key)
+        if views is None or views[0] is not flat:
+            views = (flat, [v.view_as(p) for v, p in zip(flat.split(self._numels), self._views)])
+            cache[key] = views
+        return views[1]
+
     def _gather(self, grads, out: Tensor) -> None:
-        views = [v.view_as(p) for v, p in zip(out.split(self._numels), self._views)]
+        views = self._split(out)
         dst, src, missing = [], [], []
         for v, gr in zip(views, grads):
             if gr is None:
