@@ -142,7 +142,7 @@ def drsom_perturb(x: Tensor, x0: Tensor, v: Tensor, t: Tensor, save: bool) -> No
     """Move to a perturbed point (reference of ``soo::drsom_perturb``), in place.
 
     With ``save``: ``x0 <- x`` then ``x <- x0 + t v``; without: ``x <- x0 + t v`` (``x0`` already
-    holds the base point).  ``t`` is a 0-dim (or one-element) device tensor of the vectors' dtype.
+    holds the base point).  ``t`` is a 0-dim device tensor of the vectors' dtype.
     ``x.copy_(x0)`` restores the base point exactly.
     """
     if save:
@@ -157,7 +157,9 @@ def drsom_reduce(g_pert: Tensor, g: Tensor, V: list[Tensor], t: Tensor,
     ``q[j] = (g_pert - g) . V[j] / t`` (finite-difference Hessian-vector products projected on the
     directions; central differences: ``g_pert = grad(x + t v)``, ``g = grad(x - t v)``, ``2t``).
     With ``with_gram`` also ``G[i, j] = V[i] . V[j]`` and ``c[j] = g . V[j]``; without, ``G`` and
-    ``c`` are empty tensors of shapes ``[0, 0]`` and ``[0]``.  All in the vectors' dtype.
+    ``c`` are empty tensors of shapes ``[0, 0]`` and ``[0]``.  All in the vectors' dtype.  (The
+    compiled kernels accumulate in float64 also for float32 vectors; this reference uses the
+    vectors' dtype.)
     """
     k = len(V)
     dt = g.dtype
