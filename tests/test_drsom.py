@@ -15,9 +15,6 @@ from soo_ext.drsom import _ops as drsom_ops
 from soo_ext.drsom import DRSOM, _Workspace, same_randomness
 from soo_ext.quasi_newton import NonFiniteError
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Every problem here is tiny: more threads only add overhead (much more on a busy host)."""
@@ -506,18 +503,22 @@ def test_host_syncs_per_step(monkeypatch, options):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA
+# Devices
 
-@cuda
-@pytest.mark.parametrize("options", [{}, {"hvp": "central"}, {"random": True}])
-def test_rosenbrock_cuda_matches_cpu_closely(options):
-    x, xc = rosenbrock_start(20), rosenbrock_start(20, device="cuda")
-    opt, optc = DRSOM([x], **options), DRSOM([xc], **options)
-    for _ in range(200):
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("options", [{}, {"hvp": "central"}, {"random": True}],
+                         ids=["fd", "central", "random"])
+def test_rosenbrock_on_every_device(options, device):
+    x = rosenbrock_start(20, device=device)
+    start = rosenbrock(x).item()
+    opt = DRSOM([x], **options)
+    steps = 60 if options.get("random") else 300
+    for _ in range(steps):
         opt.step(lambda: rosenbrock(x))
-        optc.step(lambda: rosenbrock(xc))
-    assert rosenbrock(xc).item() < 1e-4
-    assert rosenbrock(x).item() < 1e-4
+    if options.get("random"):  # a random subspace has no momentum: slower
+        assert rosenbrock(x).item() < 0.5 * start
+    else:
+        assert rosenbrock(x).item() < 1e-5
 
 
 def test_extreme_eigenvalues():
