@@ -215,11 +215,12 @@ class DRSOM(Optimizer):
 
     **Trust-region decision.**  The trial ``x0 + p`` is evaluated (loss only, under no_grad);
     ``rho = (f - f_trial) / (-c^T a - a^T Q a / 2)``.  Rejected (``gamma <- gamma_increase *
-    gamma``, retry from ``x0``, at most ``max_trials`` trials) if the trial loss is not finite,
-    is above ``f``, or ``rho <= eta_accept`` (``gamma`` is capped at 1e16).  Accepted otherwise,
-    and then ``gamma`` grows the same way if ``rho <= eta_low``, shrinks to ``max(min(sqrt(gamma), log10(1 + gamma)),
-    gamma_min)`` if ``rho >= eta_high``.  The accepted ``p`` becomes ``d_1``.  If every trial is
-    rejected, the params are restored exactly and the step changes only ``gamma``.
+    gamma``, capped at 1e16; retry from ``x0``, at most ``max_trials`` trials) if the trial loss
+    is not finite, the predicted decrease is not positive, or ``rho <= eta_accept`` (so also
+    when the loss rose).  Accepted otherwise; then ``gamma`` grows the same way if
+    ``rho <= eta_low`` and shrinks to ``max(min(sqrt(gamma), log10(1 + gamma)), gamma_min)`` if
+    ``rho >= eta_high``.  The accepted ``p`` becomes ``d_1``.  If every trial is rejected, the
+    params are restored exactly and the step changes only ``gamma`` and the counters.
 
     **Line search.**  When no stored direction is usable (the first step, or collinear
     directions), or the model ``Q`` is not finite, the step is a backtracking (Armijo,
