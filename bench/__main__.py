@@ -6,7 +6,8 @@ import sys
 
 from . import micro, step, train
 
-# A couple of minutes on a 2-core CPU: every dtype at three sizes up to n = 4M.
+# A couple of minutes on a 2-core CPU: every op and dtype at three sizes up to n = 4M (the DRSOM
+# ops add some 20 s).
 DEMO_ARGS = ["micro", "--n", "100k", "1M", "4M", "--min-run-time", "0.3"]
 
 

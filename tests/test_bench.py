@@ -24,13 +24,22 @@ def load(path):
     return payload
 
 
-def test_micro_writes_records_table_and_plot(tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """Timings are not tested: one thread keeps a smoke run fast on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_micro_writes_records_table_and_plot(tmp_path, capsys, one_thread):
     out, png = tmp_path / "micro.json", tmp_path / "micro.png"
     cli.main(["micro", "--quick", "--device", "cpu", "--n", "1000", "3000", "--m", "3",
               "--min-run-time", "0.01", "--json", str(out), "--plot", str(png)])
     payload = load(out)
     assert payload["benchmark"] == "micro"
-    records = payload["records"]
+    records = [r for r in payload["records"] if r["op"] == "lbfgs_direction"]
     assert len(records) == 2 * len(micro.common.DTYPES) * len(micro.IMPLS)
     for row in records:
         assert row["op"] == "lbfgs_direction" and row["device"] == "cpu" and row["m"] == 3
@@ -43,6 +52,63 @@ def test_micro_writes_records_table_and_plot(tmp_path, capsys):
     assert {r["dtype"] for r in records} == set(micro.common.DTYPES)
     assert png.stat().st_size > 0
     assert "eff. GB/s" in capsys.readouterr().out
+
+
+def test_micro_times_the_drsom_ops(tmp_path, capsys, one_thread):
+    out, png = tmp_path / "micro.json", tmp_path / "micro.png"
+    records, _ = cli.main(["micro", "--quick", "--device", "cpu", "--n", "1000", "3000",
+                           "--ops", *micro.DRSOM_OPS, "--min-run-time", "0.01",
+                           "--json", str(out), "--plot", str(png)])
+    assert load(out)["records"] == records
+    # bf16 (the default --dtype list has it) is skipped: the DRSOM ops take fp32 and fp64
+    expected = [(op, variant, impl, dtype, n) for op in micro.DRSOM_OPS
+                for dtype in micro.DRSOM_DTYPES for n in (1000, 3000)
+                for variant in micro.DRSOM_VARIANTS[op] for impl in micro.DRSOM_IMPLS]
+    assert [(r["op"], r["variant"], r["impl"], r["dtype"], r["n"]) for r in records] == expected
+    for row in records:
+        assert row["device"] == "cpu" and row["k"] == 2
+        assert row["bytes"] == micro.drsom_bytes(row["op"], row["variant"], row["n"], row["dtype"])
+        for key in ("median_ms", "gbps", "speedup_vs_reference"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["gbps"] == pytest.approx(row["bytes"] / row["median_ms"] / 1e6)
+        if row["impl"] == "reference":
+            assert row["speedup_vs_reference"] == 1
+    assert png.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "DRSOM ops" in printed and "lbfgs_direction, soo" not in printed
+
+
+def test_micro_ops_option_selects_lbfgs_only(one_thread):
+    records, _ = cli.main(["micro", "--quick", "--device", "cpu", "--n", "1000", "--m", "2",
+                           "--dtype", "float32", "--ops", "lbfgs_direction",
+                           "--min-run-time", "0.01"])
+    assert {r["op"] for r in records} == {"lbfgs_direction"} and len(records) == len(micro.IMPLS)
+
+
+def test_drsom_bytes_formulas():
+    # perturb save: read x, v, write x0, x; no-save: read x0, v, write x
+    assert micro.drsom_bytes("drsom_perturb", "save", 1000, "float32") == 4 * 4 * 1000
+    assert micro.drsom_bytes("drsom_perturb", "no-save", 1000, "float64") == 3 * 8 * 1000
+    # reduce: read g_pert, g and k = 2 directions, with or without the Gram
+    for variant in ("gram", "no-gram"):
+        assert micro.drsom_bytes("drsom_reduce", variant, 1000, "float32") == (2 + 2) * 4 * 1000
+    # update: read k directions and x, write x and p
+    assert micro.drsom_bytes("drsom_update", "", 1000, "float64") == (2 + 3) * 8 * 1000
+
+
+@pytest.mark.parametrize("dtype", micro.DRSOM_DTYPES)
+def test_drsom_micro_impls_compute_the_same(dtype):
+    """soo and reference on copies of the same case give the same results."""
+    soo, ref = micro.DrsomCase(500, dtype, "cpu"), micro.DrsomCase(500, dtype, "cpu")
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else {}
+    for op in micro.DRSOM_OPS:
+        for variant in micro.DRSOM_VARIANTS[op]:
+            a, b = soo.calls(op, variant)["soo"](), ref.calls(op, variant)["reference"]()
+            if op == "drsom_reduce":
+                for u, w in zip(a, b):
+                    torch.testing.assert_close(u, w, **tol)
+            for u, w in ((soo.x, ref.x), (soo.x0, ref.x0), (soo.p, ref.p)):
+                torch.testing.assert_close(u, w, **tol)
 
 
 def test_direction_bytes_formula():
@@ -96,3 +162,5 @@ def test_help_documents_the_bandwidth_formula():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "(4*m*h + 3*b) * n" in result.stdout
+    for formula in ("4*b*n", "3*b*n", "(2+k)*b*n", "(k+3)*b*n", "--ops"):
+        assert formula in result.stdout
