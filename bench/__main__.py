@@ -1,10 +1,10 @@
-"""``python -m bench [micro|step|train|demo] ...``; no subcommand runs the demo."""
+"""``python -m bench [micro|step|train|drsom|demo] ...``; no subcommand runs the demo."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import micro, step, train
+from . import drsom, micro, step, train
 
 # A couple of minutes on a 2-core CPU: every op and dtype at three sizes up to n = 4M (the DRSOM
 # ops add some 20 s).
@@ -14,13 +14,14 @@ DEMO_ARGS = ["micro", "--n", "100k", "1M", "4M", "--min-run-time", "0.3"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmarks of soo_ext against torch.optim.LBFGS and the pure-PyTorch "
-                    "references.  Without a subcommand: the demo (" + " ".join(DEMO_ARGS) + ").",
+        description="Benchmarks of soo_ext against torch.optim, the pure-PyTorch "
+                    "references and its own DRSOM modes.  Without a subcommand: the demo (" + " ".join(DEMO_ARGS) + ").",
         epilog=micro.BYTES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    subparsers = parser.add_subparsers(dest="command", metavar="{micro,step,train,demo}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{micro,step,train,drsom,demo}")
     micro.add_parser(subparsers)
     step.add_parser(subparsers)
     train.add_parser(subparsers)
+    drsom.add_parser(subparsers)
     subparsers.add_parser("demo", help="python -m bench " + " ".join(DEMO_ARGS))
     return parser
 
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], dict]:
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         args = parser.parse_args(DEMO_ARGS)
-    return {"micro": micro.run, "step": step.run, "train": train.run}[args.command](args)
+    return {"micro": micro.run, "step": step.run, "train": train.run,
+            "drsom": drsom.run}[args.command](args)
 
 
 if __name__ == "__main__":

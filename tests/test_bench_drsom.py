@@ -1,0 +1,90 @@
+"""Smoke test of python -m bench drsom at --quick settings on the MNIST-1D MLP: the JSON holds
+the expected fields with sane numbers.  Whether a step meets the 3.3-gradient target is what
+the benchmark reports, not tested."""
+import json
+import math
+
+import pytest
+import torch
+
+from bench import __main__ as cli
+from bench import drsom
+
+
+@pytest.fixture
+def one_thread():
+    """Timings are not tested: one thread keeps a smoke run fast on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_drsom_writes_cost_and_accuracy_records(tmp_path, capsys, one_thread):
+    out, png = tmp_path / "drsom.json", tmp_path / "drsom.png"
+    records, _ = cli.main(["drsom", "--quick", "--device", "cpu", "--models", "mlp",
+                           "--batch-size", "64", "--json", str(out), "--plot", str(png)])
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "drsom" and payload["records"] == records
+    env = payload["environment"]
+    for key in ("date", "torch_version", "devices", "soo_ext", "batch_size", "seeds",
+                "min_run_time", "fd_target"):
+        assert key in env
+    assert env["seeds"] == drsom.QUICK["seeds"] and env["batch_size"] == 64
+
+    cost = [r for r in records if r["kind"] == "cost"]
+    assert [r["hvp"] for r in cost] == list(drsom.HVPS)
+    for row in cost:
+        assert row["model"] == "mlp" and row["n_params"] == 15_210 and row["k"] == 2
+        for key in ("step_ms", "gradient_ms", "forward_ms", "cost_units", "forward_units"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["cost_units"] >= 1 and row["steps_timed"] >= 1
+        assert row["cost_units"] == pytest.approx(row["step_ms"] / row["gradient_ms"])
+        # a trust-region step: base gradient + k (fd) or 2k (central) gradients, or 1 + k hvps
+        grads = {"fd": 3, "central": 5, "autograd": 1}[row["hvp"]]
+        if row["line_searches_per_step"] == 0:
+            assert row["grads_per_step"] == grads and row["grad_evals_per_step"] == grads
+        assert row["hvps_per_step"] == (2 if row["hvp"] == "autograd" else 0)
+        assert row["forwards_per_step"] >= 1 and row["forwards_per_step"] == row["trials_per_step"]
+        assert row["closure_calls_per_step"] == row["grads_per_step"] + row["forwards_per_step"]
+        assert (row["target"] == drsom.FD_TARGET) == (row["hvp"] == "fd")
+        assert (row["meets_target"] is None) == (row["hvp"] != "fd")
+
+    accuracy = [r for r in records if r["kind"] == "q_accuracy"]
+    assert [(r["dtype"], r["hvp"]) for r in accuracy] == [
+        (dt, hvp) for dt in ("float32", "float64") for hvp in ("fd", "central")]
+    for row in accuracy:
+        assert len(row["rel_errors"]) == len(drsom.QUICK["seeds"])
+        assert all(math.isfinite(e) and e >= 0 for e in row["rel_errors"])
+        assert row["rel_error_max"] == max(row["rel_errors"])
+        assert row["rel_error_median"] <= row["rel_error_max"]
+        if row["dtype"] == "float64":  # sqrt(eps) = 1.5e-8 and eps^(2/3) = 3.7e-11 expected
+            assert row["rel_error_max"] < (1e-6 if row["hvp"] == "fd" else 1e-8), row
+    assert png.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "DRSOM step cost" in printed and "Accuracy of Q" in printed
+
+
+def test_q_from_the_public_ops_matches_autograd_on_a_smooth_model():
+    """The finite-difference Q has the accuracy DRSOM documents where the model is smooth (no
+    ReLU kinks): about sqrt(eps) ('fd') and eps^(2/3) ('central') in float64."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).double()
+    xb, yb = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
+    params = list(model.parameters())
+    x = drsom.flatten_params(params)
+    x_before = x.clone()
+
+    def loss_fn():
+        return torch.nn.functional.cross_entropy(model(xb), yb)
+
+    g, _ = drsom.flat_gradient(loss_fn, params)
+    V = [g, torch.randn_like(x)]
+    exact = drsom.q_autograd(loss_fn, params, V)
+    for central, tol in ((False, 1e-6), (True, 1e-9)):
+        Q = drsom.q_finite_difference(loss_fn, params, x, g, V, central)
+        assert torch.equal(x, x_before)  # restored bit-exactly
+        assert torch.equal(Q, Q.T)
+        error = torch.linalg.matrix_norm(Q - exact) / torch.linalg.matrix_norm(exact)
+        assert error < tol, (central, error)
