@@ -21,26 +21,38 @@ Loss: mean cross-entropy; no weight decay for any optimizer, so all minimise the
 Optimizers and learning-rate sweeps:
   torch.optim.SGD     momentum 0.9, minibatch              lr 0.03, 0.1, 0.3
   torch.optim.Adam    default betas, minibatch             lr 0.003, 0.01, 0.03
+  AdaBelief           bench/adabelief.py (plain PyTorch, Zhuang et al. 2020): betas (0.9, 0.999),
+                      eps 1e-16, no weight decay, minibatch    lr 0.003, 0.01, 0.03
   soo_ext.MLBFGS      momentum L-BFGS defaults (momentum 0.9, history 10, pairs every 50
                       steps), weight_decay 0, minibatch    lr 0.03, 0.1, 0.3
+  soo_ext.DRSOM       hvp='fd' and the other defaults (k = 2 directions, gamma 1e-6, up to 20
+                      trials), model= given, minibatch: every step() evaluates its closure on
+                      one minibatch (the same batch for all of the step's evaluations)
+                                                           no lr (lr column: blank / null)
   torch.optim.LBFGS   strong Wolfe, history 100, full batch    lr 0.1, 1
   soo_ext.LBFGS       the same options, full batch             lr 0.1, 1
   soo_ext.BFGS        strong Wolfe, full batch, where its n^2 state fits 256 MiB
                       (otherwise skipped with a note)                lr 0.1, 1
-Minibatch optimizers draw --batch-size samples a step, without replacement, reshuffled every
-epoch (the last incomplete batch of an epoch is dropped).  Full-batch optimizers take a closure
+Minibatch optimizers draw --batch-size samples a step() call, without replacement, reshuffled
+every epoch (the last incomplete batch of an epoch is dropped).  Full-batch optimizers take a closure
 over the whole training set; each step() call runs up to --full-batch-iters iterations.
 
 Budget and clock: every run of a case gets the same budget: it stops at the first evaluation
 after --budget seconds of training or --max-steps steps.  A step is one gradient evaluation:
 one minibatch for the minibatch optimizers, one closure call (whole training set, line-search
-trials included) for the full-batch ones.  Evaluations (training loss over the whole training
-set, test accuracy) run every --eval-every steps for the minibatch optimizers and after every
-step() call for the full-batch ones, and at step 0; the clock is paused while they run.  Each
+trials included) for the full-batch ones.  A DRSOM step() call is several: every evaluation of
+its closure counts as one step, the 1 + k = 3 gradients of an 'fd' step and each forward-only
+trial alike (a trial forward is counted as a whole gradient evaluation: an upper bound on its
+cost, about 0.3-0.5 of one, see python -m bench drsom); so a DRSOM step() that accepts its first
+trial is 4 steps, and the per-step columns stay comparable with the other optimizers.  The
+runs' grad_evals and forward_evals keep the two kinds apart.  Evaluations (training loss over
+the whole training set, test accuracy) run every --eval-every steps for the minibatch optimizers
+(for DRSOM: after the first step() call that reaches the next multiple; a call is not cut, so it
+may pass --max-steps) and after every step() call for the full-batch ones, and at step 0; the clock is paused while they run.  Each
 (case, optimizer, lr) runs once per seed (--seeds): torch.manual_seed(seed) before the model is
 built (so every optimizer starts from the same weights for a seed), and the seed also orders the
 minibatches.  An untimed warm-up step per (case, optimizer) on a throwaway model comes first.
-By default that is 3 cases x 15 settings x 3 seeds = 135 runs of about 10 s: some 30 minutes.
+By default that is 3 cases x 19 settings x 3 seeds = 171 runs of about 10 s: some 30 minutes.
 
 Best learning rate per (case, optimizer): the most seeds reaching the target, then the smallest
 mean wall-clock to target, then the highest mean final test accuracy.
@@ -60,7 +72,8 @@ Columns (mean +- sample std over seeds; time and steps to target over the seeds 
 
 --json: one record per (case, optimizer, lr): the columns' means (keys time_to_target,
 steps_to_target, time_to_target_vs_adam, final_train_loss, final_test_acc, ms_per_step, steps,
-epochs) with their std as KEY_std, the per-seed numbers under runs, best, and for the best
+epochs) with their std as KEY_std, the per-seed numbers under runs (with grad_evals and
+forward_evals), full_batch and closure (minibatch with a closure: DRSOM), best, and for the best
 setting its mean curve (time, step, train_loss, test_acc per evaluation; what --plot draws).
 null stands for "not reached" or a non-finite number.  The environment holds the options, the
 cases (n_params, n_train, n_test, target), the sweeps and the notes on skipped optimizers.
@@ -84,6 +97,7 @@ import soo_ext
 from soo_ext.quasi_newton import NonFiniteError
 
 from . import common
+from .adabelief import AdaBelief
 
 MNIST1D_SEED = 42  # mnist1d's default: the canonical MNIST-1D
 CURVE_KEYS = ("time", "step", "train_loss", "test_acc")
@@ -165,7 +179,9 @@ class OptimizerSpec:
     name: str
     lrs: tuple[float, ...]
     full_batch: bool
-    make: Callable[..., torch.optim.Optimizer]  # (params, lr, full_batch_iters)
+    make: Callable[..., torch.optim.Optimizer]  # (params, lr, full_batch_iters[, model])
+    # minibatch optimizer fed a closure (no backward) over its minibatch, made with model=
+    closure: bool = False
 
 
 def _strong_wolfe(make: Callable[..., torch.optim.Optimizer]) -> Callable:
@@ -182,8 +198,13 @@ OPTIMIZERS = (
                   lambda params, lr, _: torch.optim.SGD(params, lr=lr, momentum=0.9)),
     OptimizerSpec("torch.optim.Adam", (3e-3, 1e-2, 3e-2), False,
                   lambda params, lr, _: torch.optim.Adam(params, lr=lr)),
+    OptimizerSpec("AdaBelief", (3e-3, 1e-2, 3e-2), False,
+                  lambda params, lr, _: AdaBelief(params, lr=lr)),
     OptimizerSpec("soo_ext.MLBFGS", (0.03, 0.1, 0.3), False,
                   lambda params, lr, _: soo_ext.MLBFGS(params, lr=lr, weight_decay=0.0)),
+    OptimizerSpec("soo_ext.DRSOM", (None,), False,
+                  lambda params, lr, _, model: soo_ext.DRSOM(params, hvp="fd", model=model),
+                  closure=True),
     OptimizerSpec("torch.optim.LBFGS", (0.1, 1.0), True, _strong_wolfe(torch.optim.LBFGS)),
     OptimizerSpec("soo_ext.LBFGS", (0.1, 1.0), True, _strong_wolfe(soo_ext.LBFGS)),
     OptimizerSpec("soo_ext.BFGS", (0.1, 1.0), True,
@@ -235,7 +256,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
                         help="one run per seed and setting (default: 0 1 2)")
     parser.add_argument("--batch-size", type=int, default=128,
-                        help="minibatch size of SGD, Adam and MLBFGS (default: 128)")
+                        help="minibatch size of SGD, Adam, AdaBelief, MLBFGS and DRSOM (default: 128)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help=f"training seconds per run (default {DEFAULTS['budget']:g}; "
                              f"--quick: {QUICK['budget']:g})")
@@ -283,8 +304,8 @@ class MinibatchTrainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Data,
                  budget: Budget, seed: int) -> None:
         self.model, self.optimizer, self.data, self.budget = model, optimizer, data, budget
-        self.samples_per_step = budget.batch_size
         self.steps = 0
+        self.samples = 0  # training samples drawn
         self.generator = torch.Generator(device=data.x.device).manual_seed(seed)
         self.batches: list[torch.Tensor] = []
 
@@ -294,7 +315,14 @@ class MinibatchTrainer:
             order = torch.randperm(n, generator=self.generator, device=self.data.x.device)
             whole = n // self.budget.batch_size * self.budget.batch_size
             self.batches = list(order[:whole].split(self.budget.batch_size))[::-1]
+        self.samples += self.budget.batch_size
         return self.batches.pop()
+
+    @property
+    def grad_evals(self) -> int:
+        return self.steps
+
+    forward_evals = 0
 
     def advance(self) -> None:
         for _ in range(min(self.budget.eval_every, self.budget.max_steps - self.steps)):
@@ -305,13 +333,54 @@ class MinibatchTrainer:
             self.steps += 1
 
 
+class ClosureMinibatchTrainer(MinibatchTrainer):
+    """DRSOM on minibatches: ``advance()`` makes step() calls, each with a closure over one
+    minibatch (the loss, no backward), until ``eval_every`` more steps have been counted (or the
+    step cap).  Every closure evaluation counts as a step: gradients (grad mode) and forward-only
+    trials (no_grad) alike."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.counts = {"grad": 0, "forward": 0}
+
+    @property
+    def grad_evals(self) -> int:
+        return self.counts["grad"]
+
+    @property
+    def forward_evals(self) -> int:
+        return self.counts["forward"]
+
+    def advance(self) -> None:
+        stop = min(self.steps + self.budget.eval_every, self.budget.max_steps)
+        while self.steps < stop:
+            idx = self.next_batch()
+            x, y = self.data.x[idx], self.data.y[idx]
+
+            def closure() -> torch.Tensor:
+                self.counts["grad" if torch.is_grad_enabled() else "forward"] += 1
+                self.steps += 1
+                return F.cross_entropy(self.model(x), y)
+
+            self.optimizer.step(closure)
+
+
 class FullBatchTrainer:
     """``advance()`` is one ``step(closure)`` call; every closure call counts as a step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Data) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
-        self.samples_per_step = len(data.x)
         self.steps = 0
+
+    @property
+    def samples(self) -> int:
+        return self.steps * len(self.data.x)
+
+    @property
+    def grad_evals(self) -> int:
+        return self.steps
+
+    forward_evals = 0
 
     def closure(self) -> torch.Tensor:
         self.steps += 1
@@ -326,6 +395,9 @@ class FullBatchTrainer:
 
 def make_trainer(spec: OptimizerSpec, model: nn.Module, lr: float, data: Data, budget: Budget,
                  seed: int) -> MinibatchTrainer | FullBatchTrainer:
+    if spec.closure:
+        optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters, model)
+        return ClosureMinibatchTrainer(model, optimizer, data, budget, seed)
     optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters)
     if spec.full_batch:
         return FullBatchTrainer(model, optimizer, data)
@@ -377,8 +449,9 @@ def train_run(case: Case, spec: OptimizerSpec, lr: float, seed: int, data: Data,
 
     crossing = first_crossing(curve["time"], curve["step"], curve["test_acc"], target)
     return {
-        "seed": seed, "steps": trainer.steps, "train_seconds": seconds,
-        "epochs": trainer.steps * trainer.samples_per_step / len(data.x),
+        "seed": seed, "steps": trainer.steps, "grad_evals": trainer.grad_evals,
+        "forward_evals": trainer.forward_evals, "train_seconds": seconds,
+        "epochs": trainer.samples / len(data.x),
         "ms_per_step": 1e3 * seconds / trainer.steps if trainer.steps else math.nan,
         "time_to_target": crossing[0] if crossing else None,
         "steps_to_target": crossing[1] if crossing else None,
@@ -406,7 +479,7 @@ def summarize(case: Case, spec: OptimizerSpec, lr: float, runs: list[dict], targ
     """The record of one (case, optimizer, lr): means and stds over its seeds, and each seed's."""
     reached = [r for r in runs if r["time_to_target"] is not None]
     row = {"case": case.name, "optimizer": spec.name, "lr": lr, "full_batch": spec.full_batch,
-           "device": device, "n_params": n_params, "target": target, "seeds": len(runs),
+           "closure": spec.closure, "device": device, "n_params": n_params, "target": target, "seeds": len(runs),
            "reached": len(reached), "diverged": sum(r["diverged"] for r in runs)}
     for key, values in (("time_to_target", [r["time_to_target"] for r in reached]),
                         ("steps_to_target", [r["steps_to_target"] for r in reached]),
@@ -498,7 +571,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     runs: dict[tuple, list[dict]] = {}
     progress = tqdm(jobs, desc="train", unit="run")
     for case, data, n_params, spec, lr, seed in progress:
-        progress.set_postfix_str(f"{case.name} {spec.name} lr={lr:g} seed={seed}")
+        progress.set_postfix_str(f"{case.name} {spec.name}{lr_label(lr)} seed={seed}")
         runs.setdefault((case, spec, lr, n_params), []).append(
             train_run(case, spec, lr, seed, data, budget, targets[case.name], device))
     rows = [summarize(case, spec, lr, seed_runs, targets[case.name], n_params, device)
@@ -508,6 +581,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     records = json_safe(rows)
     report(records, env, args)
     return records, env
+
+
+def lr_label(lr: float | None) -> str:
+    """`` lr=0.1``, or nothing for an optimizer without a learning rate (DRSOM)."""
+    return "" if lr is None else f" lr={lr:g}"
 
 
 def plus_minus(row: dict, key: str) -> str | None:
@@ -584,7 +662,7 @@ def plot(records: list[dict], path: str) -> None:
         for ax, (x_key, y_key) in zip(row_axes, panels):
             for r in best:
                 ax.plot(r["curve"][x_key], r["curve"][y_key], color=colors[r["optimizer"]],
-                        label=f"{r['optimizer']} lr={r['lr']:g}")
+                        label=f"{r['optimizer']}{lr_label(r['lr'])}")
             if y_key == "test_acc":
                 ax.axhline(best[0]["target"], color="gray", linestyle="--", label="target")
             else:

@@ -10,6 +10,7 @@ import torch
 
 from bench import __main__ as cli
 from bench import train
+from bench.adabelief import AdaBelief
 
 # The smoke run's optimizers; MLBFGS and BFGS get their own quick runs below.
 STABLE = ["torch.optim.SGD", "torch.optim.Adam", "torch.optim.LBFGS", "soo_ext.LBFGS"]
@@ -99,8 +100,10 @@ def check_record(row, seeds, max_steps):
     assert 0 <= row["final_test_acc"] <= 1 and row["ms_per_step"] > 0 and row["epochs"] > 0
     for run in row["runs"]:
         assert run["steps"] >= 1 and run["train_seconds"] > 0
-        if not row["full_batch"]:  # a full-batch step() call may pass the cap; it is checked after
+        # a full-batch (or DRSOM) step() call may pass the cap; it is checked after
+        if not row["full_batch"] and not row["closure"]:
             assert run["steps"] <= max_steps
+        assert run["steps"] == run["grad_evals"] + run["forward_evals"]
         assert (run["time_to_target"] is None) == (run["steps_to_target"] is None)
     if row["reached"]:
         assert row["time_to_target"] >= 0 and math.isfinite(row["time_to_target_std"])
@@ -165,3 +168,72 @@ def test_bfgs_is_skipped_with_a_note_where_its_state_is_too_large(one_thread):
                              "--seeds", "0", "--optimizers", "soo_ext.BFGS"])
     assert records == []
     assert len(env["notes"]) == 1 and "max_state_bytes" in env["notes"][0]
+
+
+@pytest.mark.parametrize("name", ["soo_ext.DRSOM", "AdaBelief"])
+def test_train_runs_drsom_and_adabelief(name, one_thread):
+    records, env = cli.main(["train", "--quick", "--device", "cpu", "--cases", "digits-mlp",
+                             "--seeds", "0", "--optimizers", name])
+    spec = next(s for s in train.OPTIMIZERS if s.name == name)
+    assert [r["lr"] for r in records] == list(spec.lrs) and env["notes"] == []
+    for row in records:
+        check_record(row, [0], train.QUICK["max_steps"])
+        assert row["closure"] == (name == "soo_ext.DRSOM") and not row["full_batch"]
+    if name == "soo_ext.DRSOM":
+        assert records[0]["lr"] is None and env["lrs"][name] == [None]
+        (run,) = records[0]["runs"]
+        # every step() call: at least one gradient and one trial forward, all counted as steps;
+        # the first is a line search (1 gradient), a later one 3 gradients ('fd', k = 2) or 1
+        # (a line search where g and the last step are collinear)
+        assert run["grad_evals"] >= 1 and run["forward_evals"] >= 1
+        assert run["steps"] >= train.QUICK["max_steps"]
+        calls = run["epochs"] * 1347 / 128  # minibatches drawn: one per step() call
+        calls = round(calls)
+        assert calls >= 2 and calls <= run["grad_evals"] <= 1 + 3 * (calls - 1)
+
+
+def naive_adabelief(x, grads, lr, betas, eps, weight_decay=0.0, decoupled=False):
+    """AdaBelief (Zhuang et al. 2020, Algorithm 2) transcribed elementwise, in float64 Python."""
+    beta1, beta2 = betas
+    x = list(x)
+    m, s = [0.0] * len(x), [0.0] * len(x)
+    for t, g in enumerate(grads, start=1):
+        for i in range(len(x)):
+            gi = g[i] + (weight_decay * x[i] if weight_decay and not decoupled else 0.0)
+            m[i] = beta1 * m[i] + (1 - beta1) * gi
+            s[i] = beta2 * s[i] + (1 - beta2) * (gi - m[i]) ** 2 + eps
+            m_hat, s_hat = m[i] / (1 - beta1 ** t), s[i] / (1 - beta2 ** t)
+            if weight_decay and decoupled:
+                x[i] *= 1 - lr * weight_decay
+            x[i] -= lr * m_hat / (math.sqrt(s_hat) + eps)
+    return x
+
+
+@pytest.mark.parametrize("options", [dict(), dict(eps=1e-8), dict(weight_decay=0.1),
+                                     dict(weight_decay=0.1, decoupled=True)])
+def test_adabelief_matches_a_naive_transcription(options):
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(7, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(7, generator=gen, dtype=torch.float64) for _ in range(5)]
+    lr, betas = 0.05, (0.8, 0.95)
+    p = torch.nn.Parameter(x0.clone())
+    opt = AdaBelief([p], lr=lr, betas=betas, **options)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    expected = naive_adabelief(x0.tolist(), [g.tolist() for g in grads], lr, betas,
+                               options.get("eps", 1e-16), options.get("weight_decay", 0.0),
+                               options.get("decoupled", False))
+    torch.testing.assert_close(p.detach(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-12, atol=1e-14)
+    assert opt.state[p]["step"] == len(grads)
+
+
+def test_adabelief_defaults_and_option_checks():
+    p = torch.nn.Parameter(torch.zeros(3))
+    group = AdaBelief([p]).param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"],
+            group["decoupled"]) == (1e-3, (0.9, 0.999), 1e-16, 0.0, False)
+    for bad in (dict(lr=-1.0), dict(eps=-1.0), dict(betas=(1.0, 0.9)), dict(weight_decay=-0.1)):
+        with pytest.raises(ValueError):
+            AdaBelief([p], **bad)
