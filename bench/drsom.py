@@ -27,8 +27,9 @@ d drawn from the seed): the relative Frobenius error ||Q_mode - Q_autograd||_F /
 ||Q_autograd||_F, median and max over the seeds.  Q is built the way DRSOM builds it, with the
 public fused ops: drsom_perturb to x + t v_j (t = 2 sqrt(eps) (1 + ||x||) / ||v_j|| for 'fd',
 eps^(1/3) (1 + ||x||) / ||v_j|| and x - t v_j too for 'central'), a gradient there, and
-drsom_reduce for the column V^T (g(x + t v_j) - g) / t (central: (g+ - g-) / 2t); symmetrised;
-x restored from x0 bit-exactly.  Expected relative accuracy: about sqrt(eps) for 'fd'
+drsom_reduce for the column V^T (g(x + t v_j) - g) / t (central: (g+ - g-) / 2t), ||v_j||^2
+from drsom_reduce's Gram; symmetrised; x restored from x0 bit-exactly (tests check that this
+is DRSOM's own Q to rounding).  Expected relative accuracy: about sqrt(eps) for 'fd'
 (fp32 3.5e-4, fp64 1.5e-8), eps^(2/3) for 'central' (fp32 2.5e-5, fp64 3.7e-11).  Those
 bounds hold for smooth models (checked with a tanh MLP); both MNIST-1D models use ReLU, and
 where the perturbation x + t v flips the sign of pre-activations (the gradient jumps there:
@@ -203,7 +204,7 @@ def q_finite_difference(loss_fn, params, x: torch.Tensor, g: torch.Tensor,
     """Q as DRSOM's 'fd' / 'central' modes build it, on the public fused ops (x: the params'
     flat buffer, g: the gradient at x; x is restored bit-exactly)."""
     eps = torch.finfo(x.dtype).eps
-    G = torch.stack([torch.stack([torch.dot(a, b) for b in V]) for a in V])
+    _, G, _ = ops.drsom_reduce(g, g, V, torch.ones((), dtype=x.dtype, device=x.device), True)
     scale = (eps ** (1 / 3) if central else 2 * math.sqrt(eps)) * (1 + torch.linalg.vector_norm(x))
     ts = scale / torch.sqrt(torch.diagonal(G))
     x0 = torch.empty_like(x)

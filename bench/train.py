@@ -52,7 +52,7 @@ may pass --max-steps) and after every step() call for the full-batch ones, and a
 (case, optimizer, lr) runs once per seed (--seeds): torch.manual_seed(seed) before the model is
 built (so every optimizer starts from the same weights for a seed), and the seed also orders the
 minibatches.  An untimed warm-up step per (case, optimizer) on a throwaway model comes first.
-By default that is 3 cases x 19 settings x 3 seeds = 171 runs of about 10 s: some 30 minutes.
+By default that is 3 cases x 19 settings x 3 seeds = 171 runs of about 10 s: some 40 minutes.
 
 Best learning rate per (case, optimizer): the most seeds reaching the target, then the smallest
 mean wall-clock to target, then the highest mean final test accuracy.

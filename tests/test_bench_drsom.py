@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import soo_ext
+import soo_ext.drsom as soo_drsom
 from bench import __main__ as cli
 from bench import drsom
 
@@ -88,3 +90,34 @@ def test_q_from_the_public_ops_matches_autograd_on_a_smooth_model():
         assert torch.equal(Q, Q.T)
         error = torch.linalg.matrix_norm(Q - exact) / torch.linalg.matrix_norm(exact)
         assert error < tol, (central, error)
+
+
+@pytest.mark.parametrize("hvp", ["fd", "central"])
+def test_q_is_the_q_drsom_builds(hvp):
+    """The benchmark's finite-difference Q is the one DRSOM's step computes (its private
+    _hessian, called the way step() calls it), on the same point and directions."""
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                                    torch.nn.Linear(7, 3)).double()
+        xb = torch.randn(16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        yb = torch.arange(16) % 3
+        return model, lambda: torch.nn.functional.cross_entropy(model(xb), yb)
+
+    model, loss_fn = setup()
+    params = list(model.parameters())
+    x = drsom.flatten_params(params)
+    g, _ = drsom.flat_gradient(loss_fn, params)
+    d = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(2))
+    Q = drsom.q_finite_difference(loss_fn, params, x, g, [g, d], hvp == "central")
+
+    model, loss_fn = setup()
+    opt = soo_ext.DRSOM(model.parameters(), hvp=hvp)
+    opt._state()
+    opt._ws = soo_drsom._Workspace(opt._x, hvp == "central")
+    opt._gradient(loss_fn, opt._ws.g)
+    torch.testing.assert_close(opt._ws.g, g, rtol=0, atol=0)
+    V = [opt._ws.g, d]
+    _, G, _ = soo_ext.ops.drsom_reduce(opt._ws.g, opt._ws.g, V, opt._ws.one, True)
+    Q_drsom = opt._hessian(loss_fn, V, G, None, lambda: None)
+    torch.testing.assert_close(Q, Q_drsom, rtol=1e-12, atol=0)
