@@ -16,6 +16,9 @@ and does not call backward (DRSOM differentiates it itself).
                  k Hessian-vector products by double backward (hvps/step)
   fwd/step       forward-only closure evaluations per step (trust-region or line-search trials)
   trials/step, rejections/step, line searches/step  from DRSOM's own counters
+  eval units     grads/step + fwd/step x forward units: the evaluations' share of the cost
+  overhead       cost units - eval units: the optimizer's own time (ops, small solves, host
+                 syncs, Python; for 'autograd' also the k double-backward products)
 The steps and the gradient evaluations are timed in turn (--rounds times over, --min-run-time
 seconds each in all), after --warmup-steps untimed steps.  The steps go on from each other on the
 fixed minibatch (a run of DRSOM on one batch), so the trials per step are those of that run.
@@ -164,6 +167,11 @@ def measure_cost(name: str, hvp: str, device: str, batch_size: int, min_run_time
         "target": FD_TARGET if hvp == "fd" else None,
     }
     row["closure_calls_per_step"] = row["grads_per_step"] + row["forwards_per_step"]
+    # what the evaluations would cost at the measured gradient and forward times; the rest is
+    # the optimizer's own time (its ops, the small solves, host syncs, Python) and the hvps
+    row["evaluation_units"] = row["grads_per_step"] + row["forwards_per_step"] * row[
+        "forward_units"]
+    row["overhead_units"] = row["cost_units"] - row["evaluation_units"]
     row["meets_target"] = row["cost_units"] <= FD_TARGET if hvp == "fd" else None
     return row
 
@@ -300,7 +308,8 @@ def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
              for r in cost],
             {"model": "model", "n_params": "params", "hvp": "hvp", "step_ms": "step ms",
              "gradient_ms": "grad ms", "cost_units": "cost (grads)", "meets_target": "<= 3.3",
-             "forward_units": "fwd (grads)", "grads_per_step": "grads/step",
+             "forward_units": "fwd (grads)", "evaluation_units": "eval units",
+             "overhead_units": "overhead", "grads_per_step": "grads/step",
              "forwards_per_step": "fwd/step", "hvps_per_step": "hvps/step",
              "trials_per_step": "trials/step", "rejections_per_step": "rejects/step",
              "line_searches_per_step": "line s./step"},

@@ -49,6 +49,9 @@ def test_drsom_writes_cost_and_accuracy_records(tmp_path, capsys, one_thread):
         assert row["hvps_per_step"] == (2 if row["hvp"] == "autograd" else 0)
         assert row["forwards_per_step"] >= 1 and row["forwards_per_step"] == row["trials_per_step"]
         assert row["closure_calls_per_step"] == row["grads_per_step"] + row["forwards_per_step"]
+        assert row["evaluation_units"] == pytest.approx(
+            row["grads_per_step"] + row["forwards_per_step"] * row["forward_units"])
+        assert row["overhead_units"] == pytest.approx(row["cost_units"] - row["evaluation_units"])
         assert (row["target"] == drsom.FD_TARGET) == (row["hvp"] == "fd")
         assert (row["meets_target"] is None) == (row["hvp"] != "fd")
 
