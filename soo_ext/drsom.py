@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import ops as _ops
+from ._common import all_finite, check_params
 from .quasi_newton import NonFiniteError
 
 __all__ = ["DRSOM", "NonFiniteError", "same_randomness"]
@@ -66,32 +67,12 @@ def _check_options(o: dict) -> None:
 
 
 def _check_params(params: list[Tensor]) -> None:
-    p0 = params[0]
     for p in params:
         if not isinstance(p, Tensor):
             raise ValueError(f"Invalid params: {type(p).__name__} is not a Tensor")
-        if p.is_complex():
-            raise ValueError("Invalid params: DRSOM does not support complex params (optimise real "
-                             "and imaginary parts as separate real tensors)")
-        if p.layout != torch.strided:
-            raise ValueError(f"Invalid params: DRSOM does not support sparse params ({p.layout})")
-        if p.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"Invalid params: dtype must be float32 or float64, got {p.dtype}")
-        if p.dtype != p0.dtype:
-            raise ValueError(f"Invalid params: must share one dtype, got {p0.dtype} and {p.dtype}")
-        if p.device != p0.device:
-            raise ValueError(f"Invalid params: must be on one device, got {p0.device} and "
-                             f"{p.device}")
+    check_params(params, "DRSOM")
     if len({id(p) for p in params}) != len(params):
         raise ValueError("Invalid params: a param appears twice")
-
-
-def _all_finite(vectors: list[Tensor]) -> Tensor:
-    """0-dim bool device tensor: every entry is finite (extremes by aminmax, no host sync)."""
-    extremes = [e for v in vectors if v.numel() for e in torch.aminmax(v)]
-    if not extremes:
-        return torch.ones((), dtype=torch.bool, device=vectors[0].device)
-    return torch.isfinite(torch.stack(extremes)).all()
 
 
 def _extreme_eigenvalues(M: Tensor) -> Tensor:
@@ -506,7 +487,7 @@ class DRSOM(Optimizer):
         stored = [] if group["random"] else [bufs[order[i]] for i in range(st["count"])]
         cand = [ws.g] + stored
         _, G, c = _ops.drsom_reduce(ws.g, ws.g, cand, ws.one, True)
-        finite = _all_finite([ws.g]) & torch.isfinite(f)
+        finite = all_finite([ws.g]) & torch.isfinite(f)
         vals = torch.cat([f.reshape(1), finite.reshape(1).to(f.dtype), G.reshape(-1)]).tolist()
         if not vals[1]:  # nothing has changed yet
             if group["on_nonfinite"] == "raise":

@@ -6,6 +6,7 @@ from numbers import Integral
 import torch
 from torch import Tensor
 
+from ._common import check_history_dtype
 from .history import LBFGSHistory
 from .quasi_newton import NonFiniteError, QuasiNewton
 
@@ -98,11 +99,7 @@ class LBFGS(QuasiNewton):
                              "(must be None, torch.float32, torch.float64 or torch.bfloat16)")
 
     def _check_curvature_params(self, params: list[Tensor], group: dict) -> None:
-        dtype, history_dtype = params[0].dtype, group["history_dtype"]
-        allowed = (None, dtype) + ((torch.bfloat16,) if dtype == torch.float32 else ())
-        if history_dtype not in allowed:
-            raise ValueError(f"Invalid history_dtype: {history_dtype} with {dtype} params "
-                             f"(allowed: {', '.join(str(a) for a in allowed)})")
+        check_history_dtype(params[0].dtype, group["history_dtype"])
 
     def _new_curvature(self, n: int, dtype: torch.dtype, device: torch.device,
                        group: dict) -> LBFGSHistory:

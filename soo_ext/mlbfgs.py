@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._common import all_finite, check_history_dtype, check_params
 from .history import LBFGSHistory
 from .quasi_newton import NonFiniteError
 
@@ -60,25 +61,9 @@ def _check_options(o: dict) -> None:
 
 
 def _check_params(params: list[Tensor], history_dtype: torch.dtype | None) -> None:
-    if not params:
-        return
-    p0 = params[0]
-    for p in params:
-        if p.is_complex():
-            raise ValueError("MLBFGS does not support complex params (optimise real and imaginary "
-                             "parts as separate real tensors, e.g. torch.view_as_real)")
-        if p.layout != torch.strided:
-            raise ValueError(f"MLBFGS does not support sparse params (got {p.layout})")
-        if p.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"MLBFGS params must have dtype float32 or float64, got {p.dtype}")
-        if p.dtype != p0.dtype:
-            raise ValueError(f"MLBFGS params must share one dtype, got {p0.dtype} and {p.dtype}")
-        if p.device != p0.device:
-            raise ValueError(f"MLBFGS params must be on one device, got {p0.device} and {p.device}")
-    allowed = (None, p0.dtype) + ((torch.bfloat16,) if p0.dtype == torch.float32 else ())
-    if history_dtype not in allowed:
-        raise ValueError(f"Invalid history_dtype: {history_dtype} with {p0.dtype} params "
-                         f"(allowed: {', '.join(str(a) for a in allowed)})")
+    check_params(params, "MLBFGS")
+    if params:
+        check_history_dtype(params[0].dtype, history_dtype)
 
 
 def _damping_phi(tau: float, sigma_low: float, sigma_high: float, delta: float) -> float:
@@ -94,15 +79,6 @@ def _damping_phi(tau: float, sigma_low: float, sigma_high: float, delta: float) 
     else:
         phi = 1.0
     return min(phi, 1 - delta)
-
-
-def _all_finite(vectors: list[Tensor]) -> Tensor:
-    """0-dim bool tensor on the device: every entry of every vector is finite (no host sync).
-    Extremes by aminmax: one pass, NaN propagates, and unlike a sum they cannot overflow."""
-    extremes = [e for v in vectors if v.numel() for e in torch.aminmax(v)]
-    if not extremes:
-        return torch.ones((), dtype=torch.bool, device=vectors[0].device)
-    return torch.isfinite(torch.stack(extremes)).all()
 
 
 def _unless_skipped(ok: Tensor, value: float, like: Tensor) -> Tensor:
@@ -455,7 +431,7 @@ class MLBFGS(Optimizer):
 
         for b in ws.blocks:
             b.gather(group["maximize"])
-        ok = _all_finite([b.grad for b in ws.blocks])
+        ok = all_finite([b.grad for b in ws.blocks])
         bad = ~ok
         if skip:
             ws.state["nonfinite_steps"].add_(bad)

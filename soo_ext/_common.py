@@ -1,0 +1,55 @@
+"""Checks and device-side reductions shared by the optimizers."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_params(params: list[Tensor], name: str) -> None:
+    """ValueError unless the params are real float32/float64 dense tensors of one dtype on one
+    device (one flat vector of them is what the fused kernels work on)."""
+    if not params:
+        return
+    p0 = params[0]
+    for p in params:
+        if p.is_complex():
+            raise ValueError(f"Invalid params: {name} does not support complex params (optimise "
+                             "real and imaginary parts as separate real tensors, e.g. "
+                             "torch.view_as_real)")
+        if p.layout != torch.strided:
+            raise ValueError(f"Invalid params: {name} does not support sparse params "
+                             f"(got {p.layout})")
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Invalid params: {name} params must have dtype float32 or float64, "
+                             f"got {p.dtype}")
+        if p.dtype != p0.dtype:
+            raise ValueError(f"Invalid params: {name} params must share one dtype, got "
+                             f"{p0.dtype} and {p.dtype}")
+        if p.device != p0.device:
+            raise ValueError(f"Invalid params: {name} params must be on one device, got "
+                             f"{p0.device} and {p.device}")
+
+
+def check_history_dtype(dtype: torch.dtype, history_dtype: torch.dtype | None) -> None:
+    """ValueError unless ``history_dtype`` may store the pairs of ``dtype`` params."""
+    allowed = (None, dtype) + ((torch.bfloat16,) if dtype == torch.float32 else ())
+    if history_dtype not in allowed:
+        raise ValueError(f"Invalid history_dtype: {history_dtype} with {dtype} params "
+                         f"(allowed: {', '.join(str(a) for a in allowed)})")
+
+
+def max_abs(v: Tensor) -> Tensor:
+    """``max|v|`` (NaN if v holds one); aminmax is several times faster than the inf-norm on CPU."""
+    if v.numel() == 0:
+        return v.new_zeros(())
+    lo, hi = torch.aminmax(v)
+    return torch.maximum(hi, -lo)
+
+
+def all_finite(vectors: list[Tensor]) -> Tensor:
+    """0-dim bool tensor on the device: every entry of every vector is finite (no host sync).
+    Extremes by aminmax: one pass, NaN propagates, and unlike a sum they cannot overflow."""
+    extremes = [e for v in vectors if v.numel() for e in torch.aminmax(v)]
+    if not extremes:
+        return torch.ones((), dtype=torch.bool, device=vectors[0].device)
+    return torch.isfinite(torch.stack(extremes)).all()
