@@ -18,6 +18,8 @@ from torch import Tensor
 from . import reference
 
 __all__ = ["lbfgs_direction", "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update",
+           "kron_factor_update_", "kron_damped_inverse", "kron_eigh", "kron_inverse_root",
+           "kfac_precondition_eigen",
            "extension_loaded", "extension_error", "build_info"]
 
 _BUILD_INFO_FILE = Path(__file__).with_name("_build_info.json")
@@ -289,3 +291,68 @@ if _LOADED:
     def _drsom_update_fake(x, p, V, alpha):
         _check_drsom_update(x, p, V, alpha)
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Kronecker factors (K-FAC, Shampoo): statistics, damped inverse, eigh, inverse p-th root,
+# eigenbasis preconditioning.  Contracts in soo_ext/reference.py.
+
+def _kron_op(name: str):
+    """The compiled op ``soo::name`` or None (not built yet / extension not loaded)."""
+    if not _LOADED:
+        return None
+    return getattr(torch.ops.soo, name, None)
+
+
+def _check_square_stack(op: str, A: Tensor) -> None:
+    torch._check(A.dim() >= 2 and A.shape[-1] == A.shape[-2],
+                 lambda: f"{op}: A must be a [..., n, n] stack of square matrices, got shape "
+                         f"{tuple(A.shape)}")
+    torch._check(A.dtype in (torch.float32, torch.float64),
+                 lambda: f"{op}: A must be float32 or float64, got {A.dtype}")
+
+
+def kron_factor_update_(F: Tensor, X: Tensor, decay: float, scale: float) -> None:
+    """``F <- decay F + scale X^T X``, symmetrised, in place (see the reference)."""
+    op = _kron_op("kron_factor_update_")
+    if op is not None:
+        op.default(F, X, decay, scale)
+    else:
+        reference.kron_factor_update_(F, X, decay, scale)
+
+
+def kron_damped_inverse(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Batched ``(A + damping I)^{-1}`` by Cholesky with a float64 retry; ``(X, status)``."""
+    _check_square_stack("kron_damped_inverse", A)
+    op = _kron_op("kron_damped_inverse")
+    if op is not None:
+        return op.default(A, damping)
+    return reference.kron_damped_inverse(A, damping)
+
+
+def kron_eigh(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched eigendecomposition of PSD factors, clamped, float64 retry; ``(d, Q, status)``."""
+    _check_square_stack("kron_eigh", A)
+    op = _kron_op("kron_eigh")
+    if op is not None:
+        return op.default(A)
+    return reference.kron_eigh(A)
+
+
+def kron_inverse_root(A: Tensor, p: int, epsilon: float, method: str = "newton",
+                      max_iters: int = 100, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Batched ``(A + epsilon I)^{-1/p}`` (coupled Newton or eigh); ``(X, status)``."""
+    _check_square_stack("kron_inverse_root", A)
+    op = _kron_op("kron_inverse_root")
+    if op is not None:
+        return op.default(A, p, epsilon, method, max_iters, tol)
+    return reference.kron_inverse_root(A, p, epsilon, method, max_iters, tol)
+
+
+def kfac_precondition_eigen(grad: Tensor, QG: Tensor, dG: Tensor, QA: Tensor, dA: Tensor,
+                            damping: float) -> Tensor:
+    """``Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + damping)] Q_A^T`` (see the reference)."""
+    op = _kron_op("kfac_precondition_eigen")
+    if op is not None:
+        return op.default(grad, QG, dG, QA, dA, damping)
+    return reference.kfac_precondition_eigen(grad, QG, dG, QA, dA, damping)

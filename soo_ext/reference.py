@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["accumulation_dtype", "ring_slots", "lbfgs_direction", "lbfgs_two_loop_textbook",
-           "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update"]
+           "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update",
+           "KRON_OK", "KRON_FALLBACK", "KRON_FAILED", "kron_factor_update_", "kron_damped_inverse",
+           "kron_eigh", "kron_inverse_root", "kfac_precondition_eigen"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -188,3 +190,166 @@ def drsom_update(x: Tensor, p: Tensor, V: list[Tensor], alpha: Tensor) -> None:
         step = step + alpha[j] * vj
     p.copy_(step)
     x.add_(step)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Kronecker factors (K-FAC, Shampoo).  Batched ops take ``[..., n, n]`` stacks of square factors
+# (any number of leading batch dims, usually one: a bucket of same-size factors).
+# ``status`` codes, int32 per matrix: 0 ok; 1 usable after a fallback (retried in float64, or
+# for the Newton root: stopped before reaching ``tol``); 2 failed (the output is zero there and
+# the caller keeps what it had).
+
+KRON_OK, KRON_FALLBACK, KRON_FAILED = 0, 1, 2
+
+
+def _eye_like(A: Tensor) -> Tensor:
+    return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+
+
+def _finite_matrices(X: Tensor) -> Tensor:
+    """Per matrix of a ``[..., n, n]`` stack: all entries finite."""
+    return torch.isfinite(X).flatten(-2).all(-1)
+
+
+def kron_factor_update_(F: Tensor, X: Tensor, decay: float, scale: float) -> None:
+    """Factor statistics in place (reference of ``soo::kron_factor_update_``)::
+
+        F <- decay F + scale X^T X,   then F <- (F + F^T) / 2
+
+    ``F``: ``[..., d, d]`` float32/float64; ``X``: ``[..., N, d]`` (same leading dims) of F's dtype
+    or a lower-precision float (bfloat16/float16 activations under AMP), computed in F's dtype.
+    K-FAC's running average is ``decay = alpha, scale = (1 - alpha) / N``; Shampoo's sum of
+    outer products ``G G^T`` is ``X = G^T`` with ``decay = beta2, scale = 1``.
+    """
+    Xf = X.to(F.dtype)
+    F.mul_(decay).add_(Xf.transpose(-1, -2) @ Xf, alpha=scale)
+    F.copy_((F + F.transpose(-1, -2)) * 0.5)
+
+
+def kron_damped_inverse(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Inverses of damped SPD factors (reference of ``soo::kron_damped_inverse``).
+
+    ``X = (A + damping I)^{-1}`` by Cholesky for each matrix of the ``[..., n, n]`` stack ``A``
+    (symmetric, float32/float64).  A matrix whose Cholesky fails (or gives a non-finite inverse)
+    is retried in float64 with ``damping' = 10 damping + eps32 |tr A| / n`` (eps32 = float32
+    epsilon: a scale-aware shift that also rescues undamped rank-deficient factors) and gets
+    status 1; if that fails too it gets status 2 and a zero matrix.  Returns ``(X, status)``.
+    """
+    eye = _eye_like(A)
+    L, info = torch.linalg.cholesky_ex(A + damping * eye)
+    # A failed factorisation leaves a partial L that cholesky_inverse refuses: invert I there.
+    X = torch.cholesky_inverse(torch.where((info == 0)[..., None, None], L, eye))
+    ok = (info == 0) & _finite_matrices(X)
+    A64 = A.to(torch.float64)
+    n = A.shape[-1]
+    shift = 10.0 * damping + torch.finfo(torch.float32).eps * A64.diagonal(0, -2, -1).sum(-1).abs() / max(n, 1)
+    L64, info64 = torch.linalg.cholesky_ex(A64 + shift[..., None, None] * eye.to(torch.float64))
+    X64 = torch.cholesky_inverse(torch.where((info64 == 0)[..., None, None], L64,
+                                             eye.to(torch.float64))).to(A.dtype)
+    ok64 = (info64 == 0) & _finite_matrices(X64)
+    out = torch.where(ok[..., None, None], X, torch.where(ok64[..., None, None], X64, torch.zeros_like(X)))
+    status = torch.where(ok, KRON_OK, torch.where(ok64, KRON_FALLBACK, KRON_FAILED)).to(torch.int32)
+    return out, status
+
+
+def _eigh_one(A: Tensor) -> tuple[Tensor, Tensor] | None:
+    """eigh of one matrix, None when it fails to converge or is non-finite."""
+    try:
+        d, Q = torch.linalg.eigh(A)
+    except RuntimeError:  # torch.linalg.LinAlgError: the algorithm did not converge
+        return None
+    return (d, Q) if bool(torch.isfinite(d).all() and torch.isfinite(Q).all()) else None
+
+
+def kron_eigh(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Eigendecompositions of symmetric PSD factors (reference of ``soo::kron_eigh``).
+
+    ``A = Q diag(d) Q^T`` for each matrix of the ``[..., n, n]`` stack (float32/float64; only
+    the lower triangle is read), eigenvalues ascending and clamped to ``>= 0``.  A matrix whose
+    decomposition fails or is non-finite is redone in float64 (status 1); if that fails too it
+    gets ``d = 0, Q = I`` and status 2.  Returns ``(d, Q, status)``.
+    """
+    n = A.shape[-1]
+    flat = A.reshape(-1, n, n)
+    d = A.new_zeros(flat.shape[:-1])
+    Q = _eye_like(A).expand_as(flat).clone()
+    status = torch.full(flat.shape[:1], KRON_FAILED, dtype=torch.int32, device=A.device)
+    for b in range(flat.shape[0]):  # one at a time: a failure must not spoil the others
+        for code, dtype in ((KRON_OK, A.dtype), (KRON_FALLBACK, torch.float64)):
+            result = _eigh_one(flat[b].to(dtype))
+            if result is not None:
+                d[b], Q[b], status[b] = result[0], result[1], code
+                break
+    batch = A.shape[:-2]
+    return d.clamp_min(0).reshape(*batch, n), Q.reshape(A.shape), status.reshape(batch)
+
+
+def kron_inverse_root(A: Tensor, p: int, epsilon: float, method: str = "newton",
+                      max_iters: int = 100, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Inverse p-th roots of symmetric PSD factors (reference of ``soo::kron_inverse_root``).
+
+    For each matrix of the ``[..., n, n]`` stack (float32/float64) ``X ~= (A + epsilon I)^{-1/p}``
+    (``p >= 1``).  Returns ``(X, status)``.
+
+    ``method='eigh'``: ``A = Q diag(l) Q^T`` (as :func:`kron_eigh`, float64 retry), eigenvalues
+    shifted ``l <- l - min(l_min, 0) + epsilon``, ``X = Q diag(l^{-1/p}) Q^T``; status as
+    :func:`kron_eigh`.
+
+    ``method='newton'``: the coupled Newton iteration (Guo & Higham 2006, as in Shampoo) on
+    ``B = A + epsilon I``: with ``z = (p + 1) / (2 ||B||_F)``, ``X_0 = z^{1/p} I``, ``M_0 = z B``::
+
+        T = ((p + 1) I - M) / p,   X <- X T,   M <- T^p M        (M = X^p B -> I)
+
+    until ``err = max|M - I| <= tol`` (status 0) or ``max_iters`` iterations or ``err`` growing
+    above 1.2x its previous value (the last X before the growth is kept; status 1).  A non-finite
+    X gets status 2 and a zero matrix.  Each matrix stops on its own.
+    """
+    if method == "eigh":
+        d, Q, status = kron_eigh(A)
+        dmin = d.amin(-1, keepdim=True) if d.shape[-1] else d
+        # kron_eigh clamps to >= 0, so the shift is just epsilon; kept explicit for the contract.
+        lam = d - dmin.clamp_max(0) + epsilon
+        X = (Q * lam.pow(-1.0 / p)[..., None, :]) @ Q.transpose(-1, -2)
+        X = torch.where((status == KRON_FAILED)[..., None, None], torch.zeros_like(X), X)
+        return X, status
+    if method != "newton":
+        raise ValueError(f"method must be 'newton' or 'eigh', got {method!r}")
+    eye = _eye_like(A)
+    B = A + epsilon * eye
+    z = (p + 1) / (2 * torch.linalg.matrix_norm(B))  # Frobenius norm per matrix
+    X = z.pow(1.0 / p)[..., None, None] * eye
+    M = z[..., None, None] * B
+    err = (M - eye).abs().flatten(-2).amax(-1)
+    active = err > tol
+    for _ in range(max_iters):
+        if not bool(active.any()):
+            break
+        T = ((p + 1) * eye - M) / p
+        X_new = X @ T
+        M_new = torch.linalg.matrix_power(T, p) @ M
+        err_new = (M_new - eye).abs().flatten(-2).amax(-1)
+        grew = ~(err_new <= 1.2 * err)  # also catches NaN
+        take = active & ~grew
+        X = torch.where(take[..., None, None], X_new, X)
+        M = torch.where(take[..., None, None], M_new, M)
+        err = torch.where(take, err_new, err)
+        active = take & (err_new > tol)
+    finite = _finite_matrices(X)
+    status = torch.where(err <= tol, KRON_OK, KRON_FALLBACK)
+    status = torch.where(finite, status, KRON_FAILED).to(torch.int32)
+    X = torch.where(finite[..., None, None], X, torch.zeros_like(X))
+    return X, status
+
+
+def kfac_precondition_eigen(grad: Tensor, QG: Tensor, dG: Tensor, QA: Tensor, dA: Tensor,
+                            damping: float) -> Tensor:
+    """K-FAC update in the factors' eigenbasis (reference of ``soo::kfac_precondition_eigen``)::
+
+        V = Q_G [ (Q_G^T grad Q_A) / (d_G d_A^T + damping) ] Q_A^T
+
+    ``grad``: ``[..., o, i]`` (the weight gradient, bias as the last column); ``Q_G [..., o, o]``,
+    ``d_G [..., o]``, ``Q_A [..., i, i]``, ``d_A [..., i]``; all one float dtype.
+    """
+    inner = QG.transpose(-1, -2) @ grad @ QA
+    inner = inner / (dG[..., :, None] * dA[..., None, :] + damping)
+    return QG @ inner @ QA.transpose(-1, -2)
