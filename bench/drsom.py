@@ -1,9 +1,9 @@
 """python -m bench drsom: what one soo_ext.DRSOM step costs, and how accurate its model Q is.
 
 Models: the MNIST-1D MLP (15,210 params) and 1-D CNN (5,210 params) of ``python -m bench train``,
-with mean cross-entropy on one fixed minibatch of --batch-size training samples (drawn by the
-seed).  The closure is ``F.cross_entropy(model(x), y)`` on that minibatch; it returns the loss
-and does not call backward (DRSOM differentiates it itself).
+with mean cross-entropy on minibatches of --batch-size training samples.  The closure is
+``F.cross_entropy(model(x), y)`` on the step's minibatch; it returns the loss and does not call
+backward (DRSOM differentiates it itself).
 
 (a) Cost of a step in gradient-evaluation units, per model and hvp mode ('fd', 'central',
 'autograd'; DRSOM's defaults otherwise, k = 2 directions, model= given):
@@ -20,27 +20,30 @@ and does not call backward (DRSOM differentiates it itself).
   overhead       cost units - eval units: the optimizer's own time (ops, small solves, host
                  syncs, Python; for 'autograd' also the k double-backward products)
 The steps and the gradient evaluations are timed in turn (--rounds times over, --min-run-time
-seconds each in all), after --warmup-steps untimed steps.  The steps go on from each other on the
-fixed minibatch (a run of DRSOM on one batch), so the trials per step are those of that run.
+seconds each in all), after --warmup-steps untimed steps.  As in training, every step takes the
+next minibatch of a shuffled pass over the training set and the steps go on from each other, so
+the trials per step are those of a training run (the gradient is timed on the current batch).
+(On one fixed batch the run soon reaches that batch's noise floor, where the trust region keeps
+rejecting: not what a training step costs.)
 
-(b) Accuracy of Q = V^T H V (V = [g, d]: the gradient and a random direction d ~ N(0, I), as in
-a step whose last step is d) from finite differences against exact products by double
+(b) Accuracy of Q = V^T H V on one fixed minibatch drawn by the seed (V = [g, d]: the gradient
+and a random direction d ~ N(0, I), as in a step whose last step is d) from finite differences against exact products by double
 backward, in float32 and float64 (model and batch cast), over --seeds (model init, minibatch and
 d drawn from the seed): the relative Frobenius error ||Q_mode - Q_autograd||_F /
 ||Q_autograd||_F, median and max over the seeds.  Q is built the way DRSOM builds it, with the
-public fused ops: drsom_perturb to x + t v_j (t = 2 sqrt(eps) (1 + ||x||) / ||v_j|| for 'fd',
-eps^(1/3) (1 + ||x||) / ||v_j|| and x - t v_j too for 'central'), a gradient there, and
+public fused ops: drsom_perturb to x + t v_j (t ||v_j|| = c sqrt(eps) (1 + mean|x_i|), c = 0.25
+fp32 / 1 fp64, for 'fd'; eps^(1/3) (1 + mean|x_i|) and x - t v_j too for 'central':
+soo_ext.drsom.fd_perturbation_length), a gradient there, and
 drsom_reduce for the column V^T (g(x + t v_j) - g) / t (central: (g+ - g-) / 2t), ||v_j||^2
 from drsom_reduce's Gram; symmetrised; x restored from x0 bit-exactly (tests check that this
 is DRSOM's own Q to rounding).  Expected relative accuracy: about sqrt(eps) for 'fd'
 (fp32 3.5e-4, fp64 1.5e-8), eps^(2/3) for 'central' (fp32 2.5e-5, fp64 3.7e-11).  Those
 bounds hold for smooth models (checked with a tanh MLP); both MNIST-1D models use ReLU, and
 where the perturbation x + t v flips the sign of pre-activations (the gradient jumps there:
-a kink, not curvature) the difference quotient is off by much more.  The perturbation is
-2 sqrt(eps) (1 + ||x||) long ('fd'), so in float32 it flips some pre-activations of the batch
-and the error can reach O(1); in float64 it is 1e8 times shorter ('central': 1e5 times, so
-central differences on the CNN can still cross a kink).  autograd is the Hessian of the current
-activation pattern.
+a kink, not curvature) the difference quotient is off by O(1).  The fd factor c = 0.25 in
+float32 keeps such flips rare (a longer step flips more, a shorter one loses digits); central
+differences take a longer step twice and cross kinks often in float32.  autograd is the Hessian
+of the current activation pattern.
 
 --json: records with kind "cost" (the columns of (a), plus the medians in ms and the target)
 and kind "q_accuracy" (model, dtype, hvp, rel_error_median, rel_error_max, rel_errors per seed,
@@ -60,6 +63,7 @@ from tqdm import tqdm
 
 import soo_ext
 from soo_ext import ops
+from soo_ext.drsom import FD_STEP_FACTOR, fd_perturbation_length
 
 from . import common, train
 
@@ -81,7 +85,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--hvp", nargs="+", choices=list(HVPS), default=list(HVPS),
                         help="hvp modes whose step cost is measured (default: all)")
     parser.add_argument("--batch-size", type=int, default=128,
-                        help="samples in the fixed minibatch (default: 128)")
+                        help="samples per minibatch (default: 128)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
                         help="seeds of the Q accuracy (default 0 1 2 3 4; --quick: 0 1)")
     parser.add_argument("--warmup-steps", type=int, default=None,
@@ -115,13 +119,27 @@ def make_model(name: str, seed: int, device: str, dtype=torch.float32) -> nn.Mod
 # --------------------------------------------------------------------------------------------- #
 # (a) cost of a step
 
+def minibatches(device: str, batch_size: int, seed: int):
+    """Endless minibatches of the MNIST-1D training set, reshuffled every pass (by the seed)."""
+    data = train.mnist1d_data()
+    x, y = data.x.to(device), data.y.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(x), generator=gen).to(device)
+        for start in range(0, len(x) - batch_size + 1, batch_size):
+            idx = perm[start:start + batch_size]
+            yield x[idx], y[idx]
+
+
 def measure_cost(name: str, hvp: str, device: str, batch_size: int, min_run_time: float,
                  rounds: int, warmup_steps: int, seed: int = 0) -> dict:
     model = make_model(name, seed, device)
-    xb, yb = fixed_batch(device, batch_size, seed)
+    batches = minibatches(device, batch_size, seed)
+    batch = [next(batches)]
     counts = {"grad": 0, "forward": 0}
 
     def loss():
+        xb, yb = batch[0]
         return F.cross_entropy(model(xb), yb)
 
     def closure():
@@ -133,6 +151,7 @@ def measure_cost(name: str, hvp: str, device: str, batch_size: int, min_run_time
     steps = [0]
 
     def step():
+        batch[0] = next(batches)
         opt.step(closure)
         steps[0] += 1
 
@@ -144,6 +163,7 @@ def measure_cost(name: str, hvp: str, device: str, batch_size: int, min_run_time
         loss()
 
     for _ in range(warmup_steps):
+        batch[0] = next(batches)
         opt.step(closure)
     st = opt.state[params[0]]
     keys = ("grad_evals", "trials", "rejections", "line_searches")
@@ -211,10 +231,8 @@ def q_finite_difference(loss_fn, params, x: torch.Tensor, g: torch.Tensor,
                         V: list[torch.Tensor], central: bool) -> torch.Tensor:
     """Q as DRSOM's 'fd' / 'central' modes build it, on the public fused ops (x: the params'
     flat buffer, g: the gradient at x; x is restored bit-exactly)."""
-    eps = torch.finfo(x.dtype).eps
     _, G, _ = ops.drsom_reduce(g, g, V, torch.ones((), dtype=x.dtype, device=x.device), True)
-    scale = (eps ** (1 / 3) if central else 2 * math.sqrt(eps)) * (1 + torch.linalg.vector_norm(x))
-    ts = scale / torch.sqrt(torch.diagonal(G))
+    ts = fd_perturbation_length(x, central) / torch.sqrt(torch.diagonal(G))
     x0 = torch.empty_like(x)
     cols = []
     for j, v in enumerate(V):
@@ -313,7 +331,7 @@ def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
              "forwards_per_step": "fwd/step", "hvps_per_step": "hvps/step",
              "trials_per_step": "trials/step", "rejections_per_step": "rejects/step",
              "line_searches_per_step": "line s./step"},
-            f"DRSOM step cost in gradient evaluations ({devices}, fixed minibatch of "
+            f"DRSOM step cost in gradient evaluations ({devices}, fresh minibatches of "
             f"{env['batch_size']}, k = 2; soo_ext: {kernels})")
     accuracy = [r for r in records if r["kind"] == "q_accuracy"]
     if accuracy:

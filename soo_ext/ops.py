@@ -171,6 +171,9 @@ _DRSOM_MAX_DIRS = 8
 
 
 def _check_drsom_vector(op: str, name: str, a: Tensor, ref: Tensor) -> None:
+    if (a.dim() == 1 and a.dtype == ref.dtype and a.device == ref.device
+            and a.shape[0] == ref.shape[0] and a.is_contiguous()):
+        return  # the common case, without the cost of the torch._check calls (hot path)
     torch._check(a.dim() == 1, lambda: f"{op}: {name} must be 1-D, got shape {tuple(a.shape)}")
     torch._check(a.dtype == ref.dtype,
                  lambda: f"{op}: {name} has dtype {a.dtype}, expected {ref.dtype} (no dtype mix)")

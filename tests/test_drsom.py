@@ -71,12 +71,36 @@ def rel(a, b):
 @pytest.mark.parametrize("dtype,tol_fd,tol_central", [(torch.float32, 1e-3, 1e-4),
                                                      (torch.float64, 1e-6, 1e-6)],
                          ids=["fp32", "fp64"])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_finite_difference_hessian_matches_autograd(dtype, tol_fd, tol_central, seed):
     exact = subspace_hessian("autograd", dtype, seed)
     torch.testing.assert_close(exact, exact.T)
     assert rel(subspace_hessian("fd", dtype, seed), exact) < tol_fd
     assert rel(subspace_hessian("central", dtype, seed), exact) < tol_central
+
+
+def test_noise_floor_ends_the_step_after_one_trial():
+    """At the loss's rounding level (fp32 quadratic, converged) the ratio test is noise: a step
+    stops at its first trial (counted in noise_stops) instead of max_trials rejections, and the
+    loss never rises."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(20, 20, generator=gen)
+    A = A @ A.T / 20 + torch.eye(20)
+    b = torch.randn(20, generator=gen)
+    x = nn.Parameter(torch.zeros(20))
+    opt = DRSOM([x], hvp="fd")
+    losses = []
+    for _ in range(40):
+        losses.append(opt.step(lambda: 0.5 * x @ A @ x - b @ x + 10.0).item())
+    st = opt.state[x]
+    assert st["noise_stops"] >= 20
+    trials = st["trials"]
+    for _ in range(10):
+        losses.append(opt.step(lambda: 0.5 * x @ A @ x - b @ x + 10.0).item())
+    assert st["trials"] - trials == 10  # one trial per step
+    assert all(later <= earlier for earlier, later in zip(losses, losses[1:]))
+    x_star = torch.linalg.solve(A.double(), b.double())
+    assert (x.detach().double() - x_star).norm() < 1e-3
 
 
 def test_step_convention_matches_paper_on_quadratic():
