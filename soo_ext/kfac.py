@@ -241,7 +241,9 @@ class KFAC(Optimizer):
 
     1. Statistics (every ``factor_update_steps`` steps): ``A_new = mean_rows(a a^T)``,
        ``G_new = mean_rows(g g^T)`` — for a Conv2d the mean runs over samples and output
-       positions, i.e. the per-sample sum over positions divided by the spatial size.  The
+       positions, i.e. the per-sample sum over positions divided by the spatial size (KAISA
+       also divides the rows themselves by the spatial size, which scales its conv factors by
+       a further 1 / spatial_size^2; only their size relative to ``damping`` differs).  The
        rows of all backward passes since the last ``step()`` are pooled (gradient
        accumulation).  Then ``A <- factor_decay A + (1 - factor_decay) A_new``, likewise G;
        both start at the identity.  ``g`` is used as autograd delivers it: for a mean loss it
@@ -498,9 +500,9 @@ class KFAC(Optimizer):
             return
         if self._global.get("step", 0) % self.param_groups[0]["factor_update_steps"] != 0:
             return
-        x = inputs[0]
+        x = inputs[0] if inputs else None
         if not isinstance(x, Tensor):
-            return
+            return  # called with a keyword input: not captured
         output.register_hook(functools.partial(self._capture, layer, x.detach()))
 
     @torch.no_grad()
@@ -554,12 +556,12 @@ class KFAC(Optimizer):
                 for k, v in state_dict["state"].items()}
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         super().load_state_dict(state_dict)
-        self._check_groups_loaded()
-        by_id = dict(zip(saved_ids, self._all_params()))
+        self._reset_pending()
         self._layout = None  # fresh buckets with the loaded options
         for layer in self._layers:
             layer.a_bucket = layer.g_bucket = layer.group = None
-        self._reset_pending()
+        self._check_groups_loaded()
+        by_id = dict(zip(saved_ids, self._all_params()))
         lay = self._ensure_layout()
         views = {id(l.weight): lay.views(l) for l in self._layers} if lay else {}
         for k, entries in kept.items():
@@ -831,7 +833,8 @@ class KFAC(Optimizer):
                 for p in ps:
                     st = self.state[p]
                     if st.get("momentum_buffer") is None:
-                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["momentum_buffer"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format)
                     bufs.append(st["momentum_buffer"])
                 if ok is None:
                     torch._foreach_mul_(bufs, m)

@@ -109,6 +109,32 @@ def test_linear_factors_by_hand(bias):
     assert [name for name, _ in opt.layers] == ["0", "2"]
 
 
+def test_shared_layer_pools_every_call():
+    """A layer called twice in one forward (and once more in a second backward of the same
+    step): the statistics are the mean over all rows; in-place ReLU after it is fine."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3).double()
+    opt = KFAC(lin, factor_dtype=torch.float64)
+    xs = [torch.randn(4, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)]
+    s1 = lin(xs[0])
+    s1.retain_grad()
+    s2 = lin(torch.relu_(s1.clone()))
+    s2.retain_grad()
+    s2.sum().backward()
+    s3 = lin(xs[1])
+    s3.retain_grad()
+    s3.pow(2).sum().backward()
+    a = torch.cat([xs[0], torch.relu(s1.detach()), xs[1]])
+    a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+    g = torch.cat([s1.grad, s2.grad, s3.grad])
+    opt.step()
+    st = opt.state[lin.weight]
+    torch.testing.assert_close(st["A"], DECAY * torch.eye(4, dtype=a.dtype)
+                               + (1 - DECAY) * a.T @ a / len(a), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(st["G"], DECAY * torch.eye(3, dtype=a.dtype)
+                               + (1 - DECAY) * g.T @ g / len(g), rtol=1e-13, atol=1e-15)
+
+
 def patches(x, conv):
     """The patch rows of a Conv2d by explicit loops (padding by F.pad as the module does)."""
     pad = conv._reversed_padding_repeated_twice
@@ -641,3 +667,54 @@ def test_decreases_training_loss_on_mnist1d(mnist1d, arch, mode):
     _, sgd_final = train_mnist1d(mnist1d, make_model, lambda m: torch.optim.SGD(
         m.parameters(), lr=0.1, momentum=0.9))
     assert final < 0.95 * sgd_final
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["eigen", "inverse"])
+def test_cuda_matches_cpu_and_skips_on_device(mode):
+    data = batches(6, shape=(4, 2, 5, 6), classes=4, dtype=torch.float32)
+    finals = []
+    for device in ("cpu", "cuda"):
+        model = cnn(dtype=torch.float32)
+        model(data[0][0])
+        model.to(device)
+        opt = KFAC(model, mode=mode, weight_decay=1e-3, inv_update_steps=2)
+        for k, (x, y) in enumerate(data):
+            opt.zero_grad()
+            backward(model, (x.to(device), y.to(device)))
+            if k == 3:
+                model[0].bias.grad[0] = float("nan")
+            opt.step()
+        assert opt.state[model[0].weight]["nonfinite_steps"].item() == 1
+        finals.append([p.detach().cpu() for p in model.parameters()])
+    for p, q in zip(*finals):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["eigen", "inverse"])
+def test_no_device_sync_in_step_cuda(mode):
+    """No synchronisation in step() at steps without an inverse update (those call the ops,
+    whose reference fallbacks may synchronise)."""
+    model = cnn(dtype=torch.float32)
+    data = batches(7, shape=(4, 2, 5, 6), classes=4, dtype=torch.float32)
+    model(data[0][0])
+    model.cuda()
+    opt = KFAC(model, mode=mode, inv_update_steps=3)
+    for k, (x, y) in enumerate(data):
+        opt.zero_grad()
+        backward(model, (x.cuda(), y.cuda()))
+        if k % 3 == 0:
+            opt.step()
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
