@@ -265,8 +265,10 @@ class KFAC(Optimizer):
        (``d = nu V`` for K-FAC layers, ``d = grad + weight_decay p`` for the others).
 
     Params of other modules (LayerNorm, Embedding, conv with ``groups > 1``, skipped layers,
-    K-FAC layers whose factors were never updated — e.g. a Linear that is never called through
-    its ``forward``, such as ``MultiheadAttention.out_proj``) take exactly the update of
+    layers whose weight or bias is tied to another hooked layer, lazy modules not materialised
+    when the optimizer is built, K-FAC layers whose factors were never updated — e.g. a Linear
+    that is never called through its ``forward``, such as ``MultiheadAttention.out_proj``)
+    take exactly the update of
     ``torch.optim.SGD(lr, momentum, weight_decay)`` (bit-equal; dampening 0, no Nesterov).
     Params without a ``.grad`` are left alone, as SGD does; a K-FAC layer is preconditioned
     when all its params have a gradient.
@@ -321,7 +323,8 @@ class KFAC(Optimizer):
     **State.**  Global, under the first param: ``step`` (int) and ``nonfinite_steps``.  Per
     param: ``momentum_buffer``.  Per K-FAC layer, under its weight: ``A``, ``G``; ``QA``,
     ``dA``, ``QG``, ``dG`` (eigen) or ``A_inv``, ``G_inv`` (inverse); the four counters (0-dim
-    int64); ``factor_updates`` (int).  The tensors are views of the buckets: ``state_dict()``
+    int64); ``factor_updates`` (int: factor-update steps that captured the layer, skipped steps
+    included).  The tensors are views of the buckets: ``state_dict()``
     returns references (deep-copy or save it to snapshot); ``load_state_dict`` copies them into
     the buckets, uncast, so a resumed run is bit-identical.
 
@@ -373,6 +376,7 @@ class KFAC(Optimizer):
         super().__init__(model.parameters() if params is None else params, defaults)
 
         group_of = self._group_of()
+        candidates = []
         for name, module in model.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
@@ -387,6 +391,14 @@ class KFAC(Optimizer):
             groups = {group_of.get(id(p)) for p in params_}
             if len(groups) != 1 or None in groups:
                 continue  # not optimised here, or split between groups: plain update
+            candidates.append((name, module, params_))
+        uses: dict[int, int] = {}
+        for _, _, params_ in candidates:
+            for p in params_:
+                uses[id(p)] = uses.get(id(p), 0) + 1
+        for name, module, params_ in candidates:
+            if any(uses[id(p)] > 1 for p in params_):
+                continue  # a param tied between hooked layers: plain update
             layer = _Layer(name, module, len(self._layers))
             self._layers.append(layer)
             self._handles.append(module.register_forward_hook(

@@ -289,6 +289,14 @@ def test_plain_layers_match_sgd(on_nonfinite):
     assert opt.state[model.fc.weight]["factor_updates"] == 5
 
 
+def test_tied_layers_are_left_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[2].weight = model[0].weight
+    opt = KFAC(model)
+    assert [n for n, _ in opt.layers] == ["4"]
+
+
 def test_all_layers_skipped_is_sgd():
     model, twin = mlp(dtype=torch.float32), mlp(dtype=torch.float32)
     opt = KFAC(model, lr=0.1, momentum=0.5, weight_decay=1e-3, skip_layers="Linear")
