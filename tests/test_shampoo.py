@@ -1,0 +1,712 @@
+"""soo_ext.Shampoo: against the formulas written out by hand (matrices, merged and blocked
+tensors, 1-D params), grafting, the root schedule, root failures, non-finite steps, resume,
+host syncs, conventions, and a decrease of the training loss on MNIST-1D."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from soo_ext import ops
+from soo_ext.quasi_newton import NonFiniteError
+from soo_ext.shampoo import RootFailureError, Shampoo, merge_dims
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small problems: more threads only add overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# The formulas, in float64
+
+def inv_root(A, p, eps):
+    """(A + eps I)^{-1/p} by eigh (eigenvalues clamped at 0 first, as the op contract says)."""
+    lam, Q = torch.linalg.eigh(A.to(F64))
+    return (Q * (lam.clamp_min(0) + eps).pow(-1.0 / p)) @ Q.T
+
+
+def unfold(T, i):
+    return T.movedim(i, 0).reshape(T.shape[i], -1)
+
+
+def mode_product(T, M, i):
+    """T x_i M: M applied to the mode-i fibres."""
+    return torch.tensordot(M, T, dims=([1], [i])).movedim(0, i)
+
+
+def shampoo_direction(G, factors, eps):
+    k = G.dim()
+    S = G.to(F64)
+    for i, L in enumerate(factors):
+        S = mode_product(S, inv_root(L, 2 * k, eps), i)
+    return S
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def set_grad(p, seed, scale=1.0):
+    p.grad = scale * torch.randn(p.shape, dtype=p.dtype, generator=gen(seed))
+    return p.grad.clone()
+
+
+def options(**kw):
+    """Shampoo with the schedule and the smoothing out of the way unless asked for."""
+    base = dict(lr=1.0, betas=(0.0, 1.0), start_preconditioning_step=1, precondition_frequency=1,
+                grafting=None, factor_dtype=F64)
+    return {**base, **kw}
+
+
+# ---------------------------------------------------------------------------------------------
+# One step against the formula
+
+@pytest.mark.parametrize("shape", [(5, 5), (7, 4)])
+@pytest.mark.parametrize("grafting", [None, "sgd", "adagrad", "adam"])
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_one_step_on_a_matrix_matches_the_formula(method, grafting, shape):
+    W = torch.randn(shape, dtype=F64, generator=gen(0)).requires_grad_(True)
+    W0 = W.detach().clone()
+    opt = Shampoo([W], **options(grafting=grafting, root_method=method,
+                                 max_preconditioner_dim=8))  # 8 < 25: no merging
+    G = set_grad(W, 1)
+    opt.step()
+    L, R = opt.state[W]["factors"]
+    torch.testing.assert_close(L, G @ G.T, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(R, G.T @ G, rtol=1e-14, atol=1e-14)
+    eps = 1e-12  # the default
+    S = inv_root(G @ G.T, 4, eps) @ G @ inv_root(G.T @ G, 4, eps)
+    if grafting is not None:
+        A = G if grafting == "sgd" else G / (G.abs() + 1e-8)  # step 1 of AdaGrad and Adam
+        S = S * A.norm() / S.norm()
+    # Newton: max|X^p B - I| <= 1e-6 per root, and the rank-deficient factor of a non-square G
+    # (eigenvalues 0 + 1e-12) converges more slowly on directions that G does not reach.
+    tol = dict(rtol=1e-9, atol=1e-9) if method == "eigh" else dict(rtol=2e-5, atol=2e-5 * S.abs().max().item())
+    torch.testing.assert_close(W.detach(), W0 - S, **tol)
+
+
+def test_float32_factors_match_float64():
+    W = torch.randn(6, 5, generator=gen(0)).requires_grad_(True)
+    W0 = W.detach().clone()
+    opt = Shampoo([W], **options(factor_dtype=torch.float32, max_preconditioner_dim=8,
+                                 epsilon=1e-6, grafting="sgd"))
+    G = set_grad(W, 1).to(F64)
+    opt.step()
+    assert opt.state[W]["factors"][0].dtype == torch.float32 and W.dtype == torch.float32
+    S = inv_root(G @ G.T, 4, 1e-6) @ G @ inv_root(G.T @ G, 4, 1e-6)
+    S = S * G.norm() / S.norm()
+    torch.testing.assert_close(W.detach().to(F64), W0.to(F64) - S, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging, blocking, 1-D params
+
+@pytest.mark.parametrize("shape,max_dim,merged", [
+    ((64, 3, 3, 3), 1024, (576, 3)),
+    ((16, 1, 5), 1024, (80,)),
+    ((10, 1, 1), 8, (10,)),
+    ((1, 1), 8, ()),
+    ((6, 2, 2, 9), 8, (6, 4, 9)),
+    ((2000, 3), 1024, (2000, 3)),
+    ((3, 2000), 1024, (3, 2000)),
+])
+def test_merge_dims(shape, max_dim, merged):
+    assert merge_dims(shape, max_dim) == merged
+
+
+def test_order3_tensor_merged_and_blocked_matches_the_formula():
+    # (6, 2, 2, 9) with max dim 8: merged to (6, 4, 9), the last dim cut into 8 + 1: two blocks
+    # (6, 4, 8) and (6, 4, 1), three factors each, exponent -1/6.
+    beta2, eps = 0.5, 1e-3
+    W = torch.randn(6, 2, 2, 9, dtype=F64, generator=gen(0)).requires_grad_(True)
+    b = torch.randn(5, dtype=F64, generator=gen(1)).requires_grad_(True)
+    opt = Shampoo([W, b], **options(betas=(0.0, beta2), epsilon=eps, max_preconditioner_dim=8,
+                                    start_preconditioning_step=2, lr=0.5))
+    G1 = set_grad(W, 2).reshape(6, 4, 9)
+    set_grad(b, 3)
+    opt.step()
+    W1 = W.detach().clone()
+    G2 = set_grad(W, 4).reshape(6, 4, 9)
+    gb = set_grad(b, 5)
+    b1 = b.detach().clone()
+    opt.step()
+    state = opt.state[W]
+    assert [tuple(f.shape) for f in state["factors"]] == [(6, 6), (4, 4), (8, 8),
+                                                          (6, 6), (4, 4), (1, 1)]
+    step = torch.empty(6, 4, 9, dtype=F64)
+    for blk, cols in enumerate((slice(0, 8), slice(8, 9))):
+        factors = []
+        for i in range(3):
+            A1, A2 = unfold(G1[..., cols], i), unfold(G2[..., cols], i)
+            expected = beta2 * A1 @ A1.T + A2 @ A2.T
+            torch.testing.assert_close(state["factors"][3 * blk + i], expected,
+                                       rtol=1e-13, atol=1e-13)
+            factors.append(expected)
+        step[..., cols] = shampoo_direction(G2[..., cols], factors, eps)
+    torch.testing.assert_close(W.detach(), W1 - 0.5 * step.reshape(W.shape),
+                               rtol=1e-9, atol=1e-9)
+    # The bias takes the grafting direction (here None: the gradient), bit for bit SGD.
+    assert "factors" not in opt.state[b]
+    assert torch.equal(b.detach(), b1 - 0.5 * gb)
+
+
+def test_precondition_1d_gives_a_vector_a_full_factor():
+    eps = 1e-3
+    b = torch.randn(5, dtype=F64, generator=gen(1)).requires_grad_(True)
+    b0 = b.detach().clone()
+    opt = Shampoo([b], **options(epsilon=eps, precondition_1d=True))
+    g = set_grad(b, 2)
+    opt.step()
+    (L,) = opt.state[b]["factors"]
+    torch.testing.assert_close(L, torch.outer(g, g), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(b.detach(), b0 - inv_root(torch.outer(g, g), 2, eps) @ g,
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_buckets_hold_every_factor_of_one_size():
+    # Two (4, 6) matrices, a (6, 4) one and a (6, 2, 2) tensor (merged to (6, 4) with max dim 6):
+    # all factors of size 6 and order 2 in one bucket, the state's factors are views of it.
+    params = [torch.zeros(s, requires_grad=True) for s in ((4, 6), (4, 6), (6, 4), (6, 2, 2))]
+    opt = Shampoo(params, max_preconditioner_dim=6)
+    for p in params:
+        set_grad(p, 0)
+    opt.step()
+    ws = opt._ws
+    assert sorted(ws.factors) == [(4, 2), (6, 2)]
+    assert ws.factors[(6, 2)].shape == (4, 6, 6) and ws.factors[(4, 2)].shape == (4, 4, 4)
+    assert [len(sg.members) for sg in ws.shape_groups] == [2, 2]  # (4, 6) and (6, 4) blocks
+    for p in params:
+        for f in opt.state[p]["factors"] + opt.state[p]["roots"]:
+            assert f._base is not None and f.untyped_storage().data_ptr() in {
+                t.untyped_storage().data_ptr() for t in (*ws.factors.values(), *ws.roots.values())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Grafting
+
+@pytest.mark.parametrize("grafting", ["sgd", "adagrad", "adam"])
+def test_grafted_block_norms_equal_the_grafting_step_norms(grafting):
+    W = torch.randn(6, 10, dtype=F64, generator=gen(0)).requires_grad_(True)
+    geps, b2 = 1e-8, 0.9
+    opt = Shampoo([W], **options(grafting=grafting, grafting_epsilon=geps, grafting_beta2=b2,
+                                 betas=(0.0, 0.9), max_preconditioner_dim=4))
+    blocks = [(slice(r, r + 4), slice(c, c + 4)) for r in (0, 4) for c in (0, 4, 8)]
+    acc = torch.zeros_like(W)
+    for t in range(1, 4):
+        before = W.detach().clone()
+        g = set_grad(W, t)
+        if grafting == "sgd":
+            A = g
+        elif grafting == "adagrad":
+            acc += g * g
+            A = g / (acc.sqrt() + geps)
+        else:
+            acc = b2 * acc + (1 - b2) * g * g
+            A = g / (acc.sqrt() / math.sqrt(1 - b2 ** t) + geps)
+        opt.step()
+        delta = before - W.detach()
+        for blk in blocks:
+            torch.testing.assert_close(delta[blk].norm(), A[blk].norm(), rtol=1e-12, atol=0)
+        assert not torch.allclose(delta, A)  # the direction is Shampoo's
+    assert len(opt.state[W]["factors"]) == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule
+
+def count_root_calls(monkeypatch):
+    calls = []
+    original = ops.kron_inverse_root
+
+    def counted(A, *args, **kwargs):
+        calls.append(A.shape)
+        return original(A, *args, **kwargs)
+    monkeypatch.setattr(ops, "kron_inverse_root", counted)
+    return calls
+
+
+@pytest.mark.parametrize("grafting", ["sgd", "adagrad", "adam"])
+def test_schedule_and_grafting_optimizer_before_the_start(monkeypatch, grafting):
+    start, freq = 4, 3
+    W = torch.randn(5, 3, dtype=F64, generator=gen(0)).requires_grad_(True)
+    V = W.detach().clone().requires_grad_(True)
+    geps, b2, lr = 1e-8, 0.99, 0.1
+    opt = Shampoo([W], lr=lr, betas=(0.0, 0.9), grafting=grafting, grafting_epsilon=geps,
+                  grafting_beta2=b2, start_preconditioning_step=start,
+                  precondition_frequency=freq, factor_dtype=F64, max_preconditioner_dim=8)
+    ref = {"sgd": lambda: torch.optim.SGD([V], lr=lr),
+           "adagrad": lambda: torch.optim.Adagrad([V], lr=lr, eps=geps),
+           "adam": lambda: torch.optim.Adam([V], lr=lr, betas=(0.0, b2), eps=geps)}[grafting]()
+    calls = count_root_calls(monkeypatch)
+    roots_at = []
+    for k in range(1, 12):
+        V.grad = set_grad(W, k)
+        before = [r.clone() for r in opt.state[W].get("roots", [])]
+        n = len(calls)
+        opt.step()
+        ref.step()
+        if len(calls) > n:
+            roots_at.append(k)
+            assert len(calls) - n == 2  # one call per bucket: sizes 5 and 3
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(before, opt.state[W]["roots"]))
+        if k < start:
+            torch.testing.assert_close(W, V, rtol=1e-12, atol=1e-14)
+        elif k == start:
+            assert not torch.allclose(W, V)
+    assert roots_at == [4, 7, 10] and opt.state[W]["root_updates"] == 3
+
+
+def test_momentum_of_the_final_direction_before_the_start():
+    # beta1 > 0: m <- b1 m + (1 - b1) d, p <- p - lr m / (1 - b1^t), d the grafting direction.
+    W = torch.randn(4, 3, dtype=F64, generator=gen(0)).requires_grad_(True)
+    b1, b2, lr, geps = 0.8, 0.95, 0.01, 1e-8
+    opt = Shampoo([W], lr=lr, betas=(b1, 0.9), grafting="adam", grafting_beta2=b2,
+                  grafting_epsilon=geps, start_preconditioning_step=100, weight_decay=0.1)
+    p = W.detach().clone()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for t in range(1, 6):
+        g = set_grad(W, t)
+        opt.step()
+        v = b2 * v + (1 - b2) * g * g
+        d = g / (v.sqrt() / math.sqrt(1 - b2 ** t) + geps)
+        m = b1 * m + (1 - b1) * d
+        p = p * (1 - lr * 0.1) - lr * m / (1 - b1 ** t)  # decoupled weight decay
+        torch.testing.assert_close(W.detach(), p, rtol=1e-12, atol=1e-15)
+
+
+def test_l2_weight_decay_enters_the_statistics():
+    W = torch.randn(5, 5, dtype=F64, generator=gen(0)).requires_grad_(True)
+    W0 = W.detach().clone()
+    opt = Shampoo([W], **options(weight_decay=0.3, decoupled_weight_decay=False,
+                                 max_preconditioner_dim=8))
+    g = set_grad(W, 1) + 0.3 * W0
+    opt.step()
+    torch.testing.assert_close(opt.state[W]["factors"][0], g @ g.T, rtol=1e-14, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# Root failures
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_failed_root_keeps_the_previous_one_then_raises(method):
+    W = torch.randn(5, 5, dtype=F64, generator=gen(0)).requires_grad_(True)
+    U = torch.randn(5, 5, dtype=F64, generator=gen(1)).requires_grad_(True)
+    opt = Shampoo([W, U], **options(root_method=method, max_root_failures=3, lr=0.01,
+                                    betas=(0.0, 0.9), grafting="adam", max_preconditioner_dim=8))
+    sw, su = opt.state[W], opt.state[U]
+
+    def step(k):
+        set_grad(W, 2 * k)
+        set_grad(U, 2 * k + 1)
+        opt.step()
+    step(1)
+    saved_factor = sw["factors"][0].clone()
+    for k in (2, 3):
+        kept = sw["roots"][0].clone()
+        other = su["roots"][0].clone()
+        sw["factors"][0].fill_(float("nan"))  # a view of the bucket: the op sees a NaN factor
+        step(k)
+        assert torch.equal(sw["roots"][0], kept)  # kept
+        assert not torch.equal(su["roots"][0], other)  # the others were recomputed
+        assert sw["root_failures"][0] == k - 1 and sw["root_failures"][1] == 0
+        assert sw["failed_roots"] == k - 1
+        assert all(torch.isfinite(p).all() for p in (W, U))
+    sw["factors"][0].copy_(saved_factor)  # recovers: the count restarts
+    step(4)
+    assert sw["root_failures"][0] == 0 and sw["failed_roots"] == 2
+    for k in (5, 6):
+        sw["factors"][0].fill_(float("nan"))
+        step(k)
+    sw["factors"][0].fill_(float("nan"))
+    before = W.detach().clone()
+    with pytest.raises(RootFailureError, match=r"dim 0 of block 0 of param 0 .*failed 3 "
+                                               r"consecutive times \(max_root_failures=3\)"):
+        step(7)
+    assert torch.equal(W.detach(), before)  # raised before the params moved
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+@pytest.fixture(scope="module")
+def mnist1d():
+    data_module = pytest.importorskip("mnist1d.data")
+    args = data_module.get_dataset_args()
+    args.seed = 0
+    data = data_module.make_dataset(args)
+    return (torch.tensor(data["x"], dtype=torch.float32),
+            torch.tensor(data["y"], dtype=torch.long))
+
+
+def mlp_model():
+    return nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def cnn_model():
+    return nn.Sequential(nn.Unflatten(1, (1, 40)),
+                         nn.Conv1d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+                         nn.Conv1d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2),
+                         nn.Flatten(), nn.Linear(320, 10))
+
+
+def train_mnist1d(data, make_model, make_opt, steps=200, seed=0):
+    inputs, labels = data
+    torch.manual_seed(seed)
+    model = make_model()
+    opt = make_opt(model.parameters())
+    g = gen(seed)
+
+    def full_loss():
+        with torch.no_grad():
+            return nn.functional.cross_entropy(model(inputs), labels).item()
+    initial = full_loss()
+    for _ in range(steps):
+        idx = torch.randint(0, len(inputs), (128,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(inputs[idx]), labels[idx]).backward()
+        opt.step()
+    return initial, full_loss(), opt
+
+
+@pytest.mark.parametrize("make_model", [mlp_model, cnn_model], ids=["mlp", "cnn"])
+def test_decreases_training_loss_on_mnist1d(mnist1d, make_model):
+    # Defaults (Adam grafting, roots every 10 steps from step 10) with an lr of 1e-2.
+    # Measured (seed 0, 200 steps): MLP 2.31 -> 0.79 (Adam 0.93), CNN 2.30 -> 0.23 (Adam 0.23).
+    initial, final, opt = train_mnist1d(mnist1d, make_model, lambda p: Shampoo(p, lr=1e-2))
+    first = next(iter(opt.state.values()))
+    assert first["root_updates"] == 20 and first["failed_roots"] == 0
+    assert math.isfinite(final) and final < 0.45 * initial, (initial, final)
+    # Not (much) worse than Adam with the same lr: loose on purpose.
+    _, adam, _ = train_mnist1d(mnist1d, make_model, lambda p: torch.optim.Adam(p, lr=1e-2))
+    assert final < 1.15 * adam, (final, adam)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite gradients, resume
+
+def conv_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv1d(2, 6, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 6, 5),
+                         nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+
+
+def batches(steps, dtype=torch.float32, seed=1, device="cpu"):
+    g = gen(seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(16, 2, 8, dtype=dtype, generator=g)
+        out.append((x.to(device), x[:, :, :3].sum(-1).sin().mul(2).matmul(
+            torch.ones(2, 3, dtype=dtype)).to(device)))
+    return out
+
+
+def backward(model, batch):
+    model.zero_grad()
+    loss = nn.functional.mse_loss(model(batch[0]), batch[1])
+    loss.backward()
+    return loss
+
+
+def run(opt, model, data):
+    for batch in data:
+        backward(model, batch)
+        opt.step()
+
+
+def grouped(model, **kw):
+    conv, lin1, lin2 = model[0], model[3], model[5]
+    groups = [{"params": list(conv.parameters()) + list(lin2.parameters())},
+              {"params": list(lin1.parameters()), "lr": 0.02, "betas": (0.5, 0.9),
+               "weight_decay": 0.01}]
+    return Shampoo(groups, **{**dict(lr=0.01, precondition_frequency=3,
+                                     start_preconditioning_step=2, max_preconditioner_dim=16,
+                                     precondition_1d=True), **kw})
+
+
+def all_state_equal(opt_a, params_a, opt_b, params_b, ignore=()):
+    for pa, pb in zip(params_a, params_b):
+        sa, sb = opt_a.state.get(pa, {}), opt_b.state.get(pb, {})
+        assert set(sa) == set(sb)
+        for key in set(sa) - set(ignore):
+            a, b = sa[key], sb[key]
+            if isinstance(a, list):
+                assert len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y)
+                                                for x, y in zip(a, b)), key
+            elif torch.is_tensor(a):
+                assert a.dtype == b.dtype and torch.equal(a, b), key
+            else:
+                assert a == b, key
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("at_root_step", [False, True])
+def test_nonfinite_gradient_is_skipped(value, at_root_step):
+    model = conv_model()
+    opt = grouped(model)  # root steps 2, 5, 8, 11
+    run(opt, model, batches(7 if at_root_step else 6))  # next: step 8 (a root step) or 7
+    before_model, before_opt = copy.deepcopy((model, opt))
+    params, before = list(model.parameters()), list(before_model.parameters())
+    backward(model, batches(1, seed=5)[0])
+    params[2].grad[1, 2] = value
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    all_state_equal(opt, params, before_opt, before, ignore=("step", "nonfinite_steps"))
+    state = opt.state[params[0]]
+    assert state["step"] == before_opt.state[before[0]]["step"] + 1
+    assert state["nonfinite_steps"].dtype == torch.int64 and state["nonfinite_steps"] == 1
+    run(opt, model, batches(4, seed=7))
+    assert all(torch.isfinite(p).all() for p in params)
+    assert state["root_updates"] == (3 if at_root_step else 4)
+
+
+@pytest.mark.parametrize("at_root_step", [False, True])
+def test_nonfinite_gradient_raises_and_changes_nothing(at_root_step):
+    model = conv_model()
+    opt = grouped(model, on_nonfinite="raise")
+    run(opt, model, batches(7 if at_root_step else 6))
+    before_model, before_opt = copy.deepcopy((model, opt))
+    params, before = list(model.parameters()), list(before_model.parameters())
+    backward(model, batches(1, seed=5)[0])
+    params[0].grad[0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="not finite"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    all_state_equal(opt, params, before_opt, before)
+
+
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("via_bytes", [False, True])
+def test_resume_is_bit_identical(factor_dtype, via_bytes):
+    def make(model):
+        return grouped(model, factor_dtype=factor_dtype, grafting="adam")
+    model = conv_model()
+    opt = make(model)
+    run(opt, model, batches(5))
+    backward(model, batches(1, seed=5)[0])
+    next(model.parameters()).grad[0, 0, 0] = float("nan")  # skipped: the counter is saved
+    opt.step()
+    run(opt, model, batches(2, seed=6))
+    saved = {"model": model.state_dict(), "opt": opt.state_dict()}
+    if via_bytes:
+        buf = io.BytesIO()
+        torch.save(saved, buf)
+        buf.seek(0)
+        saved = torch.load(buf)
+    else:
+        saved = copy.deepcopy(saved)
+    rest = batches(7, seed=8)  # two root steps
+    run(opt, model, rest)
+
+    resumed = conv_model(seed=3)
+    resumed.load_state_dict(saved["model"])
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved["opt"])
+    run(opt2, resumed, rest)
+    params, params2 = list(model.parameters()), list(resumed.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+    all_state_equal(opt, params, opt2, params2)
+    state2 = opt2.state[params2[0]]
+    assert state2["factors"][0].dtype == factor_dtype
+    assert state2["nonfinite_steps"] == 1 and state2["root_updates"] == 5
+    # The loaded factors were copied into the new buckets: the state's views are of them.
+    buckets = {t.untyped_storage().data_ptr() for t in opt2._ws.factors.values()}
+    assert all(f.untyped_storage().data_ptr() in buckets
+               for p in params2 for f in opt2.state[p].get("factors", []))
+
+
+def test_param_group_added_later_keeps_the_factors():
+    model = conv_model()
+    opt = grouped(model)
+    run(opt, model, batches(4))
+    old = [f.clone() for f in opt.state[model[0].weight]["factors"]]
+    extra = torch.randn(7, 4, requires_grad=True)
+    opt.add_param_group({"params": [extra], "lr": 0.1})
+    assert all(torch.equal(a, b) for a, b in zip(old, opt.state[model[0].weight]["factors"]))
+    backward(model, batches(1, seed=9)[0])
+    extra.grad = torch.ones_like(extra)
+    opt.step()
+    assert len(opt.state[extra]["factors"]) == 2  # 28 > 16: not merged
+    assert not torch.equal(extra, torch.zeros_like(extra))
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and conventions
+
+def param(dtype=torch.float32):
+    return torch.zeros(3, 4, dtype=dtype, requires_grad=True)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr=torch.tensor(0.1)), "lr"),
+    (dict(betas=(1.0, 0.9)), "betas"), (dict(betas=(0.9, 0.0)), "betas"),
+    (dict(betas=(0.9, 1.1)), "betas"), (dict(betas=0.9), "betas"), (dict(betas=(0.9,)), "betas"),
+    (dict(epsilon=0.0), "epsilon"), (dict(epsilon=-1e-12), "epsilon"),
+    (dict(weight_decay=-1e-4), "weight_decay"),
+    (dict(decoupled_weight_decay=1), "decoupled_weight_decay"),
+    (dict(max_preconditioner_dim=0), "max_preconditioner_dim"),
+    (dict(max_preconditioner_dim=8.0), "max_preconditioner_dim"),
+    (dict(merge_dims="yes"), "merge_dims"), (dict(precondition_1d=None), "precondition_1d"),
+    (dict(precondition_frequency=0), "precondition_frequency"),
+    (dict(precondition_frequency=True), "precondition_frequency"),
+    (dict(start_preconditioning_step=0), "start_preconditioning_step"),
+    (dict(grafting="rmsprop"), "grafting"), (dict(grafting_epsilon=0.0), "grafting_epsilon"),
+    (dict(grafting_beta2=1.0), "grafting_beta2"), (dict(grafting_beta2=0.0), "grafting_beta2"),
+    (dict(root_method="svd"), "root_method"), (dict(factor_dtype=torch.float16), "factor_dtype"),
+    (dict(factor_dtype="float32"), "factor_dtype"),
+    (dict(max_root_failures=0), "max_root_failures"), (dict(on_nonfinite="ignore"), "on_nonfinite"),
+])
+def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Shampoo([param()], **kwargs)
+
+
+def test_group_options():
+    # lr, betas and weight_decay may differ between groups; the rest may not.
+    with pytest.raises(ValueError, match="betas"):
+        Shampoo([{"params": [param()]}, {"params": [param()], "betas": (0.9, 2.0)}])
+    with pytest.raises(ValueError, match="precondition_frequency"):
+        Shampoo([{"params": [param()]}, {"params": [param()], "precondition_frequency": 3}])
+    # Different beta2 in one bucket: each factor decays with its group's.
+    W = torch.randn(4, 3, dtype=F64, generator=gen(0)).requires_grad_(True)
+    U = torch.randn(4, 3, dtype=F64, generator=gen(1)).requires_grad_(True)
+    opt = Shampoo([{"params": [W], "betas": (0.0, 0.5)}, {"params": [U], "betas": (0.0, 0.25)}],
+                  factor_dtype=F64, max_preconditioner_dim=8)
+    gw, gu = [], []
+    for k in range(2):
+        gw.append(set_grad(W, 2 * k))
+        gu.append(set_grad(U, 2 * k + 1))
+        opt.step()
+    assert opt._ws.factors[(4, 2)].shape[0] == 2
+    for p, g, beta2 in ((W, gw, 0.5), (U, gu, 0.25)):
+        torch.testing.assert_close(opt.state[p]["factors"][0],
+                                   beta2 * g[0] @ g[0].T + g[1] @ g[1].T, rtol=1e-14, atol=1e-14)
+
+
+def test_complex_sparse_and_mixed_params_refused():
+    with pytest.raises(ValueError, match="complex"):
+        Shampoo([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
+    with pytest.raises(ValueError, match="sparse"):
+        Shampoo([torch.zeros(3, 3).to_sparse().requires_grad_(True)])
+    with pytest.raises(ValueError, match="dtype"):
+        Shampoo([param(), param(F64)])
+    with pytest.raises(ValueError, match="dtype"):
+        Shampoo([torch.zeros(3, dtype=torch.float16, requires_grad=True)])
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = Shampoo(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_closure_hooks_zero_grad_and_missing_grads():
+    model = conv_model()
+    opt = grouped(model)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    batch = batches(1)[0]
+
+    def closure():
+        assert torch.is_grad_enabled()
+        return backward(model, batch)
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert torch.is_tensor(loss) and calls == ["pre", "post"]
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    opt.step()  # no gradients at all: zero gradients, only the momentum moves the params
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lr_scheduler_changes_the_lr_used():
+    finals = []
+    for schedule in ("scheduler", "manual", "none"):
+        model = conv_model()
+        opt = grouped(model)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for k, batch in enumerate(batches(6)):
+            if schedule == "manual":
+                opt.param_groups[0]["lr"] = 0.01 * 0.5 ** k
+                opt.param_groups[1]["lr"] = 0.02 * 0.5 ** k
+            backward(model, batch)
+            opt.step()
+            if schedule == "scheduler":
+                scheduler.step()
+        finals.append(list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(finals[0], finals[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(finals[0], finals[2]))
+
+
+def count_host_syncs(monkeypatch):
+    """Tensor-to-host reads made by Shampoo itself (the reference ops' own reads are not
+    counted: kron_inverse_root's reference iterates on the host)."""
+    count = [0]
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    root = ops.kron_inverse_root
+
+    def uncounted(*args, **kwargs):
+        before = count[0]
+        out = root(*args, **kwargs)
+        count[0] = before
+        return out
+    monkeypatch.setattr(ops, "kron_inverse_root", uncounted)
+    return count
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_host_syncs(monkeypatch, on_nonfinite):
+    """None between root steps (one per step with 'raise'), one more at a root step."""
+    model = conv_model()
+    opt = grouped(model, on_nonfinite=on_nonfinite, grafting="adam")
+    data = batches(12)
+    count = count_host_syncs(monkeypatch)
+    for k, batch in enumerate(data, start=1):
+        backward(model, batch)
+        if k in (6, 8) and on_nonfinite == "skip":  # skipped steps are decided on the device
+            next(model.parameters()).grad[0, 0, 0] = float("nan")
+        count[0] = 0
+        opt.step()
+        root_step = k >= 2 and (k - 2) % 3 == 0
+        expected = int(root_step) + int(on_nonfinite == "raise")
+        assert count[0] == expected, k
+    assert opt.state[next(model.parameters())]["root_updates"] == (3 if on_nonfinite == "skip"
+                                                                   else 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+@cuda
+def test_matches_cpu_and_no_sync_between_root_steps_cuda():
+    models = [conv_model(), conv_model().cuda()]
+    opts = [grouped(m, grafting="adam") for m in models]
+    for k, batch in enumerate(batches(8), start=1):
+        for m, opt in zip(models, opts):
+            device = next(m.parameters()).device
+            backward(m, (batch[0].to(device), batch[1].to(device)))
+            root_step = k >= 2 and (k - 2) % 3 == 0
+            if device.type == "cuda" and k > 1 and not root_step:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-4)
