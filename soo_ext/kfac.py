@@ -6,6 +6,7 @@ import functools
 import math
 import re
 import warnings
+import weakref
 from numbers import Integral, Real
 from typing import Callable
 
@@ -226,6 +227,15 @@ class _Layout:
         return out
 
 
+def _forward_hook(opt_ref: weakref.ref, layer: _Layer, module: nn.Module, inputs,
+                  output) -> None:
+    """The forward hook on a K-FAC layer; it holds the optimizer weakly (a dropped optimizer
+    does not stay alive through its model's hooks, which then do nothing)."""
+    opt = opt_ref()
+    if opt is not None:
+        opt._forward_hook(layer, module, inputs, output)
+
+
 class KFAC(Optimizer):
     r"""K-FAC: Kronecker-factored approximate curvature (Martens & Grosse 2015) with the
     defaults of KAISA (gpauloski/kfac-pytorch), as one optimizer: the preconditioner and SGD
@@ -290,7 +300,8 @@ class KFAC(Optimizer):
     ``nn.ReLU(inplace=True)``.)  The staged statistics are committed by ``step()`` only if the
     step is finite, and dropped by ``zero_grad()`` (so that an iteration skipped by a
     ``GradScaler`` does not leak into the next).  :meth:`remove_hooks` detaches the optimizer
-    from the model: later steps keep preconditioning with the factors they have.
+    from the model: later steps keep preconditioning with the factors they have.  The hooks
+    hold the optimizer weakly: a dropped optimizer's hooks do nothing.
 
     If factors are due at a step, some K-FAC layer has a gradient and nothing was captured since
     the last step (no backward, or the model in eval mode), ``step()`` raises RuntimeError.
@@ -402,7 +413,7 @@ class KFAC(Optimizer):
             layer = _Layer(name, module, len(self._layers))
             self._layers.append(layer)
             self._handles.append(module.register_forward_hook(
-                functools.partial(self._forward_hook, layer)))
+                functools.partial(_forward_hook, weakref.ref(self), layer)))
         self._hooks_active = True
 
     # ----------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@ against a dense Kronecker solve, plain layers against torch.optim.SGD, resume, s
 accumulation, GradScaler, non-finite steps, failed decompositions, host syncs, arguments, and a
 decrease of the training loss on MNIST-1D."""
 import copy
+import gc
 import io
 import math
+import weakref
 
 import pytest
 import torch
@@ -528,6 +530,13 @@ def test_remove_hooks():
     assert torch.equal(opt.state[model[0].weight]["A"], A)
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
     assert not model[0]._forward_hooks
+    # A dropped optimizer is not kept alive by its hooks; they do nothing then.
+    opt = KFAC(model)
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None and model[0]._forward_hooks
+    backward(model, data[0])
 
 
 def test_factor_and_inverse_schedule():
