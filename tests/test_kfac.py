@@ -299,6 +299,16 @@ def test_tied_layers_are_left_out():
     assert [n for n, _ in opt.layers] == ["4"]
 
 
+def test_params_argument_limits_the_layers():
+    model = mlp()
+    opt = KFAC(model, params=model[2].parameters(), factor_dtype=torch.float64)
+    assert [n for n, _ in opt.layers] == ["2"]
+    first = [p.detach().clone() for p in model[0].parameters()]
+    train(opt, model, batches(2))
+    assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), first))
+    assert opt.state[model[2].weight]["factor_updates"] == 2
+
+
 def test_all_layers_skipped_is_sgd():
     model, twin = mlp(dtype=torch.float32), mlp(dtype=torch.float32)
     opt = KFAC(model, lr=0.1, momentum=0.5, weight_decay=1e-3, skip_layers="Linear")
