@@ -33,6 +33,8 @@ _NUMBERS = {  # (accepts the value, what is required); NaN fails every test
 }
 _INTS = ("max_preconditioner_dim", "precondition_frequency", "start_preconditioning_step",
          "max_root_failures")
+_LAYOUT_OPTIONS = ("max_preconditioner_dim", "merge_dims", "precondition_1d", "factor_dtype",
+                   "grafting")
 _BOOLS = ("decoupled_weight_decay", "merge_dims", "precondition_1d")
 # State entries that Optimizer.load_state_dict must not cast to the params' dtype (factors may be
 # float64 with float32 params; counters are integers).
@@ -179,10 +181,12 @@ class _Workspace:
                       for key, b in sizes.items()}
         self.slot_group = {key: [self.params[i].group for i, _, _ in own]
                            for key, own in self.owner.items()}
+        self.layout: tuple = ()
         self._decay_key: tuple | None = None
         self._decay: dict[tuple[int, int], Tensor] | float = 1.0
 
         grafting = options["grafting"]
+        assign: list[tuple[dict, str, list[Tensor]]] = []
         for i, P in enumerate(self.params):
             state = opt.state[P.p]
             for key in ("momentum_buffer",) + (("graft_state",) if grafting in ("adagrad", "adam")
@@ -215,7 +219,9 @@ class _Workspace:
                             "or precondition_1d differ from the saved run's)")
                     for v, s in zip(views, saved):
                         v.copy_(s)
-                state[key] = views
+                assign.append((state, key, views))
+        for state, key, views in assign:  # only once every param's state fits
+            state[key] = views
         self.state = opt.state[p0]
         self.state.setdefault("step", 0)
         self.state.setdefault("root_updates", 0)
@@ -302,7 +308,8 @@ class Shampoo(Optimizer):
     **Root failures.**  ``root_failures[i]`` (per factor, device int32) counts consecutive failed
     roots of a factor (reset by a good one), ``state['failed_roots']`` all of them.  When a factor
     reaches ``max_root_failures`` consecutive failures, :class:`RootFailureError` is raised at that
-    root step, before the params move (factors and the other roots are already updated).
+    root step, before the params move (``step``, the factors and the other roots are already
+    updated).
 
     **State.**  Global, under the first param: ``step`` (int, steps called), ``root_updates``
     (int, root steps done), ``nonfinite_steps``, ``failed_roots``.  Per param:
@@ -368,9 +375,6 @@ class Shampoo(Optimizer):
         super().__setstate__(state)
         self._ws = None  # rebuilt from the state at the next step
 
-    def __getstate__(self) -> dict:
-        return super().__getstate__()  # without the workspace
-
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
@@ -407,8 +411,12 @@ class Shampoo(Optimizer):
         self._ws = None
 
     def _workspace(self) -> _Workspace:
-        if self._ws is None:
+        # Options that shape the buckets or the state: changing one rebuilds them (a layout that
+        # no longer matches the saved factors raises ValueError).
+        key = tuple(self.param_groups[0][k] for k in _LAYOUT_OPTIONS)
+        if self._ws is None or self._ws.layout != key:
             self._ws = _Workspace(self)
+            self._ws.layout = key
         return self._ws
 
     # ------------------------------------------------------------------------------------------
@@ -458,11 +466,11 @@ class Shampoo(Optimizer):
         taken = (k - gstate["nonfinite_steps"]).clamp_min(1).to(torch.float64)
 
         stacked = self._update_factors(ws, geff, ok)
+        gstate["step"] = k
         start, freq = opt0["start_preconditioning_step"], opt0["precondition_frequency"]
         preconditioning = k >= start
         if preconditioning and (k - start) % freq == 0:
             self._update_roots(ws, ok, k)
-        gstate["step"] = k
 
         graft = self._grafting(ws, geff, ok, taken)
         dirs = graft if not preconditioning else self._shampoo(ws, stacked, graft)

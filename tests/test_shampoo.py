@@ -91,7 +91,10 @@ def test_one_step_on_a_matrix_matches_the_formula(method, grafting, shape):
         S = S * A.norm() / S.norm()
     # Newton: max|X^p B - I| <= 1e-6 per root, and the rank-deficient factor of a non-square G
     # (eigenvalues 0 + 1e-12) converges more slowly on directions that G does not reach.
-    tol = dict(rtol=1e-9, atol=1e-9) if method == "eigh" else dict(rtol=2e-5, atol=2e-5 * S.abs().max().item())
+    if method == "eigh":
+        tol = dict(rtol=1e-9, atol=1e-9)
+    else:
+        tol = dict(rtol=2e-5, atol=2e-5 * S.abs().max().item())
     torch.testing.assert_close(W.detach(), W0 - S, **tol)
 
 
@@ -158,6 +161,34 @@ def test_order3_tensor_merged_and_blocked_matches_the_formula():
     # The bias takes the grafting direction (here None: the gradient), bit for bit SGD.
     assert "factors" not in opt.state[b]
     assert torch.equal(b.detach(), b1 - 0.5 * gb)
+
+
+def test_order4_conv_weight_one_step_matches_the_formula():
+    # A Conv2d weight (3, 4, 5, 6) with max dim 6: nothing merges, four factors, exponent -1/8.
+    eps = 1e-3
+    W = torch.randn(3, 4, 5, 6, dtype=F64, generator=gen(0)).requires_grad_(True)
+    W0 = W.detach().clone()
+    opt = Shampoo([W], **options(epsilon=eps, max_preconditioner_dim=6, grafting="sgd"))
+    G = set_grad(W, 1)
+    opt.step()
+    factors = [unfold(G, i) @ unfold(G, i).T for i in range(4)]
+    for f, expected in zip(opt.state[W]["factors"], factors):
+        torch.testing.assert_close(f, expected, rtol=1e-13, atol=1e-13)
+    S = shampoo_direction(G, factors, eps)
+    torch.testing.assert_close(W.detach(), W0 - S * G.norm() / S.norm(), rtol=1e-9, atol=1e-9)
+
+
+def test_layout_options_changed_after_the_first_step():
+    W = torch.randn(6, 10, requires_grad=True)
+    opt = Shampoo([W], max_preconditioner_dim=8, grafting=None)
+    set_grad(W, 0)
+    opt.step()
+    opt.param_groups[0]["grafting"] = "adagrad"  # rebuilt: the grafting state appears
+    opt.step()
+    assert "graft_state" in opt.state[W] and len(opt.state[W]["factors"]) == 4
+    opt.param_groups[0]["max_preconditioner_dim"] = 16  # the saved factors no longer fit
+    with pytest.raises(ValueError, match="does not match its blocks"):
+        opt.step()
 
 
 def test_precondition_1d_gives_a_vector_a_full_factor():
