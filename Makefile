@@ -21,6 +21,8 @@ $(VENV)/.installed:
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) ninja numpy pytest hypothesis \
 		expecttest tabulate tqdm matplotlib scikit-learn mnist1d
+	# optional peers of bench train / bench precond (K-FAC of ASDL, Shampoo of pytorch-optimizer)
+	$(PY) -m pip install --quiet --no-deps asdfghjkl pytorch-optimizer
 	touch $@
 
 # Rebuilt only when a source changes (ninja then recompiles only what changed).

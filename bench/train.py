@@ -9,8 +9,9 @@ Data (nothing is downloaded):
 
 Cases (model, parameter count, default target test accuracy):
   mnist1d-mlp  Linear 40-100, ReLU, Linear 100-100, ReLU, Linear 100-10      15,210 params  0.60
-  mnist1d-cnn  Conv1d 1->25 (k5, stride 2, pad 1), ReLU, Conv1d 25->25 (k3, stride 2, pad 1),
+  mnist1d-cnn  Conv 1->25 (k5, stride 2, pad 1), ReLU, Conv 25->25 (k3, stride 2, pad 1),
                ReLU, the same again, ReLU, flatten (25 x 5), Linear 125-10     5,210 params  0.80
+               (1-D convolutions written as Conv2d with 1 x k kernels: K-FAC handles Conv2d)
   digits-mlp   Linear 64-32, tanh, Linear 32-10                               2,410 params  0.90
 The MNIST-1D MLP over-fits: it levels off at 0.62-0.66 test accuracy with Adam (full-batch
 L-BFGS drives its training loss to 0 at about 0.58), hence its low target; the CNN passes 0.85.
@@ -33,6 +34,19 @@ Optimizers and learning-rate sweeps:
   soo_ext.LBFGS       the same options, full batch             lr 0.1, 1
   soo_ext.BFGS        strong Wolfe, full batch, where its n^2 state fits 256 MiB
                       (otherwise skipped with a note)                lr 0.1, 1
+  soo_ext.KFAC        eigen mode, momentum 0.9, damping 1e-3, factor decay 0.95, KL clip
+                      1e-3 (its defaults), factors every step, eigendecompositions every 10
+                      steps, minibatch                     lr 0.03, 0.1, 0.3
+  soo_ext.Shampoo     Adam grafting, roots every 10 steps, its other defaults, minibatch
+                                                           lr 0.003, 0.01, 0.03
+Optional peers, run in the same process when their package is installed (otherwise skipped
+with a note), same models, data and budget:
+  asdl.KFAC           ASDL's KfacGradientMaker (package asdfghjkl): curvature every step,
+                      preconditioner every 10 steps, damping 1e-2 (it has no KL clip: at 1e-3
+                      it diverges), data_size = batch size, then torch.optim.SGD momentum 0.9
+                                                           lr 0.001, 0.003, 0.01
+  pytorch_optimizer.Shampoo  (package pytorch-optimizer) preconditioning_compute_steps 10,
+                      its other defaults                   lr 0.003, 0.01, 0.03
 Minibatch optimizers draw --batch-size samples a step() call, without replacement, reshuffled
 every epoch (the last incomplete batch of an epoch is dropped).  Full-batch optimizers take a closure
 over the whole training set; each step() call runs up to --full-batch-iters iterations.
@@ -52,7 +66,8 @@ may pass --max-steps) and after every step() call for the full-batch ones, and a
 (case, optimizer, lr) runs once per seed (--seeds): torch.manual_seed(seed) before the model is
 built (so every optimizer starts from the same weights for a seed), and the seed also orders the
 minibatches.  An untimed warm-up step per (case, optimizer) on a throwaway model comes first.
-By default that is 3 cases x 19 settings x 3 seeds = 171 runs of about 10 s: some 40 minutes.
+By default that is 3 cases x 31 settings x 3 seeds = 279 runs of about 10 s (fewer when BFGS or
+a peer is skipped): some 50-60 minutes.
 
 Best learning rate per (case, optimizer): the most seeds reaching the target, then the smallest
 mean wall-clock to target, then the highest mean final test accuracy.
@@ -62,13 +77,14 @@ Columns (mean +- sample std over seeds; time and steps to target over the seeds 
   s to target    training seconds (clock paused during evaluations) at the first evaluation with
                  test accuracy >= target
   steps to tgt   steps (gradient evaluations) at that evaluation
-  x Adam         s to target / that of the best torch.optim.Adam setting of the case (for
-                 soo_ext.MLBFGS on MNIST-1D the goal is <= 0.8)
+  x Adam         s to target / that of the best torch.optim.Adam setting of the case (the
+                 goal is <= 0.8 for soo_ext.MLBFGS on MNIST-1D and soo_ext.KFAC on the CNN)
   train loss     training loss at the last evaluation
   test acc       test accuracy at the last evaluation
   ms/step        training seconds / steps (per gradient evaluation)
   epochs         training samples processed / training-set size, at the end
-  diverged       seeds stopped by a non-finite loss
+  diverged       seeds stopped by a non-finite loss (or, for ASDL, an exception of its own:
+                 a failed Cholesky or NaN probabilities; the run record keeps it as error)
 
 --json: one record per (case, optimizer, lr): the columns' means (keys time_to_target,
 steps_to_target, time_to_target_vs_adam, final_train_loss, final_test_acc, ms_per_step, steps,
@@ -148,11 +164,14 @@ def mnist1d_mlp() -> nn.Module:
 
 
 def mnist1d_cnn() -> nn.Module:
-    return nn.Sequential(nn.Unflatten(1, (1, 40)),
-                         nn.Conv1d(1, 25, 5, stride=2, padding=1), nn.ReLU(),   # length 19
-                         nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),  # length 10
-                         nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),  # length 5
-                         nn.Flatten(), nn.Linear(25 * 5, 10))
+    """Three convolutions over the 40-sample signal, as Conv2d with 1 x k kernels on a 1 x 40
+    image: the function and initial weights of the Conv1d form (same fan-in, same draws in the
+    same order), in the layer type that K-FAC implementations precondition."""
+    return nn.Sequential(nn.Unflatten(1, (1, 1, 40)),
+                         nn.Conv2d(1, 25, (1, 5), stride=(1, 2), padding=(0, 1)), nn.ReLU(),
+                         nn.Conv2d(25, 25, (1, 3), stride=(1, 2), padding=(0, 1)), nn.ReLU(),
+                         nn.Conv2d(25, 25, (1, 3), stride=(1, 2), padding=(0, 1)), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(25 * 5, 10))  # lengths 19, 10, 5
 
 
 def digits_mlp() -> nn.Module:
@@ -182,6 +201,11 @@ class OptimizerSpec:
     make: Callable[..., torch.optim.Optimizer]  # (params, lr, full_batch_iters[, model])
     # minibatch optimizer fed a closure (no backward) over its minibatch, made with model=
     closure: bool = False
+    # made from the model (make gets it as a 4th argument): K-FAC hooks its layers
+    takes_model: bool = False
+    # ASDL: make(params, lr, batch_size, model) returns (optimizer, grad maker); the grad maker
+    # runs forward and backward
+    asdl: bool = False
 
 
 def _strong_wolfe(make: Callable[..., torch.optim.Optimizer]) -> Callable:
@@ -192,6 +216,33 @@ def _strong_wolfe(make: Callable[..., torch.optim.Optimizer]) -> Callable:
 # Dense BFGS moves 3 n^2 elements an iteration: run it where that stays small next to the
 # closure (digits-mlp, mnist1d-cnn), not on the 15k-parameter MLP (0.93 GB of state).
 BFGS_MAX_STATE_BYTES = 256 * 2**20
+
+# K-FAC and Shampoo: preconditioners recomputed every this many steps (factors every step)
+PRECONDITION_EVERY = 10
+
+
+def _peer(module: str):
+    """An optional peer package, or ValueError (the run is skipped with this note)."""
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ValueError(f"{module} is not installed (optional peer)") from None
+
+
+# ASDL's K-FAC has no KL clip: with soo_ext.KFAC's damping 1e-3 its steps blow up (NaN
+# probabilities at lr 0.003-0.1 within 40 steps) and fp32 Cholesky fails on rank-deficient
+# factors; damping 1e-2 without a running average and lower learning rates are what it survives.
+ASDL_DAMPING = 1e-2
+
+
+def _asdl_kfac(params, lr, batch_size, model):
+    _peer("asdl")
+    from asdl.precondition import KfacGradientMaker, PreconditioningConfig
+    config = PreconditioningConfig(data_size=batch_size, damping=ASDL_DAMPING,
+                                   curvature_upd_interval=1,
+                                   preconditioner_upd_interval=PRECONDITION_EVERY)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9), KfacGradientMaker(model, config)
+
 
 OPTIMIZERS = (
     OptimizerSpec("torch.optim.SGD", (0.03, 0.1, 0.3), False,
@@ -210,6 +261,18 @@ OPTIMIZERS = (
     OptimizerSpec("soo_ext.BFGS", (0.1, 1.0), True,
                   _strong_wolfe(lambda *args, **kw: soo_ext.BFGS(
                       *args, max_state_bytes=BFGS_MAX_STATE_BYTES, **kw))),
+    OptimizerSpec("soo_ext.KFAC", (0.03, 0.1, 0.3), False,
+                  lambda params, lr, _, model: soo_ext.KFAC(
+                      model, lr=lr, momentum=0.9, inv_update_steps=PRECONDITION_EVERY),
+                  takes_model=True),
+    OptimizerSpec("soo_ext.Shampoo", (3e-3, 1e-2, 3e-2), False,
+                  lambda params, lr, _: soo_ext.Shampoo(
+                      params, lr=lr, grafting="adam", precondition_frequency=PRECONDITION_EVERY)),
+    OptimizerSpec("asdl.KFAC", (1e-3, 3e-3, 1e-2), False, _asdl_kfac, takes_model=True,
+                  asdl=True),
+    OptimizerSpec("pytorch_optimizer.Shampoo", (3e-3, 1e-2, 3e-2), False,
+                  lambda params, lr, _: _peer("pytorch_optimizer").Shampoo(
+                      params, lr=lr, preconditioning_compute_steps=PRECONDITION_EVERY)),
 )
 ADAM = "torch.optim.Adam"
 MLBFGS = "soo_ext.MLBFGS"
@@ -365,6 +428,26 @@ class ClosureMinibatchTrainer(MinibatchTrainer):
             self.optimizer.step(closure)
 
 
+class AsdlTrainer(MinibatchTrainer):
+    """ASDL's K-FAC: its grad maker runs forward and backward (capturing the statistics and
+    preconditioning the gradients), then the optimizer steps."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Data,
+                 budget: Budget, seed: int, grad_maker) -> None:
+        super().__init__(model, optimizer, data, budget, seed)
+        self.grad_maker = grad_maker
+
+    def advance(self) -> None:
+        for _ in range(min(self.budget.eval_every, self.budget.max_steps - self.steps)):
+            idx = self.next_batch()
+            self.optimizer.zero_grad()
+            dummy = self.grad_maker.setup_model_call(self.model, self.data.x[idx])
+            self.grad_maker.setup_loss_call(F.cross_entropy, dummy, self.data.y[idx])
+            self.grad_maker.forward_and_backward()
+            self.optimizer.step()
+            self.steps += 1
+
+
 class FullBatchTrainer:
     """``advance()`` is one ``step(closure)`` call; every closure call counts as a step."""
 
@@ -398,6 +481,12 @@ def make_trainer(spec: OptimizerSpec, model: nn.Module, lr: float, data: Data, b
     if spec.closure:
         optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters, model)
         return ClosureMinibatchTrainer(model, optimizer, data, budget, seed)
+    if spec.asdl:
+        optimizer, grad_maker = spec.make(model.parameters(), lr, budget.batch_size, model)
+        return AsdlTrainer(model, optimizer, data, budget, seed, grad_maker)
+    if spec.takes_model:
+        optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters, model)
+        return MinibatchTrainer(model, optimizer, data, budget, seed)
     optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters)
     if spec.full_batch:
         return FullBatchTrainer(model, optimizer, data)
@@ -425,7 +514,7 @@ def train_run(case: Case, spec: OptimizerSpec, lr: float, seed: int, data: Data,
     model = case.make_model().to(device)
     trainer = make_trainer(spec, model, lr, data, budget, seed)
     curve = {key: [] for key in CURVE_KEYS}
-    seconds, diverged = 0.0, False
+    seconds, diverged, error = 0.0, False, None
 
     def record() -> bool:
         train_loss, test_acc = evaluate(model, data)
@@ -441,6 +530,10 @@ def train_run(case: Case, spec: OptimizerSpec, lr: float, seed: int, data: Data,
             trainer.advance()
         except NonFiniteError:  # soo_ext's quasi-Newton optimizers refuse non-finite losses
             diverged = True
+        except (torch.linalg.LinAlgError, ValueError) as exc:  # a peer's failed factorisation
+            if not spec.asdl:                                  # or NaN probabilities
+                raise
+            diverged, error = True, f"{type(exc).__name__}: {str(exc)[:200]}"
         common.synchronize(device)
         seconds += time.perf_counter() - start
         if not record() or diverged:
@@ -456,7 +549,7 @@ def train_run(case: Case, spec: OptimizerSpec, lr: float, seed: int, data: Data,
         "time_to_target": crossing[0] if crossing else None,
         "steps_to_target": crossing[1] if crossing else None,
         "final_train_loss": curve["train_loss"][-1], "final_test_acc": curve["test_acc"][-1],
-        "diverged": diverged, "curve": curve,
+        "diverged": diverged, "error": error, "curve": curve,
     }
 
 

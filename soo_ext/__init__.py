@@ -5,9 +5,11 @@ from . import ops, reference  # noqa: E402  (ops loads the compiled module or wa
 from .bfgs import BFGS  # noqa: E402
 from .drsom import DRSOM  # noqa: E402
 from .history import LBFGSHistory  # noqa: E402
+from .kfac import KFAC  # noqa: E402
 from .lbfgs import LBFGS  # noqa: E402
 from .mlbfgs import MLBFGS  # noqa: E402
 from .ops import build_info  # noqa: E402
+from .shampoo import Shampoo  # noqa: E402
 
-__all__ = ["BFGS", "DRSOM", "LBFGS", "LBFGSHistory", "MLBFGS", "build_info", "ops", "reference",
-           "__version__"]
+__all__ = ["BFGS", "DRSOM", "KFAC", "LBFGS", "LBFGSHistory", "MLBFGS", "Shampoo", "build_info",
+           "ops", "reference", "__version__"]

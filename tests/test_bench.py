@@ -164,3 +164,17 @@ def test_help_documents_the_bandwidth_formula():
     assert "(4*m*h + 3*b) * n" in result.stdout
     for formula in ("4*b*n", "3*b*n", "(2+k)*b*n", "(k+3)*b*n", "--ops"):
         assert formula in result.stdout
+
+
+def test_precond_reports_overheads_against_sgd(tmp_path, capsys):
+    out, png = tmp_path / "precond.json", tmp_path / "precond.png"
+    records, env = cli.main(["precond", "--quick", "--models", "mnist1d-cnn", "--no-peers",
+                             "--json", str(out), "--plot", str(png)])
+    assert json.loads(out.read_text())["records"] == records and png.stat().st_size > 0
+    names = [(r["optimizer"], r["update_every"]) for r in records]
+    assert names == [("SGD", None), ("Adam", None)] + [
+        (n, f) for f in (1, 2) for n in ("KFAC eigen", "KFAC inverse", "Shampoo")]
+    assert records[0]["vs_sgd"] == 1.0
+    for r in records:
+        assert r["ms_per_step"] > 0 and math.isfinite(r["vs_sgd"]) and r["n_params"] == 5_210
+    assert "x SGD" in capsys.readouterr().out

@@ -237,3 +237,46 @@ def test_adabelief_defaults_and_option_checks():
     for bad in (dict(lr=-1.0), dict(eps=-1.0), dict(betas=(1.0, 0.9)), dict(weight_decay=-0.1)):
         with pytest.raises(ValueError):
             AdaBelief([p], **bad)
+
+
+def test_mnist1d_cnn_is_the_conv1d_network_written_with_conv2d():
+    """Same function and same initial weights as Conv1d layers with the same arguments."""
+    torch.manual_seed(0)
+    conv2d = train.mnist1d_cnn()
+    torch.manual_seed(0)
+    conv1d = torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 40)),
+        torch.nn.Conv1d(1, 25, 5, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv1d(25, 25, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv1d(25, 25, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(125, 10))
+    for a, b in zip(conv2d.parameters(), conv1d.parameters()):
+        assert torch.equal(a.flatten(), b.flatten())
+    x = torch.randn(16, 40)
+    torch.testing.assert_close(conv2d(x), conv1d(x))
+
+
+@pytest.mark.parametrize("name", ["soo_ext.KFAC", "soo_ext.Shampoo"])
+def test_train_runs_kfac_and_shampoo(name, one_thread):
+    records, env = cli.main(["train", "--quick", "--device", "cpu", "--cases", "mnist1d-cnn",
+                             "--seeds", "0", "--optimizers", name])
+    spec = next(s for s in train.OPTIMIZERS if s.name == name)
+    assert [r["lr"] for r in records] == list(spec.lrs) and env["notes"] == []
+    for row in records:
+        check_record(row, [0], train.QUICK["max_steps"])
+
+
+@pytest.mark.parametrize("name,module", [("asdl.KFAC", "asdl"),
+                                         ("pytorch_optimizer.Shampoo", "pytorch_optimizer")])
+def test_peers_run_when_installed_and_are_skipped_with_a_note_otherwise(name, module, one_thread):
+    records, env = cli.main(["train", "--quick", "--device", "cpu", "--cases", "mnist1d-cnn",
+                             "--seeds", "0", "--optimizers", name])
+    try:
+        __import__(module)
+    except ImportError:
+        assert records == [] and len(env["notes"]) == 1 and "not installed" in env["notes"][0]
+        return
+    assert env["notes"] == [] and [r["lr"] for r in records] == list(
+        next(s for s in train.OPTIMIZERS if s.name == name).lrs)
+    for row in records:
+        assert row["seeds"] == 1 and 0 <= row["final_test_acc"] <= 1
