@@ -3,7 +3,8 @@
 //
 // Failures are handled on the device (no host round trip) where the ATen call allows it:
 //   kron_damped_inverse  damping added in the copy kernel; linalg_cholesky_ex (check_errors =
-//       false: no sync), failed factors replaced by I, cholesky_inverse; then the float64 retry
+//       false: no sync), failed factors replaced by I, X = L^{-T} L^{-1} by two batched triangular
+//       solves (at::cholesky_inverse would read its info on the host); then the float64 retry
 //       (damping' = 10 damping + eps32 |tr A| / n, trace on the device) runs over the WHOLE bucket
 //       unconditionally, and a select kernel picks per matrix the first result that worked and
 //       writes the status.  Cost of being sync-free: one float64 Cholesky + inverse per bucket
@@ -112,14 +113,19 @@ __global__ void finite_flags_kernel(const T* __restrict__ X, const T* __restrict
     ok[b] = good && (info == nullptr || info[b] == 0) && (prev == nullptr || prev[b]);
 }
 
-// Damped inverse: X[b] <- X[b] if ok, X64[b] if ok64, else 0; status.
+// Damped inverse: out[b] = sym(X[b]) if ok, sym(X64[b]) if ok64, else 0 (sym(Y) = (Y + Y^T) / 2:
+// the two triangular solves do not give an exactly symmetric inverse); status.
 template <typename T>
-__global__ void select_inverse_kernel(T* __restrict__ X, const T* __restrict__ X64,
-                                      const bool* __restrict__ ok, const bool* __restrict__ ok64,
-                                      int* __restrict__ status, int64_t B, int64_t nn) {
+__global__ void select_inverse_kernel(T* __restrict__ out, const T* __restrict__ X,
+                                      const T* __restrict__ X64, const bool* __restrict__ ok,
+                                      const bool* __restrict__ ok64, int* __restrict__ status,
+                                      int64_t B, int64_t n) {
+  const int64_t nn = n * n;
   SOO_GRID_STRIDE(idx, B * nn) {
-    const int64_t b = idx / nn;
-    if (!ok[b]) X[idx] = ok64[b] ? X64[idx] : T(0);
+    const int64_t b = idx / nn, r = idx % nn, i = r / n, j = r % n;
+    const int64_t tdx = b * nn + j * n + i;
+    out[idx] = ok[b] ? (X[idx] + X[tdx]) * T(0.5)
+                     : (ok64[b] ? (X64[idx] + X64[tdx]) * T(0.5) : T(0));
   }
   SOO_GRID_STRIDE(b, B) status[b] = ok[b] ? kKronOk : (ok64[b] ? kKronFallback : kKronFailed);
 }
@@ -324,7 +330,11 @@ std::tuple<at::Tensor, at::Tensor> cholesky_inverse_info(const at::Tensor& A3, T
   L = L.contiguous();
   SOO_LAUNCH(identity_where_kernel<T>, total, L.const_data_ptr<T>(), L.data_ptr<T>(),
              info.const_data_ptr<int>(), nullptr, total, n);
-  at::Tensor X = at::cholesky_inverse(L).contiguous();
+  // X = L^{-T} L^{-1} by two triangular solves (cuBLAS trsm): at::cholesky_inverse would check
+  // its info on the host (a sync); trsm has no info.
+  at::Tensor eye = at::eye(n, A3.options()).expand({B, n, n});
+  at::Tensor Linv = at::linalg_solve_triangular(L, eye, /*upper=*/false);
+  at::Tensor X = at::linalg_solve_triangular(L.mT(), Linv, /*upper=*/true).contiguous();
   return {X, info};
 }
 
@@ -334,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> kron_damped_inverse_cuda(const at::Tensor& A,
   at::Tensor A3 = as_stack(A);
   const int64_t B = A3.size(0), n = A3.size(-1), nn = n * n;
   at::Tensor status = at::empty({B}, A.options().dtype(at::kInt));
-  at::Tensor X;
+  at::Tensor X, out;
   if (B == 0) return {at::empty_like(A), status.view(batch_of(A))};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "kron_damped_inverse_cuda", [&] {
@@ -358,11 +368,13 @@ std::tuple<at::Tensor, at::Tensor> kron_damped_inverse_cuda(const at::Tensor& A,
         X64.const_data_ptr<scalar_t>(), nullptr, n, info64.const_data_ptr<int>(), nullptr,
         ok64.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    SOO_LAUNCH(select_inverse_kernel<scalar_t>, std::max<int64_t>(B * nn, B), X.data_ptr<scalar_t>(),
+    out = at::empty_like(X);
+    SOO_LAUNCH(select_inverse_kernel<scalar_t>, std::max<int64_t>(B * nn, B),
+               out.data_ptr<scalar_t>(), X.const_data_ptr<scalar_t>(),
                X64.const_data_ptr<scalar_t>(), ok.const_data_ptr<bool>(),
-               ok64.const_data_ptr<bool>(), status.data_ptr<int>(), B, nn);
+               ok64.const_data_ptr<bool>(), status.data_ptr<int>(), B, n);
   });
-  return {X.view(A.sizes()), status.view(batch_of(A))};
+  return {out.view(A.sizes()), status.view(batch_of(A))};
 }
 
 // ---- kron_eigh ---------------------------------------------------------------------------------
