@@ -16,6 +16,25 @@ pure PyTorch) on the same data, the variant in its own column:
                  no-gram:  q only
   drsom_update   p <- V alpha, x <- x + p
 The directions V are k separate vectors (none aliases g, x or p).
+
+Kronecker-factor ops (K-FAC / Shampoo; opt-in with --ops kron_inverse kron_eigh kron_root
+kfac_precondition; float32 and float64).  The factor set is that of a ResNet-50 whose channel
+counts (and its 1000 classes) are scaled by --width (default 0.25 on the CPU, 1.0 on CUDA;
+--quick 0.0625): for each conv/linear layer (in, out, k x k) the K-FAC factors
+A (in*k*k + 1, the +1 for the bias) and G (out); Shampoo's weight [out, in*k*k] cut into blocks of
+at most --max-dim (1024) per side, each block with an L (rows) and an R (columns) factor.  At
+width 1 the K-FAC A factors run up to 4609 (layer4 3x3 convs: 512*9 + 1) and 2049 (fc), G up to
+2048; at width 0.25 up to 1153 and 513.  Same-size factors form one bucket ([count, n, n]); soo
+makes one call per bucket, the peers one call per factor, on the same data:
+  kron_inverse       soo (kron_damped_inverse: Cholesky, float64 retry), reference (its
+                     pure-PyTorch version), kaisa-inv: torch.linalg.inv(F + damping I) per factor
+  kron_eigh          soo (kron_eigh), kaisa-eigh: torch.linalg.eigh per factor, clamped >= 0
+  kron_root          soo-eigh / soo-newton (kron_inverse_root, p = 4, epsilon 1e-6, tol 1e-6),
+                     shampoo-eigh: per block eigh, shift, Q diag(l^{-1/4}) Q^T
+  kfac_precondition  soo (kfac_precondition_eigen per bucket of same-shape layers), kaisa: the
+                     per-layer Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + damping)] Q_A^T
+Rows per bucket ("count x n") and a "total" row per impl (the sum of the bucket medians: the
+whole network); "x peer" = peer median / impl median (the peer is the per-factor loop).
 """
 from __future__ import annotations
 
@@ -33,7 +52,15 @@ from . import common
 OP = "lbfgs_direction"
 IMPLS = ("soo", "soo+gram", "reference", "torch")
 DRSOM_OPS = ("drsom_perturb", "drsom_reduce", "drsom_update")
-OPS = (OP,) + DRSOM_OPS
+KRON_OPS = ("kron_inverse", "kron_eigh", "kron_root", "kfac_precondition")
+KRON_IMPLS = {"kron_inverse": ("soo", "reference", "kaisa-inv"),
+              "kron_eigh": ("soo", "kaisa-eigh"),
+              "kron_root": ("soo-eigh", "soo-newton", "shampoo-eigh"),
+              "kfac_precondition": ("soo", "kaisa")}
+KRON_PEER = {"kron_inverse": "kaisa-inv", "kron_eigh": "kaisa-eigh", "kron_root": "shampoo-eigh",
+             "kfac_precondition": "kaisa"}
+VECTOR_OPS = (OP,) + DRSOM_OPS
+OPS = VECTOR_OPS + KRON_OPS
 DRSOM_IMPLS = ("soo", "reference")
 DRSOM_VARIANTS = {"drsom_perturb": ("save", "no-save"), "drsom_reduce": ("gram", "no-gram"),
                   "drsom_update": ("",)}
@@ -73,8 +100,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__ + "\n" + BYTES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_device_argument(parser)
-    parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS), metavar="OP",
-                        help="ops to time: " + ", ".join(OPS) + " (default: all)")
+    parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(VECTOR_OPS),
+                        metavar="OP",
+                        help="ops to time: " + ", ".join(OPS) + " (default: "
+                             + ", ".join(VECTOR_OPS) + ")")
+    parser.add_argument("--width", type=float, default=None,
+                        help="ResNet-50 width multiplier of the factor set of the Kronecker ops "
+                             "(default 0.25 on the CPU, 1.0 on CUDA; --quick: 0.0625)")
+    parser.add_argument("--max-dim", type=int, default=1024,
+                        help="Shampoo's max_preconditioner_dim (block size, default 1024)")
     parser.add_argument("--n", nargs="+", type=parse_count, default=None,
                         help=f"vector lengths (default: {' '.join(map(str, DEFAULT_N))}; "
                              f"--quick: {' '.join(map(str, QUICK_N))}); 4M, 100k are accepted")
@@ -269,15 +303,25 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     cases += [(op, device, dtype, None, n)
               for device, op, dtype, n in itertools.product(
                   device_list, [o for o in DRSOM_OPS if o in args.ops], drsom_dtypes, sizes)]
+    kron_dtypes = [d for d in args.dtype if d in DRSOM_DTYPES]
+    cases += [(op, device, dtype, None, None)
+              for device, op, dtype in itertools.product(
+                  device_list, [o for o in KRON_OPS if o in args.ops], kron_dtypes)]
     records = []
     for op, device, dtype, m, n in tqdm(cases, desc="micro", unit="case"):
-        if op == OP:
+        if op in KRON_OPS:
+            width = args.width or (0.0625 if args.quick else 1.0 if device == "cuda" else 0.25)
+            records += measure_kron_op(op, dtype, device, width, args.max_dim, min_run_time,
+                                       rounds)
+        elif op == OP:
             records += measure_case(n, m, dtype, device, min_run_time, rounds)
         else:
             records += measure_drsom_case(op, n, dtype, device, min_run_time, rounds)
         if device == "cuda":
             torch.cuda.empty_cache()  # give the next (larger) case the memory back
     for row in records:
+        if row["op"] in KRON_OPS:
+            continue
         copy_gbps = env["copy_gbps"].get(row["device"])
         row["pct_of_copy"] = 100 * row["gbps"] / copy_gbps if copy_gbps else None
     report(records, env, args)
@@ -308,10 +352,39 @@ def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
         title = (f"DRSOM ops, soo = {kernels}; bytes: perturb save 4*b*n, no-save 3*b*n, "
                  f"reduce (2+k)*b*n, update (k+3)*b*n" + copy_lines)
         common.print_table(drsom, drsom_columns, title)
+    kron = [r for r in records if r["op"] in KRON_OPS]
+    if kron:
+        kron_columns = {"op": "op", "impl": "impl", "device": "device", "dtype": "dtype",
+                        "width": "width", "bucket": "bucket", "median_ms": "median ms",
+                        "peer": "peer", "speedup_vs_peer": "x peer"}
+        title = (f"Kronecker-factor ops on a ResNet-50 factor set, soo = {kernels}; "
+                 f"torch threads = {torch.get_num_threads()}")
+        common.print_table(kron, kron_columns, title)
     if args.json:
         common.write_json(args.json, "micro", env, records)
     if args.plot:
         plot(records, env, args.plot)
+
+
+def plot_kron_totals(ax, rows: list[dict], title: str) -> None:
+    """Bars of the whole-network median (the "total" rows) per op and impl, log scale."""
+    totals = [r for r in rows if r["bucket"] == "total"]
+    ops_here = list(dict.fromkeys(r["op"] for r in totals))
+    x = 0
+    ticks, labels = [], []
+    for op in ops_here:
+        for r in (r for r in totals if r["op"] == op):
+            peer = r["impl"] == r["peer"]
+            ax.bar(x, r["median_ms"], color="gray" if peer else "C0")
+            ax.text(x, r["median_ms"], f"{r['speedup_vs_peer']:.2g}x", ha="center",
+                    va="bottom", fontsize="x-small")
+            ticks.append(x)
+            labels.append(f"{op}\n{r['impl']}")
+            x += 1
+        x += 0.5
+    ax.set_xticks(ticks, labels, rotation=90, fontsize="x-small")
+    ax.set(yscale="log", ylabel="median ms (whole factor set)", title=title)
+    ax.grid(True, axis="y", alpha=0.3)
 
 
 def line_label(row: dict) -> str:
@@ -329,8 +402,14 @@ def plot(records: list[dict], env: dict, path: str) -> None:
     def family(row):
         return OP if row["op"] == OP else "drsom"
 
+    kron = [r for r in records if r["op"] in KRON_OPS]
+    records = [r for r in records if r["op"] not in KRON_OPS]
     panels = list(dict.fromkeys((family(r), r["device"], r["dtype"]) for r in records))
-    fig, axes = common.new_figure(len(panels))
+    kron_panels = list(dict.fromkeys((r["device"], r["dtype"]) for r in kron))
+    fig, axes = common.new_figure(len(panels) + len(kron_panels))
+    for ax, (device, dtype) in zip(axes[len(panels):], kron_panels):
+        plot_kron_totals(ax, [r for r in kron if r["device"] == device and r["dtype"] == dtype],
+                         f"factor ops, ResNet-50 set, {device} {dtype}")
     for ax, (fam, device, dtype) in zip(axes, panels):
         rows = [r for r in records
                 if family(r) == fam and r["device"] == device and r["dtype"] == dtype]
@@ -348,3 +427,210 @@ def plot(records: list[dict], env: dict, path: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     common.save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kronecker factors (K-FAC, Shampoo): batched soo ops against the per-layer loops they replace
+
+def resnet50_layers(width: float) -> list[tuple[str, int, int, int]]:
+    """(name, in_channels, out_channels, kernel size) of every conv / linear layer of a ResNet-50
+    whose channel counts (and the 1000 classes) are scaled by ``width`` (the 3 input channels
+    are not); the linear layer has kernel size 1."""
+    def ch(c):
+        return max(1, int(round(c * width)))
+
+    layers = [("conv1", 3, ch(64), 7)]
+    cin = ch(64)
+    for stage, (mid, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), start=1):
+        w, out = ch(mid), ch(4 * mid)
+        for b in range(blocks):
+            name = f"layer{stage}.{b}"
+            layers += [(f"{name}.conv1", cin, w, 1), (f"{name}.conv2", w, w, 3),
+                       (f"{name}.conv3", w, out, 1)]
+            if b == 0:
+                layers.append((f"{name}.downsample", cin, out, 1))
+            cin = out
+    layers.append(("fc", cin, ch(1000), 1))
+    return layers
+
+
+def kfac_factor_sizes(width: float) -> list[int]:
+    """K-FAC factor sizes: per layer A (in_channels * kh * kw + 1) and G (out_channels)."""
+    sizes = []
+    for _, cin, cout, k in resnet50_layers(width):
+        sizes += [cin * k * k + 1, cout]
+    return sizes
+
+
+def split_dim(n: int, max_dim: int) -> list[int]:
+    """Blocks of a dimension as Distributed Shampoo cuts it: max_dim, ..., max_dim, remainder."""
+    return [max_dim] * (n // max_dim) + ([n % max_dim] if n % max_dim else [])
+
+
+def shampoo_factor_sizes(width: float, max_dim: int) -> list[int]:
+    """Shampoo factor sizes: each weight as a matrix [out, in * kh * kw], cut into blocks of at
+    most max_dim x max_dim; per block an L (rows) and an R (columns) factor."""
+    sizes = []
+    for _, cin, cout, k in resnet50_layers(width):
+        for r in split_dim(cout, max_dim):
+            for c in split_dim(cin * k * k, max_dim):
+                sizes += [r, c]
+    return sizes
+
+
+def buckets(sizes: list[int]) -> list[tuple[int, int]]:
+    """(n, count) of the same-size factors, largest n first."""
+    counts: dict[int, int] = {}
+    for n in sizes:
+        counts[n] = counts.get(n, 0) + 1
+    return sorted(counts.items(), reverse=True)
+
+
+class KronBucket:
+    """``count`` random SPD factors of size n (X^T X / 2n + 1e-4 I): as one [count, n, n] stack
+    (what soo takes) and as separate tensors (what the per-layer loops keep)."""
+
+    def __init__(self, n: int, count: int, dtype: torch.dtype, device: str, seed: int = 0):
+        gen = torch.Generator(device=device).manual_seed(seed + n)
+        X = torch.randn(count, 2 * n, n, generator=gen, dtype=dtype, device=device)
+        eye = torch.eye(n, dtype=dtype, device=device)
+        self.stack = X.mT @ X / (2 * n) + 1e-4 * eye
+        self.stack = (self.stack + self.stack.mT) / 2
+        self.factors = [f.clone() for f in self.stack]
+        self.eye = eye
+
+
+def kaisa_inverse(factors, damping):
+    """KAISA inverse mode: one torch.linalg.inv per factor."""
+    return [torch.linalg.inv(f + damping * torch.eye(f.shape[-1], dtype=f.dtype, device=f.device))
+            for f in factors]
+
+
+def kaisa_eigh(factors):
+    """KAISA eigen mode: one torch.linalg.eigh per factor, eigenvalues clamped >= 0."""
+    out = []
+    for f in factors:
+        d, Q = torch.linalg.eigh(f)
+        out.append((d.clamp_(min=0), Q))
+    return out
+
+
+def shampoo_root(factors, p, epsilon):
+    """Shampoo's eigh root per block: shift by -min(l_min, 0), add epsilon, Q diag(l^{-1/p}) Q^T."""
+    out = []
+    for f in factors:
+        d, Q = torch.linalg.eigh(f)
+        d = d - d.min().clamp(max=0) + epsilon
+        out.append((Q * d.pow(-1.0 / p)) @ Q.mT)
+    return out
+
+
+def kaisa_precondition(layers, damping):
+    """KAISA eigen-mode preconditioning, one layer at a time."""
+    out = []
+    for grad, QG, dG, QA, dA in layers:
+        inner = (QG.mT @ grad @ QA) / (dG[:, None] * dA[None, :] + damping)
+        out.append(QG @ inner @ QA.mT)
+    return out
+
+
+KRON_DAMPING = 1e-3
+KRON_ROOT_P = 4
+KRON_EPSILON = 1e-6
+
+
+def kron_impls(op: str) -> tuple[str, ...]:
+    return KRON_IMPLS[op]
+
+
+def kron_factor_set(op: str, width: float, max_dim: int) -> list[tuple[int, int]]:
+    """(n, count) buckets of the factors an op works on (see the module docstring)."""
+    if op == "kron_root":
+        return buckets(shampoo_factor_sizes(width, max_dim))
+    return buckets(kfac_factor_sizes(width))
+
+
+def kron_calls(op: str, bucket: KronBucket) -> dict:
+    """impl -> a no-argument function running the op on one bucket."""
+    if op == "kron_inverse":
+        return {"soo": functools.partial(ops.kron_damped_inverse, bucket.stack, KRON_DAMPING),
+                "reference": functools.partial(reference.kron_damped_inverse, bucket.stack,
+                                               KRON_DAMPING),
+                "kaisa-inv": functools.partial(kaisa_inverse, bucket.factors, KRON_DAMPING)}
+    if op == "kron_eigh":
+        return {"soo": functools.partial(ops.kron_eigh, bucket.stack),
+                "kaisa-eigh": functools.partial(kaisa_eigh, bucket.factors)}
+    if op == "kron_root":
+        return {"soo-eigh": functools.partial(ops.kron_inverse_root, bucket.stack, KRON_ROOT_P,
+                                              KRON_EPSILON, "eigh"),
+                "soo-newton": functools.partial(ops.kron_inverse_root, bucket.stack, KRON_ROOT_P,
+                                                KRON_EPSILON, "newton"),
+                "shampoo-eigh": functools.partial(shampoo_root, bucket.factors, KRON_ROOT_P,
+                                                  KRON_EPSILON)}
+    raise ValueError(f"unknown factor op {op!r}")
+
+
+class PreconditionBucket:
+    """``count`` layers of one shape (o, i): gradients and the eigendecompositions of their
+    factors, stacked (soo) and per layer (KAISA)."""
+
+    def __init__(self, o: int, i: int, count: int, dtype: torch.dtype, device: str, seed: int = 0):
+        gen = torch.Generator(device=device).manual_seed(seed + o + 7 * i)
+        self.grad = torch.randn(count, o, i, generator=gen, dtype=dtype, device=device)
+        self.QG = torch.linalg.qr(torch.randn(count, o, o, generator=gen, dtype=dtype,
+                                              device=device))[0]
+        self.QA = torch.linalg.qr(torch.randn(count, i, i, generator=gen, dtype=dtype,
+                                              device=device))[0]
+        self.dG = torch.rand(count, o, generator=gen, dtype=dtype, device=device)
+        self.dA = torch.rand(count, i, generator=gen, dtype=dtype, device=device)
+        self.layers = [tuple(t[b].clone() for t in (self.grad, self.QG, self.dG, self.QA, self.dA))
+                       for b in range(count)]
+
+    def calls(self) -> dict:
+        return {"soo": functools.partial(ops.kfac_precondition_eigen, self.grad, self.QG, self.dG,
+                                         self.QA, self.dA, KRON_DAMPING),
+                "kaisa": functools.partial(kaisa_precondition, self.layers, KRON_DAMPING)}
+
+
+def layer_shapes(width: float) -> list[tuple[tuple[int, int], int]]:
+    """((o, i), count) of the K-FAC layers (gradient [out, in * kh * kw + 1]), largest first."""
+    counts: dict[tuple[int, int], int] = {}
+    for _, cin, cout, k in resnet50_layers(width):
+        key = (cout, cin * k * k + 1)
+        counts[key] = counts.get(key, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[0][0] * kv[0][1], kv[0]))
+
+
+def measure_kron_op(op: str, dtype: str, device: str, width: float, max_dim: int,
+                    min_run_time: float, rounds: int) -> list[dict]:
+    """Per bucket, every impl of ``op`` timed on the same factors; then a "total" row per impl
+    (sum of the bucket medians: the whole network's factors, one soo call per bucket)."""
+    dt = common.DTYPES[dtype][0]
+    impls, peer = KRON_IMPLS[op], KRON_PEER[op]
+    if op == "kfac_precondition":
+        cases = [((o, i), count, PreconditionBucket(o, i, count, dt, device))
+                 for (o, i), count in layer_shapes(width)]
+        cases = [(shape, count, b.calls()) for shape, count, b in cases]
+    else:
+        cases = [(n, count, kron_calls(op, KronBucket(n, count, dt, device)))
+                 for n, count in kron_factor_set(op, width, max_dim)]
+    rows = []
+    totals = {impl: 0.0 for impl in impls}
+    for shape, count, calls in cases:
+        seconds = common.time_medians(calls, min_run_time, rounds)
+        for impl in impls:
+            totals[impl] += seconds[impl]
+            rows.append({"op": op, "impl": impl, "device": device, "dtype": dtype,
+                         "width": width, "bucket": f"{count}x{shape}",
+                         "n": shape if isinstance(shape, int) else list(shape), "count": count,
+                         "median_ms": seconds[impl] * 1e3,
+                         "speedup_vs_peer": seconds[peer] / seconds[impl], "peer": peer})
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    n_factors = sum(count for _, count, _ in cases)
+    for impl in impls:
+        rows.append({"op": op, "impl": impl, "device": device, "dtype": dtype, "width": width,
+                     "bucket": "total", "n": None, "count": n_factors,
+                     "median_ms": totals[impl] * 1e3,
+                     "speedup_vs_peer": totals[peer] / totals[impl], "peer": peer})
+    return rows

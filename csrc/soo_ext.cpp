@@ -25,6 +25,15 @@ TORCH_LIBRARY(soo, m) {
         "-> (Tensor, Tensor, Tensor)");
   // p <- sum_j alpha[j] V[j], x <- x + p (p may alias one of V).
   m.def("drsom_update(Tensor(a!) x, Tensor(b!) p, Tensor[] V, Tensor alpha) -> ()");
+  // Kronecker factors of K-FAC / Shampoo (csrc/kron.h): [..., n, n] stacks, int32 statuses
+  // 0 ok / 1 fallback / 2 failed per matrix.
+  m.def("kron_factor_update_(Tensor(a!) F, Tensor X, float decay, float scale) -> ()");
+  m.def("kron_damped_inverse(Tensor A, float damping) -> (Tensor, Tensor)");
+  m.def("kron_eigh(Tensor A) -> (Tensor, Tensor, Tensor)");
+  m.def("kron_inverse_root(Tensor A, int p, float epsilon, str method, int max_iters, "
+        "float tol) -> (Tensor, Tensor)");
+  m.def("kfac_precondition_eigen(Tensor grad, Tensor QG, Tensor dG, Tensor QA, Tensor dA, "
+        "float damping) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, mod) {

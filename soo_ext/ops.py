@@ -300,62 +300,145 @@ if _LOADED:
 # Kronecker factors (K-FAC, Shampoo): statistics, damped inverse, eigh, inverse p-th root,
 # eigenbasis preconditioning.  Contracts in soo_ext/reference.py.
 
-def _kron_op(name: str):
-    """The compiled op ``soo::name`` or None (not built yet / extension not loaded)."""
-    if not _LOADED:
-        return None
-    return getattr(torch.ops.soo, name, None)
-
-
-def _check_square_stack(op: str, A: Tensor) -> None:
+def _check_square_stack(op: str, A: Tensor, name: str = "A") -> None:
     torch._check(A.dim() >= 2 and A.shape[-1] == A.shape[-2],
-                 lambda: f"{op}: A must be a [..., n, n] stack of square matrices, got shape "
+                 lambda: f"{op}: {name} must be a [..., n, n] stack of square matrices, got shape "
                          f"{tuple(A.shape)}")
     torch._check(A.dtype in (torch.float32, torch.float64),
-                 lambda: f"{op}: A must be float32 or float64, got {A.dtype}")
+                 lambda: f"{op}: {name} must be float32 or float64, got {A.dtype}")
+
+
+def _check_nonnegative(op: str, name: str, value: float) -> None:
+    torch._check(value >= 0, lambda: f"{op}: {name} must be >= 0, got {value}")
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _check_kron_factor_update(F: Tensor, X: Tensor) -> None:
+    op = "kron_factor_update_"
+    _check_square_stack(op, F, "F")
+    torch._check(X.dim() == F.dim() and X.shape[:-2] == F.shape[:-2]
+                 and X.shape[-1] == F.shape[-1],
+                 lambda: f"{op}: X must be [..., N, d] with F's leading dims and d = "
+                         f"{F.shape[-1]}, got F {tuple(F.shape)} and X {tuple(X.shape)}")
+    torch._check(X.dtype == F.dtype or X.dtype in _LOW_PRECISION
+                 or (X.dtype == torch.float32 and F.dtype == torch.float64),
+                 lambda: f"{op}: X must have F's dtype or a lower-precision float dtype, got "
+                         f"{X.dtype} with F {F.dtype}")
+    torch._check(X.device == F.device, lambda: f"{op}: X is on {X.device}, F on {F.device}")
+
+
+def _check_kron_inverse_root(A: Tensor, p: int, epsilon: float, method: str, max_iters: int,
+                             tol: float) -> None:
+    op = "kron_inverse_root"
+    _check_square_stack(op, A)
+    torch._check(p >= 1, lambda: f"{op}: p must be >= 1, got {p}")
+    torch._check(epsilon >= 0 and epsilon != float("inf"),
+                 lambda: f"{op}: epsilon must be finite and >= 0, got {epsilon}")
+    torch._check(method in ("newton", "eigh"),
+                 lambda: f"{op}: method must be 'newton' or 'eigh', got {method!r}")
+    _check_nonnegative(op, "max_iters", max_iters)
+    _check_nonnegative(op, "tol", tol)
+
+
+def _check_kfac_precondition(grad: Tensor, QG: Tensor, dG: Tensor, QA: Tensor,
+                             dA: Tensor) -> None:
+    op = "kfac_precondition_eigen"
+    torch._check(grad.dim() >= 2, lambda: f"{op}: grad must be [..., o, i], got shape "
+                                          f"{tuple(grad.shape)}")
+    torch._check(grad.dtype in (torch.float32, torch.float64),
+                 lambda: f"{op}: grad must be float32 or float64, got {grad.dtype}")
+    batch, (o, i) = tuple(grad.shape[:-2]), tuple(grad.shape[-2:])
+    torch._check(tuple(QG.shape) == (*batch, o, o) and tuple(dG.shape) == (*batch, o)
+                 and tuple(QA.shape) == (*batch, i, i) and tuple(dA.shape) == (*batch, i),
+                 lambda: f"{op}: with grad {tuple(grad.shape)} QG must be [..., {o}, {o}], dG "
+                         f"[..., {o}], QA [..., {i}, {i}], dA [..., {i}]; got {tuple(QG.shape)}, "
+                         f"{tuple(dG.shape)}, {tuple(QA.shape)}, {tuple(dA.shape)}")
+    for t in (QG, dG, QA, dA):
+        torch._check(t.dtype == grad.dtype,
+                     lambda: f"{op}: all tensors must have grad's dtype {grad.dtype}, got {t.dtype}")
+        torch._check(t.device == grad.device,
+                     lambda: f"{op}: all tensors must be on {grad.device}, got {t.device}")
 
 
 def kron_factor_update_(F: Tensor, X: Tensor, decay: float, scale: float) -> None:
-    """``F <- decay F + scale X^T X``, symmetrised, in place (see the reference)."""
-    op = _kron_op("kron_factor_update_")
-    if op is not None:
-        op.default(F, X, decay, scale)
+    """``F <- decay F + scale X^T X``, then ``F <- (F + F^T) / 2``, in place (one batched GEMM into
+    F and one symmetrisation pass).  ``F [..., d, d]`` float32/float64, ``X [..., N, d]`` of F's
+    dtype or a lower-precision float (computed in F's dtype).  See
+    :func:`soo_ext.reference.kron_factor_update_`."""
+    _check_kron_factor_update(F, X)
+    if _LOADED:
+        torch.ops.soo.kron_factor_update_.default(F, X, decay, scale)
     else:
         reference.kron_factor_update_(F, X, decay, scale)
 
 
 def kron_damped_inverse(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
-    """Batched ``(A + damping I)^{-1}`` by Cholesky with a float64 retry; ``(X, status)``."""
+    """Batched ``(A + damping I)^{-1}`` by Cholesky with a float64 retry (more damping) of the
+    matrices that fail; ``(X, status)`` with int32 statuses 0 ok / 1 retried / 2 failed (X = 0).
+    Sync-free on CUDA.  See :func:`soo_ext.reference.kron_damped_inverse`."""
     _check_square_stack("kron_damped_inverse", A)
-    op = _kron_op("kron_damped_inverse")
-    if op is not None:
-        return op.default(A, damping)
+    _check_nonnegative("kron_damped_inverse", "damping", damping)
+    if _LOADED:
+        return torch.ops.soo.kron_damped_inverse.default(A, damping)
     return reference.kron_damped_inverse(A, damping)
 
 
 def kron_eigh(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Batched eigendecomposition of PSD factors, clamped, float64 retry; ``(d, Q, status)``."""
+    """Batched eigendecomposition of PSD factors, eigenvalues ascending and clamped >= 0, float64
+    retry; ``(d, Q, status)`` (status 2: d = 0, Q = I).  See :func:`soo_ext.reference.kron_eigh`."""
     _check_square_stack("kron_eigh", A)
-    op = _kron_op("kron_eigh")
-    if op is not None:
-        return op.default(A)
+    if _LOADED:
+        return torch.ops.soo.kron_eigh.default(A)
     return reference.kron_eigh(A)
 
 
 def kron_inverse_root(A: Tensor, p: int, epsilon: float, method: str = "newton",
                       max_iters: int = 100, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Batched ``(A + epsilon I)^{-1/p}`` (coupled Newton or eigh); ``(X, status)``."""
-    _check_square_stack("kron_inverse_root", A)
-    op = _kron_op("kron_inverse_root")
-    if op is not None:
-        return op.default(A, p, epsilon, method, max_iters, tol)
+    """Batched ``(A + epsilon I)^{-1/p}`` by the coupled Newton iteration (per-matrix stopping) or
+    by eigh; ``(X, status)``.  See :func:`soo_ext.reference.kron_inverse_root`."""
+    _check_kron_inverse_root(A, p, epsilon, method, max_iters, tol)
+    if _LOADED:
+        return torch.ops.soo.kron_inverse_root.default(A, p, epsilon, method, max_iters, tol)
     return reference.kron_inverse_root(A, p, epsilon, method, max_iters, tol)
 
 
 def kfac_precondition_eigen(grad: Tensor, QG: Tensor, dG: Tensor, QA: Tensor, dA: Tensor,
                             damping: float) -> Tensor:
-    """``Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + damping)] Q_A^T`` (see the reference)."""
-    op = _kron_op("kfac_precondition_eigen")
-    if op is not None:
-        return op.default(grad, QG, dG, QA, dA, damping)
+    """``Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + damping)] Q_A^T`` with the division fused (see
+    :func:`soo_ext.reference.kfac_precondition_eigen`)."""
+    _check_kfac_precondition(grad, QG, dG, QA, dA)
+    if _LOADED:
+        return torch.ops.soo.kfac_precondition_eigen.default(grad, QG, dG, QA, dA, damping)
     return reference.kfac_precondition_eigen(grad, QG, dG, QA, dA, damping)
+
+
+if _LOADED:
+    @torch.library.register_fake("soo::kron_factor_update_")
+    def _kron_factor_update_fake(F, X, decay, scale):
+        _check_kron_factor_update(F, X)
+        return None
+
+    def _status_like(A):
+        return A.new_empty(A.shape[:-2], dtype=torch.int32)
+
+    @torch.library.register_fake("soo::kron_damped_inverse")
+    def _kron_damped_inverse_fake(A, damping):
+        _check_square_stack("kron_damped_inverse", A)
+        return A.new_empty(A.shape), _status_like(A)
+
+    @torch.library.register_fake("soo::kron_eigh")
+    def _kron_eigh_fake(A):
+        _check_square_stack("kron_eigh", A)
+        return A.new_empty(A.shape[:-1]), A.new_empty(A.shape), _status_like(A)
+
+    @torch.library.register_fake("soo::kron_inverse_root")
+    def _kron_inverse_root_fake(A, p, epsilon, method, max_iters, tol):
+        _check_kron_inverse_root(A, p, epsilon, method, max_iters, tol)
+        return A.new_empty(A.shape), _status_like(A)
+
+    @torch.library.register_fake("soo::kfac_precondition_eigen")
+    def _kfac_precondition_eigen_fake(grad, QG, dG, QA, dA, damping):
+        _check_kfac_precondition(grad, QG, dG, QA, dA)
+        return grad.new_empty(grad.shape)

@@ -178,3 +178,64 @@ def test_precond_reports_overheads_against_sgd(tmp_path, capsys):
     for r in records:
         assert r["ms_per_step"] > 0 and math.isfinite(r["vs_sgd"]) and r["n_params"] == 5_210
     assert "x SGD" in capsys.readouterr().out
+def test_micro_times_the_kron_ops(tmp_path, capsys, one_thread):
+    out, png = tmp_path / "micro.json", tmp_path / "micro.png"
+    records, _ = cli.main(["micro", "--quick", "--device", "cpu", "--ops", *micro.KRON_OPS,
+                           "--width", "0.02", "--max-dim", "16", "--dtype", "float32",
+                           "--min-run-time", "0.01", "--json", str(out), "--plot", str(png)])
+    assert load(out)["records"] == records
+    assert {r["op"] for r in records} == set(micro.KRON_OPS)
+    for op in micro.KRON_OPS:
+        rows = [r for r in records if r["op"] == op]
+        assert {r["impl"] for r in rows} == set(micro.KRON_IMPLS[op])
+        totals = [r for r in rows if r["bucket"] == "total"]
+        assert [r["impl"] for r in totals] == list(micro.KRON_IMPLS[op])
+        for row in rows:
+            assert row["device"] == "cpu" and row["dtype"] == "float32" and row["width"] == 0.02
+            assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0
+            assert row["peer"] == micro.KRON_PEER[op]
+            if row["impl"] == row["peer"]:
+                assert row["speedup_vs_peer"] == 1
+        # the total is the sum of the buckets
+        for total in totals:
+            parts = [r["median_ms"] for r in rows if r["impl"] == total["impl"] and r is not total]
+            assert total["median_ms"] == pytest.approx(sum(parts))
+    assert png.stat().st_size > 0
+    assert "Kronecker-factor ops" in capsys.readouterr().out
+
+
+def test_resnet50_factor_sets():
+    layers = micro.resnet50_layers(1.0)
+    assert len(layers) == 54  # conv1, 16 bottlenecks x 3 convs, 4 downsamples, fc
+    kfac = micro.kfac_factor_sizes(1.0)
+    assert max(kfac) == 512 * 9 + 1 and 2049 in kfac and 2048 in kfac and 148 in kfac
+    assert len(kfac) == 2 * len(layers)
+    assert sum(c for _, c in micro.buckets(kfac)) == len(kfac)
+    shampoo = micro.shampoo_factor_sizes(1.0, 1024)
+    assert max(shampoo) == 1024 and min(shampoo) >= 1
+    assert micro.split_dim(2500, 1024) == [1024, 1024, 452] and micro.split_dim(7, 1024) == [7]
+    assert max(micro.kfac_factor_sizes(0.25)) == 128 * 9 + 1
+
+
+@pytest.mark.parametrize("op", ["kron_inverse", "kron_eigh", "kron_root"])
+def test_kron_micro_impls_compute_the_same(op):
+    bucket = micro.KronBucket(12, 3, torch.float64, "cpu")
+    calls = micro.kron_calls(op, bucket)
+    if op == "kron_inverse":
+        X, status = calls["soo"]()
+        assert status.tolist() == [0, 0, 0]
+        torch.testing.assert_close(X, torch.stack(calls["kaisa-inv"]()))
+    elif op == "kron_eigh":
+        d, Q, _ = calls["soo"]()
+        d_peer = torch.stack([dq[0] for dq in calls["kaisa-eigh"]()])
+        torch.testing.assert_close(d, d_peer)
+    else:
+        peer = torch.stack(calls["shampoo-eigh"]())
+        for impl in ("soo-eigh", "soo-newton"):
+            torch.testing.assert_close(calls[impl]()[0], peer, rtol=1e-5, atol=1e-5)
+
+
+def test_kfac_precondition_micro_impls_compute_the_same():
+    bucket = micro.PreconditionBucket(5, 9, 2, torch.float64, "cpu")
+    calls = bucket.calls()
+    torch.testing.assert_close(calls["soo"](), torch.stack(calls["kaisa"]()))
