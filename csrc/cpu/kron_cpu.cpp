@@ -1,15 +1,16 @@
 // CPU kernels of the Kronecker-factor ops (csrc/kron.h) and the argument checks shared with CUDA.
 //
-// A bucket [B, n, n] of small factors is cut into one contiguous chunk of matrices per intra-op
+// A bucket [B, n, n] of B >= 2 factors is cut into one contiguous chunk of matrices per intra-op
 // thread (at::parallel_for); each chunk makes its own batched LAPACK/BLAS calls, which then run
-// single-threaded (MKL/OpenMP do not nest), so the threads never wait on each other inside one
-// small factorisation.  A bucket of one matrix, or of matrices above kParMaxN rows, is one chunk
-// and LAPACK/BLAS thread inside each matrix instead.  On the CPU a failure is known at once
+// single-threaded (OpenMP does not nest), so the threads never wait on each other inside one
+// factorisation.  A bucket of one matrix is one chunk and LAPACK/BLAS thread inside it (there
+// the damped inverse uses potrs instead of MKL's threaded potri: see par_max_n).  On the CPU a failure is known at once
 // (info and finiteness are host values), so only the matrices that failed are retried in float64.
 //
 //   kron_damped_inverse  damping added while copying (one pass), batched potrf
 //                        (linalg_cholesky_ex) + potri (cholesky_inverse): ~n^3 flops against
-//                        ~2n^3 for the LU inverse (getrf + getri) of torch.linalg.inv
+//                        ~2n^3 for the LU inverse (getrf + getri) of torch.linalg.inv (potrs
+//                        on the identity, ~2.3n^3 in all, for a lone matrix with threads)
 //   kron_eigh            inputs checked for finiteness first (a non-finite matrix fails without
 //                        a LAPACK call), batched syevd (linalg_eigh), per-matrix float64 retry
 //   kron_inverse_root    eigh: as kron_eigh, then W = Q diag((l + eps)^{-1/(2p)}) in one pass
@@ -27,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -112,23 +114,29 @@ void check_kfac_precondition_args(const at::Tensor& grad, const at::Tensor& QG,
 
 namespace {
 
-// Matrices of at most this many rows are spread over the threads one chunk per thread; above it
-// LAPACK/BLAS thread inside each matrix.  SOO_KRON_PAR_MAX_N overrides it (for tuning).
-constexpr int64_t kParMaxN = 1024;
-
+// A bucket of several matrices is always spread over the threads (one chunk per thread, LAPACK
+// single-threaded inside: OpenMP does not nest).  Measured on the 2-core EPYC (2 threads, other
+// jobs running): MKL's threaded potri took 3.9 s for ONE 1153 x 1153 float32 matrix (0.11 s for
+// its Cholesky), MKL-threaded syevd was 10-100x slower than single-threaded, while 3 x 1153
+// inverses over the threads took 0.19 s.  SOO_KRON_PAR_MAX_N (rows) limits the spreading (for
+// tuning).
 int64_t par_max_n() {
   static const int64_t value = [] {
     const char* env = std::getenv("SOO_KRON_PAR_MAX_N");
-    return env ? std::atoll(env) : kParMaxN;
+    return env ? std::atoll(env) : std::numeric_limits<int64_t>::max();
   }();
   return value;
+}
+
+bool spread_over_threads(int64_t B, int64_t n) {
+  return B > 1 && n <= par_max_n() && at::get_num_threads() > 1 && !at::in_parallel_region();
 }
 
 // fn(b0, b1) over the B matrices of a bucket, split over the threads (see above).
 template <typename Fn>
 void for_matrices(int64_t B, int64_t n, const Fn& fn) {
   if (B == 0) return;
-  if (B > 1 && n <= par_max_n() && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+  if (spread_over_threads(B, n)) {
     at::parallel_for(0, B, 1, fn);
   } else {
     fn(0, B);
@@ -167,6 +175,8 @@ void damped_copy(const T* A, T* out, int64_t m, int64_t n, T shift) {
   }
 }
 
+void symmetrize_(const at::Tensor& F3);
+
 // ---- kron_damped_inverse -----------------------------------------------------------------------
 
 // float64 retry of one matrix with damping' = 10 damping + eps32 |tr A| / n; true when it worked.
@@ -199,8 +209,14 @@ void damped_inverse_chunk(const at::Tensor& A, double damping, const at::Tensor&
   L = L.contiguous();
   for (int64_t b = 0; b < m; ++b)  // cholesky_inverse of a failed partial factor: invert I there
     if (inf[b] != 0) set_identity(L.data_ptr<T>() + b * nn, n);
-  at::Tensor Xo = X;  // a contiguous slice of the output: potri writes there
-  at::cholesky_inverse_out(Xo, L);
+  at::Tensor Xo = X;  // a contiguous slice of the output
+  if (at::in_parallel_region() || at::get_num_threads() == 1) {
+    at::cholesky_inverse_out(Xo, L);  // potri, single-threaded here
+  } else {
+    // LAPACK may thread: potrs (two trsm) instead of the threaded potri (see par_max_n)
+    at::cholesky_solve_out(Xo, at::eye(n, A.options()).expand({m, n, n}), L);
+    symmetrize_(Xo);
+  }
   TORCH_INTERNAL_ASSERT(Xo.data_ptr() == X.data_ptr() && Xo.is_contiguous());
   T* out = X.data_ptr<T>();
   for (int64_t b = 0; b < m; ++b) {
