@@ -21,10 +21,12 @@ Optimizers (frequencies: --freqs, default 1 10 100):
                          step, inverses / eigendecompositions every F steps
   Shampoo                soo_ext.Shampoo(params, lr=1e-3, grafting='adam'), roots every F steps
   ASDL K-FAC             asdfghjkl's KfacGradientMaker (curvature every step, preconditioner
-                         every F steps, damping 1e-3) + torch.optim.SGD: only when installed
+                         every F steps, damping 1e-2 as in bench train: at 1e-3 its float32
+                         Cholesky fails) + torch.optim.SGD: only when installed
   pytorch_optimizer      pytorch_optimizer.Shampoo (preconditioning_compute_steps = F):
   Shampoo                only when installed
-Peers run in the same process on the same model, data and batches.
+Peers run in the same process on the same model, data and batches.  A peer that raises (a
+failed factorisation) is reported with its error and no time.
 
 --json: one record per (model, optimizer, frequency): ms_per_step (median), ms_per_step_rounds,
 vs_sgd; the environment lists the options and which peers were found.  --plot: a bar chart of
@@ -48,6 +50,7 @@ import soo_ext
 from . import common, train
 
 DEFAULTS = dict(cycle=100, rounds=3, freqs=[1, 10, 100])
+OWN = ("SGD", "Adam", "KFAC eigen", "KFAC inverse", "Shampoo")  # the rest are peers
 QUICK = dict(cycle=4, rounds=1, freqs=[1, 2])
 
 
@@ -119,7 +122,7 @@ class Iteration:
 def asdl_kfac(freq: int, batch_size: int) -> Callable[[nn.Module], tuple]:
     def make(model: nn.Module):
         from asdl.precondition import KfacGradientMaker, PreconditioningConfig
-        config = PreconditioningConfig(data_size=batch_size, damping=1e-3,
+        config = PreconditioningConfig(data_size=batch_size, damping=train.ASDL_DAMPING,
                                        preconditioner_upd_interval=freq, curvature_upd_interval=1)
         return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), KfacGradientMaker(
             model, config)
@@ -179,19 +182,31 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             common.synchronize(device)
             return (time.perf_counter() - start) / opt["cycle"]
 
-        for _, _, it in runs:  # untimed: lazy state, first inversions, kernel selection
-            cycle(it)
         times = {i: [] for i in range(len(runs))}
-        for _ in range(opt["rounds"]):
-            for i, (_, _, it) in enumerate(runs):
-                times[i].append(cycle(it))
+        errors: dict[int, str] = {}
+        # the first cycle is untimed: lazy state, first inversions, kernel selection
+        for timed in [False] + [True] * opt["rounds"]:
+            for i, (label, _, it) in enumerate(runs):
+                if i in errors:
+                    continue
+                try:
+                    seconds = cycle(it)
+                except (torch.linalg.LinAlgError, ValueError) as exc:
+                    if label in OWN:
+                        raise
+                    errors[i] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    continue
+                if timed:
+                    times[i].append(seconds)
         sgd = statistics.median(times[0])
         for i, (label, freq, _) in enumerate(runs):
-            med = statistics.median(times[i])
+            med = statistics.median(times[i]) if i not in errors else None
             records.append({"model": name, "n_params": n_params, "optimizer": label,
-                            "update_every": freq, "ms_per_step": med * 1e3,
+                            "update_every": freq,
+                            "ms_per_step": med * 1e3 if med is not None else None,
                             "ms_per_step_rounds": [t * 1e3 for t in times[i]],
-                            "vs_sgd": med / sgd, "device": device,
+                            "vs_sgd": med / sgd if med is not None else None,
+                            "error": errors.get(i), "device": device,
                             "batch_size": args.batch_size})
     report(records, env, args)
     return records, env
@@ -202,8 +217,9 @@ def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
                else "pure-PyTorch fallback")
     devices = ", ".join(f"{device} ({name})" for device, name in env["devices"].items())
     common.print_table(
-        [dict(r, update_every="" if r["update_every"] is None else r["update_every"])
-         for r in records],
+        [dict(r, update_every="" if r["update_every"] is None else r["update_every"],
+              ms_per_step="failed" if r["error"] else r["ms_per_step"],
+              vs_sgd="" if r["error"] else r["vs_sgd"]) for r in records],
         {"model": "model", "n_params": "params", "optimizer": "optimizer",
          "update_every": "inverse/root every", "ms_per_step": "ms/step", "vs_sgd": "x SGD"},
         f"Training-step time against SGD ({devices}, batch {env['batch_size']}, mean over "
@@ -218,7 +234,7 @@ def plot(records: list[dict], path: str) -> None:
     models = list(dict.fromkeys(r["model"] for r in records))
     fig, axes = common.new_figure(len(models))
     for ax, model in zip(axes, models):
-        rows = [r for r in records if r["model"] == model]
+        rows = [r for r in records if r["model"] == model and r["vs_sgd"] is not None]
         labels = [r["optimizer"] + ("" if r["update_every"] is None
                                     else f"\n/{r['update_every']}") for r in rows]
         names = list(dict.fromkeys(r["optimizer"] for r in rows))

@@ -83,15 +83,15 @@ Columns (mean +- sample std over seeds; time and steps to target over the seeds 
   test acc       test accuracy at the last evaluation
   ms/step        training seconds / steps (per gradient evaluation)
   epochs         training samples processed / training-set size, at the end
-  diverged       seeds stopped by a non-finite loss (or, for ASDL, an exception of its own:
-                 a failed Cholesky or NaN probabilities; the run record keeps it as error)
+  diverged       seeds stopped by a non-finite loss (or, for a peer, an exception of its own:
+                 a failed Cholesky/SVD or NaN probabilities; the run record keeps it as error)
 
 --json: one record per (case, optimizer, lr): the columns' means (keys time_to_target,
 steps_to_target, time_to_target_vs_adam, final_train_loss, final_test_acc, ms_per_step, steps,
 epochs) with their std as KEY_std, the per-seed numbers under runs (with grad_evals and
 forward_evals), full_batch and closure (minibatch with a closure: DRSOM), best, and for the best
 setting its mean curve (time, step, train_loss, test_acc per evaluation; what --plot draws).
-null stands for "not reached" or a non-finite number.  The environment holds the options, the
+null stands for "not reached"; NaN for a mean over seeds of which one diverged (non-finite).  The environment holds the options, the
 cases (n_params, n_train, n_test, target), the sweeps and the notes on skipped optimizers.
 """
 from __future__ import annotations
@@ -206,6 +206,9 @@ class OptimizerSpec:
     # ASDL: make(params, lr, batch_size, model) returns (optimizer, grad maker); the grad maker
     # runs forward and backward
     asdl: bool = False
+    # an optional peer: its own failures (a failed factorisation, NaN probabilities) end the run
+    # as diverged instead of the benchmark
+    peer: bool = False
 
 
 def _strong_wolfe(make: Callable[..., torch.optim.Optimizer]) -> Callable:
@@ -269,10 +272,11 @@ OPTIMIZERS = (
                   lambda params, lr, _: soo_ext.Shampoo(
                       params, lr=lr, grafting="adam", precondition_frequency=PRECONDITION_EVERY)),
     OptimizerSpec("asdl.KFAC", (1e-3, 3e-3, 1e-2), False, _asdl_kfac, takes_model=True,
-                  asdl=True),
+                  asdl=True, peer=True),
     OptimizerSpec("pytorch_optimizer.Shampoo", (3e-3, 1e-2, 3e-2), False,
                   lambda params, lr, _: _peer("pytorch_optimizer").Shampoo(
-                      params, lr=lr, preconditioning_compute_steps=PRECONDITION_EVERY)),
+                      params, lr=lr, preconditioning_compute_steps=PRECONDITION_EVERY),
+                  peer=True),
 )
 ADAM = "torch.optim.Adam"
 MLBFGS = "soo_ext.MLBFGS"
@@ -531,7 +535,7 @@ def train_run(case: Case, spec: OptimizerSpec, lr: float, seed: int, data: Data,
         except NonFiniteError:  # soo_ext's quasi-Newton optimizers refuse non-finite losses
             diverged = True
         except (torch.linalg.LinAlgError, ValueError) as exc:  # a peer's failed factorisation
-            if not spec.asdl:                                  # or NaN probabilities
+            if not spec.peer:                                  # or NaN probabilities
                 raise
             diverged, error = True, f"{type(exc).__name__}: {str(exc)[:200]}"
         common.synchronize(device)
@@ -557,6 +561,8 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and sample std (0 for one value); None, None for no values."""
     if not values:
         return None, None
+    if not all(math.isfinite(v) for v in values):  # a diverged seed: NaN (null in the JSON)
+        return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 

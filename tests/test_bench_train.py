@@ -280,3 +280,10 @@ def test_peers_run_when_installed_and_are_skipped_with_a_note_otherwise(name, mo
         next(s for s in train.OPTIMIZERS if s.name == name).lrs)
     for row in records:
         assert row["seeds"] == 1 and 0 <= row["final_test_acc"] <= 1
+
+
+def test_mean_std_of_a_diverged_seed_is_nan():
+    assert train.mean_std([]) == (None, None)
+    assert train.mean_std([1.0]) == (1.0, 0.0)
+    mean, std = train.mean_std([1.0, float("nan"), 2.0])
+    assert math.isnan(mean) and math.isnan(std)
