@@ -91,8 +91,9 @@ steps_to_target, time_to_target_vs_adam, final_train_loss, final_test_acc, ms_pe
 epochs) with their std as KEY_std, the per-seed numbers under runs (with grad_evals and
 forward_evals), full_batch and closure (minibatch with a closure: DRSOM), best, and for the best
 setting its mean curve (time, step, train_loss, test_acc per evaluation; what --plot draws).
-null stands for "not reached"; NaN for a mean over seeds of which one diverged (non-finite).  The environment holds the options, the
-cases (n_params, n_train, n_test, target), the sweeps and the notes on skipped optimizers.
+null stands for "not reached"; NaN for a mean over seeds of which one diverged (non-finite).
+The environment holds the options, the cases (n_params, n_train, n_test, target), the sweeps and
+the notes on skipped optimizers.
 """
 from __future__ import annotations
 

@@ -178,6 +178,8 @@ def test_precond_reports_overheads_against_sgd(tmp_path, capsys):
     for r in records:
         assert r["ms_per_step"] > 0 and math.isfinite(r["vs_sgd"]) and r["n_params"] == 5_210
     assert "x SGD" in capsys.readouterr().out
+
+
 def test_micro_times_the_kron_ops(tmp_path, capsys, one_thread):
     out, png = tmp_path / "micro.json", tmp_path / "micro.png"
     records, _ = cli.main(["micro", "--quick", "--device", "cpu", "--ops", *micro.KRON_OPS,
