@@ -5,6 +5,7 @@
 //   drsom_reduce:  q_j = (g_pert - g).V_j / t, and with_gram G_ij = V_i.V_j, c_j = g.V_j
 //                  (one pass over g_pert, g and the k directions)
 //   drsom_update:  p <- sum_j alpha_j V_j, x <- x + p                   (one pass; p may alias a V_j)
+//   drsom_subproblem: the k x k trust-region step from Q, G, c and gamma (drsom_subproblem.h)
 //
 // t and alpha live on the vectors' device, so none of the ops synchronises with the host.
 #pragma once
@@ -31,9 +32,13 @@ void check_drsom_reduce_args(const at::Tensor& g_pert, const at::Tensor& g,
                              at::TensorList V, const at::Tensor& t);
 void check_drsom_update_args(const at::Tensor& x, const at::Tensor& p, at::TensorList V,
                              const at::Tensor& alpha);
+void check_drsom_subproblem_args(const at::Tensor& Q, const at::Tensor& G, const at::Tensor& c,
+                                 double gamma);
 
 // The outputs of drsom_reduce, shaped and typed (q [k]; G [k, k] and c [k], or [0, 0] and [0]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> drsom_reduce_outputs(const at::Tensor& g,
                                                                     int64_t k, bool with_gram);
 
 }  // namespace soo
+
+#include "drsom_subproblem.h"

@@ -25,6 +25,8 @@ TORCH_LIBRARY(soo, m) {
         "-> (Tensor, Tensor, Tensor)");
   // p <- sum_j alpha[j] V[j], x <- x + p (p may alias one of V).
   m.def("drsom_update(Tensor(a!) x, Tensor(b!) p, Tensor[] V, Tensor alpha) -> ()");
+  // The k x k trust-region step (csrc/drsom_subproblem.h): [alpha (k), predicted decrease, ok].
+  m.def("drsom_subproblem(Tensor Q, Tensor G, Tensor c, float gamma) -> Tensor");
   // Kronecker factors of K-FAC / Shampoo (csrc/kron.h): [..., n, n] stacks, int32 statuses
   // 0 ok / 1 fallback / 2 failed per matrix.
   m.def("kron_factor_update_(Tensor(a!) F, Tensor X, float decay, float scale) -> ()");

@@ -27,7 +27,6 @@ _NUMBERS = {
     "collinearity": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "armijo": (lambda v: 0 < v < 1, "in (0, 1)"),
 }
-_LAMBDA_FLOOR = 1e-8  # lb = max(1e-8, -lambda_min), as in DRSOM.jl
 _MAX_DIRECTIONS = 8  # the fused ops take 1 to 8 directions
 # gamma grows at most to this: lambda ~ 1e16 lambda_max already gives steps below rounding (at the
 # noise floor of the loss every trial is rejected; without a cap gamma would overflow to inf)
@@ -92,22 +91,6 @@ def _check_params(params: list[Tensor]) -> None:
     check_params(params, "DRSOM")
     if len({id(p) for p in params}) != len(params):
         raise ValueError("Invalid params: a param appears twice")
-
-
-def _extreme_eigenvalues(M: Tensor) -> Tensor:
-    """Smallest and largest eigenvalue of a small symmetric matrix, on the device.  ``k <= 2`` in
-    closed form (no host sync); larger ``k`` by ``torch.linalg.eigvalsh`` (which checks its
-    result on the host: one more sync per step on CUDA)."""
-    k = M.shape[0]
-    if k == 1:
-        return M.reshape(1).repeat(2)
-    if k == 2:
-        a, b, d = M[0, 0], M[0, 1], M[1, 1]
-        mean = (a + d) / 2
-        radius = torch.hypot((a - d) / 2, b)
-        return torch.stack([mean - radius, mean + radius])
-    ev = torch.linalg.eigvalsh(M)
-    return torch.stack([ev[0], ev[-1]])
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -206,12 +189,12 @@ class DRSOM(Optimizer):
     drawn from a ``torch.Generator`` seeded with ``seed`` and kept in the state.
 
     **Model.**  ``m(a) = f + c^T a + a^T Q a / 2`` with ``c = V^T g``, ``Q = V^T H V``
-    (symmetrised), ``G = V^T V``.  Solved on the device without a radius: the generalized
-    eigenvalues of ``(Q, G)`` (directions scaled to unit length, ``G`` regularised by
-    ``sqrt(eps) I``, Cholesky of G and the extreme eigenvalues of ``L^-1 Q L^-T``, in closed form
-    for ``k = 2``, by ``torch.linalg.eigvalsh`` for larger ``k``) give
-    ``lb = max(1e-8, -lambda_min)`` and ``top = max(lb, lambda_max) + max|lambda|``;
-    ``lambda = gamma top + (1 - gamma) lb``; ``a = -(Q + lambda G)^-1 c``.
+    (symmetrised), ``G = V^T V``.  Solved on the device without a radius, in float64 by one
+    small kernel per trial (``soo::drsom_subproblem``): the generalized eigenvalues of ``(Q, G)``
+    (directions scaled to unit length, ``G`` regularised by ``sqrt(eps) I``, Cholesky of G and
+    the extreme eigenvalues of ``L^-1 Q L^-T``) give ``lb = max(1e-8, -lambda_min)`` and
+    ``top = max(lb, lambda_max) + max|lambda|``; ``lambda = gamma top + (1 - gamma) lb``;
+    ``a = -(Q + lambda G)^-1 c``.
 
     **Trust-region decision.**  The trial ``x0 + p`` is evaluated (loss only, under no_grad);
     ``rho = (f - f_trial) / (-c^T a - a^T Q a / 2)``.  Rejected (``gamma <- gamma_increase *
@@ -269,9 +252,9 @@ class DRSOM(Optimizer):
 
     **Host synchronisation.**  One host fetch at the base point (loss, finiteness of loss and
     gradient, the Gram matrix of the candidate directions) plus one per trial (trust-region
-    decision: trial loss, ratio, predicted decrease and the finiteness of the model fetched
-    together) or per line-search trial.  A step accepted at its first trial synchronises twice.
-    (With ``directions >= 3`` on CUDA, ``torch.linalg.eigvalsh`` adds one internal sync.)
+    decision: trial loss, predicted decrease and the finiteness of the model fetched together;
+    the ratio is formed on the host) or per line-search trial.  A step accepted at its first
+    trial synchronises twice.
 
     **Cost per step.**  1 gradient + ``k`` gradients ('fd', ``2k`` 'central') or ``k``
     Hessian-vector products ('autograd') + one forward per trial.
@@ -435,7 +418,7 @@ class DRSOM(Optimizer):
                 raise RuntimeError("DRSOM does not support complex gradients")
             else:
                 dst.append(v)
-                src.append(gr.detach())
+                src.append(gr.detach() if gr.requires_grad else gr)
         if dst:
             torch._foreach_copy_(dst, src)
         if missing:
@@ -448,7 +431,7 @@ class DRSOM(Optimizer):
         return obj.detach().to(self._x.dtype)
 
     def _hessian(self, closure: Callable, V: list[Tensor], G: Tensor, grads, replay) -> Tensor:
-        """``Q = V^T H V`` (symmetrised), from finite differences or double backward.  Leaves x
+        """``Q = V^T H V`` (not symmetrised), from finite differences or double backward.  Leaves x
         at the base point (bit-exactly) and ``x0`` holding it."""
         group = self.param_groups[0]
         ws, x, st = self._ws, self._x, self.state[group["params"][0]]
@@ -486,8 +469,7 @@ class DRSOM(Optimizer):
             x.copy_(ws.x0)
             st["grad_evals"] += len(V) * (2 if central else 1)
             st["func_evals"] += len(V) * (2 if central else 1)
-        Q = torch.stack(cols, 1)
-        return (Q + Q.T) / 2
+        return torch.stack(cols, 1)  # drsom_subproblem symmetrises it
 
     # ---- the step -------------------------------------------------------------------------- #
 
@@ -565,7 +547,7 @@ class DRSOM(Optimizer):
                 scratch = order[-1]
             Q = self._hessian(closure, V, G, grads, replay)
             grads = None
-            if not self._trust_region(closure, st, V, Q, G, c, f, f_host, bufs[scratch], replay):
+            if not self._trust_region(closure, st, V, Q, G, c, f_host, bufs[scratch], replay):
                 self._line_search(closure, st, f_host, gg, replay)
         finally:
             if ctx is not None:
@@ -582,43 +564,24 @@ class DRSOM(Optimizer):
         st["order"] = [scratch_row] + order
         st["count"] = min(st["count"] + 1, len(order))
 
-    def _trust_region(self, closure, st, V, Q, G, c, f, f_host, p, replay) -> bool:
+    def _trust_region(self, closure, st, V, Q, G, c, f_host, p, replay) -> bool:
         """The radius-free trust-region loop.  False if the model is not finite (x restored)."""
         group = self.param_groups[0]
         x, x0 = self._x, self._ws.x0
         k = len(V)
-        dtype, device = x.dtype, x.device
-        s = torch.rsqrt(torch.diagonal(G))
-        eye = torch.eye(k, dtype=dtype, device=device)
-        Gh = G * s[:, None] * s[None, :] + math.sqrt(torch.finfo(dtype).eps) * eye
-        Qh = Q * s[:, None] * s[None, :]
-        ch = c * s
-        L, _ = torch.linalg.cholesky_ex(Gh)
-        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-        M = Linv @ Qh @ Linv.T
-        ev = _extreme_eigenvalues((M + M.T) / 2)
-        lmin, lmax = ev[0], ev[-1]
-        lb = torch.clamp_min(-lmin, _LAMBDA_FLOOR)
-        top = torch.maximum(lb, lmax) + torch.maximum(lmin.abs(), lmax.abs())
-        model_ok = torch.isfinite(torch.cat([Qh.reshape(-1), ch, ev])).all()
         scratch_row = next(i for i in range(st["directions"].shape[0])
                            if st["directions"][i].data_ptr() == p.data_ptr())
-        noise = _NOISE_ULPS * torch.finfo(dtype).eps * abs(f_host)
+        noise = _NOISE_ULPS * torch.finfo(x.dtype).eps * abs(f_host)
         for trial in range(group["max_trials"]):
             gamma = st["gamma"]
-            lam = gamma * top + (1 - gamma) * lb
-            ah, _ = torch.linalg.solve_ex(Qh + lam * Gh, ch)
-            ah = -ah
-            pred = -(torch.dot(ch, ah) + 0.5 * torch.dot(ah, Qh @ ah))
+            step = _ops.drsom_subproblem(Q, G, c, gamma)  # [alpha (k), pred, ok]
             if trial:
                 x.copy_(x0)
-            _ops.drsom_update(x, p, V, ah * s)
+            _ops.drsom_update(x, p, V, step[:k])
             ft = self._loss_at_trial(closure, replay)
             st["func_evals"] += 1
             st["trials"] += 1
-            rho = (f - ft) / pred
-            ft_h, rho_h, pred_h, ok = torch.stack(
-                [ft, rho, pred, model_ok.to(dtype)]).tolist()
+            ft_h, pred_h, ok = torch.cat([ft.reshape(1), step[k:]]).tolist()
             if not ok:
                 x.copy_(x0)
                 return False
@@ -631,8 +594,8 @@ class DRSOM(Optimizer):
                     x.copy_(x0)
                 st["step"] += 1
                 return True
-            accept = (math.isfinite(ft_h) and math.isfinite(rho_h) and pred_h > 0
-                      and rho_h > group["eta_accept"])
+            rho_h = (f_host - ft_h) / pred_h if pred_h > 0 else math.nan
+            accept = math.isfinite(ft_h) and math.isfinite(rho_h) and rho_h > group["eta_accept"]
             if not accept:
                 st["gamma"] = inc
                 st["rejections"] += 1

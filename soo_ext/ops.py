@@ -8,6 +8,7 @@ pure-PyTorch references of :mod:`soo_ext.reference` instead, after one warning;
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -18,9 +19,9 @@ from torch import Tensor
 from . import reference
 
 __all__ = ["lbfgs_direction", "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update",
-           "kron_factor_update_", "kron_damped_inverse", "kron_eigh", "kron_inverse_root",
-           "kfac_precondition_eigen",
-           "extension_loaded", "extension_error", "build_info"]
+           "drsom_subproblem", "kron_factor_update_", "kron_damped_inverse", "kron_eigh",
+           "kron_inverse_root", "kfac_precondition_eigen", "extension_loaded", "extension_error",
+           "build_info"]
 
 _BUILD_INFO_FILE = Path(__file__).with_name("_build_info.json")
 
@@ -165,7 +166,7 @@ if _LOADED:
 
 
 # ---------------------------------------------------------------------------------------------
-# DRSOM: perturb, reduce, update (see csrc/drsom.h)
+# DRSOM: perturb, reduce, update, subproblem (see csrc/drsom.h)
 
 _DRSOM_MAX_DIRS = 8
 
@@ -186,6 +187,8 @@ def _check_drsom_vector(op: str, name: str, a: Tensor, ref: Tensor) -> None:
 
 
 def _check_drsom_base(op: str, name: str, a: Tensor) -> None:
+    if a.dim() == 1 and a.dtype in (torch.float32, torch.float64) and a.is_contiguous():
+        return  # hot path: skip the torch._check calls
     torch._check(a.dim() == 1, lambda: f"{op}: {name} must be 1-D, got shape {tuple(a.shape)}")
     torch._check(a.dtype in (torch.float32, torch.float64),
                  lambda: f"{op}: {name} must be float32 or float64, got {a.dtype}")
@@ -193,14 +196,16 @@ def _check_drsom_base(op: str, name: str, a: Tensor) -> None:
 
 
 def _check_drsom_directions(op: str, V, ref: Tensor) -> None:
-    torch._check(isinstance(V, (list, tuple)) and 1 <= len(V) <= _DRSOM_MAX_DIRS,
-                 lambda: f"{op}: V must hold 1 to {_DRSOM_MAX_DIRS} directions, got "
-                         f"{len(V) if isinstance(V, (list, tuple)) else type(V).__name__}")
+    if not (isinstance(V, (list, tuple)) and 1 <= len(V) <= _DRSOM_MAX_DIRS):
+        raise RuntimeError(f"{op}: V must hold 1 to {_DRSOM_MAX_DIRS} directions, got "
+                           f"{len(V) if isinstance(V, (list, tuple)) else type(V).__name__}")
     for vj in V:
         _check_drsom_vector(op, "every V[j]", vj, ref)
 
 
 def _check_drsom_scalar(op: str, name: str, a: Tensor, ref: Tensor) -> None:
+    if a.dtype == ref.dtype and a.device == ref.device:
+        return  # hot path
     torch._check(a.dtype == ref.dtype,
                  lambda: f"{op}: {name} has dtype {a.dtype}, expected {ref.dtype} (no dtype mix)")
     torch._check(a.device == ref.device,
@@ -236,6 +241,24 @@ def _check_drsom_update(x: Tensor, p: Tensor, V, alpha: Tensor) -> None:
                          f"{tuple(alpha.shape)}")
     _check_drsom_scalar(op, "alpha", alpha, x)
     torch._check(alpha.is_contiguous(), lambda: f"{op}: alpha must be contiguous")
+
+
+def _check_drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float) -> None:
+    op = "drsom_subproblem"
+    torch._check(Q.dim() == 2 and Q.shape[0] == Q.shape[1] and 1 <= Q.shape[0] <= _DRSOM_MAX_DIRS,
+                 lambda: f"{op}: Q must be k x k with 1 <= k <= {_DRSOM_MAX_DIRS}, got shape "
+                         f"{tuple(Q.shape)}")
+    torch._check(Q.dtype in (torch.float32, torch.float64),
+                 lambda: f"{op}: Q must be float32 or float64, got {Q.dtype}")
+    torch._check(G.shape == Q.shape,
+                 lambda: f"{op}: G must have Q's shape {tuple(Q.shape)}, got {tuple(G.shape)}")
+    torch._check(c.dim() == 1 and c.shape[0] == Q.shape[0],
+                 lambda: f"{op}: c must be 1-D with {Q.shape[0]} entries, got shape "
+                         f"{tuple(c.shape)}")
+    _check_drsom_scalar(op, "G", G, Q)
+    _check_drsom_scalar(op, "c", c, Q)
+    torch._check(math.isfinite(gamma) and gamma >= 0,
+                 lambda: f"{op}: gamma must be finite and >= 0, got {gamma}")
 
 
 def drsom_perturb(x: Tensor, x0: Tensor, v: Tensor, t: Tensor, save: bool) -> None:
@@ -277,7 +300,23 @@ def drsom_update(x: Tensor, p: Tensor, V, alpha: Tensor) -> None:
         reference.drsom_update(x, p, list(V), alpha)
 
 
+def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float) -> Tensor:
+    """DRSOM's ``k x k`` (k <= 8) radius-free trust-region step, in float64 on the device (one
+    tiny kernel, no host sync): ``[alpha (k), predicted decrease, ok]`` in Q's dtype.  See
+    :func:`soo_ext.reference.drsom_subproblem`."""
+    gamma = float(gamma)
+    _check_drsom_subproblem(Q, G, c, gamma)
+    if _LOADED:
+        return torch.ops.soo.drsom_subproblem.default(Q, G, c, gamma)
+    return reference.drsom_subproblem(Q, G, c, gamma)
+
+
 if _LOADED:
+    @torch.library.register_fake("soo::drsom_subproblem")
+    def _drsom_subproblem_fake(Q, G, c, gamma):
+        _check_drsom_subproblem(Q, G, c, gamma)
+        return Q.new_empty(Q.shape[0] + 2)
+
     @torch.library.register_fake("soo::drsom_perturb")
     def _drsom_perturb_fake(x, x0, v, t, save):
         _check_drsom_perturb(x, x0, v, t)

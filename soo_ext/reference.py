@@ -6,11 +6,13 @@ name in :mod:`soo_ext.ops`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 __all__ = ["accumulation_dtype", "ring_slots", "lbfgs_direction", "lbfgs_two_loop_textbook",
-           "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update",
+           "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update", "drsom_subproblem",
            "KRON_OK", "KRON_FALLBACK", "KRON_FAILED", "kron_factor_update_", "kron_damped_inverse",
            "kron_eigh", "kron_inverse_root", "kfac_precondition_eigen"]
 
@@ -138,7 +140,10 @@ def bfgs_direction(H: Tensor, s: Tensor, y: Tensor, g: Tensor,
 
 
 # --------------------------------------------------------------------------------------------- #
-# DRSOM (dimension-reduced second-order method): the three fused vector ops.
+# DRSOM (dimension-reduced second-order method): the three fused vector ops and the k x k
+# trust-region step.
+
+DRSOM_LAMBDA_FLOOR = 1e-8  # lb = max(1e-8, -lambda_min), as in DRSOM.jl
 
 def drsom_perturb(x: Tensor, x0: Tensor, v: Tensor, t: Tensor, save: bool) -> None:
     """Move to a perturbed point (reference of ``soo::drsom_perturb``), in place.
@@ -190,6 +195,45 @@ def drsom_update(x: Tensor, p: Tensor, V: list[Tensor], alpha: Tensor) -> None:
         step = step + alpha[j] * vj
     p.copy_(step)
     x.add_(step)
+
+
+def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float) -> Tensor:
+    """DRSOM's radius-free trust-region step over ``span V`` (reference of
+    ``soo::drsom_subproblem``), in float64 whatever the inputs' dtype.
+
+    ``Q``, ``G`` (``k x k``, symmetrised here), ``c`` (``k``): the model
+    ``m(a) = c.a + a.Q a / 2`` and the Gram matrix of the directions.  With ``s_i = G_ii^-1/2``
+    (directions scaled to unit length): ``Gh = s G s + sqrt(eps) I`` (eps of the inputs'
+    dtype), ``Qh = s Q s``, ``ch = s c``; ``lambda_min/max`` are the extreme eigenvalues of
+    ``L^-1 Qh L^-T`` (``Gh = L L^T``); ``lb = max(-lambda_min, 1e-8)``,
+    ``top = max(lb, lambda_max) + max|lambda|``, ``lambda = gamma top + (1 - gamma) lb``,
+    ``ah = -(Qh + lambda Gh)^-1 ch``.  Returns ``[ah * s (k), pred, ok]`` in the inputs' dtype:
+    the step's coefficients on the (unscaled) directions, the predicted decrease
+    ``-(ch.ah + ah.Qh ah / 2)``, and 1 if ``Qh``, ``ch`` and the eigenvalues are finite (and
+    ``Gh`` positive definite), else 0 (then the other entries are meaningless).
+    """
+    dt, k = Q.dtype, Q.shape[0]
+    f64 = torch.float64
+    Q, G, c = Q.to(f64), G.to(f64), c.to(f64)
+    eye = torch.eye(k, dtype=f64, device=Q.device)
+    s = torch.rsqrt(torch.diagonal(G))
+    S = s[:, None] * s[None, :]
+    Qh = (Q + Q.T) / 2 * S
+    Gh = (G + G.T) / 2 * S + math.sqrt(torch.finfo(dt).eps) * eye
+    ch = c * s
+    L, info = torch.linalg.cholesky_ex(Gh)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    M = Linv @ Qh @ Linv.T
+    M = (M + M.T) / 2
+    ok = (info == 0) & torch.isfinite(torch.cat([Qh.reshape(-1), ch, M.reshape(-1)])).all()
+    ev = torch.linalg.eigvalsh(torch.where(ok, M, eye))  # eigvalsh may fail on NaN input
+    lmin, lmax = ev[0], ev[-1]
+    lb = torch.clamp_min(-lmin, DRSOM_LAMBDA_FLOOR)
+    top = torch.maximum(lb, lmax) + torch.maximum(lmin.abs(), lmax.abs())
+    lam = gamma * top + (1 - gamma) * lb
+    ah, _ = torch.linalg.solve_ex(Qh + lam * Gh, -ch)
+    pred = -(torch.dot(ch, ah) + 0.5 * torch.dot(ah, Qh @ ah))
+    return torch.cat([ah * s, pred.reshape(1), ok.to(f64).reshape(1)]).to(dt)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -1,4 +1,5 @@
-"""The DRSOM vector ops (soo::drsom_perturb, drsom_reduce, drsom_update) against fp64 oracles."""
+"""The DRSOM ops (soo::drsom_perturb, drsom_reduce, drsom_update, drsom_subproblem) against fp64
+oracles."""
 import pytest
 import torch
 
@@ -361,3 +362,132 @@ def test_bad_arguments_are_refused_by_the_kernels(bad):
     if bad == "t-not-0-dim":
         with pytest.raises(RuntimeError, match="0-dim"):
             torch.ops.soo.drsom_perturb.default(x, x0, v, t, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# drsom_subproblem: the k x k trust-region step
+
+def subproblem_inputs(k, dtype, device, seed, n=40):
+    """A symmetric indefinite Q, the Gram matrix G of k random directions of length n (with
+    different lengths), and c."""
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(k, n, dtype=torch.float64, generator=gen) * torch.logspace(-2, 2, k,
+                                                                               dtype=torch.float64)[:, None]
+    H = torch.randn(n, n, dtype=torch.float64, generator=gen)
+    Q = V @ (H + H.T) @ V.T / 2
+    c = V @ torch.randn(n, dtype=torch.float64, generator=gen)
+    to = lambda a: a.to(dtype=dtype, device=device)  # noqa: E731
+    return to(Q), to(V @ V.T), to(c)
+
+
+def subproblem_oracle(Q, G, c, gamma):
+    """The same step in the unscaled metric: the scaled Gram matrix plus sqrt(eps) I is
+    G + sqrt(eps) diag(G); the generalized eigenvalues of (Q, that) by eig of its inverse times
+    Q; alpha = -(Q + lambda G_reg)^-1 c."""
+    dt = Q.dtype
+    Q, G, c = Q.double().cpu(), G.double().cpu(), c.double().cpu()
+    Q = (Q + Q.T) / 2
+    G_reg = G + torch.finfo(dt).eps ** 0.5 * torch.diag(torch.diagonal(G))
+    ev = torch.linalg.eigvals(torch.linalg.solve(G_reg, Q)).real
+    lmin, lmax = ev.min().item(), ev.max().item()
+    lb = max(-lmin, 1e-8)
+    lam = gamma * (max(lb, lmax) + max(abs(lmin), abs(lmax))) + (1 - gamma) * lb
+    alpha = -torch.linalg.solve(Q + lam * G_reg, c)
+    pred = -(c @ alpha + 0.5 * alpha @ Q @ alpha)
+    return torch.cat([alpha, pred.reshape(1)])
+
+
+GAMMAS = [1e-6, 0.3, 5.0, 1e8]
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_reference_subproblem_against_unscaled_oracle(k, gamma):
+    for seed in range(3):
+        Q, G, c = subproblem_inputs(k, torch.float64, "cpu", seed)
+        out = reference.drsom_subproblem(Q, G, c, gamma)
+        assert out[k + 1].item() == 1.0
+        assert rel_err(out[:k + 1], subproblem_oracle(Q, G, c, gamma)) < 1e-8
+        assert out[k].item() > 0  # lambda > lb: Q + lambda G is positive definite
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 1e-6)],
+                         ids=DTYPE_IDS)
+@pytest.mark.parametrize("k", range(1, 9))
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_subproblem_matches_reference(device, dtype, tol, k, gamma):
+    for seed in range(4):
+        Q, G, c = subproblem_inputs(k, dtype, device, seed + 10)
+        Q[0, -1] += 0.25 * Q[0, -1].abs()  # an unsymmetric Q is symmetrised
+        out = ops.drsom_subproblem(Q, G, c, gamma)
+        ref = reference.drsom_subproblem(Q.cpu(), G.cpu(), c.cpu(), gamma)
+        assert out.shape == (k + 2,) and out.dtype == dtype and out.device == Q.device
+        assert out[k + 1].item() == 1.0
+        # (Q + lambda G) has condition ~1/gamma when Q is indefinite: rounding grows with it
+        assert rel_err(out[:k + 1].cpu(), ref[:k + 1]) < tol * max(1.0, 1e-3 / gamma)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS)
+@pytest.mark.parametrize("bad", ["nan-Q", "inf-c", "zero-direction", "inf-G"])
+def test_subproblem_flags_a_non_finite_model(device, dtype, bad):
+    Q, G, c = subproblem_inputs(3, dtype, device, seed=3)
+    if bad == "nan-Q":
+        Q[1, 2] = float("nan")
+    elif bad == "inf-c":
+        c[0] = float("inf")
+    elif bad == "zero-direction":
+        G[2, :] = 0
+        G[:, 2] = 0
+    else:
+        G[1, 1] = float("inf")
+    assert ops.drsom_subproblem(Q, G, c, 0.5)[-1].item() == 0.0
+    assert reference.drsom_subproblem(Q.cpu(), G.cpu(), c.cpu(), 0.5)[-1].item() == 0.0
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS)
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_subproblem_opcheck(device, dtype, k):
+    Q, G, c = subproblem_inputs(k, dtype, device, seed=4)
+    torch.library.opcheck(torch.ops.soo.drsom_subproblem.default, (Q, G, c, 0.1))
+
+
+SUBPROBLEM_BAD = {"k0": "1 <= k <= 8", "k9": "1 <= k <= 8", "not-square": "1 <= k <= 8",
+                  "G-shape": "G must have", "c-length": "c must be", "fp16": "float32 or float64",
+                  "dtype-mix": "no dtype mix", "gamma-negative": "gamma", "gamma-nan": "gamma"}
+
+
+def _subproblem_bad_case(bad):
+    Q, G, c, gamma = torch.eye(3), torch.eye(3), torch.ones(3), 0.5
+    if bad == "k0":
+        Q, G, c = torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0)
+    elif bad == "k9":
+        Q, G, c = torch.eye(9), torch.eye(9), torch.ones(9)
+    elif bad == "not-square":
+        Q = torch.zeros(3, 2)
+    elif bad == "G-shape":
+        G = torch.eye(2)
+    elif bad == "c-length":
+        c = torch.ones(2)
+    elif bad == "fp16":
+        Q, G, c = Q.half(), G.half(), c.half()
+    elif bad == "dtype-mix":
+        G = G.double()
+    elif bad == "gamma-negative":
+        gamma = -1.0
+    else:
+        gamma = float("nan")
+    return Q, G, c, gamma
+
+
+@pytest.mark.parametrize("bad", SUBPROBLEM_BAD)
+def test_bad_subproblem_arguments_are_refused(bad):
+    Q, G, c, gamma = _subproblem_bad_case(bad)
+    with pytest.raises(RuntimeError, match=SUBPROBLEM_BAD[bad]):
+        ops.drsom_subproblem(Q, G, c, gamma)
+    if ops.extension_loaded():  # the C++ checks, bypassing the wrapper
+        with pytest.raises(RuntimeError, match=SUBPROBLEM_BAD[bad]):
+            torch.ops.soo.drsom_subproblem.default(Q, G, c, gamma)

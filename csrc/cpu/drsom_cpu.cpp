@@ -1,5 +1,5 @@
-// CPU kernels of the DRSOM ops (soo::drsom_perturb, drsom_reduce, drsom_update) and the argument
-// checks shared with CUDA.
+// CPU kernels of the DRSOM ops (soo::drsom_perturb, drsom_reduce, drsom_update,
+// drsom_subproblem) and the argument checks shared with CUDA.
 //
 // Work is cut into fixed-size chunks (at::parallel_for); the reduction accumulates in double
 // (also for float32 vectors), its partial sums are combined in chunk order and every sum inside a chunk runs on fixed SIMD lanes (vec.h), so the
@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -254,6 +256,24 @@ void check_drsom_update_args(const at::Tensor& x, const at::Tensor& p, at::Tenso
               "drsom_update: x and p must be different tensors");
 }
 
+void check_drsom_subproblem_args(const at::Tensor& Q, const at::Tensor& G, const at::Tensor& c,
+                                 double gamma) {
+  TORCH_CHECK(Q.dim() == 2 && Q.size(0) == Q.size(1) && Q.size(0) >= 1 &&
+                  Q.size(0) <= kDrsomMaxDirs,
+              "drsom_subproblem: Q must be k x k with 1 <= k <= ", kDrsomMaxDirs,
+              ", got shape ", Q.sizes());
+  TORCH_CHECK(is_float(Q), "drsom_subproblem: Q must be float32 or float64, got ",
+              Q.scalar_type());
+  TORCH_CHECK(G.sizes() == Q.sizes(), "drsom_subproblem: G must have Q's shape ", Q.sizes(),
+              ", got ", G.sizes());
+  TORCH_CHECK(c.dim() == 1 && c.size(0) == Q.size(0), "drsom_subproblem: c must be 1-D with ",
+              Q.size(0), " entries, got shape ", c.sizes());
+  check_scalar_tensor("drsom_subproblem", "G", G, Q);
+  check_scalar_tensor("drsom_subproblem", "c", c, Q);
+  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0, "drsom_subproblem: gamma must be finite and >= 0, got ",
+              gamma);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> drsom_reduce_outputs(const at::Tensor& g,
                                                                     int64_t k, bool with_gram) {
   return {at::empty({k}, g.options()), at::empty({with_gram ? k : 0, with_gram ? k : 0}, g.options()),
@@ -344,12 +364,38 @@ void drsom_update_cpu(at::Tensor& x, at::Tensor& p, at::TensorList V, const at::
   });
 }
 
+at::Tensor drsom_subproblem_cpu(const at::Tensor& Q, const at::Tensor& G, const at::Tensor& c,
+                                double gamma) {
+  check_drsom_subproblem_args(Q, G, c, gamma);
+  const int k = static_cast<int>(Q.size(0));
+  at::Tensor out = at::empty({k + 2}, Q.options());
+  AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "drsom_subproblem_cpu", [&] {
+    constexpr int K = static_cast<int>(kDrsomMaxDirs);
+    double q[K * K], g[K * K], cv[K], o[K + 2];
+    const auto Qa = Q.accessor<scalar_t, 2>(), Ga = G.accessor<scalar_t, 2>();
+    const auto ca = c.accessor<scalar_t, 1>();
+    for (int i = 0; i < k; ++i) {
+      cv[i] = ca[i];
+      for (int j = 0; j < k; ++j) {
+        q[i * k + j] = Qa[i][j];
+        g[i * k + j] = Ga[i][j];
+      }
+    }
+    drsom_subproblem_solve(q, g, cv, k, gamma,
+                           std::sqrt(static_cast<double>(std::numeric_limits<scalar_t>::epsilon())), o);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for (int i = 0; i < k + 2; ++i) op[i] = static_cast<scalar_t>(o[i]);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(soo, CPU, m) {
   m.impl("drsom_perturb", &drsom_perturb_cpu);
   m.impl("drsom_reduce", &drsom_reduce_cpu);
   m.impl("drsom_update", &drsom_update_cpu);
+  m.impl("drsom_subproblem", &drsom_subproblem_cpu);
 }
 
 }  // namespace soo

@@ -1,5 +1,6 @@
-// CUDA kernels of the DRSOM ops (soo::drsom_perturb, drsom_reduce, drsom_update): one launch
-// each on the current stream, no host sync (t and alpha are read on the device).
+// CUDA kernels of the DRSOM ops (soo::drsom_perturb, drsom_reduce, drsom_update,
+// drsom_subproblem): one launch each on the current stream, no host sync (t and alpha are read
+// on the device).  drsom_subproblem is one thread running the scalar code of the CPU op.
 //
 // The k <= 8 direction pointers travel in a small struct passed by value (no host-device copy).
 // drsom_reduce: grid-stride sweep with all dots in double registers (also for float32 vectors, as
@@ -13,7 +14,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "../drsom.h"
 
@@ -312,12 +315,45 @@ void drsom_update_cuda(at::Tensor& x, at::Tensor& p, at::TensorList V, const at:
   });
 }
 
+template <typename T>
+__global__ void subproblem_kernel(const T* __restrict__ Q, const T* __restrict__ G,
+                                  const T* __restrict__ c, int k, double gamma, double reg,
+                                  T* __restrict__ out) {
+  double q[kMaxK * kMaxK], g[kMaxK * kMaxK], cv[kMaxK], o[kMaxK + 2];
+  for (int i = 0; i < k * k; ++i) {
+    q[i] = Q[i];
+    g[i] = G[i];
+  }
+  for (int i = 0; i < k; ++i) cv[i] = c[i];
+  drsom_subproblem_solve(q, g, cv, k, gamma, reg, o);
+  for (int i = 0; i < k + 2; ++i) out[i] = static_cast<T>(o[i]);
+}
+
+at::Tensor drsom_subproblem_cuda(const at::Tensor& Q, const at::Tensor& G, const at::Tensor& c,
+                                 double gamma) {
+  check_drsom_subproblem_args(Q, G, c, gamma);
+  const c10::cuda::CUDAGuard guard(Q.device());
+  const int k = static_cast<int>(Q.size(0));
+  const at::Tensor Qc = Q.contiguous(), Gc = G.contiguous(), cc = c.contiguous();
+  at::Tensor out = at::empty({k + 2}, Q.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "drsom_subproblem_cuda", [&] {
+    subproblem_kernel<scalar_t><<<1, 1, 0, stream>>>(
+        Qc.data_ptr<scalar_t>(), Gc.data_ptr<scalar_t>(), cc.data_ptr<scalar_t>(), k, gamma,
+        std::sqrt(static_cast<double>(std::numeric_limits<scalar_t>::epsilon())),
+        out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(soo, CUDA, m) {
   m.impl("drsom_perturb", &drsom_perturb_cuda);
   m.impl("drsom_reduce", &drsom_reduce_cuda);
   m.impl("drsom_update", &drsom_update_cuda);
+  m.impl("drsom_subproblem", &drsom_subproblem_cuda);
 }
 
 }  // namespace soo
