@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 
 def check_params(params: list[Tensor], name: str) -> None:
@@ -36,6 +37,22 @@ def check_history_dtype(dtype: torch.dtype, history_dtype: torch.dtype | None) -
     if history_dtype not in allowed:
         raise ValueError(f"Invalid history_dtype: {history_dtype} with {dtype} params "
                          f"(allowed: {', '.join(str(a) for a in allowed)})")
+
+
+def load_state_dict_uncast(optimizer: Optimizer, state_dict: dict,
+                           keys: tuple[str, ...]) -> dict[Tensor, dict]:
+    """``Optimizer.load_state_dict`` for ``optimizer``, except the per-param state entries named
+    in ``keys``: it would cast every floating tensor to the param's dtype/device (and an int64
+    counter to float), so these go around it and are returned, as saved, by param, for the
+    caller to store."""
+    state_dict = dict(state_dict)
+    state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+    kept = {k: {key: v.pop(key) for key in keys if key in v}
+            for k, v in state_dict["state"].items()}
+    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    Optimizer.load_state_dict(optimizer, state_dict)
+    by_id = dict(zip(saved_ids, (p for group in optimizer.param_groups for p in group["params"])))
+    return {by_id[k]: entries for k, entries in kept.items()}
 
 
 def max_abs(v: Tensor) -> Tensor:

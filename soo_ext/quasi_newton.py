@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import check_params, max_abs
+from ._common import check_params, load_state_dict_uncast, max_abs
 from .line_search import LinePoint, strong_wolfe
 
 __all__ = ["NonFiniteError", "QuasiNewton"]
@@ -261,18 +261,9 @@ class QuasiNewton(Optimizer):
             self._check_curvature_params(params, first)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # Optimizer.load_state_dict casts every floating tensor of a param's state to the param's
-        # dtype; the curvature model (possibly bfloat16) goes around it and is copied in at the
-        # next step.
-        key = self.STATE_KEY
-        state_dict = dict(state_dict)
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
-        models = {k: v.pop(key) for k, v in state_dict["state"].items() if key in v}
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        super().load_state_dict(state_dict)
-        by_id = dict(zip(saved_ids, self._all_params()))
-        for k, model in models.items():
-            self.state[by_id[k]][key] = model
+        # The curvature model (possibly bfloat16) is copied in at the next step.
+        for p, entries in load_state_dict_uncast(self, state_dict, (self.STATE_KEY,)).items():
+            self.state[p].update(entries)
 
     def _workspace(self, state: dict) -> _Workspace:
         if self._ws is None:

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import ops
-from ._common import all_finite, check_params
+from ._common import all_finite, check_params, load_state_dict_uncast
 from .quasi_newton import NonFiniteError
 
 __all__ = ["Shampoo", "RootFailureError", "merge_dims"]
@@ -399,15 +399,8 @@ class Shampoo(Optimizer):
                                      f"{', '.join(_GROUP_OPTIONS)} may differ")
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
-        kept = {k: {key: v.pop(key) for key in _UNCAST if key in v}
-                for k, v in state_dict["state"].items()}
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        super().load_state_dict(state_dict)
-        by_id = dict(zip(saved_ids, self._all_params()))
-        for k, entries in kept.items():
-            self.state[by_id[k]].update(entries)
+        for p, entries in load_state_dict_uncast(self, state_dict, _UNCAST).items():
+            self.state[p].update(entries)
         self._ws = None
 
     def _workspace(self) -> _Workspace:
