@@ -1,6 +1,8 @@
 """Checks and device-side reductions shared by the optimizers."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -29,6 +31,20 @@ def check_params(params: list[Tensor], name: str) -> None:
         if p.device != p0.device:
             raise ValueError(f"Invalid params: {name} params must be on one device, got "
                              f"{p0.device} and {p.device}")
+
+
+def check_groups(groups: list[dict], check_options: Callable[[dict], None],
+                 global_options: tuple[str, ...], group_options: tuple[str, ...]) -> None:
+    """ValueError if ``check_options`` rejects a param group, or a group's ``global_options``
+    differ from group 0's (only ``group_options`` may differ)."""
+    first = groups[0]
+    for i, group in enumerate(groups):
+        check_options(group)
+        for key in global_options:
+            if group[key] != first[key]:
+                raise ValueError(f"Invalid {key} in param group {i}: {group[key]!r} differs "
+                                 f"from group 0 ({first[key]!r}); only "
+                                 f"{', '.join(group_options)} may differ")
 
 
 def check_history_dtype(dtype: torch.dtype, history_dtype: torch.dtype | None) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import ops as _ops
-from ._common import all_finite, check_params, load_state_dict_uncast
+from ._common import all_finite, check_groups, check_params, load_state_dict_uncast
 from .quasi_newton import NonFiniteError
 
 __all__ = ["KFAC", "NonFiniteError"]
@@ -435,14 +435,8 @@ class KFAC(Optimizer):
             raise
 
     def _check_groups(self) -> None:
+        check_groups(self.param_groups, _check_options, _GLOBAL_OPTIONS, _GROUP_OPTIONS)
         first = self.param_groups[0]
-        for i, group in enumerate(self.param_groups):
-            _check_options(group)
-            for key in _GLOBAL_OPTIONS:
-                if group[key] != first[key]:
-                    raise ValueError(f"Invalid {key} in param group {i}: {group[key]!r} differs "
-                                     f"from group 0 ({first[key]!r}); only "
-                                     f"{', '.join(_GROUP_OPTIONS)} may differ")
         lay = self._layout
         if lay is not None:
             for key, have in (("mode", lay.mode), ("factor_dtype", lay.dtype)):

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import all_finite, check_history_dtype, check_params, load_state_dict_uncast
+from ._common import (all_finite, check_groups, check_history_dtype, check_params,
+                      load_state_dict_uncast)
 from .history import LBFGSHistory
 from .quasi_newton import NonFiniteError
 
@@ -374,14 +375,7 @@ class MLBFGS(Optimizer):
         self._ws = None
 
     def _check_groups(self) -> None:
-        first = self.param_groups[0]
-        for i, group in enumerate(self.param_groups):
-            _check_options(group)
-            for key in _GLOBAL_OPTIONS:
-                if group[key] != first[key]:
-                    raise ValueError(f"Invalid {key} in param group {i}: {group[key]!r} differs "
-                                     f"from group 0 ({first[key]!r}); only "
-                                     f"{', '.join(_GROUP_OPTIONS)} may differ")
+        check_groups(self.param_groups, _check_options, _GLOBAL_OPTIONS, _GROUP_OPTIONS)
 
     def load_state_dict(self, state_dict: dict) -> None:
         for p, entries in load_state_dict_uncast(self, state_dict, _UNCAST).items():

@@ -11,12 +11,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import check_params, load_state_dict_uncast, max_abs
+from ._common import check_groups, check_params, load_state_dict_uncast, max_abs
 from .line_search import LinePoint, strong_wolfe
 
 __all__ = ["NonFiniteError", "QuasiNewton"]
 
-# Options that must agree between param groups: there is one run over one flat vector.
+# Options that may differ between param groups; the others must agree: there is one run over one
+# flat vector.
+_GROUP_OPTIONS = ("lr",)
 _GLOBAL_OPTIONS = ("max_iter", "max_eval", "tolerance_grad", "tolerance_change", "line_search_fn",
                    "on_nonfinite", "maximize")
 _MIN_CURVATURE = 1e-10  # a pair (s, y) is stored only if y.s exceeds this, as in torch
@@ -247,18 +249,16 @@ class QuasiNewton(Optimizer):
         self._ws = None
 
     def _check_groups(self) -> None:
-        first = self.param_groups[0]
-        for i, group in enumerate(self.param_groups):
+        def check_options(group: dict) -> None:
             _check_options(group)
             self._check_curvature_options(group)
-            for key in _GLOBAL_OPTIONS + self.CURVATURE_OPTIONS:
-                if group[key] != first[key]:
-                    raise ValueError(f"Invalid {key} in param group {i}: {group[key]!r} differs "
-                                     f"from group 0 ({first[key]!r}); only lr may differ")
+
+        check_groups(self.param_groups, check_options, _GLOBAL_OPTIONS + self.CURVATURE_OPTIONS,
+                     _GROUP_OPTIONS)
         params = self._all_params()
         check_params(params, type(self).__name__)
         if params:
-            self._check_curvature_params(params, first)
+            self._check_curvature_params(params, self.param_groups[0])
 
     def load_state_dict(self, state_dict: dict) -> None:
         # The curvature model (possibly bfloat16) is copied in at the next step.

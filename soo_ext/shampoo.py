@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import ops
-from ._common import all_finite, check_params, load_state_dict_uncast
+from ._common import all_finite, check_groups, check_params, load_state_dict_uncast
 from .quasi_newton import NonFiniteError
 
 __all__ = ["Shampoo", "RootFailureError", "merge_dims"]
@@ -389,14 +389,7 @@ class Shampoo(Optimizer):
         self._ws = None  # the buckets are rebuilt (the existing factors copied) at the next step
 
     def _check_groups(self) -> None:
-        first = self.param_groups[0]
-        for i, group in enumerate(self.param_groups):
-            _check_options(group)
-            for key in _GLOBAL_OPTIONS:
-                if group[key] != first[key]:
-                    raise ValueError(f"Invalid {key} in param group {i}: {group[key]!r} differs "
-                                     f"from group 0 ({first[key]!r}); only "
-                                     f"{', '.join(_GROUP_OPTIONS)} may differ")
+        check_groups(self.param_groups, _check_options, _GLOBAL_OPTIONS, _GROUP_OPTIONS)
 
     def load_state_dict(self, state_dict: dict) -> None:
         for p, entries in load_state_dict_uncast(self, state_dict, _UNCAST).items():
