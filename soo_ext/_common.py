@@ -1,11 +1,20 @@
 """Checks and device-side reductions shared by the optimizers."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+
+def call_closure(closure: Callable | None) -> Any:
+    """What ``closure`` returns (None without one), called once with grad enabled: it runs the
+    backward pass, and step() runs under no_grad."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def check_params(params: list[Tensor], name: str) -> None:

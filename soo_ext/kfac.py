@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import ops as _ops
-from ._common import all_finite, check_groups, check_params, load_state_dict_uncast
+from ._common import (all_finite, call_closure, check_groups, check_params,
+                      load_state_dict_uncast)
 from .quasi_newton import NonFiniteError
 
 __all__ = ["KFAC", "NonFiniteError"]
@@ -611,10 +612,7 @@ class KFAC(Optimizer):
         Returns:
             What the closure returned, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = call_closure(closure)
         if not self._all_params():
             return loss
         self._check_groups()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import (all_finite, check_groups, check_history_dtype, check_params,
+from ._common import (all_finite, call_closure, check_groups, check_history_dtype, check_params,
                       load_state_dict_uncast)
 from .history import LBFGSHistory
 from .quasi_newton import NonFiniteError
@@ -401,10 +401,7 @@ class MLBFGS(Optimizer):
         Returns:
             What the closure returned, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = call_closure(closure)
         if not self._all_params():
             return loss
         self._check_groups()

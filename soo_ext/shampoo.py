@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import ops
-from ._common import all_finite, check_groups, check_params, load_state_dict_uncast
+from ._common import (all_finite, call_closure, check_groups, check_params,
+                      load_state_dict_uncast)
 from .quasi_newton import NonFiniteError
 
 __all__ = ["Shampoo", "RootFailureError", "merge_dims"]
@@ -418,10 +419,7 @@ class Shampoo(Optimizer):
         Returns:
             What the closure returned, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = call_closure(closure)
         if not self._all_params():
             return loss
         self._check_groups()
