@@ -1,8 +1,20 @@
 """Checks and device-side reductions shared by the optimizers."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
+
+
+def call_closure(closure: Callable | None) -> Any:
+    """What ``closure`` returns (None without one), called once with grad enabled: it runs the
+    backward pass, and step() runs under no_grad."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def check_params(params: list[Tensor], name: str) -> None:
@@ -30,12 +42,42 @@ def check_params(params: list[Tensor], name: str) -> None:
                              f"{p0.device} and {p.device}")
 
 
+def check_groups(groups: list[dict], check_options: Callable[[dict], None],
+                 global_options: tuple[str, ...], group_options: tuple[str, ...]) -> None:
+    """ValueError if ``check_options`` rejects a param group, or a group's ``global_options``
+    differ from group 0's (only ``group_options`` may differ)."""
+    first = groups[0]
+    for i, group in enumerate(groups):
+        check_options(group)
+        for key in global_options:
+            if group[key] != first[key]:
+                raise ValueError(f"Invalid {key} in param group {i}: {group[key]!r} differs "
+                                 f"from group 0 ({first[key]!r}); only "
+                                 f"{', '.join(group_options)} may differ")
+
+
 def check_history_dtype(dtype: torch.dtype, history_dtype: torch.dtype | None) -> None:
     """ValueError unless ``history_dtype`` may store the pairs of ``dtype`` params."""
     allowed = (None, dtype) + ((torch.bfloat16,) if dtype == torch.float32 else ())
     if history_dtype not in allowed:
         raise ValueError(f"Invalid history_dtype: {history_dtype} with {dtype} params "
                          f"(allowed: {', '.join(str(a) for a in allowed)})")
+
+
+def load_state_dict_uncast(optimizer: Optimizer, state_dict: dict,
+                           keys: tuple[str, ...]) -> dict[Tensor, dict]:
+    """``Optimizer.load_state_dict`` for ``optimizer``, except the per-param state entries named
+    in ``keys``: it would cast every floating tensor to the param's dtype/device (and an int64
+    counter to float), so these go around it and are returned, as saved, by param, for the
+    caller to store."""
+    state_dict = dict(state_dict)
+    state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+    kept = {k: {key: v.pop(key) for key in keys if key in v}
+            for k, v in state_dict["state"].items()}
+    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    Optimizer.load_state_dict(optimizer, state_dict)
+    by_id = dict(zip(saved_ids, (p for group in optimizer.param_groups for p in group["params"])))
+    return {by_id[k]: entries for k, entries in kept.items()}
 
 
 def max_abs(v: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import ops as _ops
-from ._common import all_finite, check_params
+from ._common import all_finite, check_params, load_state_dict_uncast
 from .quasi_newton import NonFiniteError
 
 __all__ = ["DRSOM", "NonFiniteError", "same_randomness"]
@@ -344,15 +344,8 @@ class DRSOM(Optimizer):
         self._flatten()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
-        kept = {k: {key: v.pop(key) for key in _UNCAST if key in v}
-                for k, v in state_dict["state"].items()}
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        super().load_state_dict(state_dict)
-        by_id = dict(zip(saved_ids, self.param_groups[0]["params"]))
-        for k, entries in kept.items():
-            self.state[by_id[k]].update({key: v.clone() for key, v in entries.items()})
+        for p, entries in load_state_dict_uncast(self, state_dict, _UNCAST).items():
+            self.state[p].update({key: v.clone() for key, v in entries.items()})
         _check_options(self.param_groups[0])
 
     def _state(self) -> dict:

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import ops as _ops
-from ._common import all_finite, check_params
+from ._common import (all_finite, call_closure, check_groups, check_params,
+                      load_state_dict_uncast)
 from .quasi_newton import NonFiniteError
 
 __all__ = ["KFAC", "NonFiniteError"]
@@ -435,14 +436,8 @@ class KFAC(Optimizer):
             raise
 
     def _check_groups(self) -> None:
+        check_groups(self.param_groups, _check_options, _GLOBAL_OPTIONS, _GROUP_OPTIONS)
         first = self.param_groups[0]
-        for i, group in enumerate(self.param_groups):
-            _check_options(group)
-            for key in _GLOBAL_OPTIONS:
-                if group[key] != first[key]:
-                    raise ValueError(f"Invalid {key} in param group {i}: {group[key]!r} differs "
-                                     f"from group 0 ({first[key]!r}); only "
-                                     f"{', '.join(_GROUP_OPTIONS)} may differ")
         lay = self._layout
         if lay is not None:
             for key, have in (("mode", lay.mode), ("factor_dtype", lay.dtype)):
@@ -571,24 +566,15 @@ class KFAC(Optimizer):
     # State dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # Optimizer.load_state_dict casts every floating tensor to the param's dtype and makes
-        # new tensors: the bucket views go around it and are copied into the buckets.
-        state_dict = dict(state_dict)
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
-        kept = {k: {key: v.pop(key) for key in _UNCAST if key in v}
-                for k, v in state_dict["state"].items()}
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        super().load_state_dict(state_dict)
+        kept = load_state_dict_uncast(self, state_dict, _UNCAST)
         self._reset_pending()
         self._layout = None  # fresh buckets with the loaded options
         for layer in self._layers:
             layer.a_bucket = layer.g_bucket = layer.group = None
         self._check_groups_loaded()
-        by_id = dict(zip(saved_ids, self._all_params()))
         lay = self._ensure_layout()
         views = {id(l.weight): lay.views(l) for l in self._layers} if lay else {}
-        for k, entries in kept.items():
-            p = by_id[k]
+        for p, entries in kept.items():
             target = views.get(id(p), {})
             for key, value in entries.items():
                 if key == "nonfinite_steps":
@@ -626,10 +612,7 @@ class KFAC(Optimizer):
         Returns:
             What the closure returned, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = call_closure(closure)
         if not self._all_params():
             return loss
         self._check_groups()

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import all_finite, check_history_dtype, check_params
+from ._common import (all_finite, call_closure, check_groups, check_history_dtype, check_params,
+                      load_state_dict_uncast)
 from .history import LBFGSHistory
 from .quasi_newton import NonFiniteError
 
@@ -374,27 +375,11 @@ class MLBFGS(Optimizer):
         self._ws = None
 
     def _check_groups(self) -> None:
-        first = self.param_groups[0]
-        for i, group in enumerate(self.param_groups):
-            _check_options(group)
-            for key in _GLOBAL_OPTIONS:
-                if group[key] != first[key]:
-                    raise ValueError(f"Invalid {key} in param group {i}: {group[key]!r} differs "
-                                     f"from group 0 ({first[key]!r}); only "
-                                     f"{', '.join(_GROUP_OPTIONS)} may differ")
+        check_groups(self.param_groups, _check_options, _GLOBAL_OPTIONS, _GROUP_OPTIONS)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # Optimizer.load_state_dict casts every floating tensor of a param's state to the param's
-        # dtype (and would turn the int64 counter into a float): those entries go around it.
-        state_dict = dict(state_dict)
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
-        kept = {k: {key: v.pop(key) for key in _UNCAST if key in v}
-                for k, v in state_dict["state"].items()}
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        super().load_state_dict(state_dict)
-        by_id = dict(zip(saved_ids, self._all_params()))
-        for k, entries in kept.items():
-            self.state[by_id[k]].update(entries)
+        for p, entries in load_state_dict_uncast(self, state_dict, _UNCAST).items():
+            self.state[p].update(entries)
         self._ws = None
 
     def _workspace(self) -> _Workspace:
@@ -416,10 +401,7 @@ class MLBFGS(Optimizer):
         Returns:
             What the closure returned, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = call_closure(closure)
         if not self._all_params():
             return loss
         self._check_groups()

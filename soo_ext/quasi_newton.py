@@ -11,12 +11,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import check_params, max_abs
+from ._common import check_groups, check_params, load_state_dict_uncast, max_abs
 from .line_search import LinePoint, strong_wolfe
 
 __all__ = ["NonFiniteError", "QuasiNewton"]
 
-# Options that must agree between param groups: there is one run over one flat vector.
+# Options that may differ between param groups; the others must agree: there is one run over one
+# flat vector.
+_GROUP_OPTIONS = ("lr",)
 _GLOBAL_OPTIONS = ("max_iter", "max_eval", "tolerance_grad", "tolerance_change", "line_search_fn",
                    "on_nonfinite", "maximize")
 _MIN_CURVATURE = 1e-10  # a pair (s, y) is stored only if y.s exceeds this, as in torch
@@ -247,32 +249,21 @@ class QuasiNewton(Optimizer):
         self._ws = None
 
     def _check_groups(self) -> None:
-        first = self.param_groups[0]
-        for i, group in enumerate(self.param_groups):
+        def check_options(group: dict) -> None:
             _check_options(group)
             self._check_curvature_options(group)
-            for key in _GLOBAL_OPTIONS + self.CURVATURE_OPTIONS:
-                if group[key] != first[key]:
-                    raise ValueError(f"Invalid {key} in param group {i}: {group[key]!r} differs "
-                                     f"from group 0 ({first[key]!r}); only lr may differ")
+
+        check_groups(self.param_groups, check_options, _GLOBAL_OPTIONS + self.CURVATURE_OPTIONS,
+                     _GROUP_OPTIONS)
         params = self._all_params()
         check_params(params, type(self).__name__)
         if params:
-            self._check_curvature_params(params, first)
+            self._check_curvature_params(params, self.param_groups[0])
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # Optimizer.load_state_dict casts every floating tensor of a param's state to the param's
-        # dtype; the curvature model (possibly bfloat16) goes around it and is copied in at the
-        # next step.
-        key = self.STATE_KEY
-        state_dict = dict(state_dict)
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
-        models = {k: v.pop(key) for k, v in state_dict["state"].items() if key in v}
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        super().load_state_dict(state_dict)
-        by_id = dict(zip(saved_ids, self._all_params()))
-        for k, model in models.items():
-            self.state[by_id[k]][key] = model
+        # The curvature model (possibly bfloat16) is copied in at the next step.
+        for p, entries in load_state_dict_uncast(self, state_dict, (self.STATE_KEY,)).items():
+            self.state[p].update(entries)
 
     def _workspace(self, state: dict) -> _Workspace:
         if self._ws is None:

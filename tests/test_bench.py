@@ -24,15 +24,6 @@ def load(path):
     return payload
 
 
-@pytest.fixture
-def one_thread():
-    """Timings are not tested: one thread keeps a smoke run fast on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_micro_writes_records_table_and_plot(tmp_path, capsys, one_thread):
     out, png = tmp_path / "micro.json", tmp_path / "micro.png"
     cli.main(["micro", "--quick", "--device", "cpu", "--n", "1000", "3000", "--m", "3",

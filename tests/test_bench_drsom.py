@@ -13,15 +13,6 @@ from bench import __main__ as cli
 from bench import drsom
 
 
-@pytest.fixture
-def one_thread():
-    """Timings are not tested: one thread keeps a smoke run fast on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_drsom_writes_cost_and_accuracy_records(tmp_path, capsys, one_thread):
     out, png = tmp_path / "drsom.json", tmp_path / "drsom.png"
     records, _ = cli.main(["drsom", "--quick", "--device", "cpu", "--models", "mlp",

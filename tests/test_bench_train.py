@@ -17,15 +17,6 @@ STABLE = ["torch.optim.SGD", "torch.optim.Adam", "torch.optim.LBFGS", "soo_ext.L
 N_PARAMS = {"mnist1d-mlp": 15_210, "mnist1d-cnn": 5_210, "digits-mlp": 2_410}
 
 
-@pytest.fixture
-def one_thread():
-    """Timings are not tested: one thread keeps a smoke run fast on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_first_crossing_on_a_hand_made_curve():
     times = [0.0, 0.5, 1.25, 2.0, 3.0]
     steps = [0, 10, 20, 30, 40]
@@ -119,6 +110,20 @@ def check_record(row, seeds, max_steps):
         assert "curve" not in row and row["time_to_target_vs_adam"] is None
 
 
+def quick_train(case, name):
+    """bench train --quick on the CPU: one case, seed 0, one optimizer."""
+    return cli.main(["train", "--quick", "--device", "cpu", "--cases", case, "--seeds", "0",
+                     "--optimizers", name])
+
+
+def check_lr_sweep(records, env, name):
+    """One well-formed record per lr of ``name``'s sweep, and no notes."""
+    spec = next(s for s in train.OPTIMIZERS if s.name == name)
+    assert [r["lr"] for r in records] == list(spec.lrs) and env["notes"] == []
+    for row in records:
+        check_record(row, [0], train.QUICK["max_steps"])
+
+
 def test_train_writes_records_table_json_and_plot(tmp_path, capsys, one_thread):
     out, png = tmp_path / "train.json", tmp_path / "train.png"
     records, _ = cli.main(["train", "--quick", "--device", "cpu", "--seeds", "0", "1",
@@ -155,29 +160,21 @@ def test_train_writes_records_table_json_and_plot(tmp_path, capsys, one_thread):
 
 @pytest.mark.parametrize("name", ["soo_ext.MLBFGS", "soo_ext.BFGS"])
 def test_train_runs_mlbfgs_and_bfgs(name, one_thread):
-    records, env = cli.main(["train", "--quick", "--device", "cpu", "--cases", "digits-mlp",
-                             "--seeds", "0", "--optimizers", name])
-    spec = next(s for s in train.OPTIMIZERS if s.name == name)
-    assert [r["lr"] for r in records] == list(spec.lrs) and env["notes"] == []
-    for row in records:
-        check_record(row, [0], train.QUICK["max_steps"])
+    records, env = quick_train("digits-mlp", name)
+    check_lr_sweep(records, env, name)
 
 
 def test_bfgs_is_skipped_with_a_note_where_its_state_is_too_large(one_thread):
-    records, env = cli.main(["train", "--quick", "--device", "cpu", "--cases", "mnist1d-mlp",
-                             "--seeds", "0", "--optimizers", "soo_ext.BFGS"])
+    records, env = quick_train("mnist1d-mlp", "soo_ext.BFGS")
     assert records == []
     assert len(env["notes"]) == 1 and "max_state_bytes" in env["notes"][0]
 
 
 @pytest.mark.parametrize("name", ["soo_ext.DRSOM", "AdaBelief"])
 def test_train_runs_drsom_and_adabelief(name, one_thread):
-    records, env = cli.main(["train", "--quick", "--device", "cpu", "--cases", "digits-mlp",
-                             "--seeds", "0", "--optimizers", name])
-    spec = next(s for s in train.OPTIMIZERS if s.name == name)
-    assert [r["lr"] for r in records] == list(spec.lrs) and env["notes"] == []
+    records, env = quick_train("digits-mlp", name)
+    check_lr_sweep(records, env, name)
     for row in records:
-        check_record(row, [0], train.QUICK["max_steps"])
         assert row["closure"] == (name == "soo_ext.DRSOM") and not row["full_batch"]
     if name == "soo_ext.DRSOM":
         assert records[0]["lr"] is None and env["lrs"][name] == [None]
@@ -258,19 +255,14 @@ def test_mnist1d_cnn_is_the_conv1d_network_written_with_conv2d():
 
 @pytest.mark.parametrize("name", ["soo_ext.KFAC", "soo_ext.Shampoo"])
 def test_train_runs_kfac_and_shampoo(name, one_thread):
-    records, env = cli.main(["train", "--quick", "--device", "cpu", "--cases", "mnist1d-cnn",
-                             "--seeds", "0", "--optimizers", name])
-    spec = next(s for s in train.OPTIMIZERS if s.name == name)
-    assert [r["lr"] for r in records] == list(spec.lrs) and env["notes"] == []
-    for row in records:
-        check_record(row, [0], train.QUICK["max_steps"])
+    records, env = quick_train("mnist1d-cnn", name)
+    check_lr_sweep(records, env, name)
 
 
 @pytest.mark.parametrize("name,module", [("asdl.KFAC", "asdl"),
                                          ("pytorch_optimizer.Shampoo", "pytorch_optimizer")])
 def test_peers_run_when_installed_and_are_skipped_with_a_note_otherwise(name, module, one_thread):
-    records, env = cli.main(["train", "--quick", "--device", "cpu", "--cases", "mnist1d-cnn",
-                             "--seeds", "0", "--optimizers", name])
+    records, env = quick_train("mnist1d-cnn", name)
     try:
         __import__(module)
     except ImportError:

@@ -1,6 +1,5 @@
 """soo::bfgs_direction against the textbook BFGS update, and soo_ext.BFGS as an optimizer."""
 import copy
-import io
 import math
 
 import pytest
@@ -10,6 +9,8 @@ import soo_ext
 from soo_ext import ops, reference
 from soo_ext.bfgs import DenseInverseHessian
 from soo_ext.quasi_newton import NonFiniteError
+
+from conftest import rel_err, saved_copy
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [(torch.float64, 1e-12), (torch.float32, 1e-5)]
@@ -35,11 +36,6 @@ def textbook_update(H, s, y):
     rho = 1.0 / y.dot(s)
     V = torch.eye(len(s), dtype=H.dtype) - rho * torch.outer(y, s)
     return V.T @ H @ V + rho * torch.outer(s, s)
-
-
-def rel_err(out, ref):
-    out, ref = out.double().cpu(), ref.double().cpu()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -237,13 +233,7 @@ def test_resume_is_bit_identical(line_search_fn, via_bytes):
         if steps_after is None:
             return params, opt
         saved_params = [p.detach().clone() for p in params]
-        if via_bytes:
-            buffer = io.BytesIO()
-            torch.save(opt.state_dict(), buffer)
-            buffer.seek(0)
-            saved = torch.load(buffer)
-        else:
-            saved = copy.deepcopy(opt.state_dict())
+        saved = saved_copy(opt.state_dict(), via_bytes)
         params2, loss_fn2 = logistic_problem(torch.float32)
         with torch.no_grad():
             for p, q in zip(params2, saved_params):

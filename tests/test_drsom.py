@@ -2,7 +2,6 @@
 convergence (Rosenbrock, logistic regression), fused attention, k-direction and random variants,
 non-finite handling, resume, arguments, same randomness, host syncs."""
 import copy
-import io
 import math
 
 import pytest
@@ -15,13 +14,9 @@ from soo_ext.drsom import _ops as drsom_ops
 from soo_ext.drsom import DRSOM, _Workspace, same_randomness
 from soo_ext.quasi_newton import NonFiniteError
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Every problem here is tiny: more threads only add overhead (much more on a busy host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import count_host_syncs, rel_err, saved_copy
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def rosenbrock(x):
@@ -61,10 +56,6 @@ def subspace_hessian(hvp, dtype, seed=0):
     return Q * s[:, None] * s[None, :]
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 # ---------------------------------------------------------------------------------------------
 # The model
 
@@ -75,8 +66,8 @@ def rel(a, b):
 def test_finite_difference_hessian_matches_autograd(dtype, tol_fd, tol_central, seed):
     exact = subspace_hessian("autograd", dtype, seed)
     torch.testing.assert_close(exact, exact.T)
-    assert rel(subspace_hessian("fd", dtype, seed), exact) < tol_fd
-    assert rel(subspace_hessian("central", dtype, seed), exact) < tol_central
+    assert rel_err(subspace_hessian("fd", dtype, seed), exact) < tol_fd
+    assert rel_err(subspace_hessian("central", dtype, seed), exact) < tol_central
 
 
 def test_noise_floor_ends_the_step_after_one_trial():
@@ -355,13 +346,7 @@ def test_resume_is_bit_identical(options, via_bytes):
     for _ in range(4):
         opt.step(closure)
     params_mid = copy.deepcopy(net.state_dict())
-    if via_bytes:
-        buf = io.BytesIO()
-        torch.save(opt.state_dict(), buf)
-        buf.seek(0)
-        saved = torch.load(buf)
-    else:
-        saved = copy.deepcopy(opt.state_dict())
+    saved = saved_copy(opt.state_dict(), via_bytes)
     for _ in range(4):
         opt.step(closure)
 
@@ -510,14 +495,7 @@ def test_host_syncs_per_step(monkeypatch, options):
     """One fetch at the base point plus one per trial (trust-region or line-search)."""
     x = rosenbrock_start(30)
     opt = DRSOM([x], **options)
-    count = [0]
-    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, **kwargs):
-            count[0] += 1
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    count = count_host_syncs(monkeypatch)
     st = opt.state
     for _ in range(12):
         trials = st[x]["trials"] if st else 0
@@ -566,5 +544,5 @@ def test_finite_differences_need_the_same_randomness(replayed):
                              ctx.replay if replayed else (lambda: None))
         s = torch.rsqrt(torch.diagonal(G))
         return Q * s[:, None] * s[None, :]
-    err = rel(hessian("fd"), hessian("autograd"))
+    err = rel_err(hessian("fd"), hessian("autograd"))
     assert (err < 1e-5) if replayed else (err > 1e-2)

@@ -3,8 +3,8 @@ against a dense Kronecker solve, plain layers against torch.optim.SGD, resume, s
 accumulation, GradScaler, non-finite steps, failed decompositions, host syncs, arguments, and a
 decrease of the training loss on MNIST-1D."""
 import copy
+import functools
 import gc
-import io
 import math
 import weakref
 
@@ -15,17 +15,13 @@ from torch.nn import functional as F
 
 from soo_ext.kfac import KFAC, NonFiniteError
 
+from conftest import (assert_state_equal, count_host_syncs, mnist1d_mlp, saved_copy,
+                      train_mnist1d)
+
 DECAY = 0.95
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Every problem here is tiny: more threads only add overhead, and on a busy host LAPACK's
-    eigh with 2 threads was 10-100x slower than with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def mlp(seed=0, dtype=torch.float64, bias=True):
@@ -58,25 +54,6 @@ def train(opt, model, data):
         opt.zero_grad()
         backward(model, batch)
         opt.step()
-
-
-def kfac_state(opt):
-    """Every tensor of the optimizer state, keyed by (param index, key)."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    return {(i, k): v for i, p in enumerate(params) for k, v in opt.state[p].items()}
-
-
-def assert_state_equal(a, b, ignore=()):
-    sa, sb = kfac_state(a), kfac_state(b)
-    assert sa.keys() == sb.keys()
-    for key, v in sa.items():
-        if key[1] in ignore:
-            continue
-        w = sb[key]
-        if isinstance(v, torch.Tensor):
-            assert v.dtype == w.dtype and torch.equal(v, w), key
-        else:
-            assert v == w, key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,12 +311,9 @@ def test_resume_is_bit_identical(mode, factor_dtype):
     model(data[0][0])  # materialise the LazyLinear
     opt = make(model)
     train(opt, model, data[:5])
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    saved = saved_copy({"model": model.state_dict(), "opt": opt.state_dict()}, via_bytes=True)
     train(opt, model, data[5:])
 
-    buf.seek(0)
-    saved = torch.load(buf)
     resumed = cnn(seed=7, dtype=torch.float32)
     resumed(data[0][0])
     resumed.load_state_dict(saved["model"])
@@ -348,7 +322,7 @@ def test_resume_is_bit_identical(mode, factor_dtype):
     assert opt2.state[resumed[0].weight]["A"].dtype == factor_dtype
     train(opt2, resumed, data[5:])
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
-    assert_state_equal(opt, opt2)
+    assert_state_equal(opt, list(model.parameters()), opt2, list(resumed.parameters()))
     # The state entries are still views of the buckets (not detached copies).
     lay = opt2._layout
     A = opt2.state[resumed[0].weight]["A"]
@@ -424,7 +398,8 @@ def test_grad_scaler():
                 .get("factor_updates", 0) == 0
     assert all(torch.equal(p, q) for p, q in zip(plain_model.parameters(),
                                                   amp_model.parameters()))
-    assert_state_equal(plain, amp)
+    assert_state_equal(plain, list(plain_model.parameters()), amp,
+                       list(amp_model.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,18 +582,6 @@ def test_bad_model_and_params():
 # ---------------------------------------------------------------------------------------------
 # Host syncs
 
-def count_host_syncs(monkeypatch):
-    count = [0]
-    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, **kwargs):
-            count[0] += 1
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return count
-
-
 @pytest.mark.parametrize("mode,on_nonfinite", [("inverse", "skip"), ("inverse", "raise"),
                                                ("eigen", "skip")])
 def test_host_syncs(monkeypatch, mode, on_nonfinite):
@@ -645,54 +608,22 @@ def test_host_syncs(monkeypatch, mode, on_nonfinite):
 # ---------------------------------------------------------------------------------------------
 # Training
 
-@pytest.fixture(scope="module")
-def mnist1d():
-    data_module = pytest.importorskip("mnist1d.data")
-    args = data_module.get_dataset_args()
-    args.seed = 0
-    data = data_module.make_dataset(args)
-    return (torch.tensor(data["x"], dtype=torch.float32),
-            torch.tensor(data["y"], dtype=torch.long))
-
-
-def mnist1d_mlp():
-    return nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
 def mnist1d_cnn():
     return nn.Sequential(nn.Unflatten(1, (1, 5, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
                          nn.Linear(320, 10))
 
 
-def train_mnist1d(data, make_model, make_opt, steps=50, seed=0):
-    inputs, labels = data
-    torch.manual_seed(seed)
-    model = make_model()
-    opt = make_opt(model)
-    gen = torch.Generator().manual_seed(seed)
-
-    def full_loss():
-        with torch.no_grad():
-            return F.cross_entropy(model(inputs), labels).item()
-    initial = full_loss()
-    for _ in range(steps):
-        idx = torch.randint(0, len(inputs), (128,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(inputs[idx]), labels[idx]).backward()
-        opt.step()
-    return initial, full_loss()
-
-
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 @pytest.mark.parametrize("mode", ["eigen", "inverse"])
 def test_decreases_training_loss_on_mnist1d(mnist1d, arch, mode):
-    make_model = mnist1d_mlp if arch == "mlp" else mnist1d_cnn
-    initial, final = train_mnist1d(mnist1d, make_model, lambda m: KFAC(m, lr=0.1, mode=mode))
+    make_model = functools.partial(mnist1d_mlp, hidden=64) if arch == "mlp" else mnist1d_cnn
+    initial, final, _ = train_mnist1d(mnist1d, make_model, lambda m: KFAC(m, lr=0.1, mode=mode),
+                                      50)
     assert math.isfinite(final) and final < 0.65 * initial
     # SGD with the same lr and momentum: K-FAC gets further in these 50 steps.
-    _, sgd_final = train_mnist1d(mnist1d, make_model, lambda m: torch.optim.SGD(
-        m.parameters(), lr=0.1, momentum=0.9))
+    _, sgd_final, _ = train_mnist1d(mnist1d, make_model, lambda m: torch.optim.SGD(
+        m.parameters(), lr=0.1, momentum=0.9), 50)
     assert final < 0.95 * sgd_final
 
 

@@ -1,6 +1,5 @@
 """soo_ext.LBFGS: tracking torch.optim.LBFGS, param groups, resume, bad input, conventions."""
 import copy
-import io
 
 import pytest
 import torch
@@ -9,6 +8,8 @@ from torch import nn
 import soo_ext
 from soo_ext.lbfgs import NonFiniteError
 from soo_ext.line_search import LinePoint, cubic_interpolate, strong_wolfe
+
+from conftest import count_host_syncs, saved_copy
 
 LINE_SEARCHES = [(None, 1e-3), ("strong_wolfe", 1.0)]  # (line_search_fn, lr keeping torch stable)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -258,13 +259,7 @@ def test_resume_is_bit_identical(line_search_fn, lr, dtype, history_dtype, via_b
     closure = make_closure(opt, loss_fn)
     for _ in range(3):  # 12 iterations: the 5-slot ring has wrapped
         opt.step(closure)
-    if via_bytes:
-        buf = io.BytesIO()
-        torch.save({"x": x.detach().clone(), "opt": opt.state_dict()}, buf)
-        buf.seek(0)
-        saved = torch.load(buf)
-    else:
-        saved = copy.deepcopy({"x": x.detach().clone(), "opt": opt.state_dict()})
+    saved = saved_copy({"x": x.detach().clone(), "opt": opt.state_dict()}, via_bytes)
     for _ in range(3):
         opt.step(closure)
 
@@ -548,14 +543,7 @@ def test_state_layout_and_zero_grad():
 
 def test_host_syncs_per_iteration(monkeypatch):
     """One host fetch per closure evaluation plus one per direction (one per iteration)."""
-    count = [0]
-    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, **kwargs):
-            count[0] += 1
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    count = count_host_syncs(monkeypatch)
     for line_search_fn, lr in LINE_SEARCHES:
         x = rosenbrock_start(n=100)
         opt = soo_ext.LBFGS([x], lr=lr, max_iter=8, line_search_fn=line_search_fn)

@@ -1,7 +1,6 @@
 """soo_ext.MLBFGS: against a naive transcription of mL-BFGS, damping, blocks, non-finite steps,
 resume, host syncs, conventions, and a decrease of the training loss on MNIST-1D."""
 import copy
-import io
 import math
 
 import pytest
@@ -13,16 +12,13 @@ from soo_ext import ops
 from soo_ext.mlbfgs import _damping_phi
 from soo_ext.quasi_newton import NonFiniteError
 
+from conftest import (assert_state_equal, count_host_syncs, mnist1d_mlp, mse_backward, mse_steps,
+                      saved_copy, train_mnist1d)
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Every problem here is tiny: more threads only add overhead (much more on a busy host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,30 +132,6 @@ def minibatches(steps, dtype=torch.float64, device="cpu", seed=1):
     return out
 
 
-def backward(model, batch):
-    model.zero_grad()
-    loss = nn.functional.mse_loss(model(batch[0]), batch[1])
-    loss.backward()
-    return loss
-
-
-def all_state_equal(opt_a, params_a, opt_b, params_b, ignore=()):
-    """Every state entry of every param, bit for bit (tensors) or equal (the rest)."""
-    for pa, pb in zip(params_a, params_b):
-        sa, sb = opt_a.state.get(pa, {}), opt_b.state.get(pb, {})
-        assert set(sa) == set(sb)
-        for key in set(sa) - set(ignore):
-            a, b = sa[key], sb[key]
-            if key == "history":
-                for hk in a:
-                    assert (torch.equal(a[hk], b[hk]) if torch.is_tensor(a[hk])
-                            else a[hk] == b[hk]), hk
-            elif torch.is_tensor(a):
-                assert a.dtype == b.dtype and torch.equal(a, b), key
-            else:
-                assert a == b, key
-
-
 def history_of(opt, p):
     return opt.state[p]["history"]
 
@@ -208,8 +180,8 @@ def test_matches_naive_transcription(case, layout, device="cpu"):
                            if k not in ("lr", "momentum", "weight_decay")})
     steps = 30
     for batch in minibatches(steps, device=device):
-        backward(model, batch)
-        backward(reference, batch)
+        mse_backward(model, batch)
+        mse_backward(reference, batch)
         opt.step()
         naive.step()
         for a, b in zip(model.parameters(), reference.parameters()):
@@ -271,59 +243,25 @@ def test_pair_with_no_motion_is_not_stored():
 # ---------------------------------------------------------------------------------------------
 # Training
 
-@pytest.fixture(scope="module")
-def mnist1d():
-    data_module = pytest.importorskip("mnist1d.data")
-    args = data_module.get_dataset_args()
-    args.seed = 0
-    data = data_module.make_dataset(args)
-    return (torch.tensor(data["x"], dtype=torch.float32),
-            torch.tensor(data["y"], dtype=torch.long))
-
-
-def train_mnist1d(data, make_opt, steps=300, seed=0):
-    inputs, labels = data
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = make_opt(model.parameters())
-    gen = torch.Generator().manual_seed(seed)
-
-    def full_loss():
-        with torch.no_grad():
-            return nn.functional.cross_entropy(model(inputs), labels).item()
-    initial = full_loss()
-    for _ in range(steps):
-        idx = torch.randint(0, len(inputs), (128,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(inputs[idx]), labels[idx]).backward()
-        opt.step()
-    return initial, full_loss(), opt
-
-
 def test_decreases_training_loss_on_mnist1d(mnist1d):
     # Defaults (update_freq 50): SGD for 100 steps, then 4 pair updates.
-    initial, final, opt = train_mnist1d(mnist1d, soo_ext.MLBFGS)
+    initial, final, opt = train_mnist1d(mnist1d, mnist1d_mlp,
+                                        lambda m: soo_ext.MLBFGS(m.parameters()), 300)
     first = next(iter(opt.state.values()))
     assert len(first["history"]["S"]) == 10 and first["history"]["count"] == 5
     assert math.isfinite(final) and final < 0.7 * initial
     # Not worse than SGD with the same lr, momentum and weight decay (it is a little better on
     # this problem for every seed we tried; the margin asserted here is loose on purpose).
-    _, sgd_final, _ = train_mnist1d(
-        mnist1d, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=2e-4))
+    _, sgd_final, _ = train_mnist1d(mnist1d, mnist1d_mlp, lambda m: torch.optim.SGD(
+        m.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4), 300)
     assert final < 1.05 * sgd_final
 
 
 # ---------------------------------------------------------------------------------------------
 # Non-finite gradients
 
-def run_until(opt, model, batches):
-    for batch in batches:
-        backward(model, batch)
-        opt.step()
-
-
 def poison(model, value, dtype=torch.float64, device="cpu"):
-    backward(model, minibatches(1, dtype, device, seed=5)[0])
+    mse_backward(model, minibatches(1, dtype, device, seed=5)[0])
     list(model.parameters())[2].grad[1, 2] = value
 
 
@@ -332,7 +270,7 @@ def poison(model, value, dtype=torch.float64, device="cpu"):
 def test_nonfinite_gradient_is_skipped(value, at_pair_step):
     model = mlp()
     opt = soo_ext.MLBFGS(model.parameters(), update_freq=3, history_size=2)
-    run_until(opt, model, minibatches(8 if at_pair_step else 7))  # next: step 9 or 8
+    mse_steps(opt, model, minibatches(8 if at_pair_step else 7))  # next: step 9 or 8
     before_model, before_opt = copy.deepcopy((model, opt))
     params, before = list(model.parameters()), list(before_model.parameters())
     assert history_of(opt, params[0])["count"] == 1  # a pair exists: the direction is used
@@ -340,11 +278,11 @@ def test_nonfinite_gradient_is_skipped(value, at_pair_step):
     opt.step()
     for a, b in zip(params, before):
         assert torch.equal(a, b)
-    all_state_equal(opt, params, before_opt, before, ignore=("step", "nonfinite_steps"))
+    assert_state_equal(opt, params, before_opt, before, ignore=("step", "nonfinite_steps"))
     state = opt.state[params[0]]
     assert state["step"] == before_opt.state[before[0]]["step"] + 1
     assert state["nonfinite_steps"].dtype == torch.int64 and state["nonfinite_steps"] == 1
-    run_until(opt, model, minibatches(6, seed=7))  # the run goes on
+    mse_steps(opt, model, minibatches(6, seed=7))  # the run goes on
     assert all(torch.isfinite(p).all() for p in params)
     assert state["nonfinite_steps"] == 1 and state["pair_updates"] >= 3
 
@@ -353,7 +291,7 @@ def test_nonfinite_gradient_is_skipped(value, at_pair_step):
 def test_nonfinite_gradient_raises_and_changes_nothing(at_pair_step):
     model = mlp()
     opt = soo_ext.MLBFGS(model.parameters(), update_freq=3, history_size=2, on_nonfinite="raise")
-    run_until(opt, model, minibatches(8 if at_pair_step else 7))
+    mse_steps(opt, model, minibatches(8 if at_pair_step else 7))
     before_model, before_opt = copy.deepcopy((model, opt))
     params, before = list(model.parameters()), list(before_model.parameters())
     poison(model, float("nan"))
@@ -361,7 +299,7 @@ def test_nonfinite_gradient_raises_and_changes_nothing(at_pair_step):
         opt.step()
     for a, b in zip(params, before):
         assert torch.equal(a, b)
-    all_state_equal(opt, params, before_opt, before)
+    assert_state_equal(opt, params, before_opt, before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,31 +317,25 @@ def test_resume_is_bit_identical(dtype, history_dtype, via_bytes):
                               history_dtype=history_dtype, blocks=[[w1, w2], [b1]])
     model = mlp(dtype)
     opt = make(model)
-    run_until(opt, model, minibatches(7, dtype))
-    backward(model, minibatches(1, dtype, seed=5)[0])
+    mse_steps(opt, model, minibatches(7, dtype))
+    mse_backward(model, minibatches(1, dtype, seed=5)[0])
     next(model.parameters()).grad[0, 0] = float("nan")  # a skipped step: the counter is saved
     opt.step()
-    run_until(opt, model, minibatches(3, dtype, seed=6))  # 11 steps: the ring has wrapped
+    mse_steps(opt, model, minibatches(3, dtype, seed=6))  # 11 steps: the ring has wrapped
     saved = {"model": model.state_dict(), "opt": opt.state_dict()}
-    if via_bytes:
-        buf = io.BytesIO()
-        torch.save(saved, buf)
-        buf.seek(0)
-        saved = torch.load(buf)
-    else:
-        saved = copy.deepcopy(saved)
+    saved = saved_copy(saved, via_bytes)
     rest = minibatches(7, dtype, seed=8)  # step 12 is a pair-update step
-    run_until(opt, model, rest)
+    mse_steps(opt, model, rest)
 
     resumed = mlp(dtype, seed=3)
     resumed.load_state_dict(saved["model"])
     opt2 = make(resumed)
     opt2.load_state_dict(saved["opt"])
-    run_until(opt2, resumed, rest)
+    mse_steps(opt2, resumed, rest)
     params, params2 = list(model.parameters()), list(resumed.parameters())
     for a, b in zip(params, params2):
         assert torch.equal(a, b)
-    all_state_equal(opt, params, opt2, params2)
+    assert_state_equal(opt, params, opt2, params2)
     assert history_of(opt2, params2[0])["S"].dtype == (history_dtype or dtype)
     assert opt2.state[params2[0]]["nonfinite_steps"] == 1
 
@@ -425,7 +357,7 @@ def test_block_layouts():
             blocks = [[w1, w2], [b1]]
         opt = soo_ext.MLBFGS([{"params": [w1, b1]}, {"params": [w2, b2]}], blocks=blocks,
                              history_size=4)
-        run_until(opt, model, minibatches(2))
+        mse_steps(opt, model, minibatches(2))
         with_history = {p: opt.state[p]["history"]["S"].shape for p in model.parameters()
                         if "history" in opt.state.get(p, {})}
         assert with_history == {p: (4, size) for p, size in sizes.items()}
@@ -543,7 +475,7 @@ def test_closure_hooks_zero_grad_and_maximize():
 
     def closure():
         assert torch.is_grad_enabled()
-        return backward(model, batch)
+        return mse_backward(model, batch)
     with torch.no_grad():
         loss = opt.step(closure)
     assert torch.is_tensor(loss) and calls == ["pre", "post"]
@@ -572,7 +504,7 @@ def test_lr_scheduler_changes_the_lr_used():
         for k, batch in enumerate(minibatches(8)):
             if schedule == "manual":
                 opt.param_groups[0]["lr"] = 0.1 * 0.5 ** k
-            backward(model, batch)
+            mse_backward(model, batch)
             opt.step()
             if schedule == "scheduler":
                 scheduler.step()
@@ -591,18 +523,6 @@ def test_param_group_cannot_be_added_after_the_first_step():
         opt.add_param_group({"params": [param()]})
 
 
-def count_host_syncs(monkeypatch):
-    count = [0]
-    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, **kwargs):
-            count[0] += 1
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return count
-
-
 @pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
 def test_host_syncs(monkeypatch, on_nonfinite):
     """None between pair updates (one per step with 'raise'), one at a pair-update step."""
@@ -612,7 +532,7 @@ def test_host_syncs(monkeypatch, on_nonfinite):
     batches = minibatches(14)
     count = count_host_syncs(monkeypatch)
     for k, batch in enumerate(batches, start=1):
-        backward(model, batch)
+        mse_backward(model, batch)
         if k == 11 and on_nonfinite == "skip":  # a skipped step is decided on the device too
             next(model.parameters()).grad[0, 0] = float("nan")
         count[0] = 0
@@ -638,26 +558,26 @@ def test_skip_and_resume_cuda():
                               history_dtype=torch.bfloat16)
     model = mlp(torch.float32, "cuda")
     opt = make(model)
-    run_until(opt, model, minibatches(7, torch.float32, "cuda"))
+    mse_steps(opt, model, minibatches(7, torch.float32, "cuda"))
     before_model, before_opt = copy.deepcopy((model, opt))
     params, before = list(model.parameters()), list(before_model.parameters())
     poison(model, float("inf"), torch.float32, "cuda")
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(params, before))
-    all_state_equal(opt, params, before_opt, before, ignore=("step", "nonfinite_steps"))
+    assert_state_equal(opt, params, before_opt, before, ignore=("step", "nonfinite_steps"))
     assert opt.state[params[0]]["nonfinite_steps"].item() == 1
 
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
     rest = minibatches(5, torch.float32, "cuda", seed=8)
-    run_until(opt, model, rest)
+    mse_steps(opt, model, rest)
     resumed = mlp(torch.float32, "cuda", seed=3)
     resumed.load_state_dict(saved["model"])
     opt2 = make(resumed)
     opt2.load_state_dict(saved["opt"])
-    run_until(opt2, resumed, rest)
+    mse_steps(opt2, resumed, rest)
     params2 = list(resumed.parameters())
     assert all(torch.equal(a, b) for a, b in zip(params, params2))
-    all_state_equal(opt, params, opt2, params2)
+    assert_state_equal(opt, params, opt2, params2)
 
 
 @cuda
@@ -667,7 +587,7 @@ def test_no_device_sync_between_pair_updates_cuda():
     model = mlp(torch.float32, "cuda")
     opt = soo_ext.MLBFGS(model.parameters(), update_freq=4, history_size=2)
     for k, batch in enumerate(minibatches(14, torch.float32, "cuda"), start=1):
-        backward(model, batch)
+        mse_backward(model, batch)
         if k % 4 == 0:
             opt.step()
             continue

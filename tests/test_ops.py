@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 
 from soo_ext import LBFGSHistory, ops, reference
 
+from conftest import rel_err
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (gradient dtype, history storage dtype, tolerance on ||d - d_ref|| / ||d_ref||)
 DTYPES = [(torch.float64, torch.float64, 1e-12), (torch.float32, torch.float32, 1e-5),
@@ -33,11 +35,6 @@ def random_history(m, n, count, newest, dtype, hist_dtype, device, seed=0):
     hist.count = count  # keep only the newest `count` pairs (partially filled history)
     g = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     return hist, g
-
-
-def rel_err(out, ref):
-    out, ref = out.double().cpu(), ref.double().cpu()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -2,7 +2,6 @@
 tensors, 1-D params), grafting, the root schedule, root failures, non-finite steps, resume,
 host syncs, conventions, and a decrease of the training loss on MNIST-1D."""
 import copy
-import io
 import math
 
 import pytest
@@ -13,17 +12,14 @@ from soo_ext import ops
 from soo_ext.quasi_newton import NonFiniteError
 from soo_ext.shampoo import RootFailureError, Shampoo, merge_dims
 
+from conftest import (assert_state_equal, count_host_syncs, mnist1d_mlp, mse_backward, mse_steps,
+                      saved_copy, train_mnist1d)
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small problems: more threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,20 +366,6 @@ def test_failed_root_keeps_the_previous_one_then_raises(method):
 # ---------------------------------------------------------------------------------------------
 # Training
 
-@pytest.fixture(scope="module")
-def mnist1d():
-    data_module = pytest.importorskip("mnist1d.data")
-    args = data_module.get_dataset_args()
-    args.seed = 0
-    data = data_module.make_dataset(args)
-    return (torch.tensor(data["x"], dtype=torch.float32),
-            torch.tensor(data["y"], dtype=torch.long))
-
-
-def mlp_model():
-    return nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
 def cnn_model():
     return nn.Sequential(nn.Unflatten(1, (1, 40)),
                          nn.Conv1d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
@@ -391,35 +373,18 @@ def cnn_model():
                          nn.Flatten(), nn.Linear(320, 10))
 
 
-def train_mnist1d(data, make_model, make_opt, steps=200, seed=0):
-    inputs, labels = data
-    torch.manual_seed(seed)
-    model = make_model()
-    opt = make_opt(model.parameters())
-    g = gen(seed)
-
-    def full_loss():
-        with torch.no_grad():
-            return nn.functional.cross_entropy(model(inputs), labels).item()
-    initial = full_loss()
-    for _ in range(steps):
-        idx = torch.randint(0, len(inputs), (128,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(inputs[idx]), labels[idx]).backward()
-        opt.step()
-    return initial, full_loss(), opt
-
-
-@pytest.mark.parametrize("make_model", [mlp_model, cnn_model], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("make_model", [mnist1d_mlp, cnn_model], ids=["mlp", "cnn"])
 def test_decreases_training_loss_on_mnist1d(mnist1d, make_model):
     # Defaults (Adam grafting, roots every 10 steps from step 10) with an lr of 1e-2.
     # Measured (seed 0, 200 steps): MLP 2.31 -> 0.79 (Adam 0.93), CNN 2.30 -> 0.23 (Adam 0.23).
-    initial, final, opt = train_mnist1d(mnist1d, make_model, lambda p: Shampoo(p, lr=1e-2))
+    initial, final, opt = train_mnist1d(mnist1d, make_model,
+                                        lambda m: Shampoo(m.parameters(), lr=1e-2), 200)
     first = next(iter(opt.state.values()))
     assert first["root_updates"] == 20 and first["failed_roots"] == 0
     assert math.isfinite(final) and final < 0.45 * initial, (initial, final)
     # Not (much) worse than Adam with the same lr: loose on purpose.
-    _, adam, _ = train_mnist1d(mnist1d, make_model, lambda p: torch.optim.Adam(p, lr=1e-2))
+    _, adam, _ = train_mnist1d(mnist1d, make_model,
+                               lambda m: torch.optim.Adam(m.parameters(), lr=1e-2), 200)
     assert final < 1.15 * adam, (final, adam)
 
 
@@ -442,19 +407,6 @@ def batches(steps, dtype=torch.float32, seed=1, device="cpu"):
     return out
 
 
-def backward(model, batch):
-    model.zero_grad()
-    loss = nn.functional.mse_loss(model(batch[0]), batch[1])
-    loss.backward()
-    return loss
-
-
-def run(opt, model, data):
-    for batch in data:
-        backward(model, batch)
-        opt.step()
-
-
 def grouped(model, **kw):
     conv, lin1, lin2 = model[0], model[3], model[5]
     groups = [{"params": list(conv.parameters()) + list(lin2.parameters())},
@@ -465,38 +417,23 @@ def grouped(model, **kw):
                                      precondition_1d=True), **kw})
 
 
-def all_state_equal(opt_a, params_a, opt_b, params_b, ignore=()):
-    for pa, pb in zip(params_a, params_b):
-        sa, sb = opt_a.state.get(pa, {}), opt_b.state.get(pb, {})
-        assert set(sa) == set(sb)
-        for key in set(sa) - set(ignore):
-            a, b = sa[key], sb[key]
-            if isinstance(a, list):
-                assert len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y)
-                                                for x, y in zip(a, b)), key
-            elif torch.is_tensor(a):
-                assert a.dtype == b.dtype and torch.equal(a, b), key
-            else:
-                assert a == b, key
-
-
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("at_root_step", [False, True])
 def test_nonfinite_gradient_is_skipped(value, at_root_step):
     model = conv_model()
     opt = grouped(model)  # root steps 2, 5, 8, 11
-    run(opt, model, batches(7 if at_root_step else 6))  # next: step 8 (a root step) or 7
+    mse_steps(opt, model, batches(7 if at_root_step else 6))  # next: step 8 (a root step) or 7
     before_model, before_opt = copy.deepcopy((model, opt))
     params, before = list(model.parameters()), list(before_model.parameters())
-    backward(model, batches(1, seed=5)[0])
+    mse_backward(model, batches(1, seed=5)[0])
     params[2].grad[1, 2] = value
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(params, before))
-    all_state_equal(opt, params, before_opt, before, ignore=("step", "nonfinite_steps"))
+    assert_state_equal(opt, params, before_opt, before, ignore=("step", "nonfinite_steps"))
     state = opt.state[params[0]]
     assert state["step"] == before_opt.state[before[0]]["step"] + 1
     assert state["nonfinite_steps"].dtype == torch.int64 and state["nonfinite_steps"] == 1
-    run(opt, model, batches(4, seed=7))
+    mse_steps(opt, model, batches(4, seed=7))
     assert all(torch.isfinite(p).all() for p in params)
     assert state["root_updates"] == (3 if at_root_step else 4)
 
@@ -505,15 +442,15 @@ def test_nonfinite_gradient_is_skipped(value, at_root_step):
 def test_nonfinite_gradient_raises_and_changes_nothing(at_root_step):
     model = conv_model()
     opt = grouped(model, on_nonfinite="raise")
-    run(opt, model, batches(7 if at_root_step else 6))
+    mse_steps(opt, model, batches(7 if at_root_step else 6))
     before_model, before_opt = copy.deepcopy((model, opt))
     params, before = list(model.parameters()), list(before_model.parameters())
-    backward(model, batches(1, seed=5)[0])
+    mse_backward(model, batches(1, seed=5)[0])
     params[0].grad[0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="not finite"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(params, before))
-    all_state_equal(opt, params, before_opt, before)
+    assert_state_equal(opt, params, before_opt, before)
 
 
 @pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float64])
@@ -523,30 +460,24 @@ def test_resume_is_bit_identical(factor_dtype, via_bytes):
         return grouped(model, factor_dtype=factor_dtype, grafting="adam")
     model = conv_model()
     opt = make(model)
-    run(opt, model, batches(5))
-    backward(model, batches(1, seed=5)[0])
+    mse_steps(opt, model, batches(5))
+    mse_backward(model, batches(1, seed=5)[0])
     next(model.parameters()).grad[0, 0, 0] = float("nan")  # skipped: the counter is saved
     opt.step()
-    run(opt, model, batches(2, seed=6))
+    mse_steps(opt, model, batches(2, seed=6))
     saved = {"model": model.state_dict(), "opt": opt.state_dict()}
-    if via_bytes:
-        buf = io.BytesIO()
-        torch.save(saved, buf)
-        buf.seek(0)
-        saved = torch.load(buf)
-    else:
-        saved = copy.deepcopy(saved)
+    saved = saved_copy(saved, via_bytes)
     rest = batches(7, seed=8)  # two root steps
-    run(opt, model, rest)
+    mse_steps(opt, model, rest)
 
     resumed = conv_model(seed=3)
     resumed.load_state_dict(saved["model"])
     opt2 = make(resumed)
     opt2.load_state_dict(saved["opt"])
-    run(opt2, resumed, rest)
+    mse_steps(opt2, resumed, rest)
     params, params2 = list(model.parameters()), list(resumed.parameters())
     assert all(torch.equal(a, b) for a, b in zip(params, params2))
-    all_state_equal(opt, params, opt2, params2)
+    assert_state_equal(opt, params, opt2, params2)
     state2 = opt2.state[params2[0]]
     assert state2["factors"][0].dtype == factor_dtype
     assert state2["nonfinite_steps"] == 1 and state2["root_updates"] == 5
@@ -559,12 +490,12 @@ def test_resume_is_bit_identical(factor_dtype, via_bytes):
 def test_param_group_added_later_keeps_the_factors():
     model = conv_model()
     opt = grouped(model)
-    run(opt, model, batches(4))
+    mse_steps(opt, model, batches(4))
     old = [f.clone() for f in opt.state[model[0].weight]["factors"]]
     extra = torch.randn(7, 4, requires_grad=True)
     opt.add_param_group({"params": [extra], "lr": 0.1})
     assert all(torch.equal(a, b) for a, b in zip(old, opt.state[model[0].weight]["factors"]))
-    backward(model, batches(1, seed=9)[0])
+    mse_backward(model, batches(1, seed=9)[0])
     extra.grad = torch.ones_like(extra)
     opt.step()
     assert len(opt.state[extra]["factors"]) == 2  # 28 > 16: not merged
@@ -650,7 +581,7 @@ def test_closure_hooks_zero_grad_and_missing_grads():
 
     def closure():
         assert torch.is_grad_enabled()
-        return backward(model, batch)
+        return mse_backward(model, batch)
     with torch.no_grad():
         loss = opt.step(closure)
     assert torch.is_tensor(loss) and calls == ["pre", "post"]
@@ -670,7 +601,7 @@ def test_lr_scheduler_changes_the_lr_used():
             if schedule == "manual":
                 opt.param_groups[0]["lr"] = 0.01 * 0.5 ** k
                 opt.param_groups[1]["lr"] = 0.02 * 0.5 ** k
-            backward(model, batch)
+            mse_backward(model, batch)
             opt.step()
             if schedule == "scheduler":
                 scheduler.step()
@@ -679,17 +610,10 @@ def test_lr_scheduler_changes_the_lr_used():
     assert not all(torch.equal(a, b) for a, b in zip(finals[0], finals[2]))
 
 
-def count_host_syncs(monkeypatch):
+def count_shampoo_host_syncs(monkeypatch):
     """Tensor-to-host reads made by Shampoo itself (the reference ops' own reads are not
     counted: kron_inverse_root's reference iterates on the host)."""
-    count = [0]
-    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, **kwargs):
-            count[0] += 1
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    count = count_host_syncs(monkeypatch)
     root = ops.kron_inverse_root
 
     def uncounted(*args, **kwargs):
@@ -707,9 +631,9 @@ def test_host_syncs(monkeypatch, on_nonfinite):
     model = conv_model()
     opt = grouped(model, on_nonfinite=on_nonfinite, grafting="adam")
     data = batches(12)
-    count = count_host_syncs(monkeypatch)
+    count = count_shampoo_host_syncs(monkeypatch)
     for k, batch in enumerate(data, start=1):
-        backward(model, batch)
+        mse_backward(model, batch)
         if k in (6, 8) and on_nonfinite == "skip":  # skipped steps are decided on the device
             next(model.parameters()).grad[0, 0, 0] = float("nan")
         count[0] = 0
@@ -731,7 +655,7 @@ def test_matches_cpu_and_no_sync_between_root_steps_cuda():
     for k, batch in enumerate(batches(8), start=1):
         for m, opt in zip(models, opts):
             device = next(m.parameters()).device
-            backward(m, (batch[0].to(device), batch[1].to(device)))
+            mse_backward(m, (batch[0].to(device), batch[1].to(device)))
             root_step = k >= 2 and (k - 2) % 3 == 0
             if device.type == "cuda" and k > 1 and not root_step:
                 torch.cuda.set_sync_debug_mode("error")
