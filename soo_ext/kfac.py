@@ -25,7 +25,8 @@ __all__ = ["KFAC", "NonFiniteError"]
 # Options that may differ between param groups; every other option is one setting for the run.
 _GROUP_OPTIONS = ("lr", "momentum", "weight_decay")
 _GLOBAL_OPTIONS = ("damping", "factor_decay", "kl_clip", "factor_update_steps", "inv_update_steps",
-                   "mode", "factor_dtype", "accumulation_steps", "on_nonfinite")
+                   "mode", "factor_dtype", "accumulation_steps", "batch_averaged",
+                   "on_nonfinite")
 # Number options: (accepts the value, what is required).  NaN fails every test.
 _NUMBERS = {
     "lr": (lambda v: 0 <= v < math.inf, "a number >= 0"),
@@ -65,6 +66,8 @@ def _check_options(o: dict) -> None:
                          "(must be torch.float32 or torch.float64)")
     if o["on_nonfinite"] not in ("raise", "skip"):
         raise ValueError(f"Invalid on_nonfinite: {o['on_nonfinite']!r} (must be 'raise' or 'skip')")
+    if not isinstance(o["batch_averaged"], bool):
+        raise ValueError(f"Invalid batch_averaged: {o['batch_averaged']!r} (must be a bool)")
 
 
 def _skip_patterns(skip_layers) -> tuple[re.Pattern, ...]:
@@ -257,9 +260,15 @@ class KFAC(Optimizer):
        a further 1 / spatial_size^2; only their size relative to ``damping`` differs).  The
        rows of all backward passes since the last ``step()`` are pooled (gradient
        accumulation).  Then ``A <- factor_decay A + (1 - factor_decay) A_new``, likewise G;
-       both start at the identity.  ``g`` is used as autograd delivers it: for a mean loss it
-       carries the 1/N of the mean (as in KAISA), and under a ``grad_scaler`` it is divided by
-       the loss scale.
+       both start at the identity.  ``batch_averaged=True`` (default; the loss is a mean over
+       the batch, divided by ``accumulation_steps`` when accumulating): the output gradients
+       are multiplied by the batch size (the leading dim of the layer's output) times
+       ``accumulation_steps``, undoing the mean, so G is the mean of per-sample ``g g^T`` as in
+       Martens & Grosse and does not shrink with the batch (as autograd delivers them they
+       carry ``1/N``: G would be ``1/N^2`` smaller and the damping would swamp it — on the
+       MNIST-1D CNN at N = 128 its eigenvalues were ~1e-6, and K-FAC degenerated into a
+       damped gradient step).  ``False``: used as delivered (a summed loss).  Under a
+       ``grad_scaler`` they are divided by the loss scale.
     2. Every ``inv_update_steps`` steps, one op call per distinct factor size:
        ``mode='eigen'``: ``A = Q_A diag(d_A) Q_A^T`` (``ops.kron_eigh``), G likewise;
        ``mode='inverse'``: ``(A + sqrt(damping) I)^{-1}`` and ``(G + sqrt(damping) I)^{-1}``
@@ -355,6 +364,8 @@ class KFAC(Optimizer):
         on_nonfinite: ``'skip'`` (default) or ``'raise'``.
         factor_dtype: ``torch.float32`` (default) or ``torch.float64``.
         accumulation_steps: backward passes per step (default 1).
+        batch_averaged: the loss is a mean over the batch (default True): G is formed from
+            per-sample output gradients (see 1. above); False for a summed loss.
         grad_scaler: a ``torch.amp.GradScaler`` or a callable returning the loss scale.
         params: the params to optimise (iterable of tensors or param-group dicts); default: all
             params of ``model``.
@@ -365,7 +376,8 @@ class KFAC(Optimizer):
                  kl_clip: float | None = 1e-3, factor_update_steps: int = 1,
                  inv_update_steps: int = 1, mode: str = "eigen", *, skip_layers=None,
                  on_nonfinite: str = "skip", factor_dtype: torch.dtype = torch.float32,
-                 accumulation_steps: int = 1, grad_scaler=None, params=None) -> None:
+                 accumulation_steps: int = 1, batch_averaged: bool = True, grad_scaler=None,
+                 params=None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} is not an nn.Module")
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
@@ -373,7 +385,7 @@ class KFAC(Optimizer):
                     "factor_update_steps": factor_update_steps,
                     "inv_update_steps": inv_update_steps, "mode": mode,
                     "factor_dtype": factor_dtype, "accumulation_steps": accumulation_steps,
-                    "on_nonfinite": on_nonfinite}
+                    "batch_averaged": batch_averaged, "on_nonfinite": on_nonfinite}
         _check_options(defaults)
         patterns = _skip_patterns(skip_layers)
         if grad_scaler is not None and not callable(grad_scaler) \
@@ -543,7 +555,12 @@ class KFAC(Optimizer):
         total = layer.rows + N
         decay, w = layer.rows / total, 1.0 / total
         _ops.kron_factor_update_(layer.a_bucket.P[layer.a_pos], a, decay, w)
-        _ops.kron_factor_update_(layer.g_bucket.P[layer.g_pos], g, decay, w)
+        g_scale = 1.0
+        if self.param_groups[0]["batch_averaged"]:  # undo the loss's mean: per-sample gradients
+            batched = grad.dim() > (3 if layer.conv else 1)
+            g_scale = float((grad.shape[0] if batched else 1)
+                            * self.param_groups[0]["accumulation_steps"]) ** 2
+        _ops.kron_factor_update_(layer.g_bucket.P[layer.g_pos], g, decay, w * g_scale)
         layer.a_bucket.dirty = layer.g_bucket.dirty = True
         layer.rows = total
         layer.captures += 1

@@ -59,10 +59,11 @@ def train(opt, model, data):
 # ---------------------------------------------------------------------------------------------
 # Factors against explicit formulas
 
+@pytest.mark.parametrize("batch_averaged", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_factors_by_hand(bias):
+def test_linear_factors_by_hand(bias, batch_averaged):
     model = mlp(bias=bias)
-    opt = KFAC(model, factor_dtype=torch.float64)
+    opt = KFAC(model, factor_dtype=torch.float64, batch_averaged=batch_averaged)
     x, y = batches(1)[0]
     # The forward written out, keeping each layer's input and output (output grads by autograd).
     l1, _, l2 = model
@@ -76,7 +77,7 @@ def test_linear_factors_by_hand(bias):
     for layer, a, s in ((l1, x, s1), (l2, h.detach(), s2)):
         if bias:
             a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
-        g = s.grad
+        g = s.grad * (len(x) if batch_averaged else 1)  # per-sample gradients of the mean loss
         eye_a, eye_g = torch.eye(a.shape[1], dtype=a.dtype), torch.eye(g.shape[1], dtype=a.dtype)
         A = DECAY * eye_a + (1 - DECAY) * (a.T @ a) / len(a)
         G = DECAY * eye_g + (1 - DECAY) * (g.T @ g) / len(g)
@@ -90,7 +91,8 @@ def test_linear_factors_by_hand(bias):
 
 def test_shared_layer_pools_every_call():
     """A layer called twice in one forward (and once more in a second backward of the same
-    step): the statistics are the mean over all rows; in-place ReLU after it is fine."""
+    step): the statistics are the mean over all rows, each pass's output gradients scaled by
+    its own batch size; in-place ReLU after it is fine."""
     torch.manual_seed(0)
     lin = nn.Linear(3, 3).double()
     opt = KFAC(lin, factor_dtype=torch.float64)
@@ -105,7 +107,7 @@ def test_shared_layer_pools_every_call():
     s3.pow(2).sum().backward()
     a = torch.cat([xs[0], torch.relu(s1.detach()), xs[1]])
     a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
-    g = torch.cat([s1.grad, s2.grad, s3.grad])
+    g = torch.cat([4 * s1.grad, 4 * s2.grad, 6 * s3.grad])
     opt.step()
     st = opt.state[lin.weight]
     torch.testing.assert_close(st["A"], DECAY * torch.eye(4, dtype=a.dtype)
@@ -151,7 +153,8 @@ def test_conv2d_factors_by_hand(conv_args):
         P = torch.cat([P, torch.ones(len(P), 1, dtype=P.dtype)], 1)
     torch.testing.assert_close(ref, out, rtol=1e-12, atol=1e-12)
     opt.step()
-    g = out.grad.permute(0, 2, 3, 1).reshape(-1, 3)  # one row per sample and position
+    # one row per sample and position, times the batch size (batch_averaged)
+    g = out.grad.permute(0, 2, 3, 1).reshape(-1, 3) * len(x)
     A = DECAY * torch.eye(P.shape[1], dtype=P.dtype) + (1 - DECAY) * (P.T @ P) / len(P)
     G = DECAY * torch.eye(3, dtype=P.dtype) + (1 - DECAY) * (g.T @ g) / len(g)
     st = opt.state[conv.weight]
@@ -350,18 +353,22 @@ def test_lr_scheduler_changes_the_step():
     assert not all(torch.equal(a, b) for a, b in zip(finals[0], finals[2]))
 
 
-def test_gradient_accumulation_gives_full_batch_factors():
+@pytest.mark.parametrize("batch_averaged,split", [(True, 4), (False, 3)])
+def test_gradient_accumulation_gives_full_batch_factors(batch_averaged, split):
+    """Two passes of a mean loss divided by accumulation_steps (batch_averaged: equal halves, as
+    it assumes) or weighted by their share of the batch (unequal halves, without it)."""
     data = batches(3, shape=(8, 5))
     full_model, acc_model = mlp(), mlp()
-    full = KFAC(full_model, factor_dtype=torch.float64)
-    acc = KFAC(acc_model, factor_dtype=torch.float64, accumulation_steps=2)
+    full = KFAC(full_model, factor_dtype=torch.float64, batch_averaged=batch_averaged)
+    acc = KFAC(acc_model, factor_dtype=torch.float64, accumulation_steps=2,
+               batch_averaged=batch_averaged)
     for x, y in data:
         full.zero_grad()
         backward(full_model, (x, y))
         full.step()
         acc.zero_grad()
-        backward(acc_model, (x[:3], y[:3]), scale=3 / 8)  # unequal halves, weighted
-        backward(acc_model, (x[3:], y[3:]), scale=5 / 8)
+        backward(acc_model, (x[:split], y[:split]), scale=split / 8)
+        backward(acc_model, (x[split:], y[split:]), scale=(8 - split) / 8)
         acc.step()
     for (_, a), (_, b) in zip(full.layers, acc.layers):
         for key in ("A", "G", "QA", "dA"):
@@ -548,6 +555,7 @@ def test_factor_and_inverse_schedule():
     (dict(on_nonfinite="ignore"), "on_nonfinite"), (dict(factor_dtype=torch.float16),
                                                      "factor_dtype"),
     (dict(accumulation_steps=0), "accumulation_steps"), (dict(skip_layers=["("]), "skip_layers"),
+    (dict(batch_averaged=1), "batch_averaged"),
     (dict(skip_layers=[3]), "skip_layers"), (dict(grad_scaler=3), "grad_scaler"),
 ])
 def test_bad_arguments(kwargs, name):
