@@ -121,7 +121,7 @@ BUILD_INFO = describe_build(WITH_CUDA, ARCHS)
 print(f"soo_ext: CUDA kernels {'on, TORCH_CUDA_ARCH_LIST=' + ARCHS if WITH_CUDA else 'off'}", file=sys.stderr)
 
 sources = ["csrc/soo_ext.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
-extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-Wno-psabi"]}
 extension = CppExtension
 if WITH_CUDA:
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))

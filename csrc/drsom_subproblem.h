@@ -11,11 +11,7 @@
 // Included by drsom.h (k <= kDrsomMaxDirs).
 #pragma once
 
-#if defined(__CUDACC__)
-#define SOO_HOST_DEVICE __host__ __device__
-#else
-#define SOO_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 #include <math.h>
 

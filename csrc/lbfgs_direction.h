@@ -10,11 +10,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#if defined(__CUDACC__)
-#define SOO_HOST_DEVICE __host__ __device__
-#else
-#define SOO_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace soo {
 

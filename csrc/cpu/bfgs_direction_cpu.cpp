@@ -18,10 +18,8 @@ namespace {
 
 using cpu::lane_sum;
 using cpu::load;
+using cpu::store;
 using cpu::Vec;
-
-template <typename V, typename T>
-SOO_ALWAYS_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
 
 // Rows [r0, r1): hg_i = H_i . g and, with kUpdate, u_i = H_i . y.
 template <typename acc_t, bool kUpdate>

@@ -23,13 +23,11 @@ namespace {
 
 using cpu::lane_sum;
 using cpu::load;
+using cpu::store;
 using cpu::Vec;
 
 constexpr int64_t kChunk = 16384;  // elements per work item (a multiple of every SIMD width)
 constexpr int64_t kTile = 256;     // elements per L1 tile inside a chunk (reduce)
-
-template <typename V, typename T>
-SOO_ALWAYS_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
 
 // ---- perturb: elements [lo, hi) ----------------------------------------------------------------
 template <typename T, bool kSave>

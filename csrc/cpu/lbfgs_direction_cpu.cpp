@@ -20,13 +20,11 @@ namespace {
 using cpu::lane_max;
 using cpu::lane_sum;
 using cpu::load;
+using cpu::store;
 using cpu::scalar;
 using cpu::Vec;
 
 constexpr int64_t kChunk = 16384;  // elements per work item: long runs per row, tile fits in L2
-
-template <typename V, typename T>
-SOO_ALWAYS_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
 
 // Pass 1 on elements [lo, hi): per history row k, s_k.g and y_k.g, and with kGram the Gram
 // entries s_k.y_new, s_new.y_k, y_k.y_new, all in one sweep over the row.  `out` is [dot][count].

@@ -8,7 +8,8 @@
 #pragma once
 
 // The vectors never cross a call boundary (the kernels are inlined into their ISA wrappers),
-// so GCC's note on the ABI of passing 32-byte vectors does not apply.
+// so GCC's note on the ABI of passing 32-byte vectors does not apply (the build passes
+// -Wno-psabi: this pragma alone does not silence the note).
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <c10/util/BFloat16.h>
@@ -48,6 +49,9 @@ SOO_ALWAYS_INLINE typename Vec<acc_t>::type load(const acc_t* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+
+template <typename V, typename T>
+SOO_ALWAYS_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
 
 SOO_ALWAYS_INLINE Vec<float>::type load_as_float(const c10::BFloat16* p) {
   typedef uint16_t u16x8 __attribute__((vector_size(16)));

@@ -12,26 +12,21 @@
 #include <torch/library.h>
 
 #include "../bfgs_direction.h"
+#include "common.cuh"
 
 namespace soo {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+using namespace soo::cuda;
 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t nan_max(acc_t a, acc_t b) {  // keeps NaN, like torch.max
-  return (a != a || b != b) ? (a != a ? a : b) : (b > a ? b : a);
-}
-
 // Block-wide sums of NV values, returned to every thread.
 template <int NV, typename acc_t>
-__device__ __forceinline__ void block_sum(acc_t (&v)[NV]) {
+__device__ __forceinline__ void block_sum_to_all(acc_t (&v)[NV]) {
   __shared__ acc_t smem[NV][kWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
@@ -63,7 +58,7 @@ bfgs_products(const acc_t* __restrict__ H, const acc_t* __restrict__ y,
     v[0] += h * g[j];
     if constexpr (UPDATE) v[1] += h * y[j];
   }
-  block_sum<2>(v);
+  block_sum_to_all<2>(v);
   if (threadIdx.x == 0) {
     hg[blockIdx.x] = v[0];
     if constexpr (UPDATE) u[blockIdx.x] = v[1];
@@ -85,7 +80,7 @@ bfgs_finish(const acc_t* __restrict__ s, const acc_t* __restrict__ y,
       v[2] += u[i] * g[i];
       v[3] += s[i] * g[i];
     }
-    block_sum<4>(v);
+    block_sum_to_all<4>(v);
     bfgs_scalars(v[0], v[1], &rho, &c);
     ug = v[2];
     sg = v[3];

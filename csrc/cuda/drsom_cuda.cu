@@ -19,12 +19,13 @@
 #include <limits>
 
 #include "../drsom.h"
+#include "common.cuh"
 
 namespace soo {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+using namespace soo::cuda;
+
 constexpr int kMaxK = static_cast<int>(kDrsomMaxDirs);
 constexpr int kTri = kMaxK * (kMaxK + 1) / 2;
 
@@ -32,67 +33,6 @@ template <typename T>
 struct DirPtrs {
   const T* p[kMaxK];
 };
-
-// Loads / stores of VEC consecutive elements; VEC == 4 uses 16-byte accesses.
-template <int VEC, typename T>
-__device__ __forceinline__ void load_vec(const T* p, T (&v)[VEC]) {
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) v[e] = p[e];
-}
-template <>
-__device__ __forceinline__ void load_vec<4, float>(const float* p, float (&v)[4]) {
-  const float4 x = *reinterpret_cast<const float4*>(p);
-  v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
-}
-template <>
-__device__ __forceinline__ void load_vec<4, double>(const double* p, double (&v)[4]) {
-  const double2 a = reinterpret_cast<const double2*>(p)[0];
-  const double2 b = reinterpret_cast<const double2*>(p)[1];
-  v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
-}
-template <int VEC, typename T>
-__device__ __forceinline__ void store_vec(T* p, const T (&v)[VEC]) {
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) p[e] = v[e];
-}
-template <>
-__device__ __forceinline__ void store_vec<4, float>(float* p, const float (&v)[4]) {
-  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-}
-template <>
-__device__ __forceinline__ void store_vec<4, double>(double* p, const double (&v)[4]) {
-  reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
-  reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
-}
-
-// Block-wide sums of NV values in a fixed order; afterwards thread t < NV holds total t.
-template <int NV, typename T>
-__device__ __forceinline__ T block_sum(T (&v)[NV], T (*smem)[kWarps]) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int i = 0; i < NV; ++i) {
-    T x = v[i];
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) x += __shfl_down_sync(0xffffffffu, x, off);
-    if (lane == 0) smem[i][warp] = x;
-  }
-  __syncthreads();
-  T total = 0;
-  if (threadIdx.x < NV)
-    for (int w = 0; w < kWarps; ++w) total += smem[threadIdx.x][w];
-  __syncthreads();
-  return total;
-}
-
-// Elects the last block to finish; every block must call it after writing its partials.
-__device__ __forceinline__ bool last_block_done(unsigned* counter) {
-  __shared__ bool is_last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-  __syncthreads();
-  return is_last;
-}
 
 template <typename T, bool SAVE, int VEC>
 __global__ void __launch_bounds__(kThreads)
@@ -223,8 +163,6 @@ reduce_kernel(const T* __restrict__ gp, const T* __restrict__ g, DirPtrs<T> V, i
     }
   }
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 int num_blocks(int64_t n, int vec) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
