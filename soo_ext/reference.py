@@ -274,7 +274,8 @@ def kron_damped_inverse(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     """Inverses of damped SPD factors (reference of ``soo::kron_damped_inverse``).
 
     ``X = (A + damping I)^{-1}`` by Cholesky for each matrix of the ``[..., n, n]`` stack ``A``
-    (symmetric, float32/float64).  A matrix whose Cholesky fails (or gives a non-finite inverse)
+    (symmetric, float32/float64).  A matrix with a non-finite entry fails (status 2: Cholesky
+    reads one triangle only).  A matrix whose Cholesky fails (or gives a non-finite inverse)
     is retried in float64 with ``damping' = 10 damping + eps32 |tr A| / n`` (eps32 = float32
     epsilon: a scale-aware shift that also rescues undamped rank-deficient factors) and gets
     status 1; if that fails too it gets status 2 and a zero matrix.  Returns ``(X, status)``.
@@ -291,6 +292,8 @@ def kron_damped_inverse(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     X64 = torch.cholesky_inverse(torch.where((info64 == 0)[..., None, None], L64,
                                              eye.to(torch.float64))).to(A.dtype)
     ok64 = (info64 == 0) & _finite_matrices(X64)
+    finite = _finite_matrices(A)
+    ok, ok64 = ok & finite, ok64 & finite
     out = torch.where(ok[..., None, None], X, torch.where(ok64[..., None, None], X64, torch.zeros_like(X)))
     status = torch.where(ok, KRON_OK, torch.where(ok64, KRON_FALLBACK, KRON_FAILED)).to(torch.int32)
     return out, status

@@ -351,10 +351,14 @@ std::tuple<at::Tensor, at::Tensor> kron_damped_inverse_cuda(const at::Tensor& A,
     at::Tensor info;
     std::tie(X, info) =
         cholesky_inverse_info<scalar_t>(A3, static_cast<scalar_t>(damping), at::Tensor());
+    // a non-finite entry fails its matrix (Cholesky reads one triangle only)
+    at::Tensor finite_in = at::empty({B}, A.options().dtype(at::kBool));
+    finite_flags_kernel<scalar_t><<<B, kThreads, 0, stream>>>(
+        A3.const_data_ptr<scalar_t>(), nullptr, n, nullptr, nullptr, finite_in.data_ptr<bool>());
     at::Tensor ok = at::empty({B}, A.options().dtype(at::kBool));
     finite_flags_kernel<scalar_t><<<B, kThreads, 0, stream>>>(
-        X.const_data_ptr<scalar_t>(), nullptr, n, info.const_data_ptr<int>(), nullptr,
-        ok.data_ptr<bool>());
+        X.const_data_ptr<scalar_t>(), nullptr, n, info.const_data_ptr<int>(),
+        finite_in.const_data_ptr<bool>(), ok.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // float64 retry of the whole bucket (sync-free: nobody asks the host which ones failed)
     at::Tensor A64 = A3.to(at::kDouble);
@@ -365,8 +369,8 @@ std::tuple<at::Tensor, at::Tensor> kron_damped_inverse_cuda(const at::Tensor& A,
     at::Tensor X64 = X64d.to(A.scalar_type()).contiguous();
     at::Tensor ok64 = at::empty({B}, A.options().dtype(at::kBool));
     finite_flags_kernel<scalar_t><<<B, kThreads, 0, stream>>>(
-        X64.const_data_ptr<scalar_t>(), nullptr, n, info64.const_data_ptr<int>(), nullptr,
-        ok64.data_ptr<bool>());
+        X64.const_data_ptr<scalar_t>(), nullptr, n, info64.const_data_ptr<int>(),
+        finite_in.const_data_ptr<bool>(), ok64.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     out = at::empty_like(X);
     SOO_LAUNCH(select_inverse_kernel<scalar_t>, std::max<int64_t>(B * nn, B),
