@@ -411,7 +411,7 @@ class DRSOM(Optimizer):
                 raise RuntimeError("DRSOM does not support complex gradients")
             else:
                 dst.append(v)
-                src.append(gr.detach() if gr.requires_grad else gr)
+                src.append(gr.detach())
         if dst:
             torch._foreach_copy_(dst, src)
         if missing:
