@@ -14,6 +14,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/accumulate.h>
 
 #include <cstdint>
 #include <string>
@@ -29,6 +30,11 @@ constexpr int32_t kKronFailed = 2;
 constexpr double kKronEps32 = 1.1920928955078125e-07;
 // A Newton step is rejected (and the matrix stops) when its error grows above this factor.
 constexpr double kKronNewtonGrowth = 1.2;
+
+// Number of matrices in a [..., r, c] stack (defined when r or c is 0, unlike reshape(-1, ...)).
+inline int64_t stack_count(const at::Tensor& A) {
+  return c10::multiply_integers(A.sizes().slice(0, A.dim() - 2));
+}
 
 // Argument checks shared by both devices (the Python wrappers check the same things first).
 void check_kron_square(const char* op, const at::Tensor& A);

@@ -317,7 +317,7 @@ def kron_eigh(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     gets ``d = 0, Q = I`` and status 2.  Returns ``(d, Q, status)``.
     """
     n = A.shape[-1]
-    flat = A.reshape(-1, n, n)
+    flat = A.reshape(math.prod(A.shape[:-2]), n, n)
     d = A.new_zeros(flat.shape[:-1])
     Q = _eye_like(A).expand_as(flat).clone()
     status = torch.full(flat.shape[:1], KRON_FAILED, dtype=torch.int32, device=A.device)

@@ -1,27 +1,28 @@
 // CPU kernels of the Kronecker-factor ops (csrc/kron.h) and the argument checks shared with CUDA.
 //
-// A bucket [B, n, n] of B >= 2 factors is cut into one contiguous chunk of matrices per intra-op
-// thread (at::parallel_for); each chunk makes its own batched LAPACK/BLAS calls, which then run
-// single-threaded (OpenMP does not nest), so the threads never wait on each other inside one
-// factorisation.  A bucket of one matrix is one chunk and LAPACK/BLAS thread inside it (there
-// the damped inverse uses potrs instead of MKL's threaded potri: see par_max_n).  On the CPU a failure is known at once
-// (info and finiteness are host values), so only the matrices that failed are retried in float64.
+// A bucket [B, n, n] of B >= 2 factors is cut into one contiguous range of matrices per intra-op
+// thread (at::parallel_for); each range calls LAPACK/BLAS one matrix at a time, single-threaded
+// inside (OpenMP does not nest), so the threads never wait on each other inside one
+// factorisation.  A bucket of one matrix is one range and LAPACK/BLAS thread inside it.  On the
+// CPU a failure is known at once (info and finiteness are host values), so only the matrices
+// that failed are retried in float64.
 //
-//   kron_damped_inverse  damping added while copying (one pass), batched potrf
-//                        (linalg_cholesky_ex) + potri (cholesky_inverse): ~n^3 flops against
-//                        ~2n^3 for the LU inverse (getrf + getri) of torch.linalg.inv (potrs
-//                        on the identity, ~2.3n^3 in all, for a lone matrix with threads)
-//   kron_eigh            inputs checked for finiteness first (a non-finite matrix fails without
-//                        a LAPACK call), batched syevd (linalg_eigh), per-matrix float64 retry
-//   kron_inverse_root    eigh: as kron_eigh, then W = Q diag((l + eps)^{-1/(2p)}) in one pass
-//                        and X = W W^T (one GEMM); newton: the coupled iteration per matrix,
-//                        each matrix stopping on its own (checked every iteration: no sync cost
-//                        on the CPU), T and max|M - I| as fused passes
+//   kron_damped_inverse  per matrix, in the output buffer: damping added while copying (with the
+//                        finiteness test), potrf + potri (~n^3 flops against ~2n^3 for the LU
+//                        inverse, getrf + getri, of torch.linalg.inv), the other triangle
+//                        mirrored (with the finiteness test)
+//   kron_eigh            per matrix: copy with the finiteness test, syevd (workspace shared by the
+//                        range), eigenvectors transposed into columns, float64 retry
+//   kron_inverse_root    eigh: as kron_eigh but the eigenvectors stay rows P, scaled in place by
+//                        (l + eps)^{-1/(2p)} (V), X = V^T V (one GEMM per range); newton: the
+//                        coupled iteration per matrix, each matrix stopping on its own (checked
+//                        every iteration: no sync cost on the CPU), T and max|M - I| fused
 //   kfac_precondition_eigen  four GEMMs with the division by dG dA^T + damping fused in place
 //   kron_factor_update_  one baddbmm (addmm) into F, then an in-place symmetrisation pass
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/BatchLinearAlgebra.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -36,6 +37,10 @@
 #include <vector>
 
 #include "../kron.h"
+
+#if !AT_BUILD_WITH_LAPACK()
+#error "soo_ext: the CPU factor kernels call the LAPACK torch is built with; this torch has none"
+#endif
 
 namespace soo {
 
@@ -115,12 +120,12 @@ void check_kfac_precondition_args(const at::Tensor& grad, const at::Tensor& QG,
 
 namespace {
 
-// A bucket of several matrices is always spread over the threads (one chunk per thread, LAPACK
+// A bucket of several matrices is always spread over the threads (one range per thread, LAPACK
 // single-threaded inside: OpenMP does not nest).  Measured on the 2-core EPYC (2 threads, other
-// jobs running): MKL's threaded potri took 3.9 s for ONE 1153 x 1153 float32 matrix (0.11 s for
-// its Cholesky), MKL-threaded syevd was 10-100x slower than single-threaded, while 3 x 1153
-// inverses over the threads took 0.19 s.  SOO_KRON_PAR_MAX_N (rows) limits the spreading (for
-// tuning).
+// jobs running): MKL-threaded syevd was 10-100x slower than single-threaded and MKL's threaded
+// potri took 3.9 s for one 1153 x 1153 float32 matrix, while 3 x 1153 inverses over the threads
+// took 0.19 s.  (On the Intel Xeon threaded potri is fine: 9.3 ms at 2 threads, 11.9 ms at 1.)
+// SOO_KRON_PAR_MAX_N (rows) limits the spreading (for tuning).
 int64_t par_max_n() {
   static const int64_t value = [] {
     const char* env = std::getenv("SOO_KRON_PAR_MAX_N");
@@ -147,7 +152,7 @@ void for_matrices(int64_t B, int64_t n, const Fn& fn) {
 // [..., n, n] -> contiguous [B, n, n] (a view when A is contiguous).
 at::Tensor as_stack(const at::Tensor& A) {
   const int64_t n = A.size(-1);
-  return A.reshape({-1, n, n}).contiguous();
+  return A.reshape({stack_count(A), n, n}).contiguous();
 }
 
 template <typename T>
@@ -163,13 +168,23 @@ void set_identity(T* p, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i * n + i] = T(1);
 }
 
+// out = in^T for row-major n x n matrices (in tiles: one side strides n).
+template <typename T>
+void transpose_copy(const T* in, T* out, int64_t n) {
+  constexpr int64_t tile = 32;
+  for (int64_t i0 = 0; i0 < n; i0 += tile)
+    for (int64_t j0 = 0; j0 < n; j0 += tile)
+      for (int64_t i = i0; i < std::min(i0 + tile, n); ++i)
+        for (int64_t j = j0; j < std::min(j0 + tile, n); ++j) out[j * n + i] = in[i * n + j];
+}
+
 // out = A + shift I for a contiguous [m, n, n] block (one pass); with `finite`, also whether
 // each matrix of A is all finite.
-template <typename T>
-void damped_copy(const T* A, T* out, int64_t m, int64_t n, T shift, char* finite = nullptr) {
+template <typename T, typename U>
+void damped_copy(const T* A, U* out, int64_t m, int64_t n, U shift, char* finite = nullptr) {
   for (int64_t b = 0; b < m; ++b) {
     const T* a = A + b * n * n;
-    T* o = out + b * n * n;
+    U* o = out + b * n * n;
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < n; ++j) o[i * n + j] = a[i * n + j];
       o[i * n + i] = a[i * n + i] + shift;
@@ -178,69 +193,121 @@ void damped_copy(const T* A, T* out, int64_t m, int64_t n, T shift, char* finite
   }
 }
 
-void symmetrize_(const at::Tensor& F3);
+// ---- LAPACK on one matrix ----------------------------------------------------------------------
+//
+// The ops call the LAPACK torch is built with (at::native::lapack*, MKL in the x86 wheels) on one
+// matrix at a time, in the op's own buffers: ATen's batched calls copy every input into a fresh
+// column-major buffer, zero a triangle, copy the result back and scan it again, which cost ~40%
+// of the damped inverse of a 1153 x 1153 float32 factor (1 thread, Intel Xeon).  A row-major
+// buffer read as column-major is the transpose, so uplo 'U' makes LAPACK read (and potri write)
+// the row-major lower triangle, the one torch.linalg reads.
+
+constexpr char kRowMajorLower = 'U';
+
+int lapack_int(int64_t n) {
+  TORCH_CHECK(n <= std::numeric_limits<int>::max(), "kron ops: matrix size ", n,
+              " exceeds LAPACK's 32-bit indices");
+  return static_cast<int>(n);
+}
+
+// x[j, i] = x[i, j] for i > j (lower triangle copied to the upper, in tiles: the writes stride n);
+// returns whether the lower triangle is all finite.
+template <typename T>
+bool mirror_lower_(T* x, int64_t n) {
+  constexpr int64_t tile = 32;
+  bool finite = true;
+  for (int64_t i0 = 0; i0 < n; i0 += tile)
+    for (int64_t j0 = 0; j0 <= i0; j0 += tile)
+      for (int64_t i = i0; i < std::min(i0 + tile, n); ++i)
+        for (int64_t j = j0; j < std::min({j0 + tile, i + 1}); ++j) {
+          const T v = x[i * n + j];
+          finite &= std::isfinite(v);
+          x[j * n + i] = v;
+        }
+  return finite;
+}
+
+// x <- x^{-1} for a symmetric positive-definite row-major n x n matrix (potrf + potri on its lower
+// triangle, then mirrored); false when the factorisation fails or the inverse is not finite.
+template <typename T>
+bool spd_inverse_(T* x, int64_t n) {
+  const int ni = lapack_int(n);
+  int info = 0;
+  const int lda = std::max(ni, 1);
+  at::native::lapackCholesky<T>(kRowMajorLower, ni, x, lda, &info);
+  if (info == 0) at::native::lapackCholeskyInverse<T>(kRowMajorLower, ni, x, lda, &info);
+  return info == 0 && mirror_lower_(x, n);
+}
+
+// syevd of symmetric n x n matrices with one workspace (sized by LAPACK's query) for all of them.
+template <typename T>
+class Syevd {
+ public:
+  explicit Syevd(int64_t n) : n_(lapack_int(n)) {
+    T work_size = 0, dummy = 0;
+    int iwork_size = 0;
+    call(&dummy, &dummy, &work_size, -1, &iwork_size, -1);  // the workspace query
+    work_.resize(std::max<int64_t>(1, static_cast<int64_t>(work_size)));
+    iwork_.resize(std::max(1, iwork_size));
+  }
+
+  // x (row-major, lower triangle read) -> ascending eigenvalues in w, eigenvectors as the ROWS
+  // of x; false when LAPACK does not converge or a result is not finite.
+  bool operator()(T* x, T* w) {
+    const int info = call(x, w, work_.data(), static_cast<int>(work_.size()), iwork_.data(),
+                          static_cast<int>(iwork_.size()));
+    return info == 0 && all_finite(w, n_) && all_finite(x, int64_t(n_) * n_);
+  }
+
+ private:
+  int call(T* x, T* w, T* work, int lwork, int* iwork, int liwork) const {
+    int info = 0;
+    at::native::lapackSyevd<T, T>('V', kRowMajorLower, n_, x, std::max(n_, 1), w, work, lwork,
+                                  /*rwork=*/static_cast<T*>(nullptr), 0, iwork, liwork, &info);
+    return info;
+  }
+
+  int n_;
+  std::vector<T> work_;
+  std::vector<int> iwork_;
+};
 
 // ---- kron_damped_inverse -----------------------------------------------------------------------
 
 // float64 retry of one matrix with damping' = 10 damping + eps32 |tr A| / n; true when it worked.
 template <typename T>
-bool damped_inverse_retry(const at::Tensor& A, double damping, T* out) {
-  const int64_t n = A.size(-1);
-  at::Tensor A64 = A.to(at::kDouble).contiguous();
-  const double* a = A64.const_data_ptr<double>();
+bool damped_inverse_retry(const T* a, int64_t n, double damping, T* out) {
   double trace = 0;
   for (int64_t i = 0; i < n; ++i) trace += a[i * n + i];
   const double shift = 10.0 * damping + kKronEps32 * std::abs(trace) / std::max<int64_t>(n, 1);
-  at::Tensor M = at::empty_like(A64);
-  damped_copy(a, M.data_ptr<double>(), 1, n, shift);
-  auto [L, info] = at::linalg_cholesky_ex(M, false, false);
-  if (info.item<int32_t>() != 0) return false;
-  at::Tensor X = at::cholesky_inverse(L).to(A.scalar_type()).contiguous();
-  if (!all_finite(X.const_data_ptr<T>(), n * n)) return false;
-  std::copy_n(X.const_data_ptr<T>(), n * n, out);
-  return true;
+  std::vector<double> x(n * n);
+  damped_copy(a, x.data(), 1, n, shift);
+  if (!spd_inverse_(x.data(), n)) return false;
+  std::copy(x.begin(), x.end(), out);
+  return all_finite(out, n * n);  // a finite float64 inverse can overflow float32
 }
 
+// X[b] = (A[b] + damping I)^{-1} for the matrices b0 <= b < b1 of contiguous stacks, computed in
+// place in X (one copy in, potrf, potri, one mirroring pass out).
 template <typename T>
-void damped_inverse_chunk(const at::Tensor& A, double damping, const at::Tensor& X,
+void damped_inverse_range(const T* A, T* X, int64_t n, double damping, int64_t b0, int64_t b1,
                           int32_t* status) {
-  const int64_t m = A.size(0), n = A.size(-1), nn = n * n;
-  // The damped factor is symmetric, so its row-major buffer read as column-major (.mT()) is the
-  // same matrix: LAPACK gets it and returns L and X in column-major order without the
-  // transposing copies a row-major argument costs (1.1-1.25x on a bucket of 1153 x 1153 float32
-  // factors, 1 thread).
-  at::Tensor M = at::empty_like(A);
-  std::vector<char> finite(m);
-  damped_copy(A.const_data_ptr<T>(), M.data_ptr<T>(), m, n, static_cast<T>(damping),
-              finite.data());
-  auto [L, info] = at::linalg_cholesky_ex(M.mT(), false, false);
-  const int32_t* inf = info.const_data_ptr<int32_t>();
-  if (!L.mT().is_contiguous()) L = L.mT().contiguous().mT();
-  for (int64_t b = 0; b < m; ++b)  // cholesky_inverse of a failed partial factor: invert I there
-    if (inf[b] != 0) set_identity(L.data_ptr<T>() + b * nn, n);
-  at::Tensor Xo = X.mT();  // the contiguous output slice, column-major (X is symmetric)
-  if (at::in_parallel_region() || at::get_num_threads() == 1) {
-    at::cholesky_inverse_out(Xo, L);  // potri, single-threaded here
-  } else {
-    // LAPACK may thread: potrs (two trsm) instead of the threaded potri (see par_max_n)
-    at::cholesky_solve_out(Xo, at::eye(n, A.options()).expand({m, n, n}), L);
-    symmetrize_(X);
-  }
-  TORCH_INTERNAL_ASSERT(Xo.data_ptr() == X.data_ptr());
-  T* out = X.data_ptr<T>();
-  for (int64_t b = 0; b < m; ++b) {
-    T* ob = out + b * nn;
-    if (!finite[b]) {  // (Cholesky reads one triangle only)
-      std::fill(ob, ob + nn, T(0));
+  const int64_t nn = n * n;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* a = A + b * nn;
+    T* x = X + b * nn;
+    char finite = 0;
+    damped_copy(a, x, 1, n, static_cast<T>(damping), &finite);
+    if (!finite) {  // fails without a LAPACK call (Cholesky would read one triangle only)
       status[b] = kKronFailed;
-    } else if (inf[b] == 0 && all_finite(ob, nn)) {
+    } else if (spd_inverse_(x, n)) {
       status[b] = kKronOk;
-    } else if (damped_inverse_retry<T>(A[b], damping, ob)) {
+    } else if (damped_inverse_retry(a, n, damping, x)) {
       status[b] = kKronFallback;
     } else {
-      std::fill(ob, ob + nn, T(0));
       status[b] = kKronFailed;
     }
+    if (status[b] == kKronFailed) std::fill(x, x + nn, T(0));
   }
 }
 
@@ -252,10 +319,11 @@ std::tuple<at::Tensor, at::Tensor> kron_damped_inverse_cpu(const at::Tensor& A, 
   at::Tensor X = at::empty_like(A3);
   at::Tensor status = at::empty({B}, A.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "kron_damped_inverse_cpu", [&] {
+    const scalar_t* a = A3.const_data_ptr<scalar_t>();
+    scalar_t* x = X.data_ptr<scalar_t>();
     int32_t* st = status.data_ptr<int32_t>();
     for_matrices(B, n, [&](int64_t b0, int64_t b1) {
-      damped_inverse_chunk<scalar_t>(A3.narrow(0, b0, b1 - b0), damping,
-                                     X.narrow(0, b0, b1 - b0), st + b0);
+      damped_inverse_range(a, x, n, damping, b0, b1, st);
     });
   });
   const auto batch = A.sizes().slice(0, A.dim() - 2);
@@ -264,123 +332,93 @@ std::tuple<at::Tensor, at::Tensor> kron_damped_inverse_cpu(const at::Tensor& A, 
 
 // ---- kron_eigh ---------------------------------------------------------------------------------
 
-// eigh of one matrix in `dtype`, nullopt when LAPACK fails or the result is not finite.
-std::optional<std::pair<at::Tensor, at::Tensor>> eigh_one(const at::Tensor& A, at::ScalarType dtype) {
-  at::Tensor d, Q;
-  try {
-    std::tie(d, Q) = at::linalg_eigh(A.to(dtype));
-  } catch (const c10::Error&) {  // LinAlgError: did not converge
-    return std::nullopt;
-  }
-  if (!d.isfinite().all().item<bool>() || !Q.isfinite().all().item<bool>()) return std::nullopt;
-  return std::make_pair(d, Q);
-}
-
-// d [m, n], Q [m, n, n] (contiguous outputs) and status of a contiguous chunk A [m, n, n].
+// Eigendecompositions of the matrices b0 <= b < b1 of the contiguous stack A: d [B, n] ascending
+// and clamped >= 0, and in P [B, n, n] the eigenvectors as ROWS (LAPACK's column-major output
+// read row-major), or as columns with `columns` (one transposing pass).  A non-finite matrix
+// fails without a LAPACK call; a failed float32 matrix is redone in float64.  Failed: d = 0,
+// eigenvectors I.
 template <typename T>
-void eigh_chunk(const at::Tensor& A, const at::Tensor& d, const at::Tensor& Q, int32_t* status) {
-  const int64_t m = A.size(0), n = A.size(-1), nn = n * n;
-  const T* a = A.const_data_ptr<T>();
-  std::vector<char> finite(m);
-  bool all_fin = true;
-  for (int64_t b = 0; b < m; ++b) all_fin &= (finite[b] = all_finite(a + b * nn, nn));
-  at::Tensor Ain = A;
-  if (!all_fin) {  // a non-finite matrix fails without a LAPACK call: I in its place
-    Ain = A.clone();
-    for (int64_t b = 0; b < m; ++b)
-      if (!finite[b]) set_identity(Ain.data_ptr<T>() + b * nn, n);
-  }
-  T* dp = d.data_ptr<T>();
-  T* qp = Q.data_ptr<T>();
-  bool batched = true;
-  try {
-    at::Tensor dd, QQ;
-    std::tie(dd, QQ) = at::linalg_eigh(Ain);
-    d.copy_(dd.view(d.sizes()));
-    Q.copy_(QQ.view(Q.sizes()));
-  } catch (const c10::Error&) {
-    batched = false;  // some matrix did not converge: one at a time below
-  }
-  for (int64_t b = 0; b < m; ++b) {
-    T* db = dp + b * n;
-    T* qb = qp + b * nn;
+void eigh_range(const T* A, T* d, T* P, int64_t n, int64_t b0, int64_t b1, bool columns,
+                int32_t* status) {
+  const int64_t nn = n * n;
+  Syevd<T> syevd(n);
+  std::optional<Syevd<double>> syevd64;
+  std::vector<T> rows(columns ? nn : 0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* a = A + b * nn;
+    T* db = d + b * n;
+    T* pb = P + b * nn;
+    T* x = columns ? rows.data() : pb;
     status[b] = kKronFailed;
-    if (finite[b]) {
-      if (batched && all_finite(db, n) && all_finite(qb, nn)) {
+    char finite = 0;
+    damped_copy(a, x, 1, n, T(0), &finite);
+    if (finite) {
+      if (syevd(x, db)) {
         status[b] = kKronOk;
       } else {
-        for (auto [code, dtype] : {std::make_pair(kKronOk, A.scalar_type()),
-                                   std::make_pair(kKronFallback, at::kDouble)}) {
-          if (batched && code == kKronOk) continue;  // the batched call already tried it
-          if (auto r = eigh_one(Ain[b], dtype)) {
-            d[b].copy_(r->first);
-            Q[b].copy_(r->second);
-            status[b] = code;
-            break;
-          }
+        std::vector<double> x64(a, a + nn), w64(n);
+        if (!syevd64) syevd64.emplace(n);
+        if ((*syevd64)(x64.data(), w64.data())) {
+          std::copy(x64.begin(), x64.end(), x);
+          std::copy(w64.begin(), w64.end(), db);
+          if (all_finite(x, nn) && all_finite(db, n)) status[b] = kKronFallback;
         }
       }
     }
     if (status[b] == kKronFailed) {
       std::fill(db, db + n, T(0));
-      set_identity(qb, n);
+      set_identity(pb, n);
+    } else if (columns) {
+      transpose_copy(x, pb, n);
     }
-    for (int64_t i = 0; i < n; ++i) db[i] = db[i] < T(0) ? T(0) : db[i];  // clamp >= 0
+    for (int64_t i = 0; i < n; ++i) db[i] = db[i] < T(0) ? T(0) : db[i];
   }
-}
-
-// Runs eigh_chunk over a contiguous stack; returns d [B, n], Q [B, n, n], status [B].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_stack(const at::Tensor& A3) {
-  const int64_t B = A3.size(0), n = A3.size(-1);
-  at::Tensor d = at::empty({B, n}, A3.options());
-  at::Tensor Q = at::empty_like(A3);
-  at::Tensor status = at::empty({B}, A3.options().dtype(at::kInt));
-  AT_DISPATCH_FLOATING_TYPES(A3.scalar_type(), "kron_eigh_cpu", [&] {
-    int32_t* st = status.data_ptr<int32_t>();
-    for_matrices(B, n, [&](int64_t b0, int64_t b1) {
-      eigh_chunk<scalar_t>(A3.narrow(0, b0, b1 - b0), d.narrow(0, b0, b1 - b0),
-                           Q.narrow(0, b0, b1 - b0), st + b0);
-    });
-  });
-  return {d, Q, status};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_eigh_cpu(const at::Tensor& A) {
   check_kron_square("kron_eigh", A);
-  auto [d, Q, status] = eigh_stack(as_stack(A));
+  const int64_t n = A.size(-1);
+  at::Tensor A3 = as_stack(A);
+  const int64_t B = A3.size(0);
+  at::Tensor d = at::empty({B, n}, A3.options());
+  at::Tensor Q = at::empty_like(A3);
+  at::Tensor status = at::empty({B}, A3.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(A3.scalar_type(), "kron_eigh_cpu", [&] {
+    const scalar_t* a = A3.const_data_ptr<scalar_t>();
+    scalar_t* dp = d.data_ptr<scalar_t>();
+    scalar_t* qp = Q.data_ptr<scalar_t>();
+    int32_t* st = status.data_ptr<int32_t>();
+    for_matrices(B, n, [&](int64_t b0, int64_t b1) {
+      eigh_range(a, dp, qp, n, b0, b1, /*columns=*/true, st);
+    });
+  });
   const auto batch = A.sizes().slice(0, A.dim() - 2);
   std::vector<int64_t> dshape(batch.begin(), batch.end());
-  dshape.push_back(A.size(-1));
+  dshape.push_back(n);
   return {d.view(dshape), Q.view(A.sizes()), status.view(batch)};
 }
 
 // ---- kron_inverse_root -------------------------------------------------------------------------
 
-// X = W W^T with W = Q diag((l - min(l_min, 0) + eps)^{-1/(2p)}) (W = 0 for a failed matrix, so
-// X = 0 there), for a chunk of m matrices.
+// X = V^T V for the matrices b0 <= b < b1, V = diag(w) P with P's rows the eigenvectors and
+// w = (d + eps)^{-1/(2p)} (d is clamped >= 0, so the reference's shift -min(l_min, 0) is 0;
+// w = 0 for a failed matrix, so X = 0 there): scaling rows in place, then one GEMM.
 template <typename T>
-void root_from_eigh_chunk(const at::Tensor& d, const at::Tensor& Q, const int32_t* status,
-                          int64_t p, double eps, const at::Tensor& X) {
-  const int64_t m = Q.size(0), n = Q.size(-1), nn = n * n;
-  at::Tensor W = at::empty_like(Q);
-  const T* dp = d.const_data_ptr<T>();
-  const T* qp = Q.const_data_ptr<T>();
-  T* wp = W.data_ptr<T>();
-  std::vector<T> w(n);
+void root_from_eigh_range(const T* d, T* P, const int32_t* status, int64_t n, int64_t p,
+                          double eps, int64_t b0, int64_t b1, const at::Tensor& P3,
+                          const at::Tensor& X3) {
   const T expo = static_cast<T>(-1.0 / (2.0 * static_cast<double>(p)));
-  for (int64_t b = 0; b < m; ++b) {
-    const T* db = dp + b * n;
-    T dmin = n ? *std::min_element(db, db + n) : T(0);
-    dmin = dmin < T(0) ? dmin : T(0);
-    for (int64_t j = 0; j < n; ++j)
-      w[j] = status[b] == kKronFailed ? T(0) : std::pow(db[j] - dmin + static_cast<T>(eps), expo);
-    const T* qb = qp + b * nn;
-    T* wb = wp + b * nn;
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < n; ++j) wb[i * n + j] = qb[i * n + j] * w[j];
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T w = status[b] == kKronFailed ? T(0)
+                                           : std::pow(d[b * n + j] + static_cast<T>(eps), expo);
+      T* row = P + (b * n + j) * n;
+      for (int64_t k = 0; k < n; ++k) row[k] *= w;
+    }
   }
-  at::Tensor Xo = X;  // a contiguous slice of the output
-  at::matmul_out(Xo, W, W.mT());
+  at::Tensor V = P3.narrow(0, b0, b1 - b0);
+  at::Tensor Xo = X3.narrow(0, b0, b1 - b0);  // a contiguous slice of the output
+  at::matmul_out(Xo, V.mT(), V);
 }
 
 // The coupled Newton iteration for one matrix (see the reference); writes X, returns the status.
@@ -462,12 +500,13 @@ std::tuple<at::Tensor, at::Tensor> kron_inverse_root_cpu(const at::Tensor& A, in
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "kron_inverse_root_cpu", [&] {
     int32_t* st = status.data_ptr<int32_t>();
     if (meth == "eigh") {
-      at::Tensor d = at::empty({B, n}, A3.options()), Q = at::empty_like(A3);
+      at::Tensor d = at::empty({B, n}, A3.options()), P = at::empty_like(A3);
+      const scalar_t* a = A3.const_data_ptr<scalar_t>();
+      scalar_t* dp = d.data_ptr<scalar_t>();
+      scalar_t* pp = P.data_ptr<scalar_t>();
       for_matrices(B, n, [&](int64_t b0, int64_t b1) {
-        const int64_t m = b1 - b0;
-        at::Tensor dc = d.narrow(0, b0, m), Qc = Q.narrow(0, b0, m);
-        eigh_chunk<scalar_t>(A3.narrow(0, b0, m), dc, Qc, st + b0);
-        root_from_eigh_chunk<scalar_t>(dc, Qc, st + b0, p, epsilon, X.narrow(0, b0, m));
+        eigh_range(a, dp, pp, n, b0, b1, /*columns=*/false, st);
+        root_from_eigh_range(dp, pp, st, n, p, epsilon, b0, b1, P, X);
       });
     } else {
       scalar_t* xp = X.data_ptr<scalar_t>();
@@ -535,8 +574,9 @@ void symmetrize_(const at::Tensor& F3) {
 void kron_factor_update_cpu(const at::Tensor& F, const at::Tensor& X, double decay, double scale) {
   check_kron_factor_update_args(F, X);
   const int64_t d = F.size(-1), N = X.size(-2);
-  at::Tensor F3 = F.is_contiguous() ? F.view({-1, d, d}) : F.contiguous().view({-1, d, d});
-  at::Tensor X3 = X.reshape({-1, N, d}).to(F.scalar_type());
+  const int64_t B = stack_count(F);
+  at::Tensor F3 = F.is_contiguous() ? F.view({B, d, d}) : F.contiguous().view({B, d, d});
+  at::Tensor X3 = X.reshape({B, N, d}).to(F.scalar_type());
   if (F3.size(0) == 1) {
     at::Tensor F2 = F3[0], X2 = X3[0];
     F2.addmm_(X2.mT(), X2, decay, scale);

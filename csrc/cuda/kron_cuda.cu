@@ -303,7 +303,7 @@ __global__ void symmetrize_kernel(T* __restrict__ F, int64_t total, int64_t d) {
 
 at::Tensor as_stack(const at::Tensor& A) {
   const int64_t n = A.size(-1);
-  return A.reshape({-1, n, n}).contiguous();
+  return A.reshape({stack_count(A), n, n}).contiguous();
 }
 
 c10::IntArrayRef batch_of(const at::Tensor& A) { return A.sizes().slice(0, A.dim() - 2); }
@@ -345,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> kron_damped_inverse_cuda(const at::Tensor& A,
   const int64_t B = A3.size(0), n = A3.size(-1), nn = n * n;
   at::Tensor status = at::empty({B}, A.options().dtype(at::kInt));
   at::Tensor X, out;
-  if (B == 0) return {at::empty_like(A), status.view(batch_of(A))};
+  if (B == 0 || n == 0) return {at::empty_like(A), status.zero_().view(batch_of(A))};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "kron_damped_inverse_cuda", [&] {
     at::Tensor info;
@@ -388,7 +388,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_stack(const at::Tensor& A3) 
   const int64_t B = A3.size(0), n = A3.size(-1), nn = n * n, total = B * nn;
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor status = at::empty({B}, A3.options().dtype(at::kInt));
-  if (B == 0) return {at::empty({0, n}, A3.options()), at::empty_like(A3), status};
+  if (B == 0 || n == 0)
+    return {at::empty({B, n}, A3.options()), at::empty_like(A3), status.zero_()};
   at::Tensor d, Q;
   AT_DISPATCH_FLOATING_TYPES(A3.scalar_type(), "kron_eigh_cuda", [&] {
     using T = scalar_t;
@@ -513,8 +514,8 @@ std::tuple<at::Tensor, at::Tensor> kron_inverse_root_cuda(const at::Tensor& A, i
   c10::cuda::CUDAGuard guard(A.device());
   at::Tensor A3 = as_stack(A);
   const int64_t B = A3.size(0), n = A3.size(-1), total = B * n * n;
-  if (B == 0)
-    return {at::empty_like(A), at::empty({0}, A.options().dtype(at::kInt)).view(batch_of(A))};
+  if (B == 0 || n == 0)
+    return {at::empty_like(A), at::zeros({B}, A.options().dtype(at::kInt)).view(batch_of(A))};
   at::Tensor X, status;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "kron_inverse_root_cuda", [&] {
     using T = scalar_t;
@@ -560,8 +561,9 @@ void kron_factor_update_cuda(const at::Tensor& F, const at::Tensor& X, double de
   check_kron_factor_update_args(F, X);
   c10::cuda::CUDAGuard guard(F.device());
   const int64_t d = F.size(-1), N = X.size(-2);
-  at::Tensor F3 = F.is_contiguous() ? F.view({-1, d, d}) : F.contiguous().view({-1, d, d});
-  at::Tensor X3 = X.reshape({-1, N, d}).to(F.scalar_type());
+  const int64_t B = stack_count(F);
+  at::Tensor F3 = F.is_contiguous() ? F.view({B, d, d}) : F.contiguous().view({B, d, d});
+  at::Tensor X3 = X.reshape({B, N, d}).to(F.scalar_type());
   if (F3.size(0) == 1) {
     at::Tensor F2 = F3[0], X2 = X3[0];
     F2.addmm_(X2.mT(), X2, decay, scale);
