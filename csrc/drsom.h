@@ -33,7 +33,9 @@ void check_drsom_reduce_args(const at::Tensor& g_pert, const at::Tensor& g,
 void check_drsom_update_args(const at::Tensor& x, const at::Tensor& p, at::TensorList V,
                              const at::Tensor& alpha);
 void check_drsom_subproblem_args(const at::Tensor& Q, const at::Tensor& G, const at::Tensor& c,
-                                 double gamma);
+                                 double gamma, double max_length, double gamma_increase);
+// The Gram matrix's regulariser in drsom_subproblem: sqrt(eps) of the inputs' dtype.
+double drsom_subproblem_reg(at::ScalarType dtype);
 
 // The outputs of drsom_reduce, shaped and typed (q [k]; G [k, k] and c [k], or [0, 0] and [0]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> drsom_reduce_outputs(const at::Tensor& g,

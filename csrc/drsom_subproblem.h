@@ -5,9 +5,12 @@
 // directions scaled to unit length (s_i = G_ii^-1/2): Gh = s G s + reg I, Qh = s Q s, ch = s c;
 // the extreme eigenvalues of L^-1 Qh L^-T (Gh = L L^T; cyclic Jacobi) give
 //   lb = max(-lambda_min, 1e-8),  top = max(lb, lambda_max) + max|lambda|,
-//   lambda = gamma top + (1 - gamma) lb,  ah = -(Qh + lambda Gh)^-1 ch   (partial pivoting),
-// and out = [ah_i s_i (the step's coefficients on V), pred = -(ch.ah + ah.Qh ah / 2),
-//            ok = 1 if Qh, ch and the eigenvalues are finite else 0].
+//   lambda = gamma top + (1 - gamma) lb,  ah = -(Qh + lambda Gh)^-1 ch   (partial pivoting).
+// The step's length ||V a|| = sqrt(a.G a) must not exceed max_length: while it does (or is NaN),
+// gamma climbs by gamma_increase (from kDrsomGammaFloor if it is 0) up to kDrsomGammaMax, at
+// most kDrsomMaxRungs times, and the system is solved again (the eigenvalues do not change).
+// out = [ah_i s_i (the step's coefficients on V), pred = -(ch.ah + ah.Qh ah / 2),
+//        ok = 1 if Qh, ch and the eigenvalues are finite else 0, gamma used, length].
 // Included by drsom.h (k <= kDrsomMaxDirs).
 #pragma once
 
@@ -18,6 +21,10 @@
 namespace soo {
 
 constexpr double kDrsomLambdaFloor = 1e-8;  // lb floor, as in DRSOM.jl
+constexpr double kDrsomGammaFloor = 1e-16;  // where a climb from gamma = 0 starts
+constexpr double kDrsomGammaMax = 1e16;     // lambda ~ 1e16 lambda_max: steps below rounding
+constexpr int kDrsomMaxRungs = 200;
+constexpr int kDrsomSubproblemExtra = 4;    // out has k + 4 entries
 
 namespace subproblem {
 
@@ -102,10 +109,11 @@ SOO_HOST_DEVICE inline void solve(double* A, const double* b, int k, double* x) 
 
 }  // namespace subproblem
 
-// Q, G row-major k x k, c [k]; out [k + 2] (see the top of the file).  reg: the Gram matrix's
+// Q, G row-major k x k, c [k]; out [k + 4] (see the top of the file).  reg: the Gram matrix's
 // regulariser (sqrt(eps) of the params' dtype).
 SOO_HOST_DEVICE inline void drsom_subproblem_solve(const double* Q, const double* G,
                                                    const double* c, int k, double gamma,
+                                                   double max_length, double gamma_increase,
                                                    double reg, double* out) {
   using namespace subproblem;
   constexpr int K = static_cast<int>(kDrsomMaxDirs);
@@ -153,13 +161,27 @@ SOO_HOST_DEVICE inline void drsom_subproblem_solve(const double* Q, const double
   ok = extreme_eigenvalues(M, k, &lmin, &lmax) && ok;
   const double lb = -lmin > kDrsomLambdaFloor ? -lmin : kDrsomLambdaFloor;
   const double top = (lb > lmax ? lb : lmax) + (fabs(lmin) > fabs(lmax) ? fabs(lmin) : fabs(lmax));
-  const double lam = gamma * top + (1.0 - gamma) * lb;
-  double rhs[K];
-  for (int i = 0; i < k; ++i) {
-    rhs[i] = -ch[i];
-    for (int j = 0; j < k; ++j) A[i * k + j] = Qh[i * k + j] + lam * Gh[i * k + j];
+  double g = gamma, length = 0.0;
+  for (int rung = 0;; ++rung) {
+    const double lam = g * top + (1.0 - g) * lb;
+    double rhs[K];
+    for (int i = 0; i < k; ++i) {
+      rhs[i] = -ch[i];
+      for (int j = 0; j < k; ++j) A[i * k + j] = Qh[i * k + j] + lam * Gh[i * k + j];
+    }
+    solve(A, rhs, k, ah);
+    double sq = 0.0;  // a.G a = ah.(Gh - reg I) ah
+    for (int i = 0; i < k; ++i) {
+      double ga = -reg * ah[i];
+      for (int j = 0; j < k; ++j) ga += Gh[i * k + j] * ah[j];
+      sq += ah[i] * ga;
+    }
+    length = sq < 0.0 ? 0.0 : sqrt(sq);  // rounding can make sq slightly negative; NaN stays
+    const bool too_long = !(length <= max_length);  // also a NaN step (a singular system)
+    if (!ok || !too_long || g >= kDrsomGammaMax || rung == kDrsomMaxRungs) break;
+    g = g > 0.0 ? g * gamma_increase : kDrsomGammaFloor;
+    g = g < kDrsomGammaMax ? g : kDrsomGammaMax;
   }
-  solve(A, rhs, k, ah);
   double pred = 0.0;
   for (int i = 0; i < k; ++i) {
     double qa = 0.0;
@@ -169,6 +191,8 @@ SOO_HOST_DEVICE inline void drsom_subproblem_solve(const double* Q, const double
   for (int i = 0; i < k; ++i) out[i] = ah[i] * s[i];
   out[k] = pred;
   out[k + 1] = ok ? 1.0 : 0.0;
+  out[k + 2] = g;
+  out[k + 3] = length;
 }
 
 }  // namespace soo

@@ -25,8 +25,10 @@ TORCH_LIBRARY(soo, m) {
         "-> (Tensor, Tensor, Tensor)");
   // p <- sum_j alpha[j] V[j], x <- x + p (p may alias one of V).
   m.def("drsom_update(Tensor(a!) x, Tensor(b!) p, Tensor[] V, Tensor alpha) -> ()");
-  // The k x k trust-region step (csrc/drsom_subproblem.h): [alpha (k), predicted decrease, ok].
-  m.def("drsom_subproblem(Tensor Q, Tensor G, Tensor c, float gamma) -> Tensor");
+  // The k x k trust-region step (csrc/drsom_subproblem.h):
+  // [alpha (k), predicted decrease, ok, gamma used, step length].
+  m.def("drsom_subproblem(Tensor Q, Tensor G, Tensor c, float gamma, float max_length, "
+        "float gamma_increase) -> Tensor");
   // Kronecker factors of K-FAC / Shampoo (csrc/kron.h): [..., n, n] stacks, int32 statuses
   // 0 ok / 1 fallback / 2 failed per matrix.
   m.def("kron_factor_update_(Tensor(a!) F, Tensor X, float decay, float scale) -> ()");

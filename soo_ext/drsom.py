@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import ops as _ops
+from . import reference as _reference
 from ._common import all_finite, check_params, load_state_dict_uncast
 from .quasi_newton import NonFiniteError
 
@@ -26,11 +27,13 @@ _NUMBERS = {
     "eta_high": (lambda v: 0 < v < 1, "in (0, 1)"),
     "collinearity": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "armijo": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "max_step_growth": (lambda v: v >= 1, "a number >= 1 (inf: no limit)"),
+    "rejection_shrink": (lambda v: 0 < v < 1, "in (0, 1)"),
 }
 _MAX_DIRECTIONS = 8  # the fused ops take 1 to 8 directions
 # gamma grows at most to this: lambda ~ 1e16 lambda_max already gives steps below rounding (at the
 # noise floor of the loss every trial is rejected; without a cap gamma would overflow to inf)
-_GAMMA_MAX = 1e16
+_GAMMA_MAX = _reference.DRSOM_GAMMA_MAX
 # Finite-difference step: the perturbation t v_j has length
 #   fd:      FD_STEP_FACTOR[dtype] sqrt(eps) (1 + mean|x_i|)
 #   central: eps^(1/3) (1 + mean|x_i|)
@@ -196,17 +199,27 @@ class DRSOM(Optimizer):
     ``top = max(lb, lambda_max) + max|lambda|``; ``lambda = gamma top + (1 - gamma) lb``;
     ``a = -(Q + lambda G)^-1 c``.
 
+    **Step length.**  The radius-free step can be absurdly long: with gamma near its floor and
+    an indefinite model, ``Q + lambda G`` is nearly singular (on the MNIST-1D MLP in float32, a
+    finite-difference Q spoilt by ReLU kinks gave a first trial 1e13 long, then 20 rejections
+    of the gamma ladder, 6 gradient-units of forwards in one step), and with a convex model many
+    rungs of the ladder hardly change the step.  So gamma also climbs (``gamma_increase`` per
+    rung, in the op, without evaluations) until the step ``||V a||`` is at most
+    ``max_step_growth`` times the last accepted step for the first trial, and at most
+    ``rejection_shrink`` times the rejected step for the next ones.
+
     **Trust-region decision.**  The trial ``x0 + p`` is evaluated (loss only, under no_grad);
     ``rho = (f - f_trial) / (-c^T a - a^T Q a / 2)``.  Rejected (``gamma <- gamma_increase *
     gamma``, capped at 1e16; retry from ``x0``, at most ``max_trials`` trials) if the trial loss
     is not finite, the predicted decrease is not positive, or ``rho <= eta_accept`` (so also
     when the loss rose).  Accepted otherwise; then ``gamma`` grows the same way if
     ``rho <= eta_low`` and shrinks to ``max(min(sqrt(gamma), log10(1 + gamma)), gamma_min)`` if
-    ``rho >= eta_high``.  The accepted ``p`` becomes ``d_1``.  If every trial is rejected, the
-    params are restored exactly and the step changes only ``gamma`` and the counters.  A trial
-    whose predicted decrease is positive but at most ``16 eps |f|`` (below what the loss
-    resolves, where ``rho`` is rounding noise) ends the step: kept if the loss did not rise, else
-    undone; ``gamma`` unchanged (counted in ``noise_stops``).
+    ``rho >= eta_high`` (gamma: the one the trial used).  The accepted ``p`` becomes ``d_1``.
+    If every trial is rejected, the params are restored exactly and the step changes only
+    ``gamma`` and the counters.  A trial whose predicted decrease is positive but at most
+    ``16 eps |f|`` (below what the loss resolves, where ``rho`` is rounding noise) ends the
+    step: kept if the loss did not rise, else undone; ``gamma`` stays the trial's (counted in
+    ``noise_stops``).
 
     **Line search.**  When no stored direction is usable (the first step, or collinear
     directions), or the model ``Q`` is not finite, the step is a backtracking (Armijo,
@@ -269,6 +282,7 @@ class DRSOM(Optimizer):
     **State** (under the first param): ``step`` (int, steps taken), ``gamma`` (float),
     ``directions`` (a ``k x n`` buffer: ``k - 1`` directions and one scratch row), ``order``
     (row of ``d_1, d_2, ...`` in it), ``count`` (stored directions), ``ls_step`` (float or None),
+    ``last_length`` (float: the last accepted step's length, inf before the first),
     ``generator`` (the state of the random-direction generator), and counters ``func_evals``,
     ``grad_evals``, ``trials``, ``rejections``, ``line_searches``, ``noise_stops``.
     ``load_state_dict`` keeps ``generator`` out of Optimizer's casting; a resumed run is
@@ -286,6 +300,10 @@ class DRSOM(Optimizer):
         max_trials: trials per step (default 20).
         collinearity: ``|cos|`` above which a direction is left out (default 0.97).
         armijo: sufficient-decrease constant of the line search (default 1e-4).
+        max_step_growth: a step's first trial is at most this many times as long as the last
+            accepted step (default 10; ``math.inf``: no limit).
+        rejection_shrink: a trial after a rejection is at most this fraction of the rejected
+            one's length (default 0.5).
         seed: seed of the random-direction generator (default 0).
         model: a module whose dropout/BatchNorm randomness is replayed (default None).
         on_nonfinite: ``'raise'`` (default) or ``'skip'``.
@@ -296,12 +314,14 @@ class DRSOM(Optimizer):
                  gamma: float = 1e-6, gamma_increase: float = 5.0, gamma_min: float = 1e-16,
                  eta_accept: float = 0.05, eta_low: float = 0.1, eta_high: float = 0.5,
                  max_trials: int = 20, collinearity: float = 0.97, armijo: float = 1e-4,
+                 max_step_growth: float = 10.0, rejection_shrink: float = 0.5,
                  seed: int = 0, model: nn.Module | None = None, on_nonfinite: str = "raise",
                  maximize: bool = False) -> None:
         defaults = {"hvp": hvp, "directions": directions, "random": random, "gamma": gamma,
                     "gamma_increase": gamma_increase, "gamma_min": gamma_min,
                     "eta_accept": eta_accept, "eta_low": eta_low, "eta_high": eta_high,
                     "max_trials": max_trials, "collinearity": collinearity, "armijo": armijo,
+                    "max_step_growth": max_step_growth, "rejection_shrink": rejection_shrink,
                     "seed": seed, "on_nonfinite": on_nonfinite, "maximize": maximize}
         _check_options(defaults)
         if model is not None and not isinstance(model, nn.Module):
@@ -360,6 +380,7 @@ class DRSOM(Optimizer):
                        "directions": torch.zeros((k, self._x.numel()), dtype=self._x.dtype,
                                                  device=self._x.device),
                        "order": list(range(k)), "count": 0, "ls_step": None,
+                       "last_length": math.inf,
                        "generator": gen.get_state(), "func_evals": 0, "grad_evals": 0,
                        "trials": 0, "rejections": 0, "line_searches": 0, "noise_stops": 0})
         elif st["directions"].shape[0] != group["directions"]:
@@ -548,8 +569,9 @@ class DRSOM(Optimizer):
                 _restore_rng(rng1)
         return loss
 
-    def _push(self, st: dict, scratch_row: int) -> None:
-        """The step just written into ``scratch_row`` becomes ``d_1``."""
+    def _accept(self, st: dict, scratch_row: int, length: float) -> None:
+        """The step just written into ``scratch_row`` (``length`` long) becomes ``d_1``."""
+        st["last_length"] = length
         order = st["order"]
         if self.param_groups[0]["random"]:
             return
@@ -565,24 +587,28 @@ class DRSOM(Optimizer):
         scratch_row = next(i for i in range(st["directions"].shape[0])
                            if st["directions"][i].data_ptr() == p.data_ptr())
         noise = _NOISE_ULPS * torch.finfo(x.dtype).eps * abs(f_host)
+        last = st["last_length"]
+        max_length = group["max_step_growth"] * last if 0 < last < math.inf else math.inf
         for trial in range(group["max_trials"]):
-            gamma = st["gamma"]
-            step = _ops.drsom_subproblem(Q, G, c, gamma)  # [alpha (k), pred, ok]
+            # gamma climbs in the op until the step is at most max_length (no evaluation)
+            step = _ops.drsom_subproblem(Q, G, c, st["gamma"], max_length,
+                                         group["gamma_increase"])
             if trial:
                 x.copy_(x0)
             _ops.drsom_update(x, p, V, step[:k])
             ft = self._loss_at_trial(closure, replay)
             st["func_evals"] += 1
             st["trials"] += 1
-            ft_h, pred_h, ok = torch.cat([ft.reshape(1), step[k:]]).tolist()
+            ft_h, pred_h, ok, gamma, length = torch.cat([ft.reshape(1), step[k:]]).tolist()
             if not ok:
                 x.copy_(x0)
                 return False
+            st["gamma"] = gamma
             inc = min(group["gamma_increase"] * gamma, _GAMMA_MAX)
             if 0 < pred_h <= noise:  # below the loss's resolution: rho is noise
                 st["noise_stops"] += 1
                 if math.isfinite(ft_h) and ft_h <= f_host:
-                    self._push(st, scratch_row)
+                    self._accept(st, scratch_row, length)
                 else:
                     x.copy_(x0)
                 st["step"] += 1
@@ -592,12 +618,13 @@ class DRSOM(Optimizer):
             if not accept:
                 st["gamma"] = inc
                 st["rejections"] += 1
+                max_length = group["rejection_shrink"] * length
                 continue
             if rho_h <= group["eta_low"]:
                 st["gamma"] = inc
             elif rho_h >= group["eta_high"]:
                 st["gamma"] = max(min(math.sqrt(gamma), math.log10(gamma + 1)), group["gamma_min"])
-            self._push(st, scratch_row)
+            self._accept(st, scratch_row, length)
             st["step"] += 1
             return True
         x.copy_(x0)
@@ -623,7 +650,7 @@ class DRSOM(Optimizer):
             st["trials"] += 1
             if math.isfinite(ft) and ft <= f - group["armijo"] * t * gg:
                 st["ls_step"] = 2 * t if trial == 0 else t
-                self._push(st, scratch_row)
+                self._accept(st, scratch_row, t * math.sqrt(gg))
                 st["step"] += 1
                 return
             st["rejections"] += 1

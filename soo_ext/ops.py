@@ -243,7 +243,8 @@ def _check_drsom_update(x: Tensor, p: Tensor, V, alpha: Tensor) -> None:
     torch._check(alpha.is_contiguous(), lambda: f"{op}: alpha must be contiguous")
 
 
-def _check_drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float) -> None:
+def _check_drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float, max_length: float,
+                            gamma_increase: float) -> None:
     op = "drsom_subproblem"
     torch._check(Q.dim() == 2 and Q.shape[0] == Q.shape[1] and 1 <= Q.shape[0] <= _DRSOM_MAX_DIRS,
                  lambda: f"{op}: Q must be k x k with 1 <= k <= {_DRSOM_MAX_DIRS}, got shape "
@@ -259,6 +260,10 @@ def _check_drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float) -> No
     _check_drsom_scalar(op, "c", c, Q)
     torch._check(math.isfinite(gamma) and gamma >= 0,
                  lambda: f"{op}: gamma must be finite and >= 0, got {gamma}")
+    torch._check(max_length >= 0,
+                 lambda: f"{op}: max_length must be >= 0 (inf: no limit), got {max_length}")
+    torch._check(math.isfinite(gamma_increase) and gamma_increase > 1,
+                 lambda: f"{op}: gamma_increase must be finite and > 1, got {gamma_increase}")
 
 
 def drsom_perturb(x: Tensor, x0: Tensor, v: Tensor, t: Tensor, save: bool) -> None:
@@ -300,22 +305,24 @@ def drsom_update(x: Tensor, p: Tensor, V, alpha: Tensor) -> None:
         reference.drsom_update(x, p, list(V), alpha)
 
 
-def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float) -> Tensor:
+def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float, max_length: float = math.inf,
+                     gamma_increase: float = 5.0) -> Tensor:
     """DRSOM's ``k x k`` (k <= 8) radius-free trust-region step, in float64 on the device (one
-    tiny kernel, no host sync): ``[alpha (k), predicted decrease, ok]`` in Q's dtype.  See
-    :func:`soo_ext.reference.drsom_subproblem`."""
-    gamma = float(gamma)
-    _check_drsom_subproblem(Q, G, c, gamma)
+    tiny kernel, no host sync): ``[alpha (k), predicted decrease, ok, gamma used, step length]``
+    in Q's dtype; ``gamma`` climbs by ``gamma_increase`` while the step is longer than
+    ``max_length``.  See :func:`soo_ext.reference.drsom_subproblem`."""
+    gamma, max_length, gamma_increase = float(gamma), float(max_length), float(gamma_increase)
+    _check_drsom_subproblem(Q, G, c, gamma, max_length, gamma_increase)
     if _LOADED:
-        return torch.ops.soo.drsom_subproblem.default(Q, G, c, gamma)
-    return reference.drsom_subproblem(Q, G, c, gamma)
+        return torch.ops.soo.drsom_subproblem.default(Q, G, c, gamma, max_length, gamma_increase)
+    return reference.drsom_subproblem(Q, G, c, gamma, max_length, gamma_increase)
 
 
 if _LOADED:
     @torch.library.register_fake("soo::drsom_subproblem")
-    def _drsom_subproblem_fake(Q, G, c, gamma):
-        _check_drsom_subproblem(Q, G, c, gamma)
-        return Q.new_empty(Q.shape[0] + 2)
+    def _drsom_subproblem_fake(Q, G, c, gamma, max_length, gamma_increase):
+        _check_drsom_subproblem(Q, G, c, gamma, max_length, gamma_increase)
+        return Q.new_empty(Q.shape[0] + 4)
 
     @torch.library.register_fake("soo::drsom_perturb")
     def _drsom_perturb_fake(x, x0, v, t, save):

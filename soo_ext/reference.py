@@ -144,6 +144,9 @@ def bfgs_direction(H: Tensor, s: Tensor, y: Tensor, g: Tensor,
 # trust-region step.
 
 DRSOM_LAMBDA_FLOOR = 1e-8  # lb = max(1e-8, -lambda_min), as in DRSOM.jl
+DRSOM_GAMMA_FLOOR = 1e-16  # where a climb from gamma = 0 starts
+DRSOM_GAMMA_MAX = 1e16  # lambda ~ 1e16 lambda_max: steps below rounding
+DRSOM_MAX_RUNGS = 200  # climbs of gamma in one drsom_subproblem call, at most
 
 def drsom_perturb(x: Tensor, x0: Tensor, v: Tensor, t: Tensor, save: bool) -> None:
     """Move to a perturbed point (reference of ``soo::drsom_perturb``), in place.
@@ -197,7 +200,8 @@ def drsom_update(x: Tensor, p: Tensor, V: list[Tensor], alpha: Tensor) -> None:
     x.add_(step)
 
 
-def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float) -> Tensor:
+def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float, max_length: float = math.inf,
+                     gamma_increase: float = 5.0) -> Tensor:
     """DRSOM's radius-free trust-region step over ``span V`` (reference of
     ``soo::drsom_subproblem``), in float64 whatever the inputs' dtype.
 
@@ -207,10 +211,13 @@ def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float) -> Tensor:
     dtype), ``Qh = s Q s``, ``ch = s c``; ``lambda_min/max`` are the extreme eigenvalues of
     ``L^-1 Qh L^-T`` (``Gh = L L^T``); ``lb = max(-lambda_min, 1e-8)``,
     ``top = max(lb, lambda_max) + max|lambda|``, ``lambda = gamma top + (1 - gamma) lb``,
-    ``ah = -(Qh + lambda Gh)^-1 ch``.  Returns ``[ah * s (k), pred, ok]`` in the inputs' dtype:
-    the step's coefficients on the (unscaled) directions, the predicted decrease
-    ``-(ch.ah + ah.Qh ah / 2)``, and 1 if ``Qh``, ``ch`` and the eigenvalues are finite (and
-    ``Gh`` positive definite), else 0 (then the other entries are meaningless).
+    ``ah = -(Qh + lambda Gh)^-1 ch``.  While the step's length ``||V a|| = sqrt(a.G a)``
+    exceeds ``max_length`` (or is NaN), ``gamma <- gamma_increase gamma`` (from 1e-16 if it is
+    0; at most 1e16 and 200 times) and the system is solved again.  Returns
+    ``[ah * s (k), pred, ok, gamma, length]`` in the inputs' dtype: the step's coefficients on
+    the (unscaled) directions, the predicted decrease ``-(ch.ah + ah.Qh ah / 2)``, 1 if ``Qh``,
+    ``ch`` and the eigenvalues are finite (and ``Gh`` positive definite), else 0 (then the
+    other entries are meaningless), the gamma used and the step's length.
     """
     dt, k = Q.dtype, Q.shape[0]
     f64 = torch.float64
@@ -219,7 +226,8 @@ def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float) -> Tensor:
     s = torch.rsqrt(torch.diagonal(G))
     S = s[:, None] * s[None, :]
     Qh = (Q + Q.T) / 2 * S
-    Gh = (G + G.T) / 2 * S + math.sqrt(torch.finfo(dt).eps) * eye
+    reg = math.sqrt(torch.finfo(dt).eps)
+    Gh = (G + G.T) / 2 * S + reg * eye
     ch = c * s
     L, info = torch.linalg.cholesky_ex(Gh)
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)
@@ -230,10 +238,19 @@ def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float) -> Tensor:
     lmin, lmax = ev[0], ev[-1]
     lb = torch.clamp_min(-lmin, DRSOM_LAMBDA_FLOOR)
     top = torch.maximum(lb, lmax) + torch.maximum(lmin.abs(), lmax.abs())
-    lam = gamma * top + (1 - gamma) * lb
-    ah, _ = torch.linalg.solve_ex(Qh + lam * Gh, -ch)
+    ok_host = bool(ok)
+    for rung in range(DRSOM_MAX_RUNGS + 1):
+        lam = gamma * top + (1 - gamma) * lb
+        ah, _ = torch.linalg.solve_ex(Qh + lam * Gh, -ch)
+        length = torch.dot(ah, (Gh - reg * eye) @ ah).clamp_min(0).sqrt()
+        too_long = not bool(length <= max_length)  # also a NaN step (a singular system)
+        if not ok_host or not too_long or gamma >= DRSOM_GAMMA_MAX or rung == DRSOM_MAX_RUNGS:
+            break
+        gamma = min(gamma * gamma_increase if gamma > 0 else DRSOM_GAMMA_FLOOR, DRSOM_GAMMA_MAX)
     pred = -(torch.dot(ch, ah) + 0.5 * torch.dot(ah, Qh @ ah))
-    return torch.cat([ah * s, pred.reshape(1), ok.to(f64).reshape(1)]).to(dt)
+    gamma_t = torch.tensor([gamma], dtype=f64, device=Q.device)
+    return torch.cat([ah * s, pred.reshape(1), ok.to(f64).reshape(1), gamma_t,
+                      length.reshape(1)]).to(dt)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -229,6 +229,51 @@ def test_maximize_gives_the_same_iterates():
     assert torch.equal(x, z)
 
 
+class TrialRecorder:
+    """Wraps soo_ext.drsom's ops module: records the length ||x - x0|| of every trial step."""
+
+    def __init__(self, opt):
+        self.opt, self.lengths = opt, []
+
+    def __getattr__(self, name):
+        return getattr(drsom_ops, name)
+
+    def drsom_update(self, x, p, V, alpha):
+        drsom_ops.drsom_update(x, p, V, alpha)
+        self.lengths.append((x - self.opt._ws.x0).norm().item())
+
+
+@pytest.mark.parametrize("growth,shrink", [(10.0, 0.5), (math.inf, 0.1)])
+def test_step_length_limits(monkeypatch, growth, shrink):
+    """A first trial is at most max_step_growth x the last accepted step, a retry at most
+    rejection_shrink x the rejected trial; last_length is the accepted step's length."""
+    x = rosenbrock_start(20)
+    opt = DRSOM([x], hvp="autograd", max_step_growth=growth, rejection_shrink=shrink)
+    rec = TrialRecorder(opt)
+    monkeypatch.setattr(soo_ext.drsom, "_ops", rec)
+    st = opt.state[x]
+    checked = retried = 0
+    for _ in range(100):
+        x_before = x.detach().clone()
+        last = st["last_length"] if st else math.inf
+        trials, line_searches = (st["trials"], st["line_searches"]) if st else (0, 0)
+        rec.lengths.clear()
+        opt.step(lambda: rosenbrock(x))
+        moved = (x.detach() - x_before).norm().item()
+        if moved > 0:
+            assert moved == pytest.approx(st["last_length"], rel=1e-9)
+        if st["line_searches"] > line_searches:
+            continue
+        lengths = rec.lengths
+        assert len(lengths) == st["trials"] - trials
+        assert lengths[0] <= growth * last * (1 + 1e-9)
+        for a, b in zip(lengths, lengths[1:]):
+            assert b <= shrink * a * (1 + 1e-9)
+        checked += 1
+        retried += len(lengths) > 1
+    assert checked >= 80 and retried >= 1
+
+
 def test_gamma_stays_finite_at_the_noise_floor():
     """At the minimiser every trial is rejected (no decrease is measurable): gamma is capped and
     the params stay put."""
@@ -374,6 +419,9 @@ def test_resume_is_bit_identical(options, via_bytes):
     ({"eta_high": 1.5}, "eta_high"), ({"max_trials": 0}, "max_trials"),
     ({"max_trials": True}, "max_trials"), ({"collinearity": 0.0}, "collinearity"),
     ({"armijo": 1.0}, "armijo"), ({"seed": 1.5}, "seed"),
+    ({"max_step_growth": 0.5}, "max_step_growth"),
+    ({"max_step_growth": float("nan")}, "max_step_growth"),
+    ({"rejection_shrink": 1.0}, "rejection_shrink"), ({"rejection_shrink": 0}, "rejection_shrink"),
     ({"on_nonfinite": "ignore"}, "on_nonfinite"),
     ({"maximize": 1}, "maximize"), ({"model": "net"}, "model"),
 ])

@@ -1,5 +1,7 @@
 """The DRSOM ops (soo::drsom_perturb, drsom_reduce, drsom_update, drsom_subproblem) against fp64
 oracles."""
+import math
+
 import pytest
 import torch
 
@@ -406,9 +408,13 @@ def test_reference_subproblem_against_unscaled_oracle(k, gamma):
     for seed in range(3):
         Q, G, c = subproblem_inputs(k, torch.float64, "cpu", seed)
         out = reference.drsom_subproblem(Q, G, c, gamma)
+        assert out.shape == (k + 4,)
         assert out[k + 1].item() == 1.0
         assert rel_err(out[:k + 1], subproblem_oracle(Q, G, c, gamma)) < 1e-8
         assert out[k].item() > 0  # lambda > lb: Q + lambda G is positive definite
+        assert out[k + 2].item() == gamma  # no length limit: gamma as given
+        alpha = out[:k]
+        assert abs(out[k + 3].item() - math.sqrt(alpha @ G @ alpha)) <= 1e-10 * out[k + 3].item()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -422,10 +428,42 @@ def test_subproblem_matches_reference(device, dtype, tol, k, gamma):
         Q[0, -1] += 0.25 * Q[0, -1].abs()  # an unsymmetric Q is symmetrised
         out = ops.drsom_subproblem(Q, G, c, gamma)
         ref = reference.drsom_subproblem(Q.cpu(), G.cpu(), c.cpu(), gamma)
-        assert out.shape == (k + 2,) and out.dtype == dtype and out.device == Q.device
-        assert out[k + 1].item() == 1.0
+        assert out.shape == (k + 4,) and out.dtype == dtype and out.device == Q.device
+        assert out[k + 1].item() == 1.0 and out[k + 2].item() == ref[k + 2].item()
         # (Q + lambda G) has condition ~1/gamma when Q is indefinite: rounding grows with it
         assert rel_err(out[:k + 1].cpu(), ref[:k + 1]) < tol * max(1.0, 1e-3 / gamma)
+        assert rel_err(out[k + 3:].cpu(), ref[k + 3:]) < tol * max(1.0, 1e-3 / gamma)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 1e-6)],
+                         ids=DTYPE_IDS)
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+@pytest.mark.parametrize("gamma", [0.0, 1e-12, 0.3])
+@pytest.mark.parametrize("fraction", [0.9, 1e-3, 0.0])
+def test_subproblem_climbs_gamma_to_a_length_limit(device, dtype, tol, k, gamma, fraction):
+    """gamma climbs by gamma_increase (from 1e-16 when it is 0) until the step is at most
+    max_length: the first rung that fits (or the cap 1e16, for a limit of 0)."""
+    for seed in range(3):
+        Q, G, c = subproblem_inputs(k, dtype, device, seed + 20)
+        # (at gamma = 0 an indefinite Q makes the system singular: the limit comes from 1e-12)
+        free = reference.drsom_subproblem(Q.cpu(), G.cpu(), c.cpu(), gamma or 1e-12)
+        limit = fraction * free[k + 3].item()
+        out = ops.drsom_subproblem(Q, G, c, gamma, limit, 4.0)
+        ref = reference.drsom_subproblem(Q.cpu(), G.cpu(), c.cpu(), gamma, limit, 4.0)
+        used, length = ref[k + 2].item(), ref[k + 3].item()
+        assert rel_err(out.cpu(), ref) < 10 * tol * max(1.0, 1e-3 / used)
+        if fraction == 0.0:
+            assert used == pytest.approx(1e16, rel=1e-7)
+            continue
+        assert length <= limit * (1 + 1e-12)
+        rungs = 0 if used == gamma else round(math.log(used / max(gamma, 1e-16), 4)) + (gamma == 0)
+        assert used == pytest.approx(max(gamma, 1e-16) * 4.0 ** (rungs - (gamma == 0)),
+                                     rel=1e-12 if dtype == torch.float64 else 1e-6)
+        if rungs:  # the rung below did not fit
+            below = reference.drsom_subproblem(Q.cpu(), G.cpu(), c.cpu(),
+                                               used / 4 if used / 4 >= 1e-16 else 0.0)
+            assert below[k + 3].item() > limit
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -442,8 +480,8 @@ def test_subproblem_flags_a_non_finite_model(device, dtype, bad):
         G[:, 2] = 0
     else:
         G[1, 1] = float("inf")
-    assert ops.drsom_subproblem(Q, G, c, 0.5)[-1].item() == 0.0
-    assert reference.drsom_subproblem(Q.cpu(), G.cpu(), c.cpu(), 0.5)[-1].item() == 0.0
+    assert ops.drsom_subproblem(Q, G, c, 0.5)[4].item() == 0.0
+    assert reference.drsom_subproblem(Q.cpu(), G.cpu(), c.cpu(), 0.5)[4].item() == 0.0
 
 
 @requires_ext
@@ -452,16 +490,20 @@ def test_subproblem_flags_a_non_finite_model(device, dtype, bad):
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_subproblem_opcheck(device, dtype, k):
     Q, G, c = subproblem_inputs(k, dtype, device, seed=4)
-    torch.library.opcheck(torch.ops.soo.drsom_subproblem.default, (Q, G, c, 0.1))
+    for max_length in (math.inf, 1e-3):
+        torch.library.opcheck(torch.ops.soo.drsom_subproblem.default,
+                              (Q, G, c, 0.1, max_length, 5.0))
 
 
 SUBPROBLEM_BAD = {"k0": "1 <= k <= 8", "k9": "1 <= k <= 8", "not-square": "1 <= k <= 8",
                   "G-shape": "G must have", "c-length": "c must be", "fp16": "float32 or float64",
-                  "dtype-mix": "no dtype mix", "gamma-negative": "gamma", "gamma-nan": "gamma"}
+                  "dtype-mix": "no dtype mix", "gamma-negative": "gamma", "gamma-nan": "gamma",
+                  "max_length-negative": "max_length", "max_length-nan": "max_length",
+                  "gamma_increase-1": "gamma_increase", "gamma_increase-inf": "gamma_increase"}
 
 
 def _subproblem_bad_case(bad):
-    Q, G, c, gamma = torch.eye(3), torch.eye(3), torch.ones(3), 0.5
+    Q, G, c, gamma, max_length, increase = torch.eye(3), torch.eye(3), torch.ones(3), 0.5, 1.0, 5.0
     if bad == "k0":
         Q, G, c = torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0)
     elif bad == "k9":
@@ -478,16 +520,24 @@ def _subproblem_bad_case(bad):
         G = G.double()
     elif bad == "gamma-negative":
         gamma = -1.0
-    else:
+    elif bad == "gamma-nan":
         gamma = float("nan")
-    return Q, G, c, gamma
+    elif bad == "max_length-negative":
+        max_length = -1.0
+    elif bad == "max_length-nan":
+        max_length = float("nan")
+    elif bad == "gamma_increase-1":
+        increase = 1.0
+    else:
+        increase = math.inf
+    return Q, G, c, gamma, max_length, increase
 
 
 @pytest.mark.parametrize("bad", SUBPROBLEM_BAD)
 def test_bad_subproblem_arguments_are_refused(bad):
-    Q, G, c, gamma = _subproblem_bad_case(bad)
+    args = _subproblem_bad_case(bad)
     with pytest.raises(RuntimeError, match=SUBPROBLEM_BAD[bad]):
-        ops.drsom_subproblem(Q, G, c, gamma)
+        ops.drsom_subproblem(*args)
     if ops.extension_loaded():  # the C++ checks, bypassing the wrapper
         with pytest.raises(RuntimeError, match=SUBPROBLEM_BAD[bad]):
-            torch.ops.soo.drsom_subproblem.default(Q, G, c, gamma)
+            torch.ops.soo.drsom_subproblem.default(*args)

@@ -255,7 +255,7 @@ void check_drsom_update_args(const at::Tensor& x, const at::Tensor& p, at::Tenso
 }
 
 void check_drsom_subproblem_args(const at::Tensor& Q, const at::Tensor& G, const at::Tensor& c,
-                                 double gamma) {
+                                 double gamma, double max_length, double gamma_increase) {
   TORCH_CHECK(Q.dim() == 2 && Q.size(0) == Q.size(1) && Q.size(0) >= 1 &&
                   Q.size(0) <= kDrsomMaxDirs,
               "drsom_subproblem: Q must be k x k with 1 <= k <= ", kDrsomMaxDirs,
@@ -268,8 +268,17 @@ void check_drsom_subproblem_args(const at::Tensor& Q, const at::Tensor& G, const
               Q.size(0), " entries, got shape ", c.sizes());
   check_scalar_tensor("drsom_subproblem", "G", G, Q);
   check_scalar_tensor("drsom_subproblem", "c", c, Q);
-  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0, "drsom_subproblem: gamma must be finite and >= 0, got ",
-              gamma);
+  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0,
+              "drsom_subproblem: gamma must be finite and >= 0, got ", gamma);
+  TORCH_CHECK(max_length >= 0, "drsom_subproblem: max_length must be >= 0 (inf: no limit), got ",
+              max_length);
+  TORCH_CHECK(std::isfinite(gamma_increase) && gamma_increase > 1,
+              "drsom_subproblem: gamma_increase must be finite and > 1, got ", gamma_increase);
+}
+
+double drsom_subproblem_reg(at::ScalarType dtype) {
+  return std::sqrt(dtype == at::kFloat ? static_cast<double>(std::numeric_limits<float>::epsilon())
+                                       : std::numeric_limits<double>::epsilon());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> drsom_reduce_outputs(const at::Tensor& g,
@@ -363,13 +372,13 @@ void drsom_update_cpu(at::Tensor& x, at::Tensor& p, at::TensorList V, const at::
 }
 
 at::Tensor drsom_subproblem_cpu(const at::Tensor& Q, const at::Tensor& G, const at::Tensor& c,
-                                double gamma) {
-  check_drsom_subproblem_args(Q, G, c, gamma);
-  const int k = static_cast<int>(Q.size(0));
-  at::Tensor out = at::empty({k + 2}, Q.options());
+                                double gamma, double max_length, double gamma_increase) {
+  check_drsom_subproblem_args(Q, G, c, gamma, max_length, gamma_increase);
+  const int k = static_cast<int>(Q.size(0)), m = k + kDrsomSubproblemExtra;
+  at::Tensor out = at::empty({m}, Q.options());
   AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "drsom_subproblem_cpu", [&] {
     constexpr int K = static_cast<int>(kDrsomMaxDirs);
-    double q[K * K], g[K * K], cv[K], o[K + 2];
+    double q[K * K], g[K * K], cv[K], o[K + kDrsomSubproblemExtra];
     const auto Qa = Q.accessor<scalar_t, 2>(), Ga = G.accessor<scalar_t, 2>();
     const auto ca = c.accessor<scalar_t, 1>();
     for (int i = 0; i < k; ++i) {
@@ -379,10 +388,10 @@ at::Tensor drsom_subproblem_cpu(const at::Tensor& Q, const at::Tensor& G, const 
         g[i * k + j] = Ga[i][j];
       }
     }
-    drsom_subproblem_solve(q, g, cv, k, gamma,
-                           std::sqrt(static_cast<double>(std::numeric_limits<scalar_t>::epsilon())), o);
+    drsom_subproblem_solve(q, g, cv, k, gamma, max_length, gamma_increase,
+                           drsom_subproblem_reg(Q.scalar_type()), o);
     scalar_t* op = out.data_ptr<scalar_t>();
-    for (int i = 0; i < k + 2; ++i) op[i] = static_cast<scalar_t>(o[i]);
+    for (int i = 0; i < m; ++i) op[i] = static_cast<scalar_t>(o[i]);
   });
   return out;
 }

@@ -255,30 +255,30 @@ void drsom_update_cuda(at::Tensor& x, at::Tensor& p, at::TensorList V, const at:
 
 template <typename T>
 __global__ void subproblem_kernel(const T* __restrict__ Q, const T* __restrict__ G,
-                                  const T* __restrict__ c, int k, double gamma, double reg,
-                                  T* __restrict__ out) {
-  double q[kMaxK * kMaxK], g[kMaxK * kMaxK], cv[kMaxK], o[kMaxK + 2];
+                                  const T* __restrict__ c, int k, double gamma, double max_length,
+                                  double gamma_increase, double reg, T* __restrict__ out) {
+  double q[kMaxK * kMaxK], g[kMaxK * kMaxK], cv[kMaxK], o[kMaxK + kDrsomSubproblemExtra];
   for (int i = 0; i < k * k; ++i) {
     q[i] = Q[i];
     g[i] = G[i];
   }
   for (int i = 0; i < k; ++i) cv[i] = c[i];
-  drsom_subproblem_solve(q, g, cv, k, gamma, reg, o);
-  for (int i = 0; i < k + 2; ++i) out[i] = static_cast<T>(o[i]);
+  drsom_subproblem_solve(q, g, cv, k, gamma, max_length, gamma_increase, reg, o);
+  for (int i = 0; i < k + kDrsomSubproblemExtra; ++i) out[i] = static_cast<T>(o[i]);
 }
 
 at::Tensor drsom_subproblem_cuda(const at::Tensor& Q, const at::Tensor& G, const at::Tensor& c,
-                                 double gamma) {
-  check_drsom_subproblem_args(Q, G, c, gamma);
+                                 double gamma, double max_length, double gamma_increase) {
+  check_drsom_subproblem_args(Q, G, c, gamma, max_length, gamma_increase);
   const c10::cuda::CUDAGuard guard(Q.device());
   const int k = static_cast<int>(Q.size(0));
   const at::Tensor Qc = Q.contiguous(), Gc = G.contiguous(), cc = c.contiguous();
-  at::Tensor out = at::empty({k + 2}, Q.options());
+  at::Tensor out = at::empty({k + kDrsomSubproblemExtra}, Q.options());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "drsom_subproblem_cuda", [&] {
     subproblem_kernel<scalar_t><<<1, 1, 0, stream>>>(
         Qc.data_ptr<scalar_t>(), Gc.data_ptr<scalar_t>(), cc.data_ptr<scalar_t>(), k, gamma,
-        std::sqrt(static_cast<double>(std::numeric_limits<scalar_t>::epsilon())),
+        max_length, gamma_increase, drsom_subproblem_reg(Q.scalar_type()),
         out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
