@@ -101,6 +101,18 @@ def test_forced_cuda_build_without_nvcc_fails_loudly(tmp_path):
         assert res.returncode != 0 and "nvcc not found" in res.stderr
 
 
+def test_sdist_carries_every_source_and_header(tmp_path):
+    import tarfile
+    res = setup_py("-q", "sdist", "-d", str(tmp_path), SOO_EXT_CUDA="0")
+    assert res.returncode == 0, res.stderr
+    (archive,) = tmp_path.glob("soo_ext-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = {str(f.relative_to(ROOT)) for f in (ROOT / "csrc").rglob("*") if f.is_file()}
+    assert needed and needed <= names, sorted(needed - names)
+    assert {"CMakeLists.txt", "setup.py", "pyproject.toml", "soo_ext/ops.py"} <= names
+
+
 def test_cuda_can_be_switched_off():
     res = setup_py("--version", SOO_EXT_CUDA="0")
     assert res.returncode == 0 and "CUDA kernels off" in res.stderr
