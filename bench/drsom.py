@@ -6,15 +6,16 @@ with mean cross-entropy on minibatches of --batch-size training samples.  The cl
 backward (DRSOM differentiates it itself).
 
 (a) Cost of a step in gradient-evaluation units, per model and hvp mode ('fd', 'central',
-'autograd'; DRSOM's defaults otherwise, k = 2 directions, model= given):
+'autograd', 'interp'; DRSOM's defaults otherwise, k = 2 directions, model= given):
   cost units     median time of opt.step(closure) / median time of one forward+backward of the
                  same closure on the same batch (loss, then torch.autograd.grad over the params,
                  as DRSOM computes its gradients).  Target for hvp='fd': <= 3.3.
   forward units  median time of one forward-only evaluation (no_grad) / the same gradient time
   grads/step     closure evaluations under grad mode per step: the base gradient, plus k ('fd')
                  or 2k ('central') finite-difference gradients; 1 for 'autograd', which adds
-                 k Hessian-vector products by double backward (hvps/step)
-  fwd/step       forward-only closure evaluations per step (trust-region or line-search trials)
+                 k Hessian-vector products by double backward (hvps/step), and for 'interp'
+  fwd/step       forward-only closure evaluations per step (trust-region or line-search trials,
+                 and for 'interp' the k (k + 1) / 2 = 3 interpolation points)
   trials/step, rejections/step, line searches/step  from DRSOM's own counters
   eval units     grads/step + fwd/step x forward units: the evaluations' share of the cost
   overhead       cost units - eval units: the optimizer's own time (ops, small solves, host
@@ -28,17 +29,21 @@ gradient is timed on the current batch).
 rejecting: not what a training step costs.)
 
 (b) Accuracy of Q = V^T H V on one fixed minibatch drawn by the seed (V = [g, d]: the gradient
-and a random direction d ~ N(0, I), as in a step whose last step is d) from finite differences against exact products by double
-backward, in float32 and float64 (model and batch cast), over --seeds (model init, minibatch and
-d drawn from the seed): the relative Frobenius error ||Q_mode - Q_autograd||_F /
+and a random direction d ~ N(0, I), as in a step whose last step is d) from finite differences
+and from function values ('interp') against exact products by double backward, in float32 and
+float64 (model and batch cast), over --seeds (model init, minibatch and d drawn from the
+seed): the relative Frobenius error ||Q_mode - Q_autograd||_F /
 ||Q_autograd||_F, median and max over the seeds.  Q is built the way DRSOM builds it, with the
 public fused ops: drsom_perturb to x + t v_j (t ||v_j|| = c sqrt(eps) (1 + mean|x_i|), c = 0.25
 fp32 / 1 fp64, for 'fd'; eps^(1/3) (1 + mean|x_i|) and x - t v_j too for 'central':
 soo_ext.drsom.fd_perturbation_length), a gradient there, and
 drsom_reduce for the column V^T (g(x + t v_j) - g) / t (central: (g+ - g-) / 2t), ||v_j||^2
 from drsom_reduce's Gram; symmetrised; x restored from x0 bit-exactly (tests check that this
-is DRSOM's own Q to rounding).  Expected relative accuracy: about sqrt(eps) for 'fd'
-(fp32 3.5e-4, fp64 1.5e-8), eps^(2/3) for 'central' (fp32 2.5e-5, fp64 3.7e-11).  Those
+is DRSOM's own Q to rounding); 'interp' as soo_ext.DRSOM documents it (drsom_update to
+x + t_i v_i + t_j v_j, t_i ||v_i|| = eps^(1/4) (1 + mean|x_i|), one forward each).  Expected
+relative accuracy: about sqrt(eps) for 'fd' (fp32 3.5e-4, fp64 1.5e-8), eps^(2/3) for 'central'
+(fp32 2.5e-5, fp64 3.7e-11), eps^(1/4) for 'interp' (first order in t: fp32 1.9e-2,
+fp64 1.2e-4).  Those
 bounds hold for smooth models (checked with a tanh MLP); both MNIST-1D models use ReLU, and
 where the perturbation x + t v flips the sign of pre-activations (the gradient jumps there:
 a kink, not curvature) the difference quotient is off by O(1).  The fd factor c = 0.25 in
@@ -65,12 +70,13 @@ from tqdm import tqdm
 
 import soo_ext
 from soo_ext import ops
-from soo_ext.drsom import FD_STEP_FACTOR, fd_perturbation_length
+from soo_ext.drsom import FD_STEP_FACTOR, fd_perturbation_length, interp_perturbation_length
 
 from . import common, train
 
 MODELS = {"mlp": train.mnist1d_mlp, "cnn": train.mnist1d_cnn}
-HVPS = ("fd", "central", "autograd")
+HVPS = ("fd", "central", "autograd", "interp")
+Q_MODES = ("fd", "central", "interp")  # Q accuracy against autograd
 FD_TARGET = 3.3  # gradient-evaluation units per step, hvp='fd'
 DEFAULTS = dict(min_run_time=2.0, rounds=3, seeds=[0, 1, 2, 3, 4], warmup_steps=5)
 QUICK = dict(min_run_time=0.05, rounds=1, seeds=[0, 1], warmup_steps=2)
@@ -257,8 +263,34 @@ def q_finite_difference(loss_fn, params, x: torch.Tensor, g: torch.Tensor,
     return (Q + Q.T) / 2
 
 
+@torch.no_grad()
+def q_interpolated(loss_fn, x: torch.Tensor, g: torch.Tensor,
+                   V: list[torch.Tensor]) -> torch.Tensor:
+    """Q as DRSOM's 'interp' mode builds it, from function values on the public ops (x: the
+    params' flat buffer, g: the gradient at x; x is restored bit-exactly)."""
+    _, G, c = ops.drsom_reduce(g, g, V, torch.ones((), dtype=x.dtype, device=x.device), True)
+    ts = interp_perturbation_length(x) / torch.sqrt(torch.diagonal(G))
+    x0, scratch = x.clone(), torch.empty_like(x)
+    f0 = loss_fn().to(x.dtype)
+    k = len(V)
+    idx = torch.arange(k, device=x.device)
+    values = {}
+    for i in range(k):
+        for j in range(i, k):
+            x.copy_(x0)
+            ops.drsom_update(x, scratch, V, torch.where((idx == i) | (idx == j), ts, 0.0))
+            values[i, j] = loss_fn().to(x.dtype)
+    x.copy_(x0)
+    Q = torch.empty((k, k), dtype=x.dtype, device=x.device)
+    for i in range(k):
+        Q[i, i] = 2 * (values[i, i] - f0 - ts[i] * c[i]) / ts[i] ** 2
+        for j in range(i + 1, k):
+            Q[i, j] = Q[j, i] = (values[i, j] - values[i, i] - values[j, j] + f0) / (ts[i] * ts[j])
+    return Q
+
+
 def q_errors(name: str, dtype: str, seed: int, device: str, batch_size: int) -> dict[str, float]:
-    """Relative Frobenius error of Q in 'fd' and 'central' mode against 'autograd'."""
+    """Relative Frobenius error of Q in 'fd', 'central' and 'interp' mode against 'autograd'."""
     dt = common.DTYPES[dtype][0]
     model = make_model(name, seed, device, dt)
     xb, yb = fixed_batch(device, batch_size, seed, dt)
@@ -274,14 +306,15 @@ def q_errors(name: str, dtype: str, seed: int, device: str, batch_size: int) -> 
     V = [g, d]
     exact = q_autograd(loss_fn, params, V)
     norm = torch.linalg.matrix_norm(exact)
-    return {mode: (torch.linalg.matrix_norm(
-                q_finite_difference(loss_fn, params, x, g, V, mode == "central") - exact)
-            / norm).item() for mode in ("fd", "central")}
+    Qs = {mode: q_finite_difference(loss_fn, params, x, g, V, mode == "central")
+          for mode in ("fd", "central")}
+    Qs["interp"] = q_interpolated(loss_fn, x, g, V)
+    return {mode: (torch.linalg.matrix_norm(Q - exact) / norm).item() for mode, Q in Qs.items()}
 
 
 def expected_error(hvp: str, dtype: str) -> float:
     eps = torch.finfo(common.DTYPES[dtype][0]).eps
-    return math.sqrt(eps) if hvp == "fd" else eps ** (2 / 3)
+    return {"fd": math.sqrt(eps), "central": eps ** (2 / 3), "interp": eps ** 0.25}[hvp]
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -309,7 +342,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             continue
         per_seed = [q_errors(name, what, seed, device, args.batch_size) for seed in opt["seeds"]]
         n_params = sum(p.numel() for p in MODELS[name]().parameters())
-        for hvp in ("fd", "central"):
+        for hvp in Q_MODES:
             errors = [e[hvp] for e in per_seed]
             records.append({
                 "kind": "q_accuracy", "model": name, "n_params": n_params, "device": device,

@@ -30,6 +30,7 @@ Optimizers and learning-rate sweeps:
                       trials), model= given, minibatch: every step() evaluates its closure on
                       one minibatch (the same batch for all of the step's evaluations)
                                                            no lr (lr column: blank / null)
+  soo_ext.DRSOM interp  the same with hvp='interp' (Q from 3 forwards, no extra gradient), no lr
   torch.optim.LBFGS   strong Wolfe, history 100, full batch    lr 0.1, 1
   soo_ext.LBFGS       the same options, full batch             lr 0.1, 1
   soo_ext.BFGS        strong Wolfe, full batch, where its n^2 state fits 256 MiB
@@ -268,6 +269,9 @@ OPTIMIZERS = (
                   lambda params, lr, _: soo_ext.MLBFGS(params, lr=lr, weight_decay=0.0)),
     OptimizerSpec("soo_ext.DRSOM", (None,), False,
                   lambda params, lr, _, model: soo_ext.DRSOM(params, hvp="fd", model=model),
+                  closure=True),
+    OptimizerSpec("soo_ext.DRSOM interp", (None,), False,
+                  lambda params, lr, _, model: soo_ext.DRSOM(params, hvp="interp", model=model),
                   closure=True),
     OptimizerSpec("torch.optim.LBFGS", (0.1, 1.0), True, _strong_wolfe(torch.optim.LBFGS)),
     OptimizerSpec("soo_ext.LBFGS", (0.1, 1.0), True, _strong_wolfe(soo_ext.LBFGS)),

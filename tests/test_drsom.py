@@ -45,12 +45,12 @@ def subspace_hessian(hvp, dtype, seed=0):
     opt = DRSOM(net.parameters(), hvp=hvp)
     opt._state()
     ws = opt._ws = _Workspace(opt._x, hvp == "central")
-    _, _, grads = opt._gradient(closure, ws.g, create_graph=hvp == "autograd")
+    _, f, grads = opt._gradient(closure, ws.g, create_graph=hvp == "autograd")
     d = torch.randn(opt._x.numel(), dtype=dtype, generator=torch.Generator().manual_seed(seed + 1))
     V = [ws.g, 0.01 * d]
-    _, G, _ = drsom_ops.drsom_reduce(ws.g, ws.g, V, ws.one, True)
+    _, G, c = drsom_ops.drsom_reduce(ws.g, ws.g, V, ws.one, True)
     x_before = opt._x.clone()
-    Q = opt._hessian(closure, V, G, grads, lambda: None)
+    Q = opt._hessian(closure, V, G, grads, lambda: None, f, c)
     assert torch.equal(opt._x, x_before)  # restored bit-exactly
     s = torch.rsqrt(torch.diagonal(G))
     return Q * s[:, None] * s[None, :]
@@ -59,15 +59,45 @@ def subspace_hessian(hvp, dtype, seed=0):
 # ---------------------------------------------------------------------------------------------
 # The model
 
-@pytest.mark.parametrize("dtype,tol_fd,tol_central", [(torch.float32, 1e-3, 1e-4),
-                                                     (torch.float64, 1e-6, 1e-6)],
+@pytest.mark.parametrize("dtype,tol_fd,tol_central,tol_interp",
+                         [(torch.float32, 1e-3, 1e-4, 2e-2), (torch.float64, 1e-6, 1e-6, 1e-4)],
                          ids=["fp32", "fp64"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_finite_difference_hessian_matches_autograd(dtype, tol_fd, tol_central, seed):
+def test_finite_difference_hessian_matches_autograd(dtype, tol_fd, tol_central, tol_interp,
+                                                     seed):
     exact = subspace_hessian("autograd", dtype, seed)
     torch.testing.assert_close(exact, exact.T)
     assert rel_err(subspace_hessian("fd", dtype, seed), exact) < tol_fd
     assert rel_err(subspace_hessian("central", dtype, seed), exact) < tol_central
+    interp = subspace_hessian("interp", dtype, seed)
+    torch.testing.assert_close(interp, interp.T)  # built symmetric
+    assert rel_err(interp, exact) < tol_interp
+
+
+def test_interpolated_hessian_is_exact_on_a_quadratic():
+    """On a quadratic the second differences have no truncation error: Q = V^T A V up to
+    rounding, from function values only (k = 3 directions: 6 forwards, no extra gradient)."""
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(9, 9, dtype=torch.float64, generator=gen)
+    A, b = M @ M.T - 2 * torch.eye(9, dtype=torch.float64), torch.randn(9, dtype=torch.float64,
+                                                                          generator=gen)
+    x = nn.Parameter(torch.randn(9, dtype=torch.float64, generator=gen))
+    opt = DRSOM([x], hvp="interp", directions=3)
+    opt._state()
+    ws = opt._ws = _Workspace(opt._x, False)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        return 0.5 * x @ A @ x - b @ x
+    _, f, _ = opt._gradient(closure, ws.g)
+    V = [ws.g] + [torch.randn(9, dtype=torch.float64, generator=gen) for _ in range(2)]
+    _, G, c = drsom_ops.drsom_reduce(ws.g, ws.g, V, ws.one, True)
+    calls[0] = 0
+    Q = opt._hessian(closure, V, G, None, lambda: None, f, c)
+    Vm = torch.stack(V, 1)
+    assert calls[0] == 6
+    assert rel_err(Q, Vm.T @ A @ Vm) < 1e-8
 
 
 def test_noise_floor_ends_the_step_after_one_trial():
@@ -119,7 +149,7 @@ def test_step_convention_matches_paper_on_quadratic():
 # ---------------------------------------------------------------------------------------------
 # Convergence
 
-@pytest.mark.parametrize("hvp", ["fd", "central", "autograd"])
+@pytest.mark.parametrize("hvp", ["fd", "central", "autograd", "interp"])
 def test_minimises_rosenbrock(hvp):
     x = rosenbrock_start(20)
     opt = DRSOM([x], hvp=hvp)
@@ -382,8 +412,9 @@ def test_nonfinite_hessian_product_falls_back_to_the_line_search():
 # ---------------------------------------------------------------------------------------------
 # Resume, arguments, layout
 
-@pytest.mark.parametrize("options", [{}, {"random": True}, {"hvp": "central", "directions": 3}],
-                         ids=["fd", "random", "central-k3"])
+@pytest.mark.parametrize("options", [{}, {"random": True}, {"hvp": "central", "directions": 3},
+                                     {"hvp": "interp"}],
+                         ids=["fd", "random", "central-k3", "interp"])
 @pytest.mark.parametrize("via_bytes", [False, True])
 def test_resume_is_bit_identical(options, via_bytes):
     net, closure = mlp_problem(torch.float32)
@@ -537,8 +568,9 @@ def test_drsom_with_model_replays_randomness():
 # ---------------------------------------------------------------------------------------------
 # Host synchronisation
 
-@pytest.mark.parametrize("options", [{}, {"hvp": "autograd"}, {"random": True}],
-                         ids=["fd", "autograd", "random"])
+@pytest.mark.parametrize("options", [{}, {"hvp": "autograd"}, {"random": True},
+                                     {"hvp": "interp", "directions": 3}],
+                         ids=["fd", "autograd", "random", "interp-k3"])
 def test_host_syncs_per_step(monkeypatch, options):
     """One fetch at the base point plus one per trial (trust-region or line-search)."""
     x = rosenbrock_start(30)
