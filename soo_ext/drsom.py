@@ -267,9 +267,8 @@ class DRSOM(Optimizer):
     NOT call ``backward``: DRSOM differentiates it itself (``torch.autograd.grad``; ``.grad`` of
     the params is not touched).  It is called under ``torch.enable_grad()`` at the base point
     and at finite-difference points, and under ``torch.no_grad()`` at trial and interpolation
-    points.  It must be
-    re-evaluable with the same randomness: pass ``model=`` to have dropout replayed and
-    BatchNorm running statistics frozen during the extra evaluations (see
+    points.  It must be re-evaluable with the same randomness: pass ``model=`` to have dropout
+    replayed and BatchNorm running statistics frozen during the extra evaluations (see
     :class:`same_randomness`).
 
     **Flat params.**  At construction the params are copied into one contiguous buffer and each
