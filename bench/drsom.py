@@ -70,7 +70,8 @@ from tqdm import tqdm
 
 import soo_ext
 from soo_ext import ops
-from soo_ext.drsom import FD_STEP_FACTOR, fd_perturbation_length, interp_perturbation_length
+from soo_ext.drsom import (FD_STEP_FACTOR, fd_perturbation_length, interp_perturbation_length,
+                           interpolated_model)
 
 from . import common, train
 
@@ -274,19 +275,13 @@ def q_interpolated(loss_fn, x: torch.Tensor, g: torch.Tensor,
     f0 = loss_fn().to(x.dtype)
     k = len(V)
     idx = torch.arange(k, device=x.device)
-    values = {}
-    for i in range(k):
-        for j in range(i, k):
-            x.copy_(x0)
-            ops.drsom_update(x, scratch, V, torch.where((idx == i) | (idx == j), ts, 0.0))
-            values[i, j] = loss_fn().to(x.dtype)
+    values = []
+    for i, j in [(i, j) for i in range(k) for j in range(i, k)]:  # triu order
+        x.copy_(x0)
+        ops.drsom_update(x, scratch, V, torch.where((idx == i) | (idx == j), ts, 0.0))
+        values.append(loss_fn().to(x.dtype))
     x.copy_(x0)
-    Q = torch.empty((k, k), dtype=x.dtype, device=x.device)
-    for i in range(k):
-        Q[i, i] = 2 * (values[i, i] - f0 - ts[i] * c[i]) / ts[i] ** 2
-        for j in range(i + 1, k):
-            Q[i, j] = Q[j, i] = (values[i, j] - values[i, i] - values[j, j] + f0) / (ts[i] * ts[j])
-    return Q
+    return interpolated_model(f0, values, ts, c)
 
 
 def q_errors(name: str, dtype: str, seed: int, device: str, batch_size: int) -> dict[str, float]:

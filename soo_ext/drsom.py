@@ -52,17 +52,37 @@ _NOISE_ULPS = 16
 _UNCAST = ("generator",)
 
 
-def interp_perturbation_length(x: Tensor) -> Tensor:
-    """``||t v_j||`` of DRSOM's ``'interp'`` mode at ``x``: ``eps^(1/4) (1 + mean_i |x_i|)``."""
-    mean_abs = torch.linalg.vector_norm(x, 1) / max(x.numel(), 1)
-    return torch.finfo(x.dtype).eps ** 0.25 * (1 + mean_abs)
+def _perturbation_scale(x: Tensor) -> Tensor:
+    """``1 + mean_i |x_i|`` (a 0-dim device tensor)."""
+    return 1 + torch.linalg.vector_norm(x, 1) / max(x.numel(), 1)
 
 
 def fd_perturbation_length(x: Tensor, central: bool) -> Tensor:
     """``||t v_j||`` of DRSOM's finite differences at the point ``x`` (a 0-dim device tensor)."""
     eps = torch.finfo(x.dtype).eps
     factor = eps ** (1 / 3) if central else FD_STEP_FACTOR[x.dtype] * math.sqrt(eps)
-    return factor * (1 + torch.linalg.vector_norm(x, 1) / max(x.numel(), 1))
+    return factor * _perturbation_scale(x)
+
+
+def interp_perturbation_length(x: Tensor) -> Tensor:
+    """``||t v_j||`` of DRSOM's ``'interp'`` mode at ``x``: ``eps^(1/4) (1 + mean_i |x_i|)``."""
+    return torch.finfo(x.dtype).eps ** 0.25 * _perturbation_scale(x)
+
+
+def interpolated_model(f: Tensor, values: list[Tensor], ts: Tensor, c: Tensor) -> Tensor:
+    """``'interp'`` Q from function values, on the device: ``values`` are ``f(x + t_i v_i + t_j
+    v_j)`` for the pairs ``i <= j`` in ``torch.triu_indices(k, k)`` order (``i == j``: the point
+    ``x + t_i v_i``), ``f = f(x)``, ``c = V^T g``.  ``Q_ii = 2 (f_i - f - t_i c_i) / t_i^2``,
+    ``Q_ij = (f_ij - f_i - f_j + f) / (t_i t_j)``."""
+    k = ts.shape[0]
+    iu = torch.triu_indices(k, k, device=ts.device)
+    F = torch.zeros((k, k), dtype=ts.dtype, device=ts.device)
+    F[iu[0], iu[1]] = torch.stack(values)
+    F = F + F.triu(1).T  # symmetric
+    d = F.diagonal()
+    Q = (F - d[:, None] - d[None, :] + f) / (ts[:, None] * ts[None, :])
+    Q.diagonal().copy_(2 * (d - f - ts * c) / ts ** 2)
+    return Q
 
 
 def _check_options(o: dict) -> None:
@@ -505,32 +525,23 @@ class DRSOM(Optimizer):
         return torch.stack(cols, 1)  # drsom_subproblem symmetrises it
 
     def _interpolated_hessian(self, closure, V, G, f, c, replay) -> Tensor:
-        """Q from function values (no gradient): with ``t_i ||v_i|| = h``, ``f_i = f(x + t_i v_i)``
-        and ``f_ij = f(x + t_i v_i + t_j v_j)``, ``Q_ii = 2 (f_i - f - t_i c_i) / t_i^2`` and
-        ``Q_ij = (f_ij - f_i - f_j + f) / (t_i t_j)``: k (k + 1) / 2 forwards, on the device."""
+        """Q from k (k + 1) / 2 function values (no gradient): :func:`interpolated_model` at
+        ``t_i ||v_i|| = interp_perturbation_length(x)``."""
         ws, x = self._ws, self._x
         st = self.state[self.param_groups[0]["params"][0]]
         k = len(V)
         ts = interp_perturbation_length(x) / torch.sqrt(torch.diagonal(G))
         ws.x0.copy_(x)
         idx = torch.arange(k, device=x.device)
-        values = {}
-        for i in range(k):
-            for j in range(i, k):
-                alpha = torch.where((idx == i) | (idx == j), ts, 0.0)
-                if values:
-                    x.copy_(ws.x0)
-                _ops.drsom_update(x, ws.gp, V, alpha)  # x = x0 + t_i v_i (+ t_j v_j)
-                values[i, j] = self._loss_at_trial(closure, replay)
+        values = []
+        for i, j in [(i, j) for i in range(k) for j in range(i, k)]:  # triu order
+            if values:
+                x.copy_(ws.x0)
+            _ops.drsom_update(x, ws.gp, V, torch.where((idx == i) | (idx == j), ts, 0.0))
+            values.append(self._loss_at_trial(closure, replay))  # at x0 + t_i v_i (+ t_j v_j)
         x.copy_(ws.x0)
         st["func_evals"] += len(values)
-        Q = torch.empty((k, k), dtype=x.dtype, device=x.device)
-        for i in range(k):
-            Q[i, i] = 2 * (values[i, i] - f - ts[i] * c[i]) / ts[i] ** 2
-            for j in range(i + 1, k):
-                Q[i, j] = Q[j, i] = ((values[i, j] - values[i, i] - values[j, j] + f)
-                                     / (ts[i] * ts[j]))
-        return Q
+        return interpolated_model(f, values, ts, c)
 
     # ---- the step -------------------------------------------------------------------------- #
 

@@ -246,6 +246,13 @@ def _check_drsom_update(x: Tensor, p: Tensor, V, alpha: Tensor) -> None:
 def _check_drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float, max_length: float,
                             gamma_increase: float) -> None:
     op = "drsom_subproblem"
+    k = Q.shape[0] if Q.dim() == 2 else 0
+    if (Q.dim() == 2 and Q.shape[1] == k and 1 <= k <= _DRSOM_MAX_DIRS
+            and Q.dtype in (torch.float32, torch.float64) and G.shape == Q.shape
+            and c.dim() == 1 and c.shape[0] == k and G.dtype == c.dtype == Q.dtype
+            and G.device == c.device == Q.device and math.isfinite(gamma) and gamma >= 0
+            and max_length >= 0 and math.isfinite(gamma_increase) and gamma_increase > 1):
+        return  # hot path (once a trust-region trial): skip the torch._check calls
     torch._check(Q.dim() == 2 and Q.shape[0] == Q.shape[1] and 1 <= Q.shape[0] <= _DRSOM_MAX_DIRS,
                  lambda: f"{op}: Q must be k x k with 1 <= k <= {_DRSOM_MAX_DIRS}, got shape "
                          f"{tuple(Q.shape)}")

@@ -226,8 +226,8 @@ def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float, max_length: 
     s = torch.rsqrt(torch.diagonal(G))
     S = s[:, None] * s[None, :]
     Qh = (Q + Q.T) / 2 * S
-    reg = math.sqrt(torch.finfo(dt).eps)
-    Gh = (G + G.T) / 2 * S + reg * eye
+    Gs = (G + G.T) / 2 * S
+    Gh = Gs + math.sqrt(torch.finfo(dt).eps) * eye
     ch = c * s
     L, info = torch.linalg.cholesky_ex(Gh)
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)
@@ -242,7 +242,7 @@ def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float, max_length: 
     for rung in range(DRSOM_MAX_RUNGS + 1):
         lam = gamma * top + (1 - gamma) * lb
         ah, _ = torch.linalg.solve_ex(Qh + lam * Gh, -ch)
-        length = torch.dot(ah, (Gh - reg * eye) @ ah).clamp_min(0).sqrt()
+        length = torch.dot(ah, Gs @ ah).clamp_min(0).sqrt()
         too_long = not bool(length <= max_length)  # also a NaN step (a singular system)
         if not ok_host or not too_long or gamma >= DRSOM_GAMMA_MAX or rung == DRSOM_MAX_RUNGS:
             break
