@@ -81,21 +81,41 @@ SOO_ALWAYS_INLINE void update_chunk(T* x, T* p, const T* const* V, const T* alph
 // ---- reduce: elements [lo, hi) -> out[ndots] -----------------------------------------------------
 // Sums are accumulated in double also for float inputs (float32 dot products of random-sign
 // terms lose too many digits over millions of elements); the result is rounded once at the end.
-// Vec<double>::width consecutive elements of p widened to double.
+// A tile of float32 input widened to double once per tile (an auto-vectorised loop: GCC lowered
+// __builtin_convertvector of 4 floats to 2-lane conversions and shuffles, which made float32
+// reduces 2x slower than float64); float64 input is used in place.
 template <typename T>
-SOO_ALWAYS_INLINE Vec<double>::type load_wide(const T* p) {
+SOO_ALWAYS_INLINE const double* widen_tile(const T* p, int64_t len, double* buf) {
   if constexpr (std::is_same_v<T, double>) {
-    return load<double>(p);
+    return p;
   } else {
-    typedef float f32x4 __attribute__((vector_size(16)));
-    f32x4 v;
-    std::memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, Vec<double>::type);
+    for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<double>(p[i]);
+    return buf;
   }
 }
 
-// Accumulators per dot live in `acc` (one SIMD vector each), updated tile by tile so that every
-// input element is read from memory once and re-read from L1 only.
+// Each dot keeps kAcc independent accumulators (one SIMD vector each): without FMA (see vec.h)
+// one accumulator is an add-latency chain, 4 cycles a vector; four chains keep the adder busy.
+// They are summed in a fixed order at the end.  Accumulators live in `acc`, updated tile by tile
+// so that every input element is read from memory once and re-read from L1 only.
+constexpr int kAcc = 4;
+
+SOO_ALWAYS_INLINE void dot_tile(Vec<double>::type* acc, const double* a, const double* b,
+                                int64_t len) {
+  using Vt = Vec<double>::type;
+  constexpr int W = Vec<double>::width;
+  Vt a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+  int64_t i = 0;
+  for (; i + kAcc * W <= len; i += kAcc * W) {
+    a0 += load<double>(a + i) * load<double>(b + i);
+    a1 += load<double>(a + i + W) * load<double>(b + i + W);
+    a2 += load<double>(a + i + 2 * W) * load<double>(b + i + 2 * W);
+    a3 += load<double>(a + i + 3 * W) * load<double>(b + i + 3 * W);
+  }
+  for (; i < len; i += W) a0 += load<double>(a + i) * load<double>(b + i);
+  acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
+
 template <typename T, bool kGram>
 SOO_ALWAYS_INLINE void reduce_chunk(const T* gp, const T* g, const T* const* V, int64_t k,
                                     int64_t lo, int64_t hi, double* out) {
@@ -103,40 +123,31 @@ SOO_ALWAYS_INLINE void reduce_chunk(const T* gp, const T* g, const T* const* V, 
   constexpr int W = Vec<double>::width;
   constexpr int kMaxDots = 3 * kDrsomMaxDirs + kDrsomMaxDirs * (kDrsomMaxDirs - 1) / 2 + 1;
   const int64_t nd = drsom_num_dots(k, kGram);
-  Vt acc[kMaxDots];
-  for (int64_t d = 0; d < nd; ++d) acc[d] = Vt{};
+  Vt acc[kMaxDots][kAcc];
+  for (int64_t d = 0; d < nd; ++d)
+    for (int l = 0; l < kAcc; ++l) acc[d][l] = Vt{};
   alignas(32) double diff[kTile];
+  constexpr int64_t kWide = std::is_same_v<T, double> ? 1 : kTile;  // float64: unused
+  alignas(32) double g_wide[kWide];
+  alignas(32) double v_wide[kDrsomMaxDirs][kWide];
+  const double* v[kDrsomMaxDirs];
   const int64_t vec_hi = lo + (hi - lo) / W * W;
   for (int64_t t0 = lo; t0 < vec_hi; t0 += kTile) {
     const int64_t len = std::min(kTile, vec_hi - t0);
-    for (int64_t i = 0; i < len; i += W)
-      store(diff + i, load_wide(gp + t0 + i) - load_wide(g + t0 + i));
+    const double* gw = widen_tile(g + t0, len, g_wide);
+    for (int64_t i = 0; i < len; ++i) diff[i] = static_cast<double>(gp[t0 + i]) - gw[i];
+    for (int64_t j = 0; j < k; ++j)
+      v[j] = widen_tile(V[j] + t0, len, v_wide[j]);
     int64_t d = 0;
-    for (int64_t j = 0; j < k; ++j, ++d) {
-      Vt a = acc[d];
-      const T* vj = V[j] + t0;
-      for (int64_t i = 0; i < len; i += W) a += load<double>(diff + i) * load_wide(vj + i);
-      acc[d] = a;
-    }
+    for (int64_t j = 0; j < k; ++j, ++d) dot_tile(acc[d], diff, v[j], len);
     if constexpr (kGram) {
-      for (int64_t a_ = 0; a_ < k; ++a_) {
-        const T* va = V[a_] + t0;
-        for (int64_t b = a_; b < k; ++b, ++d) {
-          Vt a = acc[d];
-          const T* vb = V[b] + t0;
-          for (int64_t i = 0; i < len; i += W) a += load_wide(va + i) * load_wide(vb + i);
-          acc[d] = a;
-        }
-      }
-      for (int64_t j = 0; j < k; ++j, ++d) {
-        Vt a = acc[d];
-        const T* vj = V[j] + t0;
-        for (int64_t i = 0; i < len; i += W) a += load_wide(g + t0 + i) * load_wide(vj + i);
-        acc[d] = a;
-      }
+      for (int64_t a = 0; a < k; ++a)
+        for (int64_t b = a; b < k; ++b, ++d) dot_tile(acc[d], v[a], v[b], len);
+      for (int64_t j = 0; j < k; ++j, ++d) dot_tile(acc[d], gw, v[j], len);
     }
   }
-  for (int64_t d = 0; d < nd; ++d) out[d] = lane_sum(acc[d]);
+  for (int64_t d = 0; d < nd; ++d)
+    out[d] = lane_sum((acc[d][0] + acc[d][1]) + (acc[d][2] + acc[d][3]));
   for (int64_t i = vec_hi; i < hi; ++i) {  // the tail of the last chunk, in a fixed order
     const double di = double(gp[i]) - double(g[i]);
     int64_t d = 0;
