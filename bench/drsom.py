@@ -19,8 +19,15 @@ backward (DRSOM differentiates it itself).
   trials/step, rejections/step, line searches/step  from DRSOM's own counters
   eval units     grads/step + fwd/step x forward units: the evaluations' share of the cost
   overhead       cost units - eval units: the optimizer's own time (ops, small solves, host
-                 syncs, Python; for 'autograd' also the k double-backward products)
-The steps and the gradient evaluations are timed in turn (--rounds times over, --min-run-time
+                 syncs, Python; for 'autograd' also the k double-backward products), and the
+                 evaluations' own slowdown when they alternate with it (code and data no longer
+                 in cache: on the MNIST-1D MLP a forward right after DRSOM's own work takes
+                 ~130 us, ~93 us in a tight loop)
+  x Adam step    median time of opt.step(closure) / median time of a torch.optim.Adam
+                 training step (zero_grad, forward, backward, step) on a copy of the model,
+                 same batches: the per-iteration comparison of the DRSOM paper's authors
+                 (pydrsom: about 4-5x Adam on CIFAR-10 ResNet-18)
+The steps, the gradient evaluations and the Adam steps are timed in turn (--rounds times over, --min-run-time
 seconds each in all), after --warmup-steps untimed steps.  As in training, every step takes the
 next minibatch of a shuffled pass over the training set (drawn before timing, then cycled) and
 the steps go on from each other, so the trials per step are those of a training run (the
@@ -59,6 +66,7 @@ Q errors (log scale).
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import statistics
@@ -159,6 +167,9 @@ def measure_cost(name: str, hvp: str, device: str, batch_size: int, min_run_time
         counts["grad" if torch.is_grad_enabled() else "forward"] += 1
         return loss()
 
+    # the peer: a torch.optim.Adam training step on a copy of the model, same batches
+    adam_model = copy.deepcopy(model)
+    adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3)
     opt = soo_ext.DRSOM(model.parameters(), hvp=hvp, model=model)
     params = list(model.parameters())
     steps = [0]
@@ -175,6 +186,14 @@ def measure_cost(name: str, hvp: str, device: str, batch_size: int, min_run_time
     def forward():
         loss()
 
+    adam_batches = itertools.cycle(epoch)
+
+    def adam_step():
+        xb, yb = next(adam_batches)
+        adam.zero_grad()
+        F.cross_entropy(adam_model(xb), yb).backward()
+        adam.step()
+
     for _ in range(warmup_steps):
         batch[0] = next(batches)
         opt.step(closure)
@@ -182,16 +201,17 @@ def measure_cost(name: str, hvp: str, device: str, batch_size: int, min_run_time
     keys = ("grad_evals", "trials", "rejections", "line_searches")
     before = {key: st[key] for key in keys}
     counts.update(grad=0, forward=0)
-    seconds = common.time_medians({"step": step, "gradient": gradient, "forward": forward},
-                                  min_run_time, rounds)
+    seconds = common.time_medians({"step": step, "gradient": gradient, "forward": forward,
+                                   "adam_step": adam_step}, min_run_time, rounds)
     n = steps[0]
     k = opt.param_groups[0]["directions"]
     row = {
         "kind": "cost", "model": name, "n_params": sum(p.numel() for p in params), "hvp": hvp,
         "device": device, "dtype": "float32", "batch_size": batch_size, "k": k,
         "step_ms": seconds["step"] * 1e3, "gradient_ms": seconds["gradient"] * 1e3,
-        "forward_ms": seconds["forward"] * 1e3,
+        "forward_ms": seconds["forward"] * 1e3, "adam_step_ms": seconds["adam_step"] * 1e3,
         "cost_units": seconds["step"] / seconds["gradient"],
+        "adam_step_units": seconds["step"] / seconds["adam_step"],
         "forward_units": seconds["forward"] / seconds["gradient"],
         "steps_timed": n,
         "grads_per_step": counts["grad"] / n, "forwards_per_step": counts["forward"] / n,
@@ -361,7 +381,8 @@ def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
             {"model": "model", "n_params": "params", "hvp": "hvp", "step_ms": "step ms",
              "gradient_ms": "grad ms", "cost_units": "cost (grads)", "meets_target": "<= 3.3",
              "forward_units": "fwd (grads)", "evaluation_units": "eval units",
-             "overhead_units": "overhead", "grads_per_step": "grads/step",
+             "overhead_units": "overhead", "adam_step_units": "x Adam step",
+             "grads_per_step": "grads/step",
              "forwards_per_step": "fwd/step", "hvps_per_step": "hvps/step",
              "trials_per_step": "trials/step", "rejections_per_step": "rejects/step",
              "line_searches_per_step": "line s./step"},

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from . import ops as _ops
 from . import reference as _reference
-from ._common import all_finite, check_params, load_state_dict_uncast
+from ._common import check_params, load_state_dict_uncast
 from .quasi_newton import NonFiniteError
 
 __all__ = ["DRSOM", "NonFiniteError", "same_randomness"]
@@ -297,8 +297,8 @@ class DRSOM(Optimizer):
     the optimizer; replacing ``p.data`` (e.g. ``model.to(...)`` after construction) breaks the
     link and makes ``step`` raise.  One param group.
 
-    **Host synchronisation.**  One host fetch at the base point (loss, finiteness of loss and
-    gradient, the Gram matrix of the candidate directions) plus one per trial (trust-region
+    **Host synchronisation.**  One host fetch at the base point (loss and the Gram matrix of the
+    candidate directions, whose ``||g||^2`` tells whether the gradient is finite) plus one per trial (trust-region
     decision: trial loss, predicted decrease and the finiteness of the model fetched together;
     the ratio is formed on the host) or per line-search trial.  A step accepted at its first
     trial synchronises twice.
@@ -310,7 +310,8 @@ class DRSOM(Optimizer):
     **Non-finite values.**  A non-finite trial loss is a rejected trial.  A non-finite loss or
     gradient at the base point raises :class:`soo_ext.quasi_newton.NonFiniteError`
     (``on_nonfinite='raise'``, default) or skips the step (``'skip'``); either way params and
-    state are left untouched.  A non-finite model (e.g. a non-finite gradient at a
+    state are left untouched.  The gradient is judged by ``||g||^2`` (summed in float64, rounded
+    to the params' dtype): a finite gradient whose squared norm overflows counts as non-finite.  A non-finite model (e.g. a non-finite gradient at a
     finite-difference point) is seen at the first trust-region decision (its trial evaluation is
     wasted) and the step falls back to the line search along ``-g``.
 
@@ -569,17 +570,17 @@ class DRSOM(Optimizer):
         stored = [] if group["random"] else [bufs[order[i]] for i in range(st["count"])]
         cand = [ws.g] + stored
         _, G, c = _ops.drsom_reduce(ws.g, ws.g, cand, ws.one, True)
-        finite = all_finite([ws.g]) & torch.isfinite(f)
-        vals = torch.cat([f.reshape(1), finite.reshape(1).to(f.dtype), G.reshape(-1)]).tolist()
-        if not vals[1]:  # nothing has changed yet
-            if group["on_nonfinite"] == "raise":
-                raise NonFiniteError("DRSOM: the loss or gradient at the base point is not "
-                                     "finite; nothing changed (on_nonfinite='skip' skips instead)")
-            return loss
+        vals = torch.cat([f.reshape(1), G.reshape(-1)]).tolist()
         f_host = vals[0]
         n = len(cand)
-        Gh = [vals[2 + i * n: 2 + (i + 1) * n] for i in range(n)]
-        gg = Gh[0][0]
+        Gh = [vals[1 + i * n: 1 + (i + 1) * n] for i in range(n)]
+        gg = Gh[0][0]  # ||g||^2, summed in float64: finite iff every entry of g is (or it overflows)
+        if not (math.isfinite(f_host) and math.isfinite(gg)):  # nothing has changed yet
+            if group["on_nonfinite"] == "raise":
+                raise NonFiniteError("DRSOM: the loss or gradient at the base point is not "
+                                     "finite (or ||g||^2 overflows the dtype); nothing changed "
+                                     "(on_nonfinite='skip' skips instead)")
+            return loss
         st["func_evals"] += 1
         st["grad_evals"] += 1
         if gg == 0:  # stationary point

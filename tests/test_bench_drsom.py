@@ -29,10 +29,12 @@ def test_drsom_writes_cost_and_accuracy_records(tmp_path, capsys, one_thread):
     assert [r["hvp"] for r in cost] == list(drsom.HVPS)
     for row in cost:
         assert row["model"] == "mlp" and row["n_params"] == 15_210 and row["k"] == 2
-        for key in ("step_ms", "gradient_ms", "forward_ms", "cost_units", "forward_units"):
+        for key in ("step_ms", "gradient_ms", "forward_ms", "cost_units", "forward_units",
+                    "adam_step_ms", "adam_step_units"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["cost_units"] >= 1 and row["steps_timed"] >= 1
         assert row["cost_units"] == pytest.approx(row["step_ms"] / row["gradient_ms"])
+        assert row["adam_step_units"] == pytest.approx(row["step_ms"] / row["adam_step_ms"])
         # a trust-region step: base gradient + k (fd) or 2k (central) gradients, 1 + k hvps, or
         # 1 + k (k + 1) / 2 interpolation forwards
         grads = {"fd": 3, "central": 5, "autograd": 1, "interp": 1}[row["hvp"]]

@@ -386,6 +386,19 @@ def test_nonfinite_base_point_changes_nothing(value, where, on_nonfinite):
                 else v == after["state"][0][key]), key
 
 
+def test_gradient_whose_squared_norm_overflows_counts_as_nonfinite():
+    """float32: a finite gradient entry of 1e20 has a square above float32's range, so ||g||^2
+    (summed in float64, returned in float32) is inf: refused like a non-finite gradient."""
+    x = rosenbrock_start(10, dtype=torch.float32)
+    opt = DRSOM([x])
+    opt.step(lambda: rosenbrock(x))
+    x_before = x.detach().clone()
+    with pytest.raises(NonFiniteError, match="overflows"):
+        opt.step(lambda: rosenbrock(x) + BadGrad.apply(x[0], 1e20))
+    assert torch.equal(x.detach(), x_before)
+    assert opt.state[x]["step"] == 1
+
+
 def test_nonfinite_hessian_product_falls_back_to_the_line_search():
     x = rosenbrock_start(10)
     grad_calls = [0]
