@@ -1,5 +1,6 @@
 // DRSOM's k x k trust-region subproblem (k <= 8), solved in double by straight-line scalar code
-// shared by the CPU op and the single-thread CUDA kernel, so both give the same numbers.
+// shared by the CPU op and the single-thread CUDA kernel (the same algorithm and order of
+// operations; nvcc may contract a product and a sum into an FMA, so the last bits can differ).
 //
 // Model m(a) = c.a + a.Q a / 2 over span V with Gram matrix G (Q, G symmetrised here).  With the
 // directions scaled to unit length (s_i = G_ii^-1/2): Gh = s G s + reg I, Qh = s Q s, ch = s c;
@@ -25,6 +26,11 @@ constexpr double kDrsomGammaFloor = 1e-16;  // where a climb from gamma = 0 star
 constexpr double kDrsomGammaMax = 1e16;     // lambda ~ 1e16 lambda_max: steps below rounding
 constexpr int kDrsomMaxRungs = 200;
 constexpr int kDrsomSubproblemExtra = 4;    // out has k + 4 entries
+// doubles of scratch the solve needs: six k x k matrices.  Passed in, so that the CUDA kernel
+// keeps them in shared memory: as local arrays they made a 2.7 KB stack frame, and the driver
+// reserves a kernel's stack for every thread that can be resident (~0.7 GB on an H200).
+constexpr int kDrsomSubproblemWorkspace =
+    6 * static_cast<int>(kDrsomMaxDirs) * static_cast<int>(kDrsomMaxDirs);
 
 namespace subproblem {
 
@@ -109,15 +115,22 @@ SOO_HOST_DEVICE inline void solve(double* A, const double* b, int k, double* x) 
 
 }  // namespace subproblem
 
-// Q, G row-major k x k, c [k]; out [k + 4] (see the top of the file).  reg: the Gram matrix's
-// regulariser (sqrt(eps) of the params' dtype).
+// Q, G row-major k x k, c [k]; out [k + 4] (see the top of the file); ws: scratch of
+// kDrsomSubproblemWorkspace doubles.  reg: the Gram matrix's regulariser (sqrt(eps) of the
+// params' dtype).
 SOO_HOST_DEVICE inline void drsom_subproblem_solve(const double* Q, const double* G,
                                                    const double* c, int k, double gamma,
                                                    double max_length, double gamma_increase,
-                                                   double reg, double* out) {
+                                                   double reg, double* ws, double* out) {
   using namespace subproblem;
   constexpr int K = static_cast<int>(kDrsomMaxDirs);
-  double s[K], ch[K], Qh[K * K], Gh[K * K], L[K * K], M[K * K], Y[K * K], A[K * K], ah[K];
+  double* Qh = ws;
+  double* Gh = Qh + K * K;
+  double* L = Gh + K * K;
+  double* M = L + K * K;
+  double* Y = M + K * K;
+  double* A = Y + K * K;
+  double s[K], ch[K], ah[K];
   for (int i = 0; i < k; ++i) s[i] = 1.0 / sqrt(G[i * k + i]);
   bool ok = true;
   for (int i = 0; i < k; ++i) {

@@ -389,7 +389,8 @@ at::Tensor drsom_subproblem_cpu(const at::Tensor& Q, const at::Tensor& G, const 
   at::Tensor out = at::empty({m}, Q.options());
   AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "drsom_subproblem_cpu", [&] {
     constexpr int K = static_cast<int>(kDrsomMaxDirs);
-    double q[K * K], g[K * K], cv[K], o[K + kDrsomSubproblemExtra];
+    double q[K * K], g[K * K], cv[K], o[K + kDrsomSubproblemExtra],
+        ws[kDrsomSubproblemWorkspace];
     const auto Qa = Q.accessor<scalar_t, 2>(), Ga = G.accessor<scalar_t, 2>();
     const auto ca = c.accessor<scalar_t, 1>();
     for (int i = 0; i < k; ++i) {
@@ -400,7 +401,7 @@ at::Tensor drsom_subproblem_cpu(const at::Tensor& Q, const at::Tensor& G, const 
       }
     }
     drsom_subproblem_solve(q, g, cv, k, gamma, max_length, gamma_increase,
-                           drsom_subproblem_reg(Q.scalar_type()), o);
+                           drsom_subproblem_reg(Q.scalar_type()), ws, o);
     scalar_t* op = out.data_ptr<scalar_t>();
     for (int i = 0; i < m; ++i) op[i] = static_cast<scalar_t>(o[i]);
   });

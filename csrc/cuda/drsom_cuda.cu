@@ -6,7 +6,9 @@
 // drsom_reduce: grid-stride sweep with all dots in double registers (also for float32 vectors, as
 // on the CPU; fixed layout for k = 8: q, the upper triangle of G, c), a block reduction in a fixed
 // tree, per-block partials, and the last block to finish sums the partials in block order
-// (deterministic) and writes q, G and c, rounded once to the vectors' dtype.
+// (run to run deterministic) and writes q, G and c, rounded once to the vectors' dtype.  Which
+// elements a thread sums depends on the grid (capped at 4 blocks per SM) and on the load width,
+// so the last bits can differ between GPU models and between aligned and unaligned buffers.
 // Loads are 16-byte wide (4 elements) whenever n % 4 == 0 and every buffer is 16-byte aligned.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -257,13 +259,15 @@ template <typename T>
 __global__ void subproblem_kernel(const T* __restrict__ Q, const T* __restrict__ G,
                                   const T* __restrict__ c, int k, double gamma, double max_length,
                                   double gamma_increase, double reg, T* __restrict__ out) {
-  double q[kMaxK * kMaxK], g[kMaxK * kMaxK], cv[kMaxK], o[kMaxK + kDrsomSubproblemExtra];
+  // the matrices in shared memory, not on the thread's stack (see kDrsomSubproblemWorkspace)
+  __shared__ double q[kMaxK * kMaxK], g[kMaxK * kMaxK], ws[kDrsomSubproblemWorkspace];
+  double cv[kMaxK], o[kMaxK + kDrsomSubproblemExtra];
   for (int i = 0; i < k * k; ++i) {
     q[i] = Q[i];
     g[i] = G[i];
   }
   for (int i = 0; i < k; ++i) cv[i] = c[i];
-  drsom_subproblem_solve(q, g, cv, k, gamma, max_length, gamma_increase, reg, o);
+  drsom_subproblem_solve(q, g, cv, k, gamma, max_length, gamma_increase, reg, ws, o);
   for (int i = 0; i < k + kDrsomSubproblemExtra; ++i) out[i] = static_cast<T>(o[i]);
 }
 

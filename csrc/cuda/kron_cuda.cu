@@ -11,8 +11,10 @@
 //       even when nothing failed.  No host sync at all.
 //   kron_eigh            non-finite matrices are replaced by I before linalg_eigh (so they cannot
 //       make it fail), statuses by a per-matrix kernel.  at::linalg_eigh itself synchronises (its
-//       error check reads info on the host); since that sync is paid anyway, the float64 retry is
-//       compacted: one nonzero() on the failure mask and a float64 eigh of only those matrices.
+//       error check reads info on the host); since that sync is paid anyway, a bucket that fails
+//       to converge is redone one matrix at a time (as the CPU path: one failure sends no other
+//       matrix to the retry), and the float64 retry is compacted: one nonzero() on the failure
+//       mask and a float64 eigh of only those matrices.
 //   kron_inverse_root    eigh: kron_eigh, then one kernel W = Q diag((l + eps)^{-1/(2p)}) (W = 0
 //       for a failed matrix), X = W W^T by one batched GEMM.  newton: the coupled iteration as
 //       batched GEMMs over the bucket; per matrix a device-side step kernel computes max|M - I|,
@@ -83,9 +85,9 @@ __global__ void retry_shift_kernel(const double* __restrict__ A, double* __restr
 }
 
 // M[b] = I where !keep[b] (keep from a Cholesky info == 0 or a finiteness flag); else unchanged
-// (when src != M, M[b] = src[b]).
+// (when src != M, M[b] = src[b]).  src may be M (so neither is __restrict__).
 template <typename T>
-__global__ void identity_where_kernel(const T* __restrict__ src, T* __restrict__ M,
+__global__ void identity_where_kernel(const T* src, T* M,
                                       const int* __restrict__ info, const bool* __restrict__ keep,
                                       int64_t total, int64_t n) {
   const int64_t nn = n * n;
@@ -401,22 +403,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_stack(const at::Tensor& A3) 
     SOO_LAUNCH(identity_where_kernel<T>, total, A3.const_data_ptr<T>(), Ain.data_ptr<T>(), nullptr,
                fin.const_data_ptr<bool>(), total, n);
     at::Tensor good = at::empty({B}, A3.options().dtype(at::kBool));
+    // Only a failed convergence (c10::LinAlgError) is a failed factor: out-of-memory and launch
+    // errors propagate.
+    at::Tensor converged;  // int "info" per matrix (0: converged); undefined: all converged
     try {
       std::tie(d, Q) = at::linalg_eigh(Ain);
-      d = d.contiguous();
-      Q = Q.contiguous();
-      finite_flags_kernel<T><<<B, kThreads, 0, stream>>>(Q.const_data_ptr<T>(),
-                                                         d.const_data_ptr<T>(), n, nullptr,
-                                                         fin.const_data_ptr<bool>(),
-                                                         good.data_ptr<bool>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } catch (const c10::Error&) {
-      // some matrix did not converge: all finite ones go to the float64 retry below (status 1
-      // at best; the reference would first retry each one alone in its own dtype)
+    } catch (const c10::LinAlgError&) {
+      // Some matrix did not converge (linalg_eigh synchronised for its error check): each one
+      // alone in its own dtype, as on the CPU, so that one failure sends no other to the retry.
       d = at::zeros({B, n}, A3.options());
-      Q = at::empty_like(A3);
-      good.zero_();
+      Q = at::zeros_like(A3);
+      converged = at::ones({B}, A3.options().dtype(at::kInt));
+      for (int64_t b = 0; b < B; ++b) {
+        try {
+          auto [db, Qb] = at::linalg_eigh(Ain[b]);
+          d[b].copy_(db);
+          Q[b].copy_(Qb);
+          converged[b].fill_(0);
+        } catch (const c10::LinAlgError&) {
+        }
+      }
     }
+    d = d.contiguous();
+    Q = Q.contiguous();
+    finite_flags_kernel<T><<<B, kThreads, 0, stream>>>(
+        Q.const_data_ptr<T>(), d.const_data_ptr<T>(), n,
+        converged.defined() ? converged.const_data_ptr<int>() : nullptr,
+        fin.const_data_ptr<bool>(), good.data_ptr<bool>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     status.copy_(at::where(good, kKronOk, kKronFailed));
     // Retry in float64 the finite matrices that failed: compacted (a host sync; linalg_eigh has
     // synchronised for its own error check already).
@@ -427,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_stack(const at::Tensor& A3) 
       try {
         std::tie(d64, Q64) = at::linalg_eigh(sub);
         ok64 = d64.isfinite().all(-1) & Q64.isfinite().flatten(1).all(-1);
-      } catch (const c10::Error&) {  // one at a time, so that one failure spoils no other
+      } catch (const c10::LinAlgError&) {  // one at a time, so that one failure spoils no other
         d64 = at::zeros({redo.numel(), n}, sub.options());
         Q64 = at::zeros_like(sub);
         ok64 = at::zeros({redo.numel()}, sub.options().dtype(at::kBool));
@@ -437,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_stack(const at::Tensor& A3) 
             d64[k].copy_(dk);
             Q64[k].copy_(Qk);
             ok64[k].fill_(dk.isfinite().all() & Qk.isfinite().all());
-          } catch (const c10::Error&) {
+          } catch (const c10::LinAlgError&) {
           }
         }
       }

@@ -182,7 +182,9 @@ void launch(const at::Tensor& S, const at::Tensor& Y, at::Tensor& SY, at::Tensor
   const hist_t* y_ptr = reinterpret_cast<const hist_t*>(Y.data_ptr());
   auto stream = at::cuda::getCurrentCUDAStream();
   const size_t smem = count * sizeof(int64_t) + (1 + 2 * count) * sizeof(acc_t);
-  TORCH_CHECK(smem <= 48 * 1024, "lbfgs_direction: history_size ", m, " too large for the CUDA kernel");
+  // the dynamic part plus pass 2's static red[2][kWarps] must fit the 48 KB a block gets by default
+  TORCH_CHECK(smem + 2 * kWarps * sizeof(acc_t) <= 48 * 1024, "lbfgs_direction: history_size ", m,
+              " too large for the CUDA kernel");
 
   if (count > 0) {
     auto pass1 = update_gram ? direction_pass1<acc_t, hist_t, true, VEC> : direction_pass1<acc_t, hist_t, false, VEC>;
