@@ -21,11 +21,13 @@
 //       accepts or rejects the step (growth > 1.2x or NaN) and updates err/active, and a select
 //       kernel keeps X, M of the matrices that stopped.  The host reads "any matrix still
 //       active" once every kNewtonCheckEvery iterations only (one small sync each), so up to
-//       kNewtonCheckEvery - 1 masked iterations can run after the last matrix converged.  GEMMs
-//       follow torch's TF32 setting (keep torch.backends.cuda.matmul.allow_tf32 off).
+//       kNewtonCheckEvery - 1 masked iterations can run after the last matrix converged.
 //   kfac_precondition_eigen  four batched GEMMs, the division by dG dA^T + damping fused in place.
 //   kron_factor_update_  one baddbmm (addmm) into F, then a symmetrisation kernel (one thread per
 //       pair i < j).
+// Every GEMM here (factor statistics, eigh root W W^T, the Newton iteration, the eigenbasis
+// preconditioning) follows torch's TF32 setting: with torch.backends.cuda.matmul.allow_tf32 on,
+// float32 products keep 10 mantissa bits (the Newton iteration may then stop short of tol).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
