@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import drsom, micro, precond, step, train
@@ -37,5 +38,13 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], dict]:
             "drsom": drsom.run, "precond": precond.run}[args.command](args)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    # SIGINT and SIGTERM (timeout's default) stop a long run the same way: the benchmark reports
+    # the cases measured so far (also when SIGINT was ignored by the launching shell)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     main(sys.argv[1:])

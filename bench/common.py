@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -66,6 +67,13 @@ def time_medians(fns: dict[str, Callable[[], Any]], min_run_time: float,
         for name, timer in timers.items():
             block_times[name] += timer.blocked_autorange(min_run_time=min_run_time / rounds).times
     return {name: statistics.median(times) for name, times in block_times.items()}
+
+
+def note_interrupted(env: dict, bench: str) -> None:
+    """After Ctrl-C or SIGTERM in a benchmark's loop: the report that follows holds
+    only the cases measured before it; the environment (and so the JSON) says so."""
+    env["interrupted"] = True
+    print(f"\n{bench}: interrupted; reporting the cases measured so far", file=sys.stderr)
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 30, min_run_time: float = 0.5) -> float:

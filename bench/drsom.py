@@ -27,11 +27,12 @@ backward (DRSOM differentiates it itself).
                  training step (zero_grad, forward, backward, step) on a copy of the model,
                  same batches: the per-iteration comparison of the DRSOM paper's authors
                  (pydrsom: about 4-5x Adam on CIFAR-10 ResNet-18)
-The steps, the gradient evaluations and the Adam steps are timed in turn (--rounds times over, --min-run-time
-seconds each in all), after --warmup-steps untimed steps.  As in training, every step takes the
-next minibatch of a shuffled pass over the training set (drawn before timing, then cycled) and
-the steps go on from each other, so the trials per step are those of a training run (the
-gradient is timed on the current batch).
+The steps, the gradient evaluations and the Adam steps are timed in turn (--rounds times over,
+--min-run-time seconds each in all), after --warmup-steps untimed steps.  As in training, every
+step takes the next minibatch of a shuffled pass over the training set (drawn before timing,
+then cycled) and the steps go on from each other, so the trials per step are those of a
+training run (the gradient is timed on the current batch).  Ctrl-C (SIGINT) or SIGTERM stops
+the run and reports the cases measured so far (the JSON's environment: "interrupted": true).
 (On one fixed batch the run soon reaches that batch's noise floor, where the trust region keeps
 rejecting: not what a training step costs.)
 
@@ -349,22 +350,26 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     if not args.skip_accuracy:
         jobs += [("q", name, dtype) for name in args.models for dtype in ("float32", "float64")]
     records = []
-    for kind, name, what in tqdm(jobs, desc="drsom", unit="case"):
-        if kind == "cost":
-            records.append(measure_cost(name, what, device, args.batch_size,
-                                        opt["min_run_time"], opt["rounds"],
-                                        opt["warmup_steps"]))
-            continue
-        per_seed = [q_errors(name, what, seed, device, args.batch_size) for seed in opt["seeds"]]
-        n_params = sum(p.numel() for p in MODELS[name]().parameters())
-        for hvp in Q_MODES:
-            errors = [e[hvp] for e in per_seed]
-            records.append({
-                "kind": "q_accuracy", "model": name, "n_params": n_params, "device": device,
-                "dtype": what, "hvp": hvp, "seeds": opt["seeds"],
-                "rel_error_median": statistics.median(errors), "rel_error_max": max(errors),
-                "rel_errors": errors, "expected": expected_error(hvp, what),
-            })
+    try:
+        for kind, name, what in tqdm(jobs, desc="drsom", unit="case"):
+            if kind == "cost":
+                records.append(measure_cost(name, what, device, args.batch_size,
+                                            opt["min_run_time"], opt["rounds"],
+                                            opt["warmup_steps"]))
+                continue
+            per_seed = [q_errors(name, what, seed, device, args.batch_size)
+                        for seed in opt["seeds"]]
+            n_params = sum(p.numel() for p in MODELS[name]().parameters())
+            for hvp in Q_MODES:
+                errors = [e[hvp] for e in per_seed]
+                records.append({
+                    "kind": "q_accuracy", "model": name, "n_params": n_params, "device": device,
+                    "dtype": what, "hvp": hvp, "seeds": opt["seeds"],
+                    "rel_error_median": statistics.median(errors), "rel_error_max": max(errors),
+                    "rel_errors": errors, "expected": expected_error(hvp, what),
+                })
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (python -m bench): report what was measured
+        common.note_interrupted(env, "drsom")
     report(records, env, args)
     return records, env
 

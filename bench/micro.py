@@ -1,4 +1,6 @@
 """python -m bench micro: the fused ops against the code they replace (--ops picks them).
+Ctrl-C (SIGINT) or SIGTERM stops the run and reports the cases measured so far ("interrupted":
+true in the JSON's environment).
 
 lbfgs_direction, implementations timed on the same data:
   soo        soo_ext.ops.lbfgs_direction (fused kernels when built), update_gram=False
@@ -308,17 +310,21 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
               for device, op, dtype in itertools.product(
                   device_list, [o for o in KRON_OPS if o in args.ops], kron_dtypes)]
     records = []
-    for op, device, dtype, m, n in tqdm(cases, desc="micro", unit="case"):
-        if op in KRON_OPS:
-            width = args.width or (0.0625 if args.quick else 1.0 if device == "cuda" else 0.25)
-            records += measure_kron_op(op, dtype, device, width, args.max_dim, min_run_time,
-                                       rounds)
-        elif op == OP:
-            records += measure_case(n, m, dtype, device, min_run_time, rounds)
-        else:
-            records += measure_drsom_case(op, n, dtype, device, min_run_time, rounds)
-        if device == "cuda":
-            torch.cuda.empty_cache()  # give the next (larger) case the memory back
+    try:
+        for op, device, dtype, m, n in tqdm(cases, desc="micro", unit="case"):
+            if op in KRON_OPS:
+                width = args.width or (0.0625 if args.quick else 1.0 if device == "cuda" else 0.25)
+                records += measure_kron_op(op, dtype, device, width, args.max_dim, min_run_time,
+                                           rounds)
+            elif op == OP:
+                records += measure_case(n, m, dtype, device, min_run_time, rounds)
+            else:
+                records += measure_drsom_case(op, n, dtype, device, min_run_time, rounds)
+            if device == "cuda":
+                torch.cuda.empty_cache()  # give the next (larger) case the memory back
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (python -m bench): report what was
+        records += getattr(stop, "records", [])  # measured, also the buckets of a kron op
+        common.note_interrupted(env, "micro")
     for row in records:
         if row["op"] in KRON_OPS:
             continue
@@ -616,17 +622,21 @@ def measure_kron_op(op: str, dtype: str, device: str, width: float, max_dim: int
                  for n, count in kron_factor_set(op, width, max_dim)]
     rows = []
     totals = {impl: 0.0 for impl in impls}
-    for shape, count, calls in cases:
-        seconds = common.time_medians(calls, min_run_time, rounds)
-        for impl in impls:
-            totals[impl] += seconds[impl]
-            rows.append({"op": op, "impl": impl, "device": device, "dtype": dtype,
-                         "width": width, "bucket": f"{count}x{shape}",
-                         "n": shape if isinstance(shape, int) else list(shape), "count": count,
-                         "median_ms": seconds[impl] * 1e3,
-                         "speedup_vs_peer": seconds[peer] / seconds[impl], "peer": peer})
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    try:
+        for shape, count, calls in cases:
+            seconds = common.time_medians(calls, min_run_time, rounds)
+            for impl in impls:
+                totals[impl] += seconds[impl]
+                rows.append({"op": op, "impl": impl, "device": device, "dtype": dtype,
+                             "width": width, "bucket": f"{count}x{shape}",
+                             "n": shape if isinstance(shape, int) else list(shape),
+                             "count": count, "median_ms": seconds[impl] * 1e3,
+                             "speedup_vs_peer": seconds[peer] / seconds[impl], "peer": peer})
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt as stop:  # the buckets measured so far (no total) go with it
+        stop.records = rows
+        raise
     n_factors = sum(count for _, count, _ in cases)
     for impl in impls:
         rows.append({"op": op, "impl": impl, "device": device, "dtype": dtype, "width": width,

@@ -2,6 +2,8 @@
 the expected fields with sane numbers.  Speed targets are reported by the benchmarks, not tested."""
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +234,46 @@ def test_kfac_precondition_micro_impls_compute_the_same():
     bucket = micro.PreconditionBucket(5, 9, 2, torch.float64, "cpu")
     calls = bucket.calls()
     torch.testing.assert_close(calls["soo"](), torch.stack(calls["kaisa"]()))
+
+
+def test_micro_interrupted_reports_the_cases_measured(tmp_path, monkeypatch, one_thread):
+    """Ctrl-C during the second case: the first case's records are reported and written, and the
+    environment says the run was interrupted."""
+    calls = []
+    measure = micro.measure_case
+
+    def measure_then_interrupt(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+    monkeypatch.setattr(micro, "measure_case", measure_then_interrupt)
+    out = tmp_path / "micro.json"
+    records, env = cli.main(["micro", "--quick", "--device", "cpu", "--n", "1000", "2000", "3000",
+                             "--m", "2", "--dtype", "float32", "--ops", "lbfgs_direction",
+                             "--min-run-time", "0.01", "--json", str(out)])
+    assert env["interrupted"] is True and len(calls) == 2
+    assert {r["n"] for r in records} == {1000} and len(records) == len(micro.IMPLS)
+    payload = load(out)
+    assert payload["environment"]["interrupted"] is True and len(payload["records"]) == len(records)
+
+
+def test_sigterm_stops_the_cli_which_writes_what_it_measured(tmp_path):
+    """python -m bench under `timeout` (SIGTERM): the JSON still comes, marked interrupted."""
+    out = tmp_path / "micro.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "micro", "--device", "cpu", "--n", "1000", "2000", "3000",
+         "4000", "--m", "2", "--dtype", "float32", "--ops", "lbfgs_direction",
+         "--min-run-time", "2", "--json", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen = b""
+    while b"1/4" not in seen:  # tqdm's progress bar: the first case is done
+        chunk = proc.stderr.read1(4096)
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    payload = load(out)
+    assert payload["environment"]["interrupted"] is True
+    assert 1 <= len({r["n"] for r in payload["records"]}) < 4
