@@ -298,10 +298,10 @@ class DRSOM(Optimizer):
     link and makes ``step`` raise.  One param group.
 
     **Host synchronisation.**  One host fetch at the base point (loss and the Gram matrix of the
-    candidate directions, whose ``||g||^2`` tells whether the gradient is finite) plus one per trial (trust-region
-    decision: trial loss, predicted decrease and the finiteness of the model fetched together;
-    the ratio is formed on the host) or per line-search trial.  A step accepted at its first
-    trial synchronises twice.
+    candidate directions, whose ``||g||^2`` tells whether the gradient is finite) plus one per
+    trial (trust-region decision: trial loss, predicted decrease and the finiteness of the model
+    fetched together; the ratio is formed on the host) or per line-search trial.  A step
+    accepted at its first trial synchronises twice.
 
     **Cost per step.**  1 gradient + ``k`` gradients ('fd', ``2k`` 'central'), ``k``
     Hessian-vector products ('autograd') or ``k (k + 1) / 2`` forwards ('interp') + one forward
@@ -311,9 +311,10 @@ class DRSOM(Optimizer):
     gradient at the base point raises :class:`soo_ext.quasi_newton.NonFiniteError`
     (``on_nonfinite='raise'``, default) or skips the step (``'skip'``); either way params and
     state are left untouched.  The gradient is judged by ``||g||^2`` (summed in float64, rounded
-    to the params' dtype): a finite gradient whose squared norm overflows counts as non-finite.  A non-finite model (e.g. a non-finite gradient at a
-    finite-difference point) is seen at the first trust-region decision (its trial evaluation is
-    wasted) and the step falls back to the line search along ``-g``.
+    to the params' dtype): a finite gradient whose squared norm overflows counts as non-finite.
+    A non-finite model (e.g. a non-finite gradient at a finite-difference point) is seen at the
+    first trust-region decision (its trial evaluation is wasted) and the step falls back to the
+    line search along ``-g``.
 
     **State** (under the first param): ``step`` (int, steps taken), ``gamma`` (float),
     ``directions`` (a ``k x n`` buffer: ``k - 1`` directions and one scratch row), ``order``
@@ -574,7 +575,7 @@ class DRSOM(Optimizer):
         f_host = vals[0]
         n = len(cand)
         Gh = [vals[1 + i * n: 1 + (i + 1) * n] for i in range(n)]
-        gg = Gh[0][0]  # ||g||^2, summed in float64: finite iff every entry of g is (or it overflows)
+        gg = Gh[0][0]  # ||g||^2 (float64 sums): finite iff every entry of g is, or it overflows
         if not (math.isfinite(f_host) and math.isfinite(gg)):  # nothing has changed yet
             if group["on_nonfinite"] == "raise":
                 raise NonFiniteError("DRSOM: the loss or gradient at the base point is not "

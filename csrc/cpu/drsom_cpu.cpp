@@ -2,8 +2,9 @@
 // drsom_subproblem) and the argument checks shared with CUDA.
 //
 // Work is cut into fixed-size chunks (at::parallel_for); the reduction accumulates in double
-// (also for float32 vectors), its partial sums are combined in chunk order and every sum inside a chunk runs on fixed SIMD lanes (vec.h), so the
-// results do not depend on the number of threads or on the instruction set picked at run time.
+// (also for float32 vectors), its partial sums are combined in chunk order and every sum inside
+// a chunk runs on fixed SIMD lanes (vec.h), so the results do not depend on the number of
+// threads or on the instruction set picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
