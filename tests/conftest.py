@@ -7,6 +7,12 @@ import torch
 from torch import nn
 
 
+# CUDA results are compared with the CPU's at float32 tolerances: no TF32 (cuDNN convolutions use
+# it by default, which alone moves a CNN's K-FAC steps by ~1e-3 relative).
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
 def _one_thread():
     """Small problems and smoke runs: more threads only add overhead, much more on a busy host
     (there LAPACK's eigh with 2 threads was 10-100x slower than with 1)."""
