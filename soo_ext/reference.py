@@ -167,20 +167,22 @@ def drsom_reduce(g_pert: Tensor, g: Tensor, V: list[Tensor], t: Tensor,
     ``q[j] = (g_pert - g) . V[j] / t`` (finite-difference Hessian-vector products projected on the
     directions; central differences: ``g_pert = grad(x + t v)``, ``g = grad(x - t v)``, ``2t``).
     With ``with_gram`` also ``G[i, j] = V[i] . V[j]`` and ``c[j] = g . V[j]``; without, ``G`` and
-    ``c`` are empty tensors of shapes ``[0, 0]`` and ``[0]``.  All in the vectors' dtype.  (The
-    compiled kernels accumulate in float64 also for float32 vectors; this reference uses the
-    vectors' dtype.)
+    ``c`` are empty tensors of shapes ``[0, 0]`` and ``[0]``.  Summed in float64 also for float32
+    vectors, as the compiled kernels do, and returned in the vectors' dtype; ``G`` is symmetric
+    bit for bit.
     """
     k = len(V)
     dt = g.dtype
+    acc = torch.float64
     if k == 0:
-        Vm = g.new_zeros((0, g.numel()))
+        Vm = g.new_zeros((0, g.numel()), dtype=acc)
     else:
-        Vm = torch.stack([vj.reshape(-1) for vj in V])
-    q = (Vm @ (g_pert - g)) / t.reshape(())
+        Vm = torch.stack([vj.reshape(-1) for vj in V]).to(acc)
+    q = (Vm @ (g_pert.to(acc) - g.to(acc))) / t.reshape(()).to(acc)
     if with_gram:
         G = Vm @ Vm.T
-        c = Vm @ g
+        G = (G + G.T) / 2  # a + b == b + a: exactly symmetric
+        c = Vm @ g.to(acc)
     else:
         G = g.new_zeros((0, 0))
         c = g.new_zeros((0,))
