@@ -32,6 +32,9 @@ $(MODULE_STAMP): $(VENV)/.installed $(SOURCES)
 
 test: build cmake-check
 	SOO_EXT_REQUIRE_EXT=1 $(PY) -m pytest -q tests
+	# the pure-PyTorch fallback (what `import soo_ext` runs without the compiled module) must pass
+	# too; test_build's builds need no second run
+	SOO_EXT_DISABLE_EXT=1 $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_build.py
 
 demo: build
 	SOO_EXT_REQUIRE_EXT=1 $(PY) -m bench
