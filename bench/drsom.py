@@ -80,7 +80,7 @@ from tqdm import tqdm
 import soo_ext
 from soo_ext import ops
 from soo_ext.drsom import (FD_STEP_FACTOR, fd_perturbation_length, interp_perturbation_length,
-                           interpolated_model)
+                           interpolated_model, interpolation_values)
 
 from . import common, train
 
@@ -288,20 +288,14 @@ def q_finite_difference(loss_fn, params, x: torch.Tensor, g: torch.Tensor,
 @torch.no_grad()
 def q_interpolated(loss_fn, x: torch.Tensor, g: torch.Tensor,
                    V: list[torch.Tensor]) -> torch.Tensor:
-    """Q as DRSOM's 'interp' mode builds it, from function values on the public ops (x: the
-    params' flat buffer, g: the gradient at x; x is restored bit-exactly)."""
+    """Q as DRSOM's 'interp' mode builds it (soo_ext.drsom's interpolation_values and
+    interpolated_model, the functions DRSOM calls; x: the params' flat buffer, g: the gradient
+    at x; x is restored bit-exactly)."""
     _, G, c = ops.drsom_reduce(g, g, V, torch.ones((), dtype=x.dtype, device=x.device), True)
     ts = interp_perturbation_length(x) / torch.sqrt(torch.diagonal(G))
-    x0, scratch = x.clone(), torch.empty_like(x)
     f0 = loss_fn().to(x.dtype)
-    k = len(V)
-    idx = torch.arange(k, device=x.device)
-    values = []
-    for i, j in [(i, j) for i in range(k) for j in range(i, k)]:  # triu order
-        x.copy_(x0)
-        ops.drsom_update(x, scratch, V, torch.where((idx == i) | (idx == j), ts, 0.0))
-        values.append(loss_fn().to(x.dtype))
-    x.copy_(x0)
+    values = interpolation_values(x, x.clone(), torch.empty_like(x), V, ts,
+                                  lambda: loss_fn().to(x.dtype))
     return interpolated_model(f0, values, ts, c)
 
 

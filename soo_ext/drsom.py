@@ -69,6 +69,24 @@ def interp_perturbation_length(x: Tensor) -> Tensor:
     return torch.finfo(x.dtype).eps ** 0.25 * _perturbation_scale(x)
 
 
+def interpolation_values(x: Tensor, x0: Tensor, scratch: Tensor, V: list[Tensor], ts: Tensor,
+                         evaluate: Callable[[], Tensor]) -> list[Tensor]:
+    """The function values of ``'interp'``: ``evaluate()`` at ``x0 + t_i v_i + t_j v_j`` for the
+    pairs ``i <= j`` in ``torch.triu_indices(k, k)`` order (``i == j``: ``x0 + t_i v_i``), the
+    params ``x`` (equal to ``x0`` on entry) moved there by ``drsom_update`` (the step goes to
+    ``scratch``); ``x`` ends at ``x0`` bit-exactly."""
+    k = len(V)
+    idx = torch.arange(k, device=x.device)
+    values = []
+    for i, j in [(i, j) for i in range(k) for j in range(i, k)]:
+        if values:
+            x.copy_(x0)
+        _ops.drsom_update(x, scratch, V, torch.where((idx == i) | (idx == j), ts, 0.0))
+        values.append(evaluate())
+    x.copy_(x0)
+    return values
+
+
 def interpolated_model(f: Tensor, values: list[Tensor], ts: Tensor, c: Tensor) -> Tensor:
     """``'interp'`` Q from function values, on the device: ``values`` are ``f(x + t_i v_i + t_j
     v_j)`` for the pairs ``i <= j`` in ``torch.triu_indices(k, k)`` order (``i == j``: the point
@@ -487,10 +505,10 @@ class DRSOM(Optimizer):
         ('interp': needs the base objective ``f`` and ``c = V^T g``) function values.  Leaves x
         at the base point (bit-exactly) and ``x0`` holding it."""
         group = self.param_groups[0]
-        ws, x, st = self._ws, self._x, self.state[group["params"][0]]
-        cols = []
         if group["hvp"] == "interp":
             return self._interpolated_hessian(closure, V, G, f, c, replay)
+        ws, x, st = self._ws, self._x, self.state[group["params"][0]]
+        cols = []
         if group["hvp"] == "autograd":
             ws.x0.copy_(x)
             params = group["params"]
@@ -531,17 +549,10 @@ class DRSOM(Optimizer):
         ``t_i ||v_i|| = interp_perturbation_length(x)``."""
         ws, x = self._ws, self._x
         st = self.state[self.param_groups[0]["params"][0]]
-        k = len(V)
         ts = interp_perturbation_length(x) / torch.sqrt(torch.diagonal(G))
         ws.x0.copy_(x)
-        idx = torch.arange(k, device=x.device)
-        values = []
-        for i, j in [(i, j) for i in range(k) for j in range(i, k)]:  # triu order
-            if values:
-                x.copy_(ws.x0)
-            _ops.drsom_update(x, ws.gp, V, torch.where((idx == i) | (idx == j), ts, 0.0))
-            values.append(self._loss_at_trial(closure, replay))  # at x0 + t_i v_i (+ t_j v_j)
-        x.copy_(ws.x0)
+        values = interpolation_values(x, ws.x0, ws.gp, V, ts,
+                                      lambda: self._loss_at_trial(closure, replay))
         st["func_evals"] += len(values)
         return interpolated_model(f, values, ts, c)
 
