@@ -1,0 +1,120 @@
+"""soo_ext's CUDA sources built for the CPU emulation of cuda_emu.h, and loaded.
+
+Each ``csrc/cuda/*.cu`` (and ``common.cuh``) is rewritten into ``build/cuda_emu/src`` with four
+textual changes, then compiled as C++ by torch.utils.cpp_extension (ninja: only what changed is
+rebuilt; the first build takes ~30 s here):
+
+- ``kernel<<<grid, block, smem, stream>>>(args)`` -> ``::soo_emu::Launch(grid, block, smem,
+  stream)(kernel, args)``
+- ``extern __shared__ T name[];`` -> a pointer to the launch's dynamic shared memory
+- ``reinterpret_cast<float4*>`` (and the other vector types) -> ``::soo_emu::vec_cast``, which
+  fails on a misaligned address as the device does
+- ``TORCH_LIBRARY_IMPL(soo, CUDA, m)`` -> ``TORCH_LIBRARY_IMPL(soo_emu, CPU, m)``
+
+The ``soo_emu`` ops get the schemas of the ``soo`` ops of the compiled module (so it must be
+loaded), and run the CUDA host code and kernels on CPU tensors.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+BUILD = ROOT / "build" / "cuda_emu"
+
+_LAUNCH = re.compile(r"^(\s*)(\S.*?)<<<(.*?)>>>\(")
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(\w[\w\s]*?)\s+(\w+)\[\];")
+_VEC_CAST = re.compile(r"reinterpret_cast<((?:const\s+)?(?:float4|float2|double2|uint2)\s*\*)>\(")
+_REGISTER = re.compile(r"TORCH_LIBRARY_IMPL\(soo,\s*CUDA,")
+_PARENT_INCLUDE = re.compile(r'#include "\.\./')
+
+
+def rewrite(source: str) -> str:
+    """The emulation's version of one CUDA source (see the module docstring)."""
+    lines = []
+    for line in source.splitlines():
+        m = _LAUNCH.match(line)
+        if m:
+            indent, kernel, config = m.groups()
+            rest = line[m.end():]
+            sep = "" if rest.lstrip().startswith(")") else ", "
+            line = f"{indent}::soo_emu::Launch({config})({kernel}{sep}{rest}"
+        lines.append(line)
+    out = "\n".join(lines) + "\n"
+    out = _EXTERN_SHARED.sub(
+        r"\1* \2 = reinterpret_cast<\1*>(::soo_emu::dynamic_smem());", out)
+    out = _VEC_CAST.sub(r"::soo_emu::vec_cast<\1>(", out)
+    out = _REGISTER.sub("TORCH_LIBRARY_IMPL(soo_emu, CPU,", out)
+    return _PARENT_INCLUDE.sub('#include "', out)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def _define_schemas() -> None:
+    """``soo_emu::<op>`` with the schema of every CUDA-implemented ``soo::<op>`` (once)."""
+    if hasattr(_define_schemas, "lib"):
+        return
+    lib = torch.library.Library("soo_emu", "DEF")
+    for name in _op_names():
+        schema = str(getattr(torch.ops.soo, name).default._schema)
+        lib.define(schema.split("::", 1)[1])
+    _define_schemas.lib = lib  # keep the library (and its definitions) alive
+
+
+def _op_names() -> list[str]:
+    names = []
+    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        names += re.findall(r'm\.impl\("(\w+)"', cu.read_text())
+    return names
+
+
+def load():
+    """Builds (if needed) and loads the emulated CUDA ops; returns ``torch.ops.soo_emu``."""
+    import soo_ext._C  # the soo schemas
+    from soo_ext import ops
+    if not ops._LOADED:
+        raise RuntimeError("cuda_emu needs the compiled soo_ext module (for the op schemas)")
+    _define_schemas()
+    # the CUDA sources call host helpers of the CPU sources (argument checks, output shapes):
+    # take them from the compiled module, made global for the symbol lookup of the next load
+    ctypes.CDLL(soo_ext._C.__file__, mode=os.RTLD_NOW | os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+    src = BUILD / "src"
+    (src / "cuda").mkdir(parents=True, exist_ok=True)
+    sources = []
+    for f in sorted((ROOT / "csrc" / "cuda").iterdir()):
+        if f.suffix not in (".cu", ".cuh"):
+            continue
+        out = src / "cuda" / (f.stem + (".cpp" if f.suffix == ".cu" else ".cuh"))
+        _write_if_changed(out, rewrite(f.read_text()))
+        if f.suffix == ".cu":
+            sources.append(str(out))
+    sources.append(str(HERE / "config.cpp"))
+    cpp_extension.load(
+        name="soo_cuda_emu",
+        sources=sources,
+        extra_include_paths=[str(HERE / "include"), str(ROOT / "csrc")],
+        # -O1: quick to build, fast enough to run; no FMA contraction (the device's _rn
+        # intrinsics and the CPU kernels' sums round once per operation)
+        extra_cflags=["-O1", "-ffp-contract=off", "-U_FORTIFY_SOURCE",
+                      "-include", str(HERE / "cuda_emu.h")],
+        build_directory=str(BUILD),
+        with_cuda=False,
+        is_python_module=False,
+        verbose=bool(os.environ.get("SOO_EMU_VERBOSE")),
+    )
+    return torch.ops.soo_emu
+
+
+def configure(sms: int = 2, order_seed: int = 0) -> int:
+    """The emulated device's SM count and the seed of its block and thread orders (0: in
+    order); returns the launches made so far."""
+    return torch.ops.soo_emu_config.configure(sms, order_seed)

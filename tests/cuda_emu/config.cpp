@@ -1,0 +1,90 @@
+// Settings of the emulated device and self-tests of the emulation, as ops callable from Python
+// (torch.ops.soo_emu_config.*).  Launches are written as build.py rewrites them.
+#include "cuda_emu.h"
+
+namespace {
+
+// The emulated device's SM count (it sizes the grids) and the order of blocks and threads (0: in
+// order, else permutations drawn from the seed); returns the number of launches so far.
+int64_t configure(int64_t sms, int64_t order_seed) {
+  TORCH_CHECK(sms >= 1, "configure: sms must be >= 1");
+  auto& s = ::soo_emu::state();
+  s.prop.multiProcessorCount = static_cast<int>(sms);
+  s.order_seed = static_cast<uint64_t>(order_seed);
+  return static_cast<int64_t>(s.launches);
+}
+
+// Block sums of threadIdx.x by warp shuffles and shared memory; out[blockIdx.x] = the sum, and
+// order[ticket] = blockIdx.x in the order the blocks ran.
+__global__ void block_sum_kernel(int64_t* out, int64_t* order, unsigned* ticket) {
+  __shared__ int64_t warp_sums[32];
+  int64_t v = threadIdx.x;
+  for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+    for (unsigned w = 0; w < blockDim.x / 32; ++w) total += warp_sums[w];
+    out[blockIdx.x] = total;
+    order[atomicAdd(ticket, 1u)] = blockIdx.x;
+  }
+}
+
+__global__ void misaligned_kernel(const float* p, float* out) {
+  const float4 v = *::soo_emu::vec_cast<const float4*>(p + 1);
+  out[0] = v.x;
+}
+
+__global__ void early_exit_kernel(float* out) {
+  if (threadIdx.x < 32) return;
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+__global__ void shuffle_kernel(float* out) {
+  out[threadIdx.x] = __shfl_down_sync(0xffffffffu, float(threadIdx.x), 1);
+}
+
+__global__ void uneven_barrier_kernel(float* out) {  // lane 0 never reaches the shuffle
+  if (threadIdx.x == 0) {
+    __syncthreads();
+  } else {
+    out[threadIdx.x] = __shfl_down_sync(0xffffffffu, float(threadIdx.x), 1);
+  }
+}
+
+// Runs one self-test: "block_sum" (4 blocks of 256: returns blocks and order, see the kernel);
+// the others must raise: "misaligned", "early_exit", "partial_warp", "uneven_barrier",
+// "big_block".
+std::vector<at::Tensor> selftest(const std::string& which) {
+  auto out = at::zeros({1024}, at::kFloat);
+  if (which == "block_sum") {
+    auto sums = at::zeros({4}, at::kLong), order = at::zeros({4}, at::kLong);
+    auto ticket = at::zeros({1}, at::kInt);
+    ::soo_emu::Launch(4, 256)(block_sum_kernel, sums.data_ptr<int64_t>(),
+                              order.data_ptr<int64_t>(),
+                              reinterpret_cast<unsigned*>(ticket.data_ptr<int>()));
+    return {sums, order};
+  }
+  if (which == "misaligned") {
+    ::soo_emu::Launch(1, 32)(misaligned_kernel, out.data_ptr<float>(), out.data_ptr<float>());
+  } else if (which == "early_exit") {
+    ::soo_emu::Launch(1, 64)(early_exit_kernel, out.data_ptr<float>());
+  } else if (which == "partial_warp") {
+    ::soo_emu::Launch(1, 48)(shuffle_kernel, out.data_ptr<float>());
+  } else if (which == "uneven_barrier") {
+    ::soo_emu::Launch(1, 32)(uneven_barrier_kernel, out.data_ptr<float>());
+  } else if (which == "big_block") {
+    ::soo_emu::Launch(1, 2048)(shuffle_kernel, out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(false, "selftest: unknown case ", which);
+  }
+  return {out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(soo_emu_config, m) {
+  m.def("configure(int sms, int order_seed) -> int", &configure);
+  m.def("selftest(str which) -> Tensor[]", &selftest);
+}

@@ -1,0 +1,358 @@
+// A CPU emulation of the CUDA execution model, just wide enough to run soo_ext's own CUDA
+// kernels (csrc/cuda/*.cu, rewritten by tests/cuda_emu/build.py) on CPU tensors, so that their
+// indexing, reductions, barriers, warp shuffles and launch configurations are tested where no GPU
+// is.  Force-included (-include) before each rewritten source.  It proves nothing about the
+// hardware (memory model, timing, cuBLAS/cuSOLVER through ATen, which run on the CPU here).
+//
+// A launch runs the blocks one after another, and the threads of a block as fibers on one OS
+// thread: a fiber runs until it reaches __syncthreads or a warp shuffle, and the scheduler
+// releases a barrier when every thread of the block (a shuffle: of the warp) has reached it.
+// With a seed, the blocks and the threads between two barriers run in shuffled orders (a
+// kernel that depends on block order, or lacks a barrier, then fails).  A thread that
+// leaves the kernel while others wait at a barrier, a shuffle with missing lanes, a misaligned
+// vector load or store, or an invalid launch configuration is reported as an error (a
+// RuntimeError in Python).  __shared__ variables become function statics: one instance, shared
+// by the threads of the block that runs.
+#pragma once
+
+// The fibers switch stacks with _setjmp/_longjmp, which glibc's fortified longjmp refuses.
+#undef _FORTIFY_SOURCE
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+// ---- CUDA vector types and dim3 ------------------------------------------------------------ //
+struct uint3 { unsigned x, y, z; };
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) double2 { double x, y; };
+struct alignas(8) uint2 { unsigned x, y; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline double2 make_double2(double x, double y) { return {x, y}; }
+
+struct cudaDeviceProp {
+  int multiProcessorCount = 2;
+  int maxThreadsPerBlock = 1024;
+  size_t sharedMemPerBlock = 48 * 1024;
+  int warpSize = 32;
+  int major = 9, minor = 0;
+};
+
+namespace soo_emu {
+
+enum class Wait { kRun, kBlock, kWarp, kDone };
+
+struct Fiber {
+  jmp_buf env;
+  ucontext_t uc;
+  uint3 tid;
+  int linear = 0;
+  Wait wait = Wait::kRun;
+  int pred = 1;
+  bool started = false;
+};
+
+struct State {
+  cudaDeviceProp prop;
+  // 0: blocks and threads in order; else permutations drawn from the seed
+  uint64_t order_seed = 0;
+  // the launch that runs
+  dim3 grid, block;
+  uint3 block_idx{0, 0, 0};
+  std::vector<Fiber> fibers;
+  std::vector<char> stacks;
+  Fiber* cur = nullptr;
+  std::function<void()> body;
+  std::vector<unsigned char> dyn_smem;
+  std::vector<uint64_t> lanes;  // one slot per thread for the shuffles
+  int and_result = 1;
+  std::string error;
+  jmp_buf sched;
+  ucontext_t sched_uc;
+  uint64_t launches = 0;
+};
+
+inline State& state() {
+  static State s;
+  return s;
+}
+
+constexpr size_t kStack = 64 * 1024;
+
+[[noreturn]] inline void leave_fiber(Wait how) {
+  State& s = state();
+  s.cur->wait = how;
+  _longjmp(s.sched, 1);
+}
+
+inline void yield_at(Wait how) {
+  State& s = state();
+  Fiber* f = s.cur;
+  f->wait = how;
+  if (!_setjmp(f->env)) _longjmp(s.sched, 1);
+}
+
+// An error inside a kernel: recorded (the first one), the thread ends, the launch fails.
+[[noreturn]] inline void fail(const std::string& what) {
+  State& s = state();
+  if (s.error.empty())
+    s.error = what + " (block " + std::to_string(s.block_idx.x) + ", thread " +
+              std::to_string(s.cur ? s.cur->linear : -1) + ")";
+  leave_fiber(Wait::kDone);
+}
+
+inline void trampoline() {
+  State& s = state();
+  s.body();
+  leave_fiber(Wait::kDone);
+}
+
+// Runs s.body for every thread of the current block.
+inline void run_block() {
+  State& s = state();
+  const int nt = static_cast<int>(s.block.x * s.block.y * s.block.z);
+  s.fibers.assign(nt, Fiber{});
+  if (s.stacks.size() < nt * kStack) s.stacks.resize(nt * kStack);
+  for (int t = 0; t < nt; ++t) {
+    Fiber& f = s.fibers[t];
+    f.linear = t;
+    f.tid = {static_cast<unsigned>(t % s.block.x),
+             static_cast<unsigned>((t / s.block.x) % s.block.y),
+             static_cast<unsigned>(t / (s.block.x * s.block.y))};
+    getcontext(&f.uc);
+    f.uc.uc_stack.ss_sp = s.stacks.data() + t * kStack;
+    f.uc.uc_stack.ss_size = kStack;
+    f.uc.uc_link = nullptr;
+    makecontext(&f.uc, trampoline, 0);
+  }
+  s.lanes.assign(nt, 0);
+  const int warps = (nt + 31) / 32;
+  // between two barriers the threads run one after another: in order, or (with a seed) in a
+  // shuffled order, so that a missing barrier shows whichever thread it should have waited for
+  std::vector<int> order(nt);
+  std::iota(order.begin(), order.end(), 0);
+  if (s.order_seed) {
+    std::mt19937_64 rng(s.order_seed * 31 + s.block_idx.x);
+    std::shuffle(order.begin(), order.end(), rng);
+  }
+  for (;;) {
+    for (int t : order) {
+      Fiber& f = s.fibers[t];
+      if (f.wait != Wait::kRun) continue;
+      s.cur = &f;
+      if (!_setjmp(s.sched)) {
+        if (!f.started) {
+          f.started = true;
+          swapcontext(&s.sched_uc, &f.uc);
+        } else {
+          _longjmp(f.env, 1);
+        }
+      }
+      s.cur = nullptr;
+      if (!s.error.empty()) return;
+    }
+    int done = 0, at_block = 0, at_warp = 0;
+    for (const Fiber& f : s.fibers) {
+      done += f.wait == Wait::kDone;
+      at_block += f.wait == Wait::kBlock;
+      at_warp += f.wait == Wait::kWarp;
+    }
+    if (done == nt) return;
+    bool released = false;
+    for (int w = 0; w < warps; ++w) {  // a shuffle: every lane of the warp is there
+      const int lo = w * 32, hi = std::min(nt, lo + 32);
+      int waiting = 0, gone = 0;
+      for (int t = lo; t < hi; ++t) {
+        waiting += s.fibers[t].wait == Wait::kWarp;
+        gone += s.fibers[t].wait == Wait::kDone;
+      }
+      if (waiting == 0) continue;
+      if (hi - lo != 32) {
+        s.error = "warp shuffle in a partial warp (block size not a multiple of 32)";
+        return;
+      }
+      if (waiting == 32) {
+        for (int t = lo; t < hi; ++t) s.fibers[t].wait = Wait::kRun;
+        released = true;
+      } else if (gone > 0) {
+        s.error = "warp shuffle with lanes that have left the kernel";
+        return;
+      }
+    }
+    if (released) continue;
+    if (at_block > 0 && at_block + done == nt) {
+      if (done > 0) {
+        s.error = "__syncthreads reached by some threads while others have left the kernel";
+        return;
+      }
+      int all = 1;
+      for (const Fiber& f : s.fibers) all &= f.pred != 0;
+      s.and_result = all;
+      for (Fiber& f : s.fibers) f.wait = Wait::kRun;
+      continue;
+    }
+    s.error = "deadlock: threads wait at different barriers (" + std::to_string(at_block) +
+              " at __syncthreads, " + std::to_string(at_warp) + " at a shuffle, " +
+              std::to_string(done) + " done)";
+    return;
+  }
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) is rewritten to
+// ::soo_emu::Launch(grid, block, smem, stream)(kernel, args...).
+struct Launch {
+  dim3 grid, block;
+  size_t smem;
+  template <typename Stream = int>
+  Launch(dim3 g, dim3 b, size_t sm = 0, Stream = {}) : grid(g), block(b), smem(sm) {}
+
+  template <typename... P, typename... A>
+  void operator()(void (*kernel)(P...), A&&... args) const {
+    State& s = state();
+    const uint64_t nt = uint64_t(block.x) * block.y * block.z;
+    auto bad = [&](const std::string& why) {
+      throw std::runtime_error("cuda_emu: invalid launch: " + why);
+    };
+    if (nt == 0 || nt > static_cast<uint64_t>(s.prop.maxThreadsPerBlock) || block.z > 64)
+      bad("block of " + std::to_string(nt) + " threads");
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
+        grid.z > 65535)
+      bad("grid " + std::to_string(grid.x) + " x " + std::to_string(grid.y) + " x " +
+          std::to_string(grid.z));
+    if (smem > s.prop.sharedMemPerBlock)
+      bad(std::to_string(smem) + " bytes of dynamic shared memory");
+    ++s.launches;
+    // every thread gets its own copy of the parameters, converted as the kernel declares them
+    std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+    s.grid = grid;
+    s.block = block;
+    s.dyn_smem.assign(smem, 0xA5);  // uninitialised, as on the device
+    s.error.clear();
+    s.body = [&]() {
+      auto mine = params;
+      std::apply(kernel, mine);
+    };
+    const uint64_t nb = uint64_t(grid.x) * grid.y * grid.z;
+    std::vector<uint64_t> order(nb);
+    std::iota(order.begin(), order.end(), 0);
+    if (s.order_seed) {
+      std::mt19937_64 rng(s.order_seed + s.launches);
+      std::shuffle(order.begin(), order.end(), rng);
+    }
+    for (uint64_t b : order) {
+      s.block_idx = {static_cast<unsigned>(b % grid.x),
+                     static_cast<unsigned>((b / grid.x) % grid.y),
+                     static_cast<unsigned>(b / (uint64_t(grid.x) * grid.y))};
+      run_block();
+      if (!s.error.empty()) {
+        std::string e = s.error;
+        s.error.clear();
+        throw std::runtime_error("cuda_emu: " + e);
+      }
+    }
+    s.body = nullptr;
+  }
+};
+
+inline unsigned char* dynamic_smem() { return state().dyn_smem.data(); }
+
+inline const uint3& thread_idx() { return state().cur->tid; }
+inline const uint3& block_idx() { return state().block_idx; }
+inline const dim3& block_dim() { return state().block; }
+inline const dim3& grid_dim() { return state().grid; }
+
+// reinterpret_cast to a CUDA vector pointer, rewritten to this: the device faults on a
+// misaligned vector access, so the emulation does too.
+template <typename P, typename Q>
+inline P vec_cast(Q* p) {
+  using V = std::remove_cv_t<std::remove_pointer_t<P>>;
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(V) != 0)
+    fail("misaligned " + std::to_string(alignof(V)) + "-byte vector access");
+  return reinterpret_cast<P>(p);
+}
+
+}  // namespace soo_emu
+
+// ---- built-in variables and functions -------------------------------------------------------- //
+#define threadIdx (::soo_emu::thread_idx())
+#define blockIdx (::soo_emu::block_idx())
+#define blockDim (::soo_emu::block_dim())
+#define gridDim (::soo_emu::grid_dim())
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+inline void __syncthreads() {
+  ::soo_emu::state().cur->pred = 1;
+  ::soo_emu::yield_at(::soo_emu::Wait::kBlock);
+}
+inline int __syncthreads_and(int pred) {
+  ::soo_emu::state().cur->pred = pred;
+  ::soo_emu::yield_at(::soo_emu::Wait::kBlock);
+  return ::soo_emu::state().and_result;
+}
+inline void __threadfence() {}
+
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a value wider than 8 bytes");
+  auto& s = ::soo_emu::state();
+  if (mask != 0xffffffffu || width != 32) ::soo_emu::fail("shuffle with a partial mask or width");
+  const int me = s.cur->linear, lane = me % 32;
+  std::memcpy(&s.lanes[me], &v, sizeof(T));
+  ::soo_emu::yield_at(::soo_emu::Wait::kWarp);  // every lane has posted its value
+  T out = v;
+  if (lane + static_cast<int>(delta) < 32) std::memcpy(&out, &s.lanes[me + delta], sizeof(T));
+  ::soo_emu::yield_at(::soo_emu::Wait::kWarp);  // every lane has read before any posts again
+  return out;
+}
+
+inline unsigned atomicAdd(unsigned* p, unsigned v) {  // one OS thread: plain read-modify-write
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+// the _rn intrinsics: one rounding each (the sources are built with -ffp-contract=off)
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+
+using std::fabs;
+using std::isfinite;
+using std::isnan;
+using std::pow;
+using std::sqrt;
+using std::max;
+using std::min;

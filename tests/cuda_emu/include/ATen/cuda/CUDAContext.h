@@ -1,0 +1,10 @@
+// cuda_emu stand-in for ATen/cuda/CUDAContext.h: the current stream is a token, the device
+// properties are the emulated device's (tests/cuda_emu/cuda_emu.h).
+#pragma once
+#include "../../../cuda_emu.h"
+
+namespace at::cuda {
+struct CUDAStream {};
+inline CUDAStream getCurrentCUDAStream() { return {}; }
+inline cudaDeviceProp* getCurrentDeviceProperties() { return &::soo_emu::state().prop; }
+}  // namespace at::cuda

@@ -1,0 +1,336 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by the emulation of tests/cuda_emu, against the
+CPU kernels (which the other test modules check against the fp64 references).
+
+This tests what the CUDA sources compute -- indexing, vector and scalar paths, grid-stride loops,
+block reductions, warp shuffles, barriers, the last-block elections, the host code's launch
+configurations and its batched ATen calls -- on a machine without a GPU.  It does not test the
+hardware: memory ordering between blocks, timing, or cuBLAS / cuSOLVER (the ATen calls of the
+CUDA host code run on the CPU here).  Inputs sit between NaN guard regions (a read out of bounds
+poisons the result, a write out of bounds shows in the guard) and at offsets that misalign them
+(the emulation faults on a misaligned vector access, as the device does).  Each kernel runs with
+1 and 3 emulated SMs (different grids), the second time with its blocks, and its threads between two barriers, run
+in shuffled orders.
+"""
+import math
+
+import pytest
+import torch
+
+from soo_ext import ops
+
+from conftest import rel_err
+from test_drsom_ops import subproblem_inputs
+from test_kron_ops import ill_conditioned, rank_deficient, spd
+from test_ops import random_history
+
+import cuda_emu
+
+pytestmark = [
+    pytest.mark.skipif(not ops.extension_loaded(), reason="compiled module not built"),
+    pytest.mark.usefixtures("one_thread_per_module"),
+]
+
+# (emulated SMs, order seed): one block per SM for the capped grids, then three SMs with the
+# blocks, and the threads between two barriers, in shuffled orders
+DEVICE_CONFIGS = [(1, 0), (3, 7)]
+CONFIG_IDS = ["1sm", "3sm-shuffled"]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return cuda_emu.load()
+
+
+@pytest.fixture(params=DEVICE_CONFIGS, ids=CONFIG_IDS)
+def device_config(request, emu):
+    cuda_emu.configure(*request.param)
+    yield request.param
+    cuda_emu.configure(2, 0)
+
+
+PAD = 67  # guard elements on each side
+
+
+def guarded(src: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of ``src`` inside a NaN-filled buffer, ``offset`` elements past an aligned start:
+    ``(view, buffer)``."""
+    start = (PAD // 4 + 1) * 4 + offset  # 16-byte aligned plus offset (float32 and float64)
+    buf = torch.full((start + src.numel() + PAD,), math.nan, dtype=src.dtype)
+    view = buf[start:start + src.numel()].view(src.shape)
+    view.copy_(src)
+    return view, buf
+
+
+def assert_guards_intact(view: torch.Tensor, buf: torch.Tensor) -> None:
+    start = view.storage_offset()
+    assert buf[:start].isnan().all(), "written before the start of a buffer"
+    assert buf[start + view.numel():].isnan().all(), "written past the end of a buffer"
+
+
+def fresh(n, count, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the emulation itself
+
+def test_emulation_runs_blocks_threads_and_shuffles(emu):
+    cuda_emu.configure(2, 0)
+    sums, order = torch.ops.soo_emu_config.selftest("block_sum")
+    assert sums.tolist() == [256 * 255 // 2] * 4
+    assert order.tolist() == [0, 1, 2, 3]
+    orders = []
+    for seed in (5, 6, 7):  # each launch draws its own permutation
+        cuda_emu.configure(2, seed)
+        sums, order = torch.ops.soo_emu_config.selftest("block_sum")
+        assert sums.tolist() == [256 * 255 // 2] * 4 and sorted(order.tolist()) == [0, 1, 2, 3]
+        orders.append(order.tolist())
+    assert any(o != [0, 1, 2, 3] for o in orders)
+    cuda_emu.configure(2, 0)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("misaligned", "misaligned 16-byte vector access"),
+    ("early_exit", "__syncthreads reached by some threads while others have left"),
+    ("partial_warp", "partial warp"),
+    ("uneven_barrier", "deadlock"),
+    ("big_block", "block of 2048 threads"),
+])
+def test_emulation_reports_kernel_errors(emu, case, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.soo_emu_config.selftest(case)
+    # and recovers: the next launch runs normally
+    sums, _ = torch.ops.soo_emu_config.selftest("block_sum")
+    assert sums.tolist() == [256 * 255 // 2] * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# DRSOM
+
+DRSOM_DTYPES = [(torch.float64, 1e-13), (torch.float32, 1e-6)]
+DRSOM_SIZES = [1, 3, 4, 5, 8, 1001, 4096, 65_539]
+
+
+@pytest.mark.parametrize("dtype,tol", DRSOM_DTYPES, ids=["fp64", "fp32"])
+@pytest.mark.parametrize("n", DRSOM_SIZES)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_drsom_perturb(emu, device_config, dtype, tol, n, offset):
+    x, x0, v = fresh(n, 3, dtype, seed=n)
+    t = torch.tensor(0.37, dtype=dtype)
+    for save in (True, False):
+        xe, xbuf = guarded(x, offset)
+        x0e, x0buf = guarded(x0 if not save else torch.zeros_like(x0), offset)
+        ve, _ = guarded(v, offset)
+        xc, x0c = x.clone(), x0.clone() if not save else torch.zeros_like(x0)
+        emu.drsom_perturb(xe, x0e, ve, t, save)
+        torch.ops.soo.drsom_perturb(xc, x0c, v, t, save)
+        assert torch.equal(xe, xc) and torch.equal(x0e, x0c)
+        assert_guards_intact(xe, xbuf)
+        assert_guards_intact(x0e, x0buf)
+
+
+@pytest.mark.parametrize("dtype,tol", DRSOM_DTYPES, ids=["fp64", "fp32"])
+@pytest.mark.parametrize("n", DRSOM_SIZES)
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_drsom_reduce(emu, device_config, dtype, tol, n, k, offset):
+    gp, g, *V = fresh(n, k + 2, dtype, seed=n + k)
+    t = torch.tensor(1e-3, dtype=dtype)
+    for with_gram in (False, True):
+        args = [guarded(a, offset)[0] for a in (gp, g)]
+        Ve = [guarded(v, offset)[0] for v in V]
+        out = emu.drsom_reduce(args[0], args[1], Ve, t, with_gram)
+        ref = torch.ops.soo.drsom_reduce(gp, g, V, t, with_gram)
+        for o, r in zip(out, ref):
+            assert o.shape == r.shape and o.dtype == r.dtype
+            if r.numel():
+                # both sum in float64, in different orders
+                assert rel_err(o, r) <= tol, (with_gram, rel_err(o, r))
+        if with_gram:
+            assert torch.equal(out[1], out[1].T)  # G symmetric bit for bit
+
+
+@pytest.mark.parametrize("dtype,tol", DRSOM_DTYPES, ids=["fp64", "fp32"])
+@pytest.mark.parametrize("n", DRSOM_SIZES)
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_drsom_update(emu, device_config, dtype, tol, n, k, offset):
+    x, p, *V = fresh(n, k + 2, dtype, seed=3 * n + k)
+    alpha = torch.linspace(-1.5, 2.0, k, dtype=dtype)
+    for alias in (False, True):  # p may be one of the directions
+        xe, xbuf = guarded(x, offset)
+        Ve = [guarded(v, offset)[0] for v in V]
+        pe, pbuf = (Ve[0], None) if alias else guarded(p, offset)
+        xc, Vc = x.clone(), [v.clone() for v in V]
+        pc = Vc[0] if alias else p.clone()
+        emu.drsom_update(xe, pe, Ve, alpha)
+        torch.ops.soo.drsom_update(xc, pc, Vc, alpha)
+        assert rel_err(pe, pc) <= tol and rel_err(xe, xc) <= tol
+        assert_guards_intact(xe, xbuf)
+        if pbuf is not None:
+            assert_guards_intact(pe, pbuf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_drsom_subproblem(emu, dtype, k):
+    for seed in range(4):
+        Q, G, c = subproblem_inputs(k, dtype, "cpu", seed)
+        for gamma, max_length in ((1e-6, math.inf), (0.5, 1e-2)):
+            out = emu.drsom_subproblem(Q, G, c, gamma, max_length, 5.0)
+            ref = torch.ops.soo.drsom_subproblem(Q, G, c, gamma, max_length, 5.0)
+            # the same scalar code (drsom_subproblem.h), without FMA contraction on either side
+            torch.testing.assert_close(out, ref, rtol=1e-12 if dtype == torch.float64 else 1e-5,
+                                       atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# L-BFGS and dense BFGS
+
+LBFGS_DTYPES = [(torch.float64, torch.float64, 1e-12), (torch.float32, torch.float32, 1e-5),
+                (torch.float32, torch.bfloat16, 1e-5)]
+
+
+@pytest.mark.parametrize("dtype,hist_dtype,tol", LBFGS_DTYPES, ids=["fp64", "fp32", "bf16-hist"])
+@pytest.mark.parametrize("m,n,count,newest", [
+    (1, 1, 1, 0), (5, 1, 5, 2), (4, 7, 2, 1), (10, 33, 10, 3), (10, 1023, 7, 9),
+    (3, 4096, 0, 0), (100, 257, 57, 80), (7, 50_001, 4, 5), (6, 65_536, 6, 2),
+])
+def test_lbfgs_direction(emu, device_config, dtype, hist_dtype, tol, m, n, count, newest):
+    hist, g = random_history(m, n, count, newest, dtype, hist_dtype, "cpu", seed=m + n)
+    for update_gram in (False, True):
+        SY, YY = hist.SY.clone(), hist.YY.clone()
+        if update_gram and count:
+            SY[hist.newest].zero_()
+            YY[:, hist.newest].zero_()
+        SYc, YYc = SY.clone(), YY.clone()
+        ge, gbuf = guarded(g)
+        d, stats = emu.lbfgs_direction(hist.S, hist.Y, SY, YY, ge, hist.newest, count,
+                                       update_gram)
+        dc, statsc = torch.ops.soo.lbfgs_direction(hist.S, hist.Y, SYc, YYc, g, hist.newest,
+                                                   count, update_gram)
+        assert rel_err(d, dc) <= tol
+        torch.testing.assert_close(stats, statsc, rtol=tol * 10, atol=tol * 10)
+        torch.testing.assert_close(SY, SYc, rtol=tol * 10, atol=tol * 10)
+        torch.testing.assert_close(YY, YYc, rtol=tol * 10, atol=tol * 10)
+        assert_guards_intact(ge, gbuf)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+                         ids=["fp64", "fp32"])
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 256, 301])
+def test_bfgs_direction(emu, device_config, dtype, tol, n):
+    gen = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    H = (A @ A.T / n + torch.eye(n, dtype=torch.float64)).to(dtype)
+    s, u, g = (torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(3))
+    y = (s + 0.1 * u).to(dtype)
+    s, g = s.to(dtype), g.to(dtype)
+    for update in (False, True):
+        He, Hc = H.clone(), H.clone()
+        d, stats = emu.bfgs_direction(He, s, y, g, update)
+        dc, statsc = torch.ops.soo.bfgs_direction(Hc, s, y, g, update)
+        assert rel_err(d, dc) <= tol and rel_err(He, Hc) <= tol
+        assert torch.equal(He, He.T)  # the update keeps H exactly symmetric
+        torch.testing.assert_close(stats, statsc, rtol=tol * 10, atol=tol * 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kronecker factors
+
+KRON_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+KRON_EPS = {dt: torch.finfo(dt).eps for dt in KRON_TOL}
+
+
+def factor_batch(n, dtype, seed):
+    """Three well-conditioned, one ill-conditioned and one rank-deficient factor."""
+    return torch.cat([spd((3,), n, dtype, "cpu", seed=seed),
+                      ill_conditioned((1,), n, dtype, "cpu", seed=seed),
+                      rank_deficient((1,), n, dtype, "cpu", seed=seed)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 65])
+def test_kron_damped_inverse(emu, device_config, dtype, n):
+    A = factor_batch(n, dtype, seed=n)
+    A[1, 0, 0] = math.nan  # fails alone
+    for damping in (0.0, 1e-3):
+        X, status = emu.kron_damped_inverse(A, damping)
+        Xc, statusc = torch.ops.soo.kron_damped_inverse(A, damping)
+        assert torch.equal(status, statusc), (status, statusc)
+        assert status[1] == 2 and (X[1] == 0).all()
+        for b in (0, 2, 3, 4):
+            # two backward-stable inverses (the CPU op's potrf + potri, the CUDA host code's
+            # batched ATen Cholesky) differ by up to ~ cond * eps; a retry (status 1) inverts
+            # in float64 with the shift 10 damping + eps32 |tr A| / n
+            A64, eps = A[b].double(), KRON_EPS[dtype]
+            shift = damping
+            if status[b] == 1:
+                shift = 10 * damping + KRON_EPS[torch.float32] * A64.trace().abs().item() / n
+                eps = KRON_EPS[torch.float64]
+            cond = torch.linalg.cond(A64 + shift * torch.eye(n, dtype=torch.float64)).item()
+            assert rel_err(X[b], Xc[b]) <= max(KRON_TOL[dtype], 10 * cond * eps), b
+        assert torch.equal(X, X.mT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 65])
+def test_kron_eigh(emu, device_config, dtype, n):
+    A = factor_batch(n, dtype, seed=n)
+    A[2, -1, 0] = math.inf
+    d, Q, status = emu.kron_eigh(A)
+    dc, Qc, statusc = torch.ops.soo.kron_eigh(A)
+    assert torch.equal(status, statusc), (status, statusc)
+    ok = status < 2
+    scale = dc[ok].abs().amax().clamp_min(1e-30)
+    assert ((d[ok] - dc[ok]).abs().amax() / scale) <= KRON_TOL[dtype] * 10
+    # eigenvectors up to sign / rotation in clusters: compare the reconstructions
+    rec = lambda d_, Q_: (Q_ * d_.unsqueeze(-2)) @ Q_.mT  # noqa: E731
+    assert rel_err(rec(d[ok], Q[ok]), rec(dc[ok], Qc[ok])) <= KRON_TOL[dtype] * 10
+    assert (d[~ok] == 0).all() and torch.equal(Q[~ok], torch.eye(n, dtype=dtype).expand_as(Q[~ok]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["newton", "eigh"])
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("n", [1, 3, 16, 40, 129])
+def test_kron_inverse_root(emu, device_config, dtype, method, p, n):
+    A = torch.cat([spd((3,), n, dtype, "cpu", seed=n), ill_conditioned((1,), n, dtype, "cpu")])
+    A[1].fill_(math.nan)
+    X, status = emu.kron_inverse_root(A, p, 1e-4, method, 100, 1e-6)
+    Xc, statusc = torch.ops.soo.kron_inverse_root(A, p, 1e-4, method, 100, 1e-6)
+    assert torch.equal(status, statusc), (status, statusc)
+    ok = status < 2
+    tol = 5e-3 if dtype == torch.float32 else (1e-6 if method == "newton" else 1e-9)
+    assert rel_err(X[ok], Xc[ok]) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("o,i", [(1, 1), (5, 7), (33, 17)])
+def test_kfac_precondition_eigen(emu, device_config, dtype, o, i):
+    G, A = spd((2,), o, torch.float64, "cpu", seed=1), spd((2,), i, torch.float64, "cpu", seed=2)
+    grad = torch.randn(2, o, i, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    dG, QG = torch.linalg.eigh(G)
+    dA, QA = torch.linalg.eigh(A)
+    args = [t.to(dtype) for t in (grad, QG, dG, QA, dA)]
+    V = emu.kfac_precondition_eigen(*args, 1e-2)
+    Vc = torch.ops.soo.kfac_precondition_eigen(*args, 1e-2)
+    assert rel_err(V, Vc) <= KRON_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("xdtype", ["same", torch.bfloat16])
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_kron_factor_update(emu, device_config, dtype, xdtype, batch):
+    gen = torch.Generator().manual_seed(0)
+    d, N = 33, 20
+    F0 = torch.randn(*batch, d, d, generator=gen, dtype=torch.float64)
+    F0 = (F0 @ F0.mT).to(dtype)
+    X = torch.randn(*batch, N, d, generator=gen, dtype=torch.float64)
+    X = X.to(dtype if xdtype == "same" else xdtype)
+    F, Fc = F0.clone(), F0.clone()
+    emu.kron_factor_update_(F, X, 0.95, 0.05 / N)
+    torch.ops.soo.kron_factor_update_(Fc, X, 0.95, 0.05 / N)
+    assert torch.equal(F, F.mT)
+    assert rel_err(F, Fc) <= KRON_TOL[dtype]
