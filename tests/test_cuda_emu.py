@@ -334,3 +334,14 @@ def test_kron_factor_update(emu, device_config, dtype, xdtype, batch):
     torch.ops.soo.kron_factor_update_(Fc, X, 0.95, 0.05 / N)
     assert torch.equal(F, F.mT)
     assert rel_err(F, Fc) <= KRON_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kron_empty_batches(emu, dtype):
+    A = torch.empty(0, 5, 5, dtype=dtype)
+    for name, args in (("kron_damped_inverse", (1e-3,)), ("kron_eigh", ()),
+                       ("kron_inverse_root", (4, 1e-4, "newton", 100, 1e-6)),
+                       ("kron_inverse_root", (4, 1e-4, "eigh", 100, 1e-6))):
+        out = getattr(emu, name)(A, *args)
+        ref = getattr(torch.ops.soo, name)(A, *args)
+        assert [(o.shape, o.dtype) for o in out] == [(r.shape, r.dtype) for r in ref]

@@ -106,6 +106,9 @@ def load():
         # intrinsics and the CPU kernels' sums round once per operation)
         extra_cflags=["-O1", "-ffp-contract=off", "-U_FORTIFY_SOURCE",
                       "-include", str(HERE / "cuda_emu.h")],
+        # calls between the module's own functions stay inside it (an inline function that
+        # torch or soo_ext._C also defines must not be taken from them)
+        extra_ldflags=["-Wl,-Bsymbolic"],
         build_directory=str(BUILD),
         with_cuda=False,
         is_python_module=False,
