@@ -7,6 +7,18 @@ import torch
 from torch import nn
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cuda-emu-as-cpu", action="store_true",
+                     help="run the CUDA kernels, emulated on the CPU (tests/cuda_emu), in place of "
+                          "the soo ops' CPU kernels")
+
+
+def pytest_configure(config):
+    if config.getoption("--cuda-emu-as-cpu"):
+        import cuda_emu
+        config._cuda_emu_lib = cuda_emu.install_as_cpu_kernels()
+
+
 # CUDA results are compared with the CPU's at float32 tolerances: no TF32 (cuDNN convolutions use
 # it by default, which alone moves a CNN's K-FAC steps by ~1e-3 relative).
 torch.backends.cuda.matmul.allow_tf32 = False

@@ -64,13 +64,14 @@ def _define_schemas() -> None:
     if hasattr(_define_schemas, "lib"):
         return
     lib = torch.library.Library("soo_emu", "DEF")
-    for name in _op_names():
+    for name in op_names():
         schema = str(getattr(torch.ops.soo, name).default._schema)
         lib.define(schema.split("::", 1)[1])
     _define_schemas.lib = lib  # keep the library (and its definitions) alive
 
 
-def _op_names() -> list[str]:
+def op_names() -> list[str]:
+    """The ops with a CUDA kernel (registered in csrc/cuda/*.cu)."""
     names = []
     for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
         names += re.findall(r'm\.impl\("(\w+)"', cu.read_text())
@@ -121,3 +122,17 @@ def configure(sms: int = 2, order_seed: int = 0) -> int:
     """The emulated device's SM count and the seed of its block and thread orders (0: in
     order); returns the launches made so far."""
     return torch.ops.soo_emu_config.configure(sms, order_seed)
+
+
+def install_as_cpu_kernels() -> torch.library.Library:
+    """Makes the emulated CUDA kernels the ``soo`` ops' CPU kernels, so that every CPU test
+    runs the CUDA sources (pytest ``--cuda-emu-as-cpu``); undone when the returned library is
+    destroyed."""
+    import warnings
+    emu = load()
+    lib = torch.library.Library("soo", "IMPL")
+    with warnings.catch_warnings():  # "overriding a previously registered kernel" (intended)
+        warnings.simplefilter("ignore")
+        for name in op_names():
+            lib.impl(name, getattr(emu, name).default, "CPU")
+    return lib
