@@ -90,6 +90,11 @@ def test_emulation_runs_blocks_threads_and_shuffles(emu):
     cuda_emu.configure(2, 0)
 
 
+def test_emulation_starts_every_block_with_poisoned_shared_memory(emu):
+    (values,) = torch.ops.soo_emu_config.selftest("stale_shared")
+    assert values[0] == 1 and values[1:].isnan().all()
+
+
 @pytest.mark.parametrize("case,message", [
     ("misaligned", "misaligned 16-byte vector access"),
     ("early_exit", "__syncthreads reached by some threads while others have left"),

@@ -1,12 +1,14 @@
 """soo_ext's CUDA sources built for the CPU emulation of cuda_emu.h, and loaded.
 
-Each ``csrc/cuda/*.cu`` (and ``common.cuh``) is rewritten into ``build/cuda_emu/src`` with four
+Each ``csrc/cuda/*.cu`` (and ``common.cuh``) is rewritten into ``build/cuda_emu/src`` with five
 textual changes, then compiled as C++ by torch.utils.cpp_extension (ninja: only what changed is
 rebuilt; the first build takes ~30 s here):
 
 - ``kernel<<<grid, block, smem, stream>>>(args)`` -> ``::soo_emu::Launch(grid, block, smem,
   stream)(kernel, args)``
-- ``extern __shared__ T name[];`` -> a pointer to the launch's dynamic shared memory
+- ``extern __shared__ T name[];`` -> a pointer to the launch's dynamic shared memory, and
+  ``__shared__ T name[N];`` -> a reference to an instance of the block that runs; both are filled
+  with NaN bytes at the start of every block
 - ``reinterpret_cast<float4*>`` (and the other vector types) -> ``::soo_emu::vec_cast``, which
   fails on a misaligned address as the device does
 - ``TORCH_LIBRARY_IMPL(soo, CUDA, m)`` -> ``TORCH_LIBRARY_IMPL(soo_emu, CPU, m)``
@@ -32,6 +34,19 @@ _LAUNCH = re.compile(r"^(\s*)(\S.*?)<<<(.*?)>>>\(")
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(\w[\w\s]*?)\s+(\w+)\[\];")
 _VEC_CAST = re.compile(r"reinterpret_cast<((?:const\s+)?(?:float4|float2|double2|uint2)\s*\*)>\(")
 _REGISTER = re.compile(r"TORCH_LIBRARY_IMPL\(soo,\s*CUDA,")
+_SHARED = re.compile(r"(?<!extern )__shared__\s+([\w:<>]+)\s+([^;]+);")
+_DECLARATOR = re.compile(r"\s*(\w+)\s*((?:\[[^\]]+\])*)\s*$")
+
+
+def _shared_declarations(m: re.Match) -> str:
+    """``__shared__ T a[N], b;`` -> per-block, poisoned instances from ``::soo_emu::shared``."""
+    type_, declarators = m.groups()
+    out = []
+    for decl in declarators.split(","):  # no commas inside the array bounds here
+        name, dims = _DECLARATOR.match(decl).groups()
+        out.append(f"static char {name}_key_; "
+                   f"auto& {name} = ::soo_emu::shared<{type_}{dims}>(&{name}_key_);")
+    return " ".join(out)
 _PARENT_INCLUDE = re.compile(r'#include "\.\./')
 
 
@@ -50,6 +65,7 @@ def rewrite(source: str) -> str:
     out = _EXTERN_SHARED.sub(
         r"\1* \2 = reinterpret_cast<\1*>(::soo_emu::dynamic_smem());", out)
     out = _VEC_CAST.sub(r"::soo_emu::vec_cast<\1>(", out)
+    out = _SHARED.sub(_shared_declarations, out)
     out = _REGISTER.sub("TORCH_LIBRARY_IMPL(soo_emu, CPU,", out)
     return _PARENT_INCLUDE.sub('#include "', out)
 

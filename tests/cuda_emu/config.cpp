@@ -1,5 +1,6 @@
 // Settings of the emulated device and self-tests of the emulation, as ops callable from Python
-// (torch.ops.soo_emu_config.*).  Launches are written as build.py rewrites them.
+// (torch.ops.soo_emu_config.*).  Launches and shared memory are
+// written as __init__.py rewrites them.
 #include "cuda_emu.h"
 
 namespace {
@@ -17,7 +18,8 @@ int64_t configure(int64_t sms, int64_t order_seed) {
 // Block sums of threadIdx.x by warp shuffles and shared memory; out[blockIdx.x] = the sum, and
 // order[ticket] = blockIdx.x in the order the blocks ran.
 __global__ void block_sum_kernel(int64_t* out, int64_t* order, unsigned* ticket) {
-  __shared__ int64_t warp_sums[32];
+  static char key;
+  auto& warp_sums = ::soo_emu::shared<int64_t[32]>(&key);
   int64_t v = threadIdx.x;
   for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
@@ -28,6 +30,16 @@ __global__ void block_sum_kernel(int64_t* out, int64_t* order, unsigned* ticket)
     out[blockIdx.x] = total;
     order[atomicAdd(ticket, 1u)] = blockIdx.x;
   }
+}
+
+// out[blockIdx.x] = a shared value that block 0 writes and no block writes after that: fresh
+// (NaN) in every block but the first.
+__global__ void stale_shared_kernel(float* out) {
+  static char key;
+  auto& value = ::soo_emu::shared<float>(&key);
+  if (blockIdx.x == 0 && threadIdx.x == 0) value = 1;
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = value;
 }
 
 __global__ void misaligned_kernel(const float* p, float* out) {
@@ -53,8 +65,9 @@ __global__ void uneven_barrier_kernel(float* out) {  // lane 0 never reaches the
   }
 }
 
-// Runs one self-test: "block_sum" (4 blocks of 256: returns blocks and order, see the kernel);
-// the others must raise: "misaligned", "early_exit", "partial_warp", "uneven_barrier",
+// Runs one self-test: "block_sum" (4 blocks of 256: returns blocks and order, see the kernel),
+// "stale_shared" (returns the value each of 3 blocks reads, see the kernel); the others must
+// raise: "misaligned", "early_exit", "partial_warp", "uneven_barrier",
 // "big_block".
 std::vector<at::Tensor> selftest(const std::string& which) {
   auto out = at::zeros({1024}, at::kFloat);
@@ -65,6 +78,10 @@ std::vector<at::Tensor> selftest(const std::string& which) {
                               order.data_ptr<int64_t>(),
                               reinterpret_cast<unsigned*>(ticket.data_ptr<int>()));
     return {sums, order};
+  }
+  if (which == "stale_shared") {
+    ::soo_emu::Launch(3, 32)(stale_shared_kernel, out.data_ptr<float>());
+    return {out.narrow(0, 0, 3)};
   }
   if (which == "misaligned") {
     ::soo_emu::Launch(1, 32)(misaligned_kernel, out.data_ptr<float>(), out.data_ptr<float>());

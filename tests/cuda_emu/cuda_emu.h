@@ -1,5 +1,5 @@
 // A CPU emulation of the CUDA execution model, just wide enough to run soo_ext's own CUDA
-// kernels (csrc/cuda/*.cu, rewritten by tests/cuda_emu/build.py) on CPU tensors, so that their
+// kernels (csrc/cuda/*.cu, rewritten by tests/cuda_emu/__init__.py) on CPU tensors, so that their
 // indexing, reductions, barriers, warp shuffles and launch configurations are tested where no GPU
 // is.  Force-included (-include) before each rewritten source.  It proves nothing about the
 // hardware (memory model, timing, cuBLAS/cuSOLVER through ATen, which run on the CPU here).
@@ -11,8 +11,8 @@
 // kernel that depends on block order, or lacks a barrier, then fails).  A thread that
 // leaves the kernel while others wait at a barrier, a shuffle with missing lanes, a misaligned
 // vector load or store, or an invalid launch configuration is reported as an error (a
-// RuntimeError in Python).  __shared__ variables become function statics: one instance, shared
-// by the threads of the block that runs.
+// RuntimeError in Python).  Shared memory (static and dynamic) is one instance for the threads
+// of the block that runs, filled with NaN bytes at the start of every block.
 #pragma once
 
 // The fibers switch stacks with _setjmp/_longjmp, which glibc's fortified longjmp refuses.
@@ -35,7 +35,10 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <memory>
 #include <tuple>
+#include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 // ---- CUDA vector types and dim3 ------------------------------------------------------------ //
@@ -85,6 +88,12 @@ struct State {
   Fiber* cur = nullptr;
   std::function<void()> body;
   std::vector<unsigned char> dyn_smem;
+  uint64_t block_serial = 0;  // counts the blocks run: shared memory is fresh in each
+  struct Shared {
+    uint64_t block = 0;
+    std::vector<unsigned char> bytes;
+  };
+  std::unordered_map<const void*, Shared> shared;  // the __shared__ variables, by declaration
   std::vector<uint64_t> lanes;  // one slot per thread for the shuffles
   int and_result = 1;
   std::string error;
@@ -99,6 +108,9 @@ inline State& state() {
 }
 
 constexpr size_t kStack = 64 * 1024;
+// Shared memory starts every block filled with this byte: floats and doubles read NaN, so a
+// kernel that reads shared memory before writing it in the same block poisons its result.
+constexpr unsigned char kPoison = 0xFF;
 
 [[noreturn]] inline void leave_fiber(Wait how) {
   State& s = state();
@@ -132,6 +144,8 @@ inline void trampoline() {
 inline void run_block() {
   State& s = state();
   const int nt = static_cast<int>(s.block.x * s.block.y * s.block.z);
+  ++s.block_serial;
+  std::fill(s.dyn_smem.begin(), s.dyn_smem.end(), kPoison);
   s.fibers.assign(nt, Fiber{});
   if (s.stacks.size() < nt * kStack) s.stacks.resize(nt * kStack);
   for (int t = 0; t < nt; ++t) {
@@ -247,7 +261,7 @@ struct Launch {
     std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
     s.grid = grid;
     s.block = block;
-    s.dyn_smem.assign(smem, 0xA5);  // uninitialised, as on the device
+    s.dyn_smem.assign(smem, kPoison);
     s.error.clear();
     s.body = [&]() {
       auto mine = params;
@@ -277,6 +291,23 @@ struct Launch {
 
 inline unsigned char* dynamic_smem() { return state().dyn_smem.data(); }
 
+// A __shared__ variable of type T (__init__.py rewrites each declaration to this, keyed by a
+// function-local static): one instance for the threads of the block that runs, poisoned at the
+// start of every block.
+template <typename T>
+inline T& shared(const void* key) {
+  static_assert(std::is_trivially_copyable_v<std::remove_all_extents_t<T>>);
+  State& s = state();
+  State::Shared& v = s.shared[key];
+  if (v.block != s.block_serial) {
+    v.block = s.block_serial;
+    v.bytes.assign(sizeof(T) + alignof(std::max_align_t), kPoison);
+  }
+  void* p = v.bytes.data();
+  size_t space = v.bytes.size();
+  return *reinterpret_cast<T*>(std::align(alignof(T), sizeof(T), p, space));
+}
+
 inline const uint3& thread_idx() { return state().cur->tid; }
 inline const uint3& block_idx() { return state().block_idx; }
 inline const dim3& block_dim() { return state().block; }
@@ -304,7 +335,6 @@ inline P vec_cast(Q* p) {
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
 
 inline void __syncthreads() {
   ::soo_emu::state().cur->pred = 1;
