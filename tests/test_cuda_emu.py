@@ -38,7 +38,11 @@ CONFIG_IDS = ["1sm", "3sm-shuffled"]
 
 @pytest.fixture(scope="module")
 def emu():
-    return cuda_emu.load()
+    # at::empty returns NaN-filled memory (int: the max): a kernel reading a workspace entry
+    # nobody wrote poisons its result instead of reading whatever the allocator left there
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield cuda_emu.load()
+    torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture(params=DEVICE_CONFIGS, ids=CONFIG_IDS)
@@ -51,10 +55,19 @@ def device_config(request, emu):
 PAD = 67  # guard elements on each side
 
 
+def offsets(misalign: str, count: int) -> list[int]:
+    """Element offsets of ``count`` buffers: all aligned, all misaligned, or only the last one
+    misaligned (then only a per-buffer alignment test keeps the kernel off 16-byte loads)."""
+    return {"none": [0] * count, "all": [1] * count, "last": [0] * (count - 1) + [1]}[misalign]
+
+
+MISALIGN = ["none", "all", "last"]
+
+
 def guarded(src: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A copy of ``src`` inside a NaN-filled buffer, ``offset`` elements past an aligned start:
     ``(view, buffer)``."""
-    start = (PAD // 4 + 1) * 4 + offset  # 16-byte aligned plus offset (float32 and float64)
+    start = (PAD // 8 + 1) * 8 + offset  # 16-byte aligned (bf16 and up) plus offset
     buf = torch.full((start + src.numel() + PAD,), math.nan, dtype=src.dtype)
     view = buf[start:start + src.numel()].view(src.shape)
     view.copy_(src)
@@ -95,11 +108,24 @@ def test_emulation_starts_every_block_with_poisoned_shared_memory(emu):
     assert values[0] == 1 and values[1:].isnan().all()
 
 
+def test_emulation_lets_warps_race_through_shuffles(emu):
+    """Warps are ordered only by __syncthreads: with shuffled orders, a write by one warp after a
+    shuffle is seen, or not, by another warp reading after its shuffle."""
+    seen = set()
+    for seed in range(1, 9):
+        cuda_emu.configure(1, seed)
+        seen.add(torch.ops.soo_emu_config.selftest("warp_race")[0].item())
+    cuda_emu.configure(2, 0)
+    assert seen == {0.0, 1.0}
+
+
 @pytest.mark.parametrize("case,message", [
     ("misaligned", "misaligned 16-byte vector access"),
     ("early_exit", "__syncthreads reached by some threads while others have left"),
     ("partial_warp", "partial warp"),
     ("uneven_barrier", "deadlock"),
+    ("different_barriers", "threads at different __syncthreads"),
+    ("shared_overflow", "write outside a __shared__ variable"),
     ("big_block", "block of 2048 threads"),
 ])
 def test_emulation_reports_kernel_errors(emu, case, message):
@@ -119,14 +145,15 @@ DRSOM_SIZES = [1, 3, 4, 5, 8, 1001, 4096, 65_539]
 
 @pytest.mark.parametrize("dtype,tol", DRSOM_DTYPES, ids=["fp64", "fp32"])
 @pytest.mark.parametrize("n", DRSOM_SIZES)
-@pytest.mark.parametrize("offset", [0, 1])
-def test_drsom_perturb(emu, device_config, dtype, tol, n, offset):
+@pytest.mark.parametrize("misalign", MISALIGN)
+def test_drsom_perturb(emu, device_config, dtype, tol, n, misalign):
     x, x0, v = fresh(n, 3, dtype, seed=n)
     t = torch.tensor(0.37, dtype=dtype)
+    ox, ox0, ov = offsets(misalign, 3)
     for save in (True, False):
-        xe, xbuf = guarded(x, offset)
-        x0e, x0buf = guarded(x0 if not save else torch.zeros_like(x0), offset)
-        ve, _ = guarded(v, offset)
+        xe, xbuf = guarded(x, ox)
+        x0e, x0buf = guarded(x0 if not save else torch.zeros_like(x0), ox0)
+        ve, _ = guarded(v, ov)
         xc, x0c = x.clone(), x0.clone() if not save else torch.zeros_like(x0)
         emu.drsom_perturb(xe, x0e, ve, t, save)
         torch.ops.soo.drsom_perturb(xc, x0c, v, t, save)
@@ -138,14 +165,13 @@ def test_drsom_perturb(emu, device_config, dtype, tol, n, offset):
 @pytest.mark.parametrize("dtype,tol", DRSOM_DTYPES, ids=["fp64", "fp32"])
 @pytest.mark.parametrize("n", DRSOM_SIZES)
 @pytest.mark.parametrize("k", [1, 2, 3, 8])
-@pytest.mark.parametrize("offset", [0, 1])
-def test_drsom_reduce(emu, device_config, dtype, tol, n, k, offset):
+@pytest.mark.parametrize("misalign", MISALIGN)
+def test_drsom_reduce(emu, device_config, dtype, tol, n, k, misalign):
     gp, g, *V = fresh(n, k + 2, dtype, seed=n + k)
     t = torch.tensor(1e-3, dtype=dtype)
     for with_gram in (False, True):
-        args = [guarded(a, offset)[0] for a in (gp, g)]
-        Ve = [guarded(v, offset)[0] for v in V]
-        out = emu.drsom_reduce(args[0], args[1], Ve, t, with_gram)
+        gpe, ge, *Ve = [guarded(a, o)[0] for a, o in zip([gp, g] + V, offsets(misalign, k + 2))]
+        out = emu.drsom_reduce(gpe, ge, Ve, t, with_gram)
         ref = torch.ops.soo.drsom_reduce(gp, g, V, t, with_gram)
         for o, r in zip(out, ref):
             assert o.shape == r.shape and o.dtype == r.dtype
@@ -159,14 +185,15 @@ def test_drsom_reduce(emu, device_config, dtype, tol, n, k, offset):
 @pytest.mark.parametrize("dtype,tol", DRSOM_DTYPES, ids=["fp64", "fp32"])
 @pytest.mark.parametrize("n", DRSOM_SIZES)
 @pytest.mark.parametrize("k", [1, 2, 5, 8])
-@pytest.mark.parametrize("offset", [0, 1])
-def test_drsom_update(emu, device_config, dtype, tol, n, k, offset):
+@pytest.mark.parametrize("misalign", MISALIGN)
+def test_drsom_update(emu, device_config, dtype, tol, n, k, misalign):
     x, p, *V = fresh(n, k + 2, dtype, seed=3 * n + k)
     alpha = torch.linspace(-1.5, 2.0, k, dtype=dtype)
+    ox, op, *oV = offsets(misalign, k + 2)
     for alias in (False, True):  # p may be one of the directions
-        xe, xbuf = guarded(x, offset)
-        Ve = [guarded(v, offset)[0] for v in V]
-        pe, pbuf = (Ve[0], None) if alias else guarded(p, offset)
+        xe, xbuf = guarded(x, ox)
+        Ve = [guarded(v, o)[0] for v, o in zip(V, oV)]
+        pe, pbuf = (Ve[0], None) if alias else guarded(p, op)
         xc, Vc = x.clone(), [v.clone() for v in V]
         pc = Vc[0] if alias else p.clone()
         emu.drsom_update(xe, pe, Ve, alpha)
@@ -185,7 +212,8 @@ def test_drsom_subproblem(emu, dtype, k):
         for gamma, max_length in ((1e-6, math.inf), (0.5, 1e-2)):
             out = emu.drsom_subproblem(Q, G, c, gamma, max_length, 5.0)
             ref = torch.ops.soo.drsom_subproblem(Q, G, c, gamma, max_length, 5.0)
-            # the same scalar code (drsom_subproblem.h), without FMA contraction on either side
+            # the same scalar code (drsom_subproblem.h), here without FMA contraction on either
+            # side (nvcc contracts on the device; the GPU tests allow for it)
             torch.testing.assert_close(out, ref, rtol=1e-12 if dtype == torch.float64 else 1e-5,
                                        atol=0)
 
@@ -202,7 +230,9 @@ LBFGS_DTYPES = [(torch.float64, torch.float64, 1e-12), (torch.float32, torch.flo
     (1, 1, 1, 0), (5, 1, 5, 2), (4, 7, 2, 1), (10, 33, 10, 3), (10, 1023, 7, 9),
     (3, 4096, 0, 0), (100, 257, 57, 80), (7, 50_001, 4, 5), (6, 65_536, 6, 2),
 ])
-def test_lbfgs_direction(emu, device_config, dtype, hist_dtype, tol, m, n, count, newest):
+@pytest.mark.parametrize("misalign", ["none", "S", "Y", "g"])
+def test_lbfgs_direction(emu, device_config, dtype, hist_dtype, tol, m, n, count, newest,
+                         misalign):
     hist, g = random_history(m, n, count, newest, dtype, hist_dtype, "cpu", seed=m + n)
     for update_gram in (False, True):
         SY, YY = hist.SY.clone(), hist.YY.clone()
@@ -210,16 +240,21 @@ def test_lbfgs_direction(emu, device_config, dtype, hist_dtype, tol, m, n, count
             SY[hist.newest].zero_()
             YY[:, hist.newest].zero_()
         SYc, YYc = SY.clone(), YY.clone()
-        ge, gbuf = guarded(g)
-        d, stats = emu.lbfgs_direction(hist.S, hist.Y, SY, YY, ge, hist.newest, count,
-                                       update_gram)
+        Se, Sbuf = guarded(hist.S, int(misalign == "S"))
+        Ye, Ybuf = guarded(hist.Y, int(misalign == "Y"))
+        ge, gbuf = guarded(g, int(misalign == "g"))
+        SYe, SYbuf = guarded(SY)
+        YYe, YYbuf = guarded(YY)
+        d, stats = emu.lbfgs_direction(Se, Ye, SYe, YYe, ge, hist.newest, count, update_gram)
+        SY, YY = SYe, YYe
         dc, statsc = torch.ops.soo.lbfgs_direction(hist.S, hist.Y, SYc, YYc, g, hist.newest,
                                                    count, update_gram)
         assert rel_err(d, dc) <= tol
         torch.testing.assert_close(stats, statsc, rtol=tol * 10, atol=tol * 10)
         torch.testing.assert_close(SY, SYc, rtol=tol * 10, atol=tol * 10)
         torch.testing.assert_close(YY, YYc, rtol=tol * 10, atol=tol * 10)
-        assert_guards_intact(ge, gbuf)
+        for view, buf in ((Se, Sbuf), (Ye, Ybuf), (ge, gbuf), (SYe, SYbuf), (YYe, YYbuf)):
+            assert_guards_intact(view, buf)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
@@ -233,8 +268,9 @@ def test_bfgs_direction(emu, device_config, dtype, tol, n):
     y = (s + 0.1 * u).to(dtype)
     s, g = s.to(dtype), g.to(dtype)
     for update in (False, True):
-        He, Hc = H.clone(), H.clone()
+        (He, Hbuf), Hc = guarded(H), H.clone()
         d, stats = emu.bfgs_direction(He, s, y, g, update)
+        assert_guards_intact(He, Hbuf)
         dc, statsc = torch.ops.soo.bfgs_direction(Hc, s, y, g, update)
         assert rel_err(d, dc) <= tol and rel_err(He, Hc) <= tol
         assert torch.equal(He, He.T)  # the update keeps H exactly symmetric

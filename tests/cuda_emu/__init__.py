@@ -119,8 +119,9 @@ def load():
         name="soo_cuda_emu",
         sources=sources,
         extra_include_paths=[str(HERE / "include"), str(ROOT / "csrc")],
-        # -O1: quick to build, fast enough to run; no FMA contraction (the device's _rn
-        # intrinsics and the CPU kernels' sums round once per operation)
+        # -O1: quick to build, fast enough to run.  No FMA contraction, as in the CPU kernels
+        # (so the two can agree bit for bit); nvcc contracts a * b + c by default, which the
+        # emulation does not reproduce (the GPU tests' tolerances allow for it)
         extra_cflags=["-O1", "-ffp-contract=off", "-U_FORTIFY_SOURCE",
                       "-include", str(HERE / "cuda_emu.h")],
         # calls between the module's own functions stay inside it (an inline function that

@@ -5,14 +5,17 @@
 
 namespace {
 
-// The emulated device's SM count (it sizes the grids) and the order of blocks and threads (0: in
-// order, else permutations drawn from the seed); returns the number of launches so far.
+// The emulated device's SM count (it sizes the grids) and the order of blocks, warps and lanes
+// (0: in order, else permutations drawn from the seed); returns the number of launches since
+// the last call.
 int64_t configure(int64_t sms, int64_t order_seed) {
   TORCH_CHECK(sms >= 1, "configure: sms must be >= 1");
   auto& s = ::soo_emu::state();
   s.prop.multiProcessorCount = static_cast<int>(sms);
   s.order_seed = static_cast<uint64_t>(order_seed);
-  return static_cast<int64_t>(s.launches);
+  const auto launches = static_cast<int64_t>(s.launches);
+  s.launches = 0;  // the permutations of a test do not depend on the tests before it
+  return launches;
 }
 
 // Block sums of threadIdx.x by warp shuffles and shared memory; out[blockIdx.x] = the sum, and
@@ -42,6 +45,36 @@ __global__ void stale_shared_kernel(float* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = value;
 }
 
+// out[0] = what warp 0 reads of a value warp 1 writes, with no __syncthreads between (a race:
+// 0 or 1 depending on which warp runs first; the shuffles do not order the warps).
+__global__ void warp_race_kernel(float* out) {
+  static char key;
+  auto& value = ::soo_emu::shared<float>(&key);
+  if (threadIdx.x == 0) value = 0;
+  __syncthreads();
+  float v = __shfl_down_sync(0xffffffffu, float(threadIdx.x), 1);
+  if (threadIdx.x == 32) value = 1;
+  v = __shfl_down_sync(0xffffffffu, v, 1);
+  if (threadIdx.x == 0) out[0] = value;
+}
+
+__global__ void different_barriers_kernel(float* out) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+__global__ void shared_overflow_kernel(float* out) {
+  static char key;
+  auto& buf = ::soo_emu::shared<float[32]>(&key);
+  buf[threadIdx.x] = 1;  // launched with 64 threads
+  __syncthreads();
+  out[threadIdx.x] = buf[threadIdx.x % 32];
+}
+
 __global__ void misaligned_kernel(const float* p, float* out) {
   const float4 v = *::soo_emu::vec_cast<const float4*>(p + 1);
   out[0] = v.x;
@@ -66,9 +99,9 @@ __global__ void uneven_barrier_kernel(float* out) {  // lane 0 never reaches the
 }
 
 // Runs one self-test: "block_sum" (4 blocks of 256: returns blocks and order, see the kernel),
-// "stale_shared" (returns the value each of 3 blocks reads, see the kernel); the others must
-// raise: "misaligned", "early_exit", "partial_warp", "uneven_barrier",
-// "big_block".
+// "stale_shared" (returns the value each of 3 blocks reads), "warp_race" (returns what warp 0
+// read; see the kernels); the others must raise: "misaligned", "early_exit", "partial_warp",
+// "uneven_barrier", "different_barriers", "shared_overflow", "big_block".
 std::vector<at::Tensor> selftest(const std::string& which) {
   auto out = at::zeros({1024}, at::kFloat);
   if (which == "block_sum") {
@@ -83,6 +116,10 @@ std::vector<at::Tensor> selftest(const std::string& which) {
     ::soo_emu::Launch(3, 32)(stale_shared_kernel, out.data_ptr<float>());
     return {out.narrow(0, 0, 3)};
   }
+  if (which == "warp_race") {
+    ::soo_emu::Launch(1, 64)(warp_race_kernel, out.data_ptr<float>());
+    return {out.narrow(0, 0, 1)};
+  }
   if (which == "misaligned") {
     ::soo_emu::Launch(1, 32)(misaligned_kernel, out.data_ptr<float>(), out.data_ptr<float>());
   } else if (which == "early_exit") {
@@ -91,6 +128,10 @@ std::vector<at::Tensor> selftest(const std::string& which) {
     ::soo_emu::Launch(1, 48)(shuffle_kernel, out.data_ptr<float>());
   } else if (which == "uneven_barrier") {
     ::soo_emu::Launch(1, 32)(uneven_barrier_kernel, out.data_ptr<float>());
+  } else if (which == "different_barriers") {
+    ::soo_emu::Launch(1, 64)(different_barriers_kernel, out.data_ptr<float>());
+  } else if (which == "shared_overflow") {
+    ::soo_emu::Launch(1, 64)(shared_overflow_kernel, out.data_ptr<float>());
   } else if (which == "big_block") {
     ::soo_emu::Launch(1, 2048)(shuffle_kernel, out.data_ptr<float>());
   } else {

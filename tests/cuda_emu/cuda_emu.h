@@ -5,14 +5,17 @@
 // hardware (memory model, timing, cuBLAS/cuSOLVER through ATen, which run on the CPU here).
 //
 // A launch runs the blocks one after another, and the threads of a block as fibers on one OS
-// thread: a fiber runs until it reaches __syncthreads or a warp shuffle, and the scheduler
-// releases a barrier when every thread of the block (a shuffle: of the warp) has reached it.
-// With a seed, the blocks and the threads between two barriers run in shuffled orders (a
-// kernel that depends on block order, or lacks a barrier, then fails).  A thread that
-// leaves the kernel while others wait at a barrier, a shuffle with missing lanes, a misaligned
-// vector load or store, or an invalid launch configuration is reported as an error (a
-// RuntimeError in Python).  Shared memory (static and dynamic) is one instance for the threads
-// of the block that runs, filled with NaN bytes at the start of every block.
+// thread that switch at __syncthreads and warp shuffles.  A block runs warp by warp, each warp
+// until all its lanes wait at __syncthreads (its shuffles are released as soon as its 32 lanes
+// arrive): warps are ordered only by __syncthreads, as on the device.  With a seed, blocks, warps
+// and lanes run in shuffled orders, so a kernel that depends on block order or lacks a barrier
+// fails.  Reported as errors (a RuntimeError in Python): threads at different __syncthreads
+// (by call site), or some skipping it; lanes at different shuffles, or a shuffle in a partial
+// warp; a deadlock; a misaligned vector load or store; an invalid launch configuration; more
+// than 48 KB of shared memory; a write outside a shared-memory region.  Shared memory (static and
+// dynamic) is one instance for the threads of the block that runs, filled with NaN bytes (0xFF)
+// at the start of every block, between poisoned red zones.  Fiber stacks have guard pages.
+// Single-threaded: launches from two threads at once are not supported.
 #pragma once
 
 // The fibers switch stacks with _setjmp/_longjmp, which glibc's fortified longjmp refuses.
@@ -24,6 +27,7 @@
 #include <torch/library.h>
 
 #include <setjmp.h>
+#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -33,6 +37,7 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <source_location>
 #include <stdexcept>
 #include <string>
 #include <memory>
@@ -74,32 +79,39 @@ struct Fiber {
   Wait wait = Wait::kRun;
   int pred = 1;
   bool started = false;
+  std::source_location site;  // of the barrier or shuffle it waits at
 };
 
 struct State {
   cudaDeviceProp prop;
-  // 0: blocks and threads in order; else permutations drawn from the seed
+  // 0: blocks, warps and lanes in order; else permutations drawn from the seed
   uint64_t order_seed = 0;
+  uint64_t launches = 0;  // since the last configure (the permutations depend on it)
   // the launch that runs
   dim3 grid, block;
   uint3 block_idx{0, 0, 0};
   std::vector<Fiber> fibers;
-  std::vector<char> stacks;
+  unsigned char* stacks = nullptr;  // mmap'ed: per fiber a guard page, then its stack
+  size_t stacks_bytes = 0;
   Fiber* cur = nullptr;
   std::function<void()> body;
+  // shared memory: the dynamic part, and the __shared__ variables by declaration; each sits
+  // between red zones that must still hold the poison when the block ends
   std::vector<unsigned char> dyn_smem;
+  size_t dyn_bytes = 0;
   uint64_t block_serial = 0;  // counts the blocks run: shared memory is fresh in each
+  size_t static_bytes = 0;    // the __shared__ variables of the block that runs
   struct Shared {
     uint64_t block = 0;
     std::vector<unsigned char> bytes;
+    size_t offset = 0, size = 0;  // where the variable sits in bytes
   };
-  std::unordered_map<const void*, Shared> shared;  // the __shared__ variables, by declaration
+  std::unordered_map<const void*, Shared> shared;
   std::vector<uint64_t> lanes;  // one slot per thread for the shuffles
   int and_result = 1;
   std::string error;
   jmp_buf sched;
   ucontext_t sched_uc;
-  uint64_t launches = 0;
 };
 
 inline State& state() {
@@ -108,9 +120,15 @@ inline State& state() {
 }
 
 constexpr size_t kStack = 64 * 1024;
+constexpr size_t kPage = 4096;
 // Shared memory starts every block filled with this byte: floats and doubles read NaN, so a
 // kernel that reads shared memory before writing it in the same block poisons its result.
 constexpr unsigned char kPoison = 0xFF;
+constexpr size_t kRedZone = 256;  // poisoned bytes before and after each shared region
+
+inline std::string where(const std::source_location& l) {
+  return std::string(l.file_name()) + ":" + std::to_string(l.line());
+}
 
 [[noreturn]] inline void leave_fiber(Wait how) {
   State& s = state();
@@ -118,36 +136,79 @@ constexpr unsigned char kPoison = 0xFF;
   _longjmp(s.sched, 1);
 }
 
-inline void yield_at(Wait how) {
+inline void yield_at(Wait how, const std::source_location& site) {
   State& s = state();
   Fiber* f = s.cur;
   f->wait = how;
+  f->site = site;
   if (!_setjmp(f->env)) _longjmp(s.sched, 1);
 }
 
 // An error inside a kernel: recorded (the first one), the thread ends, the launch fails.
 [[noreturn]] inline void fail(const std::string& what) {
   State& s = state();
+  if (!s.cur) throw std::runtime_error("cuda_emu: " + what + " (in host code)");
   if (s.error.empty())
     s.error = what + " (block " + std::to_string(s.block_idx.x) + ", thread " +
-              std::to_string(s.cur ? s.cur->linear : -1) + ")";
+              std::to_string(s.cur->linear) + ")";
   leave_fiber(Wait::kDone);
 }
 
 inline void trampoline() {
   State& s = state();
-  s.body();
+  try {
+    s.body();
+  } catch (const std::exception& e) {  // unwound on the fiber's own stack
+    if (s.error.empty()) s.error = std::string("exception in a kernel: ") + e.what();
+  }
   leave_fiber(Wait::kDone);
 }
 
-// Runs s.body for every thread of the current block.
-inline void run_block() {
+inline void allocate_stacks(int nt) {
+  State& s = state();
+  const size_t need = static_cast<size_t>(nt) * (kPage + kStack);
+  if (s.stacks_bytes >= need) return;
+  if (s.stacks) munmap(s.stacks, s.stacks_bytes);
+  void* p = mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map the fiber stacks");
+  s.stacks = static_cast<unsigned char*>(p);
+  s.stacks_bytes = need;
+  // a stack grows down: an overflow hits the guard page below it (a crash, not corruption)
+  for (int t = 0; t < nt; ++t) mprotect(s.stacks + t * (kPage + kStack), kPage, PROT_NONE);
+}
+
+inline void switch_to(Fiber& f) {
+  State& s = state();
+  s.cur = &f;
+  if (!_setjmp(s.sched)) {
+    if (!f.started) {
+      f.started = true;
+      swapcontext(&s.sched_uc, &f.uc);
+    } else {
+      _longjmp(f.env, 1);
+    }
+  }
+  s.cur = nullptr;
+}
+
+inline bool red_zone_intact(const unsigned char* p) {
+  for (size_t i = 0; i < kRedZone; ++i)
+    if (p[i] != kPoison) return false;
+  return true;
+}
+
+// Runs s.body for every thread of the current block.  Warps run one at a time (in a shuffled
+// order with a seed), each until all its lanes wait at __syncthreads or have left: a warp gets
+// through its shuffles without the others, as on the device, so a missing __syncthreads between
+// one warp's shared-memory writes and another's reads shows.
+inline void run_block(std::mt19937_64* rng) {
   State& s = state();
   const int nt = static_cast<int>(s.block.x * s.block.y * s.block.z);
   ++s.block_serial;
+  s.static_bytes = 0;
   std::fill(s.dyn_smem.begin(), s.dyn_smem.end(), kPoison);
+  allocate_stacks(nt);
   s.fibers.assign(nt, Fiber{});
-  if (s.stacks.size() < nt * kStack) s.stacks.resize(nt * kStack);
   for (int t = 0; t < nt; ++t) {
     Fiber& f = s.fibers[t];
     f.linear = t;
@@ -155,36 +216,61 @@ inline void run_block() {
              static_cast<unsigned>((t / s.block.x) % s.block.y),
              static_cast<unsigned>(t / (s.block.x * s.block.y))};
     getcontext(&f.uc);
-    f.uc.uc_stack.ss_sp = s.stacks.data() + t * kStack;
+    f.uc.uc_stack.ss_sp = s.stacks + t * (kPage + kStack) + kPage;
     f.uc.uc_stack.ss_size = kStack;
     f.uc.uc_link = nullptr;
     makecontext(&f.uc, trampoline, 0);
   }
   s.lanes.assign(nt, 0);
   const int warps = (nt + 31) / 32;
-  // between two barriers the threads run one after another: in order, or (with a seed) in a
-  // shuffled order, so that a missing barrier shows whichever thread it should have waited for
-  std::vector<int> order(nt);
-  std::iota(order.begin(), order.end(), 0);
-  if (s.order_seed) {
-    std::mt19937_64 rng(s.order_seed * 31 + s.block_idx.x);
-    std::shuffle(order.begin(), order.end(), rng);
+  std::vector<int> warp_order(warps), lane_order(32);
+  std::iota(warp_order.begin(), warp_order.end(), 0);
+  std::iota(lane_order.begin(), lane_order.end(), 0);
+  if (rng) {
+    std::shuffle(warp_order.begin(), warp_order.end(), *rng);
+    std::shuffle(lane_order.begin(), lane_order.end(), *rng);
   }
   for (;;) {
-    for (int t : order) {
-      Fiber& f = s.fibers[t];
-      if (f.wait != Wait::kRun) continue;
-      s.cur = &f;
-      if (!_setjmp(s.sched)) {
-        if (!f.started) {
-          f.started = true;
-          swapcontext(&s.sched_uc, &f.uc);
-        } else {
-          _longjmp(f.env, 1);
+    for (int w : warp_order) {
+      const int lo = w * 32, hi = std::min(nt, lo + 32);
+      for (;;) {  // this warp, until its lanes are all at __syncthreads or gone
+        bool ran = false;
+        for (int l : lane_order) {
+          if (lo + l >= hi || s.fibers[lo + l].wait != Wait::kRun) continue;
+          switch_to(s.fibers[lo + l]);
+          ran = true;
+          if (!s.error.empty()) return;
         }
+        int waiting = 0, gone = 0;
+        for (int t = lo; t < hi; ++t) {
+          waiting += s.fibers[t].wait == Wait::kWarp;
+          gone += s.fibers[t].wait == Wait::kDone;
+        }
+        if (waiting == 0) {
+          if (!ran) break;
+          continue;
+        }
+        if (hi - lo != 32) {
+          s.error = "warp shuffle in a partial warp (block size not a multiple of 32)";
+          return;
+        }
+        if (waiting < 32) {
+          if (gone > 0) {
+            s.error = "warp shuffle with lanes that have left the kernel";
+            return;
+          }
+          break;  // other lanes wait at __syncthreads: a deadlock, reported below
+        }
+        for (int t = lo; t < hi; ++t) {
+          if (s.fibers[t].site.line() != s.fibers[lo].site.line() ||
+              std::strcmp(s.fibers[t].site.file_name(), s.fibers[lo].site.file_name()) != 0) {
+            s.error = "lanes of a warp at different shuffles (" + where(s.fibers[lo].site) +
+                      ", " + where(s.fibers[t].site) + ")";
+            return;
+          }
+        }
+        for (int t = lo; t < hi; ++t) s.fibers[t].wait = Wait::kRun;
       }
-      s.cur = nullptr;
-      if (!s.error.empty()) return;
     }
     int done = 0, at_block = 0, at_warp = 0;
     for (const Fiber& f : s.fibers) {
@@ -192,45 +278,40 @@ inline void run_block() {
       at_block += f.wait == Wait::kBlock;
       at_warp += f.wait == Wait::kWarp;
     }
-    if (done == nt) return;
-    bool released = false;
-    for (int w = 0; w < warps; ++w) {  // a shuffle: every lane of the warp is there
-      const int lo = w * 32, hi = std::min(nt, lo + 32);
-      int waiting = 0, gone = 0;
-      for (int t = lo; t < hi; ++t) {
-        waiting += s.fibers[t].wait == Wait::kWarp;
-        gone += s.fibers[t].wait == Wait::kDone;
-      }
-      if (waiting == 0) continue;
-      if (hi - lo != 32) {
-        s.error = "warp shuffle in a partial warp (block size not a multiple of 32)";
-        return;
-      }
-      if (waiting == 32) {
-        for (int t = lo; t < hi; ++t) s.fibers[t].wait = Wait::kRun;
-        released = true;
-      } else if (gone > 0) {
-        s.error = "warp shuffle with lanes that have left the kernel";
-        return;
-      }
+    if (done == nt) break;
+    if (at_block == 0 || at_block + done != nt) {
+      s.error = "deadlock: " + std::to_string(at_block) + " threads at __syncthreads, " +
+                std::to_string(at_warp) + " at a shuffle, " + std::to_string(done) + " done";
+      return;
     }
-    if (released) continue;
-    if (at_block > 0 && at_block + done == nt) {
-      if (done > 0) {
-        s.error = "__syncthreads reached by some threads while others have left the kernel";
+    if (done > 0) {
+      s.error = "__syncthreads reached by some threads while others have left the kernel";
+      return;
+    }
+    const Fiber& first = s.fibers[0];
+    int all = 1;
+    for (const Fiber& f : s.fibers) {
+      if (f.site.line() != first.site.line() ||
+          std::strcmp(f.site.file_name(), first.site.file_name()) != 0) {
+        s.error = "threads at different __syncthreads (" + where(first.site) + ", " +
+                  where(f.site) + ")";
         return;
       }
-      int all = 1;
-      for (const Fiber& f : s.fibers) all &= f.pred != 0;
-      s.and_result = all;
-      for (Fiber& f : s.fibers) f.wait = Wait::kRun;
-      continue;
+      all &= f.pred != 0;
     }
-    s.error = "deadlock: threads wait at different barriers (" + std::to_string(at_block) +
-              " at __syncthreads, " + std::to_string(at_warp) + " at a shuffle, " +
-              std::to_string(done) + " done)";
-    return;
+    s.and_result = all;
+    for (Fiber& f : s.fibers) f.wait = Wait::kRun;
   }
+  // out-of-bounds writes to shared memory: the red zones
+  if (s.dyn_bytes &&
+      !(red_zone_intact(s.dyn_smem.data()) &&
+        red_zone_intact(s.dyn_smem.data() + kRedZone + s.dyn_bytes)))
+    s.error = "write outside the dynamic shared memory";
+  for (const auto& [key, v] : s.shared)
+    if (v.block == s.block_serial &&
+        !(red_zone_intact(v.bytes.data() + v.offset - kRedZone) &&
+          red_zone_intact(v.bytes.data() + v.offset + v.size)))
+      s.error = "write outside a __shared__ variable";
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...) is rewritten to
@@ -261,7 +342,8 @@ struct Launch {
     std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
     s.grid = grid;
     s.block = block;
-    s.dyn_smem.assign(smem, kPoison);
+    s.dyn_bytes = smem;
+    s.dyn_smem.assign(smem ? smem + 2 * kRedZone : 0, kPoison);
     s.error.clear();
     s.body = [&]() {
       auto mine = params;
@@ -270,18 +352,17 @@ struct Launch {
     const uint64_t nb = uint64_t(grid.x) * grid.y * grid.z;
     std::vector<uint64_t> order(nb);
     std::iota(order.begin(), order.end(), 0);
-    if (s.order_seed) {
-      std::mt19937_64 rng(s.order_seed + s.launches);
-      std::shuffle(order.begin(), order.end(), rng);
-    }
+    std::mt19937_64 rng(s.order_seed * 1000003 + s.launches);
+    if (s.order_seed) std::shuffle(order.begin(), order.end(), rng);
     for (uint64_t b : order) {
       s.block_idx = {static_cast<unsigned>(b % grid.x),
                      static_cast<unsigned>((b / grid.x) % grid.y),
                      static_cast<unsigned>(b / (uint64_t(grid.x) * grid.y))};
-      run_block();
+      run_block(s.order_seed ? &rng : nullptr);
       if (!s.error.empty()) {
         std::string e = s.error;
         s.error.clear();
+        s.body = nullptr;
         throw std::runtime_error("cuda_emu: " + e);
       }
     }
@@ -289,23 +370,29 @@ struct Launch {
   }
 };
 
-inline unsigned char* dynamic_smem() { return state().dyn_smem.data(); }
+inline unsigned char* dynamic_smem() { return state().dyn_smem.data() + kRedZone; }
 
 // A __shared__ variable of type T (__init__.py rewrites each declaration to this, keyed by a
 // function-local static): one instance for the threads of the block that runs, poisoned at the
-// start of every block.
+// start of every block, between red zones; the block's static shared memory plus the dynamic
+// part must fit the device's 48 KB.
 template <typename T>
 inline T& shared(const void* key) {
   static_assert(std::is_trivially_copyable_v<std::remove_all_extents_t<T>>);
+  static_assert(alignof(T) <= kRedZone);
   State& s = state();
   State::Shared& v = s.shared[key];
   if (v.block != s.block_serial) {
     v.block = s.block_serial;
-    v.bytes.assign(sizeof(T) + alignof(std::max_align_t), kPoison);
+    v.offset = kRedZone;
+    v.size = sizeof(T);
+    v.bytes.assign(2 * kRedZone + sizeof(T), kPoison);
+    s.static_bytes += sizeof(T);
+    if (s.static_bytes + s.dyn_bytes > s.prop.sharedMemPerBlock)
+      fail(std::to_string(s.static_bytes + s.dyn_bytes) + " bytes of shared memory");
   }
-  void* p = v.bytes.data();
-  size_t space = v.bytes.size();
-  return *reinterpret_cast<T*>(std::align(alignof(T), sizeof(T), p, space));
+  // vector<unsigned char> storage is aligned for any fundamental type; kRedZone keeps it so
+  return *reinterpret_cast<T*>(v.bytes.data() + v.offset);
 }
 
 inline const uint3& thread_idx() { return state().cur->tid; }
@@ -336,28 +423,31 @@ inline P vec_cast(Q* p) {
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 
-inline void __syncthreads() {
+// the call site makes the barrier: threads waiting at different ones are an error
+inline void __syncthreads(std::source_location site = std::source_location::current()) {
   ::soo_emu::state().cur->pred = 1;
-  ::soo_emu::yield_at(::soo_emu::Wait::kBlock);
+  ::soo_emu::yield_at(::soo_emu::Wait::kBlock, site);
 }
-inline int __syncthreads_and(int pred) {
+inline int __syncthreads_and(int pred,
+                             std::source_location site = std::source_location::current()) {
   ::soo_emu::state().cur->pred = pred;
-  ::soo_emu::yield_at(::soo_emu::Wait::kBlock);
+  ::soo_emu::yield_at(::soo_emu::Wait::kBlock, site);
   return ::soo_emu::state().and_result;
 }
 inline void __threadfence() {}
 
 template <typename T>
-inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32,
+                          std::source_location site = std::source_location::current()) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a value wider than 8 bytes");
   auto& s = ::soo_emu::state();
   if (mask != 0xffffffffu || width != 32) ::soo_emu::fail("shuffle with a partial mask or width");
   const int me = s.cur->linear, lane = me % 32;
   std::memcpy(&s.lanes[me], &v, sizeof(T));
-  ::soo_emu::yield_at(::soo_emu::Wait::kWarp);  // every lane has posted its value
+  ::soo_emu::yield_at(::soo_emu::Wait::kWarp, site);  // every lane has posted its value
   T out = v;
   if (lane + static_cast<int>(delta) < 32) std::memcpy(&out, &s.lanes[me + delta], sizeof(T));
-  ::soo_emu::yield_at(::soo_emu::Wait::kWarp);  // every lane has read before any posts again
+  ::soo_emu::yield_at(::soo_emu::Wait::kWarp, site);  // every lane has read before any posts
   return out;
 }
 
@@ -373,7 +463,8 @@ inline float __uint_as_float(unsigned u) {
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
-// the _rn intrinsics: one rounding each (the sources are built with -ffp-contract=off)
+// the _rn intrinsics: one rounding each, never contracted into an FMA (here nothing is: the
+// emulation is built with -ffp-contract=off, while nvcc contracts a * b + c by default)
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
