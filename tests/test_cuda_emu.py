@@ -386,3 +386,61 @@ def test_kron_empty_batches(emu, dtype):
         out = getattr(emu, name)(A, *args)
         ref = getattr(torch.ops.soo, name)(A, *args)
         assert [(o.shape, o.dtype) for o in out] == [(r.shape, r.dtype) for r in ref]
+
+
+# ---------------------------------------------------------------------------------------------
+# host synchronisation of the CUDA host code
+
+# ATen ops that read device memory on the host (a host sync on a GPU)
+HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero",
+              "aten::masked_select", "aten::equal", "aten::_assert_async")
+
+
+def host_reads(fn) -> dict[str, int]:
+    """The ATen host reads made while ``fn`` runs, from the profiler's record of every dispatcher
+    call (also those the C++ host code makes)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages() if e.key in HOST_READS}
+
+
+def test_sync_free_ops_read_nothing_on_the_host(emu):
+    """The ops documented as sync-free make no host read in their CUDA host code, also when a
+    factor fails (the damped inverse's failures and float64 retry are handled on the device).
+    Only what this code calls is seen: ATen's own CUDA linear algebra is not emulated."""
+    A = factor_batch(17, torch.float32, seed=1)
+    A[1, 0, 0] = math.nan
+    hist, g = random_history(6, 1001, 4, 2, torch.float32, torch.float32, "cpu")
+    x, x0, gp, *V = fresh(1001, 6, torch.float32, seed=2)
+    t, alpha = torch.tensor(1e-3), torch.tensor([0.5, -1.0])
+    n = 9
+    H = torch.eye(n) * 2
+    s, y, gb = fresh(n, 3, torch.float32, seed=3)
+    G, QG = torch.linalg.eigh(spd((), 5, torch.float64, "cpu", seed=1))
+    Dd, QA = torch.linalg.eigh(spd((), 7, torch.float64, "cpu", seed=2))
+    grad = torch.randn(5, 7, dtype=torch.float64)
+    F, X = spd((2,), 7, torch.float32, "cpu"), torch.randn(2, 11, 7)
+    Q, Gs, c = subproblem_inputs(3, torch.float64, "cpu", seed=0)
+    calls = {
+        "kron_damped_inverse": lambda: emu.kron_damped_inverse(A, 0.0),
+        "kfac_precondition_eigen": lambda: emu.kfac_precondition_eigen(grad, QG, G, QA, Dd, 1e-2),
+        "kron_factor_update_": lambda: emu.kron_factor_update_(F, X, 0.9, 0.1),
+        "lbfgs_direction": lambda: emu.lbfgs_direction(hist.S, hist.Y, hist.SY, hist.YY, g,
+                                                       hist.newest, hist.count, True),
+        "bfgs_direction": lambda: emu.bfgs_direction(H, s, y, gb, True),
+        "drsom_perturb": lambda: emu.drsom_perturb(x, x0, V[0], t, True),
+        "drsom_reduce": lambda: emu.drsom_reduce(gp, x0, V[:2], t, True),
+        "drsom_update": lambda: emu.drsom_update(x, V[2], V[:2], alpha),
+        "drsom_subproblem": lambda: emu.drsom_subproblem(Q, Gs, c, 1e-3, 1.0, 5.0),
+    }
+    assert sorted(calls) == sorted(set(cuda_emu.op_names()) - {"kron_eigh", "kron_inverse_root"})
+    for name, call in calls.items():
+        assert host_reads(call) == {}, name
+    # the documented syncs: eigh (ATen's linalg_eigh checks its errors on the host; one
+    # nonzero() compacts the float64 retry), Newton (one read every kNewtonCheckEvery steps)
+    reads = host_reads(lambda: emu.kron_eigh(A))
+    assert reads.get("aten::nonzero") == 1 and set(reads) <= {"aten::nonzero",
+                                                               "aten::_local_scalar_dense"}
+    reads = host_reads(lambda: emu.kron_inverse_root(A, 4, 1e-4, "newton", 100, 1e-6))
+    assert set(reads) == {"aten::_local_scalar_dense"}
+    assert reads["aten::_local_scalar_dense"] <= math.ceil(100 / 4)
