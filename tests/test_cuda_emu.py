@@ -3,13 +3,13 @@ CPU kernels (which the other test modules check against the fp64 references).
 
 This tests what the CUDA sources compute -- indexing, vector and scalar paths, grid-stride loops,
 block reductions, warp shuffles, barriers, the last-block elections, the host code's launch
-configurations and its batched ATen calls -- on a machine without a GPU.  It does not test the
-hardware: memory ordering between blocks, timing, or cuBLAS / cuSOLVER (the ATen calls of the
-CUDA host code run on the CPU here).  Inputs sit between NaN guard regions (a read out of bounds
-poisons the result, a write out of bounds shows in the guard) and at offsets that misalign them
-(the emulation faults on a misaligned vector access, as the device does).  Each kernel runs with
-1 and 3 emulated SMs (different grids), the second time with its blocks, and its threads between two barriers, run
-in shuffled orders.
+configurations, its batched ATen calls and its host reads -- on a machine without a GPU.  It does
+not test the hardware: memory ordering between blocks, timing, or cuBLAS / cuSOLVER (the ATen
+calls of the CUDA host code run on the CPU here).  Inputs sit between NaN guard regions (a read
+out of bounds poisons the result, a write out of bounds shows in the guard), aligned, misaligned,
+or with one buffer misaligned (the emulation faults on a misaligned vector access, as the device
+does).  Each kernel runs with 1 and 3 emulated SMs (different grids), the second time with its
+blocks, warps and lanes in shuffled orders.
 """
 import math
 
@@ -31,7 +31,7 @@ pytestmark = [
 ]
 
 # (emulated SMs, order seed): one block per SM for the capped grids, then three SMs with the
-# blocks, and the threads between two barriers, in shuffled orders
+# blocks, warps and lanes in shuffled orders
 DEVICE_CONFIGS = [(1, 0), (3, 7)]
 CONFIG_IDS = ["1sm", "3sm-shuffled"]
 
