@@ -126,6 +126,7 @@ def test_emulation_lets_warps_race_through_shuffles(emu):
     ("uneven_barrier", "deadlock"),
     ("different_barriers", "threads at different __syncthreads"),
     ("shared_overflow", "write outside a __shared__ variable"),
+    ("launch_bounds", r"block of 64 threads for __launch_bounds__\(32\)"),
     ("big_block", "block of 2048 threads"),
 ])
 def test_emulation_reports_kernel_errors(emu, case, message):

@@ -1,6 +1,6 @@
 """soo_ext's CUDA sources built for the CPU emulation of cuda_emu.h, and loaded.
 
-Each ``csrc/cuda/*.cu`` (and ``common.cuh``) is rewritten into ``build/cuda_emu/src`` with five
+Each ``csrc/cuda/*.cu`` (and ``common.cuh``) is rewritten into ``build/cuda_emu/src`` with six
 textual changes, then compiled as C++ by torch.utils.cpp_extension (ninja: only what changed is
 rebuilt; the first build takes ~30 s here):
 
@@ -11,6 +11,7 @@ rebuilt; the first build takes ~30 s here):
   with NaN bytes at the start of every block
 - ``reinterpret_cast<float4*>`` (and the other vector types) -> ``::soo_emu::vec_cast``, which
   fails on a misaligned address as the device does
+- ``__launch_bounds__(B)`` -> a check of the block size at the start of the kernel
 - ``TORCH_LIBRARY_IMPL(soo, CUDA, m)`` -> ``TORCH_LIBRARY_IMPL(soo_emu, CPU, m)``
 
 The ``soo_emu`` ops get the schemas of the ``soo`` ops of the compiled module (so it must be
@@ -36,6 +37,24 @@ _VEC_CAST = re.compile(r"reinterpret_cast<((?:const\s+)?(?:float4|float2|double2
 _REGISTER = re.compile(r"TORCH_LIBRARY_IMPL\(soo,\s*CUDA,")
 _SHARED = re.compile(r"(?<!extern )__shared__\s+([\w:<>]+)\s+([^;]+);")
 _DECLARATOR = re.compile(r"\s*(\w+)\s*((?:\[[^\]]+\])*)\s*$")
+
+
+_LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\(([^()]+)\)")
+
+
+def _check_launch_bounds(source: str) -> str:
+    """``__launch_bounds__(B) kernel(...) {`` -> the same, the body starting with a check that
+    the block has at most B threads (the device refuses such a launch)."""
+    out, pos = [], 0
+    for m in _LAUNCH_BOUNDS.finditer(source):
+        depth, i = 0, m.end()
+        while not (source[i] == "{" and depth == 0):  # the body's brace, after the parameters
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            i += 1
+        out.append(source[pos:m.start()] + source[m.end():i + 1]
+                   + f" ::soo_emu::check_launch_bounds({m.group(1)});")
+        pos = i + 1
+    return "".join(out) + source[pos:]
 
 
 def _shared_declarations(m: re.Match) -> str:
@@ -66,6 +85,7 @@ def rewrite(source: str) -> str:
         r"\1* \2 = reinterpret_cast<\1*>(::soo_emu::dynamic_smem());", out)
     out = _VEC_CAST.sub(r"::soo_emu::vec_cast<\1>(", out)
     out = _SHARED.sub(_shared_declarations, out)
+    out = _check_launch_bounds(out)
     out = _REGISTER.sub("TORCH_LIBRARY_IMPL(soo_emu, CPU,", out)
     return _PARENT_INCLUDE.sub('#include "', out)
 

@@ -75,6 +75,11 @@ __global__ void shared_overflow_kernel(float* out) {
   out[threadIdx.x] = buf[threadIdx.x % 32];
 }
 
+__global__ void bounded_kernel(float* out) {  // as rewritten from __launch_bounds__(32)
+  ::soo_emu::check_launch_bounds(32);
+  out[threadIdx.x] = 1;
+}
+
 __global__ void misaligned_kernel(const float* p, float* out) {
   const float4 v = *::soo_emu::vec_cast<const float4*>(p + 1);
   out[0] = v.x;
@@ -101,7 +106,7 @@ __global__ void uneven_barrier_kernel(float* out) {  // lane 0 never reaches the
 // Runs one self-test: "block_sum" (4 blocks of 256: returns blocks and order, see the kernel),
 // "stale_shared" (returns the value each of 3 blocks reads), "warp_race" (returns what warp 0
 // read; see the kernels); the others must raise: "misaligned", "early_exit", "partial_warp",
-// "uneven_barrier", "different_barriers", "shared_overflow", "big_block".
+// "uneven_barrier", "different_barriers", "shared_overflow", "launch_bounds", "big_block".
 std::vector<at::Tensor> selftest(const std::string& which) {
   auto out = at::zeros({1024}, at::kFloat);
   if (which == "block_sum") {
@@ -132,6 +137,8 @@ std::vector<at::Tensor> selftest(const std::string& which) {
     ::soo_emu::Launch(1, 64)(different_barriers_kernel, out.data_ptr<float>());
   } else if (which == "shared_overflow") {
     ::soo_emu::Launch(1, 64)(shared_overflow_kernel, out.data_ptr<float>());
+  } else if (which == "launch_bounds") {
+    ::soo_emu::Launch(1, 64)(bounded_kernel, out.data_ptr<float>());
   } else if (which == "big_block") {
     ::soo_emu::Launch(1, 2048)(shuffle_kernel, out.data_ptr<float>());
   } else {

@@ -11,10 +11,11 @@
 // and lanes run in shuffled orders, so a kernel that depends on block order or lacks a barrier
 // fails.  Reported as errors (a RuntimeError in Python): threads at different __syncthreads
 // (by call site), or some skipping it; lanes at different shuffles, or a shuffle in a partial
-// warp; a deadlock; a misaligned vector load or store; an invalid launch configuration; more
-// than 48 KB of shared memory; a write outside a shared-memory region.  Shared memory (static and
-// dynamic) is one instance for the threads of the block that runs, filled with NaN bytes (0xFF)
-// at the start of every block, between poisoned red zones.  Fiber stacks have guard pages.
+// warp; a deadlock; a misaligned vector load or store; an invalid launch configuration (also
+// against the kernel's __launch_bounds__); more than 48 KB of shared memory; a write outside a
+// shared-memory region.  Shared memory (static and dynamic) is one instance for the threads of
+// the block that runs, filled with NaN bytes (0xFF) at the start of every block, between
+// poisoned red zones.  Fiber stacks have guard pages.
 // Single-threaded: launches from two threads at once are not supported.
 #pragma once
 
@@ -410,6 +411,14 @@ inline P vec_cast(Q* p) {
   return reinterpret_cast<P>(p);
 }
 
+// __launch_bounds__(max_threads), rewritten to this at the start of the kernel's body
+inline void check_launch_bounds(unsigned max_threads) {
+  const dim3& b = state().block;
+  if (b.x * b.y * b.z > max_threads)
+    fail("block of " + std::to_string(b.x * b.y * b.z) + " threads for __launch_bounds__(" +
+         std::to_string(max_threads) + ")");
+}
+
 }  // namespace soo_emu
 
 // ---- built-in variables and functions -------------------------------------------------------- //
@@ -421,7 +430,6 @@ inline P vec_cast(Q* p) {
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
 
 // the call site makes the barrier: threads waiting at different ones are an error
 inline void __syncthreads(std::source_location site = std::source_location::current()) {
