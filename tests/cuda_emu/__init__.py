@@ -156,17 +156,19 @@ def load():
 
 
 def configure(sms: int = 2, order_seed: int = 0) -> int:
-    """The emulated device's SM count and the seed of its block and thread orders (0: in
-    order); returns the launches made so far."""
+    """The emulated device's SM count and the seed of its block, warp and lane orders (0: in
+    order); returns the launches since the previous call (and restarts the count, on which the
+    orders also depend)."""
     return torch.ops.soo_emu_config.configure(sms, order_seed)
 
 
 def install_as_cpu_kernels() -> torch.library.Library:
     """Makes the emulated CUDA kernels the ``soo`` ops' CPU kernels, so that every CPU test
-    runs the CUDA sources (pytest ``--cuda-emu-as-cpu``); undone when the returned library is
-    destroyed."""
+    runs the CUDA sources (pytest ``--cuda-emu-as-cpu``), on 3 emulated SMs with blocks, warps and
+    lanes in shuffled orders; undone when the returned library is destroyed."""
     import warnings
     emu = load()
+    configure(sms=3, order_seed=11)  # grids of several blocks, in shuffled orders
     lib = torch.library.Library("soo", "IMPL")
     with warnings.catch_warnings():  # "overriding a previously registered kernel" (intended)
         warnings.simplefilter("ignore")
