@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+import soo_ext
 from soo_ext import ops
 
 from conftest import rel_err
@@ -101,6 +102,18 @@ def test_emulation_runs_blocks_threads_and_shuffles(emu):
         orders.append(order.tolist())
     assert any(o != [0, 1, 2, 3] for o in orders)
     cuda_emu.configure(2, 0)
+
+
+@pytest.mark.skipif(not soo_ext.build_info()["with_cuda"], reason="module built without CUDA")
+def test_every_cuda_kernel_is_emulated(emu):
+    """The ops the compiled module registers CUDA kernels for are exactly those the emulation
+    builds (and --cuda-emu-as-cpu replaces): none is left out by the rewrite."""
+    soo_ops = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+               if n.startswith("soo::")]
+    with_cuda = {n for n in soo_ops if torch._C._dispatch_has_kernel_for_dispatch_key(f"soo::{n}",
+                                                                                       "CUDA")}
+    assert with_cuda and with_cuda == set(cuda_emu.op_names())
+    assert all(hasattr(emu, n) for n in with_cuda)
 
 
 def test_emulation_starts_every_block_with_poisoned_shared_memory(emu):
