@@ -20,7 +20,8 @@ import soo_ext
 from soo_ext import ops
 
 from conftest import rel_err
-from test_drsom_ops import subproblem_inputs
+from test_bfgs import random_problem
+from test_drsom_ops import subproblem_inputs, vectors
 from test_kron_ops import ill_conditioned, rank_deficient, spd
 from test_ops import random_history
 
@@ -79,11 +80,6 @@ def assert_guards_intact(view: torch.Tensor, buf: torch.Tensor) -> None:
     start = view.storage_offset()
     assert buf[:start].isnan().all(), "written before the start of a buffer"
     assert buf[start + view.numel():].isnan().all(), "written past the end of a buffer"
-
-
-def fresh(n, count, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for _ in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +157,7 @@ DRSOM_SIZES = [1, 3, 4, 5, 8, 1001, 4096, 65_539]
 @pytest.mark.parametrize("n", DRSOM_SIZES)
 @pytest.mark.parametrize("misalign", MISALIGN)
 def test_drsom_perturb(emu, device_config, dtype, tol, n, misalign):
-    x, x0, v = fresh(n, 3, dtype, seed=n)
+    x, x0, v = vectors(n, 3, dtype, "cpu", seed=n)
     t = torch.tensor(0.37, dtype=dtype)
     ox, ox0, ov = offsets(misalign, 3)
     for save in (True, False):
@@ -181,7 +177,7 @@ def test_drsom_perturb(emu, device_config, dtype, tol, n, misalign):
 @pytest.mark.parametrize("k", [1, 2, 3, 8])
 @pytest.mark.parametrize("misalign", MISALIGN)
 def test_drsom_reduce(emu, device_config, dtype, tol, n, k, misalign):
-    gp, g, *V = fresh(n, k + 2, dtype, seed=n + k)
+    gp, g, *V = vectors(n, k + 2, dtype, "cpu", seed=n + k)
     t = torch.tensor(1e-3, dtype=dtype)
     for with_gram in (False, True):
         gpe, ge, *Ve = [guarded(a, o)[0] for a, o in zip([gp, g] + V, offsets(misalign, k + 2))]
@@ -201,7 +197,7 @@ def test_drsom_reduce(emu, device_config, dtype, tol, n, k, misalign):
 @pytest.mark.parametrize("k", [1, 2, 5, 8])
 @pytest.mark.parametrize("misalign", MISALIGN)
 def test_drsom_update(emu, device_config, dtype, tol, n, k, misalign):
-    x, p, *V = fresh(n, k + 2, dtype, seed=3 * n + k)
+    x, p, *V = vectors(n, k + 2, dtype, "cpu", seed=3 * n + k)
     alpha = torch.linspace(-1.5, 2.0, k, dtype=dtype)
     ox, op, *oV = offsets(misalign, k + 2)
     for alias in (False, True):  # p may be one of the directions
@@ -275,12 +271,7 @@ def test_lbfgs_direction(emu, device_config, dtype, hist_dtype, tol, m, n, count
                          ids=["fp64", "fp32"])
 @pytest.mark.parametrize("n", [1, 2, 7, 33, 256, 301])
 def test_bfgs_direction(emu, device_config, dtype, tol, n):
-    gen = torch.Generator().manual_seed(n)
-    A = torch.randn(n, n, generator=gen, dtype=torch.float64)
-    H = (A @ A.T / n + torch.eye(n, dtype=torch.float64)).to(dtype)
-    s, u, g = (torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(3))
-    y = (s + 0.1 * u).to(dtype)
-    s, g = s.to(dtype), g.to(dtype)
+    H, s, y, g = (a.to(dtype) for a in random_problem(n, seed=n))
     for update in (False, True):
         (He, Hbuf), Hc = guarded(H), H.clone()
         d, stats = emu.bfgs_direction(He, s, y, g, update)
@@ -425,11 +416,11 @@ def test_sync_free_ops_read_nothing_on_the_host(emu):
     A = factor_batch(17, torch.float32, seed=1)
     A[1, 0, 0] = math.nan
     hist, g = random_history(6, 1001, 4, 2, torch.float32, torch.float32, "cpu")
-    x, x0, gp, *V = fresh(1001, 6, torch.float32, seed=2)
+    x, x0, gp, *V = vectors(1001, 6, torch.float32, "cpu", seed=2)
     t, alpha = torch.tensor(1e-3), torch.tensor([0.5, -1.0])
     n = 9
     H = torch.eye(n) * 2
-    s, y, gb = fresh(n, 3, torch.float32, seed=3)
+    s, y, gb = vectors(n, 3, torch.float32, "cpu", seed=3)
     G, QG = torch.linalg.eigh(spd((), 5, torch.float64, "cpu", seed=1))
     Dd, QA = torch.linalg.eigh(spd((), 7, torch.float64, "cpu", seed=2))
     grad = torch.randn(5, 7, dtype=torch.float64)
