@@ -7,6 +7,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    _DTensor = None
+
 
 def call_closure(closure: Callable | None) -> Any:
     """What ``closure`` returns (None without one), called once with grad enabled: it runs the
@@ -19,11 +24,15 @@ def call_closure(closure: Callable | None) -> Any:
 
 def check_params(params: list[Tensor], name: str) -> None:
     """ValueError unless the params are real float32/float64 dense tensors of one dtype on one
-    device (one flat vector of them is what the fused kernels work on)."""
+    device (one flat vector of them is what the fused kernels work on), not DTensors."""
     if not params:
         return
     p0 = params[0]
     for p in params:
+        if _is_dtensor(p):
+            raise ValueError(f"Invalid params: {name} does not support DTensor params (FSDP2, "
+                             "tensor parallel); for data parallelism use "
+                             "DistributedDataParallel")
         if p.is_complex():
             raise ValueError(f"Invalid params: {name} does not support complex params (optimise "
                              "real and imaginary parts as separate real tensors, e.g. "
@@ -95,3 +104,26 @@ def all_finite(vectors: list[Tensor]) -> Tensor:
     if not extremes:
         return torch.ones((), dtype=torch.bool, device=vectors[0].device)
     return torch.isfinite(torch.stack(extremes)).all()
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def check_process_group(group):
+    """``group`` if it is a ``torch.distributed`` process group or None, else ValueError; None
+    also for a group of one rank (nothing to average)."""
+    if group is None:
+        return None
+    dist = torch.distributed
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise ValueError(f"Invalid process_group: {group!r} (must be a "
+                         "torch.distributed.ProcessGroup or None)")
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def all_reduce_mean_(t: Tensor, group) -> Tensor:
+    """``t`` <- the mean of ``t`` over the ranks of ``group``, in place (a sum and a division:
+    gloo has no averaging reduction)."""
+    torch.distributed.all_reduce(t, group=group)
+    return t.div_(torch.distributed.get_world_size(group))

@@ -74,8 +74,8 @@ class BFGS(QuasiNewton):
     rank-2 BFGS update ``H <- (I - rho s y^T) H (I - rho y s^T) + rho s s^T`` for every accepted
     pair with ``y.s > 1e-10``; the update and the direction ``-H g`` are one fused op
     (``soo_ext.ops.bfgs_direction``, CPU and CUDA).  Iteration, stopping tests, the strong-Wolfe
-    line search, param groups (per-group lr), ``on_nonfinite`` and state-dict resume are exactly
-    those of :class:`soo_ext.LBFGS` (see there); the first step is steepest descent with length
+    line search, param groups (per-group lr), ``on_nonfinite``, state-dict resume and the data
+    parallel ``process_group`` are exactly those of :class:`soo_ext.LBFGS` (see there); the first step is steepest descent with length
     ``min(1, 1/|g|_1) lr``, and H is rescaled to ``(y.s / y.y) I`` before the first update.
 
     ``H`` costs ``n^2`` elements of the params' dtype (plus one ``n^2`` read and write per
@@ -94,6 +94,7 @@ class BFGS(QuasiNewton):
         maximize: maximise the objective instead of minimising it (default: False).
         on_nonfinite: ``'raise'`` (default) or ``'skip'``.
         max_state_bytes: largest allowed size of ``H`` in bytes (default: 1 GiB).
+        process_group: the data-parallel ranks whose losses are averaged (default None).
     """
 
     STATE_KEY = "inverse_hessian"
@@ -103,12 +104,12 @@ class BFGS(QuasiNewton):
                  max_eval: int | None = None, tolerance_grad: float = 1e-7,
                  tolerance_change: float = 1e-9, line_search_fn: str | None = None, *,
                  maximize: bool = False, on_nonfinite: str = "raise",
-                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES) -> None:
+                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES, process_group=None) -> None:
         super().__init__(params, {
             "lr": lr, "max_iter": max_iter, "max_eval": max_eval, "tolerance_grad": tolerance_grad,
             "tolerance_change": tolerance_change, "line_search_fn": line_search_fn,
             "maximize": maximize, "on_nonfinite": on_nonfinite,
-            "max_state_bytes": max_state_bytes})
+            "max_state_bytes": max_state_bytes}, process_group)
 
     @classmethod
     def _check_curvature_options(cls, options: dict) -> None:

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from . import ops as _ops
 from . import reference as _reference
-from ._common import check_params, load_state_dict_uncast
+from ._common import all_reduce_mean_, check_params, check_process_group, load_state_dict_uncast
 from .quasi_newton import NonFiniteError
 
 __all__ = ["DRSOM", "NonFiniteError", "same_randomness"]
@@ -207,13 +207,22 @@ class same_randomness:
 
 class _Workspace:
     """Scratch vectors of a run (not state): base point, gradients at the base and perturbed
-    points, and device constants."""
+    points, and device constants.  Data parallel: each gradient vector is the head of a buffer
+    one longer, whose last entry takes the loss, so that one all-reduce averages both."""
 
-    def __init__(self, x: Tensor, central: bool) -> None:
+    def __init__(self, x: Tensor, central: bool, distributed: bool = False) -> None:
+        n = x.numel()
+        self.with_loss: dict[int, Tensor] = {}  # data_ptr of a gradient vector -> its buffer
+
+        def gradient_vector() -> Tensor:
+            buf = torch.empty(n + distributed, dtype=x.dtype, device=x.device)
+            self.with_loss[buf.data_ptr()] = buf
+            return buf[:n]
+
         self.x0 = torch.empty_like(x)
-        self.g = torch.empty_like(x)
-        self.gp = torch.empty_like(x)
-        self.gm = torch.empty_like(x) if central else None
+        self.g = gradient_vector()
+        self.gp = gradient_vector()
+        self.gm = gradient_vector() if central else None
         self.one = torch.ones((), dtype=x.dtype, device=x.device)
 
 
@@ -334,6 +343,14 @@ class DRSOM(Optimizer):
     first trust-region decision (its trial evaluation is wasted) and the step falls back to the
     line search along ``-g``.
 
+    **Data parallel** (``torch.distributed``).  Give each rank the bare model (not wrapped in
+    ``DistributedDataParallel``: DRSOM takes its gradients with ``torch.autograd.grad``, which
+    DDP's reducer does not see) and ``process_group=``: every gradient is averaged over the
+    group together with its loss (one all-reduce of ``n + 1`` values), every trial loss and the
+    products of ``hvp='autograd'`` likewise, so each rank takes the same decisions and the
+    same steps as one process on the concatenated batch would with ranks' batches of equal
+    size (the mean of the ranks' means).  The loss ``step`` returns is the rank's own.
+
     **State** (under the first param): ``step`` (int, steps taken), ``gamma`` (float),
     ``directions`` (a ``k x n`` buffer: ``k - 1`` directions and one scratch row), ``order``
     (row of ``d_1, d_2, ...`` in it), ``count`` (stored directions), ``ls_step`` (float or None),
@@ -363,6 +380,8 @@ class DRSOM(Optimizer):
         model: a module whose dropout/BatchNorm randomness is replayed (default None).
         on_nonfinite: ``'raise'`` (default) or ``'skip'``.
         maximize: maximise the objective (default False).
+        process_group: a ``torch.distributed`` process group whose ranks run DRSOM on their own
+            shards of each batch: gradients and losses are averaged over it (default None).
     """
 
     def __init__(self, params, hvp: str = "fd", directions: int = 2, random: bool = False, *,
@@ -371,7 +390,7 @@ class DRSOM(Optimizer):
                  max_trials: int = 20, collinearity: float = 0.97, armijo: float = 1e-4,
                  max_step_growth: float = 10.0, rejection_shrink: float = 0.5,
                  seed: int = 0, model: nn.Module | None = None, on_nonfinite: str = "raise",
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, process_group=None) -> None:
         defaults = {"hvp": hvp, "directions": directions, "random": random, "gamma": gamma,
                     "gamma_increase": gamma_increase, "gamma_min": gamma_min,
                     "eta_accept": eta_accept, "eta_low": eta_low, "eta_high": eta_high,
@@ -382,7 +401,12 @@ class DRSOM(Optimizer):
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} "
                              "(must be an nn.Module or None)")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("Invalid model: DRSOM takes its gradients with torch.autograd.grad, "
+                             "which DistributedDataParallel does not reduce; give the bare "
+                             "module and process_group= (DRSOM averages over it)")
         self._model = model
+        self._process_group = check_process_group(process_group)
         self._ws: _Workspace | None = None
         super().__init__(params, defaults)
         self._flatten()
@@ -415,6 +439,7 @@ class DRSOM(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_model", None)
+        self._process_group = None  # a process group is not copied
         self._ws = None
         self._flatten()
 
@@ -463,7 +488,12 @@ class DRSOM(Optimizer):
                                    "return the loss without calling backward, under grad mode)")
             grads = torch.autograd.grad(obj, params, allow_unused=True, create_graph=create_graph)
         self._gather(grads, out)
-        return loss, obj.detach().to(self._x.dtype), (grads if create_graph else None)
+        obj = obj.detach().to(self._x.dtype)
+        if self._process_group is not None:
+            buf = self._ws.with_loss[out.data_ptr()]
+            buf[-1:].copy_(obj.reshape(1))
+            obj = all_reduce_mean_(buf, self._process_group)[-1]
+        return loss, obj, (grads if create_graph else None)
 
     def _split(self, flat: Tensor) -> list[Tensor]:
         """Per-param views of a flat vector (cached for the workspace buffers)."""
@@ -497,6 +527,9 @@ class DRSOM(Optimizer):
         replay()
         with torch.no_grad():
             _, obj = self._objective(closure, self.param_groups[0]["maximize"])
+        if self._process_group is not None:  # a copy: the closure's loss stays the rank's own
+            return all_reduce_mean_(obj.to(self._x.dtype, copy=True).reshape(1),
+                                    self._process_group)[0]
         return obj.detach().to(self._x.dtype)
 
     def _hessian(self, closure: Callable, V: list[Tensor], G: Tensor, grads, replay,
@@ -522,6 +555,8 @@ class DRSOM(Optimizer):
                 for i, h in zip(used, hv):
                     full[i] = h
                 self._gather(full, ws.gp)
+                if self._process_group is not None:
+                    all_reduce_mean_(ws.gp, self._process_group)
                 cols.append(torch.stack([torch.dot(w, ws.gp) for w in V]))
         else:
             central = group["hvp"] == "central"
@@ -571,7 +606,8 @@ class DRSOM(Optimizer):
                                "model.to()); construct the optimizer after moving the model")
         st = self._state()
         if self._ws is None:
-            self._ws = _Workspace(self._x, group["hvp"] == "central")
+            self._ws = _Workspace(self._x, group["hvp"] == "central",
+                                  self._process_group is not None)
         ws, x = self._ws, self._x
         model = self._model
         rng0 = _capture_rng() if model is not None else None

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import ops as _ops
-from ._common import (all_finite, call_closure, check_groups, check_params,
-                      load_state_dict_uncast)
+from ._common import (all_finite, all_reduce_mean_, call_closure, check_groups, check_params,
+                      check_process_group, load_state_dict_uncast)
 from .quasi_newton import NonFiniteError
 
 __all__ = ["KFAC", "NonFiniteError"]
@@ -147,12 +147,12 @@ class _Bucket:
     (eigen mode) or damped inverses (inverse mode), and per-factor status counters."""
 
     def __init__(self, n: int, entries: list[tuple[_Layer, str]], mode: str, dtype: torch.dtype,
-                 device: torch.device, damping: float) -> None:
+                 device: torch.device, damping: float, staged: Tensor) -> None:
         self.n, self.entries = n, entries
         B = len(entries)
         eye = torch.eye(n, dtype=dtype, device=device)
         self.F = eye.repeat(B, 1, 1)  # factors start at the identity
-        self.P = torch.zeros_like(self.F)  # staged statistics (a row-weighted mean)
+        self.P = staged.view(B, n, n)  # staged statistics (a row-weighted mean)
         if mode == "eigen":
             self.Q = eye.repeat(B, 1, 1)
             self.d = torch.ones(B, n, dtype=dtype, device=device)
@@ -196,11 +196,21 @@ class _Layout:
         # bucket n the A part lists the layers with a_dim = n by (out, index), the G part those
         # with out = n by (a_dim, index).
         order = sorted(layers, key=lambda l: (l.out, l.a_dim, l.index))
+        sizes = sorted({l.a_dim for l in layers} | {l.out for l in layers})
+        entries_of = {n: [(l, "A") for l in order if l.a_dim == n]
+                      + [(l, "G") for l in order if l.out == n] for n in sizes}
+        # The staged statistics of every bucket in one buffer: one all-reduce averages them
+        # between data-parallel ranks, one fill zeroes them.
+        self.staged = torch.zeros(sum(len(e) * n * n for n, e in entries_of.items()),
+                                  dtype=dtype, device=device)
         self.buckets: dict[int, _Bucket] = {}
-        for n in sorted({l.a_dim for l in layers} | {l.out for l in layers}):
-            entries = ([(l, "A") for l in order if l.a_dim == n]
-                       + [(l, "G") for l in order if l.out == n])
-            bucket = _Bucket(n, entries, mode, dtype, device, damping)
+        offset = 0
+        for n in sizes:
+            entries = entries_of[n]
+            size = len(entries) * n * n
+            bucket = _Bucket(n, entries, mode, dtype, device, damping,
+                             self.staged[offset:offset + size])
+            offset += size
             for pos, (l, which) in enumerate(entries):
                 if which == "A":
                     l.a_bucket, l.a_pos = bucket, pos
@@ -341,6 +351,19 @@ class KFAC(Optimizer):
     its previous eigendecomposition / inverse; ``A_inverse_failures`` / ``G_inverse_failures``
     count those, ``*_inverse_fallbacks`` the float64 retries (status 1).
 
+    **Data parallel** (``torch.distributed``).  Wrap the model in
+    ``DistributedDataParallel`` and give the wrapped model to ``KFAC``: DDP averages the
+    gradients, and at every factor step ``step()`` averages the staged statistics over DDP's
+    process group (``process_group=`` chooses another group): one all-reduce of one buffer that
+    holds all of them, as KAISA does.  Every rank then commits the same factors and, with the
+    same kernels, computes the same eigendecompositions / inverses, so the replicas stay equal
+    (tested bitwise on 2 CPU ranks) and follow the single-process run on the concatenated batch
+    when the ranks' batches are equal in size (the mean of the ranks' means, like DDP's
+    gradient).  Every rank must capture the same layers at a factor step (as DDP itself
+    requires the same backward on every rank).  Without the averaging each rank would
+    precondition the common gradient with its own factors and the replicas would drift apart.
+    FSDP2 (DTensor params) is not supported.
+
     **State.**  Global, under the first param: ``step`` (int) and ``nonfinite_steps``.  Per
     param: ``momentum_buffer``.  Per K-FAC layer, under its weight: ``A``, ``G``; ``QA``,
     ``dA``, ``QG``, ``dG`` (eigen) or ``A_inv``, ``G_inv`` (inverse); the four counters (0-dim
@@ -369,6 +392,8 @@ class KFAC(Optimizer):
         grad_scaler: a ``torch.amp.GradScaler`` or a callable returning the loss scale.
         params: the params to optimise (iterable of tensors or param-group dicts); default: all
             params of ``model``.
+        process_group: the data-parallel ranks whose statistics are averaged (default: the
+            group of ``model`` if it is a ``DistributedDataParallel``, else none).
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
@@ -377,9 +402,13 @@ class KFAC(Optimizer):
                  inv_update_steps: int = 1, mode: str = "eigen", *, skip_layers=None,
                  on_nonfinite: str = "skip", factor_dtype: torch.dtype = torch.float32,
                  accumulation_steps: int = 1, batch_averaged: bool = True, grad_scaler=None,
-                 params=None) -> None:
+                 params=None, process_group=None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} is not an nn.Module")
+        if process_group is None:
+            process_group = getattr(model, "process_group", None) if isinstance(
+                model, nn.parallel.DistributedDataParallel) else None
+        self._process_group = check_process_group(process_group)
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                     "damping": damping, "factor_decay": factor_decay, "kl_clip": kl_clip,
                     "factor_update_steps": factor_update_steps,
@@ -568,11 +597,11 @@ class KFAC(Optimizer):
     def _reset_pending(self) -> None:
         for layer in self._layers:
             layer.rows = layer.captures = 0
-        if self._layout is not None:
-            for b in self._layout.buckets.values():
-                if b.dirty:
-                    b.P.zero_()
-                    b.dirty = False
+        lay = self._layout
+        if lay is not None and any(b.dirty for b in lay.buckets.values()):
+            lay.staged.zero_()  # after an all-reduce every bucket may hold values
+            for b in lay.buckets.values():
+                b.dirty = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``Optimizer.zero_grad``; also drops the statistics staged since the last step."""
@@ -690,6 +719,13 @@ class KFAC(Optimizer):
         plain: list[tuple[int, Tensor]] = [(group_of[id(p)], p) for p in self._all_params()
                                            if p.grad is not None and id(p) not in in_kfac]
         staged = [b.P for b in lay.buckets.values() if b.dirty] if (lay and factor_step) else []
+        if staged and self._process_group is not None:
+            # data parallel: every rank commits the mean of the ranks' statistics (and judges
+            # all of them finite or not alike)
+            all_reduce_mean_(lay.staged, self._process_group)
+            staged = [lay.staged]
+            for b in lay.buckets.values():
+                b.dirty = True
         checked = [p.grad for _, p in plain] + staged
         for grp, members in active.items():
             if len(members) == len(grp.layers):

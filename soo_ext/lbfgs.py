@@ -51,6 +51,13 @@ class LBFGS(QuasiNewton):
       (If the very first iteration of the run fails, the next step starts afresh, with the
       damped first step length.)
     * CPU or CUDA params, float32 or float64, all on one device and of one dtype.
+    * **Data parallel.**  With the model wrapped in ``DistributedDataParallel`` (which averages
+      the gradients) each rank's closure returns the loss of its own shard, so the line search
+      and the stopping tests would decide differently on each rank and the replicas drift
+      apart: pass ``process_group=`` (e.g. ``model.process_group``) and the losses are averaged
+      over it (one all-reduce per evaluation), so every rank takes the same steps as one process
+      on the concatenated batch (ranks' batches of equal size).  ``step`` returns the rank's
+      own loss.
 
     State (global, kept with the first param like torch): ``func_evals``, ``n_iter``, ``d`` (last
     direction), ``t`` (step taken along ``d`` from the point where ``prev_flat_grad`` was
@@ -73,6 +80,8 @@ class LBFGS(QuasiNewton):
         maximize: maximise the objective instead of minimising it (default: False).
         history_dtype: storage dtype of the history (default: None, the params' dtype).
         on_nonfinite: ``'raise'`` (default) or ``'skip'``.
+        process_group: data parallel (``torch.distributed``): the ranks whose losses are
+            averaged (default None: the loss is the closure's own).
     """
 
     STATE_KEY = "history"
@@ -82,12 +91,13 @@ class LBFGS(QuasiNewton):
                  max_eval: int | None = None, tolerance_grad: float = 1e-7,
                  tolerance_change: float = 1e-9, history_size: int = 100,
                  line_search_fn: str | None = None, *, maximize: bool = False,
-                 history_dtype: torch.dtype | None = None, on_nonfinite: str = "raise") -> None:
+                 history_dtype: torch.dtype | None = None, on_nonfinite: str = "raise",
+                 process_group=None) -> None:
         super().__init__(params, {
             "lr": lr, "max_iter": max_iter, "max_eval": max_eval, "tolerance_grad": tolerance_grad,
             "tolerance_change": tolerance_change, "history_size": history_size,
             "line_search_fn": line_search_fn, "maximize": maximize,
-            "history_dtype": history_dtype, "on_nonfinite": on_nonfinite})
+            "history_dtype": history_dtype, "on_nonfinite": on_nonfinite}, process_group)
 
     @classmethod
     def _check_curvature_options(cls, options: dict) -> None:

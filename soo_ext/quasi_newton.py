@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import check_groups, check_params, load_state_dict_uncast, max_abs
+from ._common import (all_reduce_mean_, check_groups, check_params, check_process_group,
+                      load_state_dict_uncast, max_abs)
 from .line_search import LinePoint, strong_wolfe
 
 __all__ = ["NonFiniteError", "QuasiNewton"]
@@ -221,16 +222,18 @@ class QuasiNewton(Optimizer):
     def _check_curvature_unchanged(self, curvature: Any, group: dict) -> None:
         """ValueError if an option the curvature model was built with has changed."""
 
-    def __init__(self, params, defaults: dict) -> None:
+    def __init__(self, params, defaults: dict, process_group=None) -> None:
         if defaults["max_eval"] is None and isinstance(defaults["max_iter"], Integral):
             defaults["max_eval"] = defaults["max_iter"] * 5 // 4
         _check_options(defaults)
         self._check_curvature_options(defaults)
+        self._process_group = check_process_group(process_group)
         self._ws: _Workspace | None = None
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._process_group = None  # a process group is not copied
         self._ws = None  # rebuilt from the state at the next step
 
     def _all_params(self) -> list[Tensor]:
@@ -297,10 +300,16 @@ class QuasiNewton(Optimizer):
             g_prev, d = pair
             scalars.append(torch.dot(torch.sub(g, g_prev, out=ws.y), d))
             ws.y_of = (g, g_prev)
-        if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"the closure must return a scalar loss, got shape "
-                                 f"{tuple(loss.shape)}")
+        if isinstance(loss, Tensor) and loss.numel() != 1:
+            raise ValueError(f"the closure must return a scalar loss, got shape "
+                             f"{tuple(loss.shape)}")
+        if self._process_group is not None:  # the mean of the ranks' losses (a copy)
+            f_mean = torch.tensor([float(loss)], dtype=torch.float64, device=g.device) \
+                if not isinstance(loss, Tensor) else \
+                loss.detach().to(g.device, torch.float64, copy=True).reshape(1)
+            scalars.insert(0, all_reduce_mean_(f_mean, self._process_group)[0])
+            values = torch.stack([s.to(torch.float64) for s in scalars]).tolist()
+        elif isinstance(loss, Tensor):
             scalars.insert(0, loss.detach().reshape(()).to(g.device))
             values = torch.stack([s.to(torch.float64) for s in scalars]).tolist()
         else:

@@ -1,0 +1,206 @@
+"""Data parallelism over torch.distributed: 2 CPU ranks (gloo) against one process.
+
+Each rank trains on its half of every batch; one process trains on the whole batch.  The
+replicas must stay bitwise equal, and follow the single process to rounding (float64: the mean
+of two equal halves' means is the whole batch's mean; within 1e-6 after the amplification of
+finite differences and of the inverses of small eigenvalues).  Without the averaging the optimizers
+document, the replicas drift apart (checked too, so that the comparison can fail).  All ranked
+runs happen in one spawn (starting the processes costs seconds), the references in this process.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+import soo_ext
+from conftest import rel_err
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+WORLD = 2
+HALF = 12  # samples per rank and batch
+STEPS = 6
+
+
+def make_model(smooth: bool = False) -> nn.Module:
+    """A Conv2d and two Linear layers (what K-FAC preconditions), float64."""
+    torch.manual_seed(0)
+    act = nn.Tanh() if smooth else nn.ReLU()
+    return nn.Sequential(nn.Conv2d(1, 4, (1, 3), padding=(0, 1)), act, nn.Flatten(),
+                         nn.Linear(4 * 8, 16), act, nn.Linear(16, 3)).double()
+
+
+def batch(step: int, rank: int | None):
+    """Batch ``step``: the whole of it (rank None) or a rank's half."""
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(WORLD * HALF, 1, 1, 8, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (WORLD * HALF,), generator=gen)
+    if rank is None:
+        return x, y
+    return x[rank * HALF:(rank + 1) * HALF], y[rank * HALF:(rank + 1) * HALF]
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# ---- the runs: each takes the rank (None: one process on whole batches) ---------------------- #
+
+def run_backward_optimizer(rank, name: str, sync: bool = True):
+    """KFAC, Shampoo or MLBFGS: the closure calls backward; data parallel through DDP."""
+    model = make_model()
+    net = model
+    if rank is not None:
+        net = nn.parallel.DistributedDataParallel(model)
+    if name == "kfac-eigen" or name == "kfac-inverse":
+        opt = soo_ext.KFAC(net if sync else model, lr=0.1, mode=name[5:], inv_update_steps=2)
+    elif name == "shampoo":
+        # the first factors are built from one or two gradients: with a tiny epsilon their
+        # roots, and Adam grafting's division by a tiny second moment, turn rounding
+        # differences into large ones (1e-3 with the defaults); the replicas are equal anyway
+        opt = soo_ext.Shampoo(net.parameters(), lr=0.05, precondition_frequency=2,
+                              start_preconditioning_step=1, grafting="sgd", epsilon=1e-3)
+    else:
+        opt = soo_ext.MLBFGS(net.parameters(), lr=0.05, update_freq=2)
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return params_of(model)
+
+
+def run_lbfgs(rank, sync: bool = True):
+    """Full-batch L-BFGS with the strong-Wolfe line search: the losses decide."""
+    model = make_model(smooth=True)
+    net = model if rank is None else nn.parallel.DistributedDataParallel(model)
+    group = net.process_group if rank is not None and sync else None
+    opt = soo_ext.LBFGS(net.parameters(), max_iter=8, line_search_fn="strong_wolfe",
+                        process_group=group)
+    x, y = batch(0, rank)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    return params_of(model)
+
+
+def run_drsom(rank, hvp: str = "fd", sync: bool = True):
+    """DRSOM on the bare model; gradients and losses averaged by the optimizer."""
+    model = make_model(smooth=True)
+    group = dist.group.WORLD if rank is not None and sync else None
+    opt = soo_ext.DRSOM(model.parameters(), hvp=hvp, process_group=group)
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    st = opt.state[next(model.parameters())]
+    return params_of(model) + [torch.tensor([st["trials"], st["line_searches"]])]
+
+
+RUNS = {
+    **{name: (run_backward_optimizer, {"name": name})
+       for name in ("kfac-eigen", "kfac-inverse", "shampoo", "mlbfgs")},
+    "lbfgs": (run_lbfgs, {}),
+    "drsom-fd": (run_drsom, {"hvp": "fd"}),
+    "drsom-autograd": (run_drsom, {"hvp": "autograd"}),
+}
+UNSYNCED = {  # the same runs without the averaging: the replicas must drift apart
+    "kfac-eigen": (run_backward_optimizer, {"name": "kfac-eigen", "sync": False}),
+    "lbfgs": (run_lbfgs, {"sync": False}),
+    "drsom-fd": (run_drsom, {"hvp": "fd", "sync": False}),
+}
+
+
+def dtensor_refusals() -> dict[str, str]:
+    """The message of each optimizer given a DTensor param (as FSDP2 makes them)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    p = nn.Parameter(distribute_tensor(torch.randn(4, 4, dtype=torch.float64), mesh, [Shard(0)]))
+    model = nn.Linear(4, 4).double()
+    model.weight = p
+    makers = {"LBFGS": lambda: soo_ext.LBFGS([p]), "BFGS": lambda: soo_ext.BFGS([p]),
+              "MLBFGS": lambda: soo_ext.MLBFGS([p]), "DRSOM": lambda: soo_ext.DRSOM([p]),
+              "Shampoo": lambda: soo_ext.Shampoo([p]), "KFAC": lambda: soo_ext.KFAC(model)}
+    out = {}
+    for name, make in makers.items():
+        try:
+            make()
+            out[name] = "accepted"
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        results = {name: fn(rank, **kw) for name, (fn, kw) in RUNS.items()}
+        results["unsynced"] = {name: fn(rank, **kw) for name, (fn, kw) in UNSYNCED.items()}
+        results["dtensor"] = dtensor_refusals()
+        model = make_model()
+        try:
+            soo_ext.DRSOM(model.parameters(), model=nn.parallel.DistributedDataParallel(model))
+            results["drsom_ddp"] = "accepted"
+        except ValueError as exc:
+            results["drsom_ddp"] = str(exc)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distributed")
+    mp.spawn(_rank_main, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_replicas_equal_and_follow_one_process(ranks, name):
+    for a, b in zip(ranks[0][name], ranks[1][name]):
+        assert torch.equal(a, b), f"{name}: the replicas differ"
+    fn, kw = RUNS[name]
+    single = fn(None, **kw)
+    for got, want in zip(ranks[0][name], single):
+        if got.dtype == torch.int64:  # DRSOM's trials and line searches: the same decisions
+            assert torch.equal(got, want)
+        else:
+            assert rel_err(got, want) < 1e-6, f"{name}: {rel_err(got, want)}"
+
+
+@pytest.mark.parametrize("name", sorted(UNSYNCED))
+def test_replicas_drift_without_averaging(ranks, name):
+    first, second = ranks[0]["unsynced"][name], ranks[1]["unsynced"][name]
+    assert max(rel_err(a.double(), b.double()) for a, b in zip(first, second)) > 1e-3
+
+
+def test_drsom_refuses_a_ddp_model(ranks):
+    assert "process_group" in ranks[0]["drsom_ddp"]
+
+
+def test_dtensor_params_are_refused(ranks):
+    for name, message in ranks[0]["dtensor"].items():
+        assert "DTensor" in message, f"{name}: {message}"
+
+
+@pytest.mark.parametrize("make", [
+    lambda g: soo_ext.LBFGS([nn.Parameter(torch.ones(2))], process_group=g),
+    lambda g: soo_ext.DRSOM([nn.Parameter(torch.ones(2))], process_group=g),
+    lambda g: soo_ext.KFAC(nn.Linear(2, 2), process_group=g)], ids=["LBFGS", "DRSOM", "KFAC"])
+def test_bad_process_group(make):
+    with pytest.raises(ValueError, match="process_group"):
+        make("world")
