@@ -127,3 +127,23 @@ def all_reduce_mean_(t: Tensor, group) -> Tensor:
     gloo has no averaging reduction)."""
     torch.distributed.all_reduce(t, group=group)
     return t.div_(torch.distributed.get_world_size(group))
+
+
+def rank_share(batch: Tensor, group, pad: Callable[[int], Tensor]) -> Tensor:
+    """This rank's ``ceil(B / world_size)`` consecutive entries of ``batch`` (``[B, ...]``),
+    completed by ``pad(k)`` (``k`` filler entries) where the batch runs out."""
+    world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    share = -(-batch.shape[0] // world)
+    own = batch[min(rank * share, batch.shape[0]):(rank + 1) * share]
+    return own if own.shape[0] == share else torch.cat([own, pad(share - own.shape[0])])
+
+
+def gather_shares(share: Tensor, group, total: int) -> Tensor:
+    """The ranks' :func:`rank_share` results, in rank order, without the padding."""
+    out = share.new_empty((share.shape[0] * torch.distributed.get_world_size(group),
+                           *share.shape[1:]))
+    # all_gather_single replaces all_gather_into_tensor in newer torch (same arguments)
+    gather = getattr(torch.distributed, "all_gather_single", None) \
+        or torch.distributed.all_gather_into_tensor
+    gather(out, share.contiguous(), group=group)
+    return out[:total]

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from . import ops as _ops
 from ._common import (all_finite, all_reduce_mean_, call_closure, check_groups, check_params,
-                      check_process_group, load_state_dict_uncast)
+                      check_process_group, gather_shares, load_state_dict_uncast, rank_share)
 from .quasi_newton import NonFiniteError
 
 __all__ = ["KFAC", "NonFiniteError"]
@@ -355,11 +355,13 @@ class KFAC(Optimizer):
     ``DistributedDataParallel`` and give the wrapped model to ``KFAC``: DDP averages the
     gradients, and at every factor step ``step()`` averages the staged statistics over DDP's
     process group (``process_group=`` chooses another group): one all-reduce of one buffer that
-    holds all of them, as KAISA does.  Every rank then commits the same factors and, with the
-    same kernels, computes the same eigendecompositions / inverses, so the replicas stay equal
-    (tested bitwise on 2 CPU ranks) and follow the single-process run on the concatenated batch
-    when the ranks' batches are equal in size (the mean of the ranks' means, like DDP's
-    gradient).  Every rank must capture the same layers at a factor step (as DDP itself
+    holds all of them, as KAISA does.  Every rank then commits the same factors.  The
+    eigendecompositions / inverses are spread over the ranks: of a bucket of ``B`` factors each
+    rank decomposes ``ceil(B / world_size)`` (padded with identities) in one op call and an
+    all-gather gives every rank all of them, so the work per rank shrinks with the world size and
+    every rank preconditions with the same bits.  The replicas stay equal (tested bitwise on
+    2 CPU ranks) and follow the single-process run on the concatenated batch when the ranks'
+    batches are equal in size (the mean of the ranks' means, like DDP's gradient).  Every rank must capture the same layers at a factor step (as DDP itself
     requires the same backward on every rank).  Without the averaging each rank would
     precondition the common gradient with its own factors and the replicas would drift apart.
     FSDP2 (DTensor params) is not supported.
@@ -814,12 +816,22 @@ class KFAC(Optimizer):
     def _update_inverses(self, lay: _Layout, damping: float, ok: Tensor | None) -> None:
         """One eigh / damped inverse per bucket; a failed factor (status 2) or a skipped step
         keeps what it had."""
+        group = self._process_group
         for b in lay.buckets.values():
+            # data parallel: each rank decomposes its share of the bucket, then all get all
+            F = b.F if group is None else rank_share(b.F, group, pad=lambda k: torch.eye(
+                b.n, dtype=b.F.dtype, device=b.F.device).expand(k, b.n, b.n))
             if lay.mode == "eigen":
-                d, Q, status = _ops.kron_eigh(b.F)
+                outs = _ops.kron_eigh(F)
+            else:
+                outs = _ops.kron_damped_inverse(F, math.sqrt(damping))
+            if group is not None:
+                outs = [gather_shares(t, group, len(b.entries)) for t in outs]
+            if lay.mode == "eigen":
+                d, Q, status = outs
                 news = [(b.d, d), (b.Q, Q)]
             else:
-                X, status = _ops.kron_damped_inverse(b.F, math.sqrt(damping))
+                X, status = outs
                 news = [(b.X, X)]
             failed = status == 2
             fallback = status == 1

@@ -143,6 +143,36 @@ def dtensor_refusals() -> dict[str, str]:
     return out
 
 
+def shares(rank: int) -> dict:
+    """What ``rank_share`` gives this rank of batches of 1, 3 and 4 entries, and whether
+    ``gather_shares`` puts each batch back together; the K-FAC runs' op calls."""
+    from soo_ext._common import gather_shares, rank_share
+    out = {}
+    for B in (1, 3, 4):
+        batch = torch.arange(B * 2, dtype=torch.float64).view(B, 2) + 1
+        own = rank_share(batch, dist.group.WORLD, pad=lambda k: torch.zeros(k, 2,
+                                                                            dtype=batch.dtype))
+        out[B] = (own.clone(), torch.equal(gather_shares(own, dist.group.WORLD, B), batch))
+    return out
+
+
+def count_factor_op_batches(run, op_name: str) -> list[int]:
+    """The leading sizes of the ``soo_ext.ops.<op_name>`` calls made by ``run()``."""
+    import soo_ext.ops as ops
+    op, sizes = getattr(ops, op_name), []
+
+    def counted(F, *args):
+        sizes.append(F.shape[0])
+        return op(F, *args)
+
+    setattr(ops, op_name, counted)
+    try:
+        run()
+    finally:
+        setattr(ops, op_name, op)
+    return sizes
+
+
 def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -151,6 +181,9 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
         results = {name: fn(rank, **kw) for name, (fn, kw) in RUNS.items()}
         results["unsynced"] = {name: fn(rank, **kw) for name, (fn, kw) in UNSYNCED.items()}
         results["dtensor"] = dtensor_refusals()
+        results["shares"] = shares(rank)
+        results["eigh_batches"] = count_factor_op_batches(
+            lambda: run_backward_optimizer(rank, "kfac-eigen"), "kron_eigh")
         model = make_model()
         try:
             soo_ext.DRSOM(model.parameters(), model=nn.parallel.DistributedDataParallel(model))
@@ -190,6 +223,24 @@ def test_replicas_drift_without_averaging(ranks, name):
 
 def test_drsom_refuses_a_ddp_model(ranks):
     assert "process_group" in ranks[0]["drsom_ddp"]
+
+
+def test_kfac_spreads_the_decompositions_over_the_ranks(ranks):
+    # rank_share: ceil(B / 2) consecutive entries, the last rank's padded; gather_shares: whole
+    pad = torch.zeros(1, 2, dtype=torch.float64)
+    for B, first, second in ((1, [[1., 2.]], pad), (3, [[1., 2.], [3., 4.]], [[5., 6.], [0., 0.]]),
+                             (4, [[1., 2.], [3., 4.]], [[5., 6.], [7., 8.]])):
+        for rank, want in enumerate((first, second)):
+            own, whole = ranks[rank]["shares"][B]
+            assert torch.equal(own, torch.as_tensor(want, dtype=torch.float64))
+            assert whole
+    # the test model's buckets hold 2 (the conv's A and G, both 4 x 4) and 1 factors: one
+    # factor a rank each, against all of them in one process
+    single = count_factor_op_batches(lambda: run_backward_optimizer(None, "kfac-eigen"),
+                                     "kron_eigh")
+    assert sorted(set(single)) == [1, 2]
+    for r in ranks:
+        assert set(r["eigh_batches"]) == {1} and len(r["eigh_batches"]) == len(single)
 
 
 def test_dtensor_params_are_refused(ranks):
