@@ -1,11 +1,11 @@
-"""``python -m bench [micro|step|train|drsom|precond|demo] ...``; no subcommand runs the demo."""
+"""``python -m bench [micro|step|train|drsom|precond|spread|demo] ...``; no subcommand runs the demo."""
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
 
-from . import drsom, micro, precond, step, train
+from . import drsom, micro, precond, spread, step, train
 
 # A couple of minutes on a 2-core CPU: every op and dtype at three sizes up to n = 4M (the DRSOM
 # ops add some 20 s).
@@ -18,12 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks of soo_ext against torch.optim, the pure-PyTorch "
                     "references and its own DRSOM modes.  Without a subcommand: the demo (" + " ".join(DEMO_ARGS) + ").",
         epilog=micro.BYTES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    subparsers = parser.add_subparsers(dest="command", metavar="{micro,step,train,drsom,precond,demo}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{micro,step,train,drsom,precond,spread,demo}")
     micro.add_parser(subparsers)
     step.add_parser(subparsers)
     train.add_parser(subparsers)
     drsom.add_parser(subparsers)
     precond.add_parser(subparsers)
+    spread.add_parser(subparsers)
     subparsers.add_parser("demo", help="python -m bench " + " ".join(DEMO_ARGS))
     return parser
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], dict]:
     if args.command in (None, "demo"):
         args = parser.parse_args(DEMO_ARGS)
     return {"micro": micro.run, "step": step.run, "train": train.run,
-            "drsom": drsom.run, "precond": precond.run}[args.command](args)
+            "drsom": drsom.run, "precond": precond.run, "spread": spread.run}[args.command](args)
 
 
 def _interrupt(signum, frame):

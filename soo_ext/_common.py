@@ -129,21 +129,16 @@ def all_reduce_mean_(t: Tensor, group) -> Tensor:
     return t.div_(torch.distributed.get_world_size(group))
 
 
-def rank_share(batch: Tensor, group, pad: Callable[[int], Tensor]) -> Tensor:
-    """This rank's ``ceil(B / world_size)`` consecutive entries of ``batch`` (``[B, ...]``),
-    completed by ``pad(k)`` (``k`` filler entries) where the batch runs out."""
-    world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-    share = -(-batch.shape[0] // world)
-    own = batch[min(rank * share, batch.shape[0]):(rank + 1) * share]
-    return own if own.shape[0] == share else torch.cat([own, pad(share - own.shape[0])])
 
 
-def gather_shares(share: Tensor, group, total: int) -> Tensor:
-    """The ranks' :func:`rank_share` results, in rank order, without the padding."""
-    out = share.new_empty((share.shape[0] * torch.distributed.get_world_size(group),
-                           *share.shape[1:]))
+def all_gather_padded(mine: Tensor, length: int, group) -> Tensor:
+    """``[world, length]``: row ``r`` holds rank ``r``'s 1-D ``mine`` (at most ``length`` long)
+    followed by zeros."""
+    row = mine.new_zeros(length)
+    row[:mine.numel()] = mine
+    out = mine.new_empty(torch.distributed.get_world_size(group) * length)
     # all_gather_single replaces all_gather_into_tensor in newer torch (same arguments)
     gather = getattr(torch.distributed, "all_gather_single", None) \
         or torch.distributed.all_gather_into_tensor
-    gather(out, share.contiguous(), group=group)
-    return out[:total]
+    gather(out, row, group=group)
+    return out.view(-1, length)

@@ -173,6 +173,18 @@ def test_precond_reports_overheads_against_sgd(tmp_path, capsys):
     assert "x SGD" in capsys.readouterr().out
 
 
+def test_spread_times_one_rank_and_spread_ranks(tmp_path, capsys, one_thread):
+    out, png = tmp_path / "spread.json", tmp_path / "spread.png"
+    records, env = cli.main(["spread", "--quick", "--json", str(out), "--plot", str(png)])
+    assert json.loads(out.read_text())["records"] == records and png.stat().st_size > 0
+    assert [r["mode"] for r in records] == ["eigen", "inverse"] and env["world"] == 2
+    for r in records:
+        assert r["factors"] == 108 and r["one_rank_ms"] > 0 and r["spread_ms"] > 0
+        assert 0 < r["decompose_ms"] <= r["spread_ms"] and r["gathered_mb"] > 0
+        assert math.isclose(sum(r["loads"]), 1.0) and max(r["loads"]) < 0.6
+    assert "x one rank" in capsys.readouterr().out
+
+
 def test_micro_times_the_kron_ops(tmp_path, capsys, one_thread):
     out, png = tmp_path / "micro.json", tmp_path / "micro.png"
     records, _ = cli.main(["micro", "--quick", "--device", "cpu", "--ops", *micro.KRON_OPS,

@@ -57,8 +57,9 @@ def run_backward_optimizer(rank, name: str, sync: bool = True):
     net = model
     if rank is not None:
         net = nn.parallel.DistributedDataParallel(model)
-    if name == "kfac-eigen" or name == "kfac-inverse":
-        opt = soo_ext.KFAC(net if sync else model, lr=0.1, mode=name[5:], inv_update_steps=2)
+    if name.startswith("kfac"):  # kfac-<mode>[-replicated]
+        opt = soo_ext.KFAC(net if sync else model, lr=0.1, mode=name.split("-")[1],
+                           inv_update_steps=2, spread_inverses=not name.endswith("replicated"))
     elif name == "shampoo":
         # the first factors are built from one or two gradients: with a tiny epsilon their
         # roots, and Adam grafting's division by a tiny second moment, turn rounding
@@ -109,7 +110,7 @@ def run_drsom(rank, hvp: str = "fd", sync: bool = True):
 
 RUNS = {
     **{name: (run_backward_optimizer, {"name": name})
-       for name in ("kfac-eigen", "kfac-inverse", "shampoo", "mlbfgs")},
+       for name in ("kfac-eigen", "kfac-inverse", "kfac-eigen-replicated", "shampoo", "mlbfgs")},
     "lbfgs": (run_lbfgs, {}),
     "drsom-fd": (run_drsom, {"hvp": "fd"}),
     "drsom-autograd": (run_drsom, {"hvp": "autograd"}),
@@ -143,19 +144,6 @@ def dtensor_refusals() -> dict[str, str]:
     return out
 
 
-def shares(rank: int) -> dict:
-    """What ``rank_share`` gives this rank of batches of 1, 3 and 4 entries, and whether
-    ``gather_shares`` puts each batch back together; the K-FAC runs' op calls."""
-    from soo_ext._common import gather_shares, rank_share
-    out = {}
-    for B in (1, 3, 4):
-        batch = torch.arange(B * 2, dtype=torch.float64).view(B, 2) + 1
-        own = rank_share(batch, dist.group.WORLD, pad=lambda k: torch.zeros(k, 2,
-                                                                            dtype=batch.dtype))
-        out[B] = (own.clone(), torch.equal(gather_shares(own, dist.group.WORLD, B), batch))
-    return out
-
-
 def count_factor_op_batches(run, op_name: str) -> list[int]:
     """The leading sizes of the ``soo_ext.ops.<op_name>`` calls made by ``run()``."""
     import soo_ext.ops as ops
@@ -181,7 +169,6 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
         results = {name: fn(rank, **kw) for name, (fn, kw) in RUNS.items()}
         results["unsynced"] = {name: fn(rank, **kw) for name, (fn, kw) in UNSYNCED.items()}
         results["dtensor"] = dtensor_refusals()
-        results["shares"] = shares(rank)
         results["eigh_batches"] = count_factor_op_batches(
             lambda: run_backward_optimizer(rank, "kfac-eigen"), "kron_eigh")
         model = make_model()
@@ -226,21 +213,30 @@ def test_drsom_refuses_a_ddp_model(ranks):
 
 
 def test_kfac_spreads_the_decompositions_over_the_ranks(ranks):
-    # rank_share: ceil(B / 2) consecutive entries, the last rank's padded; gather_shares: whole
-    pad = torch.zeros(1, 2, dtype=torch.float64)
-    for B, first, second in ((1, [[1., 2.]], pad), (3, [[1., 2.], [3., 4.]], [[5., 6.], [0., 0.]]),
-                             (4, [[1., 2.], [3., 4.]], [[5., 6.], [7., 8.]])):
-        for rank, want in enumerate((first, second)):
-            own, whole = ranks[rank]["shares"][B]
-            assert torch.equal(own, torch.as_tensor(want, dtype=torch.float64))
-            assert whole
-    # the test model's buckets hold 2 (the conv's A and G, both 4 x 4) and 1 factors: one
-    # factor a rank each, against all of them in one process
+    # buckets of the test model, in the layout's (ascending) order: n = 3, 4 (the conv's A and
+    # G), 16, 17, 33; spread_factors gives rank 0 the 33 x 33 and rank 1 the other five
     single = count_factor_op_batches(lambda: run_backward_optimizer(None, "kfac-eigen"),
                                      "kron_eigh")
-    assert sorted(set(single)) == [1, 2]
-    for r in ranks:
-        assert set(r["eigh_batches"]) == {1} and len(r["eigh_batches"]) == len(single)
+    per_rank = [r["eigh_batches"] for r in ranks]
+    assert single == [1, 2, 1, 1, 1] * (len(single) // 5)
+    assert per_rank[0] == [0, 0, 0, 0, 1] * (len(single) // 5)
+    assert per_rank[1] == [1, 2, 1, 1, 0] * (len(single) // 5)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+@pytest.mark.parametrize("width", [0.25, 1.0])
+def test_spread_factors_covers_and_balances(world, width):
+    from bench.micro import buckets, kfac_factor_sizes
+    from soo_ext.kfac import spread_factors
+    sizes = buckets(kfac_factor_sizes(width))  # ResNet-50's K-FAC factors as (n, count)
+    owned = spread_factors(sizes, world)
+    load = [0] * world
+    for (n, count), per_rank in zip(sizes, owned):
+        assert sorted(i for o in per_rank for i in o) == list(range(count))  # each factor once
+        for r, o in enumerate(per_rank):
+            load[r] += n ** 3 * len(o)
+    # greedy largest-first: no rank is above the mean by more than one factor (the largest)
+    assert max(load) <= sum(load) / world + max(n for n, _ in sizes) ** 3
 
 
 def test_dtensor_params_are_refused(ranks):

@@ -555,7 +555,7 @@ def test_factor_and_inverse_schedule():
     (dict(on_nonfinite="ignore"), "on_nonfinite"), (dict(factor_dtype=torch.float16),
                                                      "factor_dtype"),
     (dict(accumulation_steps=0), "accumulation_steps"), (dict(skip_layers=["("]), "skip_layers"),
-    (dict(batch_averaged=1), "batch_averaged"),
+    (dict(batch_averaged=1), "batch_averaged"), (dict(spread_inverses=None), "spread_inverses"),
     (dict(skip_layers=[3]), "skip_layers"), (dict(grad_scaler=3), "grad_scaler"),
 ])
 def test_bad_arguments(kwargs, name):
