@@ -129,8 +129,6 @@ def all_reduce_mean_(t: Tensor, group) -> Tensor:
     return t.div_(torch.distributed.get_world_size(group))
 
 
-
-
 def all_gather_padded(mine: Tensor, length: int, group) -> Tensor:
     """``[world, length]``: row ``r`` holds rank ``r``'s 1-D ``mine`` (at most ``length`` long)
     followed by zeros."""
