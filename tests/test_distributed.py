@@ -7,6 +7,7 @@ finite differences and of the inverses of small eigenvalues).  Without the avera
 document, the replicas drift apart (checked too, so that the comparison can fail).  All ranked
 runs happen in one spawn (starting the processes costs seconds), the references in this process.
 """
+import contextlib
 import os
 
 import pytest
@@ -76,6 +77,32 @@ def run_backward_optimizer(rank, name: str, sync: bool = True):
     return params_of(model)
 
 
+def run_kfac_accumulating(rank):
+    """K-FAC with 2 backward passes a step; under DDP the first without the all-reduce
+    (``no_sync``).  Rank r's micro-batches are the halves of its half; the single process's
+    micro-batch i holds the i-th quarter of each rank's half, so both pool the same rows."""
+    model = make_model()
+    net = model if rank is None else nn.parallel.DistributedDataParallel(model)
+    opt = soo_ext.KFAC(net, lr=0.1, inv_update_steps=2, accumulation_steps=2)
+    quarter = HALF // 2
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        if rank is None:  # [rank 0's quarter i, rank 1's quarter i]
+            rows = [torch.cat([torch.arange(h * HALF + i * quarter, h * HALF + (i + 1) * quarter)
+                               for h in range(WORLD)]) for i in range(2)]
+            micro = [(x[r], y[r]) for r in rows]
+        else:
+            micro = [(x[i * quarter:(i + 1) * quarter], y[i * quarter:(i + 1) * quarter])
+                     for i in range(2)]
+        opt.zero_grad()
+        for i, (xb, yb) in enumerate(micro):
+            context = net.no_sync() if rank is not None and i == 0 else contextlib.nullcontext()
+            with context:
+                (F.cross_entropy(net(xb), yb) / 2).backward()
+        opt.step()
+    return params_of(model)
+
+
 def run_lbfgs(rank, sync: bool = True):
     """Full-batch L-BFGS with the strong-Wolfe line search: the losses decide."""
     model = make_model(smooth=True)
@@ -111,6 +138,7 @@ def run_drsom(rank, hvp: str = "fd", sync: bool = True):
 RUNS = {
     **{name: (run_backward_optimizer, {"name": name})
        for name in ("kfac-eigen", "kfac-inverse", "kfac-eigen-replicated", "shampoo", "mlbfgs")},
+    "kfac-accumulating": (run_kfac_accumulating, {}),
     "lbfgs": (run_lbfgs, {}),
     "drsom-fd": (run_drsom, {"hvp": "fd"}),
     "drsom-autograd": (run_drsom, {"hvp": "autograd"}),
