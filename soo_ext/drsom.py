@@ -668,7 +668,7 @@ class DRSOM(Optimizer):
                 scratch = order[-1]
             Q = self._hessian(closure, V, G, grads, replay, f, c)
             grads = None
-            if not self._trust_region(closure, st, V, Q, G, c, f_host, bufs[scratch], replay):
+            if not self._trust_region(closure, st, V, Q, G, c, f_host, scratch, replay):
                 self._line_search(closure, st, f_host, gg, replay)
         finally:
             if ctx is not None:
@@ -686,13 +686,13 @@ class DRSOM(Optimizer):
         st["order"] = [scratch_row] + order
         st["count"] = min(st["count"] + 1, len(order))
 
-    def _trust_region(self, closure, st, V, Q, G, c, f_host, p, replay) -> bool:
-        """The radius-free trust-region loop.  False if the model is not finite (x restored)."""
+    def _trust_region(self, closure, st, V, Q, G, c, f_host, scratch_row, replay) -> bool:
+        """The radius-free trust-region loop, the step written into row ``scratch_row`` of the
+        directions.  False if the model is not finite (x restored)."""
         group = self.param_groups[0]
         x, x0 = self._x, self._ws.x0
         k = len(V)
-        scratch_row = next(i for i in range(st["directions"].shape[0])
-                           if st["directions"][i].data_ptr() == p.data_ptr())
+        p = st["directions"][scratch_row]
         noise = _NOISE_ULPS * torch.finfo(x.dtype).eps * abs(f_host)
         last = st["last_length"]
         max_length = group["max_step_growth"] * last if 0 < last < math.inf else math.inf

@@ -474,6 +474,20 @@ def test_invalid_arguments(kwargs, name):
         DRSOM([nn.Parameter(torch.zeros(3))], **kwargs)
 
 
+@pytest.mark.parametrize("key,value", [("gamma", -1.0), ("random", 0), ("max_trials", 2.0),
+                                       ("hvp", "exact")])
+def test_options_changed_between_steps_are_checked(key, value):
+    # step() checks the options at every step (0 == False and 2.0 == 2, but they are refused)
+    net, closure = mlp_problem(torch.float64)
+    opt = DRSOM(net.parameters(), max_trials=2)
+    opt.step(closure)
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=f"Invalid {key}"):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
 @pytest.mark.parametrize("params", [
     lambda: [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))],
     lambda: [nn.Parameter(torch.zeros(2, dtype=torch.float16))],
