@@ -75,8 +75,9 @@ class BFGS(QuasiNewton):
     pair with ``y.s > 1e-10``; the update and the direction ``-H g`` are one fused op
     (``soo_ext.ops.bfgs_direction``, CPU and CUDA).  Iteration, stopping tests, the strong-Wolfe
     line search, param groups (per-group lr), ``on_nonfinite``, state-dict resume and the data
-    parallel ``process_group`` are exactly those of :class:`soo_ext.LBFGS` (see there); the first step is steepest descent with length
-    ``min(1, 1/|g|_1) lr``, and H is rescaled to ``(y.s / y.y) I`` before the first update.
+    parallel ``process_group`` are exactly those of :class:`soo_ext.LBFGS` (see there); the
+    first step is steepest descent with length ``min(1, 1/|g|_1) lr``, and H is rescaled to
+    ``(y.s / y.y) I`` before the first update.
 
     ``H`` costs ``n^2`` elements of the params' dtype (plus one ``n^2`` read and write per
     iteration): models whose ``H`` would exceed ``max_state_bytes`` are refused with a

@@ -424,27 +424,27 @@ class KFAC(Optimizer):
     its previous eigendecomposition / inverse; ``A_inverse_failures`` / ``G_inverse_failures``
     count those, ``*_inverse_fallbacks`` the float64 retries (status 1).
 
-    **Data parallel** (``torch.distributed``).  Wrap the model in
-    ``DistributedDataParallel`` and give the wrapped model to ``KFAC``: DDP averages the
-    gradients, and at every factor step ``step()`` averages the staged statistics over DDP's
-    process group (``process_group=`` chooses another group): one all-reduce of one buffer that
-    holds all of them, as KAISA does.  Every rank then commits the same factors.  The
-    eigendecompositions / inverses are spread over the ranks (:func:`spread_factors`: factor by
-    factor, largest first, to the rank with the least ``sum n^3`` so far): each rank decomposes
-    its factors of a bucket in one op call and, after all buckets, one all-gather gives every
-    rank all of them, so the work per rank shrinks with the world size and every rank
-    preconditions with the same bits.  The all-gather moves about what the factor all-reduce
-    moves; where it costs more than the decompositions it saves, ``spread_inverses=False``
-    makes every rank compute all of them (the same bits on every rank: the ops are
-    deterministic).  ``python -m bench spread`` measures both: on 2 CPU ranks over gloo (ResNet-50
-    factors at width 0.5, 1 thread a rank) eigen takes 4.59 s on one rank and 3.14 s spread
-    (2.34 s decomposing, 0.80 s the all-gather of 176 MB), the damped inverse 0.68 s on one
-    rank and 0.98 s spread; over NVLink the all-gather would take milliseconds.  The replicas stay equal (tested bitwise on
-    2 CPU ranks) and follow the single-process run on the concatenated batch when the ranks'
-    batches are equal in size (the mean of the ranks' means, like DDP's gradient).  Every rank must capture the same layers at a factor step (as DDP itself
-    requires the same backward on every rank).  Without the averaging each rank would
-    precondition the common gradient with its own factors and the replicas would drift apart.
-    FSDP2 (DTensor params) is not supported.
+    **Data parallel** (``torch.distributed``).  Wrap the model in ``DistributedDataParallel``
+    and give the wrapped model to ``KFAC``: DDP averages the gradients, and at every factor step
+    ``step()`` averages the staged statistics over DDP's process group (``process_group=``
+    chooses another group): one all-reduce of one buffer that holds all of them, as KAISA does.
+    Every rank then commits the same factors.  The eigendecompositions / inverses are spread
+    over the ranks (:func:`spread_factors`: factor by factor, largest first, to the rank with
+    the least ``sum n^3`` so far): each rank decomposes its factors of a bucket in one op call
+    and, after all buckets, one all-gather gives every rank all of them, so the work per rank
+    shrinks with the world size and every rank preconditions with the same bits.  The all-gather
+    moves about what the factor all-reduce moves; where it costs more than the decompositions it
+    saves, ``spread_inverses=False`` makes every rank compute all of them (the same bits on
+    every rank: the ops are deterministic).  ``python -m bench spread`` measures both: on 2 CPU
+    ranks over gloo (ResNet-50 factors at width 0.5, 1 thread a rank) eigen takes 4.59 s on one
+    rank and 3.14 s spread (2.34 s decomposing, 0.80 s the all-gather of 176 MB), the damped
+    inverse 0.68 s on one rank and 0.98 s spread; over NVLink the all-gather would take
+    milliseconds.  The replicas stay equal (tested bitwise on 2 CPU ranks) and follow the
+    single-process run on the concatenated batch when the ranks' batches are equal in size (the
+    mean of the ranks' means, like DDP's gradient).  Every rank must capture the same layers at
+    a factor step (as DDP itself requires the same backward on every rank).  Without the
+    averaging each rank would precondition the common gradient with its own factors and the
+    replicas would drift apart.  FSDP2 (DTensor params) is not supported.
 
     **State.**  Global, under the first param: ``step`` (int) and ``nonfinite_steps``.  Per
     param: ``momentum_buffer``.  Per K-FAC layer, under its weight: ``A``, ``G``; ``QA``,
