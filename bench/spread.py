@@ -7,9 +7,9 @@ call.  Measured:
   one rank    one process decomposes every factor (what every rank does with
               KFAC(..., spread_inverses=False), and without data parallelism)
   spread      --world processes (torch.distributed, gloo, CPU) each decompose the factors
-              soo_ext.kfac.spread_factors gives them (largest first to the rank with the least
-              sum n^3) and one all-gather gives every rank every result: KFAC's own code
-              (soo_ext.kfac._Spread) on the same factors
+              soo_ext._common.spread_factors gives them (largest first to the rank with the
+              least sum n^3) and one all-gather gives every rank every result: KFAC's own code
+              (soo_ext._common.SpreadPlan) on the same factors
 Each process runs torch on --threads threads (world x threads should not exceed the cores).
 Times are medians over --reps updates after one untimed update; in the spread runs each update
 starts and ends at a barrier, 'decompose' is the slowest rank's median time to its
@@ -26,14 +26,13 @@ import os
 import statistics
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from soo_ext import ops
-from soo_ext.kfac import _Spread, spread_factors
+from soo_ext._common import SpreadPlan, spread_factors
 
 from . import common
 from .micro import KronBucket, buckets, kfac_factor_sizes
@@ -71,11 +70,11 @@ def decompose(mode: str, F: torch.Tensor):
     return ops.kron_eigh(F) if mode == "eigen" else ops.kron_damped_inverse(F, DAMPING ** 0.5)
 
 
-def layout(factors: dict[int, torch.Tensor], mode: str, dtype: torch.dtype):
-    """What _Spread reads of a K-FAC layout: the buckets' sizes and counts, mode, dtype, device."""
-    return SimpleNamespace(buckets={n: SimpleNamespace(entries=[None] * F.shape[0])
-                                    for n, F in factors.items()},
-                           mode=mode, dtype=dtype, device=torch.device("cpu"))
+def plan(factors: dict[int, torch.Tensor], mode: str, dtype: torch.dtype) -> SpreadPlan:
+    """KFAC's plan for these buckets (its row widths: d, Q and status, or X and status)."""
+    return SpreadPlan({n: F.shape[0] for n, F in factors.items()},
+                      lambda n: n * n + 1 + (n if mode == "eigen" else 0), dist.group.WORLD,
+                      dtype, torch.device("cpu"))
 
 
 def one_rank(mode: str, factors: dict, reps: int) -> list[float]:
@@ -97,20 +96,18 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, opts: dict) 
         factors = factor_set(opts["width"], dtype)
         out = {}
         for mode in opts["modes"]:
-            lay = layout(factors, mode, dtype)
-            plan = _Spread(lay, dist.group.WORLD)
+            spread = plan(factors, mode, dtype)
             totals, decomposing = [], []
             for _ in range(opts["reps"] + 1):
                 dist.barrier()
                 start = time.perf_counter()
-                mine = [decompose(mode, F.index_select(0, plan.mine[n]))
-                        for n, F in factors.items()]
+                mine = {n: decompose(mode, spread.mine(n, F)) for n, F in factors.items()}
                 decomposing.append(time.perf_counter() - start)
-                plan.gather(lay, mine)
+                spread.gather(mine)
                 dist.barrier()
                 totals.append(time.perf_counter() - start)
             out[mode] = {"total": totals[1:], "decompose": decomposing[1:],
-                         "gathered_bytes": world * plan.length * dtype.itemsize}
+                         "gathered_bytes": world * spread.length * dtype.itemsize}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -1,6 +1,7 @@
-"""Checks and device-side reductions shared by the optimizers."""
+"""Checks, device-side reductions and data-parallel helpers shared by the optimizers."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -127,6 +128,87 @@ def all_reduce_mean_(t: Tensor, group) -> Tensor:
     gloo has no averaging reduction)."""
     torch.distributed.all_reduce(t, group=group)
     return t.div_(torch.distributed.get_world_size(group))
+
+
+
+def spread_factors(buckets: list[tuple[int, int]], world: int) -> list[list[list[int]]]:
+    """Which rank decomposes which factor, for buckets given as ``(n, B)``: ``owned[b][r]`` lists
+    the factors of bucket ``b`` that rank ``r`` takes.  The factors go one by one, largest
+    buckets first, to the rank with the least work so far (``n^3`` a factor; ties to the lower
+    rank), as KAISA assigns its layers, so that the ranks' shares of an update balance."""
+    load = [0] * world
+    owned = [[[] for _ in range(world)] for _ in buckets]
+    for b in sorted(range(len(buckets)), key=lambda b: -buckets[b][0]):
+        n, count = buckets[b]
+        for i in range(count):
+            r = min(range(world), key=lambda r: (load[r], r))
+            owned[b][r].append(i)
+            load[r] += n ** 3
+    return owned
+
+
+class SpreadPlan:
+    """Data parallel decompositions of bucketed ``n x n`` factors (K-FAC's inverses, Shampoo's
+    roots): which rank decomposes which factor (:func:`spread_factors`), and the all-gather
+    that gives every rank every result.  Each rank packs the results of its factors, a row of
+    ``width(n)`` values per factor (every output of the op, cast to ``dtype``), bucket after
+    bucket, into one vector; one all-gather of those vectors (padded to the longest), after all
+    the decompositions (gathering bucket by bucket between them would make every bucket wait
+    for the rank with the most of it), gives every rank every row.
+
+    ``buckets`` maps a bucket key to its number of factors; the key is ``n`` or a tuple whose
+    first entry is ``n``."""
+
+    def __init__(self, buckets: dict, width: Callable[[int], int], group, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.group, self.dtype = group, dtype
+        world = torch.distributed.get_world_size(group)
+        rank = torch.distributed.get_rank(group)
+        size = {key: key[0] if isinstance(key, tuple) else key for key in buckets}
+        owned = spread_factors([(size[key], count) for key, count in buckets.items()], world)
+        self._mine: dict = {}
+        self._segments: dict = {}  # key -> (offset, rows) per rank
+        self._order: dict = {}
+        self._width = {key: width(size[key]) for key in buckets}
+        used = [0] * world
+        for key, per_rank in zip(buckets, owned):
+            self._mine[key] = torch.tensor(per_rank[rank], dtype=torch.int64, device=device)
+            self._segments[key] = []
+            for r, factors in enumerate(per_rank):
+                self._segments[key].append((used[r], len(factors)))
+                used[r] += len(factors) * self._width[key]
+            arrival = [i for factors in per_rank for i in factors]  # rows come rank by rank
+            self._order[key] = torch.tensor(sorted(range(len(arrival)), key=arrival.__getitem__),
+                                            dtype=torch.int64, device=device)
+        self.length = max(used)  # of the longest rank's packed results
+
+    def mine(self, key, factors: Tensor) -> Tensor:
+        """This rank's factors of bucket ``key`` (``factors``: the whole ``[B, n, n]`` bucket)."""
+        return factors.index_select(0, self._mine[key])
+
+    def gather(self, results: dict) -> dict:
+        """Every factor's results from this rank's: ``results[key]`` holds the op's outputs for
+        the factors :meth:`mine` gave."""
+        rows = []
+        for key in self._width:  # the plan's bucket order
+            outs = results[key]
+            m = outs[0].shape[0]
+            rows.append(torch.cat([t.reshape(m, math.prod(t.shape[1:])).to(self.dtype)
+                                   for t in outs], 1).reshape(-1))
+        gathered = all_gather_padded(torch.cat(rows), self.length, self.group)
+        full = {}
+        for key, w in self._width.items():
+            outs = results[key]
+            table = torch.cat([gathered[r, o:o + m * w].view(m, w)
+                               for r, (o, m) in enumerate(self._segments[key])])
+            table = table[self._order[key]]
+            parts, start = [], 0
+            for t in outs:
+                cols = math.prod(t.shape[1:])
+                parts.append(table[:, start:start + cols].reshape(-1, *t.shape[1:]).to(t.dtype))
+                start += cols
+            full[key] = tuple(parts)
+        return full
 
 
 def all_gather_padded(mine: Tensor, length: int, group) -> Tensor:

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import ops as _ops
-from ._common import (all_finite, all_gather_padded, all_reduce_mean_, call_closure,
-                      check_groups, check_params, check_process_group, load_state_dict_uncast)
+from ._common import (SpreadPlan, all_finite, all_reduce_mean_, call_closure, check_groups,
+                      check_params, check_process_group, load_state_dict_uncast)
 from .quasi_newton import NonFiniteError
 
 __all__ = ["KFAC", "NonFiniteError"]
@@ -193,7 +193,7 @@ class _Layout:
     def __init__(self, layers: list[_Layer], mode: str, dtype: torch.dtype,
                  device: torch.device, damping: float) -> None:
         self.mode, self.dtype, self.device = mode, dtype, device
-        self.spread: _Spread | None = None  # data parallel: who decomposes what
+        self.spread: SpreadPlan | None = None  # data parallel: who decomposes what
         # Sorting by (out, a_dim) makes each shape group contiguous in both of its buckets: in
         # bucket n the A part lists the layers with a_dim = n by (out, index), the G part those
         # with out = n by (a_dim, index).
@@ -241,77 +241,6 @@ class _Layout:
         out.update(A_inverse_failures=a.failures[i], G_inverse_failures=g.failures[j],
                    A_inverse_fallbacks=a.fallbacks[i], G_inverse_fallbacks=g.fallbacks[j])
         return out
-
-
-def spread_factors(buckets: list[tuple[int, int]], world: int) -> list[list[list[int]]]:
-    """Which rank decomposes which factor, for buckets given as ``(n, B)``: ``owned[b][r]`` lists
-    the factors of bucket ``b`` that rank ``r`` takes.  The factors go one by one, largest
-    buckets first, to the rank with the least work so far (``n^3`` a factor; ties to the lower
-    rank), as KAISA assigns its layers, so that the ranks' shares of an inverse update balance."""
-    load = [0] * world
-    owned = [[[] for _ in range(world)] for _ in buckets]
-    for b in sorted(range(len(buckets)), key=lambda b: -buckets[b][0]):
-        n, count = buckets[b]
-        for i in range(count):
-            r = min(range(world), key=lambda r: (load[r], r))
-            owned[b][r].append(i)
-            load[r] += n ** 3
-    return owned
-
-
-class _Spread:
-    """The data-parallel plan of a layout's inverse updates (:func:`spread_factors`) and the
-    all-gather that completes them.  Each rank packs the results of its factors, a row per
-    factor (``d``, ``Q`` and the status as floats in eigen mode; ``X`` and the status in inverse
-    mode), bucket after bucket, into one vector; one all-gather of those vectors (padded to the
-    longest) gives every rank every row."""
-
-    def __init__(self, lay: "_Layout", group) -> None:
-        self.group = group
-        world = torch.distributed.get_world_size(group)
-        rank = torch.distributed.get_rank(group)
-        sizes = list(lay.buckets)
-        owned = spread_factors([(n, len(lay.buckets[n].entries)) for n in sizes], world)
-        eigen = lay.mode == "eigen"
-        self.width = {n: n * n + 1 + (n if eigen else 0) for n in sizes}  # floats per row
-        self.mine: dict[int, Tensor] = {}
-        self.segments: dict[int, list[tuple[int, int]]] = {}  # (offset, rows) per rank
-        self.order: dict[int, Tensor] = {}
-        used = [0] * world
-        for n, per_rank in zip(sizes, owned):
-            self.mine[n] = torch.tensor(per_rank[rank], dtype=torch.int64, device=lay.device)
-            self.segments[n] = []
-            for r, factors in enumerate(per_rank):
-                self.segments[n].append((used[r], len(factors)))
-                used[r] += len(factors) * self.width[n]
-            # rows arrive rank by rank; where factor i's row is among them
-            arrival = [i for factors in per_rank for i in factors]
-            self.order[n] = torch.tensor(sorted(range(len(arrival)), key=arrival.__getitem__),
-                                         dtype=torch.int64, device=lay.device)
-        self.length = max(used)
-
-    def gather(self, lay: "_Layout", results: list[tuple[Tensor, ...]]) -> list[tuple]:
-        """Every factor's results, from this rank's (``results[b]``: the op's outputs for the
-        factors ``mine`` of bucket ``b``)."""
-        rows = []
-        for outs in results:
-            m = outs[0].shape[0]
-            rows.append(torch.cat([t.reshape(m, math.prod(t.shape[1:])).to(lay.dtype)
-                                   for t in outs], 1).reshape(-1))
-        gathered = all_gather_padded(torch.cat(rows), self.length, self.group)
-        full = []
-        for n, outs in zip(lay.buckets, results):
-            w = self.width[n]
-            table = torch.cat([gathered[r, o:o + m * w].view(m, w)
-                               for r, (o, m) in enumerate(self.segments[n])])[self.order[n]]
-            B = table.shape[0]
-            parts, start = [], 0
-            for t in outs:
-                size = math.prod(t.shape[1:])
-                parts.append(table[:, start:start + size].reshape(B, *t.shape[1:]).to(t.dtype))
-                start += size
-            full.append(tuple(parts))
-        return full
 
 
 def _forward_hook(opt_ref: weakref.ref, layer: _Layer, module: nn.Module, inputs,
@@ -429,17 +358,17 @@ class KFAC(Optimizer):
     ``step()`` averages the staged statistics over DDP's process group (``process_group=``
     chooses another group): one all-reduce of one buffer that holds all of them, as KAISA does.
     Every rank then commits the same factors.  The eigendecompositions / inverses are spread
-    over the ranks (:func:`spread_factors`: factor by factor, largest first, to the rank with
-    the least ``sum n^3`` so far): each rank decomposes its factors of a bucket in one op call
-    and, after all buckets, one all-gather gives every rank all of them, so the work per rank
-    shrinks with the world size and every rank preconditions with the same bits.  The all-gather
-    moves about what the factor all-reduce moves; where it costs more than the decompositions it
-    saves, ``spread_inverses=False`` makes every rank compute all of them (the same bits on
-    every rank: the ops are deterministic).  ``python -m bench spread`` measures both: on 2 CPU
-    ranks over gloo (ResNet-50 factors at width 0.5, 1 thread a rank) eigen takes 4.59 s on one
-    rank and 3.14 s spread (2.34 s decomposing, 0.80 s the all-gather of 176 MB), the damped
-    inverse 0.68 s on one rank and 0.98 s spread; over NVLink the all-gather would take
-    milliseconds.  The replicas stay equal (tested bitwise on 2 CPU ranks) and follow the
+    over the ranks (:class:`soo_ext._common.SpreadPlan`: factor by factor, largest first, to the
+    rank with the least ``sum n^3`` so far): each rank decomposes its factors of a bucket in one
+    op call and, after all buckets, one all-gather gives every rank all of them, so the work per
+    rank shrinks with the world size and every rank preconditions with the same bits.  The
+    all-gather moves about what the factor all-reduce moves; where it costs more than the
+    decompositions it saves, ``spread_inverses=False`` makes every rank compute all of them (the
+    same bits on every rank: the ops are deterministic).  ``python -m bench spread`` measures
+    both: on 2 CPU ranks over gloo (ResNet-50 factors at width 0.5, 1 thread a rank) eigen takes
+    4.59 s on one rank and 3.14 s spread (2.34 s decomposing, 0.80 s the all-gather of 176 MB),
+    the damped inverse 0.68 s on one rank and 0.98 s spread; over NVLink the all-gather would
+    take milliseconds.  The replicas stay equal (tested bitwise on 2 CPU ranks) and follow the
     single-process run on the concatenated batch when the ranks' batches are equal in size (the
     mean of the ranks' means, like DDP's gradient).  Every rank must capture the same layers at
     a factor step (as DDP itself requires the same backward on every rank).  Without the
@@ -900,21 +829,21 @@ class KFAC(Optimizer):
         """One eigh / damped inverse per bucket; a failed factor (status 2) or a skipped step
         keeps what it had."""
         group = self._process_group if self.param_groups[0]["spread_inverses"] else None
+        eigen = lay.mode == "eigen"
         if group is not None and lay.spread is None:
-            lay.spread = _Spread(lay, group)
-        results = []
-        for b in lay.buckets.values():
-            # data parallel: each rank decomposes its factors of the bucket ...
-            F = b.F if group is None else b.F.index_select(0, lay.spread.mine[b.n])
-            if lay.mode == "eigen":
-                results.append(_ops.kron_eigh(F))
-            else:
-                results.append(_ops.kron_damped_inverse(F, math.sqrt(damping)))
-        if group is not None:  # ... and then all get all, in one all-gather after all the
-            # decompositions (gathering bucket by bucket between them would make every bucket
-            # wait for the rank with the most of it)
-            results = lay.spread.gather(lay, results)
-        for b, outs in zip(lay.buckets.values(), results):
+            # a row per factor: d, Q and the status (eigen) or X and the status
+            lay.spread = SpreadPlan({n: len(b.entries) for n, b in lay.buckets.items()},
+                                    lambda n: n * n + 1 + (n if eigen else 0), group,
+                                    lay.dtype, lay.device)
+        results = {}
+        for n, b in lay.buckets.items():
+            # data parallel: each rank decomposes its factors of the bucket (then all get all)
+            F = b.F if group is None else lay.spread.mine(n, b.F)
+            results[n] = (_ops.kron_eigh(F) if eigen
+                          else _ops.kron_damped_inverse(F, math.sqrt(damping)))
+        if group is not None:
+            results = lay.spread.gather(results)
+        for b, outs in zip(lay.buckets.values(), results.values()):
             if lay.mode == "eigen":
                 d, Q, status = outs
                 news = [(b.d, d), (b.Q, Q)]

@@ -12,8 +12,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import ops
-from ._common import (all_finite, call_closure, check_groups, check_params,
-                      load_state_dict_uncast)
+from ._common import (SpreadPlan, all_finite, call_closure, check_groups, check_params,
+                      check_process_group, load_state_dict_uncast)
 from .quasi_newton import NonFiniteError
 
 __all__ = ["Shampoo", "RootFailureError", "merge_dims"]
@@ -183,6 +183,7 @@ class _Workspace:
         self.slot_group = {key: [self.params[i].group for i, _, _ in own]
                            for key, own in self.owner.items()}
         self.layout: tuple = ()
+        self.spread: SpreadPlan | None = None  # data parallel: who roots what
         self._decay_key: tuple | None = None
         self._decay: dict[tuple[int, int], Tensor] | float = 1.0
 
@@ -288,6 +289,14 @@ class Shampoo(Optimizer):
     A param whose ``.grad`` is None counts as having a zero gradient (its factors decay, its
     momentum moves it).
 
+    **Data parallel.**  Under ``DistributedDataParallel`` the gradients are averaged, so every
+    rank builds the same factors and takes the same steps without further communication.  With
+    ``process_group=`` (e.g. ``ddp_model.process_group``) the roots are spread over its ranks
+    as Distributed Shampoo spreads them: factor by factor, largest first, to the rank with the
+    least ``sum n^3`` so far (:class:`soo_ext._common.SpreadPlan`); each rank roots its factors
+    of a bucket in one op call and one all-gather after all buckets gives every rank every
+    root (the same bits on every rank).
+
     **Buckets and cost.**  All factors of one size ``n`` and order ``k`` (across params, blocks
     and param groups) are one ``[B, n, n]`` tensor (factor_dtype), their roots another; the
     state's per-block ``factors`` and ``roots`` are views of them.  Blocks of one shape (across
@@ -346,6 +355,8 @@ class Shampoo(Optimizer):
         factor_dtype: ``torch.float32`` (default) or ``torch.float64``.
         max_root_failures: consecutive failed roots of one factor that raise (default: 5).
         on_nonfinite: ``'skip'`` (default) or ``'raise'``.
+        process_group: data parallel: the ranks over which the roots are spread (default None:
+            every rank computes all of them).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -356,7 +367,7 @@ class Shampoo(Optimizer):
                  grafting: str | None = "adam", grafting_epsilon: float = 1e-8,
                  grafting_beta2: float = 0.999, root_method: str = "eigh",
                  factor_dtype: torch.dtype = torch.float32, max_root_failures: int = 5,
-                 on_nonfinite: str = "skip") -> None:
+                 on_nonfinite: str = "skip", process_group=None) -> None:
         defaults = {"lr": lr, "betas": betas, "epsilon": epsilon, "weight_decay": weight_decay,
                     "decoupled_weight_decay": decoupled_weight_decay,
                     "max_preconditioner_dim": max_preconditioner_dim, "merge_dims": merge_dims,
@@ -368,12 +379,14 @@ class Shampoo(Optimizer):
                     "factor_dtype": factor_dtype, "max_root_failures": max_root_failures,
                     "on_nonfinite": on_nonfinite}
         _check_options(defaults)
+        self._process_group = check_process_group(process_group)
         self._ws: _Workspace | None = None
         super().__init__(params, defaults)
         check_params(self._all_params(), "Shampoo")
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._process_group = None  # a process group is not copied
         self._ws = None  # rebuilt from the state at the next step
 
     def _all_params(self) -> list[Tensor]:
@@ -524,10 +537,21 @@ class Shampoo(Optimizer):
         opt0 = self.param_groups[0]
         if not ws.factors:
             return
+        group = self._process_group
+        if group is not None and ws.spread is None:  # a row per factor: X and the status
+            ws.spread = SpreadPlan({key: F.shape[0] for key, F in ws.factors.items()},
+                                   lambda n: n * n + 1, group, ws.fdtype, ws.device)
+        results = {}
+        for key, F in ws.factors.items():
+            # data parallel: each rank roots its factors of the bucket (then all get all)
+            results[key] = ops.kron_inverse_root(F if group is None else ws.spread.mine(key, F),
+                                                 2 * key[1], opt0["epsilon"],
+                                                 opt0["root_method"])
+        if group is not None:
+            results = ws.spread.gather(results)
         new = {}
         checks = [ok.to(torch.int64)]
-        for key, F in ws.factors.items():
-            X, status = ops.kron_inverse_root(F, 2 * key[1], opt0["epsilon"], opt0["root_method"])
+        for key, (X, status) in results.items():
             failed = status == _FAILED
             roots = torch.where(failed[:, None, None], ws.roots[key], X)
             fails = torch.where(failed, ws.fails[key] + 1, 0).to(torch.int32)

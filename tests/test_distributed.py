@@ -61,12 +61,14 @@ def run_backward_optimizer(rank, name: str, sync: bool = True):
     if name.startswith("kfac"):  # kfac-<mode>[-replicated]
         opt = soo_ext.KFAC(net if sync else model, lr=0.1, mode=name.split("-")[1],
                            inv_update_steps=2, spread_inverses=not name.endswith("replicated"))
-    elif name == "shampoo":
+    elif name.startswith("shampoo"):  # shampoo[-spread]
         # the first factors are built from one or two gradients: with a tiny epsilon their
         # roots, and Adam grafting's division by a tiny second moment, turn rounding
         # differences into large ones (1e-3 with the defaults); the replicas are equal anyway
+        group = net.process_group if rank is not None and name.endswith("spread") else None
         opt = soo_ext.Shampoo(net.parameters(), lr=0.05, precondition_frequency=2,
-                              start_preconditioning_step=1, grafting="sgd", epsilon=1e-3)
+                              start_preconditioning_step=1, grafting="sgd", epsilon=1e-3,
+                              process_group=group)
     else:
         opt = soo_ext.MLBFGS(net.parameters(), lr=0.05, update_freq=2)
     for step in range(STEPS):
@@ -137,7 +139,8 @@ def run_drsom(rank, hvp: str = "fd", sync: bool = True):
 
 RUNS = {
     **{name: (run_backward_optimizer, {"name": name})
-       for name in ("kfac-eigen", "kfac-inverse", "kfac-eigen-replicated", "shampoo", "mlbfgs")},
+       for name in ("kfac-eigen", "kfac-inverse", "kfac-eigen-replicated", "shampoo",
+                    "shampoo-spread", "mlbfgs")},
     "kfac-accumulating": (run_kfac_accumulating, {}),
     "lbfgs": (run_lbfgs, {}),
     "drsom-fd": (run_drsom, {"hvp": "fd"}),
@@ -199,6 +202,8 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
         results["dtensor"] = dtensor_refusals()
         results["eigh_batches"] = count_factor_op_batches(
             lambda: run_backward_optimizer(rank, "kfac-eigen"), "kron_eigh")
+        results["root_batches"] = count_factor_op_batches(
+            lambda: run_backward_optimizer(rank, "shampoo-spread"), "kron_inverse_root")
         model = make_model()
         try:
             soo_ext.DRSOM(model.parameters(), model=nn.parallel.DistributedDataParallel(model))
@@ -251,11 +256,20 @@ def test_kfac_spreads_the_decompositions_over_the_ranks(ranks):
     assert per_rank[1] == [1, 2, 1, 1, 0] * (len(single) // 5)
 
 
+def test_shampoo_spreads_the_roots_over_the_ranks(ranks):
+    single = count_factor_op_batches(lambda: run_backward_optimizer(None, "shampoo"),
+                                     "kron_inverse_root")
+    first, second = (r["root_batches"] for r in ranks)
+    assert len(first) == len(second) == len(single) > 0
+    assert [a + b for a, b in zip(first, second)] == single  # every factor rooted once
+    assert sum(first) > 0 and sum(second) > 0
+
+
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 @pytest.mark.parametrize("width", [0.25, 1.0])
 def test_spread_factors_covers_and_balances(world, width):
     from bench.micro import buckets, kfac_factor_sizes
-    from soo_ext.kfac import spread_factors
+    from soo_ext._common import spread_factors
     sizes = buckets(kfac_factor_sizes(width))  # ResNet-50's K-FAC factors as (n, count)
     owned = spread_factors(sizes, world)
     load = [0] * world
