@@ -1,22 +1,26 @@
-"""python -m bench spread: K-FAC's inverse update spread over data-parallel ranks, against one rank.
+"""python -m bench spread: K-FAC's inverse update and Shampoo's root update spread over
+data-parallel ranks, against one rank.
 
-The factor set is bench micro's (the K-FAC factors of a ResNet-50 at --width, as random SPD
-matrices in same-size buckets).  One inverse update is what soo_ext.KFAC runs at an inverse step:
-per bucket one soo::kron_eigh ('eigen') or soo::kron_damped_inverse ('inverse', damping 1e-3)
-call.  Measured:
-  one rank    one process decomposes every factor (what every rank does with
-              KFAC(..., spread_inverses=False), and without data parallelism)
+The factor sets are bench micro's (a ResNet-50 at --width, as random SPD matrices in same-size
+buckets): K-FAC's factors for the modes 'eigen' and 'inverse', Shampoo's blocks (at most
+1024 x 1024) for 'root'.  One update is what the optimizer runs at an inverse / root step: per
+bucket one soo::kron_eigh ('eigen'), soo::kron_damped_inverse ('inverse', damping 1e-3) or
+soo::kron_inverse_root ('root': p = 4, the order-2 root of a matrix param, epsilon 1e-12,
+eigh) call.  Measured:
+  one rank    one process decomposes every factor (what every rank does without
+              process_group / with KFAC(..., spread_inverses=False), and without data
+              parallelism)
   spread      --world processes (torch.distributed, gloo, CPU) each decompose the factors
               soo_ext._common.spread_factors gives them (largest first to the rank with the
-              least sum n^3) and one all-gather gives every rank every result: KFAC's own code
-              (soo_ext._common.SpreadPlan) on the same factors
+              least sum n^3) and one all-gather gives every rank every result: the optimizers'
+              own code (soo_ext._common.SpreadPlan) on the same factors
 Each process runs torch on --threads threads (world x threads should not exceed the cores).
 Times are medians over --reps updates after one untimed update; in the spread runs each update
 starts and ends at a barrier, 'decompose' is the slowest rank's median time to its
 all-gather, 'all-gather' the rest.  gathered MB: the bytes the all-gather delivers to each
 rank (world x the longest rank's packed results).
 
---json: one record per mode (one_rank_ms, spread_ms, decompose_ms, gather_ms, speedup,
+--json: one record per mode (factors, largest, one_rank_ms, spread_ms, decompose_ms, gather_ms, speedup,
 gathered_mb, loads: each rank's share of sum n^3); --plot: the times as bars.
 """
 from __future__ import annotations
@@ -35,9 +39,12 @@ from soo_ext import ops
 from soo_ext._common import SpreadPlan, spread_factors
 
 from . import common
-from .micro import KronBucket, buckets, kfac_factor_sizes
+from .micro import KronBucket, buckets, kfac_factor_sizes, shampoo_factor_sizes
 
 DAMPING = 1e-3
+EPSILON = 1e-12
+MAX_DIM = 1024
+MODES = ("eigen", "inverse", "root")
 QUICK = dict(width=0.0625, reps=1)
 
 
@@ -49,8 +56,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch threads a rank (default 1)")
     parser.add_argument("--width", type=float, default=None,
                         help="ResNet-50 width of the factor set (default 0.25; --quick 0.0625)")
-    parser.add_argument("--modes", nargs="+", choices=["eigen", "inverse"],
-                        default=["eigen", "inverse"], help="K-FAC modes (default both)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="K-FAC 'eigen' and 'inverse', Shampoo 'root' (default all)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed updates (default 5; --quick 1)")
@@ -60,18 +67,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def factor_set(width: float, dtype: torch.dtype) -> dict[int, torch.Tensor]:
-    """bucket size n -> [count, n, n] SPD factors."""
-    return {n: KronBucket(n, count, dtype, "cpu").stack
-            for n, count in buckets(kfac_factor_sizes(width))}
+def factor_set(mode: str, width: float, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """bucket size n -> [count, n, n] SPD factors: K-FAC's, or Shampoo's for 'root'."""
+    sizes = shampoo_factor_sizes(width, MAX_DIM) if mode == "root" else kfac_factor_sizes(width)
+    return {n: KronBucket(n, count, dtype, "cpu").stack for n, count in buckets(sizes)}
 
 
 def decompose(mode: str, F: torch.Tensor):
-    return ops.kron_eigh(F) if mode == "eigen" else ops.kron_damped_inverse(F, DAMPING ** 0.5)
+    if mode == "eigen":
+        return ops.kron_eigh(F)
+    if mode == "inverse":
+        return ops.kron_damped_inverse(F, DAMPING ** 0.5)
+    return ops.kron_inverse_root(F, 4, EPSILON, "eigh")
 
 
 def plan(factors: dict[int, torch.Tensor], mode: str, dtype: torch.dtype) -> SpreadPlan:
-    """KFAC's plan for these buckets (its row widths: d, Q and status, or X and status)."""
+    """The optimizers' plan for these buckets (their row widths: d, Q and status, or X and
+    status)."""
     return SpreadPlan({n: F.shape[0] for n, F in factors.items()},
                       lambda n: n * n + 1 + (n if mode == "eigen" else 0), dist.group.WORLD,
                       dtype, torch.device("cpu"))
@@ -93,9 +105,9 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, opts: dict) 
                             world_size=world)
     try:
         dtype = getattr(torch, opts["dtype"])
-        factors = factor_set(opts["width"], dtype)
         out = {}
         for mode in opts["modes"]:
+            factors = factor_set(mode, opts["width"], dtype)
             spread = plan(factors, mode, dtype)
             totals, decomposing = [], []
             for _ in range(opts["reps"] + 1):
@@ -119,16 +131,18 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     dtype = getattr(torch, args.dtype)
     env = common.environment(["cpu"])
     env.update(world=args.world, threads=args.threads, width=width, reps=reps, dtype=args.dtype,
-               damping=DAMPING, backend="gloo")
+               damping=DAMPING, epsilon=EPSILON, max_preconditioner_dim=MAX_DIM, backend="gloo")
     torch.set_num_threads(args.threads)
-    factors = factor_set(width, dtype)
-    sizes = [(n, F.shape[0]) for n, F in factors.items()]
+    single, sizes, loads = {}, {}, {}
+    for mode in args.modes:
+        factors = factor_set(mode, width, dtype)
+        sizes[mode] = [(n, F.shape[0]) for n, F in factors.items()]
+        owned = spread_factors(sizes[mode], args.world)
+        total = sum(n ** 3 * count for n, count in sizes[mode])
+        loads[mode] = [sum(n ** 3 * len(per[r]) for (n, _), per in zip(sizes[mode], owned))
+                       / total for r in range(args.world)]
+        single[mode] = one_rank(mode, factors, reps)
     env["buckets"] = sizes
-    owned = spread_factors(sizes, args.world)
-    total = sum(n ** 3 * count for n, count in sizes)
-    loads = [sum(n ** 3 * len(per[r]) for (n, _), per in zip(sizes, owned)) / total
-             for r in range(args.world)]
-    single = {mode: one_rank(mode, factors, reps) for mode in args.modes}
     with tempfile.TemporaryDirectory() as tmp:
         opts = dict(threads=args.threads, width=width, dtype=args.dtype, modes=args.modes,
                     reps=reps)
@@ -142,10 +156,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         slowest = max(statistics.median(r[mode]["decompose"]) for r in ranks)
         records.append({
             "mode": mode, "world": args.world, "width": width, "dtype": args.dtype,
-            "factors": sum(count for _, count in sizes), "largest": max(n for n, _ in sizes),
+            "factors": sum(count for _, count in sizes[mode]),
+            "largest": max(n for n, _ in sizes[mode]),
             "one_rank_ms": one * 1e3, "spread_ms": spread * 1e3, "decompose_ms": slowest * 1e3,
             "gather_ms": (spread - slowest) * 1e3, "speedup": one / spread,
-            "gathered_mb": ranks[0][mode]["gathered_bytes"] / 1e6, "loads": loads,
+            "gathered_mb": ranks[0][mode]["gathered_bytes"] / 1e6, "loads": loads[mode],
             "one_rank_ms_reps": [t * 1e3 for t in single[mode]],
             "spread_ms_reps": [t * 1e3 for t in ranks[0][mode]["total"]]})
     report(records, env, args)
@@ -158,7 +173,8 @@ def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
                   "one_rank_ms": "one rank ms", "spread_ms": "spread ms",
                   "decompose_ms": "decompose ms", "gather_ms": "all-gather ms",
                   "gathered_mb": "gathered MB", "speedup": "x one rank"},
-        f"K-FAC inverse update of ResNet-50 factors (width {env['width']}, {env['dtype']}) on "
+        f"K-FAC inverse / Shampoo root update of ResNet-50 factors (width {env['width']}, "
+        f"{env['dtype']}) on "
         f"{env['world']} gloo ranks x {env['threads']} thread(s) against one rank "
         f"({env['devices']['cpu']}); median of {env['reps']}")
     if args.json:
@@ -175,9 +191,10 @@ def plot(records: list[dict], env: dict, path: str) -> None:
            label=f"spread over {env['world']}: decompose")
     ax.bar([i + 0.2 for i in x], [r["gather_ms"] for r in records], 0.4,
            bottom=[r["decompose_ms"] for r in records], label="spread: all-gather")
-    ax.set_xticks(list(x), [r["mode"] for r in records])
-    ax.set(ylabel="ms per inverse update",
-           title=f"K-FAC inverse update, ResNet-50 x{env['width']} factors (gloo, CPU)")
+    ax.set_xticks(list(x), [("Shampoo " if r["mode"] == "root" else "K-FAC ") + r["mode"]
+                            for r in records])
+    ax.set(ylabel="ms per update",
+           title=f"ResNet-50 x{env['width']} factors, {env['world']} gloo ranks (CPU)")
     ax.legend(fontsize="small")
     ax.grid(True, axis="y", alpha=0.3)
     common.save_figure(fig, path)

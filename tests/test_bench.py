@@ -177,9 +177,12 @@ def test_spread_times_one_rank_and_spread_ranks(tmp_path, capsys, one_thread):
     out, png = tmp_path / "spread.json", tmp_path / "spread.png"
     records, env = cli.main(["spread", "--quick", "--json", str(out), "--plot", str(png)])
     assert json.loads(out.read_text())["records"] == records and png.stat().st_size > 0
-    assert [r["mode"] for r in records] == ["eigen", "inverse"] and env["world"] == 2
+    assert [r["mode"] for r in records] == ["eigen", "inverse", "root"] and env["world"] == 2
     for r in records:
-        assert r["factors"] == 108 and r["one_rank_ms"] > 0 and r["spread_ms"] > 0
+        sizes = (micro.shampoo_factor_sizes(env["width"], 1024) if r["mode"] == "root"
+                 else micro.kfac_factor_sizes(env["width"]))
+        assert r["factors"] == len(sizes) and r["largest"] == max(sizes)
+        assert r["one_rank_ms"] > 0 and r["spread_ms"] > 0
         assert 0 < r["decompose_ms"] <= r["spread_ms"] and r["gathered_mb"] > 0
         assert math.isclose(sum(r["loads"]), 1.0) and max(r["loads"]) < 0.6
     assert "x one rank" in capsys.readouterr().out
