@@ -81,14 +81,6 @@ def decompose(mode: str, F: torch.Tensor):
     return ops.kron_inverse_root(F, 4, EPSILON, "eigh")
 
 
-def plan(factors: dict[int, torch.Tensor], mode: str, dtype: torch.dtype) -> SpreadPlan:
-    """The optimizers' plan for these buckets (their row widths: d, Q and status, or X and
-    status)."""
-    return SpreadPlan({n: F.shape[0] for n, F in factors.items()},
-                      lambda n: n * n + 1 + (n if mode == "eigen" else 0), dist.group.WORLD,
-                      dtype, torch.device("cpu"))
-
-
 def one_rank(mode: str, factors: dict, reps: int) -> list[float]:
     times = []
     for _ in range(reps + 1):
@@ -108,18 +100,24 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, opts: dict) 
         out = {}
         for mode in opts["modes"]:
             factors = factor_set(mode, opts["width"], dtype)
-            spread = plan(factors, mode, dtype)
+            spread = SpreadPlan(factors, dist.group.WORLD)
+            done = [0.0]  # when the last decomposition of this rank ended
+
+            def op(n, F):
+                result = decompose(mode, F)
+                done[0] = time.perf_counter()
+                return result
+
             totals, decomposing = [], []
             for _ in range(opts["reps"] + 1):
                 dist.barrier()
                 start = time.perf_counter()
-                mine = {n: decompose(mode, spread.mine(n, F)) for n, F in factors.items()}
-                decomposing.append(time.perf_counter() - start)
-                spread.gather(mine)
+                spread.decompose(factors, op)
                 dist.barrier()
                 totals.append(time.perf_counter() - start)
+                decomposing.append(done[0] - start)
             out[mode] = {"total": totals[1:], "decompose": decomposing[1:],
-                         "gathered_bytes": world * spread.length * dtype.itemsize}
+                         "gathered_bytes": spread.gathered_numel * dtype.itemsize}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -148,60 +148,49 @@ def spread_factors(buckets: list[tuple[int, int]], world: int) -> list[list[list
 
 
 class SpreadPlan:
-    """Data parallel decompositions of bucketed ``n x n`` factors (K-FAC's inverses, Shampoo's
-    roots): which rank decomposes which factor (:func:`spread_factors`), and the all-gather
-    that gives every rank every result.  Each rank packs the results of its factors, a row of
-    ``width(n)`` values per factor (every output of the op, cast to ``dtype``), bucket after
+    """Data parallel decompositions of bucketed ``[B, n, n]`` factors (K-FAC's inverses,
+    Shampoo's roots): which rank decomposes which factor (:func:`spread_factors`), and the
+    all-gather that gives every rank every result.  Each rank packs the results of its factors,
+    a row per factor (every output of the op for it, in the factors' dtype), bucket after
     bucket, into one vector; one all-gather of those vectors (padded to the longest), after all
     the decompositions (gathering bucket by bucket between them would make every bucket wait
-    for the rank with the most of it), gives every rank every row.
+    for the rank with the most of it), gives every rank every row."""
 
-    ``buckets`` maps a bucket key to its number of factors; the key is ``n`` or a tuple whose
-    first entry is ``n``."""
-
-    def __init__(self, buckets: dict, width: Callable[[int], int], group, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.group, self.dtype = group, dtype
-        world = torch.distributed.get_world_size(group)
+    def __init__(self, factors: dict[Any, Tensor], group) -> None:
+        self.group = group
+        self.world = world = torch.distributed.get_world_size(group)
         rank = torch.distributed.get_rank(group)
-        size = {key: key[0] if isinstance(key, tuple) else key for key in buckets}
-        owned = spread_factors([(size[key], count) for key, count in buckets.items()], world)
-        self._mine: dict = {}
-        self._segments: dict = {}  # key -> (offset, rows) per rank
-        self._order: dict = {}
-        self._width = {key: width(size[key]) for key in buckets}
-        used = [0] * world
-        for key, per_rank in zip(buckets, owned):
+        owned = spread_factors([(F.shape[-1], F.shape[0]) for F in factors.values()], world)
+        self._counts = {key: [len(o) for o in per_rank]  # factors per rank
+                        for key, per_rank in zip(factors, owned)}
+        device = next(iter(factors.values())).device
+        self._mine, self._order = {}, {}
+        for key, per_rank in zip(factors, owned):
             self._mine[key] = torch.tensor(per_rank[rank], dtype=torch.int64, device=device)
-            self._segments[key] = []
-            for r, factors in enumerate(per_rank):
-                self._segments[key].append((used[r], len(factors)))
-                used[r] += len(factors) * self._width[key]
-            arrival = [i for factors in per_rank for i in factors]  # rows come rank by rank
+            arrival = [i for o in per_rank for i in o]  # rows come rank by rank
             self._order[key] = torch.tensor(sorted(range(len(arrival)), key=arrival.__getitem__),
                                             dtype=torch.int64, device=device)
-        self.length = max(used)  # of the longest rank's packed results
 
-    def mine(self, key, factors: Tensor) -> Tensor:
-        """This rank's factors of bucket ``key`` (``factors``: the whole ``[B, n, n]`` bucket)."""
-        return factors.index_select(0, self._mine[key])
-
-    def gather(self, results: dict) -> dict:
-        """Every factor's results from this rank's: ``results[key]`` holds the op's outputs for
-        the factors :meth:`mine` gave."""
-        rows = []
-        for key in self._width:  # the plan's bucket order
-            outs = results[key]
-            m = outs[0].shape[0]
-            rows.append(torch.cat([t.reshape(m, math.prod(t.shape[1:])).to(self.dtype)
-                                   for t in outs], 1).reshape(-1))
-        gathered = all_gather_padded(torch.cat(rows), self.length, self.group)
+    def decompose(self, factors: dict[Any, Tensor], op: Callable) -> dict[Any, tuple]:
+        """``op(key, F)`` (the op's outputs for a batch ``F`` of bucket ``key``) of every factor
+        of every bucket, each rank computing its own share."""
+        mine = {key: op(key, F.index_select(0, self._mine[key])) for key, F in factors.items()}
+        dtype = next(iter(factors.values())).dtype
+        widths = {key: sum(math.prod(t.shape[1:]) for t in outs) for key, outs in mine.items()}
+        lengths = [sum(c[r] * widths[key] for key, c in self._counts.items())
+                   for r in range(self.world)]
+        packed = torch.cat([torch.cat([t.reshape(t.shape[0], math.prod(t.shape[1:])).to(dtype)
+                                       for t in outs], 1).reshape(-1) for outs in mine.values()])
+        gathered = all_gather_padded(packed, max(lengths), self.group)
+        self.gathered_numel = gathered.numel()  # what the last all-gather delivered
+        offsets = [0] * self.world
         full = {}
-        for key, w in self._width.items():
-            outs = results[key]
-            table = torch.cat([gathered[r, o:o + m * w].view(m, w)
-                               for r, (o, m) in enumerate(self._segments[key])])
-            table = table[self._order[key]]
+        for key, outs in mine.items():
+            w, rows = widths[key], []
+            for r, m in enumerate(self._counts[key]):
+                rows.append(gathered[r, offsets[r]:offsets[r] + m * w].view(m, w))
+                offsets[r] += m * w
+            table = torch.cat(rows)[self._order[key]]
             parts, start = [], 0
             for t in outs:
                 cols = math.prod(t.shape[1:])

@@ -829,20 +829,18 @@ class KFAC(Optimizer):
         """One eigh / damped inverse per bucket; a failed factor (status 2) or a skipped step
         keeps what it had."""
         group = self._process_group if self.param_groups[0]["spread_inverses"] else None
-        eigen = lay.mode == "eigen"
-        if group is not None and lay.spread is None:
-            # a row per factor: d, Q and the status (eigen) or X and the status
-            lay.spread = SpreadPlan({n: len(b.entries) for n, b in lay.buckets.items()},
-                                    lambda n: n * n + 1 + (n if eigen else 0), group,
-                                    lay.dtype, lay.device)
-        results = {}
-        for n, b in lay.buckets.items():
-            # data parallel: each rank decomposes its factors of the bucket (then all get all)
-            F = b.F if group is None else lay.spread.mine(n, b.F)
-            results[n] = (_ops.kron_eigh(F) if eigen
-                          else _ops.kron_damped_inverse(F, math.sqrt(damping)))
-        if group is not None:
-            results = lay.spread.gather(results)
+        factors = {n: b.F for n, b in lay.buckets.items()}
+
+        def op(n: int, F: Tensor) -> tuple:
+            return (_ops.kron_eigh(F) if lay.mode == "eigen"
+                    else _ops.kron_damped_inverse(F, math.sqrt(damping)))
+
+        if group is None:
+            results = {n: op(n, F) for n, F in factors.items()}
+        else:  # data parallel: each rank decomposes its share, then all get all
+            if lay.spread is None:
+                lay.spread = SpreadPlan(factors, group)
+            results = lay.spread.decompose(factors, op)
         for b, outs in zip(lay.buckets.values(), results.values()):
             if lay.mode == "eigen":
                 d, Q, status = outs

@@ -303,14 +303,14 @@ class QuasiNewton(Optimizer):
         if isinstance(loss, Tensor) and loss.numel() != 1:
             raise ValueError(f"the closure must return a scalar loss, got shape "
                              f"{tuple(loss.shape)}")
-        if self._process_group is not None:  # the mean of the ranks' losses (a copy)
-            f_mean = torch.tensor([float(loss)], dtype=torch.float64, device=g.device) \
-                if not isinstance(loss, Tensor) else \
-                loss.detach().to(g.device, torch.float64, copy=True).reshape(1)
-            scalars.insert(0, all_reduce_mean_(f_mean, self._process_group)[0])
-            values = torch.stack([s.to(torch.float64) for s in scalars]).tolist()
-        elif isinstance(loss, Tensor):
-            scalars.insert(0, loss.detach().reshape(()).to(g.device))
+        f_dev = loss.detach().reshape(()).to(g.device) if isinstance(loss, Tensor) else None
+        if self._process_group is not None:  # the mean of the ranks' losses (in a copy)
+            f_dev = (torch.tensor(float(loss), dtype=torch.float64, device=g.device)
+                     if f_dev is None else f_dev)
+            f_dev = all_reduce_mean_(f_dev.to(torch.float64, copy=True).reshape(1),
+                                     self._process_group)[0]
+        if f_dev is not None:
+            scalars.insert(0, f_dev)
             values = torch.stack([s.to(torch.float64) for s in scalars]).tolist()
         else:
             values = [float(loss)] + torch.stack([s.to(torch.float64) for s in scalars]).tolist()

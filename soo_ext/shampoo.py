@@ -537,18 +537,16 @@ class Shampoo(Optimizer):
         opt0 = self.param_groups[0]
         if not ws.factors:
             return
+        def root(key: tuple[int, int], F: Tensor) -> tuple[Tensor, Tensor]:
+            return ops.kron_inverse_root(F, 2 * key[1], opt0["epsilon"], opt0["root_method"])
+
         group = self._process_group
-        if group is not None and ws.spread is None:  # a row per factor: X and the status
-            ws.spread = SpreadPlan({key: F.shape[0] for key, F in ws.factors.items()},
-                                   lambda n: n * n + 1, group, ws.fdtype, ws.device)
-        results = {}
-        for key, F in ws.factors.items():
-            # data parallel: each rank roots its factors of the bucket (then all get all)
-            results[key] = ops.kron_inverse_root(F if group is None else ws.spread.mine(key, F),
-                                                 2 * key[1], opt0["epsilon"],
-                                                 opt0["root_method"])
-        if group is not None:
-            results = ws.spread.gather(results)
+        if group is None:
+            results = {key: root(key, F) for key, F in ws.factors.items()}
+        else:  # data parallel: each rank roots its share, then all get all
+            if ws.spread is None:
+                ws.spread = SpreadPlan(ws.factors, group)
+            results = ws.spread.decompose(ws.factors, root)
         new = {}
         checks = [ok.to(torch.int64)]
         for key, (X, status) in results.items():
