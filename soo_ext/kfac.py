@@ -366,8 +366,8 @@ class KFAC(Optimizer):
     decompositions it saves, ``spread_inverses=False`` makes every rank compute all of them (the
     same bits on every rank: the ops are deterministic).  ``python -m bench spread`` measures
     both: on 2 CPU ranks over gloo (ResNet-50 factors at width 0.5, 1 thread a rank) eigen takes
-    4.56 s on one rank and 2.90 s spread (2.32 s decomposing, 0.58 s the all-gather of 176 MB),
-    the damped inverse 0.66 s on one rank and 0.86 s spread; over NVLink the all-gather would
+    4.84 s on one rank and 3.11 s spread (2.36 s decomposing, 0.75 s the all-gather of 176 MB),
+    the damped inverse 0.67 s on one rank and 0.98 s spread; over NVLink the all-gather would
     take milliseconds.  The replicas stay equal (tested bitwise on 2 CPU ranks) and follow the
     single-process run on the concatenated batch when the ranks' batches are equal in size (the
     mean of the ranks' means, like DDP's gradient).  Every rank must capture the same layers at
