@@ -31,7 +31,7 @@ from torch.utils.cpp_extension import (  # noqa: E402
 
 
 def read_version() -> str:
-    text = (ROOT / "soo_ext" / "__init__.py").read_text()
+    text = (ROOT / "soo_ext" / "_support" / "version.py").read_text()
     return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from soo_ext.lbfgs import LBFGS
+from soo_ext import LBFGS
 
 from . import common
 from .micro import parse_count

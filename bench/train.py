@@ -113,7 +113,7 @@ from torch import nn
 from tqdm import tqdm
 
 import soo_ext
-from soo_ext.quasi_newton import NonFiniteError
+from soo_ext import NonFiniteError
 
 from . import common
 from .adabelief import AdaBelief

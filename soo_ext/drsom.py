@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from . import ops as _ops
 from . import reference as _reference
 from ._common import all_reduce_mean_, check_params, check_process_group, load_state_dict_uncast
-from .quasi_newton import NonFiniteError
+from ._support.errors import NonFiniteError
 
 __all__ = ["DRSOM", "NonFiniteError", "same_randomness"]
 

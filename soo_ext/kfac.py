@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from . import ops as _ops
 from ._common import (SpreadPlan, all_finite, all_reduce_mean_, call_closure, check_groups,
                       check_params, check_process_group, load_state_dict_uncast)
-from .quasi_newton import NonFiniteError
+from ._support.errors import NonFiniteError
 
 __all__ = ["KFAC", "NonFiniteError"]
 

@@ -11,8 +11,8 @@ from torch.optim import Optimizer
 
 from ._common import (all_finite, call_closure, check_groups, check_history_dtype, check_params,
                       load_state_dict_uncast)
-from .history import LBFGSHistory
-from .quasi_newton import NonFiniteError
+from .curvature.lbfgs_history import LBFGSHistory
+from ._support.errors import NonFiniteError
 
 __all__ = ["MLBFGS"]
 

@@ -65,7 +65,7 @@ def extension_error() -> str | None:
 
 def build_info() -> dict:
     """Package version, the torch the module was built against, CUDA kernels and architectures."""
-    from . import __version__
+    from ._support.version import __version__
     info = {"version": __version__, "extension_loaded": _LOADED, "extension_error": _ERROR,
             "torch_runtime": torch.__version__}
     if _LOADED:

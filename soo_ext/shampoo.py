@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from . import ops
 from ._common import (SpreadPlan, all_finite, call_closure, check_groups, check_params,
                       check_process_group, load_state_dict_uncast)
-from .quasi_newton import NonFiniteError
+from ._support.errors import NonFiniteError
 
 __all__ = ["Shampoo", "RootFailureError", "merge_dims"]
 

@@ -7,8 +7,8 @@ import torch
 
 import soo_ext
 from soo_ext import ops, reference
-from soo_ext.bfgs import DenseInverseHessian
-from soo_ext.quasi_newton import NonFiniteError
+from soo_ext.curvature.dense_inverse import DenseInverseHessian
+from soo_ext import NonFiniteError
 
 from conftest import rel_err, saved_copy
 

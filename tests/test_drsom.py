@@ -12,7 +12,7 @@ from torch.nn import functional as F
 import soo_ext
 from soo_ext.drsom import _ops as drsom_ops
 from soo_ext.drsom import DRSOM, _Workspace, same_randomness
-from soo_ext.quasi_newton import NonFiniteError
+from soo_ext import NonFiniteError
 
 from conftest import count_host_syncs, rel_err, saved_copy
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import soo_ext
-from soo_ext.lbfgs import NonFiniteError
-from soo_ext.line_search import LinePoint, cubic_interpolate, strong_wolfe
+from soo_ext import NonFiniteError
+from soo_ext.optim.line_search import LinePoint, cubic_interpolate, strong_wolfe
 
 from conftest import count_host_syncs, saved_copy
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from soo_ext import ops
-from soo_ext.quasi_newton import NonFiniteError
+from soo_ext import NonFiniteError
 from soo_ext.shampoo import RootFailureError, Shampoo, merge_dims
 
 from conftest import (assert_state_equal, count_host_syncs, mnist1d_mlp, mse_backward, mse_steps,

@@ -4,29 +4,24 @@ one flat vector of all params, with a pluggable curvature model (limited-memory 
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import (all_reduce_mean_, check_groups, check_params, check_process_group,
-                      load_state_dict_uncast, max_abs)
+from .._support.distributed import all_reduce_mean_, check_process_group
+from .._support.errors import NonFiniteError
+from .._support.flat import FlatLayout
+from .._support.guard import max_abs
+from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
+from .._support.params import all_params, check_params, load_state_dict_uncast
 from .line_search import LinePoint, strong_wolfe
 
-__all__ = ["NonFiniteError", "QuasiNewton"]
+__all__ = ["QuasiNewton"]
 
-# Options that may differ between param groups; the others must agree: there is one run over one
-# flat vector.
-_GROUP_OPTIONS = ("lr",)
-_GLOBAL_OPTIONS = ("max_iter", "max_eval", "tolerance_grad", "tolerance_change", "line_search_fn",
-                   "on_nonfinite", "maximize")
 _MIN_CURVATURE = 1e-10  # a pair (s, y) is stored only if y.s exceeds this, as in torch
-
-
-class NonFiniteError(RuntimeError):
-    """A closure evaluation gave a non-finite loss or gradient (with ``on_nonfinite='raise'``)."""
 
 
 class _NonFinite(Exception):
@@ -49,84 +44,50 @@ class _Eval(NamedTuple):
     yd: float | None    # (g - g_prev).d: the pending pair's curvature is y.s = t * yd
 
 
-def _check_options(o: dict) -> None:
-    """ValueError naming the offending option."""
-    lr = o["lr"]
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"Invalid lr: a Tensor lr must have one element, "
-                         f"got shape {tuple(lr.shape)}")
-    if not isinstance(lr, (Real, Tensor)) or not float(lr) >= 0:
-        raise ValueError(f"Invalid lr: {lr!r} (must be >= 0)")
-    for key in ("max_iter", "max_eval"):
-        v = o[key]
-        if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"Invalid {key}: {v!r} (must be an int >= 1)")
-    for key in ("tolerance_grad", "tolerance_change"):
-        v = o[key]
-        if not isinstance(v, Real) or isinstance(v, bool) or not v >= 0:
-            raise ValueError(f"Invalid {key}: {v!r} (must be a number >= 0)")
-    if o["line_search_fn"] not in (None, "strong_wolfe"):
-        raise ValueError(f"Invalid line_search_fn: {o['line_search_fn']!r} "
-                         "(must be None or 'strong_wolfe')")
-    if o["on_nonfinite"] not in ("raise", "skip"):
-        raise ValueError(f"Invalid on_nonfinite: {o['on_nonfinite']!r} (must be 'raise' or 'skip')")
-    if not isinstance(o["maximize"], bool):
-        raise ValueError(f"Invalid maximize: {o['maximize']!r} (must be a bool)")
+# Only lr may differ between param groups: there is one run over one flat vector.
+OPTIONS = OptionSpecs({
+    "lr": Number(0, tensor=True),
+    "max_iter": Int(1), "max_eval": Int(1),
+    "tolerance_grad": Number(0), "tolerance_change": Number(0),
+    "line_search_fn": OneOf(None, "strong_wolfe"),
+    "on_nonfinite": OneOf("raise", "skip"),
+    "maximize": Bool(),
+}, per_group=("lr",))
 
 
-class _Workspace:
-    """Everything derived from the params for a run: flat layout, gradient buffers, the snapshot
-    of the iterate being searched from, the per-group lr metric and the curvature model."""
+class _Run:
+    """Everything derived from the params for a run: the flat layout, gradient buffers, the
+    snapshot of the iterate being searched from, the per-group lr metric and the curvature
+    model."""
 
     def __init__(self, params: list[Tensor], curvature: Any, name: str) -> None:
         self.params = params
-        self.shapes = [p.shape for p in params]
-        self.numels = [p.numel() for p in params]
+        self.layout = FlatLayout(params)
         self.curvature = curvature  # LBFGSHistory or DenseInverseHessian
         self.name = name
         self._pool: list[tuple[Tensor, list[Tensor]]] = []  # gradient buffers and their views
-        self.y = self._empty()
+        self.y = self.layout.empty()
         self.y_of: tuple[Tensor, Tensor] | None = None  # (g, g_prev) when y holds g - g_prev
         self.x0: tuple[Tensor, list[Tensor]] | None = None
         self.x0_t: float | None = None  # params == x0 + x0_t * d; None: no snapshot in use
         self.metric: tuple[Tensor, Tensor] | None = None  # (sqrt(P), 1/sqrt(P)); None if P = I
         self._metric_key: tuple[float, ...] | None = None
 
-    def _empty(self) -> Tensor:
-        p0 = self.params[0]
-        return torch.empty(sum(self.numels), dtype=p0.dtype, device=p0.device)
-
     def views(self, flat: Tensor) -> list[Tensor]:
-        """``flat`` cut into views shaped like the params."""
-        return [v.view(s) for v, s in zip(flat.split(self.numels), self.shapes)]
+        return self.layout.views(flat)
 
     def take(self, avoid: tuple) -> tuple[Tensor, list[Tensor]]:
         """A gradient buffer that is none of ``avoid`` (at most 4 are ever needed)."""
         for buf, views in self._pool:
             if not any(buf is a for a in avoid):
                 return buf, views
-        buf = self._empty()
+        buf = self.layout.empty()
         self._pool.append((buf, self.views(buf)))
         return self._pool[-1]
 
     def gather(self, buf: tuple[Tensor, list[Tensor]], maximize: bool) -> None:
         """Copy the params' gradients into ``buf`` (from :meth:`take`); None counts as zero."""
-        flat, views = buf
-        dst, src, missing = [], [], []
-        for p, v in zip(self.params, views):
-            if p.grad is None:
-                missing.append(v)
-            elif p.grad.layout != torch.strided:
-                raise RuntimeError(f"{self.name} does not support sparse gradients (got {p.grad.layout})")
-            else:
-                dst.append(v)
-                src.append(p.grad)
-        if dst:
-            torch._foreach_copy_(dst, src)
-        if missing:
-            torch._foreach_zero_(missing)
-        if maximize:
-            flat.neg_()
+        self.layout.gather_grads(*buf, self.name, maximize)
 
     def set_metric(self, ratios: list[float]) -> None:
         """Per-param ``lr / lr_ref``: P = diag of these ratios over the flat vector."""
@@ -137,11 +98,11 @@ class _Workspace:
         if all(r == 1.0 for r in ratios):
             self.metric = None
             return
-        p0 = self.params[0]
-        sqrt_p = torch.cat([torch.full((n,), math.sqrt(r), dtype=p0.dtype, device=p0.device)
-                            for n, r in zip(self.numels, ratios)])
-        inv = torch.cat([torch.full((n,), 1.0 / math.sqrt(r) if r > 0 else 0.0, dtype=p0.dtype,
-                                    device=p0.device) for n, r in zip(self.numels, ratios)])
+        kw = {"dtype": self.layout.dtype, "device": self.layout.device}
+        sqrt_p = torch.cat([torch.full((n,), math.sqrt(r), **kw)
+                            for n, r in zip(self.layout.numels, ratios)])
+        inv = torch.cat([torch.full((n,), 1.0 / math.sqrt(r) if r > 0 else 0.0, **kw)
+                         for n, r in zip(self.layout.numels, ratios)])
         self.metric = (sqrt_p, inv)
 
     def push(self, d: Tensor, g: Tensor, g_prev: Tensor, t: float) -> None:
@@ -172,7 +133,7 @@ class _Workspace:
 
     def snapshot(self) -> None:
         if self.x0 is None:
-            buf = self._empty()
+            buf = self.layout.empty()
             self.x0 = (buf, self.views(buf))
         torch._foreach_copy_(self.x0[1], self.params)
         self.x0_t = 0.0
@@ -200,18 +161,14 @@ class _Workspace:
 class QuasiNewton(Optimizer):
     """Base of :class:`soo_ext.LBFGS` and :class:`soo_ext.BFGS`: everything but the curvature model.
 
-    A subclass names the state entry of its curvature model (``STATE_KEY``), its extra options
-    that must agree between groups (``CURVATURE_OPTIONS``), checks them, and builds the model:
-    an object with ``push(s, y, s_scale)``, ``direction(g) -> (d, [g.d, max|d|])``,
+    A subclass names the state entry of its curvature model (``STATE_KEY``), extends
+    ``OPTIONS`` with the options of that model (they must agree between groups), and builds the
+    model: an object with ``push(s, y, s_scale)``, ``direction(g) -> (d, [g.d, max|d|])``,
     ``state_dict()`` and ``load_state_dict()``.
     """
 
     STATE_KEY = "curvature"
-    CURVATURE_OPTIONS: tuple[str, ...] = ()
-
-    @classmethod
-    def _check_curvature_options(cls, options: dict) -> None:
-        """ValueError naming a bad curvature option."""
+    OPTIONS = OPTIONS
 
     def _check_curvature_params(self, params: list[Tensor], group: dict) -> None:
         """ValueError if the params do not suit the curvature options."""
@@ -225,19 +182,15 @@ class QuasiNewton(Optimizer):
     def __init__(self, params, defaults: dict, process_group=None) -> None:
         if defaults["max_eval"] is None and isinstance(defaults["max_iter"], Integral):
             defaults["max_eval"] = defaults["max_iter"] * 5 // 4
-        _check_options(defaults)
-        self._check_curvature_options(defaults)
+        self.OPTIONS.check(defaults)
         self._process_group = check_process_group(process_group)
-        self._ws: _Workspace | None = None
+        self._run: _Run | None = None
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._process_group = None  # a process group is not copied
-        self._ws = None  # rebuilt from the state at the next step
-
-    def _all_params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+        self._run = None  # rebuilt from the state at the next step
 
     def add_param_group(self, param_group: dict) -> None:
         if self.state:
@@ -249,16 +202,11 @@ class QuasiNewton(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
-        self._ws = None
+        self._run = None
 
     def _check_groups(self) -> None:
-        def check_options(group: dict) -> None:
-            _check_options(group)
-            self._check_curvature_options(group)
-
-        check_groups(self.param_groups, check_options, _GLOBAL_OPTIONS + self.CURVATURE_OPTIONS,
-                     _GROUP_OPTIONS)
-        params = self._all_params()
+        self.OPTIONS.check_groups(self.param_groups)
+        params = all_params(self)
         check_params(params, type(self).__name__)
         if params:
             self._check_curvature_params(params, self.param_groups[0])
@@ -268,28 +216,28 @@ class QuasiNewton(Optimizer):
         for p, entries in load_state_dict_uncast(self, state_dict, (self.STATE_KEY,)).items():
             self.state[p].update(entries)
 
-    def _workspace(self, state: dict) -> _Workspace:
-        if self._ws is None:
-            params, group = self._all_params(), self.param_groups[0]
+    def _prepare_run(self, state: dict) -> _Run:
+        if self._run is None:
+            params, group = all_params(self), self.param_groups[0]
             curvature = self._new_curvature(sum(p.numel() for p in params), params[0].dtype,
                                             params[0].device, group)
             if self.STATE_KEY in state:
                 curvature.load_state_dict(state[self.STATE_KEY])
             state[self.STATE_KEY] = curvature.state_dict()
-            self._ws = _Workspace(params, curvature, type(self).__name__)
+            self._run = _Run(params, curvature, type(self).__name__)
         else:
-            self._check_curvature_unchanged(self._ws.curvature, self.param_groups[0])
-        return self._ws
+            self._check_curvature_unchanged(self._run.curvature, self.param_groups[0])
+        return self._run
 
-    def _evaluate(self, closure: Callable, ws: _Workspace, buf: tuple[Tensor, list[Tensor]],
+    def _evaluate(self, closure: Callable, run: _Run, buf: tuple[Tensor, list[Tensor]],
                   maximize: bool, *, gsum: bool = False, along: Tensor | None = None,
                   pair: tuple[Tensor, Tensor] | None = None) -> _Eval:
         """Run the closure, gather its gradient into ``buf`` and fetch, in one host sync, the
         loss, ``max|g|`` and optionally ``sum|g|``, ``g.along`` and ``(g - g_prev).d`` for
         ``pair = (g_prev, d)``.  Raises _NonFinite if any of them is not finite."""
-        ws.y_of = None  # buf may be one of the vectors y was computed from
+        run.y_of = None  # buf may be one of the vectors y was computed from
         loss = closure()
-        ws.gather(buf, maximize)
+        run.gather(buf, maximize)
         g = buf[0]
         scalars = [max_abs(g)]
         if gsum:
@@ -298,8 +246,8 @@ class QuasiNewton(Optimizer):
             scalars.append(torch.dot(g, along))
         if pair is not None:
             g_prev, d = pair
-            scalars.append(torch.dot(torch.sub(g, g_prev, out=ws.y), d))
-            ws.y_of = (g, g_prev)
+            scalars.append(torch.dot(torch.sub(g, g_prev, out=run.y), d))
+            run.y_of = (g, g_prev)
         if isinstance(loss, Tensor) and loss.numel() != 1:
             raise ValueError(f"the closure must return a scalar loss, got shape "
                              f"{tuple(loss.shape)}")
@@ -348,7 +296,7 @@ class QuasiNewton(Optimizer):
             raise RuntimeError(f"{type(self).__name__}.step() requires a closure that reevaluates "
                                "the model and returns the loss")
         closure = torch.enable_grad()(closure)
-        params = self._all_params()
+        params = all_params(self)
         if not params:  # nothing to optimise, but the caller still gets a loss
             return closure()
         self._check_groups()
@@ -356,18 +304,18 @@ class QuasiNewton(Optimizer):
         state = self.state[params[0]]
         state.setdefault("func_evals", 0)
         state.setdefault("n_iter", 0)
-        ws = self._workspace(state)
+        run = self._prepare_run(state)
 
         lrs = [float(g["lr"]) for g in self.param_groups]
         lr_ref = max(lrs)
-        ws.set_metric([lr / lr_ref if lr_ref > 0 else 1.0
+        run.set_metric([lr / lr_ref if lr_ref > 0 else 1.0
                        for g, lr in zip(self.param_groups, lrs) for _ in g["params"]])
 
         # A pair is pending if a step was taken along d since prev_flat_grad was evaluated.
         pending = state["n_iter"] > 0 and state["t"] != 0.0
         try:
             first = self._evaluate(
-                closure, ws, ws.take((state.get("prev_flat_grad"),)), group["maximize"],
+                closure, run, run.take((state.get("prev_flat_grad"),)), group["maximize"],
                 gsum=state["n_iter"] == 0,
                 pair=(state["prev_flat_grad"], state["d"]) if pending else None)
         except _NonFinite as bad:
@@ -376,10 +324,10 @@ class QuasiNewton(Optimizer):
         if first.gmax <= group["tolerance_grad"]:
             return first.loss
         try:
-            self._iterate(closure, state, ws, group, lr_ref, first)
+            self._iterate(closure, state, run, group, lr_ref, first)
         except BaseException as exc:
             # Leave the params at the last accepted iterate; the state already describes it.
-            ws.restore()
+            run.restore()
             if state["n_iter"] == 1:  # the very first iteration failed: start afresh next time
                 state["n_iter"] = 0
             if isinstance(exc, _NonFinite):
@@ -387,7 +335,7 @@ class QuasiNewton(Optimizer):
             raise
         return first.loss
 
-    def _iterate(self, closure: Callable, state: dict, ws: _Workspace, group: dict,
+    def _iterate(self, closure: Callable, state: dict, run: _Run, group: dict,
                  lr_ref: float, ev: _Eval) -> None:
         """The L-BFGS iterations of one step, from the step's first evaluation ``ev``."""
         max_iter, max_eval = group["max_iter"], group["max_eval"]
@@ -402,10 +350,10 @@ class QuasiNewton(Optimizer):
             # Curvature pair completed by the current gradient, then the new direction.
             t_prev = state.get("t", 0.0)
             if yd is not None and t_prev * yd > _MIN_CURVATURE:
-                ws.push(state["d"], g, state["prev_flat_grad"], t_prev)
-            d, gtd, dmax = ws.direction(g)
+                run.push(state["d"], g, state["prev_flat_grad"], t_prev)
+            d, gtd, dmax = run.direction(g)
             state.update(d=d, t=0.0, prev_flat_grad=g, prev_loss=loss,
-                         **{self.STATE_KEY: ws.curvature.state_dict()})
+                         **{self.STATE_KEY: run.curvature.state_dict()})
             if not (math.isfinite(gtd) and math.isfinite(dmax)):
                 raise _NonFinite("the search direction is not finite")
             prev_loss = loss
@@ -413,15 +361,15 @@ class QuasiNewton(Optimizer):
             if gtd > -tolerance_change:  # not a descent direction (to tolerance)
                 break
 
-            d_views = ws.views(d)
+            d_views = run.views(d)
             if group["line_search_fn"] == "strong_wolfe":
-                ws.snapshot()
+                run.snapshot()
                 g_start = g
 
                 def trial(t_trial: float, keep: tuple) -> LinePoint:
-                    buf = ws.take((g_start,) + tuple(e.g for e in keep))
-                    ws.move_to(t_trial, d_views)
-                    e = self._evaluate(closure, ws, buf, maximize, along=d, pair=(g_start, d))
+                    buf = run.take((g_start,) + tuple(e.g for e in keep))
+                    run.move_to(t_trial, d_views)
+                    e = self._evaluate(closure, run, buf, maximize, along=d, pair=(g_start, d))
                     state["func_evals"] += 1
                     return LinePoint(t_trial, e.f, e.gtd, e)
 
@@ -429,21 +377,21 @@ class QuasiNewton(Optimizer):
                 point, ls_evals = strong_wolfe(trial, start, t, dmax,
                                                tolerance_change=tolerance_change,
                                                max_ls=max_eval - evals)
-                ws.move_to(point.t, d_views)
+                run.move_to(point.t, d_views)
                 evals += ls_evals
                 t, ev = point.t, point.data
                 loss, g, gmax, yd = ev.f, ev.g, ev.gmax, ev.yd
             elif n_iter != max_iter:
-                ws.snapshot()
-                ws.move_to(t, d_views)
-                ev = self._evaluate(closure, ws, ws.take((g,)), maximize, pair=(g, d))
+                run.snapshot()
+                run.move_to(t, d_views)
+                ev = self._evaluate(closure, run, run.take((g,)), maximize, pair=(g, d))
                 state["func_evals"] += 1
                 evals += 1
                 loss, g, gmax, yd = ev.f, ev.g, ev.gmax, ev.yd
             else:  # last iteration: step without reevaluating, as torch does
-                torch._foreach_add_(ws.params, d_views, alpha=t)
+                torch._foreach_add_(run.params, d_views, alpha=t)
             state["t"] = t
-            ws.commit()
+            run.commit()
 
             if (n_iter == max_iter or evals >= max_eval or gmax <= tolerance_grad
                     or t * dmax <= tolerance_change or abs(loss - prev_loss) < tolerance_change):

@@ -1,11 +1,12 @@
-"""Curvature-pair history for L-BFGS-type methods: the functional core under the optimizers."""
+"""Curvature-pair history for L-BFGS-type methods (L-BFGS, mL-BFGS): ring buffers of (s, y) pairs
+and their Gram blocks, and the direction by the fused ``soo::lbfgs_direction`` op."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import ops
-from .reference import accumulation_dtype
+from .. import ops
+from ..reference import accumulation_dtype
 
 __all__ = ["LBFGSHistory"]
 
