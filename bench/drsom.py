@@ -44,7 +44,7 @@ seed): the relative Frobenius error ||Q_mode - Q_autograd||_F /
 ||Q_autograd||_F, median and max over the seeds.  Q is built the way DRSOM builds it, with the
 public fused ops: drsom_perturb to x + t v_j (t ||v_j|| = c sqrt(eps) (1 + mean|x_i|), c = 0.25
 fp32 / 1 fp64, for 'fd'; eps^(1/3) (1 + mean|x_i|) and x - t v_j too for 'central':
-soo_ext.drsom.fd_perturbation_length), a gradient there, and
+soo_ext.curvature.drsom_models.fd_perturbation_length), a gradient there, and
 drsom_reduce for the column V^T (g(x + t v_j) - g) / t (central: (g+ - g-) / 2t), ||v_j||^2
 from drsom_reduce's Gram; symmetrised; x restored from x0 bit-exactly (tests check that this
 is DRSOM's own Q to rounding); 'interp' as soo_ext.DRSOM documents it (drsom_update to
@@ -79,8 +79,9 @@ from tqdm import tqdm
 
 import soo_ext
 from soo_ext import ops
-from soo_ext.drsom import (FD_STEP_FACTOR, fd_perturbation_length, interp_perturbation_length,
-                           interpolated_model, interpolation_values)
+from soo_ext.curvature.drsom_models import (FD_STEP_FACTOR, fd_perturbation_length,
+                                            interp_perturbation_length, interpolated_model,
+                                            interpolation_values)
 
 from . import common, train
 
@@ -288,9 +289,9 @@ def q_finite_difference(loss_fn, params, x: torch.Tensor, g: torch.Tensor,
 @torch.no_grad()
 def q_interpolated(loss_fn, x: torch.Tensor, g: torch.Tensor,
                    V: list[torch.Tensor]) -> torch.Tensor:
-    """Q as DRSOM's 'interp' mode builds it (soo_ext.drsom's interpolation_values and
-    interpolated_model, the functions DRSOM calls; x: the params' flat buffer, g: the gradient
-    at x; x is restored bit-exactly)."""
+    """Q as DRSOM's 'interp' mode builds it (interpolation_values and interpolated_model of
+    soo_ext.curvature.drsom_models, the functions DRSOM's model calls; x: the params' flat
+    buffer, g: the gradient at x; x is restored bit-exactly)."""
     _, G, c = ops.drsom_reduce(g, g, V, torch.ones((), dtype=x.dtype, device=x.device), True)
     ts = interp_perturbation_length(x) / torch.sqrt(torch.diagonal(G))
     f0 = loss_fn().to(x.dtype)

@@ -11,9 +11,10 @@ eigh) call.  Measured:
               process_group / with KFAC(..., spread_inverses=False), and without data
               parallelism)
   spread      --world processes (torch.distributed, gloo, CPU) each decompose the factors
-              soo_ext._common.spread_factors gives them (largest first to the rank with the
-              least sum n^3) and one all-gather gives every rank every result: the optimizers'
-              own code (soo_ext._common.SpreadPlan) on the same factors
+              soo_ext._support.distributed.spread_factors gives them (largest first to the
+              rank with the least sum n^3) and one all-gather gives every rank every result:
+              the optimizers' own code (soo_ext._support.distributed.SpreadPlan) on the same
+              factors
 Each process runs torch on --threads threads (world x threads should not exceed the cores).
 Times are medians over --reps updates after one untimed update; in the spread runs each update
 starts and ends at a barrier, 'decompose' is the slowest rank's median time to its
@@ -36,7 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from soo_ext import ops
-from soo_ext._common import SpreadPlan, spread_factors
+from soo_ext._support.distributed import SpreadPlan, spread_factors
 
 from . import common
 from .micro import KronBucket, buckets, kfac_factor_sizes, shampoo_factor_sizes

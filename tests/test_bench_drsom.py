@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import soo_ext
-import soo_ext.drsom as soo_drsom
+from soo_ext.curvature.drsom_models import subspace_gram
+from soo_ext.optim.drsom import _StepScratch
 from bench import __main__ as cli
 from bench import drsom
 
@@ -98,8 +99,9 @@ def test_q_from_the_public_ops_matches_autograd_on_a_smooth_model():
 
 @pytest.mark.parametrize("hvp", ["fd", "central", "interp"])
 def test_q_is_the_q_drsom_builds(hvp):
-    """The benchmark's finite-difference Q is the one DRSOM's step computes (its private
-    _hessian, called the way step() calls it), on the same point and directions."""
+    """The benchmark's finite-difference Q is the one DRSOM's step computes (its Hessian model,
+    with its scratch vectors and evaluator, called the way step() calls it), on the same point
+    and directions."""
     def setup():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
@@ -120,11 +122,12 @@ def test_q_is_the_q_drsom_builds(hvp):
 
     model, loss_fn = setup()
     opt = soo_ext.DRSOM(model.parameters(), hvp=hvp)
-    opt._state()
-    opt._ws = soo_drsom._Workspace(opt._x, hvp == "central")
-    _, f, _ = opt._gradient(loss_fn, opt._ws.g)
-    torch.testing.assert_close(opt._ws.g, g, rtol=0, atol=0)
-    V = [opt._ws.g, d]
-    _, G, c = soo_ext.ops.drsom_reduce(opt._ws.g, opt._ws.g, V, opt._ws.one, True)
-    Q_drsom = opt._hessian(loss_fn, V, G, None, lambda: None, f, c)  # symmetrised in the solve
+    ws = opt._scratch = _StepScratch(opt._evaluator, opt._x)
+    hessian = ws.hessian_model(hvp)
+    opt._evaluator.begin(loss_fn)
+    _, f, _ = opt._evaluator.gradient(ws.g)
+    torch.testing.assert_close(ws.g, g, rtol=0, atol=0)
+    V = [ws.g, d]
+    G, c = subspace_gram(ws.g, V, ws.one)
+    Q_drsom = hessian.products(V, G, c, f)  # symmetrised in the solve
     torch.testing.assert_close(Q, (Q_drsom + Q_drsom.T) / 2, rtol=1e-12, atol=0)

@@ -269,7 +269,7 @@ def test_shampoo_spreads_the_roots_over_the_ranks(ranks):
 @pytest.mark.parametrize("width", [0.25, 1.0])
 def test_spread_factors_covers_and_balances(world, width):
     from bench.micro import buckets, kfac_factor_sizes
-    from soo_ext._common import spread_factors
+    from soo_ext._support.distributed import spread_factors
     sizes = buckets(kfac_factor_sizes(width))  # ResNet-50's K-FAC factors as (n, count)
     owned = spread_factors(sizes, world)
     load = [0] * world

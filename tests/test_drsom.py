@@ -1,6 +1,8 @@
-"""soo_ext.DRSOM: accuracy of the subspace Hessian (finite differences against double backward),
-convergence (Rosenbrock, logistic regression), fused attention, k-direction and random variants,
-non-finite handling, resume, arguments, same randomness, host syncs."""
+"""soo_ext.DRSOM: the step on its model (noise floor, the paper's convention), convergence
+(Rosenbrock, logistic regression), fused attention, k-direction and random variants, step-length
+limits, non-finite handling, resume, arguments, same randomness, host syncs.  The accuracy of the
+subspace Hessian models (finite differences against double backward) is tested on the models
+alone: tests/curvature/test_drsom_models.py."""
 import copy
 import math
 
@@ -10,11 +12,13 @@ from torch import nn
 from torch.nn import functional as F
 
 import soo_ext
-from soo_ext.drsom import _ops as drsom_ops
-from soo_ext.drsom import DRSOM, _Workspace, same_randomness
+from soo_ext import ops as drsom_ops
+from soo_ext._support.closure import same_randomness
+from soo_ext.curvature import trust_region
+from soo_ext.optim.drsom import DRSOM
 from soo_ext import NonFiniteError
 
-from conftest import count_host_syncs, rel_err, saved_copy
+from conftest import count_host_syncs, saved_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -38,67 +42,8 @@ def mlp_problem(dtype, seed=0):
     return net, lambda: F.cross_entropy(net(X), y)
 
 
-def subspace_hessian(hvp, dtype, seed=0):
-    """Q = V^T H V for V = [g, d] (d fixed, random) at an MLP's initial point, scaled to unit
-    directions, through the optimizer's own code path."""
-    net, closure = mlp_problem(dtype, seed)
-    opt = DRSOM(net.parameters(), hvp=hvp)
-    opt._state()
-    ws = opt._ws = _Workspace(opt._x, hvp == "central")
-    _, f, grads = opt._gradient(closure, ws.g, create_graph=hvp == "autograd")
-    d = torch.randn(opt._x.numel(), dtype=dtype, generator=torch.Generator().manual_seed(seed + 1))
-    V = [ws.g, 0.01 * d]
-    _, G, c = drsom_ops.drsom_reduce(ws.g, ws.g, V, ws.one, True)
-    x_before = opt._x.clone()
-    Q = opt._hessian(closure, V, G, grads, lambda: None, f, c)
-    assert torch.equal(opt._x, x_before)  # restored bit-exactly
-    s = torch.rsqrt(torch.diagonal(G))
-    return Q * s[:, None] * s[None, :]
-
-
 # ---------------------------------------------------------------------------------------------
-# The model
-
-@pytest.mark.parametrize("dtype,tol_fd,tol_central,tol_interp",
-                         [(torch.float32, 1e-3, 1e-4, 2e-2), (torch.float64, 1e-6, 1e-6, 1e-4)],
-                         ids=["fp32", "fp64"])
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_finite_difference_hessian_matches_autograd(dtype, tol_fd, tol_central, tol_interp,
-                                                     seed):
-    exact = subspace_hessian("autograd", dtype, seed)
-    torch.testing.assert_close(exact, exact.T)
-    assert rel_err(subspace_hessian("fd", dtype, seed), exact) < tol_fd
-    assert rel_err(subspace_hessian("central", dtype, seed), exact) < tol_central
-    interp = subspace_hessian("interp", dtype, seed)
-    torch.testing.assert_close(interp, interp.T)  # built symmetric
-    assert rel_err(interp, exact) < tol_interp
-
-
-def test_interpolated_hessian_is_exact_on_a_quadratic():
-    """On a quadratic the second differences have no truncation error: Q = V^T A V up to
-    rounding, from function values only (k = 3 directions: 6 forwards, no extra gradient)."""
-    gen = torch.Generator().manual_seed(0)
-    M = torch.randn(9, 9, dtype=torch.float64, generator=gen)
-    A, b = M @ M.T - 2 * torch.eye(9, dtype=torch.float64), torch.randn(9, dtype=torch.float64,
-                                                                          generator=gen)
-    x = nn.Parameter(torch.randn(9, dtype=torch.float64, generator=gen))
-    opt = DRSOM([x], hvp="interp", directions=3)
-    opt._state()
-    ws = opt._ws = _Workspace(opt._x, False)
-    calls = [0]
-
-    def closure():
-        calls[0] += 1
-        return 0.5 * x @ A @ x - b @ x
-    _, f, _ = opt._gradient(closure, ws.g)
-    V = [ws.g] + [torch.randn(9, dtype=torch.float64, generator=gen) for _ in range(2)]
-    _, G, c = drsom_ops.drsom_reduce(ws.g, ws.g, V, ws.one, True)
-    calls[0] = 0
-    Q = opt._hessian(closure, V, G, None, lambda: None, f, c)
-    Vm = torch.stack(V, 1)
-    assert calls[0] == 6
-    assert rel_err(Q, Vm.T @ A @ Vm) < 1e-8
-
+# The step on its model
 
 def test_noise_floor_ends_the_step_after_one_trial():
     """At the loss's rounding level (fp32 quadratic, converged) the ratio test is noise: a step
@@ -260,7 +205,8 @@ def test_maximize_gives_the_same_iterates():
 
 
 class TrialRecorder:
-    """Wraps soo_ext.drsom's ops module: records the length ||x - x0|| of every trial step."""
+    """Wraps the ops module of soo_ext.curvature.trust_region: records the length ||x - x0|| of
+    every trial step."""
 
     def __init__(self, opt):
         self.opt, self.lengths = opt, []
@@ -270,7 +216,7 @@ class TrialRecorder:
 
     def drsom_update(self, x, p, V, alpha):
         drsom_ops.drsom_update(x, p, V, alpha)
-        self.lengths.append((x - self.opt._ws.x0).norm().item())
+        self.lengths.append((x - self.opt._scratch.x0).norm().item())
 
 
 @pytest.mark.parametrize("growth,shrink", [(10.0, 0.5), (math.inf, 0.1)])
@@ -280,7 +226,7 @@ def test_step_length_limits(monkeypatch, growth, shrink):
     x = rosenbrock_start(20)
     opt = DRSOM([x], hvp="autograd", max_step_growth=growth, rejection_shrink=shrink)
     rec = TrialRecorder(opt)
-    monkeypatch.setattr(soo_ext.drsom, "_ops", rec)
+    monkeypatch.setattr(trust_region, "_ops", rec)
     st = opt.state[x]
     checked = retried = 0
     for _ in range(100):
@@ -631,28 +577,3 @@ def test_rosenbrock_on_every_device(options, device):
         assert rosenbrock(x).item() < 0.5 * start
     else:
         assert rosenbrock(x).item() < 1e-5
-
-
-@pytest.mark.parametrize("replayed", [True, False])
-def test_finite_differences_need_the_same_randomness(replayed):
-    """With dropout replayed and BatchNorm frozen, the fd Hessian matches double backward (same
-    masks); without, it does not."""
-    def hessian(hvp):
-        net, X, y = noisy_problem()
-        opt = DRSOM(net.parameters(), hvp=hvp)
-        opt._state()
-        ws = opt._ws = _Workspace(opt._x, False)
-        rng0 = torch.get_rng_state()
-        _, _, grads = opt._gradient(lambda: F.cross_entropy(net(X), y), ws.g,
-                                    create_graph=hvp == "autograd")
-        d = torch.randn(opt._x.numel(), dtype=torch.float64,
-                        generator=torch.Generator().manual_seed(3))
-        V = [ws.g, d]
-        _, G, _ = drsom_ops.drsom_reduce(ws.g, ws.g, V, ws.one, True)
-        with same_randomness(net if replayed else None, (rng0, None)) as ctx:
-            Q = opt._hessian(lambda: F.cross_entropy(net(X), y), V, G, grads,
-                             ctx.replay if replayed else (lambda: None))
-        s = torch.rsqrt(torch.diagonal(G))
-        return Q * s[:, None] * s[None, :]
-    err = rel_err(hessian("fd"), hessian("autograd"))
-    assert (err < 1e-5) if replayed else (err > 1e-2)

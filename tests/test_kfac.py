@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from soo_ext.kfac import KFAC, NonFiniteError
+from soo_ext import KFAC, NonFiniteError
 
 from conftest import (assert_state_equal, count_host_syncs, mnist1d_mlp, saved_copy,
                       train_mnist1d)
@@ -327,10 +327,10 @@ def test_resume_is_bit_identical(mode, factor_dtype):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
     assert_state_equal(opt, list(model.parameters()), opt2, list(resumed.parameters()))
     # The state entries are still views of the buckets (not detached copies).
-    lay = opt2._layout
+    factors = opt2._store.factors
     A = opt2.state[resumed[0].weight]["A"]
-    assert any(A.data_ptr() == b.F[i].data_ptr() for b in lay.buckets.values()
-               for i in range(len(b.entries)))
+    assert any(A.data_ptr() == F[i].data_ptr() for F in factors.F.values()
+               for i in range(len(F)))
 
 
 def test_lr_scheduler_changes_the_step():
@@ -432,7 +432,7 @@ def test_nonfinite_gradient_skipped():
     # A non-finite captured statistic (finite param grads) is skipped too.
     opt.zero_grad()
     backward(model, data[0])
-    opt._layout.buckets[4].P[0, 0, 0] = float("inf")
+    opt._store.factors.P[4][0, 0, 0] = float("inf")
     params = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))

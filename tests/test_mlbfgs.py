@@ -9,7 +9,7 @@ from torch import nn
 
 import soo_ext
 from soo_ext import ops
-from soo_ext.mlbfgs import _damping_phi
+from soo_ext.curvature.momentum_pairs import _damping_phi
 from soo_ext import NonFiniteError
 
 from conftest import (assert_state_equal, count_host_syncs, mnist1d_mlp, mse_backward, mse_steps,

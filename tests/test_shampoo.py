@@ -10,7 +10,7 @@ from torch import nn
 
 from soo_ext import ops
 from soo_ext import NonFiniteError
-from soo_ext.shampoo import RootFailureError, Shampoo, merge_dims
+from soo_ext import RootFailureError, Shampoo
 
 from conftest import (assert_state_equal, count_host_syncs, mnist1d_mlp, mse_backward, mse_steps,
                       saved_copy, train_mnist1d)
@@ -110,19 +110,6 @@ def test_float32_factors_match_float64():
 # ---------------------------------------------------------------------------------------------
 # Merging, blocking, 1-D params
 
-@pytest.mark.parametrize("shape,max_dim,merged", [
-    ((64, 3, 3, 3), 1024, (576, 3)),
-    ((16, 1, 5), 1024, (80,)),
-    ((10, 1, 1), 8, (10,)),
-    ((1, 1), 8, ()),
-    ((6, 2, 2, 9), 8, (6, 4, 9)),
-    ((2000, 3), 1024, (2000, 3)),
-    ((3, 2000), 1024, (3, 2000)),
-])
-def test_merge_dims(shape, max_dim, merged):
-    assert merge_dims(shape, max_dim) == merged
-
-
 def test_order3_tensor_merged_and_blocked_matches_the_formula():
     # (6, 2, 2, 9) with max dim 8: merged to (6, 4, 9), the last dim cut into 8 + 1: two blocks
     # (6, 4, 8) and (6, 4, 1), three factors each, exponent -1/6.
@@ -208,14 +195,15 @@ def test_buckets_hold_every_factor_of_one_size():
     for p in params:
         set_grad(p, 0)
     opt.step()
-    ws = opt._ws
-    assert sorted(ws.factors) == [(4, 2), (6, 2)]
-    assert ws.factors[(6, 2)].shape == (4, 6, 6) and ws.factors[(4, 2)].shape == (4, 4, 4)
-    assert [len(sg.members) for sg in ws.shape_groups] == [2, 2]  # (4, 6) and (6, 4) blocks
+    _, blocking, roots, _ = opt._run
+    assert sorted(roots.factors) == [(4, 2), (6, 2)]
+    assert roots.factors[(6, 2)].shape == (4, 6, 6) and roots.factors[(4, 2)].shape == (4, 4, 4)
+    assert [len(sg.members) for sg in blocking.shape_groups] == [2, 2]  # (4, 6), (6, 4) blocks
+    stacks = (*roots.factors.values(), *roots.roots.values())
     for p in params:
         for f in opt.state[p]["factors"] + opt.state[p]["roots"]:
             assert f._base is not None and f.untyped_storage().data_ptr() in {
-                t.untyped_storage().data_ptr() for t in (*ws.factors.values(), *ws.roots.values())}
+                t.untyped_storage().data_ptr() for t in stacks}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +476,7 @@ def test_resume_is_bit_identical(factor_dtype, via_bytes):
     assert state2["factors"][0].dtype == factor_dtype
     assert state2["nonfinite_steps"] == 1 and state2["root_updates"] == 5
     # The loaded factors were copied into the new buckets: the state's views are of them.
-    buckets = {t.untyped_storage().data_ptr() for t in opt2._ws.factors.values()}
+    buckets = {t.untyped_storage().data_ptr() for t in opt2._run[2].factors.values()}
     assert all(f.untyped_storage().data_ptr() in buckets
                for p in params2 for f in opt2.state[p].get("factors", []))
 
@@ -555,7 +543,7 @@ def test_group_options():
         gw.append(set_grad(W, 2 * k))
         gu.append(set_grad(U, 2 * k + 1))
         opt.step()
-    assert opt._ws.factors[(4, 2)].shape[0] == 2
+    assert opt._run[2].factors[(4, 2)].shape[0] == 2
     for p, g, beta2 in ((W, gw, 0.5), (U, gu, 0.25)):
         torch.testing.assert_close(opt.state[p]["factors"][0],
                                    beta2 * g[0] @ g[0].T + g[1] @ g[1].T, rtol=1e-14, atol=1e-14)

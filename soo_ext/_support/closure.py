@@ -1,13 +1,19 @@
-"""Calling closures: with grad enabled for the optimizers that run under no_grad, and with the
-same randomness for the repeated evaluations of one step (:class:`same_randomness`)."""
+"""Calling closures: with grad enabled for the optimizers that run under no_grad, with the same
+randomness for the repeated evaluations of one step (:class:`same_randomness`), and the
+evaluations of a closure that returns the loss without calling backward
+(:class:`ClosureEvaluator`)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["call_closure", "capture_rng", "restore_rng", "same_randomness"]
+from .distributed import all_reduce_mean_
+from .flat import FlatLayout, gather
+
+__all__ = ["ClosureEvaluator", "call_closure", "capture_rng", "restore_rng", "same_randomness"]
 
 
 def call_closure(closure: Callable | None) -> Any:
@@ -75,3 +81,120 @@ class same_randomness:
         for m in self._frozen:
             m.track_running_stats = True
         self._frozen = []
+
+
+class ClosureEvaluator:
+    """Evaluations of a closure that returns the loss without calling backward (DRSOM's
+    convention): the objective (the loss, negated when maximising) and its gradient
+    (``torch.autograd.grad``) gathered into a flat vector, trial losses under no_grad, each
+    averaged over ``process_group``, and the same randomness for the extra evaluations of a step.
+
+    A step: :meth:`begin` with the step's closure, the base evaluation (:meth:`gradient`), then
+    the extra evaluations (:meth:`gradient`, :meth:`loss`) inside :meth:`extra_evaluations`.
+    Given ``model``, each of those first replays the RNG state from before the base evaluation,
+    with the model's BatchNorm running statistics frozen (:class:`same_randomness`), and the RNG
+    state after the base evaluation is put back at the end: the random stream advances as if the
+    closure had been evaluated once.
+
+    Data parallel: a gradient vector from :meth:`gradient_vector` is the head of a buffer one
+    longer, whose last entry takes the loss, so that one all-reduce averages both.
+    """
+
+    def __init__(self, params: list[Tensor], name: str, *, process_group=None,
+                 model: nn.Module | None = None) -> None:
+        self.params = params
+        self.layout = FlatLayout(params)
+        self.name = name
+        self.group = process_group  # None: nothing to average
+        self.model = model
+        self.closure: Callable | None = None
+        self.maximize = False
+        self._with_loss: dict[int, Tensor] = {}  # data_ptr of a gradient vector -> its buffer
+        self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}  # data_ptr -> (flat, views)
+        self._rng: tuple | None = None  # the RNG state before the base evaluation (with a model)
+        self._randomness: same_randomness | None = None  # set inside extra_evaluations()
+
+    def gradient_vector(self) -> Tensor:
+        """A flat vector for :meth:`gradient` (with its loss slot when averaging)."""
+        buf = self.layout.empty(int(self.group is not None))
+        vec = buf[:self.layout.numel]
+        self._with_loss[vec.data_ptr()] = buf
+        return vec
+
+    def begin(self, closure: Callable, maximize: bool = False) -> None:
+        """A new step: its closure; with a model, the RNG state of the base evaluation."""
+        self.closure, self.maximize = closure, maximize
+        self._rng = capture_rng() if self.model is not None else None
+
+    @contextlib.contextmanager
+    def extra_evaluations(self):
+        """The block of a step's extra evaluations (finite-difference points, trials), after
+        its base evaluation: each of them sees the base evaluation's randomness (with a model)."""
+        if self.model is None:
+            yield
+            return
+        after = capture_rng()
+        self._randomness = same_randomness(self.model, self._rng).__enter__()
+        try:
+            yield
+        finally:
+            self._randomness.__exit__(None, None, None)
+            self._randomness = None
+            restore_rng(after)
+
+    def _replay(self) -> None:
+        if self._randomness is not None:
+            self._randomness.replay()
+
+    def _objective(self) -> tuple[Any, Tensor]:
+        loss = self.closure()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise RuntimeError(f"{self.name}: the closure must return the loss as a one-element "
+                               "tensor")
+        obj = -loss if self.maximize else loss
+        return loss, obj.reshape(())
+
+    def gradient(self, out: Tensor, create_graph: bool = False):
+        """Evaluate the closure with grad and write the flat gradient of the objective into
+        ``out``; returns ``(loss, objective as a device scalar of the params' dtype, the
+        per-param gradients (with their graph) with create_graph else None)``, the objective
+        and ``out`` averaged over the process group."""
+        self._replay()
+        with torch.enable_grad():
+            loss, obj = self._objective()
+            if not obj.requires_grad:
+                raise RuntimeError(f"{self.name}: the loss does not require grad (the closure "
+                                   "must return the loss without calling backward, under grad "
+                                   "mode)")
+            grads = torch.autograd.grad(obj, self.params, allow_unused=True,
+                                        create_graph=create_graph)
+        self.gather(grads, out)
+        obj = obj.detach().to(self.layout.dtype)
+        if self.group is not None:
+            buf = self._with_loss[out.data_ptr()]
+            buf[-1:].copy_(obj.reshape(1))
+            obj = all_reduce_mean_(buf, self.group)[-1]
+        return loss, obj, (grads if create_graph else None)
+
+    def loss(self) -> Tensor:
+        """The objective under no_grad (a trial point), a device scalar of the params' dtype,
+        averaged over the process group (the closure's loss stays the rank's own)."""
+        self._replay()
+        with torch.no_grad():
+            _, obj = self._objective()
+        if self.group is not None:
+            return all_reduce_mean_(obj.to(self.layout.dtype, copy=True).reshape(1),
+                                    self.group)[0]
+        return obj.detach().to(self.layout.dtype)
+
+    def gather(self, grads, out: Tensor) -> None:
+        """Per-param gradients (None: zero) into the flat vector ``out``."""
+        key = out.data_ptr()
+        cached = self._views.get(key)
+        if cached is None or cached[0] is not out:
+            cached = self._views[key] = (out, self.layout.views(out))
+        gather(cached[1], [g if g is None else g.detach() for g in grads], self.name)
+
+    def average_(self, t: Tensor) -> Tensor:
+        """``t`` averaged over the process group, in place."""
+        return t if self.group is None else all_reduce_mean_(t, self.group)

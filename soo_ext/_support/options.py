@@ -1,4 +1,5 @@
-"""Declarative option specs: each optimizer states what its options must be, one checker enforces it.
+"""Declarative option specs: an optimizer states what its options must be, one checker enforces
+it.
 
 A :class:`Spec` says what one value must be and raises ``ValueError("Invalid <name>: <value>
 (must be ...)")`` otherwise; an :class:`OptionSpecs` holds an optimizer's specs, which of them

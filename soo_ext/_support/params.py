@@ -1,19 +1,32 @@
 """Checks of the params an optimizer is given, and the state_dict helpers the optimizers share."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .distributed import is_dtensor
 
-__all__ = ["all_params", "check_history_dtype", "check_params", "group_index",
-           "load_state_dict_uncast"]
+__all__ = ["add_param_group_checked", "all_params", "check_dense_grads", "check_history_dtype",
+           "check_params", "group_index", "load_state_dict_uncast"]
 
 
 def all_params(optimizer: Optimizer) -> list[Tensor]:
     """The params of every group, in order."""
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def add_param_group_checked(optimizer: Optimizer, param_group: dict,
+                            check: Callable[[], None]) -> None:
+    """``Optimizer.add_param_group``, undone if ``check()`` then raises ValueError."""
+    Optimizer.add_param_group(optimizer, param_group)
+    try:
+        check()
+    except ValueError:
+        optimizer.param_groups.pop()
+        raise
 
 
 def group_index(optimizer: Optimizer) -> dict[int, int]:
@@ -48,6 +61,16 @@ def check_params(params: list[Tensor], name: str) -> None:
         if p.device != p0.device:
             raise ValueError(f"Invalid params: {name} params must be on one device, got "
                              f"{p0.device} and {p.device}")
+
+
+def check_dense_grads(params: list[Tensor], name: str) -> None:
+    """RuntimeError if a param's gradient is sparse or complex."""
+    for p in params:
+        g = p.grad
+        if g is not None and g.layout != torch.strided:
+            raise RuntimeError(f"{name} does not support sparse gradients (got {g.layout})")
+        if g is not None and g.is_complex():
+            raise RuntimeError(f"{name} does not support complex gradients")
 
 
 def check_history_dtype(dtype: torch.dtype, history_dtype: torch.dtype | None) -> None:

@@ -1,8 +1,8 @@
 """The optimizer classes: a recipe each, composed from soo_ext.curvature."""
-from ..drsom import DRSOM
-from ..kfac import KFAC
-from ..mlbfgs import MLBFGS
-from ..shampoo import Shampoo
+from .drsom import DRSOM
+from .kfac import KFAC
+from .mlbfgs import MLBFGS
+from .shampoo import Shampoo
 from .bfgs import BFGS
 from .lbfgs import LBFGS
 

@@ -1,0 +1,380 @@
+"""K-FAC's factors: the layers' A and G factors in size buckets, the statistics staged since the
+last step, and their decompositions, eigen (:class:`EigenFactors`) or damped inverses
+(:class:`InverseFactors`), with one interface: ``refresh(damping)`` and ``precondition``."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .._support.distributed import all_reduce_mean_
+from .._support.params import check_params
+from .kfac_layers import KFACLayer
+from .kron_buckets import KronBuckets, keep_where
+
+__all__ = ["COUNTER_KEYS", "EigenFactors", "FactorStore", "InverseFactors", "KFACFactors",
+           "KFACLayout", "LayerGradients", "ShapeGroup", "kl_clip_", "load_views",
+           "preconditioned_directions"]
+
+
+class KFACLayout:
+    """Where every factor of the layers lives: bucket ``n`` holds the factors of size ``n``, A
+    and G alike; the layers of one ``(out, a_dim)`` shape form a shape group, contiguous in its
+    A bucket and in its G bucket (so its factors are slices and one op call preconditions all
+    of them).  Bookkeeping only: made when the optimizer is built, before any device is known."""
+
+    def __init__(self, layers: list[KFACLayer]) -> None:
+        self.layers = layers
+        # Sorting by (out, a_dim) makes each shape group contiguous in both of its buckets: in
+        # bucket n the A part lists the layers with a_dim = n by (out, index), the G part those
+        # with out = n by (a_dim, index).
+        order = sorted(layers, key=lambda l: (l.out, l.a_dim, l.index))
+        self.buckets = KronBuckets()
+        self.entries: dict[int, list[tuple[KFACLayer, str]]] = {}
+        for n in sorted({l.a_dim for l in layers} | {l.out for l in layers}):
+            self.entries[n] = [(l, "A") for l in order if l.a_dim == n] \
+                + [(l, "G") for l in order if l.out == n]
+            for l, which in self.entries[n]:
+                if which == "A":
+                    l.a_pos = self.buckets.reserve(n, n)
+                else:
+                    l.g_pos = self.buckets.reserve(n, n)
+        self.shape_groups: list[list[KFACLayer]] = []
+        for l in order:
+            last = self.shape_groups[-1] if self.shape_groups else None
+            if last and (last[0].out, last[0].a_dim) == (l.out, l.a_dim):
+                last.append(l)
+            else:
+                self.shape_groups.append([l])
+
+
+class ShapeGroup:
+    """The layers of one shape and their gradients as ``[L, out, a_dim]`` (``grad``; weight
+    part and bias column of each layer are views of it)."""
+
+    def __init__(self, layers: list[KFACLayer], dtype: torch.dtype, device: torch.device) -> None:
+        self.layers = layers
+        L0 = layers[0]
+        self.a = slice(L0.a_pos, L0.a_pos + len(layers))
+        self.g = slice(L0.g_pos, L0.g_pos + len(layers))
+        for r, layer in enumerate(layers):
+            assert layer.a_pos == L0.a_pos + r and layer.g_pos == L0.g_pos + r
+            layer.group, layer.row = self, r
+        self.grad = torch.zeros(len(layers), L0.out, L0.a_dim, dtype=dtype, device=device)
+        self.w_views = [self.grad[r, :, :l.fan_in].view(l.weight.shape)
+                        for r, l in enumerate(layers)]
+        self.b_views = [self.grad[r, :, l.fan_in] if l.bias is not None else None
+                        for r, l in enumerate(layers)]
+
+
+class KFACFactors:
+    """The factors of a layout on a device: running averages ``F`` (identities at the start),
+    the statistics staged since the last step (``P``: views of one buffer, which one all-reduce
+    averages over data-parallel ranks and one fill clears), per-factor counters of failed
+    decompositions and float64 retries, and the shape groups' gradient buffers.  A subclass
+    holds the decompositions (its ``KEYS``: state entries per factor)."""
+
+    MODE = ""
+    KEYS: tuple[str, ...] = ()
+
+    def __init__(self, layout: KFACLayout, dtype: torch.dtype, device: torch.device,
+                 damping: float) -> None:
+        self.layout, self.dtype, self.device = layout, dtype, device
+        buckets = layout.buckets
+        self.F = buckets.stacks(dtype, device, identity=True)
+        self.staged, self.P = buckets.flat_stacks(dtype, device)
+        self.failures = buckets.vectors(torch.int64, device)
+        self.fallbacks = buckets.vectors(torch.int64, device)
+        self.dirty = {n: False for n in self.F}  # P[n] holds statistics
+        self.groups = [ShapeGroup(g, dtype, device) for g in layout.shape_groups]
+
+    # ---- state entries -------------------------------------------------------------------- #
+
+    def views(self, layer: KFACLayer) -> dict[str, Tensor]:
+        """The layer's state entries: views of the buckets."""
+        a, i, g, j = layer.a_dim, layer.a_pos, layer.out, layer.g_pos
+        out = {"A": self.F[a][i], "G": self.F[g][j]}
+        out.update(self._decomposition_views(a, i, g, j))
+        out.update(A_inverse_failures=self.failures[a][i], G_inverse_failures=self.failures[g][j],
+                   A_inverse_fallbacks=self.fallbacks[a][i],
+                   G_inverse_fallbacks=self.fallbacks[g][j])
+        return out
+
+    def _decomposition_views(self, a: int, i: int, g: int, j: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # ---- statistics ----------------------------------------------------------------------- #
+
+    def stage(self, layer: KFACLayer, a: Tensor, g: Tensor, decay: float, w: float,
+              g_scale: float) -> None:
+        """Pool one pass's rows into the layer's staged statistics (``decay`` the old rows'
+        weight, ``w`` the new rows'; G's rows weigh ``g_scale`` more)."""
+        ops.kron_factor_update_(self.P[layer.a_dim][layer.a_pos], a, decay, w)
+        ops.kron_factor_update_(self.P[layer.out][layer.g_pos], g, decay, w * g_scale)
+        self.dirty[layer.a_dim] = self.dirty[layer.out] = True
+
+    def staged_statistics(self, process_group) -> list[Tensor]:
+        """What was staged, to be checked for finiteness; data parallel: first averaged over
+        the ranks (one all-reduce of the staging buffer), so every rank commits the same."""
+        if not any(self.dirty.values()):
+            return []
+        if process_group is None:
+            return [self.P[n] for n, dirty in self.dirty.items() if dirty]
+        all_reduce_mean_(self.staged, process_group)
+        self.dirty = dict.fromkeys(self.dirty, True)
+        return [self.staged]
+
+    def reset_staged(self) -> None:
+        if any(self.dirty.values()):
+            self.staged.zero_()  # after an all-reduce every bucket may hold values
+            self.dirty = dict.fromkeys(self.dirty, False)
+
+    def commit(self, decay: float, ok: Tensor | None) -> None:
+        """``F <- decay F + (1 - decay) P`` for the factors captured at this step (not where
+        ``ok`` is False)."""
+        for n, entries in self.layout.entries.items():
+            if not self.dirty[n]:
+                continue
+            captured = [l.captures > 0 for l, _ in entries]
+            F, P = self.F[n], self.P[n]
+            if all(captured):
+                targets = [(F, P)]
+            else:
+                targets = [(F[i], P[i]) for i, c in enumerate(captured) if c]
+            for Fv, Pv in targets:
+                new = Fv.mul(decay).add_(Pv, alpha=1 - decay)
+                Fv.copy_(new if ok is None else torch.where(ok, new, Fv))
+
+    # ---- decompositions ------------------------------------------------------------------- #
+
+    def refresh(self, damping: float, ok: Tensor | None, process_group=None) -> None:
+        """Decompose every factor again (one op call per bucket; spread over the ranks of
+        ``process_group``).  A factor whose decomposition failed (status 2), or every factor on
+        a skipped step (``ok`` False), keeps what it had."""
+        results = self.layout.buckets.decompose(
+            self.F, lambda n, F: self._decompose(F, damping), process_group)
+        for n, outs in results.items():
+            *news, status = outs
+            failed, fallback, take = status == 2, status == 1, status != 2
+            if ok is not None:
+                take, failed, fallback = take & ok, failed & ok, fallback & ok
+            for old, new in zip(self._decomposition(n), news):
+                keep_where(take, old, new)
+            self.failures[n].add_(failed)
+            self.fallbacks[n].add_(fallback)
+
+    def _decompose(self, F: Tensor, damping: float) -> tuple:
+        """The op's outputs for a stack of factors, the status last."""
+        raise NotImplementedError
+
+    def _decomposition(self, n: int) -> list[Tensor]:
+        """The stacks of bucket ``n`` that :meth:`_decompose`'s outputs replace, in its order."""
+        raise NotImplementedError
+
+    def precondition(self, group: ShapeGroup, layers: list[KFACLayer],
+                     damping: float) -> tuple[Tensor, Tensor]:
+        """``(V, grad)``: the preconditioned gradients ``[L', out, a_dim]`` of ``layers`` (all or
+        some of ``group``'s) and their gradients."""
+        if len(layers) == len(group.layers):
+            ia, ig, grad = group.a, group.g, group.grad
+        else:  # some layers are not preconditioned this step: gather the others
+            rows = [l.row for l in layers]
+            ia = [group.a.start + r for r in rows]
+            ig = [group.g.start + r for r in rows]
+            grad = group.grad[rows]
+        l0 = group.layers[0]
+        return self._apply(grad, l0.a_dim, ia, l0.out, ig, damping), grad
+
+    def _apply(self, grad: Tensor, a: int, ia, g: int, ig, damping: float) -> Tensor:
+        raise NotImplementedError
+
+
+class EigenFactors(KFACFactors):
+    """Eigendecompositions ``A = Q_A diag(d_A) Q_A^T`` (``ops.kron_eigh``), G likewise;
+    ``V = Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + damping)] Q_A^T``
+    (``ops.kfac_precondition_eigen``)."""
+
+    MODE = "eigen"
+    KEYS = ("QA", "dA", "QG", "dG")
+
+    def __init__(self, layout: KFACLayout, dtype: torch.dtype, device: torch.device,
+                 damping: float) -> None:
+        super().__init__(layout, dtype, device, damping)
+        self.Q = layout.buckets.stacks(dtype, device, identity=True)
+        self.d = layout.buckets.vectors(dtype, device, fill=1, per_row=True)
+
+    def _decomposition_views(self, a, i, g, j):
+        return {"QA": self.Q[a][i], "dA": self.d[a][i], "QG": self.Q[g][j], "dG": self.d[g][j]}
+
+    def _decompose(self, F, damping):
+        return ops.kron_eigh(F)
+
+    def _decomposition(self, n):
+        return [self.d[n], self.Q[n]]
+
+    def _apply(self, grad, a, ia, g, ig, damping):
+        return ops.kfac_precondition_eigen(grad, self.Q[g][ig], self.d[g][ig], self.Q[a][ia],
+                                           self.d[a][ia], damping)
+
+
+class InverseFactors(KFACFactors):
+    """Damped inverses ``(A + sqrt(damping) I)^{-1}`` and ``(G + sqrt(damping) I)^{-1}``
+    (``ops.kron_damped_inverse``: the damping split evenly between the factors);
+    ``V = G_inv grad A_inv``."""
+
+    MODE = "inverse"
+    KEYS = ("A_inv", "G_inv")
+
+    def __init__(self, layout: KFACLayout, dtype: torch.dtype, device: torch.device,
+                 damping: float) -> None:
+        super().__init__(layout, dtype, device, damping)
+        self.X = layout.buckets.stacks(dtype, device, identity=True,
+                                       divisor=1 + math.sqrt(damping))
+
+    def _decomposition_views(self, a, i, g, j):
+        return {"A_inv": self.X[a][i], "G_inv": self.X[g][j]}
+
+    def _decompose(self, F, damping):
+        return ops.kron_damped_inverse(F, math.sqrt(damping))
+
+    def _decomposition(self, n):
+        return [self.X[n]]
+
+    def _apply(self, grad, a, ia, g, ig, damping):
+        return self.X[g][ig] @ grad @ self.X[a][ia]
+
+
+FACTORS = {cls.MODE: cls for cls in (EigenFactors, InverseFactors)}
+COUNTER_KEYS = ("A_inverse_failures", "G_inverse_failures", "A_inverse_fallbacks",
+                "G_inverse_fallbacks")
+
+
+class FactorStore:
+    """The factors of a layout, made at their first use (a capture or a step) on the layers'
+    device at that time, with the options set last by :meth:`configure`."""
+
+    def __init__(self, layout: KFACLayout) -> None:
+        self.layout = layout
+        self.factors: KFACFactors | None = None
+        self._options: tuple | None = None
+
+    def configure(self, mode: str, dtype: torch.dtype, damping: float) -> None:
+        """ValueError if the mode or the dtype changed since the factors were made."""
+        if self.factors is not None:
+            for key, value, have in (("mode", mode, self.factors.MODE),
+                                     ("factor_dtype", dtype, self.factors.dtype)):
+                if value != have:
+                    raise ValueError(f"Invalid {key}: {value!r} (it cannot change after the "
+                                     f"factors were laid out with {have!r})")
+        self._options = (mode, dtype, damping)
+
+    def get(self) -> KFACFactors:
+        device = self.layout.layers[0].weight.device
+        if self.factors is None:
+            check_params([p for l in self.layout.layers for p in l.params()], "KFAC")
+            mode, dtype, damping = self._options
+            self.factors = FACTORS[mode](self.layout, dtype, device, damping)
+        elif self.factors.device != device:
+            raise RuntimeError(f"KFAC: the model moved from {self.factors.device} to {device} "
+                               "after the factors were laid out; create the optimizer after "
+                               "moving the model")
+        return self.factors
+
+
+def kl_clip_(results: list[tuple[Tensor, Tensor, list[float]]], kl_clip: float) -> None:
+    """Scale every ``V`` by ``nu = min(1, sqrt(kl_clip / |sum_layers lr^2 <V, grad>|))`` (1 if
+    the sum is 0), on the device; ``results`` holds ``(V, grad, lrs of its rows)``."""
+    terms = []
+    for V, grad, lrs in results:
+        if len(set(lrs)) == 1:
+            terms.append((V * grad).sum() * lrs[0] ** 2)
+        else:
+            vg = (V * grad).sum((-2, -1))
+            terms += [vg[r] * lr ** 2 for r, lr in enumerate(lrs)]
+    s = torch.stack(terms).sum().abs()
+    nu = torch.where(s > 0, torch.sqrt(kl_clip / s).clamp_max(1), 1.0)
+    for V, _, _ in results:
+        V.mul_(nu)
+
+
+class LayerGradients:
+    """The gradients of the layers preconditioned at a step, copied into their shape groups'
+    buffers (one foreach copy); ``active`` maps each shape group to its layers among them."""
+
+    def __init__(self, layers: list[KFACLayer], weight_decay: Callable[[KFACLayer], float]) -> None:
+        self.active: dict[ShapeGroup, list[KFACLayer]] = {}
+        for l in layers:
+            self.active.setdefault(l.group, []).append(l)
+        self.param_ids = {id(p) for l in layers for p in l.params()}
+        dst, src = [], []
+        self._decay: dict[float, tuple[list, list]] = {}  # wd -> (buffer views, params)
+        for group, members in self.active.items():
+            for l in members:
+                views = [group.w_views[l.row]] + ([group.b_views[l.row]] if l.bias is not None
+                                                  else [])
+                dst += views
+                src += [p.grad for p in l.params()]
+                wd = weight_decay(l)
+                if wd != 0:
+                    views_, params = self._decay.setdefault(wd, ([], []))
+                    views_ += views
+                    params += l.params()
+        if dst:
+            torch._foreach_copy_(dst, src)
+
+    def tensors(self) -> list[Tensor]:
+        """What holds the gradients (for the finiteness check)."""
+        out = []
+        for g, members in self.active.items():
+            out += [g.grad] if len(members) == len(g.layers) else [g.grad[l.row] for l in members]
+        return out
+
+    def add_weight_decay_(self) -> None:
+        """``grad += weight_decay * param`` (preconditioned and KL-clipped with the gradient)."""
+        for wd, (views, params) in self._decay.items():
+            torch._foreach_add_(views, params, alpha=wd)
+
+    def zero_where_(self, bad: Tensor) -> None:
+        """Zero on a skipped step: ``V = 0`` (Q, d, X stay finite)."""
+        for g in self.active:
+            g.grad.masked_fill_(bad, 0)
+
+
+def preconditioned_directions(factors: KFACFactors, grads: LayerGradients, damping: float,
+                              kl_clip: float | None,
+                              lr: Callable[[KFACLayer], float]) -> list[tuple[Tensor, Tensor]]:
+    """``V`` of the layers of ``grads`` (one op call per shape group, :func:`kl_clip_` with the
+    layers' ``lr``) cut into the directions of their params: ``(param, d)``."""
+    active = grads.active
+    results = [(*factors.precondition(g, members, damping), [lr(l) for l in members])
+               for g, members in active.items()]
+    if kl_clip is not None:
+        kl_clip_(results, kl_clip)
+    out = []
+    for (V, _, _), members in zip(results, active.values()):
+        for r, l in enumerate(members):
+            out.append((l.weight, V[r, :, :l.fan_in].view(l.weight.shape).to(l.weight.dtype)))
+            if l.bias is not None:
+                out.append((l.bias, V[r, :, l.fan_in].to(l.bias.dtype)))
+    return out
+
+
+def load_views(factors: KFACFactors | None, layers: list[KFACLayer],
+               saved: dict[Tensor, dict[str, Tensor]]) -> None:
+    """Copy saved state entries (by param) into the factors' views of the layers' weights;
+    ValueError for an entry of another param or of another shape."""
+    views = {id(l.weight): factors.views(l) for l in layers} if factors else {}
+    for p, entries in saved.items():
+        target = views.get(id(p), {})
+        for key, value in entries.items():
+            if key not in target:
+                raise ValueError(f"KFAC.load_state_dict: state entry {key!r} of a param that is "
+                                 "not a K-FAC layer's weight in this optimizer (the mode or the "
+                                 "hooked layers differ from the saved run's)")
+            if tuple(value.shape) != tuple(target[key].shape):
+                raise ValueError(f"KFAC.load_state_dict: {key!r} has shape "
+                                 f"{tuple(value.shape)}, expected {tuple(target[key].shape)}")
+            target[key].copy_(value)

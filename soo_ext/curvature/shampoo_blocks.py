@@ -1,0 +1,102 @@
+"""Shampoo's blocking: each param viewed as a tensor of merged dims, cut into blocks of at most
+``max_preconditioner_dim`` per dim; blocks of one shape are batched, and every factor gets a slot
+in a size bucket (:class:`~soo_ext.curvature.kron_buckets.KronBuckets`)."""
+from __future__ import annotations
+
+import itertools
+
+from torch import Tensor
+
+from .kron_buckets import KronBuckets
+
+__all__ = ["BlockedParam", "BlockShapeGroup", "ShampooBlocking", "merge_dims"]
+
+
+def merge_dims(shape, max_dim: int) -> tuple[int, ...]:
+    """Merge adjacent dims while their product stays ``<= max_dim``; size-1 dims disappear.
+
+    ``merge_dims((64, 3, 3, 3), 1024) == (576, 3)``, ``merge_dims((10, 1, 1), 8) == (10,)``,
+    ``merge_dims((1, 1), 8) == ()``.  A dim larger than ``max_dim`` stays as it is (it is
+    blocked later).
+    """
+    out: list[int] = []
+    product = 1
+    for d in shape:
+        if product * d <= max_dim:
+            product *= d
+        else:
+            if product > 1:
+                out.append(product)
+            product = d
+    if product > 1:
+        out.append(product)
+    return tuple(out)
+
+
+class BlockedParam:
+    """Layout of one param: its merged shape and blocks (slices of the merged tensor), or
+    ``merged`` None for a param that takes the grafting (diagonal) direction."""
+
+    def __init__(self, p: Tensor, group: int, max_dim: int, merge: bool,
+                 precondition_1d: bool) -> None:
+        self.p, self.group = p, group
+        merged = merge_dims(p.shape, max_dim) if merge else tuple(d for d in p.shape if d > 1)
+        wanted = p.dim() >= 2 or (p.dim() == 1 and precondition_1d)
+        self.merged = merged if wanted and merged else None
+        self.blocks: list[tuple[slice, ...]] = []
+        self.block_shapes: list[tuple[int, ...]] = []
+        if self.merged is not None:
+            chunks = [[(a, min(a + max_dim, d)) for a in range(0, d, max_dim)] for d in merged]
+            for combo in itertools.product(*chunks):
+                self.blocks.append(tuple(slice(a, b) for a, b in combo))
+                self.block_shapes.append(tuple(b - a for a, b in combo))
+
+    def block(self, x: Tensor, j: int) -> Tensor:
+        return x.reshape(self.merged)[self.blocks[j]]
+
+
+class BlockShapeGroup:
+    """All blocks (of any param) of one shape, batched through the factor update and the
+    preconditioning.  ``slots[i] = (bucket key, start)``: the factors of mode ``i`` of the ``B``
+    blocks are ``bucket[start:start + B]``."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.members: list[tuple[int, int]] = []  # (param position, block index)
+        self.slots: list[tuple[tuple[int, int], int]] = []
+
+
+class ShampooBlocking:
+    """The blocks of every param of every group, their shape groups and the slots of their
+    factors: bucket key ``(n, order)`` (the root's exponent depends on the order)."""
+
+    def __init__(self, groups: list[list[Tensor]], max_dim: int, merge: bool,
+                 precondition_1d: bool) -> None:
+        self.params = [BlockedParam(p, gi, max_dim, merge, precondition_1d)
+                       for gi, ps in enumerate(groups) for p in ps]
+        self.by_group = [[i for i, P in enumerate(self.params) if P.group == gi]
+                         for gi in range(len(groups))]
+        shape_groups: dict[tuple[int, ...], BlockShapeGroup] = {}
+        for i, P in enumerate(self.params):
+            for j, shape in enumerate(P.block_shapes):
+                shape_groups.setdefault(shape, BlockShapeGroup(shape)).members.append((i, j))
+        self.shape_groups = list(shape_groups.values())
+        self.buckets = KronBuckets()
+        self.owner: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # slot -> (i, j, mode)
+        self._slot_of: dict[tuple[int, int, int], tuple[tuple[int, int], int]] = {}
+        for sg in self.shape_groups:
+            for mode, n in enumerate(sg.shape):
+                key = (n, len(sg.shape))
+                start = self.buckets.reserve(key, n, len(sg.members))
+                sg.slots.append((key, start))
+                for m, (i, j) in enumerate(sg.members):
+                    self.owner.setdefault(key, []).append((i, j, mode))
+                    self._slot_of[(i, j, mode)] = (key, start + m)
+        self.slot_group = {key: [self.params[i].group for i, _, _ in own]
+                           for key, own in self.owner.items()}
+
+    def slots(self, i: int) -> list[tuple[tuple[int, int], int]]:
+        """The factor slots of param ``i``, over (block, dim) in block-major order."""
+        P = self.params[i]
+        return [self._slot_of[(i, j, mode)] for j in range(len(P.blocks))
+                for mode in range(len(P.merged))]

@@ -1,0 +1,290 @@
+"""K-FAC (Martens & Grosse 2015; KAISA's defaults): the preconditioner of soo_ext.curvature's
+K-FAC layers and factors, and SGD with momentum, in one ``step()``."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .._support.closure import call_closure
+from .._support.distributed import check_process_group
+from .._support.errors import NonFiniteError
+from .._support.guard import SkipGuard
+from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
+from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
+                               check_params, group_index, load_state_dict_uncast)
+from ..curvature.kfac_factors import (COUNTER_KEYS, EigenFactors, FactorStore, InverseFactors,
+                                      KFACFactors, KFACLayout, LayerGradients, load_views,
+                                      preconditioned_directions)
+from ..curvature.kfac_layers import LayerCapture, find_layers, skip_patterns
+
+__all__ = ["KFAC"]
+
+OPTIONS = OptionSpecs({
+    "lr": Number(0, high_open=True), "momentum": Number(0, 1, high_open=True),
+    "weight_decay": Number(0, high_open=True),
+    "damping": Number(0, low_open=True, high_open=True), "factor_decay": Number(0, 1),
+    "kl_clip": Number(0, low_open=True, high_open=True, none=True),
+    "factor_update_steps": Int(1), "inv_update_steps": Int(1), "accumulation_steps": Int(1),
+    "mode": OneOf("eigen", "inverse"), "factor_dtype": OneOf(torch.float32, torch.float64),
+    "on_nonfinite": OneOf("raise", "skip"), "batch_averaged": Bool(), "spread_inverses": Bool(),
+}, per_group=("lr", "momentum", "weight_decay"))
+# Per-layer state entries that are views of the factors: Optimizer.load_state_dict must not cast
+# them (float64 factors with float32 params), they are copied into the buckets instead.
+_VIEW_KEYS = ("A", "G") + EigenFactors.KEYS + InverseFactors.KEYS + COUNTER_KEYS
+_UNCAST = _VIEW_KEYS + ("nonfinite_steps",)
+
+
+class KFAC(Optimizer):
+    r"""K-FAC, Kronecker-factored approximate curvature (Martens & Grosse, ICML 2015), with the
+    defaults of KAISA (Pauloski et al. 2021), as one optimizer: the preconditioner and SGD with
+    momentum in one ``step()``.
+
+    Every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` whose params are optimised here (in one
+    group, not tied) is preconditioned by ``(A ⊗ G + damping)^{-1}`` from running averages of
+    its activation and output-gradient statistics, captured by hooks; the direction is KL-clipped
+    and taken by SGD with momentum; the other params take exactly ``torch.optim.SGD``'s step.
+    Factors of one size share one bucket: one op call per size updates or decomposes them.
+    Gradient accumulation, AMP (``grad_scaler=``), data parallelism (DDP: statistics averaged,
+    decompositions spread over the ranks), non-finite steps skipped on the device: see
+    docs/kfac.md for all of it, the state layout and measurements.
+
+    Args:
+        model: the nn.Module whose layers are hooked.
+        lr, momentum, weight_decay: of the SGD step (0.1, 0.9, 0; per group).
+        damping: lambda (default 1e-3).
+        factor_decay: running-average decay of the factors (default 0.95).
+        kl_clip: kappa of the KL clip, or None (default 1e-3).
+        factor_update_steps, inv_update_steps: steps between factor updates and between
+            decompositions (default 1 and 1).
+        mode: ``'eigen'`` (default) or ``'inverse'``.
+        skip_layers: module or class names (regexes, full match) not to precondition.
+        on_nonfinite: ``'skip'`` (default) or ``'raise'``.
+        factor_dtype: ``torch.float32`` (default) or ``torch.float64``.
+        accumulation_steps: backward passes per step (default 1).
+        batch_averaged: the loss is a mean over the batch (default True).
+        grad_scaler: a ``torch.amp.GradScaler`` or a callable returning the loss scale.
+        params: the params to optimise (default: all of ``model``'s).
+        process_group: data-parallel ranks (default: a DDP ``model``'s group).
+        spread_inverses: spread the decompositions over the ranks (default True).
+
+    Example::
+
+        opt = soo_ext.KFAC(model, lr=0.1)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 0.0, damping: float = 1e-3, factor_decay: float = 0.95,
+                 kl_clip: float | None = 1e-3, factor_update_steps: int = 1,
+                 inv_update_steps: int = 1, mode: str = "eigen", *, skip_layers=None,
+                 on_nonfinite: str = "skip", factor_dtype: torch.dtype = torch.float32,
+                 accumulation_steps: int = 1, batch_averaged: bool = True, grad_scaler=None,
+                 params=None, process_group=None, spread_inverses: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Invalid model: {type(model).__name__} is not an nn.Module")
+        if process_group is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            process_group = getattr(model, "process_group", None)
+        self._process_group = check_process_group(process_group)
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                    "damping": damping, "factor_decay": factor_decay, "kl_clip": kl_clip,
+                    "factor_update_steps": factor_update_steps,
+                    "inv_update_steps": inv_update_steps, "mode": mode,
+                    "factor_dtype": factor_dtype, "accumulation_steps": accumulation_steps,
+                    "batch_averaged": batch_averaged, "on_nonfinite": on_nonfinite,
+                    "spread_inverses": spread_inverses}
+        OPTIONS.check(defaults)
+        patterns = skip_patterns(skip_layers)
+        super().__init__(model.parameters() if params is None else params, defaults)
+        self._layers = find_layers(model, group_index(self), patterns)
+        self._store = FactorStore(KFACLayout(self._layers))
+        self._capture = LayerCapture(self._layers, self._store.get, grad_scaler)
+        self._in_state: KFACFactors | None = None  # the factors whose views the state holds
+        self._between_steps()
+
+    @property
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        """The (name, module) pairs that K-FAC preconditions."""
+        return [(l.name, l.module) for l in self._layers]
+
+    def add_param_group(self, param_group: dict) -> None:
+        add_param_group_checked(self, param_group, lambda: (
+            OPTIONS.check(self.param_groups[-1]), check_params(all_params(self), "KFAC")))
+
+    def remove_hooks(self) -> None:
+        """Detach from the model: no more statistics; later steps precondition with the factors
+        and decompositions they have."""
+        self._capture.remove()
+        self._between_steps()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``Optimizer.zero_grad``; also drops the statistics staged since the last step."""
+        super().zero_grad(set_to_none)
+        self._between_steps()
+
+    def __getstate__(self) -> dict:
+        raise TypeError("KFAC holds hooks on its model and cannot be pickled or copied; save "
+                        "state_dict() instead")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        kept = load_state_dict_uncast(self, state_dict, _UNCAST)
+        self._store.factors = None  # fresh factors with the loaded options
+        try:
+            OPTIONS.check_groups(self.param_groups)
+        except ValueError as exc:
+            raise ValueError(f"KFAC.load_state_dict: {exc}") from None
+        self._between_steps()
+        factors = self._factors()
+        for p, entries in kept.items():
+            if "nonfinite_steps" in entries:
+                self.state[p]["nonfinite_steps"] = entries.pop("nonfinite_steps").to(
+                    device=factors.device if factors else p.device, dtype=torch.int64).clone()
+        load_views(factors, self._layers, kept)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        """One step; ``closure`` (optional) runs forward and backward and returns the loss."""
+        loss = call_closure(closure)
+        params = all_params(self)
+        if not params:
+            return loss
+        OPTIONS.check_groups(self.param_groups)
+        o, group_of = self.param_groups[0], group_index(self)
+        self._store.configure(o["mode"], o["factor_dtype"], o["damping"])
+        check_dense_grads(params, "KFAC")
+        factors, glob = self._factors(), self._global_state()
+        k = glob["step"]
+        factor_step = self._capture.active and k % o["factor_update_steps"] == 0
+        with_grads = [l for l in self._layers if l.has_grads()] if factors else []
+        self._capture.check(factor_step, bool(with_grads))
+        grads = LayerGradients(
+            [l for l in with_grads
+             if self.state[l.weight]["factor_updates"] > 0 or (factor_step and l.captures)],
+            lambda l: self.param_groups[group_of[id(l.weight)]]["weight_decay"])
+        plain = [p for p in params if p.grad is not None and id(p) not in grads.param_ids]
+        staged = factors.staged_statistics(self._process_group) if factor_step and factors else []
+        guard = self._guard([p.grad for p in plain] + staged + grads.tensors(), glob)
+        grads.add_weight_decay_()
+        if guard:
+            grads.zero_where_(guard.bad)
+        ok = guard.ok if guard else None
+        if factors is not None:
+            if factor_step:
+                factors.commit(o["factor_decay"], ok)
+            if k % o["inv_update_steps"] == 0:
+                spread = self._process_group if o["spread_inverses"] else None
+                factors.refresh(o["damping"], ok, spread)
+        directions = preconditioned_directions(
+            factors, grads, o["damping"], o["kl_clip"],
+            lambda l: self.param_groups[group_of[id(l.weight)]]["lr"]) if grads.active else []
+        directions += _sgd_directions(
+            plain, [self.param_groups[group_of[id(p)]]["weight_decay"] for p in plain], guard)
+        _sgd_momentum_(self.param_groups, self.state, group_of, directions, ok)
+        glob["step"] = k + 1
+        for l in self._layers if factor_step else []:
+            if l.captures:
+                self.state[l.weight]["factor_updates"] += 1
+        self._between_steps()
+        return loss
+
+    def _factors(self) -> KFACFactors | None:
+        """The factors (made at the first use); the state holds views of them."""
+        if not self._layers:
+            return None
+        factors = self._store.get()
+        if self._in_state is not factors:
+            for layer in self._layers:
+                self.state[layer.weight].update(factors.views(layer))
+                self.state[layer.weight].setdefault("factor_updates", 0)
+            self._in_state = factors
+        return factors
+
+    def _global_state(self) -> dict:
+        """The global state (under the first param): ``step`` and ``nonfinite_steps``."""
+        glob = self.state[self.param_groups[0]["params"][0]]
+        glob.setdefault("step", 0)
+        if not isinstance(glob.get("nonfinite_steps"), Tensor):
+            glob["nonfinite_steps"] = torch.zeros((), dtype=torch.int64,
+                                                  device=self.param_groups[0]["params"][0].device)
+        return glob
+
+    def _guard(self, checked: list[Tensor], glob: dict) -> SkipGuard | None:
+        """The step's skip guard (None: nothing to mask), or NonFiniteError ('raise')."""
+        policy = self.param_groups[0]["on_nonfinite"]
+        try:
+            guard = SkipGuard.check(checked, policy, glob["nonfinite_steps"], "KFAC: the "
+                                    "gradient (or a captured activation / output gradient) is "
+                                    "not finite") if checked else None
+        except NonFiniteError:
+            self._between_steps()
+            raise
+        return guard if policy == "skip" else None
+
+    def _between_steps(self) -> None:
+        """Drop what was captured since the last step; hand the current options to the
+        components (the capture runs between steps)."""
+        self._capture.reset()
+        if self._store.factors is not None:
+            self._store.factors.reset_staged()
+        o = self.param_groups[0]
+        if self._store.factors is None:
+            self._store.configure(o["mode"], o["factor_dtype"], o["damping"])
+        glob = self.state.get(o["params"][0], {}) if o["params"] else {}
+        self._capture.configure(glob.get("step", 0) % o["factor_update_steps"] == 0,
+                                o["batch_averaged"], o["accumulation_steps"])
+
+
+def _sgd_directions(params: list[Tensor], weight_decays: list[float],
+                    guard: SkipGuard | None) -> list[tuple[Tensor, Tensor]]:
+    """``(param, g + wd p)`` as torch.optim.SGD (zero on a skipped step), by weight decay in one
+    foreach op each."""
+    by_wd: dict[float, list[Tensor]] = {}
+    for p, wd in zip(params, weight_decays):
+        by_wd.setdefault(wd, []).append(p)
+    out = []
+    for wd, ps in by_wd.items():
+        grads = [p.grad for p in ps]
+        if wd != 0:
+            ds = torch._foreach_add(grads, ps, alpha=wd)
+            if guard:
+                for d in ds:
+                    d.masked_fill_(guard.bad, 0)
+        elif guard:
+            ds = [g.masked_fill(guard.bad, 0) for g in grads]
+        else:
+            ds = grads
+        out += zip(ps, ds)
+    return out
+
+
+def _sgd_momentum_(groups: list[dict], state: dict, group_of: dict[int, int],
+                   directions: list[tuple[Tensor, Tensor]], ok: Tensor | None) -> None:
+    """``buf <- m buf + d``, ``p <- p - lr buf`` per param group, as torch.optim.SGD's foreach
+    path; masked by ``ok`` (nothing changes where it is False)."""
+    by_group: dict[int, tuple[list, list]] = {}
+    for p, d in directions:
+        ps, ds = by_group.setdefault(group_of[id(p)], ([], []))
+        ps.append(p)
+        ds.append(d)
+    for gi, (ps, ds) in by_group.items():
+        m, lr = groups[gi]["momentum"], groups[gi]["lr"]
+        if m != 0:
+            bufs = []
+            for p in ps:
+                st = state[p]
+                if st.get("momentum_buffer") is None:
+                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(st["momentum_buffer"])
+            if ok is None:
+                torch._foreach_mul_(bufs, m)
+            else:
+                torch._foreach_mul_(bufs, torch.where(ok, m, 1.0).to(bufs[0].dtype))
+            torch._foreach_add_(bufs, ds)
+            steps = bufs if ok is None else [torch.where(ok, b, 0.0) for b in bufs]
+        else:
+            steps = ds  # already zero on a skipped step
+        torch._foreach_add_(ps, steps, alpha=-lr)

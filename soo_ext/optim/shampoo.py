@@ -1,0 +1,260 @@
+"""Shampoo with grafting: soo_ext.curvature's blocking, roots and grafting, and momentum."""
+from __future__ import annotations
+
+from numbers import Real
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .._support.closure import call_closure
+from .._support.distributed import check_process_group
+from .._support.guard import SkipGuard
+from .._support.options import Bool, Int, Number, OneOf, OptionSpecs, Spec
+from .._support.params import (add_param_group_checked, all_params, check_params,
+                               load_state_dict_uncast)
+from ..curvature.grafting import SGDGrafting, make_grafting
+from ..curvature.shampoo_blocks import ShampooBlocking
+from ..curvature.shampoo_roots import ShampooRoots
+
+__all__ = ["Shampoo"]
+
+
+class _Betas(Spec):
+    requirement = "(beta1, beta2) with beta1 in [0, 1) and beta2 in (0, 1]"
+
+    def accepts(self, b) -> bool:
+        return (isinstance(b, (tuple, list)) and len(b) == 2
+                and all(isinstance(v, Real) and not isinstance(v, bool) for v in b)
+                and 0 <= b[0] < 1 and 0 < b[1] <= 1)
+
+
+# lr, betas and weight_decay may differ between param groups (read at every step: LR schedulers
+# work); every other option is one setting for the run (the buckets span all groups).
+OPTIONS = OptionSpecs({
+    "lr": Number(0, high_open=True), "betas": _Betas(),
+    "epsilon": Number(0, low_open=True, high_open=True), "weight_decay": Number(0, high_open=True),
+    "decoupled_weight_decay": Bool(), "max_preconditioner_dim": Int(1), "merge_dims": Bool(),
+    "precondition_1d": Bool(), "precondition_frequency": Int(1),
+    "start_preconditioning_step": Int(1), "grafting": OneOf("sgd", "adagrad", "adam", None),
+    "grafting_epsilon": Number(0, low_open=True, high_open=True),
+    "grafting_beta2": Number(0, 1, low_open=True, high_open=True),
+    "root_method": OneOf("newton", "eigh"), "factor_dtype": OneOf(torch.float32, torch.float64),
+    "max_root_failures": Int(1), "on_nonfinite": OneOf("raise", "skip"),
+}, per_group=("lr", "betas", "weight_decay"))
+# Options that shape the buckets or the state: changing one rebuilds them (a layout that no
+# longer matches the saved factors raises ValueError).
+_LAYOUT_OPTIONS = ("max_preconditioner_dim", "merge_dims", "precondition_1d", "factor_dtype",
+                   "grafting")
+# State entries that Optimizer.load_state_dict must not cast to the params' dtype (factors may be
+# float64 with float32 params; counters are integers).
+_UNCAST = ("factors", "roots", "root_failures", "nonfinite_steps", "failed_roots")
+
+
+class Shampoo(Optimizer):
+    r"""Shampoo (Gupta, Koren & Singer, ICML 2018) with grafting and the blocking of Distributed
+    Shampoo (Anil et al. 2020; Shi et al. 2023).
+
+    Each param is a tensor of merged dims (``merge_dims``), cut into blocks of at most
+    ``max_preconditioner_dim``; every block ``G`` keeps a factor per dim,
+    ``L_i <- beta2 L_i + G_(i) G_(i)^T``, whose inverse root ``(L_i + epsilon I)^{-1/(2k)}``
+    is recomputed every ``precondition_frequency`` steps (one op call per bucket of equal-size
+    factors).  The direction ``G x_1 P_1 ... x_k P_k`` takes the step size of the grafting
+    method per block; momentum (bias-corrected) on the final direction; 1-D params take the
+    grafting direction.  Non-finite steps are skipped on the device; ``process_group=`` spreads
+    the roots over data-parallel ranks.  Details, state layout and host syncs: docs/shampoo.md.
+
+    Args:
+        params: iterable of params or of param-group dicts (lr, betas, weight_decay per group).
+        lr: learning rate (default: 1e-3; with ``grafting='adam'`` an Adam learning rate).
+        betas: momentum and factor decay (default: (0.9, 0.999)).
+        epsilon: added to the factors in the root (default: 1e-12).
+        weight_decay, decoupled_weight_decay: (default: 0, True: AdamW style; False: L2).
+        max_preconditioner_dim: merging bound and block size (default: 1024).
+        merge_dims, precondition_1d: (default: True, False).
+        precondition_frequency, start_preconditioning_step: (default: 10, 10).
+        grafting: ``'adam'`` (default), ``'adagrad'``, ``'sgd'`` or None.
+        grafting_epsilon, grafting_beta2: (default: 1e-8, 0.999).
+        root_method: ``'eigh'`` (default) or ``'newton'``.
+        factor_dtype: ``torch.float32`` (default) or ``torch.float64``.
+        max_root_failures: consecutive failed roots of a factor that raise (default: 5).
+        on_nonfinite: ``'skip'`` (default) or ``'raise'``.
+        process_group: data parallel: the ranks the roots are spread over (default: None).
+
+    Example::
+
+        opt = soo_ext.Shampoo(model.parameters(), lr=1e-3)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 epsilon: float = 1e-12, weight_decay: float = 0.0, *,
+                 decoupled_weight_decay: bool = True, max_preconditioner_dim: int = 1024,
+                 merge_dims: bool = True, precondition_1d: bool = False,
+                 precondition_frequency: int = 10, start_preconditioning_step: int = 10,
+                 grafting: str | None = "adam", grafting_epsilon: float = 1e-8,
+                 grafting_beta2: float = 0.999, root_method: str = "eigh",
+                 factor_dtype: torch.dtype = torch.float32, max_root_failures: int = 5,
+                 on_nonfinite: str = "skip", process_group=None) -> None:
+        defaults = {"lr": lr, "betas": betas, "epsilon": epsilon, "weight_decay": weight_decay,
+                    "decoupled_weight_decay": decoupled_weight_decay,
+                    "max_preconditioner_dim": max_preconditioner_dim, "merge_dims": merge_dims,
+                    "precondition_1d": precondition_1d,
+                    "precondition_frequency": precondition_frequency,
+                    "start_preconditioning_step": start_preconditioning_step,
+                    "grafting": grafting, "grafting_epsilon": grafting_epsilon,
+                    "grafting_beta2": grafting_beta2, "root_method": root_method,
+                    "factor_dtype": factor_dtype, "max_root_failures": max_root_failures,
+                    "on_nonfinite": on_nonfinite}
+        OPTIONS.check(defaults)
+        self._process_group = check_process_group(process_group)
+        self._run: tuple | None = None  # (layout options, blocking, roots, grafting)
+        super().__init__(params, defaults)
+        check_params(all_params(self), "Shampoo")
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._process_group = None  # a process group is not copied
+        self._run = None  # rebuilt from the state at the next step
+
+    def add_param_group(self, param_group: dict) -> None:
+        add_param_group_checked(self, param_group, lambda: (
+            OPTIONS.check_groups(self.param_groups), check_params(all_params(self), "Shampoo")))
+        self._run = None  # the buckets are rebuilt (the existing factors copied) at the next step
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for p, entries in load_state_dict_uncast(self, state_dict, _UNCAST).items():
+            self.state[p].update(entries)
+        self._run = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        """One step; ``closure`` (optional) runs forward and backward and returns the loss."""
+        loss = call_closure(closure)
+        if not all_params(self):
+            return loss
+        OPTIONS.check_groups(self.param_groups)
+        blocking, roots, grafting = self._prepare()
+        groups, o = self.param_groups, self.param_groups[0]
+        gstate = self.state[blocking.params[0].p]
+        k = gstate["step"] + 1
+        grads = [_dense_grad(P.p) for P in blocking.params]
+        guard = SkipGuard.check(grads, o["on_nonfinite"], gstate["nonfinite_steps"],
+                                "Shampoo: the gradient is not finite")
+        # From here every update is masked: on a skipped step the gradient is zero (NaN * 0 is
+        # NaN, so it is replaced, not scaled) and every decay is 1.
+        okf = guard.ok.to(roots.dtype)
+        geff = [torch.where(guard.ok, g, okf.new_zeros(())) for g in grads]
+        if not o["decoupled_weight_decay"]:
+            for P, g in zip(blocking.params, geff):
+                if groups[P.group]["weight_decay"] != 0:
+                    g.addcmul_(P.p, okf, value=groups[P.group]["weight_decay"])
+        # Steps taken, this one included (>= 1 for the bias corrections of a skipped step).
+        taken = (k - gstate["nonfinite_steps"]).clamp_min(1).to(torch.float64)
+        stacked = roots.update(geff, guard, tuple(g["betas"][1] for g in groups))
+        gstate["step"] = k
+        start = o["start_preconditioning_step"]
+        if k >= start and (k - start) % o["precondition_frequency"] == 0:
+            roots.update_roots(guard, o["epsilon"], o["root_method"], o["max_root_failures"],
+                               gstate, k, self._process_group)
+        graft_states = ([self.state[P.p][grafting.state_key] for P in blocking.params]
+                        if grafting.state_key else [])
+        grafting.update(graft_states, geff, guard)
+        dirs = grafting.precondition(graft_states, geff, taken)
+        if k >= start:
+            dirs = roots.precondition(stacked, dirs, rescale=o["grafting"] is not None)
+        for gi, group in enumerate(groups):
+            if blocking.by_group[gi]:
+                self._momentum_step(group, [blocking.params[i].p for i in blocking.by_group[gi]],
+                                    [dirs[i] for i in blocking.by_group[gi]], guard, okf, taken)
+        return loss
+
+    def _momentum_step(self, group: dict, params: list[Tensor], dirs: list[Tensor],
+                       guard: SkipGuard, okf: Tensor, taken: Tensor) -> None:
+        """``m <- beta1 m + (1 - beta1) d``, ``p <- p - lr m / (1 - beta1^t)`` (decoupled
+        weight decay first); nothing changes on a skipped step."""
+        lr, wd, beta1 = group["lr"], group["weight_decay"], group["betas"][0]
+        if self.param_groups[0]["decoupled_weight_decay"] and wd != 0:
+            torch._foreach_mul_(params, guard.unless_skipped(1 - lr * wd, okf))
+        if beta1 > 0:
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, guard.unless_skipped(beta1, okf))
+            torch._foreach_add_(bufs, dirs, alpha=1 - beta1)
+            correction = (1 - torch.pow(beta1, taken)).to(okf.dtype)
+            coef = torch.where(guard.ok, -lr / correction, 0.0)
+            updates = bufs
+        else:
+            coef = torch.where(guard.ok, okf.new_full((), -lr), 0.0)
+            updates = dirs
+        for p, u in zip(params, updates):
+            p.addcmul_(u, coef)
+
+    def _prepare(self) -> tuple[ShampooBlocking, ShampooRoots, SGDGrafting]:
+        """The blocking, roots and grafting of the run, built at the first step and whenever a
+        layout option changed; the state entries are views of the roots' buckets."""
+        o = self.param_groups[0]
+        key = tuple(o[k] for k in _LAYOUT_OPTIONS)
+        if self._run is not None and self._run[0] == key:
+            return self._run[1:]
+        blocking = ShampooBlocking([g["params"] for g in self.param_groups],
+                                   o["max_preconditioner_dim"], o["merge_dims"],
+                                   o["precondition_1d"])
+        p0 = blocking.params[0].p
+        roots = ShampooRoots(blocking, p0.dtype, o["factor_dtype"], p0.device)
+        grafting = make_grafting(o["grafting"], o["grafting_epsilon"], o["grafting_beta2"])
+        assign = []
+        for i, P in enumerate(blocking.params):
+            state = self.state[P.p]
+            for name in ("momentum_buffer",) + ((grafting.state_key,) if grafting.state_key
+                                                else ()):
+                if name not in state:
+                    state[name] = torch.zeros_like(P.p, memory_format=torch.preserve_format)
+                elif state[name].shape != P.p.shape:
+                    raise ValueError(f"Shampoo state {name!r} has shape "
+                                     f"{tuple(state[name].shape)}, expected {tuple(P.p.shape)}")
+            if P.merged is None:
+                stale = [name for name in ("factors", "roots", "root_failures") if name in state]
+                if stale:
+                    raise ValueError(f"Shampoo state {stale[0]!r} of a param of shape "
+                                     f"{tuple(P.p.shape)} that is not preconditioned with these "
+                                     "options (max_preconditioner_dim, merge_dims, "
+                                     "precondition_1d differ from the saved run's)")
+                continue
+            for name, views in roots.views(i).items():
+                saved = state.get(name)
+                if saved is not None:
+                    if len(saved) != len(views) or any(a.shape != b.shape
+                                                       for a, b in zip(saved, views)):
+                        raise ValueError(
+                            f"Shampoo state {name!r} of a param of shape {tuple(P.p.shape)} "
+                            "does not match its blocks (max_preconditioner_dim, merge_dims "
+                            "or precondition_1d differ from the saved run's)")
+                    for v, s in zip(views, saved):
+                        v.copy_(s)
+                assign.append((state, name, views))
+        for state, name, views in assign:  # only once every param's state fits
+            state[name] = views
+        gstate = self.state[p0]
+        gstate.setdefault("step", 0)
+        gstate.setdefault("root_updates", 0)
+        for name in ("nonfinite_steps", "failed_roots"):
+            counter = gstate.get(name)
+            gstate[name] = (torch.zeros((), dtype=torch.int64, device=p0.device) if counter is None
+                            else counter.to(p0.device))
+        self._run = (key, blocking, roots, grafting)
+        return blocking, roots, grafting
+
+
+def _dense_grad(p: Tensor) -> Tensor:
+    """``p.grad``, zero if None; RuntimeError if sparse or complex."""
+    g = p.grad
+    if g is None:
+        return torch.zeros_like(p)
+    if g.layout != torch.strided:
+        raise RuntimeError(f"Shampoo does not support sparse gradients (got {g.layout})")
+    if g.is_complex():
+        raise RuntimeError("Shampoo does not support complex gradients")
+    return g
