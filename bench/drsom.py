@@ -79,9 +79,8 @@ from tqdm import tqdm
 
 import soo_ext
 from soo_ext import ops
-from soo_ext.curvature.drsom_models import (FD_STEP_FACTOR, fd_perturbation_length,
-                                            interp_perturbation_length, interpolated_model,
-                                            interpolation_values)
+from soo_ext.curvature.drsom_models import (fd_perturbation_length, interp_perturbation_length,
+                                            interpolated_model, interpolation_values)
 
 from . import common, train
 

@@ -282,7 +282,7 @@ def _sgd_momentum_(groups: list[dict], state: dict, group_of: dict[int, int],
             if ok is None:
                 torch._foreach_mul_(bufs, m)
             else:
-                torch._foreach_mul_(bufs, torch.where(ok, m, 1.0).to(bufs[0].dtype))
+                torch._foreach_mul_(bufs, torch.where(ok, bufs[0].new_full((), m), 1.0))
             torch._foreach_add_(bufs, ds)
             steps = bufs if ok is None else [torch.where(ok, b, 0.0) for b in bufs]
         else:

@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from soo_ext.curvature.kfac_factors import (EigenFactors, FactorStore, InverseFactors, KFACLayout,
                                             LayerGradients, kl_clip_, load_views)
@@ -203,7 +202,7 @@ def test_kl_clip_scales_by_the_formula():
 def test_layer_gradients_gather_decay_and_mask():
     net = model()
     layers = layers_of(net)
-    factors = EigenFactors(KFACLayout(layers), F64, torch.device("cpu"), 1e-2)
+    EigenFactors(KFACLayout(layers), F64, torch.device("cpu"), 1e-2)  # the gradient buffers
     for p in net.parameters():
         p.grad = torch.randn_like(p)
     chosen = [layers[1], layers[3]]  # one of the two (4, 5) layers, and the (3, 4) one

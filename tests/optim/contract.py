@@ -264,10 +264,6 @@ class OptimizerCase:
     global_checked_at_step: bool = False  # the agreement is checked at step(), not in __init__
     options_checked_at_step: tuple = ()  # (key, invalid value) set in param_groups after a step
 
-    # Known deviations from the contract: check (test function name without 'test_') -> reason;
-    # such a case is a strict xfail, so that it fails once the optimizer is fixed.
-    xfail: dict = field(default_factory=dict)
-
     def __repr__(self):
         return self.name
 
@@ -600,13 +596,6 @@ def mlbfgs(name, dtype, history_dtype=None):
         bad_group_option=("lr", -1), global_option=("update_freq", 5))
 
 
-KFAC_F64_MOMENTUM = (
-    "KFAC bug: with on_nonfinite='skip' (the default) _sgd multiplies the momentum buffers by "
-    "torch.where(ok, m, 1.0), a float32 tensor, so float64 params get momentum 0.9 rounded to "
-    "float32: not the bit-equal torch.optim.SGD update that the docstring promises for plain "
-    "params (exact with on_nonfinite='raise' or float32 params)")
-
-
 def kfac(name, dtype, mode, factor_dtype, poisons=("grad-nan", "grad-inf")):
     eigen = ("QA", "dA", "QG", "dG")
     return OptimizerCase(
@@ -628,8 +617,7 @@ def kfac(name, dtype, mode, factor_dtype, poisons=("grad-nan", "grad-inf")):
         state_check=kfac_layer_state, invalid=KFAC_INVALID,
         group_options={"lr": 0.5, "momentum": 0.0, "weight_decay": 0.1},
         bad_group_option=("lr", -1), global_option=("damping", 0.1),
-        global_checked_at_step=True,
-        xfail={"add_param_group": KFAC_F64_MOMENTUM} if dtype == F64 else {})
+        global_checked_at_step=True)
 
 
 def shampoo(name, factor_dtype):

@@ -28,13 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 NONFINITE = "non-finite|not finite"
 
 
-def cases(keep=lambda case: True, check=None):
-    """The rows as pytest params; ``check``: the test's name without 'test_', for the rows'
-    known deviations (strict xfails)."""
-    return [pytest.param(case, id=case.name,
-                         marks=[pytest.mark.xfail(strict=True, reason=case.xfail[check])]
-                         if check in case.xfail else [])
-            for case in CASES if keep(case)]
+def cases(keep=lambda case: True):
+    """The rows as pytest params."""
+    return [pytest.param(case, id=case.name) for case in CASES if keep(case)]
 
 
 def families(keep=lambda case: True):
@@ -492,7 +488,7 @@ def test_step_hooks_fire(case):
     assert len(calls) == 4
 
 
-@pytest.mark.parametrize("case", cases(check="add_param_group"))
+@pytest.mark.parametrize("case", cases())
 def test_add_param_group(case):
     """Before the first step a group may be added (except with one-group optimizers); after it,
     the optimizers whose layout is fixed at the first step refuse with RuntimeError, the others
