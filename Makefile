@@ -35,7 +35,7 @@ test: build cmake-check
 	# the CUDA sources, run on the CPU by the emulation of tests/cuda_emu, in place of the CPU
 	# kernels: every test's oracle checks them too (~3.5 min here)
 	SOO_EXT_REQUIRE_EXT=1 $(PY) -m pytest -q -p no:cacheprovider --cuda-emu-as-cpu tests \
-		--ignore=tests/test_build.py --ignore=tests/test_cuda_emu.py
+		--ignore=tests/test_build.py --ignore=tests/ops/test_cuda_emu.py
 	# the pure-PyTorch fallback (what `import soo_ext` runs without the compiled module) must pass
 	# too; test_build's builds need no second run
 	SOO_EXT_DISABLE_EXT=1 $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_build.py

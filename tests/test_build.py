@@ -124,8 +124,7 @@ def test_cuda_can_be_switched_off():
 ISA_SCRIPT = """
 import sys, torch
 sys.path.insert(0, "tests")
-from test_ops import random_history
-from test_bfgs import random_problem
+from op_inputs import random_history, random_problem
 from soo_ext import ops
 out = []
 for dtype, hist_dtype in [(torch.float64, torch.float64), (torch.float32, torch.float32),

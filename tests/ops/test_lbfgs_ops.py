@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from soo_ext import LBFGSHistory, ops, reference
 
 from conftest import rel_err
+from op_inputs import random_history
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (gradient dtype, history storage dtype, tolerance on ||d - d_ref|| / ||d_ref||)
@@ -15,26 +16,6 @@ DTYPES = [(torch.float64, torch.float64, 1e-12), (torch.float32, torch.float32, 
 DTYPE_IDS = ["fp64", "fp32", "bf16-history"]
 
 requires_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled module not built")
-
-
-def random_history(m, n, count, newest, dtype, hist_dtype, device, seed=0):
-    """A ring with `count` pairs of positive curvature ending at slot `newest`, Gram blocks
-    filled by pushing the pairs one by one (so wrapped rings are exercised too)."""
-    gen = torch.Generator().manual_seed(seed)
-    hist = LBFGSHistory(n, m, dtype=dtype, device=device, history_dtype=hist_dtype)
-    # Push enough pairs that the ring wraps and ends with `newest` as the newest slot.
-    pushes = count + ((newest - (count - 1)) % m if count else 0)
-    curvature = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
-    for _ in range(pushes):
-        s = torch.randn(n, generator=gen, dtype=torch.float64)
-        y = s * curvature + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
-        hist.push(s.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype))
-        hist.direction(torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype))
-    if count:
-        assert hist.newest == newest
-    hist.count = count  # keep only the newest `count` pairs (partially filled history)
-    g = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    return hist, g
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -194,12 +175,3 @@ def test_bad_arguments_are_refused(bad):
         SY, YY = SY.double(), YY.double()
     with pytest.raises(RuntimeError):
         ops.lbfgs_direction(S, Y, SY, YY, g, newest, count)
-
-
-def test_history_rejects_bad_dtypes():
-    with pytest.raises(ValueError, match="history_dtype"):
-        LBFGSHistory(3, 2, dtype=torch.float64, history_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="history_size"):
-        LBFGSHistory(3, 0)
-    with pytest.raises(ValueError, match="dtype"):
-        LBFGSHistory(3, 2, dtype=torch.float16)

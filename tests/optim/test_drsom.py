@@ -1,9 +1,9 @@
 """soo_ext.DRSOM: the step on its model (noise floor, the paper's convention), convergence
 (Rosenbrock, logistic regression), fused attention, k-direction and random variants, step-length
-limits, non-finite handling, resume, arguments, same randomness, host syncs.  The accuracy of the
-subspace Hessian models (finite differences against double backward) is tested on the models
-alone: tests/curvature/test_drsom_models.py."""
-import copy
+limits, non-finite trials and Hessian products, the flat parameter buffer, same randomness.  The
+accuracy of the subspace Hessian models (finite differences against double backward) is tested on
+the models alone: tests/curvature/test_drsom_models.py; what every optimizer promises alike
+(resume, bad arguments and params, closures, maximize, host syncs) by tests/optim/test_contract.py."""
 import math
 
 import pytest
@@ -17,8 +17,6 @@ from soo_ext._support.closure import same_randomness
 from soo_ext.curvature import trust_region
 from soo_ext.optim.drsom import DRSOM
 from soo_ext import NonFiniteError
-
-from conftest import count_host_syncs, saved_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -195,15 +193,6 @@ def test_k_directions_on_rosenbrock():
     assert rosenbrock(x).item() < 1e-5
 
 
-def test_maximize_gives_the_same_iterates():
-    x, z = rosenbrock_start(10), rosenbrock_start(10)
-    opt_min, opt_max = DRSOM([x]), DRSOM([z], maximize=True)
-    for _ in range(10):
-        opt_min.step(lambda: rosenbrock(x))
-        opt_max.step(lambda: -rosenbrock(z))
-    assert torch.equal(x, z)
-
-
 class TrialRecorder:
     """Wraps the ops module of soo_ext.curvature.trust_region: records the length ||x - x0|| of
     every trial step."""
@@ -306,32 +295,6 @@ class BadGrad(torch.autograd.Function):
         return grad * ctx.value, None
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("where", ["loss", "grad"])
-@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
-def test_nonfinite_base_point_changes_nothing(value, where, on_nonfinite):
-    x = rosenbrock_start(10)
-    opt = DRSOM([x], on_nonfinite=on_nonfinite)
-    for _ in range(3):
-        opt.step(lambda: rosenbrock(x))
-    x_before, state_before = x.detach().clone(), copy.deepcopy(opt.state_dict())
-
-    def bad():
-        if where == "loss":
-            return rosenbrock(x) + value
-        return rosenbrock(x) + BadGrad.apply(x[0], value)  # finite loss, non-finite gradient
-    if on_nonfinite == "raise":
-        with pytest.raises(NonFiniteError):
-            opt.step(bad)
-    else:
-        opt.step(bad)
-    assert torch.equal(x.detach(), x_before)
-    after = opt.state_dict()
-    for key, v in state_before["state"][0].items():
-        assert (torch.equal(v, after["state"][0][key]) if isinstance(v, torch.Tensor)
-                else v == after["state"][0][key]), key
-
-
 def test_gradient_whose_squared_norm_overflows_counts_as_nonfinite():
     """float32: a finite gradient entry of 1e20 has a square above float32's range, so ||g||^2
     (summed in float64, returned in float32) is inf: refused like a non-finite gradient."""
@@ -369,83 +332,7 @@ def test_nonfinite_hessian_product_falls_back_to_the_line_search():
 
 
 # ---------------------------------------------------------------------------------------------
-# Resume, arguments, layout
-
-@pytest.mark.parametrize("options", [{}, {"random": True}, {"hvp": "central", "directions": 3},
-                                     {"hvp": "interp"}],
-                         ids=["fd", "random", "central-k3", "interp"])
-@pytest.mark.parametrize("via_bytes", [False, True])
-def test_resume_is_bit_identical(options, via_bytes):
-    net, closure = mlp_problem(torch.float32)
-    opt = DRSOM(net.parameters(), **options)
-    for _ in range(4):
-        opt.step(closure)
-    params_mid = copy.deepcopy(net.state_dict())
-    saved = saved_copy(opt.state_dict(), via_bytes)
-    for _ in range(4):
-        opt.step(closure)
-
-    net2, closure2 = mlp_problem(torch.float32)
-    net2.load_state_dict(params_mid)
-    opt2 = DRSOM(net2.parameters(), **options)
-    opt2.load_state_dict(saved)
-    for _ in range(4):
-        opt2.step(closure2)
-    for a, b in zip(net.parameters(), net2.parameters()):
-        assert torch.equal(a, b)
-    st, st2 = opt.state[net[0].weight], opt2.state[net2[0].weight]
-    assert st["gamma"] == st2["gamma"] and st["order"] == st2["order"]
-    assert torch.equal(st["directions"], st2["directions"])
-    assert torch.equal(st["generator"], st2["generator"])
-
-
-@pytest.mark.parametrize("kwargs,name", [
-    ({"hvp": "exact"}, "hvp"), ({"directions": 1}, "directions"), ({"directions": 9}, "directions"),
-    ({"directions": 2.0}, "directions"),
-    ({"random": 1}, "random"), ({"random": True, "directions": 3}, "directions"),
-    ({"gamma": 0.0}, "gamma"), ({"gamma": float("nan")}, "gamma"),
-    ({"gamma_increase": 1.0}, "gamma_increase"), ({"gamma_min": -1.0}, "gamma_min"),
-    ({"eta_accept": 1.0}, "eta_accept"), ({"eta_low": 0.6}, "eta_low"),
-    ({"eta_high": 1.5}, "eta_high"), ({"max_trials": 0}, "max_trials"),
-    ({"max_trials": True}, "max_trials"), ({"collinearity": 0.0}, "collinearity"),
-    ({"armijo": 1.0}, "armijo"), ({"seed": 1.5}, "seed"),
-    ({"max_step_growth": 0.5}, "max_step_growth"),
-    ({"max_step_growth": float("nan")}, "max_step_growth"),
-    ({"rejection_shrink": 1.0}, "rejection_shrink"), ({"rejection_shrink": 0}, "rejection_shrink"),
-    ({"on_nonfinite": "ignore"}, "on_nonfinite"),
-    ({"maximize": 1}, "maximize"), ({"model": "net"}, "model"),
-])
-def test_invalid_arguments(kwargs, name):
-    with pytest.raises(ValueError, match=f"Invalid {name}"):
-        DRSOM([nn.Parameter(torch.zeros(3))], **kwargs)
-
-
-@pytest.mark.parametrize("key,value", [("gamma", -1.0), ("random", 0), ("max_trials", 2.0),
-                                       ("hvp", "exact")])
-def test_options_changed_between_steps_are_checked(key, value):
-    # step() checks the options at every step (0 == False and 2.0 == 2, but they are refused)
-    net, closure = mlp_problem(torch.float64)
-    opt = DRSOM(net.parameters(), max_trials=2)
-    opt.step(closure)
-    before = [p.detach().clone() for p in net.parameters()]
-    opt.param_groups[0][key] = value
-    with pytest.raises(ValueError, match=f"Invalid {key}"):
-        opt.step(closure)
-    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
-
-
-@pytest.mark.parametrize("params", [
-    lambda: [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))],
-    lambda: [nn.Parameter(torch.zeros(2, dtype=torch.float16))],
-    lambda: [nn.Parameter(torch.zeros(2, dtype=torch.complex64))],
-    lambda: [],
-    lambda: [{"params": [nn.Parameter(torch.zeros(2))]},
-             {"params": [nn.Parameter(torch.zeros(2))]}],
-], ids=["dtypes", "half", "complex", "empty", "groups"])
-def test_invalid_params(params):
-    with pytest.raises(ValueError, match="Invalid params|empty parameter list"):
-        DRSOM(params())
-
+# Layout
 
 def test_params_are_views_of_one_flat_buffer():
     net, closure = mlp_problem(torch.float64)
@@ -465,19 +352,6 @@ def test_params_are_views_of_one_flat_buffer():
 
 def test_exported():
     assert soo_ext.DRSOM is DRSOM and "DRSOM" in soo_ext.__all__
-
-
-def test_closure_required():
-    with pytest.raises(RuntimeError, match="closure"):
-        DRSOM([nn.Parameter(torch.zeros(2))]).step()
-
-
-def test_unused_param_has_zero_gradient():
-    x, unused = rosenbrock_start(6), nn.Parameter(torch.ones(3, dtype=torch.float64))
-    opt = DRSOM([x, unused])
-    for _ in range(5):
-        opt.step(lambda: rosenbrock(x))
-    assert torch.equal(unused.detach(), torch.ones(3, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,28 +410,6 @@ def test_drsom_with_model_replays_randomness():
     assert torch.equal(torch.get_rng_state(), after)
     assert losses[-1] < losses[0]
     assert opt.state[net.body[0].weight]["rejections"] < opt.state[net.body[0].weight]["trials"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Host synchronisation
-
-@pytest.mark.parametrize("options", [{}, {"hvp": "autograd"}, {"random": True},
-                                     {"hvp": "interp", "directions": 3}],
-                         ids=["fd", "autograd", "random", "interp-k3"])
-def test_host_syncs_per_step(monkeypatch, options):
-    """One fetch at the base point plus one per trial (trust-region or line-search).  (The
-    pure-PyTorch fallback's subproblem reads its gamma climb on the host: fused ops only.)"""
-    if not drsom_ops.extension_loaded():
-        pytest.skip("the reference fallback of drsom_subproblem synchronises")
-    x = rosenbrock_start(30)
-    opt = DRSOM([x], **options)
-    count = count_host_syncs(monkeypatch)
-    st = opt.state
-    for _ in range(12):
-        trials = st[x]["trials"] if st else 0
-        count[0] = 0
-        opt.step(lambda: rosenbrock(x))
-        assert count[0] == 1 + st[x]["trials"] - trials
 
 
 # ---------------------------------------------------------------------------------------------

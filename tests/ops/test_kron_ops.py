@@ -20,6 +20,8 @@ import torch
 
 from soo_ext import ops, reference
 
+from op_inputs import ill_conditioned, rank_deficient, spd
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float64]
 SMALL = [1, 2, 7, 33]
@@ -34,30 +36,6 @@ def rel_err(out, ref):
     out, ref = out.double().cpu(), ref.double().cpu()
     den = ref.norm().item()
     return (out - ref).norm().item() / (den if den > 0 else 1.0)
-
-
-def spd(batch, n, dtype, device, seed=0, shift=0.1):
-    """Well-conditioned SPD factors X^T X / N + shift I (N = 2n)."""
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(*batch, 2 * n, n, generator=gen, dtype=torch.float64)
-    A = X.mT @ X / (2 * n) + shift * torch.eye(n, dtype=torch.float64)
-    return A.to(dtype=dtype, device=device)
-
-
-def ill_conditioned(batch, n, dtype, device, seed=0):
-    """Q diag(logspace(-8, 0)) Q^T: eigenvalues spread 1e-8..1."""
-    gen = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(*batch, n, n, generator=gen, dtype=torch.float64))
-    lam = torch.logspace(-8, 0, n, dtype=torch.float64)
-    A = (Q * lam) @ Q.mT
-    return ((A + A.mT) / 2).to(dtype=dtype, device=device)
-
-
-def rank_deficient(batch, n, dtype, device, seed=0):
-    """X^T X with N = n // 4 + 1 < n rows: rank N."""
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(*batch, n // 4 + 1, n, generator=gen, dtype=torch.float64)
-    return (X.mT @ X).to(dtype=dtype, device=device)
 
 
 def sizes_for_test():

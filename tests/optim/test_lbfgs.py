@@ -1,15 +1,12 @@
-"""soo_ext.LBFGS: tracking torch.optim.LBFGS, param groups, resume, bad input, conventions."""
-import copy
-
+"""soo_ext.LBFGS: tracking torch.optim.LBFGS, param groups, history dtype, non-finite values and
+errors mid-step, curvature pairs.  What every optimizer promises alike (resume, bad arguments,
+the torch.optim conventions, host syncs) is checked by tests/optim/test_contract.py."""
 import pytest
 import torch
 from torch import nn
 
 import soo_ext
 from soo_ext import NonFiniteError
-from soo_ext.optim.line_search import LinePoint, cubic_interpolate, strong_wolfe
-
-from conftest import count_host_syncs, saved_copy
 
 LINE_SEARCHES = [(None, 1e-3), ("strong_wolfe", 1.0)]  # (line_search_fn, lr keeping torch stable)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -130,30 +127,6 @@ def test_maximize_tracks_torch():
 
 
 # ---------------------------------------------------------------------------------------------
-# Line search core, alone
-
-def test_cubic_interpolate_finds_the_minimiser_of_a_cubic():
-    def f(t):
-        return t ** 3 - 3 * t  # minimum at t = 1
-    t = cubic_interpolate(0.0, f(0.0), -3.0, 2.0, f(2.0), 9.0)
-    assert t == pytest.approx(1.0)
-    assert cubic_interpolate(0.0, f(0.0), -3.0, 2.0, f(2.0), 9.0, bounds=(1.5, 3.0)) == 1.5
-    # No real minimiser: the midpoint of the bounds.
-    assert cubic_interpolate(0.0, 0.0, 2.0, 1.0, 1.0, 2.0, bounds=(0.0, 4.0)) == 2.0
-
-
-@pytest.mark.parametrize("t0", [1e-3, 1.0, 30.0])
-def test_strong_wolfe_on_a_quadratic_meets_the_conditions(t0):
-    def evaluate(t, keep):
-        return LinePoint(t, (t - 2.0) ** 2, 2 * (t - 2.0))
-    start = evaluate(0.0, ())
-    point, evals = strong_wolfe(evaluate, start, t0, d_norm=1.0)
-    assert evals >= 1
-    assert point.f <= start.f + 1e-4 * point.t * start.gtd
-    assert abs(point.gtd) <= 0.9 * abs(start.gtd)
-
-
-# ---------------------------------------------------------------------------------------------
 # Param groups, history dtype
 
 def quadratic_problem(n=40, dtype=torch.float64):
@@ -237,7 +210,7 @@ def test_bfloat16_history_converges_on_logistic_regression():
 
 
 # ---------------------------------------------------------------------------------------------
-# state_dict resume
+# Bad input
 
 def small_problem(dtype=torch.float64):
     gen = torch.Generator().manual_seed(3)
@@ -247,108 +220,6 @@ def small_problem(dtype=torch.float64):
     def loss_fn():
         return rosenbrock(x) + (w * x ** 2).sum()
     return x, loss_fn
-
-
-@pytest.mark.parametrize("line_search_fn,lr,dtype,history_dtype", [
-    (None, 1e-3, torch.float64, None),
-    ("strong_wolfe", 1.0, torch.float64, None),
-    ("strong_wolfe", 1.0, torch.float32, torch.bfloat16),
-])
-@pytest.mark.parametrize("via_bytes", [False, True])
-def test_resume_is_bit_identical(line_search_fn, lr, dtype, history_dtype, via_bytes):
-    kw = dict(lr=lr, max_iter=4, history_size=5, line_search_fn=line_search_fn,
-              history_dtype=history_dtype)
-    x, loss_fn = small_problem(dtype)
-    opt = soo_ext.LBFGS([x], **kw)
-    closure = make_closure(opt, loss_fn)
-    for _ in range(3):  # 12 iterations: the 5-slot ring has wrapped
-        opt.step(closure)
-    saved = saved_copy({"x": x.detach().clone(), "opt": opt.state_dict()}, via_bytes)
-    for _ in range(3):
-        opt.step(closure)
-
-    y, loss_fn2 = small_problem(dtype)
-    with torch.no_grad():
-        y.copy_(saved["x"])
-    opt2 = soo_ext.LBFGS([y], **kw)
-    opt2.load_state_dict(saved["opt"])
-    assert history_of(opt2)["S"].dtype == (history_dtype or dtype)
-    closure2 = make_closure(opt2, loss_fn2)
-    for _ in range(3):
-        opt2.step(closure2)
-    assert torch.equal(x, y)
-    h1, h2 = history_of(opt), history_of(opt2)
-    assert h2["S"].dtype == (history_dtype or dtype)
-    for key in ("S", "Y", "SY", "YY"):
-        assert torch.equal(h1[key], h2[key])
-    assert (h1["newest"], h1["count"]) == (h2["newest"], h2["count"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad input
-
-def snapshot(opt, params):
-    state = copy.deepcopy(opt.state[params[0]])
-    return [p.detach().clone() for p in params], state
-
-
-def assert_untouched(opt, params, before):
-    values, state = before
-    for p, v in zip(params, values):
-        assert torch.equal(p, v)
-    now = opt.state[params[0]]
-    for key in ("S", "Y", "SY", "YY", "newest", "count"):
-        a, b = now["history"][key], state["history"][key]
-        assert torch.equal(a, b) if torch.is_tensor(a) else a == b
-    for key in ("d", "prev_flat_grad"):
-        assert torch.equal(now[key], state[key])
-    for key in ("t", "prev_loss", "n_iter", "func_evals"):
-        assert now[key] == state[key]
-
-
-def poisoned(loss_fn, x, what):
-    def bad():
-        loss = loss_fn()
-        if what == "loss":
-            return loss * float("nan")
-        if what == "grad":
-            return loss + (x * torch.tensor(float("inf"), dtype=x.dtype)).sum() * 0
-        return loss * float("inf")
-    return bad
-
-
-@pytest.mark.parametrize("what", ["loss", "grad", "inf"])
-@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
-def test_nonfinite_first_evaluation_raises_and_leaves_everything(what, line_search_fn):
-    x, loss_fn = small_problem()
-    opt = soo_ext.LBFGS([x], lr=1e-3 if line_search_fn is None else 1, max_iter=3,
-                        line_search_fn=line_search_fn)
-    for _ in range(2):
-        opt.step(make_closure(opt, loss_fn))
-    before = snapshot(opt, [x])
-    with pytest.raises(NonFiniteError, match="non-finite"):
-        opt.step(make_closure(opt, poisoned(loss_fn, x, what)))
-    assert_untouched(opt, [x], before)
-
-
-@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
-def test_nonfinite_first_evaluation_skipped(line_search_fn):
-    runs = []
-    for skip_one in (True, False):
-        x, loss_fn = small_problem()
-        opt = soo_ext.LBFGS([x], lr=1e-3 if line_search_fn is None else 1, max_iter=3,
-                            line_search_fn=line_search_fn, on_nonfinite="skip")
-        good = make_closure(opt, loss_fn)
-        opt.step(good)
-        if skip_one:
-            before = snapshot(opt, [x])
-            loss = opt.step(make_closure(opt, poisoned(loss_fn, x, "grad")))
-            assert torch.is_tensor(loss)
-            assert_untouched(opt, [x], before)
-        for _ in range(2):  # the run goes on as if the bad step never happened
-            opt.step(good)
-        runs.append(x.detach())
-    assert torch.equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
@@ -435,137 +306,11 @@ def test_pairs_with_nonpositive_curvature_are_not_stored():
 
 
 # ---------------------------------------------------------------------------------------------
-# Arguments
+# CUDA
 
 def param(dtype=torch.float32):
     return torch.zeros(3, dtype=dtype, requires_grad=True)
 
-
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(lr=-1.0), "lr"), (dict(lr=torch.tensor([1.0, 2.0])), "lr"),
-    (dict(max_iter=0), "max_iter"), (dict(max_iter=2.5), "max_iter"),
-    (dict(max_eval=0), "max_eval"), (dict(history_size=0), "history_size"),
-    (dict(tolerance_grad=-1e-3), "tolerance_grad"),
-    (dict(tolerance_change=-1.0), "tolerance_change"),
-    (dict(tolerance_change=float("nan")), "tolerance_change"),
-    (dict(line_search_fn="backtracking"), "line_search_fn"),
-    (dict(history_dtype=torch.float16), "history_dtype"),
-    (dict(history_dtype=torch.float64), "history_dtype"),  # float32 params
-    (dict(on_nonfinite="ignore"), "on_nonfinite"), (dict(maximize=1), "maximize"),
-])
-def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        soo_ext.LBFGS([param()], **kwargs)
-
-
-def test_bfloat16_history_refused_with_float64_params():
-    with pytest.raises(ValueError, match="history_dtype"):
-        soo_ext.LBFGS([param(torch.float64)], history_dtype=torch.bfloat16)
-
-
-def test_invalid_group_options_refused():
-    with pytest.raises(ValueError, match="lr"):
-        soo_ext.LBFGS([{"params": [param()]}, {"params": [param()], "lr": -1}])
-    with pytest.raises(ValueError, match="max_iter"):
-        soo_ext.LBFGS([{"params": [param()]}, {"params": [param()], "max_iter": 3}])
-
-
-def test_complex_sparse_and_mixed_params_refused():
-    with pytest.raises(ValueError, match="complex"):
-        soo_ext.LBFGS([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
-    with pytest.raises(ValueError, match="dtype"):
-        soo_ext.LBFGS([param(), param(torch.float64)])
-    with pytest.raises(ValueError, match="dtype"):
-        soo_ext.LBFGS([torch.zeros(3, dtype=torch.float16, requires_grad=True)])
-    with pytest.raises(ValueError, match="device"):
-        soo_ext.LBFGS([param(), torch.zeros(3, device="meta", requires_grad=True)])
-    emb = nn.Embedding(10, 3, sparse=True)
-    opt = soo_ext.LBFGS(emb.parameters())
-    with pytest.raises(RuntimeError, match="sparse"):
-        opt.step(make_closure(opt, lambda: emb(torch.tensor([1, 2])).sum()))
-
-
-def test_closure_required():
-    opt = soo_ext.LBFGS([param()])
-    with pytest.raises(RuntimeError, match="closure"):
-        opt.step()
-
-
-def test_param_group_cannot_be_added_after_the_first_step():
-    x = param()
-    opt = soo_ext.LBFGS([x])
-    opt.add_param_group({"params": [param()]})  # before: fine
-    opt.step(make_closure(opt, lambda: (x - 1).pow(2).sum()))
-    with pytest.raises(RuntimeError, match="param group"):
-        opt.add_param_group({"params": [param()]})
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.optim conventions
-
-def test_step_hooks_fire():
-    x = param()
-    opt = soo_ext.LBFGS([x])
-    calls = []
-    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
-    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
-    opt.step(make_closure(opt, lambda: (x - 1).pow(2).sum()))
-    assert calls == ["pre", "post"]
-
-
-def test_lr_scheduler_changes_the_lr_used():
-    _, _, f = quadratic_problem()
-    finals = []
-    for schedule in ("scheduler", "manual", "none"):
-        x = torch.zeros(40, dtype=torch.float64, requires_grad=True)
-        opt = soo_ext.LBFGS([x], lr=1.0, max_iter=3)
-        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-        closure = make_closure(opt, lambda: f(x))
-        for k in range(3):
-            if schedule == "manual":
-                opt.param_groups[0]["lr"] = 0.5 ** k
-            opt.step(closure)
-            if schedule == "scheduler":
-                scheduler.step()
-        finals.append(x.detach().clone())
-    assert opt.param_groups[0]["lr"] == 1.0  # the "none" run never stepped its scheduler
-    assert torch.equal(finals[0], finals[1])
-    assert not torch.equal(finals[0], finals[2])
-
-
-def test_state_layout_and_zero_grad():
-    x = param()
-    opt = soo_ext.LBFGS([x], history_size=7)
-    opt.step(make_closure(opt, lambda: (x - 1).pow(2).sum()))
-    state = opt.state[x]
-    keys = {"func_evals", "n_iter", "d", "t", "prev_flat_grad", "prev_loss", "history"}
-    assert keys <= set(state)
-    assert history_of(opt)["S"].shape == (7, 3)
-    opt.zero_grad()
-    assert x.grad is None
-
-
-def test_host_syncs_per_iteration(monkeypatch):
-    """One host fetch per closure evaluation plus one per direction (one per iteration)."""
-    count = count_host_syncs(monkeypatch)
-    for line_search_fn, lr in LINE_SEARCHES:
-        x = rosenbrock_start(n=100)
-        opt = soo_ext.LBFGS([x], lr=lr, max_iter=8, line_search_fn=line_search_fn)
-        closure = make_closure(opt, lambda: rosenbrock(x))
-        for _ in range(2):
-            state = opt.state[x]
-            n_iter, func_evals = state.get("n_iter", 0), state.get("func_evals", 0)
-            count[0] = 0
-            opt.step(closure)
-            iterations, evaluations = state["n_iter"] - n_iter, state["func_evals"] - func_evals
-            assert iterations == 8
-            assert count[0] == iterations + evaluations
-            if line_search_fn is None:
-                assert count[0] == 2 * iterations  # the last iteration does not reevaluate
-
-
-# ---------------------------------------------------------------------------------------------
-# CUDA
 
 @cuda
 @pytest.mark.parametrize("line_search_fn,lr", LINE_SEARCHES)

@@ -1,7 +1,8 @@
 """soo_ext.Shampoo: against the formulas written out by hand (matrices, merged and blocked
-tensors, 1-D params), grafting, the root schedule, root failures, non-finite steps, resume,
-host syncs, conventions, and a decrease of the training loss on MNIST-1D."""
-import copy
+tensors, 1-D params), grafting, the root schedule, root failures, group options, and a decrease of
+the training loss on MNIST-1D.  What every optimizer promises alike (non-finite steps, resume,
+host syncs, bad arguments, the torch.optim conventions) is checked by
+tests/optim/test_contract.py."""
 import math
 
 import pytest
@@ -9,11 +10,9 @@ import torch
 from torch import nn
 
 from soo_ext import ops
-from soo_ext import NonFiniteError
 from soo_ext import RootFailureError, Shampoo
 
-from conftest import (assert_state_equal, count_host_syncs, mnist1d_mlp, mse_backward, mse_steps,
-                      saved_copy, train_mnist1d)
+from conftest import mnist1d_mlp, mse_backward, train_mnist1d
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 F64 = torch.float64
@@ -383,7 +382,7 @@ def test_decreases_training_loss_on_mnist1d(mnist1d, make_model):
 
 
 # ---------------------------------------------------------------------------------------------
-# Non-finite gradients, resume
+# A small convolutional model in two param groups
 
 def conv_model(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
@@ -411,120 +410,11 @@ def grouped(model, **kw):
                                      precondition_1d=True), **kw})
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("at_root_step", [False, True])
-def test_nonfinite_gradient_is_skipped(value, at_root_step):
-    model = conv_model()
-    opt = grouped(model)  # root steps 2, 5, 8, 11
-    mse_steps(opt, model, batches(7 if at_root_step else 6))  # next: step 8 (a root step) or 7
-    before_model, before_opt = copy.deepcopy((model, opt))
-    params, before = list(model.parameters()), list(before_model.parameters())
-    mse_backward(model, batches(1, seed=5)[0])
-    params[2].grad[1, 2] = value
-    opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(params, before))
-    assert_state_equal(opt, params, before_opt, before, ignore=("step", "nonfinite_steps"))
-    state = opt.state[params[0]]
-    assert state["step"] == before_opt.state[before[0]]["step"] + 1
-    assert state["nonfinite_steps"].dtype == torch.int64 and state["nonfinite_steps"] == 1
-    mse_steps(opt, model, batches(4, seed=7))
-    assert all(torch.isfinite(p).all() for p in params)
-    assert state["root_updates"] == (3 if at_root_step else 4)
-
-
-@pytest.mark.parametrize("at_root_step", [False, True])
-def test_nonfinite_gradient_raises_and_changes_nothing(at_root_step):
-    model = conv_model()
-    opt = grouped(model, on_nonfinite="raise")
-    mse_steps(opt, model, batches(7 if at_root_step else 6))
-    before_model, before_opt = copy.deepcopy((model, opt))
-    params, before = list(model.parameters()), list(before_model.parameters())
-    mse_backward(model, batches(1, seed=5)[0])
-    params[0].grad[0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteError, match="not finite"):
-        opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(params, before))
-    assert_state_equal(opt, params, before_opt, before)
-
-
-@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("via_bytes", [False, True])
-def test_resume_is_bit_identical(factor_dtype, via_bytes):
-    def make(model):
-        return grouped(model, factor_dtype=factor_dtype, grafting="adam")
-    model = conv_model()
-    opt = make(model)
-    mse_steps(opt, model, batches(5))
-    mse_backward(model, batches(1, seed=5)[0])
-    next(model.parameters()).grad[0, 0, 0] = float("nan")  # skipped: the counter is saved
-    opt.step()
-    mse_steps(opt, model, batches(2, seed=6))
-    saved = {"model": model.state_dict(), "opt": opt.state_dict()}
-    saved = saved_copy(saved, via_bytes)
-    rest = batches(7, seed=8)  # two root steps
-    mse_steps(opt, model, rest)
-
-    resumed = conv_model(seed=3)
-    resumed.load_state_dict(saved["model"])
-    opt2 = make(resumed)
-    opt2.load_state_dict(saved["opt"])
-    mse_steps(opt2, resumed, rest)
-    params, params2 = list(model.parameters()), list(resumed.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(params, params2))
-    assert_state_equal(opt, params, opt2, params2)
-    state2 = opt2.state[params2[0]]
-    assert state2["factors"][0].dtype == factor_dtype
-    assert state2["nonfinite_steps"] == 1 and state2["root_updates"] == 5
-    # The loaded factors were copied into the new buckets: the state's views are of them.
-    buckets = {t.untyped_storage().data_ptr() for t in opt2._run[2].factors.values()}
-    assert all(f.untyped_storage().data_ptr() in buckets
-               for p in params2 for f in opt2.state[p].get("factors", []))
-
-
-def test_param_group_added_later_keeps_the_factors():
-    model = conv_model()
-    opt = grouped(model)
-    mse_steps(opt, model, batches(4))
-    old = [f.clone() for f in opt.state[model[0].weight]["factors"]]
-    extra = torch.randn(7, 4, requires_grad=True)
-    opt.add_param_group({"params": [extra], "lr": 0.1})
-    assert all(torch.equal(a, b) for a, b in zip(old, opt.state[model[0].weight]["factors"]))
-    mse_backward(model, batches(1, seed=9)[0])
-    extra.grad = torch.ones_like(extra)
-    opt.step()
-    assert len(opt.state[extra]["factors"]) == 2  # 28 > 16: not merged
-    assert not torch.equal(extra, torch.zeros_like(extra))
-
-
 # ---------------------------------------------------------------------------------------------
-# Arguments and conventions
+# Group options
 
 def param(dtype=torch.float32):
     return torch.zeros(3, 4, dtype=dtype, requires_grad=True)
-
-
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr=torch.tensor(0.1)), "lr"),
-    (dict(betas=(1.0, 0.9)), "betas"), (dict(betas=(0.9, 0.0)), "betas"),
-    (dict(betas=(0.9, 1.1)), "betas"), (dict(betas=0.9), "betas"), (dict(betas=(0.9,)), "betas"),
-    (dict(epsilon=0.0), "epsilon"), (dict(epsilon=-1e-12), "epsilon"),
-    (dict(weight_decay=-1e-4), "weight_decay"),
-    (dict(decoupled_weight_decay=1), "decoupled_weight_decay"),
-    (dict(max_preconditioner_dim=0), "max_preconditioner_dim"),
-    (dict(max_preconditioner_dim=8.0), "max_preconditioner_dim"),
-    (dict(merge_dims="yes"), "merge_dims"), (dict(precondition_1d=None), "precondition_1d"),
-    (dict(precondition_frequency=0), "precondition_frequency"),
-    (dict(precondition_frequency=True), "precondition_frequency"),
-    (dict(start_preconditioning_step=0), "start_preconditioning_step"),
-    (dict(grafting="rmsprop"), "grafting"), (dict(grafting_epsilon=0.0), "grafting_epsilon"),
-    (dict(grafting_beta2=1.0), "grafting_beta2"), (dict(grafting_beta2=0.0), "grafting_beta2"),
-    (dict(root_method="svd"), "root_method"), (dict(factor_dtype=torch.float16), "factor_dtype"),
-    (dict(factor_dtype="float32"), "factor_dtype"),
-    (dict(max_root_failures=0), "max_root_failures"), (dict(on_nonfinite="ignore"), "on_nonfinite"),
-])
-def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        Shampoo([param()], **kwargs)
 
 
 def test_group_options():
@@ -547,96 +437,6 @@ def test_group_options():
     for p, g, beta2 in ((W, gw, 0.5), (U, gu, 0.25)):
         torch.testing.assert_close(opt.state[p]["factors"][0],
                                    beta2 * g[0] @ g[0].T + g[1] @ g[1].T, rtol=1e-14, atol=1e-14)
-
-
-def test_complex_sparse_and_mixed_params_refused():
-    with pytest.raises(ValueError, match="complex"):
-        Shampoo([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
-    with pytest.raises(ValueError, match="sparse"):
-        Shampoo([torch.zeros(3, 3).to_sparse().requires_grad_(True)])
-    with pytest.raises(ValueError, match="dtype"):
-        Shampoo([param(), param(F64)])
-    with pytest.raises(ValueError, match="dtype"):
-        Shampoo([torch.zeros(3, dtype=torch.float16, requires_grad=True)])
-    emb = nn.Embedding(10, 3, sparse=True)
-    opt = Shampoo(emb.parameters())
-    emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match="sparse"):
-        opt.step()
-
-
-def test_closure_hooks_zero_grad_and_missing_grads():
-    model = conv_model()
-    opt = grouped(model)
-    calls = []
-    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
-    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
-    batch = batches(1)[0]
-
-    def closure():
-        assert torch.is_grad_enabled()
-        return mse_backward(model, batch)
-    with torch.no_grad():
-        loss = opt.step(closure)
-    assert torch.is_tensor(loss) and calls == ["pre", "post"]
-    opt.zero_grad()
-    assert all(p.grad is None for p in model.parameters())
-    opt.step()  # no gradients at all: zero gradients, only the momentum moves the params
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def test_lr_scheduler_changes_the_lr_used():
-    finals = []
-    for schedule in ("scheduler", "manual", "none"):
-        model = conv_model()
-        opt = grouped(model)
-        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-        for k, batch in enumerate(batches(6)):
-            if schedule == "manual":
-                opt.param_groups[0]["lr"] = 0.01 * 0.5 ** k
-                opt.param_groups[1]["lr"] = 0.02 * 0.5 ** k
-            mse_backward(model, batch)
-            opt.step()
-            if schedule == "scheduler":
-                scheduler.step()
-        finals.append(list(model.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(finals[0], finals[1]))
-    assert not all(torch.equal(a, b) for a, b in zip(finals[0], finals[2]))
-
-
-def count_shampoo_host_syncs(monkeypatch):
-    """Tensor-to-host reads made by Shampoo itself (the reference ops' own reads are not
-    counted: kron_inverse_root's reference iterates on the host)."""
-    count = count_host_syncs(monkeypatch)
-    root = ops.kron_inverse_root
-
-    def uncounted(*args, **kwargs):
-        before = count[0]
-        out = root(*args, **kwargs)
-        count[0] = before
-        return out
-    monkeypatch.setattr(ops, "kron_inverse_root", uncounted)
-    return count
-
-
-@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
-def test_host_syncs(monkeypatch, on_nonfinite):
-    """None between root steps (one per step with 'raise'), one more at a root step."""
-    model = conv_model()
-    opt = grouped(model, on_nonfinite=on_nonfinite, grafting="adam")
-    data = batches(12)
-    count = count_shampoo_host_syncs(monkeypatch)
-    for k, batch in enumerate(data, start=1):
-        mse_backward(model, batch)
-        if k in (6, 8) and on_nonfinite == "skip":  # skipped steps are decided on the device
-            next(model.parameters()).grad[0, 0, 0] = float("nan")
-        count[0] = 0
-        opt.step()
-        root_step = k >= 2 and (k - 2) % 3 == 0
-        expected = int(root_step) + int(on_nonfinite == "raise")
-        assert count[0] == expected, k
-    assert opt.state[next(model.parameters())]["root_updates"] == (3 if on_nonfinite == "skip"
-                                                                   else 4)
 
 
 # ---------------------------------------------------------------------------------------------

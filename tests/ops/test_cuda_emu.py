@@ -20,10 +20,8 @@ import soo_ext
 from soo_ext import ops
 
 from conftest import rel_err
-from test_bfgs import random_problem
-from test_drsom_ops import subproblem_inputs, vectors
-from test_kron_ops import ill_conditioned, rank_deficient, spd
-from test_ops import random_history
+from op_inputs import (ill_conditioned, random_history, random_problem, rank_deficient, spd,
+                       subproblem_inputs, vectors)
 
 import cuda_emu
 

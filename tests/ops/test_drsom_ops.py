@@ -7,6 +7,8 @@ import torch
 
 from soo_ext import reference
 
+from op_inputs import subproblem_inputs, vectors
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -58,8 +60,6 @@ def test_reference_drsom_against_naive_loops(n, k):
 # ---------------------------------------------------------------------------------------------
 # The compiled kernels (or the fallback) through soo_ext.ops, against fp64 oracles.
 
-import functools  # noqa: E402
-
 from soo_ext import ops  # noqa: E402
 
 DTYPES = [(torch.float64, 1e-12), (torch.float32, 1e-5)]
@@ -68,18 +68,6 @@ SIZES = [0, 1, 7, 33, 1001, 100_003, 1_000_000]
 KS = [1, 2, 3, 5]
 requires_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled module not built")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@functools.lru_cache(maxsize=8)
-def _fp64_vectors(n, count, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(count, n, dtype=torch.float64, generator=gen)
-
-
-def vectors(n, count, dtype, device, seed=0):
-    """``count`` fresh random vectors of length n (separate contiguous tensors)."""
-    rows = _fp64_vectors(n, count, seed)
-    return [rows[i].to(dtype=dtype, device=device, copy=True) for i in range(count)]
 
 
 def scalar(value, dtype, device):
@@ -368,19 +356,6 @@ def test_bad_arguments_are_refused_by_the_kernels(bad):
 
 # ---------------------------------------------------------------------------------------------
 # drsom_subproblem: the k x k trust-region step
-
-def subproblem_inputs(k, dtype, device, seed, n=40):
-    """A symmetric indefinite Q, the Gram matrix G of k random directions of length n (with
-    different lengths), and c."""
-    gen = torch.Generator().manual_seed(seed)
-    V = torch.randn(k, n, dtype=torch.float64, generator=gen) * torch.logspace(-2, 2, k,
-                                                                               dtype=torch.float64)[:, None]
-    H = torch.randn(n, n, dtype=torch.float64, generator=gen)
-    Q = V @ (H + H.T) @ V.T / 2
-    c = V @ torch.randn(n, dtype=torch.float64, generator=gen)
-    to = lambda a: a.to(dtype=dtype, device=device)  # noqa: E731
-    return to(Q), to(V @ V.T), to(c)
-
 
 def subproblem_oracle(Q, G, c, gamma):
     """The same step in the unscaled metric: the scaled Gram matrix plus sqrt(eps) I is

@@ -1,5 +1,7 @@
-"""soo_ext.MLBFGS: against a naive transcription of mL-BFGS, damping, blocks, non-finite steps,
-resume, host syncs, conventions, and a decrease of the training loss on MNIST-1D."""
+"""soo_ext.MLBFGS: against a naive transcription of mL-BFGS, damping, blocks, a decrease of the
+training loss on MNIST-1D, and the CUDA path.  What every optimizer promises alike (non-finite
+steps, resume, host syncs, bad arguments, the torch.optim conventions) is checked by
+tests/optim/test_contract.py."""
 import copy
 import math
 
@@ -10,10 +12,8 @@ from torch import nn
 import soo_ext
 from soo_ext import ops
 from soo_ext.curvature.momentum_pairs import _damping_phi
-from soo_ext import NonFiniteError
 
-from conftest import (assert_state_equal, count_host_syncs, mnist1d_mlp, mse_backward, mse_steps,
-                      saved_copy, train_mnist1d)
+from conftest import assert_state_equal, mnist1d_mlp, mse_backward, mse_steps, train_mnist1d
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
@@ -258,89 +258,6 @@ def test_decreases_training_loss_on_mnist1d(mnist1d):
 
 
 # ---------------------------------------------------------------------------------------------
-# Non-finite gradients
-
-def poison(model, value, dtype=torch.float64, device="cpu"):
-    mse_backward(model, minibatches(1, dtype, device, seed=5)[0])
-    list(model.parameters())[2].grad[1, 2] = value
-
-
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("at_pair_step", [False, True])
-def test_nonfinite_gradient_is_skipped(value, at_pair_step):
-    model = mlp()
-    opt = soo_ext.MLBFGS(model.parameters(), update_freq=3, history_size=2)
-    mse_steps(opt, model, minibatches(8 if at_pair_step else 7))  # next: step 9 or 8
-    before_model, before_opt = copy.deepcopy((model, opt))
-    params, before = list(model.parameters()), list(before_model.parameters())
-    assert history_of(opt, params[0])["count"] == 1  # a pair exists: the direction is used
-    poison(model, value)
-    opt.step()
-    for a, b in zip(params, before):
-        assert torch.equal(a, b)
-    assert_state_equal(opt, params, before_opt, before, ignore=("step", "nonfinite_steps"))
-    state = opt.state[params[0]]
-    assert state["step"] == before_opt.state[before[0]]["step"] + 1
-    assert state["nonfinite_steps"].dtype == torch.int64 and state["nonfinite_steps"] == 1
-    mse_steps(opt, model, minibatches(6, seed=7))  # the run goes on
-    assert all(torch.isfinite(p).all() for p in params)
-    assert state["nonfinite_steps"] == 1 and state["pair_updates"] >= 3
-
-
-@pytest.mark.parametrize("at_pair_step", [False, True])
-def test_nonfinite_gradient_raises_and_changes_nothing(at_pair_step):
-    model = mlp()
-    opt = soo_ext.MLBFGS(model.parameters(), update_freq=3, history_size=2, on_nonfinite="raise")
-    mse_steps(opt, model, minibatches(8 if at_pair_step else 7))
-    before_model, before_opt = copy.deepcopy((model, opt))
-    params, before = list(model.parameters()), list(before_model.parameters())
-    poison(model, float("nan"))
-    with pytest.raises(NonFiniteError, match="not finite"):
-        opt.step()
-    for a, b in zip(params, before):
-        assert torch.equal(a, b)
-    assert_state_equal(opt, params, before_opt, before)
-
-
-# ---------------------------------------------------------------------------------------------
-# Resume
-
-@pytest.mark.parametrize("dtype,history_dtype", [(torch.float64, None),
-                                                 (torch.float32, torch.bfloat16)])
-@pytest.mark.parametrize("via_bytes", [False, True])
-def test_resume_is_bit_identical(dtype, history_dtype, via_bytes):
-    def make(model):
-        w1, b1, w2, b2 = model.parameters()
-        groups = [{"params": [w1, b1]}, {"params": [w2, b2], "lr": 0.02, "momentum": 0.5}]
-        # Two blocks and a param left out: every kind of state is saved.
-        return soo_ext.MLBFGS(groups, lr=0.05, update_freq=3, history_size=2,
-                              history_dtype=history_dtype, blocks=[[w1, w2], [b1]])
-    model = mlp(dtype)
-    opt = make(model)
-    mse_steps(opt, model, minibatches(7, dtype))
-    mse_backward(model, minibatches(1, dtype, seed=5)[0])
-    next(model.parameters()).grad[0, 0] = float("nan")  # a skipped step: the counter is saved
-    opt.step()
-    mse_steps(opt, model, minibatches(3, dtype, seed=6))  # 11 steps: the ring has wrapped
-    saved = {"model": model.state_dict(), "opt": opt.state_dict()}
-    saved = saved_copy(saved, via_bytes)
-    rest = minibatches(7, dtype, seed=8)  # step 12 is a pair-update step
-    mse_steps(opt, model, rest)
-
-    resumed = mlp(dtype, seed=3)
-    resumed.load_state_dict(saved["model"])
-    opt2 = make(resumed)
-    opt2.load_state_dict(saved["opt"])
-    mse_steps(opt2, resumed, rest)
-    params, params2 = list(model.parameters()), list(resumed.parameters())
-    for a, b in zip(params, params2):
-        assert torch.equal(a, b)
-    assert_state_equal(opt, params, opt2, params2)
-    assert history_of(opt2, params2[0])["S"].dtype == (history_dtype or dtype)
-    assert opt2.state[params2[0]]["nonfinite_steps"] == 1
-
-
-# ---------------------------------------------------------------------------------------------
 # Blocks
 
 def test_block_layouts():
@@ -405,145 +322,16 @@ def test_invalid_blocks_refused(make_blocks, match):
 
 
 # ---------------------------------------------------------------------------------------------
-# Arguments
+# CUDA
 
 def param(dtype=torch.float32):
     return torch.zeros(3, dtype=dtype, requires_grad=True)
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr=torch.tensor(0.1)), "lr"),
-    (dict(momentum=1.0), "momentum"), (dict(momentum=-0.1), "momentum"),
-    (dict(weight_decay=-1e-4), "weight_decay"),
-    (dict(history_size=0), "history_size"), (dict(history_size=2.5), "history_size"),
-    (dict(update_freq=0), "update_freq"), (dict(update_freq=True), "update_freq"),
-    (dict(param_momentum=1.5), "param_momentum"), (dict(grad_momentum=-0.1), "grad_momentum"),
-    (dict(pair_momentum=1.0), "pair_momentum"),
-    (dict(sigma_low=0.0), "sigma_low"), (dict(sigma_low=1.0), "sigma_low"),
-    (dict(sigma_high=1.0), "sigma_high"), (dict(sigma_high=float("inf")), "sigma_high"),
-    (dict(damping_delta=1.0), "damping_delta"), (dict(damping_delta=-0.01), "damping_delta"),
-    (dict(normalize="l1"), "normalize"), (dict(kl_clip=0.0), "kl_clip"),
-    (dict(history_dtype=torch.float16), "history_dtype"),
-    (dict(history_dtype=torch.float64), "history_dtype"),  # float32 params
-    (dict(on_nonfinite="ignore"), "on_nonfinite"), (dict(maximize=1), "maximize"),
-])
-def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        soo_ext.MLBFGS([param()], **kwargs)
+def poison(model, value, dtype=torch.float64, device="cpu"):
+    mse_backward(model, minibatches(1, dtype, device, seed=5)[0])
+    list(model.parameters())[2].grad[1, 2] = value
 
-
-def test_group_options():
-    # lr, momentum and weight_decay may differ between groups; the rest may not.
-    soo_ext.MLBFGS([{"params": [param()], "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0},
-                    {"params": [param()]}])
-    with pytest.raises(ValueError, match="lr"):
-        soo_ext.MLBFGS([{"params": [param()]}, {"params": [param()], "lr": -1}])
-    with pytest.raises(ValueError, match="update_freq"):
-        soo_ext.MLBFGS([{"params": [param()]}, {"params": [param()], "update_freq": 3}])
-
-
-def test_complex_sparse_and_mixed_params_refused():
-    with pytest.raises(ValueError, match="complex"):
-        soo_ext.MLBFGS([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
-    with pytest.raises(ValueError, match="sparse"):
-        soo_ext.MLBFGS([torch.zeros(3, 3).to_sparse().requires_grad_(True)])
-    with pytest.raises(ValueError, match="dtype"):
-        soo_ext.MLBFGS([param(), param(torch.float64)])
-    with pytest.raises(ValueError, match="dtype"):
-        soo_ext.MLBFGS([torch.zeros(3, dtype=torch.float16, requires_grad=True)])
-    with pytest.raises(ValueError, match="device"):
-        soo_ext.MLBFGS([param(), torch.zeros(3, device="meta", requires_grad=True)])
-    with pytest.raises(ValueError, match="history_dtype"):
-        soo_ext.MLBFGS([param(torch.float64)], history_dtype=torch.bfloat16)
-    emb = nn.Embedding(10, 3, sparse=True)
-    opt = soo_ext.MLBFGS(emb.parameters())
-    emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match="sparse"):
-        opt.step()
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.optim conventions
-
-def test_closure_hooks_zero_grad_and_maximize():
-    model = mlp()
-    opt = soo_ext.MLBFGS(model.parameters(), update_freq=2)
-    calls = []
-    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
-    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
-    batch = minibatches(1)[0]
-
-    def closure():
-        assert torch.is_grad_enabled()
-        return mse_backward(model, batch)
-    with torch.no_grad():
-        loss = opt.step(closure)
-    assert torch.is_tensor(loss) and calls == ["pre", "post"]
-    opt.zero_grad()
-    assert all(p.grad is None for p in model.parameters())
-    # Maximising -f is minimising f, bit for bit.
-    runs = []
-    for maximize in (False, True):
-        model = mlp()
-        opt = soo_ext.MLBFGS(model.parameters(), update_freq=2, maximize=maximize)
-        for batch in minibatches(7):
-            model.zero_grad()
-            loss = nn.functional.mse_loss(model(batch[0]), batch[1])
-            (-loss if maximize else loss).backward()
-            opt.step()
-        runs.append(list(model.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
-
-
-def test_lr_scheduler_changes_the_lr_used():
-    finals = []
-    for schedule in ("scheduler", "manual", "none"):
-        model = mlp()
-        opt = soo_ext.MLBFGS(model.parameters(), lr=0.1, update_freq=2)
-        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-        for k, batch in enumerate(minibatches(8)):
-            if schedule == "manual":
-                opt.param_groups[0]["lr"] = 0.1 * 0.5 ** k
-            mse_backward(model, batch)
-            opt.step()
-            if schedule == "scheduler":
-                scheduler.step()
-        finals.append(list(model.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(finals[0], finals[1]))
-    assert not all(torch.equal(a, b) for a, b in zip(finals[0], finals[2]))
-
-
-def test_param_group_cannot_be_added_after_the_first_step():
-    x = param()
-    opt = soo_ext.MLBFGS([x])
-    opt.add_param_group({"params": [param()], "lr": 0.5})  # before: fine
-    x.grad = torch.ones_like(x)
-    opt.step()
-    with pytest.raises(RuntimeError, match="param group"):
-        opt.add_param_group({"params": [param()]})
-
-
-@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
-def test_host_syncs(monkeypatch, on_nonfinite):
-    """None between pair updates (one per step with 'raise'), one at a pair-update step."""
-    model = mlp()
-    opt = soo_ext.MLBFGS(model.parameters(), update_freq=4, history_size=2,
-                         on_nonfinite=on_nonfinite)
-    batches = minibatches(14)
-    count = count_host_syncs(monkeypatch)
-    for k, batch in enumerate(batches, start=1):
-        mse_backward(model, batch)
-        if k == 11 and on_nonfinite == "skip":  # a skipped step is decided on the device too
-            next(model.parameters()).grad[0, 0] = float("nan")
-        count[0] = 0
-        opt.step()
-        expected = 1 if k % 4 == 0 or on_nonfinite == "raise" else 0
-        assert count[0] == expected, k
-    assert history_of(opt, next(model.parameters()))["count"] == 2
-
-
-# ---------------------------------------------------------------------------------------------
-# CUDA
 
 @cuda
 @pytest.mark.parametrize("layout", ["one", "partition"])
