@@ -233,10 +233,37 @@ class Block:
         for seg in self.segments:
             v[seg.start:seg.end].mul_(by_group[seg.group])
 
-    def step_params(self, lrs: list[float]) -> None:
-        """``param <- param - lr grad`` with the lr of each segment's group."""
+    def momentum_step(self, direction: Tensor, coef: Tensor, momenta: list[Tensor],
+                      lrs: list[float], ok: Tensor, zero: Tensor) -> None:
+        """``buf <- m buf + coef direction``, ``param <- param - lr buf`` (``m``, ``lr`` of
+        each segment's group; ``grad`` takes the update).  On a skipped step (``ok`` False)
+        ``coef`` and the update are zero and ``m`` is 1.  A param without a gradient is left
+        alone, as torch.optim does: its params and its part of ``buf`` do not change."""
+        buf = self.state["momentum_buffer"]
+        absent = self.absent()
+        kept = buf.clone() if absent is not None else None
+        self.scale(buf, momenta)
+        buf.addcmul_(direction, coef)
+        # What -lr multiplies: buf, or 0 on a skipped step (buf itself is kept).
+        torch.where(ok, buf, zero, out=self.grad)
+        if absent is not None:
+            buf.copy_(torch.where(absent, kept, buf))
         for seg in self.segments:
-            torch._foreach_add_(seg.params, seg.grad_views, alpha=-lrs[seg.group])
+            params, updates = seg.params, seg.grad_views
+            if absent is not None:
+                present = [i for i, p in enumerate(params) if p.grad is not None]
+                params, updates = [params[i] for i in present], [updates[i] for i in present]
+            if params:
+                torch._foreach_add_(params, updates, alpha=-lrs[seg.group])
+
+    def absent(self) -> Tensor | None:
+        """A flat bool mask of the entries of params without a gradient (None if all have
+        one)."""
+        missing = [p.grad is None for p in self.params]
+        if not any(missing):
+            return None
+        return torch.cat([torch.full((p.numel(),), m, dtype=torch.bool, device=self.grad.device)
+                          for p, m in zip(self.params, missing)])
 
 
 class BlockLayout:

@@ -50,12 +50,18 @@ class ShampooRoots:
                                for key, gs in self.blocking.slot_group.items()}
         return self._decay
 
-    def update(self, grads: list[Tensor], guard: SkipGuard,
-               betas2: tuple[float, ...]) -> list[Tensor]:
+    def update(self, grads: list[Tensor], guard: SkipGuard, betas2: tuple[float, ...],
+               present: list[bool]) -> list[Tensor]:
         """``L_i <- beta2 L_i + G_(i) G_(i)^T`` for every block (``beta2`` of its param's group;
-        unchanged on a skipped step, where ``grads`` are zero); returns the stacked blocks
+        unchanged on a skipped step, where ``grads`` are zero, and for the params without a
+        gradient (``present[i]`` False), whose ``grads`` are zero); returns the stacked blocks
         ``[B, *shape]`` (factor dtype) of each shape group."""
         decay = self._decay_of(betas2)
+        if not all(present):  # 1 for the factors of the params without a gradient
+            decay = {key: torch.tensor([betas2[self.blocking.params[i].group] if present[i]
+                                        else 1.0 for i, _, _ in owners],
+                                       dtype=self.fdtype, device=self.device)
+                     for key, owners in self.blocking.owner.items()}
         if isinstance(decay, float):
             if decay != 1.0:
                 scale = None

@@ -37,7 +37,8 @@ class MLBFGS(Optimizer):
             device; only ``lr``, ``momentum`` and ``weight_decay`` may differ between groups).
         lr: learning rate (default: 0.1, the authors' setting).
         momentum: momentum of the outer SGD (default: 0.9).
-        weight_decay: L2 penalty added to the gradient that is preconditioned (default: 2e-4).
+        weight_decay: L2 penalty added to the gradient that is preconditioned (default: 0; the
+            authors use 2e-4 for ResNets).
         history_size: pairs kept per block, m (default: 10).
         update_freq: T, steps between pair updates (default: 50).
         param_momentum, grad_momentum: mu_p and mu_g of the averages (default: 0.999 each).
@@ -79,7 +80,7 @@ class MLBFGS(Optimizer):
     }, per_group=("lr", "momentum", "weight_decay"))
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 2e-4, history_size: int = 10, update_freq: int = 50,
+                 weight_decay: float = 0.0, history_size: int = 10, update_freq: int = 50,
                  param_momentum: float = 0.999, grad_momentum: float = 0.999,
                  pair_momentum: float = 0.9, sigma_low: float = 0.01, sigma_high: float = 1.5,
                  damping_delta: float = 0.01, normalize: str | None = "l2",
@@ -148,8 +149,8 @@ class MLBFGS(Optimizer):
         loss) is called once, with grad enabled.  Returns what it returned, or None."""
         loss = call_closure(closure)
         params = all_params(self)
-        if not params:
-            return loss
+        if not any(p.grad is not None for p in params):
+            return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
         self.OPTIONS.check_groups(self.param_groups)
         run, state = self._layout(params)
         groups, group = self.param_groups, self.param_groups[0]
@@ -195,10 +196,6 @@ class MLBFGS(Optimizer):
 
         momenta = {m: guard.unless_skipped(m, okf) for m in {g["momentum"] for g in groups}}
         for b, (direction, coef) in zip(run.blocks, steps):
-            buf = b.state["momentum_buffer"]
-            b.scale(buf, [momenta[g["momentum"]] for g in groups])
-            buf.addcmul_(direction, coef)
-            # What -lr multiplies: buf, or 0 on a skipped step (buf itself is kept).
-            torch.where(guard.ok, buf, run.zero, out=b.grad)
-            b.step_params([g["lr"] for g in groups])
+            b.momentum_step(direction, coef, [momenta[g["momentum"]] for g in groups],
+                            [g["lr"] for g in groups], guard.ok, run.zero)
         return loss

@@ -134,14 +134,15 @@ class Shampoo(Optimizer):
     def step(self, closure: Callable | None = None):  # type: ignore[override]
         """One step; ``closure`` (optional) runs forward and backward and returns the loss."""
         loss = call_closure(closure)
-        if not all_params(self):
-            return loss
+        if not any(p.grad is not None for p in all_params(self)):
+            return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
         OPTIONS.check_groups(self.param_groups)
         blocking, roots, grafting = self._prepare()
         groups, o = self.param_groups, self.param_groups[0]
         gstate = self.state[blocking.params[0].p]
         k = gstate["step"] + 1
         grads = [_dense_grad(P.p) for P in blocking.params]
+        present = [P.p.grad is not None for P in blocking.params]
         guard = SkipGuard.check(grads, o["on_nonfinite"], gstate["nonfinite_steps"],
                                 "Shampoo: the gradient is not finite")
         # From here every update is masked: on a skipped step the gradient is zero (NaN * 0 is
@@ -149,27 +150,29 @@ class Shampoo(Optimizer):
         okf = guard.ok.to(roots.dtype)
         geff = [torch.where(guard.ok, g, okf.new_zeros(())) for g in grads]
         if not o["decoupled_weight_decay"]:
-            for P, g in zip(blocking.params, geff):
-                if groups[P.group]["weight_decay"] != 0:
+            for P, g, has_grad in zip(blocking.params, geff, present):
+                if has_grad and groups[P.group]["weight_decay"] != 0:
                     g.addcmul_(P.p, okf, value=groups[P.group]["weight_decay"])
         # Steps taken, this one included (>= 1 for the bias corrections of a skipped step).
         taken = (k - gstate["nonfinite_steps"]).clamp_min(1).to(torch.float64)
-        stacked = roots.update(geff, guard, tuple(g["betas"][1] for g in groups))
+        stacked = roots.update(geff, guard, tuple(g["betas"][1] for g in groups), present)
         gstate["step"] = k
         start = o["start_preconditioning_step"]
         if k >= start and (k - start) % o["precondition_frequency"] == 0:
             roots.update_roots(guard, o["epsilon"], o["root_method"], o["max_root_failures"],
                                gstate, k, self._process_group)
         graft_states = ([self.state[P.p][grafting.state_key] for P in blocking.params]
-                        if grafting.state_key else [])
-        grafting.update(graft_states, geff, guard)
+                        if grafting.state_key else [None] * len(present))
+        have = [i for i, has_grad in enumerate(present) if has_grad]
+        grafting.update([graft_states[i] for i in have], [geff[i] for i in have], guard)
         dirs = grafting.precondition(graft_states, geff, taken)
         if k >= start:
             dirs = roots.precondition(stacked, dirs, rescale=o["grafting"] is not None)
         for gi, group in enumerate(groups):
-            if blocking.by_group[gi]:
-                self._momentum_step(group, [blocking.params[i].p for i in blocking.by_group[gi]],
-                                    [dirs[i] for i in blocking.by_group[gi]], guard, okf, taken)
+            members = [i for i in blocking.by_group[gi] if present[i]]  # the others stay
+            if members:
+                self._momentum_step(group, [blocking.params[i].p for i in members],
+                                    [dirs[i] for i in members], guard, okf, taken)
         return loss
 
     def _momentum_step(self, group: dict, params: list[Tensor], dirs: list[Tensor],

@@ -290,10 +290,27 @@ def test_block_layout():
     assert torch.equal(pre.grad, torch.tensor([-9.5] * 4 + [0.0] * 5, dtype=F64))
     pre.scale(pre.grad, [torch.tensor(2.0, dtype=F64), torch.tensor(3.0, dtype=F64)])
     assert torch.equal(pre.grad, torch.tensor([-19.0] * 4 + [0.0] * 5, dtype=F64))
-    pre.grad.fill_(1.0)
-    pre.step_params([0.1, 0.2])
-    assert torch.equal(ps[0], torch.full((2, 2), 0.9, dtype=F64))
-    assert torch.equal(ps[3], torch.full((5,), 3.8, dtype=F64))
+    # the momentum step: buf <- m buf + coef d, p <- p - lr buf per segment; ps[3] has no
+    # gradient: it and its part of buf are left alone
+    buf = pre.state["momentum_buffer"]
+    buf.fill_(1.0)
+    ones = torch.ones(9, dtype=F64)
+    two, three = torch.tensor(2.0, dtype=F64), torch.tensor(3.0, dtype=F64)
+    ok, zero = torch.tensor(True), torch.zeros((), dtype=F64)
+    assert torch.equal(pre.absent(), torch.tensor([False] * 4 + [True] * 5))
+    pre.momentum_step(ones, torch.tensor(0.5, dtype=F64), [two, three], [0.1, 0.2], ok, zero)
+    assert torch.equal(buf, torch.tensor([2.5] * 4 + [1.0] * 5, dtype=F64))
+    assert torch.equal(ps[0], torch.full((2, 2), 1 - 0.25, dtype=F64))
+    assert torch.equal(ps[3], torch.full((5,), 4.0, dtype=F64))
+    ps[3].grad = torch.zeros(5, dtype=F64)
+    assert pre.absent() is None
+    pre.momentum_step(ones, torch.tensor(0.5, dtype=F64), [two, three], [0.1, 0.2], ok, zero)
+    assert torch.equal(ps[3], torch.full((5,), 4.0 - 0.2 * 3.5, dtype=F64))
+    # a skipped step (ok False: coef 0 and m 1 come from the guard) moves nothing
+    before = [p.clone() for p in ps]
+    pre.momentum_step(ones, torch.tensor(0.0, dtype=F64), [torch.ones((), dtype=F64)] * 2,
+                      [0.1, 0.2], torch.tensor(False), zero)
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
 
     # A state saved with other blocks is refused.
     with pytest.raises(ValueError, match="X state 'momentum_buffer' has shape"):

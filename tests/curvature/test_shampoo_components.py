@@ -76,7 +76,7 @@ def test_factor_update_roots_and_directions_match_the_formulas():
     history = [[torch.randn(p.shape, generator=gen, dtype=F64) for p in params] for _ in range(2)]
     betas2 = (0.5, 0.25)
     for grads in history:
-        stacked = roots.update(grads, OK, betas2)
+        stacked = roots.update(grads, OK, betas2, [True] * len(params))
     state = {"root_updates": 0, "failed_roots": torch.zeros((), dtype=torch.int64)}
     roots.update_roots(OK, 1e-6, "eigh", 5, state, 2)
     assert state["root_updates"] == 1 and state["failed_roots"] == 0
@@ -110,12 +110,20 @@ def test_skipped_update_and_failed_roots():
     roots = ShampooRoots(b, F64, F64, torch.device("cpu"))
     zeros = [torch.zeros_like(p) for p in params]
     before = {k: v.clone() for k, v in roots.factors.items()}
-    roots.update([torch.ones_like(p) for p in params], OK, (0.9, 0.9))
-    roots.update(zeros, SKIPPED, (0.9, 0.9))  # the factors do not decay on a skipped step
+    everyone = [True] * len(params)
+    roots.update([torch.ones_like(p) for p in params], OK, (0.9, 0.9), everyone)
+    roots.update(zeros, SKIPPED, (0.9, 0.9), everyone)  # no decay on a skipped step
     assert not any(torch.equal(before[k], roots.factors[k]) for k in before)
     kept = {k: v.clone() for k, v in roots.factors.items()}
-    roots.update(zeros, SKIPPED, (0.9, 0.5))
+    roots.update(zeros, SKIPPED, (0.9, 0.5), everyone)
     assert all(torch.equal(kept[k], roots.factors[k]) for k in kept)
+    # a param without a gradient (params[3]): its factors neither decay nor grow
+    mine = [roots.factors[key][slot].clone() for key, slot in b.slots(3)]
+    others = [roots.factors[key][slot].clone() for key, slot in b.slots(0)]
+    roots.update(zeros, OK, (0.9, 0.5), [True, True, True, False, True])
+    assert all(torch.equal(roots.factors[key][slot], m) for (key, slot), m in zip(b.slots(3), mine))
+    assert all(torch.equal(roots.factors[key][slot], 0.9 * o)
+               for (key, slot), o in zip(b.slots(0), others))
     state = {"root_updates": 0, "failed_roots": torch.zeros((), dtype=torch.int64)}
     roots.update_roots(SKIPPED, 1e-6, "eigh", 5, state, 1)
     assert state["root_updates"] == 0

@@ -141,6 +141,7 @@ def history_of(opt, p):
 
 OPTIONS = {  # besides the defaults; small update_freq and history so that the ring wraps
     "defaults": dict(update_freq=3, history_size=3, lr=0.05),
+    "authors": dict(update_freq=3, history_size=3, lr=0.05, weight_decay=2e-4),
     "kl": dict(update_freq=3, history_size=3, lr=0.05, normalize="kl", kl_clip=0.1,
                param_momentum=0.9, grad_momentum=0.8, pair_momentum=0.5, weight_decay=1e-2),
     "unnormalised": dict(update_freq=2, history_size=4, lr=0.01, normalize=None, momentum=0.5,
@@ -149,7 +150,7 @@ OPTIONS = {  # besides the defaults; small update_freq and history so that the r
     "no_averaging": dict(update_freq=2, history_size=3, lr=0.05, param_momentum=0.0,
                          grad_momentum=0.0, pair_momentum=0.0, sigma_high=1.01),
 }
-DEFAULTS = dict(lr=0.1, momentum=0.9, weight_decay=2e-4, history_size=10, update_freq=50,
+DEFAULTS = dict(lr=0.1, momentum=0.9, weight_decay=0.0, history_size=10, update_freq=50,
                 param_momentum=0.999, grad_momentum=0.999, pair_momentum=0.9, sigma_low=0.01,
                 sigma_high=1.5, damping_delta=0.01, normalize="l2", kl_clip=0.005)
 
