@@ -8,6 +8,7 @@ document, the replicas drift apart (checked too, so that the comparison can fail
 runs happen in one spawn (starting the processes costs seconds), the references in this process.
 """
 import contextlib
+import copy
 import os
 
 import pytest
@@ -105,13 +106,24 @@ def run_kfac_accumulating(rank):
     return params_of(model)
 
 
-def run_lbfgs(rank, sync: bool = True):
+def resumed(opt, make):
+    """A new optimizer from ``make()`` that resumes ``opt``'s state dict (the process group
+    given to the constructor must survive load_state_dict)."""
+    new = make()
+    new.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return new
+
+
+def run_lbfgs(rank, sync: bool = True, resume: bool = False):
     """Full-batch L-BFGS with the strong-Wolfe line search: the losses decide."""
     model = make_model(smooth=True)
     net = model if rank is None else nn.parallel.DistributedDataParallel(model)
     group = net.process_group if rank is not None and sync else None
-    opt = soo_ext.LBFGS(net.parameters(), max_iter=8, line_search_fn="strong_wolfe",
-                        process_group=group)
+
+    def make():
+        return soo_ext.LBFGS(net.parameters(), max_iter=8, line_search_fn="strong_wolfe",
+                             process_group=group)
+    opt = make()
     x, y = batch(0, rank)
 
     def closure():
@@ -120,17 +132,24 @@ def run_lbfgs(rank, sync: bool = True):
         loss.backward()
         return loss
 
-    for _ in range(2):
+    for i in range(2):
+        if resume and i == 1:
+            opt = resumed(opt, make)
         opt.step(closure)
     return params_of(model)
 
 
-def run_drsom(rank, hvp: str = "fd", sync: bool = True):
+def run_drsom(rank, hvp: str = "fd", sync: bool = True, resume: bool = False):
     """DRSOM on the bare model; gradients and losses averaged by the optimizer."""
     model = make_model(smooth=True)
     group = dist.group.WORLD if rank is not None and sync else None
-    opt = soo_ext.DRSOM(model.parameters(), hvp=hvp, process_group=group)
+
+    def make():
+        return soo_ext.DRSOM(model.parameters(), hvp=hvp, process_group=group)
+    opt = make()
     for step in range(STEPS):
+        if resume and step == STEPS // 2:
+            opt = resumed(opt, make)
         x, y = batch(step, rank)
         opt.step(lambda: F.cross_entropy(model(x), y))
     st = opt.state[next(model.parameters())]
@@ -143,7 +162,9 @@ RUNS = {
                     "shampoo-spread", "mlbfgs")},
     "kfac-accumulating": (run_kfac_accumulating, {}),
     "lbfgs": (run_lbfgs, {}),
+    "lbfgs-resumed": (run_lbfgs, {"resume": True}),
     "drsom-fd": (run_drsom, {"hvp": "fd"}),
+    "drsom-fd-resumed": (run_drsom, {"hvp": "fd", "resume": True}),
     "drsom-autograd": (run_drsom, {"hvp": "autograd"}),
 }
 UNSYNCED = {  # the same runs without the averaging: the replicas must drift apart

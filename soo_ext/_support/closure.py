@@ -111,6 +111,8 @@ class ClosureEvaluator:
         self.maximize = False
         self._with_loss: dict[int, Tensor] = {}  # data_ptr of a gradient vector -> its buffer
         self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}  # data_ptr -> (flat, views)
+        self.calls_backward = False  # the step's closure calls backward itself
+        self.absent: list[int] = []  # the params without a gradient at the last gradient()
         self._rng: tuple | None = None  # the RNG state before the base evaluation (with a model)
         self._randomness: same_randomness | None = None  # set inside extra_evaluations()
 
@@ -154,20 +156,45 @@ class ClosureEvaluator:
         obj = -loss if self.maximize else loss
         return loss, obj.reshape(())
 
+    def _grad_marks(self) -> list:
+        """What identifies the params' ``.grad`` now (a backward in between changes it)."""
+        return [None if p.grad is None else (id(p.grad), p.grad._version) for p in self.params]
+
     def gradient(self, out: Tensor, create_graph: bool = False):
         """Evaluate the closure with grad and write the flat gradient of the objective into
         ``out``; returns ``(loss, objective as a device scalar of the params' dtype, the
         per-param gradients (with their graph) with create_graph else None)``, the objective
-        and ``out`` averaged over the process group."""
+        and ``out`` averaged over the process group.
+
+        A closure that calls backward itself (torch's convention) is accepted: the gradient
+        is then the params' ``.grad``; not with ``create_graph``, which needs the loss's
+        graph.  A param that does not require grad, or that the loss does not reach, has no
+        gradient (:attr:`absent` lists them): its entries of ``out`` are zero."""
         self._replay()
+        marks = self._grad_marks()
         with torch.enable_grad():
             loss, obj = self._objective()
-            if not obj.requires_grad:
-                raise RuntimeError(f"{self.name}: the loss does not require grad (the closure "
-                                   "must return the loss without calling backward, under grad "
-                                   "mode)")
-            grads = torch.autograd.grad(obj, self.params, allow_unused=True,
-                                        create_graph=create_graph)
+            self.calls_backward = self._grad_marks() != marks
+            if self.calls_backward:
+                if create_graph:
+                    raise RuntimeError(
+                        f"{self.name}: the closure called backward, but the Hessian-vector "
+                        "products of hvp='autograd' need the loss's graph: return the loss "
+                        "without calling backward, or use hvp='fd', 'central' or 'interp' "
+                        "(they accept a closure that calls backward)")
+                grads = [None if p.grad is None else (-p.grad if self.maximize else p.grad)
+                         for p in self.params]
+            else:
+                if not obj.requires_grad:
+                    raise RuntimeError(f"{self.name}: the loss does not require grad (the "
+                                       "closure must return the loss computed under grad mode)")
+                used = [i for i, p in enumerate(self.params) if p.requires_grad]
+                found = torch.autograd.grad(obj, [self.params[i] for i in used],
+                                            allow_unused=True, create_graph=create_graph)
+                grads = [None] * len(self.params)
+                for i, g in zip(used, found):
+                    grads[i] = g
+        self.absent = [i for i, g in enumerate(grads) if g is None]
         self.gather(grads, out)
         obj = obj.detach().to(self.layout.dtype)
         if self.group is not None:
@@ -177,15 +204,17 @@ class ClosureEvaluator:
         return loss, obj, (grads if create_graph else None)
 
     def loss(self) -> Tensor:
-        """The objective under no_grad (a trial point), a device scalar of the params' dtype,
-        averaged over the process group (the closure's loss stays the rank's own)."""
+        """The objective under no_grad (a trial point; with grad if the step's closure calls
+        backward), a device scalar of the params' dtype, averaged over the process group (the
+        closure's loss stays the rank's own)."""
         self._replay()
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.calls_backward):
             _, obj = self._objective()
+        obj = obj.detach()
         if self.group is not None:
             return all_reduce_mean_(obj.to(self.layout.dtype, copy=True).reshape(1),
                                     self.group)[0]
-        return obj.detach().to(self.layout.dtype)
+        return obj.to(self.layout.dtype)
 
     def gather(self, grads, out: Tensor) -> None:
         """Per-param gradients (None: zero) into the flat vector ``out``."""
@@ -194,6 +223,13 @@ class ClosureEvaluator:
         if cached is None or cached[0] is not out:
             cached = self._views[key] = (out, self.layout.views(out))
         gather(cached[1], [g if g is None else g.detach() for g in grads], self.name)
+
+    def zero_absent_(self, vectors: list[Tensor]) -> None:
+        """Zero the entries of the params in :attr:`absent` in flat ``vectors`` (so that steps
+        along them leave those params alone)."""
+        if self.absent and vectors:
+            views = [self.layout.views(v) for v in vectors]
+            torch._foreach_zero_([vs[i] for vs in views for i in self.absent])
 
     def average_(self, t: Tensor) -> Tensor:
         """``t`` averaged over the process group, in place."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["FlatLayout", "gather"]
+__all__ = ["FlatLayout", "FlatParams", "gather"]
 
 
 def gather(views: list[Tensor], grads: list[Tensor | None], name: str) -> None:
@@ -52,3 +52,25 @@ class FlatLayout:
         gather(views, [p.grad for p in self.params], name)
         if maximize:
             flat.neg_()
+
+
+class FlatParams:
+    """The params moved into one flat vector ``x``: each ``p.data`` becomes a view of it, so that
+    fused ops update all of them in one pass and in-place changes of the params (``copy_``,
+    ``model.load_state_dict``) are seen in ``x``."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.layout = FlatLayout(params)
+        self.x = self.layout.empty()
+        views = self.layout.views(self.x)
+        torch._foreach_copy_(views, [p.detach() for p in params])
+        for p, v in zip(params, views):
+            p.data = v
+        self._ptrs = [v.data_ptr() for v in views]
+
+    def check(self, name: str) -> None:
+        """RuntimeError if a param's storage was replaced (``p.data = ...``, ``model.to()``)."""
+        if any(p.data_ptr() != ptr for p, ptr in zip(self.params, self._ptrs)):
+            raise RuntimeError(f"{name}: a param's storage was replaced after construction (e.g. "
+                               "model.to()); construct the optimizer after moving the model")

@@ -50,9 +50,11 @@ class TrustRegion:
     ``state["directions"]`` and the base point kept in ``x0``.
 
     ``options``: DRSOM's ``max_trials``, ``gamma_increase``, ``gamma_min``, ``eta_accept``,
-    ``eta_low``, ``eta_high``, ``max_step_growth``, ``rejection_shrink``, ``armijo`` and
-    ``random`` (the random variant keeps its row order).  ``trial_loss()``: the objective at
-    the params, a device scalar.
+    ``eta_low``, ``eta_high``, ``max_step_growth``, ``rejection_shrink``, ``armijo``,
+    ``random`` (the random variant keeps its row order) and ``lr``: the trial points are
+    ``x0 + lr p`` for the model's step ``p``, judged by the model's decrease at ``lr p``; the
+    step-length limits and memory stay on the model's steps.  ``trial_loss()``: the objective
+    at the params, a device scalar.
     """
 
     def __init__(self, x: Tensor, x0: Tensor, state: dict, options: Mapping,
@@ -82,16 +84,23 @@ class TrustRegion:
         noise = noise_floor(f, x.dtype)
         last = st["last_length"]
         max_length = o["max_step_growth"] * last if 0 < last < math.inf else math.inf
+        lr = o["lr"]
         for trial in range(o["max_trials"]):
             # gamma climbs in the op until the step is at most max_length (no evaluation)
             step = _ops.drsom_subproblem(Q, G, c, st["gamma"], max_length, o["gamma_increase"])
             if trial:
                 x.copy_(x0)
-            _ops.drsom_update(x, p, V, step[:k])
+            a, rest = step[:k], step[k:]
+            if lr != 1:  # the model's decrease at lr a: -(c.(lr a) + (lr a).Q.(lr a) / 2)
+                a = a * lr
+                a64, c64, Q64 = a.double(), c.double(), Q.double()
+                pred = -(c64 @ a64 + a64 @ ((Q64 + Q64.T) / 2) @ a64 / 2)  # Q's symmetric part
+                rest = torch.cat([pred.reshape(1).to(rest.dtype), rest[1:]])
+            _ops.drsom_update(x, p, V, a)
             ft = self.trial_loss()
             st["func_evals"] += 1
             st["trials"] += 1
-            ft_h, pred_h, ok, gamma, length = torch.cat([ft.reshape(1), step[k:]]).tolist()
+            ft_h, pred_h, ok, gamma, length = torch.cat([ft.reshape(1), rest]).tolist()
             if not ok:
                 x.copy_(x0)
                 return False
@@ -133,11 +142,12 @@ class TrustRegion:
         for trial in range(o["max_trials"]):
             if trial:
                 x.copy_(x0)
-            _ops.drsom_update(x, p, [g], torch.full((1,), -t, dtype=x.dtype, device=x.device))
+            step = -t * o["lr"]
+            _ops.drsom_update(x, p, [g], torch.full((1,), step, dtype=x.dtype, device=x.device))
             ft = self.trial_loss().item()
             st["func_evals"] += 1
             st["trials"] += 1
-            if math.isfinite(ft) and ft <= f - o["armijo"] * t * gg:
+            if math.isfinite(ft) and ft <= f + o["armijo"] * step * gg:
                 st["ls_step"] = 2 * t if trial == 0 else t
                 self.accept(t * math.sqrt(gg))
                 st["step"] += 1

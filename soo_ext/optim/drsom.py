@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from .._support.closure import ClosureEvaluator
 from .._support.distributed import check_process_group
 from .._support.errors import NonFiniteError
+from .._support.flat import FlatParams
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import check_params, load_state_dict_uncast
 from ..curvature.drsom_models import (HESSIAN_MODELS, HessianModel, independent_directions,
@@ -68,12 +69,13 @@ class DRSOM(Optimizer):
     """DRSOM, the dimension-reduced second-order method (Zhang, Ge, He, Jiang, Jiang, Ye 2022,
     arXiv 2208.00208): each step minimises a quadratic model of the objective over ``span V``,
     ``V = [g, d_1, ..., d_{k-1}]`` (the gradient and the last accepted steps), with a radius-free
-    trust region, solved on the device by the fused ``soo::drsom_*`` ops.  No learning rate.
+    trust region, solved on the device by the fused ``soo::drsom_*`` ops.
 
-    The closure returns the loss and does NOT call backward (DRSOM differentiates it); it must be
-    re-evaluable on the same batch.  The params are copied into one flat buffer (each ``p.data``
-    a view of it; one param group).  Algorithm, step-length rules, ``hvp`` modes, host syncs,
-    cost, non-finite values, data parallelism and state: docs/drsom.md.
+    The closure returns the loss, re-evaluable on the same batch; best without calling backward
+    (DRSOM differentiates it; a torch closure that calls backward works too, except with
+    ``hvp='autograd'``, at the cost of a backward at every trial).  The params are copied into
+    one flat buffer (each ``p.data`` a view of it; one param group).  Algorithm, ``hvp`` modes,
+    host syncs, cost, non-finite values, data parallelism, state: docs/drsom.md.
 
     Args:
         params: iterable of params (float32 or float64, one dtype, one device), one group.
@@ -95,6 +97,7 @@ class DRSOM(Optimizer):
         on_nonfinite: ``'raise'`` (default: :class:`soo_ext.NonFiniteError`) or ``'skip'``.
         maximize: maximise the objective (default False).
         process_group: data parallel: gradients and losses are averaged over it (default None).
+        lr: a scale of every step, which LR schedulers drive (default 1: the method's steps).
 
     Example::
 
@@ -111,7 +114,7 @@ class DRSOM(Optimizer):
         "max_trials": Int(1), "collinearity": Number(0, 1, low_open=True), "armijo": _fraction(),
         "max_step_growth": Number(1, note="inf: no limit"), "rejection_shrink": _fraction(),
         "seed": Int(-2 ** 63, 2 ** 64 - 1), "on_nonfinite": OneOf("raise", "skip"),
-        "maximize": Bool(),
+        "maximize": Bool(), "lr": Number(0, high_open=True),
     }, relations=(_eta_order, _random_directions))
 
     def __init__(self, params, hvp: str = "fd", directions: int = 2, random: bool = False, *,
@@ -120,13 +123,13 @@ class DRSOM(Optimizer):
                  max_trials: int = 20, collinearity: float = 0.97, armijo: float = 1e-4,
                  max_step_growth: float = 10.0, rejection_shrink: float = 0.5,
                  seed: int = 0, model: nn.Module | None = None, on_nonfinite: str = "raise",
-                 maximize: bool = False, process_group=None) -> None:
+                 maximize: bool = False, process_group=None, lr: float = 1.0) -> None:
         defaults = {"hvp": hvp, "directions": directions, "random": random, "gamma": gamma,
                     "gamma_increase": gamma_increase, "gamma_min": gamma_min,
                     "eta_accept": eta_accept, "eta_low": eta_low, "eta_high": eta_high,
                     "max_trials": max_trials, "collinearity": collinearity, "armijo": armijo,
                     "max_step_growth": max_step_growth, "rejection_shrink": rejection_shrink,
-                    "seed": seed, "on_nonfinite": on_nonfinite, "maximize": maximize}
+                    "seed": seed, "on_nonfinite": on_nonfinite, "maximize": maximize, "lr": lr}
         self.OPTIONS.check(defaults)
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} "
@@ -156,30 +159,25 @@ class DRSOM(Optimizer):
         check_params(params, "DRSOM")
         if len({id(p) for p in params}) != len(params):
             raise ValueError("Invalid params: a param appears twice")
+        self._flat = FlatParams(params)
+        self._x = self._flat.x
         self._evaluator = ClosureEvaluator(params, "DRSOM", process_group=self._process_group,
                                            model=self._model)
-        self._x = self._evaluator.layout.empty()
-        self._views = self._evaluator.layout.views(self._x)
-        torch._foreach_copy_(self._views, [p.detach() for p in params])
-        for p, v in zip(params, self._views):
-            p.data = v
-        self._ptrs = [v.data_ptr() for v in self._views]
         self._scratch: _StepScratch | None = None
-
-    def _check_storage(self) -> None:
-        if [v.data_ptr() for v in self._views] != self._ptrs or any(
-                p.data_ptr() != ptr for p, ptr in zip(self.param_groups[0]["params"], self._ptrs)):
-            raise RuntimeError("DRSOM: a param's storage was replaced after construction (e.g. "
-                               "model.to()); construct the optimizer after moving the model")
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_model": self._model}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        for group in self.param_groups:  # a state dict saved before 'lr' existed
+            group.setdefault("lr", 1.0)
+        # load_state_dict comes here too: it keeps the group and the flat params; a copy or
+        # unpickling has neither
         self.__dict__.setdefault("_model", None)
-        self._process_group = None  # a process group is not copied
-        self._flatten()
+        self.__dict__.setdefault("_process_group", None)
+        if "_x" not in self.__dict__:
+            self._flatten()
 
     def load_state_dict(self, state_dict: dict) -> None:
         for p, entries in load_state_dict_uncast(self, state_dict, _UNCAST).items():
@@ -210,7 +208,7 @@ class DRSOM(Optimizer):
             raise RuntimeError("DRSOM requires a closure (returning the loss, without backward)")
         group = self.param_groups[0]
         self.OPTIONS.check(group)
-        self._check_storage()
+        self._flat.check("DRSOM")
         st = self._state()
         if self._scratch is None:
             self._scratch = _StepScratch(self._evaluator, self._x)
@@ -220,6 +218,7 @@ class DRSOM(Optimizer):
         loss, f, grads = ev.gradient(ws.g, create_graph=hessian.create_graph)
         bufs, order = st["directions"], st["order"]
         cand = [ws.g] + ([] if group["random"] else [bufs[order[i]] for i in range(st["count"])])
+        ev.zero_absent_(cand[1:])  # params without a gradient (frozen, unused) are left alone
         G, c = subspace_gram(ws.g, cand, ws.one)
         vals = torch.cat([f.reshape(1), G.reshape(-1)]).tolist()  # the base point's host fetch
         f_host, n = vals[0], len(cand)
@@ -233,7 +232,7 @@ class DRSOM(Optimizer):
             return loss
         st["func_evals"] += 1
         st["grad_evals"] += 1
-        if gg == 0:  # stationary point
+        if gg == 0 or group["lr"] == 0:  # a stationary point, or no step asked for
             st["step"] += 1
             return loss
         kept = independent_directions(Gh, group["collinearity"])
@@ -242,6 +241,7 @@ class DRSOM(Optimizer):
             if group["random"]:
                 u = bufs[order[0]]
                 st["generator"] = random_direction(u, ws.g, gg, st["generator"])
+                ev.zero_absent_([u])
                 V = [ws.g, u]
                 G, c = subspace_gram(ws.g, V, ws.one)
             elif len(kept) == 1:

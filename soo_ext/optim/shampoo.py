@@ -117,7 +117,8 @@ class Shampoo(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._process_group = None  # a process group is not copied
+        # load_state_dict comes here too: it keeps the group; a copy or unpickling has none
+        self.__dict__.setdefault("_process_group", None)
         self._run = None  # rebuilt from the state at the next step
 
     def add_param_group(self, param_group: dict) -> None:

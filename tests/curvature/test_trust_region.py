@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 OPTIONS = {"max_trials": 20, "gamma_increase": 5.0, "gamma_min": 1e-16, "eta_accept": 0.05,
            "eta_low": 0.1, "eta_high": 0.5, "max_step_growth": 10.0, "rejection_shrink": 0.5,
-           "armijo": 1e-4, "random": False}
+           "armijo": 1e-4, "random": False, "lr": 1.0}
 
 
 def new_state(n, k=2, dtype=torch.float64, gamma=1e-6):
@@ -259,3 +259,38 @@ def test_scratch_row_holds_the_step():
     assert r.row == 2 and torch.equal(st["directions"][0], before)
     torch.testing.assert_close(st["directions"][2], q.x - x_before, rtol=1e-12, atol=1e-15)
     assert st["order"] == [2, 0, 1] and st["count"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# lr: a scale of every step (what LR schedulers drive)
+
+@pytest.mark.parametrize("lr", [0.5, 0.1])
+def test_lr_scales_the_trial_and_the_models_decrease(lr):
+    """On a quadratic the model is exact at every scale: the scaled trial is accepted at once
+    (rho = 1), lr times the unscaled step; gamma and the step-length memory follow the model's
+    step."""
+    runs = []
+    for scale in (1.0, lr):
+        q = Quadratic(8)
+        q.x = torch.linspace(1, 2, 8, dtype=torch.float64)
+        st = new_state(8, gamma=1e-16)
+        r, done, _, x_before = quadratic_step(q, st, lr=scale)
+        assert done and st["trials"] == 1 and st["rejections"] == 0
+        runs.append((q.x - x_before, st))
+    (full, st1), (scaled, st2) = runs
+    torch.testing.assert_close(scaled, lr * full, rtol=1e-12, atol=1e-15)
+    assert st2["gamma"] == st1["gamma"] and st2["last_length"] == st1["last_length"]
+
+
+def test_lr_scales_the_line_search():
+    q = Quadratic(6)
+    q.x = torch.ones(6, dtype=torch.float64)
+    g = q.A @ q.x - q.b
+    gg = g.dot(g).item()
+    f = q.f(q.x).item()
+    x_start = q.x.clone()
+    st = new_state(6)
+    region(q, st, lr=0.25).line_search(g, f, gg)
+    t = min(1.0, 1.0 / math.sqrt(gg))  # accepted at once: a short step on a convex quadratic
+    assert st["trials"] == 1 and st["ls_step"] == 2 * t
+    torch.testing.assert_close(q.x, x_start - 0.25 * t * g, rtol=1e-14, atol=1e-15)

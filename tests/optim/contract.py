@@ -542,6 +542,7 @@ DRSOM_INVALID = (
     Invalid("rejection_shrink", {"rejection_shrink": 0}),
     Invalid("on_nonfinite", {"on_nonfinite": "ignore"}),
     Invalid("maximize", {"maximize": 1}), Invalid("model", {"model": "net"}),
+    Invalid("lr", {"lr": -1.0}), Invalid("lr", {"lr": float("inf")}),
 )
 
 # ---- the rows, by class ---------------------------------------------------------------------
@@ -649,10 +650,8 @@ def drsom(name, dtype, **kwargs):
         batch=full_batch, convention="loss", on_nonfinite="raise", skip="noop",
         positions={"base": (3, False)},
         ready=lambda st: st["step"] >= 1 and (random or st["count"] >= 1),
-        resume_steps=(4, 4), host_syncs=drsom_syncs, sync_steps=12, has_lr=False,
-        maximize=True, add_group="never", empty_group=False,
-        # a gradient-free param: g and the past steps are 0 there (a random u is not)
-        unused_param="finite" if random else "unchanged",
+        resume_steps=(4, 4), host_syncs=drsom_syncs, sync_steps=12,
+        maximize=True, add_group="never", empty_group=False, unused_param="unchanged",
         state_keys=("step", "gamma", "directions", "order", "count", "ls_step", "last_length",
                     "generator", "func_evals", "grad_evals", "trials", "rejections",
                     "line_searches", "noise_stops"),

@@ -334,6 +334,72 @@ def test_nonfinite_hessian_product_falls_back_to_the_line_search():
 # ---------------------------------------------------------------------------------------------
 # Layout
 
+# ---------------------------------------------------------------------------------------------
+# torch's conventions: closures that call backward, LR schedulers
+
+@pytest.mark.parametrize("options", [{}, {"hvp": "central", "directions": 3}, {"hvp": "interp"},
+                                     {"random": True}, {"maximize": True}],
+                         ids=["fd", "central-k3", "interp", "random", "maximize"])
+def test_torch_closure_that_calls_backward_takes_the_same_steps(options):
+    """A closure in torch.optim's convention (zero_grad, loss, backward, return the loss): the
+    gradient comes from the params' .grad, the trial losses are evaluated with grad (the
+    closure's backward needs it); the steps are the loss-only closure's, bit for bit."""
+    finals = []
+    for torch_style in (False, True):
+        net, loss_fn = mlp_problem(torch.float64)
+        opt = DRSOM(net.parameters(), **options)
+
+        def closure():
+            if not torch_style:
+                return loss_fn()
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+        losses = [opt.step(closure).item() for _ in range(6)]
+        finals.append(([p.detach().clone() for p in net.parameters()], losses,
+                       opt.state[next(net.parameters())]["trials"]))
+    (p1, l1, t1), (p2, l2, t2) = finals
+    assert l1 == l2 and t1 == t2 and all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert (l1[-1] > l1[0]) if options.get("maximize") else (l1[-1] < l1[0])
+
+
+def test_autograd_hvp_refuses_a_closure_that_calls_backward():
+    net, loss_fn = mlp_problem(torch.float64)
+    opt = DRSOM(net.parameters(), hvp="autograd")
+    before = [p.detach().clone() for p in net.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+    with pytest.raises(RuntimeError, match="hvp='fd', 'central' or 'interp'"):
+        opt.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+def test_lr_scheduler_scales_the_steps():
+    """lr scales every step (the trust region judges the scaled step by its model); StepLR
+    drives it like any torch optimizer's lr."""
+    net, loss_fn = mlp_problem(torch.float64)
+    opt = DRSOM(net.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x = [p.detach().clone() for p in net.parameters()]
+    for k in range(4):
+        assert opt.param_groups[0]["lr"] == 0.5 ** k
+        opt.step(loss_fn)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.5 ** 4
+    assert not all(torch.equal(p, q) for p, q in zip(net.parameters(), x))
+    # lr = 0: the base evaluation only, nothing moves
+    opt.param_groups[0]["lr"] = 0.0
+    x, trials = [p.detach().clone() for p in net.parameters()], opt.state[net[0].weight]["trials"]
+    opt.step(loss_fn)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), x))
+    assert opt.state[net[0].weight]["trials"] == trials
+
+
 def test_params_are_views_of_one_flat_buffer():
     net, closure = mlp_problem(torch.float64)
     values = [p.detach().clone() for p in net.parameters()]
