@@ -2,12 +2,14 @@
 the masking that makes a skipped step change nothing."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from .errors import NonFiniteError
 
-__all__ = ["SkipGuard", "all_finite", "max_abs"]
+__all__ = ["SkipGuard", "SkipWarner", "all_finite", "max_abs"]
 
 
 def max_abs(v: Tensor) -> Tensor:
@@ -66,3 +68,57 @@ class SkipGuard:
     def select(self, new: Tensor, old: Tensor) -> Tensor:
         """``new``, or ``old`` on a skipped step."""
         return torch.where(self.ok, new, old)
+
+
+class SkipWarner:
+    """Warns once, the first time a step of ``name`` is skipped for a non-finite value, so that
+    skipping is never silent (``state['nonfinite_steps']`` still counts every one).
+
+    :meth:`watch`, called at the start of every step, reads the device counter of the skipped
+    steps without a host sync: a CPU counter directly, a GPU counter from a non-blocking copy
+    into pinned memory made at an earlier step, read once the copy has completed; the first
+    reading is the baseline (0, or what a loaded state counted), a larger one warns (a step or a
+    few late).  :meth:`skipped` is for the optimizers that know it on the host.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.warned = False
+        self._baseline: int | None = None  # the count when watching began (a resumed run)
+        self._copy: tuple[Tensor, object] | None = None  # (pinned copy, its CUDA event)
+
+    def skipped(self, stacklevel: int = 4) -> None:
+        """A step was skipped (``stacklevel``: from here to the caller of ``step()``)."""
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"{self.name}: a step was skipped because its loss or gradient was not "
+                          "finite (state['nonfinite_steps'] counts the skipped steps; "
+                          "on_nonfinite='raise' raises instead); later skips are not reported",
+                          RuntimeWarning, stacklevel=stacklevel)
+
+    def watch(self, counter: Tensor) -> None:
+        """Call at the start of a step, before it may update ``counter``."""
+        if self.warned:
+            return
+        if counter.device.type == "cpu":
+            count = int(counter.numpy())  # a CPU tensor: reading it waits for nothing
+        else:
+            count = self._read_copy()
+            if self._copy is None:
+                pinned = torch.empty((), dtype=counter.dtype, pin_memory=True)
+                pinned.copy_(counter, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self._copy = (pinned, event)
+            if count is None:
+                return
+        if self._baseline is None:
+            self._baseline = count
+        elif count > self._baseline:
+            self.skipped(stacklevel=5)
+
+    def _read_copy(self) -> int | None:
+        if self._copy is None or not self._copy[1].query():
+            return None
+        pinned, self._copy = self._copy[0], None
+        return int(pinned.numpy())

@@ -14,6 +14,7 @@ from .._support.closure import ClosureEvaluator
 from .._support.distributed import check_process_group
 from .._support.errors import NonFiniteError
 from .._support.flat import FlatParams
+from .._support.guard import SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import check_params, load_state_dict_uncast
 from ..curvature.drsom_models import (HESSIAN_MODELS, HessianModel, independent_directions,
@@ -139,6 +140,7 @@ class DRSOM(Optimizer):
                              "which DistributedDataParallel does not reduce; give the bare "
                              "module and process_group= (DRSOM averages over it)")
         self._model = model
+        self._skips = SkipWarner("DRSOM")
         self._process_group = check_process_group(process_group)
         super().__init__(params, defaults)
         self._flatten()
@@ -175,6 +177,7 @@ class DRSOM(Optimizer):
         # load_state_dict comes here too: it keeps the group and the flat params; a copy or
         # unpickling has neither
         self.__dict__.setdefault("_model", None)
+        self.__dict__.setdefault("_skips", SkipWarner("DRSOM"))
         self.__dict__.setdefault("_process_group", None)
         if "_x" not in self.__dict__:
             self._flatten()
@@ -229,6 +232,7 @@ class DRSOM(Optimizer):
                 raise NonFiniteError("DRSOM: the loss or gradient at the base point is not "
                                      "finite (or ||g||^2 overflows the dtype); nothing changed "
                                      "(on_nonfinite='skip' skips instead)")
+            self._skips.skipped()
             return loss
         st["func_evals"] += 1
         st["grad_evals"] += 1

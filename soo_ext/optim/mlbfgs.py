@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .._support.closure import call_closure
-from .._support.guard import SkipGuard
+from .._support.guard import SkipGuard, SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_history_dtype,
                                check_params, load_state_dict_uncast)
@@ -95,6 +95,7 @@ class MLBFGS(Optimizer):
                     "on_nonfinite": on_nonfinite, "maximize": maximize}
         self.OPTIONS.check(defaults)
         self._block_layout: BlockLayout | None = None
+        self._skips = SkipWarner("MLBFGS")
         super().__init__(params, defaults)
         self._blocks = block_partition(blocks, all_params(self))
 
@@ -104,6 +105,7 @@ class MLBFGS(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_blocks", None)
+        self.__dict__.setdefault("_skips", SkipWarner("MLBFGS"))
         self._block_layout = None  # rebuilt from the state at the next step
 
     def add_param_group(self, param_group: dict) -> None:
@@ -156,7 +158,7 @@ class MLBFGS(Optimizer):
         groups, group = self.param_groups, self.param_groups[0]
         k = state["step"] + 1
         pair_step = bool(run.pre) and k % group["update_freq"] == 0
-
+        self._skips.watch(state["nonfinite_steps"])
         for b in run.blocks:
             b.gather(group["maximize"], "MLBFGS")
         # 'raise' at a pair-update step waits for the pair update's host sync.

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
-from .._support.guard import SkipGuard
+from .._support.guard import SkipGuard, SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs, Spec
 from .._support.params import (add_param_group_checked, all_params, check_params,
                                load_state_dict_uncast)
@@ -112,6 +112,7 @@ class Shampoo(Optimizer):
         OPTIONS.check(defaults)
         self._process_group = check_process_group(process_group)
         self._run: tuple | None = None  # (layout options, blocking, roots, grafting)
+        self._skips = SkipWarner("Shampoo")
         super().__init__(params, defaults)
         check_params(all_params(self), "Shampoo")
 
@@ -119,6 +120,7 @@ class Shampoo(Optimizer):
         super().__setstate__(state)
         # load_state_dict comes here too: it keeps the group; a copy or unpickling has none
         self.__dict__.setdefault("_process_group", None)
+        self.__dict__.setdefault("_skips", SkipWarner("Shampoo"))
         self._run = None  # rebuilt from the state at the next step
 
     def add_param_group(self, param_group: dict) -> None:
@@ -142,6 +144,7 @@ class Shampoo(Optimizer):
         groups, o = self.param_groups, self.param_groups[0]
         gstate = self.state[blocking.params[0].p]
         k = gstate["step"] + 1
+        self._skips.watch(gstate["nonfinite_steps"])
         grads = [_dense_grad(P.p) for P in blocking.params]
         present = [P.p.grad is not None for P in blocking.params]
         guard = SkipGuard.check(grads, o["on_nonfinite"], gstate["nonfinite_steps"],
@@ -172,29 +175,10 @@ class Shampoo(Optimizer):
         for gi, group in enumerate(groups):
             members = [i for i in blocking.by_group[gi] if present[i]]  # the others stay
             if members:
-                self._momentum_step(group, [blocking.params[i].p for i in members],
-                                    [dirs[i] for i in members], guard, okf, taken)
+                _momentum_step_(group, o["decoupled_weight_decay"], self.state,
+                                [blocking.params[i].p for i in members],
+                                [dirs[i] for i in members], guard, okf, taken)
         return loss
-
-    def _momentum_step(self, group: dict, params: list[Tensor], dirs: list[Tensor],
-                       guard: SkipGuard, okf: Tensor, taken: Tensor) -> None:
-        """``m <- beta1 m + (1 - beta1) d``, ``p <- p - lr m / (1 - beta1^t)`` (decoupled
-        weight decay first); nothing changes on a skipped step."""
-        lr, wd, beta1 = group["lr"], group["weight_decay"], group["betas"][0]
-        if self.param_groups[0]["decoupled_weight_decay"] and wd != 0:
-            torch._foreach_mul_(params, guard.unless_skipped(1 - lr * wd, okf))
-        if beta1 > 0:
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_mul_(bufs, guard.unless_skipped(beta1, okf))
-            torch._foreach_add_(bufs, dirs, alpha=1 - beta1)
-            correction = (1 - torch.pow(beta1, taken)).to(okf.dtype)
-            coef = torch.where(guard.ok, -lr / correction, 0.0)
-            updates = bufs
-        else:
-            coef = torch.where(guard.ok, okf.new_full((), -lr), 0.0)
-            updates = dirs
-        for p, u in zip(params, updates):
-            p.addcmul_(u, coef)
 
     def _prepare(self) -> tuple[ShampooBlocking, ShampooRoots, SGDGrafting]:
         """The blocking, roots and grafting of the run, built at the first step and whenever a
@@ -250,6 +234,28 @@ class Shampoo(Optimizer):
                             else counter.to(p0.device))
         self._run = (key, blocking, roots, grafting)
         return blocking, roots, grafting
+
+
+def _momentum_step_(group: dict, decoupled: bool, state: dict, params: list[Tensor],
+                    dirs: list[Tensor], guard: SkipGuard, okf: Tensor, taken: Tensor) -> None:
+    """``m <- beta1 m + (1 - beta1) d``, ``p <- p - lr m / (1 - beta1^t)`` with the options of
+    ``group`` (``decoupled``: weight decay ``p <- p - lr wd p`` first); nothing changes on a
+    skipped step."""
+    lr, wd, beta1 = group["lr"], group["weight_decay"], group["betas"][0]
+    if decoupled and wd != 0:
+        torch._foreach_mul_(params, guard.unless_skipped(1 - lr * wd, okf))
+    if beta1 > 0:
+        bufs = [state[p]["momentum_buffer"] for p in params]
+        torch._foreach_mul_(bufs, guard.unless_skipped(beta1, okf))
+        torch._foreach_add_(bufs, dirs, alpha=1 - beta1)
+        correction = (1 - torch.pow(beta1, taken)).to(okf.dtype)
+        coef = torch.where(guard.ok, -lr / correction, 0.0)
+        updates = bufs
+    else:
+        coef = torch.where(guard.ok, okf.new_full((), -lr), 0.0)
+        updates = dirs
+    for p, u in zip(params, updates):
+        p.addcmul_(u, coef)
 
 
 def _dense_grad(p: Tensor) -> Tensor:
