@@ -204,6 +204,7 @@ class DRSOM(Optimizer):
             raise ValueError("Invalid directions: it cannot change after the first step")
         return st
 
+    @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
         """One DRSOM step.  Returns the loss the closure returned at the base point."""

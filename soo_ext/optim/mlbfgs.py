@@ -145,6 +145,7 @@ class MLBFGS(Optimizer):
             raise ValueError("Invalid history_size: it cannot change after the first step")
         return self._block_layout, self.state[params[0]]
 
+    @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
         """One step; ``closure`` (optional: zeroes the gradients, calls backward, returns the

@@ -133,6 +133,7 @@ class Shampoo(Optimizer):
             self.state[p].update(entries)
         self._run = None
 
+    @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
         """One step; ``closure`` (optional) runs forward and backward and returns the loss."""
