@@ -235,8 +235,7 @@ class DRSOM(Optimizer):
                                      "(on_nonfinite='skip' skips instead)")
             self._skips.skipped()
             return loss
-        st["func_evals"] += 1
-        st["grad_evals"] += 1
+        st["func_evals"], st["grad_evals"] = st["func_evals"] + 1, st["grad_evals"] + 1
         if gg == 0 or group["lr"] == 0:  # a stationary point, or no step asked for
             st["step"] += 1
             return loss
