@@ -363,11 +363,15 @@ def preconditioned_directions(factors: KFACFactors, grads: LayerGradients, dampi
 
 
 def load_views(factors: KFACFactors | None, layers: list[KFACLayer],
-               saved: dict[Tensor, dict[str, Tensor]]) -> None:
-    """Copy saved state entries (by param) into the factors' views of the layers' weights;
-    ValueError for an entry of another param or of another shape."""
+               saved: dict[Tensor, dict[str, Tensor]], state: dict) -> None:
+    """Copy saved state entries (by param) into the factors' views of the layers' weights, and
+    ``nonfinite_steps`` (int64, on the factors' device) into ``state``; ValueError for an entry
+    of another param or of another shape."""
     views = {id(l.weight): factors.views(l) for l in layers} if factors else {}
     for p, entries in saved.items():
+        if "nonfinite_steps" in entries:
+            state[p]["nonfinite_steps"] = entries.pop("nonfinite_steps").to(
+                device=factors.device if factors else p.device, dtype=torch.int64).clone()
         target = views.get(id(p), {})
         for key, value in entries.items():
             if key not in target:

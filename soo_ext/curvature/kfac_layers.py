@@ -1,10 +1,11 @@
 """K-FAC's layers: which modules are preconditioned (discovery), their activation and
-output-gradient rows, and the capture of those rows' statistics by hooks (AMP loss scale,
-gradient accumulation, batch averaging)."""
+output-gradient rows, and the capture of those rows' statistics from the layers' forward calls
+(AMP loss scale, gradient accumulation, batch averaging; also under torch.compile)."""
 from __future__ import annotations
 
 import functools
 import re
+import sys
 import warnings
 import weakref
 from numbers import Real
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["KFACLayer", "LayerCapture", "find_layers", "skip_patterns"]
+__all__ = ["KFACLayer", "LayerCapture", "compiled_inner", "find_layers", "skip_patterns"]
 
 
 class KFACLayer:
@@ -125,23 +126,91 @@ def find_layers(model: nn.Module, group_of: dict[int, int],
     return layers
 
 
-def _forward_hook(capture_ref: weakref.ref, layer: KFACLayer, module: nn.Module, inputs,
-                  output) -> None:
-    """The forward hook on a K-FAC layer; it holds the capture weakly (a dropped optimizer does
-    not stay alive through its model's hooks, which then do nothing)."""
-    capture = capture_ref()
-    if capture is not None:
-        capture.forward_hook(layer, module, inputs, output)
+def compiled_inner(model: nn.Module) -> nn.Module:
+    """``model``, or the module that a ``torch.compile`` wrapper (``OptimizedModule``) of it
+    wraps (so that layer names and DDP are seen through it); ValueError for a wrapper compiled
+    with ``fullgraph=True``, which cannot run K-FAC's capture (a graph break per layer), and for
+    what is not an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"Invalid model: {type(model).__name__} is not an nn.Module")
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        ctx = getattr(model, "dynamo_ctx", None)
+        if getattr(ctx, "fullgraph", False) or getattr(ctx, "error_on_graph_break", False):
+            raise ValueError(
+                "Invalid model: compiled with fullgraph=True, but K-FAC captures its statistics "
+                "in Python (a hook on each layer's output: a graph break per layer at the steps "
+                "that update the factors). Compile without fullgraph (torch.compile(model), any "
+                "backend): steps without a factor update run whole graphs")
+        model = model._orig_mod
+    return model
+
+
+def _identity(x):
+    return x
+
+
+class _CapturingForward:
+    """A hooked layer's ``forward``: an attribute of the module instance that calls the forward
+    it replaced, then the capture (held weakly: a dropped optimizer's layers capture nothing).
+
+    An attribute rather than a forward hook for torch.compile: dynamo does not guard on module
+    hooks (``skip_nnmodule_hook_guards``), so a hook registered after the compiled model first
+    ran would never be called, but it guards on ``forward``: setting or removing this makes a
+    compiled model retrace.  A copied or pickled model gets the forward it replaced (the copy is
+    not hooked)."""
+
+    def __init__(self, capture_ref: weakref.ref, layer: KFACLayer, inner: Callable,
+                 previous: Callable | None) -> None:
+        self.capture_ref, self.layer, self.inner = capture_ref, layer, inner
+        self.previous = previous  # the instance attribute it replaced, if any
+        self.__wrapped__ = inner  # inspect.signature
+
+    def __call__(self, *args, **kwargs):
+        output = self.inner(*args, **kwargs)
+        capture = self.capture_ref()
+        if capture is not None:
+            capture.forward_done(self.layer, args, kwargs, output)
+        return output
+
+    def __reduce__(self):
+        return _identity, (self.inner,)
+
+
+def _register_capture(capture: "LayerCapture", layer: KFACLayer, x: Tensor,
+                      output: Tensor) -> None:
+    output.register_hook(functools.partial(capture._capture, layer, x.detach()))
+
+
+# Run eagerly under torch.compile (a graph break): the hook updates Python counters, which a
+# traced hook would not (and fullgraph=True then fails with this reason).
+_register_capture = torch.compiler.disable(
+    _register_capture, reason="KFAC captures each layer's statistics in a Python hook on its "
+    "output (a graph break per layer at the steps that update the factors): compile without "
+    "fullgraph=True")
+
+
+def _unhook(wrappers: list[_CapturingForward]) -> None:
+    """Give the modules back the forward each wrapper replaced (unless replaced since)."""
+    for w in wrappers:
+        module = w.layer.module
+        if module.__dict__.get("forward") is w:
+            if w.previous is None:
+                del module.forward
+            else:
+                module.forward = w.previous
 
 
 class LayerCapture:
-    """The hooks that capture the statistics of the layers' rows into the staged factors.
+    """Captures the statistics of the layers' rows into the staged factors.
 
-    A forward hook on each layer registers, when the module is in training mode, grad is enabled
-    and factors are due at the coming step (:attr:`due`), a hook on the output tensor; that hook
+    Each layer's ``forward`` is wrapped (an instance attribute, see :class:`_CapturingForward`):
+    after the forward, when the module is in training mode, grad is enabled and factors are due
+    at the coming step (:attr:`due`), a hook is registered on the output tensor; that hook
     receives the output gradient and stages ``mean_rows(a a^T)`` and ``mean_rows(g g^T)``
     (pooled with the earlier passes of the step: ``decay = rows_before / rows_after``).  (Module
     full backward hooks would refuse in-place ops on the output such as ``nn.ReLU(inplace=True)``.)
+    Under torch.compile the registration is a graph break (the hook runs in eager autograd).
 
     Args:
         layers: the layers to hook.
@@ -165,8 +234,17 @@ class LayerCapture:
         self.accumulation_steps = 1
         self._warned_accumulation = False
         ref = weakref.ref(self)
-        self._handles = [layer.module.register_forward_hook(
-            functools.partial(_forward_hook, ref, layer)) for layer in layers]
+        wrappers = []
+        for layer in layers:
+            previous = layer.module.__dict__.get("forward")
+            if isinstance(previous, _CapturingForward):  # a dropped capture's, not undone yet
+                previous = previous.previous
+            inner = previous if previous is not None \
+                else type(layer.module).forward.__get__(layer.module)
+            wrappers.append(_CapturingForward(ref, layer, inner, previous))
+            layer.module.forward = wrappers[-1]
+        self._unhook = weakref.finalize(self, _unhook, wrappers)
+        self._unhook.atexit = False
 
     def configure(self, due: bool, batch_averaged: bool, accumulation_steps: int) -> None:
         """What the next captures do (set by the optimizer after each step, at zero_grad and
@@ -175,10 +253,8 @@ class LayerCapture:
         self.accumulation_steps = accumulation_steps
 
     def remove(self) -> None:
-        """Remove the hooks: nothing is captured from now on."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """Unwrap the layers: nothing is captured from now on."""
+        self._unhook()
         self.active = False
 
     def check(self, factor_step: bool, backward_ran: bool) -> None:
@@ -208,9 +284,11 @@ class LayerCapture:
         odd = [l for l in self.layers if l.captures and l.captures % n]
         if odd:
             self._warned_accumulation = True
+            # (stacklevel: here, check, KFAC.step, its no_grad and compiler.disable wrappers,
+            # Optimizer's step hooks, the caller)
             warnings.warn(f"KFAC: layer {odd[0].name!r} captured {odd[0].captures} backward "
                           f"passes for this step, not a multiple of accumulation_steps={n} (the "
-                          "statistics pool whatever was captured)", RuntimeWarning, stacklevel=5)
+                          "statistics pool whatever was captured)", RuntimeWarning, stacklevel=7)
 
     def _current_scale(self):
         s = self._grad_scaler
@@ -222,14 +300,14 @@ class LayerCapture:
             return s._get_scale_async()  # a device tensor (None before the first scale())
         return s()
 
-    def forward_hook(self, layer: KFACLayer, module: nn.Module, inputs, output) -> None:
-        if not (self.active and self.due and module.training and torch.is_grad_enabled()
+    def forward_done(self, layer: KFACLayer, args: tuple, kwargs: dict, output) -> None:
+        """After a forward of ``layer``: register the capture on its output if due."""
+        if not (self.active and self.due and layer.module.training and torch.is_grad_enabled()
                 and isinstance(output, Tensor) and output.requires_grad):
             return
-        x = inputs[0] if inputs else None
-        if not isinstance(x, Tensor):
-            return  # called with a keyword input: not captured
-        output.register_hook(functools.partial(self._capture, layer, x.detach()))
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, Tensor):
+            _register_capture(self, layer, x, output)
 
     @torch.no_grad()
     def _capture(self, layer: KFACLayer, x: Tensor, grad: Tensor) -> None:

@@ -18,7 +18,7 @@ from .._support.params import (add_param_group_checked, all_params, check_dense_
 from ..curvature.kfac_factors import (COUNTER_KEYS, EigenFactors, FactorStore, InverseFactors,
                                       KFACFactors, KFACLayout, LayerGradients, load_views,
                                       preconditioned_directions)
-from ..curvature.kfac_layers import LayerCapture, find_layers, skip_patterns
+from ..curvature.kfac_layers import LayerCapture, compiled_inner, find_layers, skip_patterns
 
 __all__ = ["KFAC"]
 
@@ -42,17 +42,17 @@ class KFAC(Optimizer):
     defaults of KAISA (Pauloski et al. 2021), as one optimizer: the preconditioner and SGD with
     momentum in one ``step()``.
 
-    Every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` whose params are optimised here (in one
-    group, not tied) is preconditioned by ``(A ⊗ G + damping)^{-1}`` from running averages of
-    its activation and output-gradient statistics, captured by hooks; the direction is KL-clipped
-    and taken by SGD with momentum; the other params take exactly ``torch.optim.SGD``'s step.
-    Factors of one size share one bucket: one op call per size updates or decomposes them.
-    Gradient accumulation, AMP (``grad_scaler=``), data parallelism (DDP: statistics averaged,
-    decompositions spread over the ranks), non-finite steps skipped on the device: see
-    docs/kfac.md for all of it, the state layout and measurements.
+    Every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (compiled or not) whose params are
+    optimised here (in one group, not tied) is preconditioned by ``(A ⊗ G + damping)^{-1}`` from
+    running averages of its activation and output-gradient statistics, captured by hooks; the
+    direction is KL-clipped and taken by SGD with momentum; the other params take exactly
+    ``torch.optim.SGD``'s step.
+    Factors of one size share one bucket (one op call per size). Gradient accumulation, AMP
+    (``grad_scaler=``), data parallelism (DDP: statistics averaged, decompositions spread over
+    the ranks), non-finite steps skipped on the device: see docs/kfac.md for all of it.
 
     Args:
-        model: the nn.Module whose layers are hooked.
+        model: the nn.Module whose layers are hooked (or its ``torch.compile`` wrapper).
         lr, momentum, weight_decay: of the SGD step (0.1, 0.9, 0; per group).
         damping: lambda (default 1e-3).
         factor_decay: running-average decay of the factors (default 0.95).
@@ -85,18 +85,12 @@ class KFAC(Optimizer):
                  on_nonfinite: str = "skip", factor_dtype: torch.dtype = torch.float32,
                  accumulation_steps: int = 1, batch_averaged: bool = True, grad_scaler=None,
                  params=None, process_group=None, spread_inverses: bool = True) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model: {type(model).__name__} is not an nn.Module")
+        model = compiled_inner(model)  # torch.compile(model): its module
         if process_group is None and isinstance(model, nn.parallel.DistributedDataParallel):
             process_group = getattr(model, "process_group", None)
         self._process_group = check_process_group(process_group)
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                    "damping": damping, "factor_decay": factor_decay, "kl_clip": kl_clip,
-                    "factor_update_steps": factor_update_steps,
-                    "inv_update_steps": inv_update_steps, "mode": mode,
-                    "factor_dtype": factor_dtype, "accumulation_steps": accumulation_steps,
-                    "batch_averaged": batch_averaged, "on_nonfinite": on_nonfinite,
-                    "spread_inverses": spread_inverses}
+        args = locals()
+        defaults = {name: args[name] for name in OPTIONS.specs}  # the options' arguments
         OPTIONS.check(defaults)
         patterns = skip_patterns(skip_layers)
         super().__init__(model.parameters() if params is None else params, defaults)
@@ -138,13 +132,9 @@ class KFAC(Optimizer):
         except ValueError as exc:
             raise ValueError(f"KFAC.load_state_dict: {exc}") from None
         self._between_steps()
-        factors = self._factors()
-        for p, entries in kept.items():
-            if "nonfinite_steps" in entries:
-                self.state[p]["nonfinite_steps"] = entries.pop("nonfinite_steps").to(
-                    device=factors.device if factors else p.device, dtype=torch.int64).clone()
-        load_views(factors, self._layers, kept)
+        load_views(self._factors(), self._layers, kept, self.state)
 
+    @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
         """One step; ``closure`` (optional) runs forward and backward and returns the loss."""

@@ -231,9 +231,9 @@ def test_store_makes_factors_once_and_refuses_changes():
     with pytest.raises(ValueError, match="factor_dtype"):
         store.configure("inverse", torch.float32, 0.01)
     with pytest.raises(ValueError, match="not a K-FAC layer"):
-        load_views(factors, layers, {torch.zeros(1): {"A": torch.zeros(1)}})
+        load_views(factors, layers, {torch.zeros(1): {"A": torch.zeros(1)}}, {})
     with pytest.raises(ValueError, match="shape"):
-        load_views(factors, layers, {layers[0].weight: {"A": torch.zeros(2, 2)}})
+        load_views(factors, layers, {layers[0].weight: {"A": torch.zeros(2, 2)}}, {})
 
 
 def test_capture_stages_only_when_due_and_training():
@@ -261,7 +261,10 @@ def test_capture_stages_only_when_due_and_training():
     torch.testing.assert_close(store.factors.P[l.a_dim][l.a_pos], h.T.detach() @ h.detach() / 4)
     capture.reset()
     assert not any(l.captures for l in layers)
+    # each layer's forward is wrapped (an instance attribute) while the capture is attached
+    assert all("forward" in vars(l.module) for l in layers)
     capture.remove()
+    assert not any("forward" in vars(l.module) for l in layers)
     net(x).sum().backward()
     assert not any(l.captures for l in layers)
     with pytest.raises(ValueError, match="grad_scaler"):

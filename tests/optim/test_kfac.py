@@ -3,9 +3,11 @@ against a dense Kronecker solve, plain layers against torch.optim.SGD, accumulat
 failed decompositions, usage errors, hooks, the factor and inverse schedule, and a decrease of the
 training loss on MNIST-1D.  What every optimizer promises alike (resume, schedulers, non-finite
 steps, host syncs, bad arguments and params) is checked by tests/optim/test_contract.py."""
+import copy
 import functools
 import gc
 import math
+import pickle
 import weakref
 
 import pytest
@@ -328,8 +330,9 @@ def test_gradient_accumulation_gives_full_batch_factors(batch_averaged, split):
     # A step that captured a number of passes that is not a multiple of accumulation_steps warns.
     acc.zero_grad()
     backward(acc_model, data[0])
-    with pytest.warns(RuntimeWarning, match="accumulation_steps"):
+    with pytest.warns(RuntimeWarning, match="accumulation_steps") as caught:
         acc.step()
+    assert caught[0].filename == __file__  # at the step() call
 
 
 def test_grad_scaler():
@@ -421,14 +424,36 @@ def test_remove_hooks():
     train(opt, model, data[1:])  # preconditioned with the old factors, no capture needed
     assert torch.equal(opt.state[model[0].weight]["A"], A)
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
-    assert not model[0]._forward_hooks
-    # A dropped optimizer is not kept alive by its hooks; they do nothing then.
+    assert "forward" not in vars(model[0])  # the layers' own forward again
+    # A dropped optimizer is not kept alive by its hooks, which go with it.
     opt = KFAC(model)
+    assert "forward" in vars(model[0])  # hooked: an instance attribute wraps the forward
     ref = weakref.ref(opt)
     del opt
     gc.collect()
-    assert ref() is None and model[0]._forward_hooks
+    assert ref() is None and "forward" not in vars(model[0])
     backward(model, data[0])
+
+
+def test_copied_or_pickled_model_is_not_hooked():
+    """A deep copy (an EMA model, say) or a pickled model (torch.save(model)) of a hooked model
+    is a plain model: its passes feed nothing into the original's statistics, and it can have
+    a KFAC of its own."""
+    model = mlp()
+    opt = KFAC(model, factor_dtype=torch.float64)
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    hooked = type(vars(model[0])["forward"])  # what K-FAC puts in place of the forward
+    data = batches(2)
+    for twin in copies:
+        assert not any(isinstance(vars(m).get("forward"), hooked) for m in twin)
+        backward(twin, data[0])
+    twin_opt = KFAC(copies[0])
+    train(twin_opt, copies[0], data[:1])
+    train(opt, model, data[1:])
+    ref_model = mlp()
+    ref = KFAC(ref_model, factor_dtype=torch.float64)
+    train(ref, ref_model, data[1:])
+    assert_state_equal(opt, list(model.parameters()), ref, list(ref_model.parameters()))
 
 
 def test_factor_and_inverse_schedule():
@@ -444,6 +469,132 @@ def test_factor_and_inverse_schedule():
     assert [u for u, _ in seen] == [1, 1, 2, 2, 3, 3]
     changed = [not torch.equal(seen[k][1], seen[k - 1][1]) for k in range(1, 6)]
     assert changed == [False, False, True, False, False]  # inverses at steps 0 and 3
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+def digits_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(64, 10))
+
+
+def image_batches():
+    """8 x 8 images, batches of 16 and a short one (a recompile, or dynamic shapes)."""
+    return batches(4, shape=(16, 1, 8, 8), classes=10, dtype=torch.float32)[:3] + \
+        batches(1, shape=(5, 1, 8, 8), classes=10, dtype=torch.float32, seed=2)
+
+
+def compiled_run(setup, **kfac_args):
+    """The K-FAC factors (per layer) and params after training digits_cnn on image_batches;
+    ``setup(model)`` compiles it (or not) and returns (what KFAC gets, what is called)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = digits_cnn()
+    given, net = setup(model)
+    opt = KFAC(given, inv_update_steps=2, **kfac_args)
+    train(opt, net, image_batches())
+    return opt, model
+
+
+F32_EPS = torch.finfo(torch.float32).eps
+# A compiled graph may sum in another order (inductor's C++ kernels): an n-term float32 sum then
+# changes by up to ~n eps relative to its magnitude; 64 eps covers the widest sum here (the
+# Linear's 64 inputs) and the few steps that carry it to the params (measured: inductor 1.8 eps
+# at most, aot_eager bit-identical).
+TOL = 64 * F32_EPS
+
+
+def assert_same_run(run, eager, steps=4, factor_steps=4):
+    """The factors, their eigenvalues and the params of two float32 runs agree to TOL."""
+    (opt, model), (ref_opt, ref_model) = run, eager
+    assert [n for n, _ in opt.layers] == [n for n, _ in ref_opt.layers] == ["0", "4"]
+    for (_, m), (_, r) in zip(opt.layers, ref_opt.layers):
+        st, ref = opt.state[m.weight], ref_opt.state[r.weight]
+        assert st["factor_updates"] == ref["factor_updates"] == factor_steps
+        for key in ("A", "G", "dA", "dG"):  # (eigenvectors of clustered eigenvalues: not)
+            scale = float(ref[key].abs().max())
+            torch.testing.assert_close(st[key], ref[key], rtol=TOL, atol=TOL * scale, msg=key)
+    assert opt.state[next(model.parameters())]["step"] == steps
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=TOL, atol=TOL * float(q.abs().max()))
+
+
+@functools.lru_cache(maxsize=None)
+def eager_run(factor_update_steps=1):
+    return compiled_run(lambda m: (m, m), factor_update_steps=factor_update_steps)
+
+
+def before_first_call(model):  # KFAC built on the raw model, before the compiled one runs
+    return model, torch.compile(model, backend="aot_eager")
+
+
+def after_a_training_pass(model):
+    """The compiled model ran forward and backward before KFAC hooked it (what failed: dynamo
+    does not guard on module hooks, so a hook added then was never called); KFAC gets the
+    compiled module."""
+    net = torch.compile(model, backend="aot_eager", dynamic=True)
+    x, y = image_batches()[0]
+    F.cross_entropy(net(x), y).backward()
+    model.zero_grad()
+    return net, net
+
+
+def compiled_in_place(model):
+    model.compile(backend="aot_eager")
+    x, y = image_batches()[0]
+    F.cross_entropy(model(x), y).backward()
+    model.zero_grad()
+    return model, model
+
+
+@pytest.mark.parametrize("setup,factor_update_steps", [
+    (before_first_call, 1), (after_a_training_pass, 1), (after_a_training_pass, 2),
+    (compiled_in_place, 1)])
+def test_compiled_model_captures_as_eager(setup, factor_update_steps):
+    """aot_eager: the same factors as the eager run, whenever the model was compiled; with
+    factor updates every second step the graphs with and without the capture alternate."""
+    assert_same_run(compiled_run(setup, factor_update_steps=factor_update_steps),
+                    eager_run(factor_update_steps), factor_steps=4 // factor_update_steps)
+
+
+def test_compiled_model_inductor():
+    """The default backend (inductor; C++ kernels on a CPU) captures as the eager run does."""
+    assert_same_run(compiled_run(lambda m: (m, torch.compile(m))), eager_run())
+
+
+def test_compiled_model_after_remove_hooks():
+    """A second KFAC after the first's remove_hooks() captures from the compiled model (the
+    first's unwrapping makes it retrace), and the first captures no more."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = digits_cnn()
+    net = torch.compile(model, backend="aot_eager")
+    first = KFAC(net)
+    data = image_batches()
+    train(first, net, data[:1])
+    first.remove_hooks()
+    second = KFAC(net)
+    train(second, net, data[1:2])
+    assert first.state[model[0].weight]["factor_updates"] == 1
+    assert second.state[model[0].weight]["factor_updates"] == 1
+
+
+def test_fullgraph_compile_is_refused():
+    """fullgraph=True cannot run the capture (a graph break per layer): refused at construction
+    when KFAC gets the compiled module, else at the first forward that captures, saying why."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = digits_cnn()
+    with pytest.raises(ValueError, match="fullgraph=True.*Compile without fullgraph"):
+        KFAC(torch.compile(model, backend="aot_eager", fullgraph=True))
+    net = torch.compile(model, backend="aot_eager", fullgraph=True)
+    opt = KFAC(model)
+    with pytest.raises(Exception, match="compile without fullgraph=True"):
+        net(image_batches()[0][0])
+    opt.remove_hooks()
+    net(image_batches()[0][0])  # without the hooks it compiles
 
 
 # ---------------------------------------------------------------------------------------------
