@@ -1,6 +1,7 @@
-"""K-FAC's layers: which modules are preconditioned (discovery), their activation and
-output-gradient rows, and the capture of those rows' statistics from the layers' forward calls
-(AMP loss scale, gradient accumulation, batch averaging; also under torch.compile)."""
+"""K-FAC's layers: which modules are preconditioned (discovery, and a warning naming those that are
+not), their activation and output-gradient rows, and the capture of those rows' statistics from
+the layers' forward calls (AMP loss scale, gradient accumulation, batch averaging; also under
+torch.compile)."""
 from __future__ import annotations
 
 import functools
@@ -17,18 +18,23 @@ from torch import Tensor, nn
 
 __all__ = ["KFACLayer", "LayerCapture", "compiled_inner", "find_layers", "skip_patterns"]
 
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
 
 class KFACLayer:
-    """One preconditioned nn.Linear / nn.Conv2d: its shapes, its rows, where its factors live
-    (set by the layout) and what was captured of it since the last step."""
+    """One preconditioned nn.Linear / nn.Conv1d / nn.Conv2d: its shapes, its rows, where its
+    factors live (set by the layout) and what was captured of it since the last step."""
 
     def __init__(self, name: str, module: nn.Module, index: int) -> None:
         self.name, self.module, self.index = name, module, index
-        self.conv = isinstance(module, nn.Conv2d)
+        # spatial dims of the input: 0 Linear, 1 Conv1d (a Conv2d with a unit height), 2 Conv2d
+        self.spatial = 1 if isinstance(module, nn.Conv1d) else 2 if isinstance(module, nn.Conv2d) \
+            else 0
+        self.conv = self.spatial > 0
         self.weight: Tensor = module.weight
         self.bias: Tensor | None = module.bias
         self.out = self.weight.shape[0]
-        self.fan_in = self.weight[0].numel()  # in_features, or C kh kw
+        self.fan_in = self.weight[0].numel()  # in_features, or C kh kw (C k for a Conv1d)
         self.a_dim = self.fan_in + (self.bias is not None)
         # Set by the layout: positions of A and G in their buckets, the shape group and the row
         # in it.
@@ -44,18 +50,29 @@ class KFACLayer:
     def has_grads(self) -> bool:
         return all(p.grad is not None for p in self.params())
 
+    def batched(self, t: Tensor) -> Tensor:
+        """A conv's input or output gradient with its batch dim (unbatched: a batch of 1)."""
+        return t.unsqueeze(0) if self.conv and t.dim() == self.spatial + 1 else t
+
     def a_rows(self, x: Tensor) -> Tensor:
         """The activation rows ``a`` (with the 1 of the bias), ``[N, a_dim]``: the layer input's
-        rows for a Linear, the unfolded patches (N times the output positions) for a Conv2d."""
+        rows for a Linear, the unfolded patches (N times the output positions) for a conv (a
+        Conv1d as a Conv2d with a unit height: kernel ``(1, k)``)."""
         m = self.module
         if self.conv:
+            x = self.batched(x)
             padding = m.padding
             if isinstance(padding, str) or m.padding_mode != "zeros":
                 if any(m._reversed_padding_repeated_twice):
                     mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
                     x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-                padding = 0
-            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+                padding = (0,) * self.spatial
+            kernel, dilation, stride = m.kernel_size, m.dilation, m.stride
+            if self.spatial == 1:
+                x = x.unsqueeze(2)
+                kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
+                padding = (0, *padding)
+            a = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
             a = a.transpose(1, 2).reshape(-1, self.fan_in)
         else:
             a = x.reshape(-1, self.fan_in)
@@ -66,7 +83,7 @@ class KFACLayer:
     def g_rows(self, g: Tensor) -> Tensor:
         """The output-gradient rows, ``[N, out]`` (N as for :meth:`a_rows`)."""
         if self.conv:
-            return g.permute(0, 2, 3, 1).reshape(-1, self.out)
+            return self.batched(g).movedim(1, -1).reshape(-1, self.out)
         return g.reshape(-1, self.out)
 
 
@@ -92,40 +109,6 @@ def skip_patterns(skip_layers) -> tuple[re.Pattern, ...]:
     return tuple(out)
 
 
-def find_layers(model: nn.Module, group_of: dict[int, int],
-                patterns: tuple[re.Pattern, ...]) -> list[KFACLayer]:
-    """The layers K-FAC preconditions: every nn.Linear and nn.Conv2d (``groups == 1``) of
-    ``model``, materialised, not matched by a skip pattern (module name or class name, full
-    match), whose params are all in one param group (``group_of``: id -> group) and not tied to
-    another such layer."""
-    candidates = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            continue
-        if isinstance(module.weight, nn.parameter.UninitializedParameter):
-            continue  # lazy modules: shapes unknown here, plain update
-        cls = type(module).__name__
-        if any(p.fullmatch(name) or p.fullmatch(cls) for p in patterns):
-            continue
-        params = [module.weight] + ([module.bias] if module.bias is not None else [])
-        groups = {group_of.get(id(p)) for p in params}
-        if len(groups) != 1 or None in groups:
-            continue  # not optimised here, or split between groups: plain update
-        candidates.append((name, module, params))
-    uses: dict[int, int] = {}
-    for _, _, params in candidates:
-        for p in params:
-            uses[id(p)] = uses.get(id(p), 0) + 1
-    layers: list[KFACLayer] = []
-    for name, module, params in candidates:
-        if any(uses[id(p)] > 1 for p in params):
-            continue  # a param tied between hooked layers: plain update
-        layers.append(KFACLayer(name, module, len(layers)))
-    return layers
-
-
 def compiled_inner(model: nn.Module) -> nn.Module:
     """``model``, or the module that a ``torch.compile`` wrapper (``OptimizedModule``) of it
     wraps (so that layer names and DDP are seen through it); ValueError for a wrapper compiled
@@ -144,6 +127,89 @@ def compiled_inner(model: nn.Module) -> nn.Module:
                 "backend): steps without a factor update run whole graphs")
         model = model._orig_mod
     return model
+
+
+def _weight_bias(module: nn.Module) -> dict[str, Tensor]:
+    return {n: p for n in ("weight", "bias") if (p := getattr(module, n, None)) is not None}
+
+
+def _left_out(name: str, module: nn.Module, group_of: dict[int, int],
+              patterns: tuple[re.Pattern, ...]) -> str | None:
+    """Why ``module`` is not a K-FAC layer, or None (a candidate: it may still be tied)."""
+    if not isinstance(module, SUPPORTED):
+        return "module type not supported"
+    if getattr(module, "groups", 1) != 1:
+        return f"grouped convolution (groups={module.groups})"
+    params = _weight_bias(module)
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in params.values()):
+        return "lazy module not materialised when the optimizer was built (build the optimizer " \
+               "after a first forward)"
+    if any(p.fullmatch(name) or p.fullmatch(type(module).__name__) for p in patterns):
+        return "matched by skip_layers"
+    missing = [n for n, p in params.items() if id(p) not in group_of]
+    if missing:
+        return f"its {' and '.join(missing)} not among this optimizer's params"
+    if len({group_of[id(p)] for p in params.values()}) != 1:
+        return "weight and bias in different param groups"
+    return None
+
+
+def find_layers(model: nn.Module, group_of: dict[int, int], patterns: tuple[re.Pattern, ...],
+                warn: bool = True) -> list[KFACLayer]:
+    """The layers K-FAC preconditions: every nn.Linear, nn.Conv1d and nn.Conv2d
+    (``groups == 1``) of ``model``, materialised, not matched by a skip pattern (module name or
+    class name, full match), whose params are all in one param group (``group_of``: id ->
+    group) and not tied to another such layer.  ``warn``: one UserWarning naming every module
+    whose trainable params of the optimizer take the plain step instead, and why."""
+    candidates, why = [], {}
+    for name, module in model.named_modules():
+        reason = _left_out(name, module, group_of, patterns)
+        if reason is None:
+            candidates.append((name, module))
+        else:
+            why[name] = reason
+    owners: dict[int, list[str]] = {}
+    for name, module in candidates:
+        for p in _weight_bias(module).values():
+            owners.setdefault(id(p), []).append(name)
+    layers: list[KFACLayer] = []
+    for name, module in candidates:
+        tied = [f"{n} tied to " + ", ".join(repr(o) for o in owners[id(p)] if o != name)
+                for n, p in _weight_bias(module).items() if len(owners[id(p)]) > 1]
+        if tied:  # a param shared with another candidate: plain update for both
+            why[name] = "; ".join(tied)
+        else:
+            layers.append(KFACLayer(name, module, len(layers)))
+    if warn:
+        _warn_left_out(model, group_of, layers, why)
+    return layers
+
+
+def _warn_left_out(model: nn.Module, group_of: dict[int, int], layers: list[KFACLayer],
+                   why: dict[str, str]) -> None:
+    """One UserWarning listing each module with trainable params of the optimizer that are not
+    preconditioned (they take the plain step), with the reason; nothing if there is none."""
+    hooked = {id(l.module): l for l in layers}
+    done = {id(p) for l in layers if all(p.requires_grad for p in l.params()) for p in l.params()}
+    lines = []
+    for name, module in model.named_modules():
+        plain = [n for n, p in module.named_parameters(recurse=False)
+                 if p.requires_grad and id(p) in group_of and id(p) not in done]
+        if not plain:
+            continue
+        reason = why.get(name)
+        if reason is None:  # a K-FAC layer: a frozen param in it, or params of its own
+            frozen = not all(p.requires_grad for p in hooked[id(module)].params())
+            reason = "a frozen param (requires_grad=False) in the layer: it is preconditioned " \
+                "only when all its params have gradients" if frozen else \
+                "params besides weight and bias"
+        lines.append(f"  {name or '(the model)'} ({type(module).__name__}: "
+                     f"{', '.join(plain)}): {reason}")
+    if lines:
+        warnings.warn("KFAC: the trainable params of these modules are not preconditioned and "
+                      "take the plain SGD step (K-FAC preconditions nn.Linear, nn.Conv1d and "
+                      "nn.Conv2d with groups=1, see docs/kfac.md):\n" + "\n".join(lines),
+                      UserWarning, stacklevel=4)
 
 
 def _identity(x):
@@ -211,6 +277,7 @@ class LayerCapture:
     (pooled with the earlier passes of the step: ``decay = rows_before / rows_after``).  (Module
     full backward hooks would refuse in-place ops on the output such as ``nn.ReLU(inplace=True)``.)
     Under torch.compile the registration is a graph break (the hook runs in eager autograd).
+    RuntimeError if a layer is hooked by another live capture already.
 
     Args:
         layers: the layers to hook.
@@ -225,6 +292,13 @@ class LayerCapture:
                 and not hasattr(grad_scaler, "_get_scale_async"):
             raise ValueError(f"Invalid grad_scaler: {grad_scaler!r} (must be a "
                              "torch.amp.GradScaler, a callable returning the scale, or None)")
+        for layer in layers:
+            current = layer.module.__dict__.get("forward")
+            if isinstance(current, _CapturingForward) and current.capture_ref() is not None:
+                raise RuntimeError(
+                    f"KFAC: layer {layer.name!r} of this model is hooked by another KFAC "
+                    "already (both would capture every forward); call remove_hooks() on that "
+                    "optimizer, or drop it, before creating a new one")
         self.layers = layers
         self._factors = factors
         self._grad_scaler = grad_scaler
@@ -330,7 +404,7 @@ class LayerCapture:
         decay, w = layer.rows / total, 1.0 / total
         g_scale = 1.0
         if self.batch_averaged:  # undo the loss's mean: per-sample gradients
-            batched = grad.dim() > (3 if layer.conv else 1)
+            batched = grad.dim() > layer.spatial + 1
             g_scale = float((grad.shape[0] if batched else 1) * self.accumulation_steps) ** 2
         factors.stage(layer, a, g, decay, w, g_scale)
         layer.rows = total

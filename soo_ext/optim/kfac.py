@@ -42,11 +42,11 @@ class KFAC(Optimizer):
     defaults of KAISA (Pauloski et al. 2021), as one optimizer: the preconditioner and SGD with
     momentum in one ``step()``.
 
-    Every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (compiled or not) whose params are
-    optimised here (in one group, not tied) is preconditioned by ``(A ⊗ G + damping)^{-1}`` from
-    running averages of its activation and output-gradient statistics, captured by hooks; the
-    direction is KL-clipped and taken by SGD with momentum; the other params take exactly
-    ``torch.optim.SGD``'s step.
+    Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` of ``model`` (compiled or not) whose
+    params are optimised here (in one group, not tied) is preconditioned by
+    ``(A ⊗ G + damping)^{-1}`` from running averages of its activation and output-gradient
+    statistics, captured by hooks; the direction is KL-clipped and taken by SGD with momentum;
+    the other params take exactly ``torch.optim.SGD``'s step (a warning names their modules).
     Factors of one size share one bucket (one op call per size). Gradient accumulation, AMP
     (``grad_scaler=``), data parallelism (DDP: statistics averaged, decompositions spread over
     the ranks), non-finite steps skipped on the device: see docs/kfac.md for all of it.

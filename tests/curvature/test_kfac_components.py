@@ -33,14 +33,18 @@ def test_find_layers_skips_what_it_must():
     tied = nn.Linear(3, 3)
     tied.weight = net[0].weight
     net.append(tied)
-    found = find_layers(net, {id(p): 0 for p in net.parameters()
-                              if not isinstance(p, nn.parameter.UninitializedParameter)}, ())
+    net.append(nn.Conv1d(2, 2, 3))
+    group_of = {id(p): 0 for p in net.parameters()}
+    with pytest.warns(UserWarning, match="not preconditioned") as caught:
+        found = find_layers(net, group_of, ())
     # net[0] and tied share a weight; the grouped conv, the lazy layer and LayerNorm are left out
-    assert [l.name for l in found] == ["3"]
+    assert [l.name for l in found] == ["3", "6"] and found[1].spatial == 1
+    assert [line.split(" (")[0].strip() for line in str(caught[0].message).splitlines()[1:]] \
+        == ["0", "1", "2", "4", "5"]
     split = {id(net[3].weight): 0, id(net[3].bias): 1}
-    assert find_layers(net, split, ()) == []  # weight and bias in different groups
+    assert find_layers(net, split, (), warn=False) == []  # weight and bias in different groups
     assert [l.name for l in find_layers(model(), {id(p): 0 for p in model().parameters()},
-                                        skip_patterns(["2", "Lin.*"]))] == []
+                                        skip_patterns(["2", "Lin.*"]), warn=False)] == []
 
 
 def test_skip_patterns_refuse_bad_input():
@@ -51,20 +55,30 @@ def test_skip_patterns_refuse_bad_input():
     assert isinstance(skip_patterns(["a", "b"])[1], re.Pattern)
 
 
+@pytest.mark.parametrize("dims", [1, 2])
 @pytest.mark.parametrize("padding_mode,padding", [("zeros", 1), ("reflect", 1), ("zeros", "same"),
                                                   ("circular", (1, 2))])
-def test_conv_rows_are_the_patches(padding_mode, padding):
+def test_conv_rows_are_the_patches(padding_mode, padding, dims):
     torch.manual_seed(0)
-    conv = nn.Conv2d(2, 3, (3, 2), padding=padding, padding_mode=padding_mode, dilation=1).to(F64)
+    if dims == 1:
+        padding = padding[1] if isinstance(padding, tuple) else padding
+        conv = nn.Conv1d(2, 3, 3, padding=padding, padding_mode=padding_mode).to(F64)
+    else:
+        conv = nn.Conv2d(2, 3, (3, 2), padding=padding, padding_mode=padding_mode).to(F64)
     layer = layers_of(nn.Sequential(conv))[0]
-    x = torch.randn(2, 2, 5, 6, dtype=F64)
+    assert layer.spatial == dims and layer.fan_in == conv.weight[0].numel()
+    x = torch.randn(2, 2, 5, 6, dtype=F64)[:, :, 0] if dims == 1 else \
+        torch.randn(2, 2, 5, 6, dtype=F64)
     a = layer.a_rows(x)
-    # the rows reproduce the convolution: out[n, :, i, j] = W a_row + b
+    # the rows reproduce the convolution: out[n, :, i, j] = W a_row + b (positions last)
     out = conv(x)
     W = torch.cat([conv.weight.reshape(3, -1), conv.bias[:, None]], 1)
-    torch.testing.assert_close(a @ W.T, out.permute(0, 2, 3, 1).reshape(-1, 3))
+    torch.testing.assert_close(a @ W.T, out.movedim(1, -1).reshape(-1, 3))
     g = torch.randn_like(out)
-    assert torch.equal(layer.g_rows(g), g.permute(0, 2, 3, 1).reshape(-1, 3))
+    assert torch.equal(layer.g_rows(g), g.movedim(1, -1).reshape(-1, 3))
+    # an unbatched input: the rows of a batch of one
+    assert torch.equal(layer.a_rows(x[1]), layer.a_rows(x[1:]))
+    assert torch.equal(layer.g_rows(g[1]), layer.g_rows(g[1:]))
 
 
 # ---- layout --------------------------------------------------------------------------------- #
@@ -263,9 +277,12 @@ def test_capture_stages_only_when_due_and_training():
     assert not any(l.captures for l in layers)
     # each layer's forward is wrapped (an instance attribute) while the capture is attached
     assert all("forward" in vars(l.module) for l in layers)
+    with pytest.raises(RuntimeError, match="remove_hooks"):
+        LayerCapture(layers[1:2], store.get)
     capture.remove()
     assert not any("forward" in vars(l.module) for l in layers)
     net(x).sum().backward()
     assert not any(l.captures for l in layers)
+    LayerCapture(layers[1:2], store.get).remove()  # fine now
     with pytest.raises(ValueError, match="grad_scaler"):
         LayerCapture(layers, store.get, grad_scaler=3)

@@ -8,6 +8,7 @@ import functools
 import gc
 import math
 import pickle
+import warnings
 import weakref
 
 import pytest
@@ -165,6 +166,104 @@ def test_conv2d_factors_by_hand(conv_args):
     assert torch.equal(opt.state[head.weight]["A"], torch.eye(2, dtype=torch.float64))
 
 
+def patches1d(x, conv):
+    """The patch rows of a Conv1d by explicit loops (padding by F.pad as the module does)."""
+    pad = conv._reversed_padding_repeated_twice
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x, pad, mode=mode)
+    (k,), (s,), (d,) = conv.kernel_size, conv.stride, conv.dilation
+    Lo = (xp.shape[2] - d * (k - 1) - 1) // s + 1
+    rows = [xp[n, :, j * s:j * s + d * (k - 1) + 1:d].reshape(-1)
+            for n in range(x.shape[0]) for j in range(Lo)]
+    return torch.stack(rows), Lo
+
+
+CONV1D_ARGS = [
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=4, padding="same", dilation=2, padding_mode="reflect"),
+    dict(kernel_size=2, stride=3, padding=2, padding_mode="circular", bias=False),
+    dict(kernel_size=5, padding="valid", dilation=1, padding_mode="replicate"),
+]
+
+
+@pytest.mark.parametrize("conv_args", CONV1D_ARGS)
+def test_conv1d_factors_by_hand(conv_args):
+    """A Conv1d's rows: one per sample and output position, the patch of C x k inputs (as a
+    Conv2d's with a unit height)."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 3, **conv_args).double()
+    opt = KFAC(conv, factor_dtype=torch.float64)
+    x = torch.randn(3, 2, 11, dtype=torch.float64)
+    out = conv(x)
+    out.retain_grad()
+    (out.sin().sum() / len(x)).backward()
+    P, Lo = patches1d(x, conv)
+    assert out.shape[2] == Lo
+    ref = (P @ conv.weight.reshape(3, -1).T).reshape(len(x), Lo, 3).permute(0, 2, 1)
+    if conv.bias is not None:
+        ref = ref + conv.bias[:, None]
+        P = torch.cat([P, torch.ones(len(P), 1, dtype=P.dtype)], 1)
+    torch.testing.assert_close(ref, out, rtol=1e-12, atol=1e-12)  # the loops are the conv
+    opt.step()
+    g = out.grad.permute(0, 2, 1).reshape(-1, 3) * len(x)
+    A = DECAY * torch.eye(P.shape[1], dtype=P.dtype) + (1 - DECAY) * (P.T @ P) / len(P)
+    G = DECAY * torch.eye(3, dtype=P.dtype) + (1 - DECAY) * (g.T @ g) / len(g)
+    st = opt.state[conv.weight]
+    torch.testing.assert_close(st["A"], A, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(st["G"], G, rtol=1e-13, atol=1e-15)
+    assert opt.layers == [("", conv)] and st["factor_updates"] == 1
+
+
+@pytest.mark.parametrize("cls,shape", [(nn.Conv1d, (2, 11)), (nn.Conv2d, (2, 5, 6))])
+def test_unbatched_conv_input_is_a_batch_of_one(cls, shape):
+    x = torch.randn(*shape, dtype=torch.float64)
+    states = []
+    for inp in (x, x[None]):
+        torch.manual_seed(0)
+        conv = cls(2, 3, 3, padding=1).double()
+        opt = KFAC(conv, factor_dtype=torch.float64)
+        conv(inp).pow(2).sum().backward()
+        opt.step()
+        states.append(opt.state[conv.weight])
+    for key in ("A", "G"):
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+@pytest.mark.parametrize("mode", ["eigen", "inverse"])
+@pytest.mark.parametrize("conv_args", CONV1D_ARGS[:3])
+def test_conv1d_runs_as_a_conv2d_with_unit_height(conv_args, mode):
+    """The same network with a Conv1d and with the equivalent Conv2d (kernel (1, k), the input
+    viewed as [N, C, 1, L]): the same factors, decompositions and params after a few steps."""
+    kw = {k: v for k, v in conv_args.items() if k in ("bias", "padding_mode")}
+    (k,), (s,), (d,) = [nn.modules.utils._single(conv_args.get(n, 1))
+                        for n in ("kernel_size", "stride", "dilation")]
+    pad = conv_args.get("padding", 0)
+    pad2 = pad if isinstance(pad, str) else (0, pad)
+    torch.manual_seed(0)
+    c1 = nn.Conv1d(2, 3, k, stride=s, dilation=d, padding=pad, **kw).double()
+    c2 = nn.Conv2d(2, 3, (1, k), stride=(1, s), dilation=(1, d), padding=pad2, **kw).double()
+    with torch.no_grad():
+        c2.weight.copy_(c1.weight[:, :, None])
+        if c1.bias is not None:
+            c2.bias.copy_(c1.bias)
+    L = c1(torch.zeros(1, 2, 11, dtype=torch.float64)).shape[-1]
+    heads = [nn.Linear(3 * L, 4).double() for _ in range(2)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    nets = [nn.Sequential(c1, nn.Tanh(), nn.Flatten(), heads[0]),
+            nn.Sequential(nn.Unflatten(2, (1, 11)), c2, nn.Tanh(), nn.Flatten(), heads[1])]
+    opts = [KFAC(net, mode=mode, factor_dtype=torch.float64, inv_update_steps=2) for net in nets]
+    for batch in batches(4, shape=(5, 2, 11), classes=4):
+        for net, opt in zip(nets, opts):
+            train(opt, net, [batch])
+    st1, st2 = opts[0].state[c1.weight], opts[1].state[c2.weight]
+    assert st1.keys() == st2.keys() and st1["factor_updates"] == 4
+    for key in st1:  # (momentum_buffer: of the weight's shape)
+        a, b = torch.as_tensor(st1[key]), torch.as_tensor(st2[key])
+        torch.testing.assert_close(a, b.reshape(a.shape), rtol=1e-12, atol=1e-14, msg=key)
+    torch.testing.assert_close(c1.weight, c2.weight[:, :, 0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(heads[0].weight, heads[1].weight, rtol=1e-12, atol=1e-14)
+
+
 # ---------------------------------------------------------------------------------------------
 # Preconditioned gradient against a dense computation
 
@@ -270,6 +369,103 @@ def test_plain_layers_match_sgd(on_nonfinite):
         sgd.step()
         assert all(torch.equal(p, s) for p, s in zip(plain, shadow))
     assert opt.state[model.fc.weight]["factor_updates"] == 5
+
+
+def left_out_warnings(build):
+    """What ``build()`` returns and the warnings it gave about layers left out."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = build()
+    return result, [w for w in caught if "not preconditioned" in str(w.message)]
+
+
+class Tagger(nn.Module):
+    """An Embedding, an LSTM and a Linear head: K-FAC preconditions the head only."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, tokens):
+        return self.head(self.lstm(self.emb(tokens))[0])
+
+
+def test_warns_once_naming_the_layers_left_out():
+    torch.manual_seed(0)
+    opt, found = left_out_warnings(lambda: KFAC(Tagger()))
+    assert [n for n, _ in opt.layers] == ["head"]
+    assert len(found) == 1 and found[0].category is UserWarning
+    assert found[0].filename == __file__  # points at the KFAC(...) line
+    assert str(found[0].message).splitlines()[1:] == [
+        "  emb (Embedding: weight): module type not supported",
+        "  lstm (LSTM: weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0): module type not "
+        "supported"]
+
+
+class Scaled(nn.Linear):
+    """A Linear with one more param (K-FAC preconditions weight and bias, not ``scale``)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_warning_gives_each_reason():
+    torch.manual_seed(0)
+    model = Mixed()  # the module itself (free), emb, norm, skipped, grouped, bil
+    model.lazy = nn.LazyLinear(3)
+    model.tied_a, model.tied_b = nn.Linear(3, 3), nn.Linear(3, 3)
+    model.tied_b.weight = model.tied_a.weight
+    model.split = nn.Linear(3, 3)  # weight and bias in two groups
+    model.no_bias = nn.Linear(3, 3)  # its bias not given to the optimizer
+    model.frozen_weight = nn.Linear(3, 3)
+    model.frozen_weight.weight.requires_grad_(False)
+    model.scaled = Scaled(3, 3)
+    model.conv1d = nn.Conv1d(2, 2, 3)
+    model.frozen = nn.Linear(3, 3).requires_grad_(False)  # nothing to train: not listed
+    model.elsewhere = nn.Linear(3, 3)  # not optimised by this optimizer at all: not listed
+    left = {id(model.split.bias), id(model.no_bias.bias)} | {id(p) for p in
+                                                             model.elsewhere.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in left]},
+              {"params": [model.split.bias], "lr": 0.01}]
+    opt, found = left_out_warnings(lambda: KFAC(model, skip_layers=["skipped"], params=groups))
+    assert [n for n, _ in opt.layers] == ["fc", "conv", "frozen_weight", "scaled", "conv1d",
+                                          "frozen"]
+    assert len(found) == 1
+    assert str(found[0].message).splitlines()[1:] == [
+        "  (the model) (Mixed: free): module type not supported",
+        "  emb (Embedding: weight): module type not supported",
+        "  norm (LayerNorm: weight, bias): module type not supported",
+        "  skipped (Linear: weight, bias): matched by skip_layers",
+        "  grouped (Conv2d: weight, bias): grouped convolution (groups=2)",
+        "  bil (Bilinear: weight, bias): module type not supported",
+        "  lazy (LazyLinear: weight, bias): lazy module not materialised when the optimizer was "
+        "built (build the optimizer after a first forward)",
+        "  tied_a (Linear: weight, bias): weight tied to 'tied_b'",
+        "  tied_b (Linear: weight, bias): weight tied to 'tied_a'",
+        "  split (Linear: weight, bias): weight and bias in different param groups",
+        "  no_bias (Linear: weight): its bias not among this optimizer's params",
+        "  frozen_weight (Linear: bias): a frozen param (requires_grad=False) in the layer: it "
+        "is preconditioned only when all its params have gradients",
+        "  scaled (Scaled: scale): params besides weight and bias"]
+
+
+def test_no_warning_when_every_trained_layer_is_preconditioned():
+    torch.manual_seed(0)
+    conv1d = nn.Sequential(nn.Conv1d(1, 4, 5, padding=2), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(160, 10))
+    norm = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    norm[1].requires_grad_(False)  # frozen: nothing falls back
+    frozen = mlp()
+    for model, kwargs in ((mlp(), {}), (conv1d, {}), (norm, {}),
+                          (frozen, {"params": frozen[2].parameters()})):  # only [2] optimised
+        _, found = left_out_warnings(lambda: KFAC(model, **kwargs))
+        assert found == []
 
 
 def test_tied_layers_are_left_out():
@@ -433,6 +629,28 @@ def test_remove_hooks():
     gc.collect()
     assert ref() is None and "forward" not in vars(model[0])
     backward(model, data[0])
+
+
+def test_second_kfac_on_a_hooked_model_raises():
+    model = mlp()
+    data = batches(3)
+    first = KFAC(model)
+    with pytest.raises(RuntimeError, match=r"layer '0' of this model is hooked by another KFAC "
+                       r"already.*call remove_hooks\(\) on that optimizer"):
+        KFAC(model)
+    with pytest.raises(RuntimeError, match="layer '2'"):
+        KFAC(model, params=model[2].parameters())  # one layer in common is enough
+    train(first, model, data[:1])  # the first one is untouched
+    assert first.state[model[0].weight]["factor_updates"] == 1
+    first.remove_hooks()
+    second = KFAC(model)  # after remove_hooks()
+    train(second, model, data[1:2])
+    del second
+    gc.collect()
+    third = KFAC(model)  # once the other one is dropped
+    train(third, model, data[2:])
+    assert third.state[model[2].weight]["factor_updates"] == 1
+    assert first.state[model[0].weight]["factor_updates"] == 1
 
 
 def test_copied_or_pickled_model_is_not_hooked():
@@ -606,10 +824,18 @@ def mnist1d_cnn():
                          nn.Linear(320, 10))
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def mnist1d_conv1d():
+    """The MNIST-1D signals as [N, 1, 40] (Conv1d, as the dataset's own CNN)."""
+    return nn.Sequential(nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 8, 5, padding=2), nn.ReLU(),
+                         nn.Conv1d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(160, 10))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "conv1d"])
 @pytest.mark.parametrize("mode", ["eigen", "inverse"])
 def test_decreases_training_loss_on_mnist1d(mnist1d, arch, mode):
-    make_model = functools.partial(mnist1d_mlp, hidden=64) if arch == "mlp" else mnist1d_cnn
+    make_model = {"mlp": functools.partial(mnist1d_mlp, hidden=64), "cnn": mnist1d_cnn,
+                  "conv1d": mnist1d_conv1d}[arch]
     initial, final, _ = train_mnist1d(mnist1d, make_model, lambda m: KFAC(m, lr=0.1, mode=mode),
                                       50)
     assert math.isfinite(final) and final < 0.65 * initial
