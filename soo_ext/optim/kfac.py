@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
 from .._support.errors import NonFiniteError
-from .._support.guard import SkipGuard
+from .._support.guard import SkipGuard, SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
@@ -98,6 +98,7 @@ class KFAC(Optimizer):
         self._store = FactorStore(KFACLayout(self._layers))
         self._capture = LayerCapture(self._layers, self._store.get, grad_scaler)
         self._in_state: KFACFactors | None = None  # the factors whose views the state holds
+        self._skips = SkipWarner("KFAC")
         self._between_steps()
 
     @property
@@ -140,14 +141,15 @@ class KFAC(Optimizer):
         """One step; ``closure`` (optional) runs forward and backward and returns the loss."""
         loss = call_closure(closure)
         params = all_params(self)
-        if not params:
-            return loss
+        if not any(p.grad is not None for p in params):
+            return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
         OPTIONS.check_groups(self.param_groups)
         o, group_of = self.param_groups[0], group_index(self)
         self._store.configure(o["mode"], o["factor_dtype"], o["damping"])
         check_dense_grads(params, "KFAC")
         factors, glob = self._factors(), self._global_state()
         k = glob["step"]
+        self._skips.watch(glob["nonfinite_steps"])
         factor_step = self._capture.active and k % o["factor_update_steps"] == 0
         with_grads = [l for l in self._layers if l.has_grads()] if factors else []
         self._capture.check(factor_step, bool(with_grads))
