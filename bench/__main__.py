@@ -1,31 +1,28 @@
-"""``python -m bench [micro|step|train|drsom|precond|spread|demo] ...``; no subcommand runs the demo."""
+"""``python -m bench [demo|micro|step|train|drsom|precond|spread] ...``; no subcommand runs the
+demo.  Every run prints the machine first and the load during the run last."""
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
 
-from . import drsom, micro, precond, spread, step, train
+from . import common, demo, drsom, micro, precond, spread, step, train
 
-# A couple of minutes on a 2-core CPU: every op and dtype at three sizes up to n = 4M (the DRSOM
-# ops add some 20 s).
-DEMO_ARGS = ["micro", "--n", "100k", "1M", "4M", "--min-run-time", "0.3"]
+SUBCOMMANDS = {"demo": demo, "micro": micro, "step": step, "train": train, "drsom": drsom,
+               "precond": precond, "spread": spread}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmarks of soo_ext against torch.optim, the pure-PyTorch "
-                    "references and its own DRSOM modes.  Without a subcommand: the demo (" + " ".join(DEMO_ARGS) + ").",
+        description="Benchmarks of soo_ext against torch.optim, the pure-PyTorch references and "
+                    "its own DRSOM modes.  Without a subcommand: the demo (python -m bench demo, "
+                    "about a minute).  Times and speed-up ratios vary with the CPU and its load: "
+                    "every run prints the machine and the load during the run.",
         epilog=micro.BYTES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    subparsers = parser.add_subparsers(dest="command", metavar="{micro,step,train,drsom,precond,spread,demo}")
-    micro.add_parser(subparsers)
-    step.add_parser(subparsers)
-    train.add_parser(subparsers)
-    drsom.add_parser(subparsers)
-    precond.add_parser(subparsers)
-    spread.add_parser(subparsers)
-    subparsers.add_parser("demo", help="python -m bench " + " ".join(DEMO_ARGS))
+    subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for module in SUBCOMMANDS.values():
+        module.add_parser(subparsers)
     return parser
 
 
@@ -33,10 +30,14 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], dict]:
     """Runs the command; returns its records and environment (for tests and notebooks)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in (None, "demo"):
-        args = parser.parse_args(DEMO_ARGS)
-    return {"micro": micro.run, "step": step.run, "train": train.run,
-            "drsom": drsom.run, "precond": precond.run, "spread": spread.run}[args.command](args)
+    if args.command is None:
+        args = parser.parse_args(["demo"])
+    meter = common.start_run(reset=True)
+    print(common.machine_line(), flush=True)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    finally:
+        print(common.load_line(meter.read()))
 
 
 def _interrupt(signum, frame):

@@ -68,8 +68,8 @@ may pass --max-steps) and after every step() call for the full-batch ones, and a
 (case, optimizer, lr) runs once per seed (--seeds): torch.manual_seed(seed) before the model is
 built (so every optimizer starts from the same weights for a seed), and the seed also orders the
 minibatches.  An untimed warm-up step per (case, optimizer) on a throwaway model comes first.
-By default that is 3 cases x 29 settings x 3 seeds = 261 runs of about 10 s (fewer when BFGS or
-a peer is skipped): some 50-60 minutes.
+By default every setting above runs on the 3 cases with 3 seeds, about 10 s a run (fewer runs
+when BFGS or a peer is skipped): about an hour.
 
 Best learning rate per (case, optimizer): the most seeds reaching the target, then the smallest
 mean wall-clock to target, then the highest mean final test accuracy.

@@ -6,13 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import micro
+from bench import common, demo, micro
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def load(path):
     payload = json.loads(Path(path).read_text())
     env = payload["environment"]
-    for key in ("date", "torch_version", "devices", "cpu_count", "soo_ext"):
+    for key in ("date", "torch_version", "devices", "cpu_count", "machine", "load", "soo_ext"):
         assert key in env
     assert "extension_loaded" in env["soo_ext"]
     return payload
@@ -144,10 +145,66 @@ def test_step_writes_records_and_plot(tmp_path):
 
 def test_no_subcommand_runs_the_demo(monkeypatch):
     seen = []
-    monkeypatch.setattr(micro, "run", lambda args: seen.append(args) or ([], {}))
+    monkeypatch.setattr(demo, "run", lambda args: seen.append(args) or ([], {}))
     cli.main([])
     cli.main(["demo"])
-    assert len(seen) == 2 and all(args.command == "micro" and args.n for args in seen)
+    assert len(seen) == 2 and all(args.command == "demo" for args in seen)
+
+
+def test_demo_prints_one_table_with_the_machine_and_its_load(tmp_path, capsys):
+    pytest.importorskip("mnist1d")
+    out = tmp_path / "demo.json"
+    records, _ = cli.main(["demo", "--quick", "--json", str(out)])
+    printed = capsys.readouterr().out
+    rows = [r for r in records if "what" in r]
+    assert [r["what"].split(",")[0].split(" (")[0] for r in rows] == [
+        "L-BFGS direction", "L-BFGS direction", "MNIST-1D CNN to 0.8 test accuracy"]
+    for row in rows[:2]:
+        assert row["soo_ms"] > 0 and row["torch_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["torch_ms"] / row["soo_ms"])
+    runs = [r for r in records if "optimizer" in r]
+    assert {r["optimizer"] for r in runs} == {"soo_ext.KFAC", "torch.optim.AdamW"}
+    lines = printed.splitlines()
+    assert lines[0].startswith("machine: ") and "cores" in lines[0] and "load average" in lines[0]
+    assert lines[-1].startswith("load during the run") and "vary with the CPU and its load" in lines[-1]
+    assert printed.count("soo_ext against torch") == 1  # one table
+    env = load(out)["environment"]
+    assert env["machine"]["cores"] == os.cpu_count() and env["load"]["seconds"] > 0
+
+
+def test_bench_does_not_import_cpp_extension():
+    """torch.utils.cpp_extension looks for a CUDA toolkit on import (on a machine without a GPU it
+    warns "No CUDA runtime is found" on every start); torch.utils.benchmark imports it."""
+    code = ("import sys, bench.__main__\n"
+            "bad = [m for m in sys.modules if m.startswith(('torch.utils.cpp_extension', "
+            "'torch.utils.benchmark'))]\n"
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "No CUDA runtime" not in done.stderr
+
+
+def test_block_size_follows_blocked_autorange():
+    """The first power of ten whose block lasts min_run_time / 1000 (timer overhead negligible),
+    or a block longer than min_run_time."""
+    assert common.block_size(lambda: time.sleep(0.02), 0.01) == 1  # longer than min_run_time
+    assert common.block_size(lambda: time.sleep(0.002), 0.1) in (1, 10, 100)  # 100: 0.2 s > 0.1
+    assert common.block_size(lambda: None, 1.0) >= 1000
+    medians = common.time_medians({"a": lambda: time.sleep(0.001), "b": lambda: None}, 0.05, 2)
+    assert medians["a"] >= 0.001 > medians["b"] > 0
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="no /proc/stat")
+def test_load_meter_counts_the_other_processes():
+    meter = common.LoadMeter()
+    busy = subprocess.Popen([sys.executable, "-c",
+                             "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    time.sleep(1.0)  # this process idles; the (not yet reaped) child spins
+    reading = meter.read()
+    busy.wait()
+    assert reading["other_cores"] >= 0.5 and reading["own_cores"] < 0.5, reading
+    assert "other processes kept" in common.load_line(reading)
 
 
 def test_help_documents_the_bandwidth_formula():
