@@ -103,16 +103,45 @@ def write_build_header(info: dict) -> None:
 
 
 class BuildWithInfo(BuildExtension):
-    """Generates the build-info header, builds, then writes soo_ext/_build_info.json (read by
-    soo_ext.ops before it imports the module)."""
+    """Generates the build-info header, builds, then writes _build_info.json (read by
+    soo_ext.ops before it imports the module) next to the module: in the build directory, and in
+    soo_ext/ when the module is built in place (build_ext --inplace, editable installs)."""
+
+    def build_extensions(self):
+        # build_ext adds the virtual environment's include directory (for headers that packages
+        # install there; this module uses none): without it the compile commands are the same
+        # in every environment of this Python, so that `pip install --no-build-isolation .` in
+        # another one reuses the objects of `make build` (ninja compares the commands).
+        venv_include = os.path.join(sys.exec_prefix, "include")
+        if sys.exec_prefix != sys.base_exec_prefix and venv_include in self.compiler.include_dirs:
+            self.compiler.include_dirs.remove(venv_include)
+        super().build_extensions()
 
     def run(self):
         write_build_header(BUILD_INFO)
         super().run()
         text = json.dumps(BUILD_INFO, indent=1) + "\n"
-        for target in {ROOT / "soo_ext", Path(self.build_lib) / "soo_ext"}:
+        targets = {Path(self.build_lib) / "soo_ext"}
+        if self.inplace or getattr(self, "editable_mode", False):
+            targets.add(ROOT / "soo_ext")
+        for target in targets:
             if target.is_dir():
-                (target / "_build_info.json").write_text(text)
+                replace_file(target / "_build_info.json", text)
+
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        """The in-place copy of the module replaces the file instead of rewriting it: a process
+        that has the old module loaded (a test run, a notebook) keeps it intact (rewriting a
+        loaded shared library in place crashes such a process)."""
+        replace_file(Path(outfile), Path(infile).read_bytes())
+        shutil.copymode(infile, outfile)
+        return outfile, True
+
+
+def replace_file(path: Path, content: str | bytes) -> None:
+    """Writes ``content`` to a new file that then replaces ``path`` (a new inode)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+    os.replace(tmp, path)
 
 
 WITH_CUDA = cuda_wanted()
@@ -121,7 +150,9 @@ BUILD_INFO = describe_build(WITH_CUDA, ARCHS)
 print(f"soo_ext: CUDA kernels {'on, TORCH_CUDA_ARCH_LIST=' + ARCHS if WITH_CUDA else 'off'}", file=sys.stderr)
 
 sources = ["csrc/soo_ext.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
-extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-Wno-psabi"]}
+# -g0: Python's own flags ask for debug information, which takes 60 % of a CPU source's compile
+# time and most of the module's size
+extra_compile_args = {"cxx": ["-O3", "-g0", "-fopenmp", "-Wno-psabi"]}
 extension = CppExtension
 if WITH_CUDA:
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
