@@ -6,10 +6,10 @@ import argparse
 import signal
 import sys
 
-from . import common, demo, drsom, micro, precond, spread, step, train
+from . import bfgs, common, demo, drsom, micro, precond, spread, step, train
 
 SUBCOMMANDS = {"demo": demo, "micro": micro, "step": step, "train": train, "drsom": drsom,
-               "precond": precond, "spread": spread}
+               "precond": precond, "spread": spread, "bfgs": bfgs}
 
 
 def build_parser() -> argparse.ArgumentParser:

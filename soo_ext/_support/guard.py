@@ -2,6 +2,8 @@
 the masking that makes a skipped step change nothing."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import torch
@@ -10,6 +12,21 @@ from torch import Tensor
 from .errors import NonFiniteError
 
 __all__ = ["SkipGuard", "SkipWarner", "all_finite", "max_abs"]
+
+# soo_ext's and torch's own frames (step() runs under torch's decorators): a warning names the
+# first frame outside them, the user's call of step()
+_INTERNAL = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside soo_ext and torch, for a warning issued by
+    the caller of this function."""
+    level, frame = 1, sys._getframe(1)
+    while (frame.f_back is not None
+           and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def max_abs(v: Tensor) -> Tensor:
@@ -81,20 +98,21 @@ class SkipWarner:
     few late).  :meth:`skipped` is for the optimizers that know it on the host.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, counted: bool = True) -> None:
         self.name = name
+        self.counted = counted  # the optimizer counts skips in state['nonfinite_steps']
         self.warned = False
         self._baseline: int | None = None  # the count when watching began (a resumed run)
         self._copy: tuple[Tensor, object] | None = None  # (pinned copy, its CUDA event)
 
-    def skipped(self, stacklevel: int = 4) -> None:
-        """A step was skipped (``stacklevel``: from here to the caller of ``step()``)."""
+    def skipped(self) -> None:
+        """A step was skipped (the warning names the line that called ``step()``)."""
         if not self.warned:
             self.warned = True
+            counter = "state['nonfinite_steps'] counts the skipped steps; " if self.counted else ""
             warnings.warn(f"{self.name}: a step was skipped because its loss or gradient was not "
-                          "finite (state['nonfinite_steps'] counts the skipped steps; "
-                          "on_nonfinite='raise' raises instead); later skips are not reported",
-                          RuntimeWarning, stacklevel=stacklevel)
+                          f"finite ({counter}on_nonfinite='raise' raises instead); later skips "
+                          "are not reported", RuntimeWarning, stacklevel=_user_stacklevel())
 
     def watch(self, counter: Tensor) -> None:
         """Call at the start of a step, before it may update ``counter``."""
@@ -115,7 +133,7 @@ class SkipWarner:
         if self._baseline is None:
             self._baseline = count
         elif count > self._baseline:
-            self.skipped(stacklevel=5)
+            self.skipped()
 
     def _read_copy(self) -> int | None:
         if self._copy is None or not self._copy[1].query():

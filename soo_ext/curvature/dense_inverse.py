@@ -14,9 +14,17 @@ class DenseInverseHessian:
     :class:`soo_ext.LBFGSHistory`.
 
     ``push`` stores a pair; the BFGS update it implies is applied by the next ``direction`` call,
-    fused with the product ``H g`` (H is read once and written once).  Before the first update
-    H is rescaled to ``(y.s / y.y) I`` (Nocedal & Wright, eq. 6.20), so that the first quasi-Newton
-    step has the right length; until then ``H = I``.  Nothing here synchronises with the host.
+    fused with the product ``H g`` (H is read once and written once).  ``H = I`` until the first
+    pair.  Two optional treatments of the matrix the update is applied to, chosen per push:
+
+    * ``rescale_first`` (default): before the first update H is rescaled to ``(y.s / y.y) I``
+      (Nocedal & Wright, eq. 6.20), so that the first quasi-Newton step has the length of a
+      secant step along ``s``;
+    * ``h_scale``: H is multiplied by this factor (``>= 1``) before the update: the restricted
+      self-scaling :class:`soo_ext.BFGS` uses with its line search (see docs/bfgs.md).  It costs
+      one extra pass over H (read and write) when the factor is not 1.
+
+    Nothing here synchronises with the host.
     """
 
     def __init__(self, n: int, dtype: torch.dtype = torch.float32,
@@ -25,19 +33,25 @@ class DenseInverseHessian:
         self.s = torch.zeros(n, dtype=dtype, device=device)
         self.y = torch.zeros_like(self.s)
         self._pending = False  # s, y hold a pair whose update is not applied yet
-        self._scaled = False   # H has been rescaled by the first pair
+        self._scaled = False   # a pair has been pushed (H no longer the initial identity)
 
-    def push(self, s: Tensor, y: Tensor, s_scale: float | Tensor = 1.0) -> None:
-        """Store the pair (s_scale·s, y); the caller has checked that y.s > 0."""
+    def push(self, s: Tensor, y: Tensor, s_scale: float | Tensor = 1.0, *,
+             rescale_first: bool = True, h_scale: float = 1.0) -> None:
+        """Store the pair (s_scale·s, y); the caller has checked that y.s > 0.
+
+        Before its update is applied, H becomes ``(y.s / y.y) I`` if this is the first pair and
+        ``rescale_first``; otherwise H is multiplied by ``h_scale`` (a host float ``>= 1``)."""
         if self._pending:  # two pushes in a row: apply the first update now
             self.direction(torch.zeros_like(self.s))
         torch.mul(s, s_scale, out=self.s)
         self.y.copy_(y)
-        if not self._scaled:
+        if not self._scaled and rescale_first:
             gamma = torch.dot(self.y, self.s) / torch.dot(self.y, self.y)
             self.H.zero_()
             self.H.diagonal().copy_(gamma.expand(self.s.shape[0]))
-            self._scaled = True
+        elif h_scale != 1.0:
+            self.H.mul_(h_scale)
+        self._scaled = True
         self._pending = True
 
     def direction(self, g: Tensor) -> tuple[Tensor, Tensor]:

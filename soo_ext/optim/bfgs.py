@@ -1,12 +1,14 @@
 """Dense BFGS for small models and classical problems, on the fused ``soo::bfgs_direction`` op."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .._support.options import Int
 from ..curvature.dense_inverse import DenseInverseHessian
-from .quasi_newton import QuasiNewton
+from .quasi_newton import _C2, QuasiNewton, _Eval, _Run
 
 __all__ = ["BFGS"]
 
@@ -46,6 +48,8 @@ class BFGS(QuasiNewton):
 
     STATE_KEY = "inverse_hessian"
     OPTIONS = QuasiNewton.OPTIONS.extend({"max_state_bytes": Int(1)})
+    PAIR_SLOPE = True
+    STOP_ON_FAILED_SEARCH = True
 
     def __init__(self, params, lr: float | Tensor = 1, max_iter: int = 20,
                  max_eval: int | None = None, tolerance_grad: float = 1e-7,
@@ -71,3 +75,48 @@ class BFGS(QuasiNewton):
     def _new_curvature(self, n: int, dtype: torch.dtype, device: torch.device,
                        group: dict) -> DenseInverseHessian:
         return DenseInverseHessian(n, dtype, device)
+
+    # With the strong-Wolfe line search BFGS departs from torch.optim.LBFGS's iteration in three
+    # places (docs/bfgs.md, "Algorithm"); with a fixed step it keeps torch's rules.
+
+    def _pair_options(self, run: _Run, group: dict, t: float, yd: float,
+                      gd_prev: float | None) -> dict | None:
+        if group["line_search_fn"] is None:
+            return super()._pair_options(run, group, t, yd, gd_prev)
+        if gd_prev is None:
+            return None
+        # s = t d, y.s = t yd, g_prev.s = t gd_prev < 0.  The pair is stored unless y.s is at
+        # the rounding level of -g_prev.s (L-BFGS-B's test); the line search makes y.s >=
+        # (1 - c2) (-g_prev.s) otherwise.  torch's y.s > 1e-10 is an absolute threshold: near a
+        # minimiser whose loss is O(1) it skips every pair and the iteration stalls.
+        ys, sg = t * yd, t * gd_prev
+        if not ys > torch.finfo(run.layout.dtype).eps * -sg:
+            return None
+        # Restricted self-scaling (Oren & Luenberger's factor, applied only when it enlarges H):
+        # with B = H^-1, s.B.s = -t g_prev.s (B s = -t g_prev), so the factor is known on the
+        # host.  When y.s < s.B.s, H underestimates the inverse curvature along s; it is then
+        # multiplied by s.B.s / y.s before the update (at most t / (1 - c2), as only pairs of a
+        # successful search, y.s >= (1 - c2) (-g_prev.s), are scaled).  It is never shrunk:
+        # BFGS corrects a too large H within a few steps, a too small one only slowly.
+        scale = -t * sg / ys if ys >= (1 - _C2) * -sg else 1.0
+        return {"rescale_first": False, "h_scale": max(1.0, scale)}
+
+    def _line_search_budget(self, run: _Run, loss: float, gtd: float, left: int) -> int:
+        # At most 25 evaluations (torch's own default for its line search; torch.optim.LBFGS
+        # allows what is left of max_eval, so that with a large max_eval and tolerance_change=0
+        # one failing search can take thousands).  Once the decrease the direction promises to
+        # first order, -g.d, is below the rounding of the loss, no search can measure progress:
+        # only the first trial (the quasi-Newton step) is tried, and one more; a failure ends the
+        # step (STOP_ON_FAILED_SEARCH).
+        if -gtd <= torch.finfo(run.layout.dtype).eps * abs(loss):
+            return min(left, 1)
+        return min(left, 25)
+
+    def _trial_step(self, state: dict, group: dict, ev: _Eval, loss: float,
+                    prev_loss: float | None, gtd: float) -> float:
+        if group["line_search_fn"] is None or prev_loss is None:
+            return super()._trial_step(state, group, ev, loss, prev_loss, gtd)
+        # Nocedal & Wright eq. 3.60 (as scipy's BFGS): the step that would repeat the last
+        # decrease on the linear model, 1 at most; 1 when the loss did not decrease.
+        t = 1.01 * 2 * (loss - prev_loss) / gtd
+        return min(1.0, t) if t > 0 and math.isfinite(t) else 1.0

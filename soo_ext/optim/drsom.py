@@ -140,7 +140,7 @@ class DRSOM(Optimizer):
                              "which DistributedDataParallel does not reduce; give the bare "
                              "module and process_group= (DRSOM averages over it)")
         self._model = model
-        self._skips = SkipWarner("DRSOM")
+        self._skips = SkipWarner("DRSOM", counted=False)
         self._process_group = check_process_group(process_group)
         super().__init__(params, defaults)
         self._flatten()
@@ -177,7 +177,7 @@ class DRSOM(Optimizer):
         # load_state_dict comes here too: it keeps the group and the flat params; a copy or
         # unpickling has neither
         self.__dict__.setdefault("_model", None)
-        self.__dict__.setdefault("_skips", SkipWarner("DRSOM"))
+        self.__dict__.setdefault("_skips", SkipWarner("DRSOM", counted=False))
         self.__dict__.setdefault("_process_group", None)
         if "_x" not in self.__dict__:
             self._flatten()

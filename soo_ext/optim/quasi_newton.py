@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from .._support.distributed import all_reduce_mean_, check_process_group
 from .._support.errors import NonFiniteError
 from .._support.flat import FlatLayout
-from .._support.guard import max_abs
+from .._support.guard import SkipWarner, max_abs
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import all_params, check_params, load_state_dict_uncast
 from .line_search import LinePoint, strong_wolfe
@@ -22,6 +22,7 @@ from .line_search import LinePoint, strong_wolfe
 __all__ = ["QuasiNewton"]
 
 _MIN_CURVATURE = 1e-10  # a pair (s, y) is stored only if y.s exceeds this, as in torch
+_C1, _C2 = 1e-4, 0.9  # the strong-Wolfe constants of strong_wolfe (and torch)
 
 
 class _NonFinite(Exception):
@@ -42,6 +43,7 @@ class _Eval(NamedTuple):
     gsum: float | None  # sum|g|, for the first step length
     gtd: float | None   # g.d along the current direction (line-search trials)
     yd: float | None    # (g - g_prev).d: the pending pair's curvature is y.s = t * yd
+    gd_prev: float | None = None  # g_prev.d, with yd when the optimizer asks (PAIR_SLOPE)
 
 
 # Only lr may differ between param groups: there is one run over one flat vector.
@@ -105,16 +107,17 @@ class _Run:
                          for n, r in zip(self.layout.numels, ratios)])
         self.metric = (sqrt_p, inv)
 
-    def push(self, d: Tensor, g: Tensor, g_prev: Tensor, t: float) -> None:
-        """Store the pair s = t d, y = g - g_prev (mapped to the metric's variables)."""
+    def push(self, d: Tensor, g: Tensor, g_prev: Tensor, t: float, **options: Any) -> None:
+        """Store the pair s = t d, y = g - g_prev (mapped to the metric's variables);
+        ``options`` go to the curvature model's ``push``."""
         if self.y_of is None or self.y_of[0] is not g or self.y_of[1] is not g_prev:
             torch.sub(g, g_prev, out=self.y)
         self.y_of = None
         if self.metric is None:
-            self.curvature.push(d, self.y, t)
+            self.curvature.push(d, self.y, t, **options)
         else:
             sqrt_p, inv_sqrt_p = self.metric
-            self.curvature.push(d * inv_sqrt_p, self.y.mul_(sqrt_p), t)
+            self.curvature.push(d * inv_sqrt_p, self.y.mul_(sqrt_p), t, **options)
 
     def direction(self, g: Tensor) -> tuple[Tensor, float, float]:
         """``d = -H g`` and the host scalars ``g.d``, ``max|d|`` (one host sync)."""
@@ -163,12 +166,39 @@ class QuasiNewton(Optimizer):
 
     A subclass names the state entry of its curvature model (``STATE_KEY``), extends
     ``OPTIONS`` with the options of that model (they must agree between groups), and builds the
-    model: an object with ``push(s, y, s_scale)``, ``direction(g) -> (d, [g.d, max|d|])``,
-    ``state_dict()`` and ``load_state_dict()``.
+    model: an object with ``push(s, y, s_scale, **options)``, ``direction(g) -> (d, [g.d,
+    max|d|])``, ``state_dict()`` and ``load_state_dict()``.  Hooks let it depart from
+    torch.optim.LBFGS's iteration (the defaults are torch's): which pairs are stored and with
+    which ``options`` (``_pair_options``), the first trial step (``_trial_step``), the
+    evaluations a line search may make (``_line_search_budget``), and the class attributes
+    below.
     """
 
     STATE_KEY = "curvature"
     OPTIONS = OPTIONS
+    # Fetch g_prev.d with (g - g_prev).d when a pair completes (for _pair_options' gd_prev).
+    PAIR_SLOPE = False
+    # End the step when the line search returns a point that fails the strong Wolfe conditions.
+    STOP_ON_FAILED_SEARCH = False
+
+    def _pair_options(self, run: _Run, group: dict, t: float, yd: float,
+                      gd_prev: float | None) -> dict | None:
+        """Whether the pair ``s = t d``, ``y = g - g_prev`` is stored (None: skipped) and the
+        options of the curvature model's ``push``.  ``yd = y.d``, ``gd_prev = g_prev.d`` (only
+        with ``PAIR_SLOPE``).  torch's rule: ``y.s > 1e-10``."""
+        return {} if t * yd > _MIN_CURVATURE else None
+
+    def _line_search_budget(self, run: _Run, loss: float, gtd: float, left: int) -> int:
+        """The evaluations the line search may make after its first one: torch's, what is left
+        of ``max_eval`` (``left``)."""
+        return left
+
+    def _trial_step(self, state: dict, group: dict, ev: _Eval, loss: float,
+                    prev_loss: float | None, gtd: float) -> float:
+        """The first trial step along the new direction (before the lr factor): torch's
+        ``min(1, 1/|g|_1)`` at the very first iteration, 1 after it.  ``loss``, ``gtd``: at the
+        current point; ``prev_loss``: at the previous iterate (None at the first iteration)."""
+        return min(1.0, 1.0 / ev.gsum) if state["n_iter"] == 1 else 1.0
 
     def _check_curvature_params(self, params: list[Tensor], group: dict) -> None:
         """ValueError if the params do not suit the curvature options."""
@@ -185,12 +215,14 @@ class QuasiNewton(Optimizer):
         self.OPTIONS.check(defaults)
         self._process_group = check_process_group(process_group)
         self._run: _Run | None = None
+        self._skips = SkipWarner(type(self).__name__, counted=False)
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         # load_state_dict comes here too: it keeps the group; a copy or unpickling has none
         self.__dict__.setdefault("_process_group", None)
+        self.__dict__.setdefault("_skips", SkipWarner(type(self).__name__, counted=False))
         self._run = None  # rebuilt from the state at the next step
 
     def add_param_group(self, param_group: dict) -> None:
@@ -249,6 +281,8 @@ class QuasiNewton(Optimizer):
             g_prev, d = pair
             scalars.append(torch.dot(torch.sub(g, g_prev, out=run.y), d))
             run.y_of = (g, g_prev)
+            if self.PAIR_SLOPE:
+                scalars.append(torch.dot(g_prev, d))
         if isinstance(loss, Tensor) and loss.numel() != 1:
             raise ValueError(f"the closure must return a scalar loss, got shape "
                              f"{tuple(loss.shape)}")
@@ -273,15 +307,18 @@ class QuasiNewton(Optimizer):
         return _Eval(loss, -f if maximize else f, g, gmax,
                      next(rest) if gsum else None,
                      next(rest) if along is not None else None,
-                     next(rest) if pair is not None else None)
+                     next(rest) if pair is not None else None,
+                     next(rest) if pair is not None and self.PAIR_SLOPE else None)
 
     def _nonfinite(self, bad: _NonFinite, loss: Any) -> Any:
         if self.param_groups[0]["on_nonfinite"] == "raise":
             raise NonFiniteError(f"{type(self).__name__}: {bad.what}; nothing from it was stored and the params "
                                  "are at the last finite iterate (on_nonfinite='skip' skips "
                                  "such steps instead of raising)") from None
+        self._skips.skipped()
         return loss
 
+    @torch.compiler.disable  # host decisions at every iteration (see docs/architecture.md)
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
         """Perform one optimisation step (up to ``max_iter`` quasi-Newton iterations).
@@ -309,9 +346,6 @@ class QuasiNewton(Optimizer):
 
         lrs = [float(g["lr"]) for g in self.param_groups]
         lr_ref = max(lrs)
-        run.set_metric([lr / lr_ref if lr_ref > 0 else 1.0
-                       for g, lr in zip(self.param_groups, lrs) for _ in g["params"]])
-
         # A pair is pending if a step was taken along d since prev_flat_grad was evaluated.
         pending = state["n_iter"] > 0 and state["t"] != 0.0
         try:
@@ -324,6 +358,10 @@ class QuasiNewton(Optimizer):
         state["func_evals"] += 1
         if first.gmax <= group["tolerance_grad"]:
             return first.loss
+        # Per-param lr / lr_ref as a diagonal metric; 0 for a param without a gradient, which
+        # no iteration of this step moves (as torch.optim leaves such params alone).
+        run.set_metric([(lr / lr_ref if lr_ref > 0 else 1.0) if p.grad is not None else 0.0
+                        for g, lr in zip(self.param_groups, lrs) for p in g["params"]])
         try:
             self._iterate(closure, state, run, group, lr_ref, first)
         except BaseException as exc:
@@ -350,15 +388,19 @@ class QuasiNewton(Optimizer):
 
             # Curvature pair completed by the current gradient, then the new direction.
             t_prev = state.get("t", 0.0)
-            if yd is not None and t_prev * yd > _MIN_CURVATURE:
-                run.push(state["d"], g, state["prev_flat_grad"], t_prev)
+            if yd is not None:
+                options = self._pair_options(run, group, t_prev, yd, ev.gd_prev)
+                if options is not None:
+                    run.push(state["d"], g, state["prev_flat_grad"], t_prev, **options)
             d, gtd, dmax = run.direction(g)
+            # the loss at the previous iterate (if the last iteration moved the params)
+            last_loss = state.get("prev_loss") if t_prev != 0.0 else None
             state.update(d=d, t=0.0, prev_flat_grad=g, prev_loss=loss,
                          **{self.STATE_KEY: run.curvature.state_dict()})
             if not (math.isfinite(gtd) and math.isfinite(dmax)):
                 raise _NonFinite("the search direction is not finite")
             prev_loss = loss
-            t = (min(1.0, 1.0 / ev.gsum) if state["n_iter"] == 1 else 1.0) * lr_ref
+            t = self._trial_step(state, group, ev, loss, last_loss, gtd) * lr_ref
             if gtd > -tolerance_change:  # not a descent direction (to tolerance)
                 break
 
@@ -375,13 +417,19 @@ class QuasiNewton(Optimizer):
                     return LinePoint(t_trial, e.f, e.gtd, e)
 
                 start = LinePoint(0.0, loss, gtd, _Eval(None, loss, g, gmax, None, gtd, 0.0))
+                max_ls = self._line_search_budget(run, loss, gtd, max_eval - evals)
                 point, ls_evals = strong_wolfe(trial, start, t, dmax,
-                                               tolerance_change=tolerance_change,
-                                               max_ls=max_eval - evals)
+                                               tolerance_change=tolerance_change, max_ls=max_ls)
                 run.move_to(point.t, d_views)
                 evals += ls_evals
+                failed = not (point.f <= loss + _C1 * point.t * gtd
+                              and abs(point.gtd) <= -_C2 * gtd)
                 t, ev = point.t, point.data
                 loss, g, gmax, yd = ev.f, ev.g, ev.gmax, ev.yd
+                if failed and self.STOP_ON_FAILED_SEARCH:
+                    state["t"] = t
+                    run.commit()
+                    break
             elif n_iter != max_iter:
                 run.snapshot()
                 run.move_to(t, d_views)

@@ -7,10 +7,12 @@ add_param_group, deepcopy / pickle, zero_grad, the state dict and the documented
 without gradients, empty param groups, the closure convention and maximize.
 """
 import copy
+import os
 import pickle
 import re
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -617,27 +619,99 @@ def test_documented_state(case):
 
 @pytest.mark.parametrize("case", cases())
 def test_params_without_grad(case):
-    """A param that the loss does not use: left alone ('unchanged' rows) or, as a zero gradient,
-    at least finite; the others move.  ('backward' rows: a step with no gradient at all.)"""
+    """A param that the loss does not use is left alone, bit for bit, as torch.optim leaves a
+    param whose ``.grad`` is None; the others move."""
     model, opt = problem(case, unused=True)
     assert list(model.parameters())[-1] is model.unused  # the layouts put it last
     start, values = model.unused.detach().clone(), values_of(model.inner)
     run(case, opt, model, 3)
     assert model.unused.grad is None
-    if case.unused_param == "unchanged":
-        assert torch.equal(model.unused, start)
-    else:
-        assert case.unused_param == "finite"
-        assert torch.isfinite(model.unused).all()
+    assert torch.equal(model.unused, start)
     assert_finite(model)
     assert all(not torch.equal(p, v) for p, v in zip(model.inner.parameters(), values))
-    if case.convention == "backward":
-        opt.zero_grad()
-        values = values_of(model)
-        opt.step()
-        assert_finite(model)
-        if case.unused_param == "unchanged":
-            assert_params_equal(model, values)
+
+
+@pytest.mark.parametrize("case", cases())
+def test_frozen_param_is_left_alone(case):
+    """As torch.optim leaves a param without a gradient alone: a param frozen mid-run
+    (``requires_grad_(False)``: its ``.grad`` stays None) keeps its value bit for bit through
+    later steps (no weight decay, momentum or curvature moves it), while the others go on."""
+    model, opt = problem(case)
+    run(case, opt, model, 3)
+    frozen_param = next(model.parameters())
+    frozen_param.requires_grad_(False)
+    opt.zero_grad()
+    start, values = frozen_param.detach().clone(), values_of(model)
+    run(case, opt, model, 3, start=3)
+    assert frozen_param.grad is None
+    assert torch.equal(frozen_param, start)
+    assert_finite(model)
+    assert sum(not torch.equal(p, v) for p, v in zip(model.parameters(), values)) >= 1
+
+
+@pytest.mark.parametrize("case", cases(lambda case: case.convention == "backward"))
+def test_step_without_backward_changes_nothing(case):
+    """``step()`` with no gradient since ``zero_grad()`` changes nothing: params and state."""
+    model, opt = problem(case)
+    run(case, opt, model, 3)
+    opt.zero_grad()
+    values, saved = values_of(model), copy.deepcopy(opt.state_dict())
+    opt.step()
+    assert_params_equal(model, values)
+    assert_state_dicts_equal(opt.state_dict(), saved)
+
+
+@pytest.mark.parametrize("case", cases())
+def test_skipping_warns_once(case):
+    """Skipping is never silent: with on_nonfinite='skip' the first skipped step warns once (a
+    RuntimeWarning naming the optimizer; read from a device counter, it may come a few steps
+    later), the next skips do not; steps that skip nothing do not warn."""
+    model, opt = problem(case, on_nonfinite="skip")
+    poison = case.poisons[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(case, opt, model, 3)
+        assert not skip_warnings(caught)
+        take_step(case, opt, model, 3, poison=poison)
+        run(case, opt, model, 2, start=4)
+        take_step(case, opt, model, 6, poison=poison)
+        run(case, opt, model, 2, start=7)
+    found = skip_warnings(caught)
+    assert len(found) == 1 and str(found[0].message).startswith(case.cls)
+    assert os.path.basename(found[0].filename) == "contract.py"  # the line that called step()
+
+
+def skip_warnings(caught):
+    return [w for w in caught if issubclass(w.category, RuntimeWarning)
+            and "skipped" in str(w.message)]
+
+
+@pytest.mark.parametrize("case", families(lambda case: case.convention == "backward"))
+def test_compiled_training_step_compiles_once(case):
+    """A training step compiled with torch.compile (forward, backward and step() in one
+    function; the aot_eager backend) compiles its graphs once: the optimizer's step runs eagerly
+    (its schedules are host decisions, its hot paths fused ops), so later steps add no graphs,
+    and the run is the eager run's."""
+    import torch._dynamo
+    finals = []
+    for compiled in (False, True):
+        model, opt = problem(case)
+
+        def train_step(batch):
+            opt.zero_grad()
+            model(batch).backward()
+            opt.step()
+        if compiled:
+            torch._dynamo.reset()
+            train_step = torch.compile(train_step, backend="aot_eager", dynamic=False)
+        graphs = []
+        for i in range(8):
+            train_step(case.batch(i))
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        finals.append(values_of(model))
+    assert graphs[3] == graphs[-1] > 0
+    for a, b in zip(*finals):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("case", cases())
