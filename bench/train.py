@@ -6,6 +6,10 @@ Data (nothing is downloaded):
              Generated once per process (a few seconds).
   digits     scikit-learn's bundled 8x8 digits (1797 images, pixels / 16), split 75/25
              (stratified, random_state 0): 1347 training and 450 test images, 10 classes.
+  stdlib     the text of the running Python's standard library (bench/tasks.py): the .py files
+             sorted by path, read until 1.5 MB, every 10th file to validation; windows of 64
+             bytes (each byte's label: the next byte); ~22k training windows, and 256 validation
+             windows spread over the validation text (the test set).
 
 Cases (model, parameter count, default target test accuracy):
   mnist1d-mlp  Linear 40-100, ReLU, Linear 100-100, ReLU, Linear 100-10      15,210 params  0.60
@@ -13,42 +17,69 @@ Cases (model, parameter count, default target test accuracy):
                ReLU, the same again, ReLU, flatten (25 x 5), Linear 125-10     5,210 params  0.80
                (1-D convolutions written as Conv2d with 1 x k kernels: K-FAC handles Conv2d)
   digits-mlp   Linear 64-32, tanh, Linear 32-10                               2,410 params  0.90
+  mnist1d-resnet  Conv1d 1->32 (k5) + BatchNorm + ReLU, three residual blocks (conv-BN-ReLU-
+               conv-BN plus the input; 32, 32, 64 channels, the third at stride 2 with a 1x1
+               projection), global average pooling, Linear 64-10          52,842 params  0.97
+  stdlib-lm    byte-level causal transformer: embeddings (256 bytes, 64 positions), 3 pre-LN
+               nn.TransformerEncoderLayer (d 96, 4 heads, GELU MLP 384, no dropout), LayerNorm,
+               Linear 96-256 (not tied); loss over every position        391,264 params
+               target: validation loss (lower is better), by default the reference optimizer's
+               best final one (see --protocol); minibatches of 16 windows, a budget of 600 steps
+               (no time limit), evaluated every 50 steps (train loss over 256 training windows);
+               the full-batch optimizers do not run on it
 The MNIST-1D MLP over-fits: it levels off at 0.62-0.66 test accuracy with Adam (full-batch
 L-BFGS drives its training loss to 0 at about 0.58), hence its low target; the CNN passes 0.85.
 digits-mlp is the case sized for dense BFGS (n^2 state: 23 MB in float32; the MNIST-1D MLP's is
 0.93 GB).
-Loss: mean cross-entropy; no weight decay for any optimizer, so all minimise the same function.
+Loss: mean cross-entropy; no weight decay for any optimizer in the tuned protocol, so all
+minimise the same function.  Evaluations run the model in eval mode (BatchNorm's running
+statistics).  Without --cases: the first three cases (--protocol tuned) or all five (defaults).
 
-Optimizers and learning-rate sweeps:
-  torch.optim.SGD     momentum 0.9, minibatch              lr 0.03, 0.1, 0.3
-  torch.optim.Adam    default betas, minibatch             lr 0.003, 0.01, 0.03
+Protocols (--protocol):
+  tuned      the settings and lr sweeps below (some found by sweeps on these very cases: tuned
+             results, labelled as such); the ratio column is to the best Adam setting
+  defaults   every optimizer with its defaults, only the lr swept: 5 values a factor sqrt(10)
+             apart around its default lr (the default lr of each is given below as 'default');
+             the baselines are AdamW (torch's defaults, weight decay 0.01; on stdlib-lm with a
+             linear warm-up over 5 % of the steps and a cosine decay to 0 over the budget) and
+             SGD with momentum 0.9; the ratio column is to the faster of the two.  The
+             reference for stdlib-lm's target is AdamW (tuned: Adam).
+
+Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
+  torch.optim.SGD     momentum 0.9, minibatch              lr 0.03, 0.1, 0.3        default 0.1
+  torch.optim.Adam    default betas, minibatch             lr 0.003, 0.01, 0.03     (tuned only)
+  torch.optim.AdamW   its defaults, minibatch (defaults protocol only)              default 1e-3
   AdaBelief           bench/adabelief.py (plain PyTorch, Zhuang et al. 2020): betas (0.9, 0.999),
-                      eps 1e-16, no weight decay, minibatch    lr 0.003, 0.01, 0.03
+                      eps 1e-16, no weight decay, minibatch    lr 0.003, 0.01, 0.03 (tuned only)
   soo_ext.MLBFGS      momentum L-BFGS defaults (momentum 0.9, history 10, pairs every 50
-                      steps), weight_decay 0, minibatch    lr 0.03, 0.1, 0.3
+                      steps), weight_decay 0, minibatch    lr 0.03, 0.1, 0.3        default 0.1
   soo_ext.DRSOM       hvp='fd' and the other defaults (k = 2 directions, gamma 1e-6, up to 20
                       trials), model= given, minibatch: every step() evaluates its closure on
                       one minibatch (the same batch for all of the step's evaluations)
                                                            no lr (lr column: blank / null)
+                      (defaults protocol: DRSOM with all its defaults)
   soo_ext.DRSOM interp  the same with hvp='interp' (Q from 3 forwards, no extra gradient), no lr
-  torch.optim.LBFGS   strong Wolfe, history 100, full batch    lr 0.1, 1
-  soo_ext.LBFGS       the same options, full batch             lr 0.1, 1
+                      (tuned only)
+  torch.optim.LBFGS   strong Wolfe, history 100, full batch    lr 0.1, 1                default 1
+  soo_ext.LBFGS       the same options, full batch             lr 0.1, 1                default 1
   soo_ext.BFGS        strong Wolfe, full batch, where its n^2 state fits 256 MiB
-                      (otherwise skipped with a note)                lr 0.1, 1
+                      (otherwise skipped with a note)                lr 0.1, 1          default 1
+                      (the quasi-Newton ones keep strong Wolfe in the defaults protocol: their
+                      documented use for these problems)
   soo_ext.KFAC        inverse mode, momentum 0.9, damping 1e-4, KL clip 1e-4, factor decay 0.2,
                       factors and inverses every 10 steps, minibatch (chosen by a sweep of ~250
                       settings on the MNIST-1D CNN; the KL clip sets every step's length there,
-                      so the lr does not matter: one lr)   lr 0.3
+                      so the lr does not matter: one lr)   lr 0.3                   default 0.1
   soo_ext.Shampoo     Adam grafting, roots every 10 steps, its other defaults, minibatch
-                                                           lr 0.003, 0.01, 0.03
+                                                           lr 0.003, 0.01, 0.03     default 1e-3
 Optional peers, run in the same process when their package is installed (otherwise skipped
 with a note), same models, data and budget:
   asdl.KFAC           ASDL's KfacGradientMaker (package asdfghjkl): curvature every step,
                       preconditioner every 10 steps, damping 1e-2 (it has no KL clip: at 1e-3
                       it diverges), data_size = batch size, then torch.optim.SGD momentum 0.9
-                                                           lr 0.001, 0.003, 0.01
+                                                           lr 0.001, 0.003, 0.01 (tuned only)
   pytorch_optimizer.Shampoo  (package pytorch-optimizer) preconditioning_compute_steps 10,
-                      its other defaults                   lr 0.003, 0.01, 0.03
+                      its other defaults                   lr 0.003, 0.01, 0.03     default 1e-3
 Minibatch optimizers draw --batch-size samples a step() call, without replacement, reshuffled
 every epoch (the last incomplete batch of an epoch is dropped).  Full-batch optimizers take a closure
 over the whole training set; each step() call runs up to --full-batch-iters iterations.
@@ -72,30 +103,33 @@ By default every setting above runs on the 3 cases with 3 seeds, about 10 s a ru
 when BFGS or a peer is skipped): about an hour.
 
 Best learning rate per (case, optimizer): the most seeds reaching the target, then the smallest
-mean wall-clock to target, then the highest mean final test accuracy.
+mean wall-clock to target, then the best mean final metric.
 
 Columns (mean +- sample std over seeds; time and steps to target over the seeds that reached it):
-  reached        seeds whose test accuracy reached the target at some evaluation
+  reached        seeds whose metric reached the target at some evaluation
   s to target    training seconds (clock paused during evaluations) at the first evaluation with
-                 test accuracy >= target
+                 test accuracy >= target (validation loss <= target)
   steps to tgt   steps (gradient evaluations) at that evaluation
-  x Adam         s to target / that of the best torch.optim.Adam setting of the case (the
-                 goal is <= 0.8 for soo_ext.MLBFGS on MNIST-1D and soo_ext.KFAC on the CNN)
+  x Adam         s to target / that of the fastest baseline's best setting on the case (tuned:
+  (x AdamW/SGD)  Adam; the goal is <= 0.8 for soo_ext.MLBFGS on MNIST-1D and soo_ext.KFAC on the
+                 CNN; defaults: AdamW or SGD)
   train loss     training loss at the last evaluation
-  test acc       test accuracy at the last evaluation
+  final          test accuracy (validation loss) at the last evaluation
   ms/step        training seconds / steps (per gradient evaluation)
   epochs         training samples processed / training-set size, at the end
   diverged       seeds stopped by a non-finite loss (or, for a peer, an exception of its own:
                  a failed Cholesky/SVD or NaN probabilities; the run record keeps it as error)
 
 --json: one record per (case, optimizer, lr): the columns' means (keys time_to_target,
-steps_to_target, time_to_target_vs_adam, final_train_loss, final_test_acc, ms_per_step, steps,
-epochs) with their std as KEY_std, the per-seed numbers under runs (with grad_evals and
+steps_to_target, time_to_target_vs_baseline, final_train_loss, final_test_acc (final_val_loss
+on stdlib-lm), ms_per_step, steps, epochs) with their std as KEY_std, metric, the per-seed numbers under runs (with grad_evals and
 forward_evals), full_batch and closure (minibatch with a closure: DRSOM), best, and for the best
-setting its mean curve (time, step, train_loss, test_acc per evaluation; what --plot draws).
+setting its mean curve (time, step, train_loss, and test_acc or val_loss, per evaluation; what
+--plot draws).
 null stands for "not reached"; NaN for a mean over seeds of which one diverged (non-finite).
-The environment holds the options, the cases (n_params, n_train, n_test, target), the sweeps and
-the notes on skipped optimizers.
+The environment holds the protocol, its reference and baselines, the options, the cases
+(n_params, n_train, n_test, metric, target, budget), the sweeps, the notes on skipped optimizers
+and, with stdlib-lm, what text was read (Python version, files, bytes).
 """
 from __future__ import annotations
 
@@ -104,7 +138,7 @@ import functools
 import math
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -115,11 +149,11 @@ from tqdm import tqdm
 import soo_ext
 from soo_ext import NonFiniteError
 
-from . import common
+from . import common, tasks
 from .adabelief import AdaBelief
 
 MNIST1D_SEED = 42  # mnist1d's default: the canonical MNIST-1D
-CURVE_KEYS = ("time", "step", "train_loss", "test_acc")
+CURVE_KEYS = ("time", "step", "train_loss")  # and the case's metric (Case.metric)
 DEFAULTS = dict(budget=10.0, max_steps=5000, eval_every=10, full_batch_iters=10)
 QUICK = dict(budget=0.2, max_steps=10, eval_every=5, full_batch_iters=2)
 
@@ -181,18 +215,42 @@ def digits_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
 
 
+@functools.lru_cache(maxsize=None)
+def stdlib_lm_data() -> Data:
+    """Windows of the standard library's text (bench/tasks.py): all training windows; as the
+    'test' set EVAL_WINDOWS validation windows spread evenly over the validation text."""
+    train_text, validation_text, _ = tasks.stdlib_text()
+    x, y = tasks.windows(train_text)
+    x_val, y_val = tasks.windows(validation_text)
+    keep = torch.linspace(0, len(x_val) - 1, min(tasks.EVAL_WINDOWS, len(x_val))).long()
+    return Data(x, y, x_val[keep], y_val[keep])
+
+
 @dataclass(frozen=True)
 class Case:
-    """A data set, a model and the default target test accuracy."""
+    """A data set, a model, the metric and its default target, and what the case sets apart
+    from the command line's budget."""
     name: str
     load: Callable[[], Data]
     make_model: Callable[[], nn.Module]
-    target: float  # default target test accuracy
+    target: float | None  # None: the reference optimizer's final metric (see targets_from)
+    metric: str = "test_acc"  # 'test_acc' (reached when >= target) or 'val_loss' (<= target)
+    batch_size: int | None = None  # instead of --batch-size
+    max_steps: int | None = None  # a budget in steps (instead of --max-steps and --budget)
+    eval_every: int | None = None  # instead of --eval-every
+    train_eval: int | None = None  # the train loss over this many training samples (None: all)
+    full_batch: bool = True  # the full-batch optimizers run on it
+    schedule: bool = False  # the scheduled baseline (AdamW) warms up and decays (see schedule)
 
 
 CASES = (Case("mnist1d-mlp", mnist1d_data, mnist1d_mlp, 0.6),
          Case("mnist1d-cnn", mnist1d_data, mnist1d_cnn, 0.8),
-         Case("digits-mlp", digits_data, digits_mlp, 0.9))
+         Case("digits-mlp", digits_data, digits_mlp, 0.9),
+         Case("mnist1d-resnet", mnist1d_data, tasks.mnist1d_resnet, 0.97),
+         Case("stdlib-lm", stdlib_lm_data, tasks.CausalTransformer, None, metric="val_loss",
+              batch_size=16, max_steps=600, eval_every=50, train_eval=tasks.EVAL_WINDOWS,
+              full_batch=False, schedule=True))
+DEFAULT_CASES = ("mnist1d-mlp", "mnist1d-cnn", "digits-mlp")  # bench train without --cases
 
 
 @dataclass(frozen=True)
@@ -212,6 +270,12 @@ class OptimizerSpec:
     # an optional peer: its own failures (a failed factorisation, NaN probabilities) end the run
     # as diverged instead of the benchmark
     peer: bool = False
+    # --protocol defaults: the documented default lr (the sweep's centre; None: no lr) and the
+    # maker with every other option at its default (None: make is that already)
+    default_lr: float | None = None
+    make_default: Callable[..., torch.optim.Optimizer] | None = None
+    protocols: tuple[str, ...] = ("tuned", "defaults")
+    scheduled: bool = False  # warm-up and cosine decay on the cases that use a schedule
 
 
 def _strong_wolfe(make: Callable[..., torch.optim.Optimizer]) -> Callable:
@@ -260,39 +324,87 @@ def _asdl_kfac(params, lr, batch_size, model):
 
 OPTIMIZERS = (
     OptimizerSpec("torch.optim.SGD", (0.03, 0.1, 0.3), False,
-                  lambda params, lr, _: torch.optim.SGD(params, lr=lr, momentum=0.9)),
+                  lambda params, lr, _: torch.optim.SGD(params, lr=lr, momentum=0.9),
+                  default_lr=0.1),
     OptimizerSpec("torch.optim.Adam", (3e-3, 1e-2, 3e-2), False,
-                  lambda params, lr, _: torch.optim.Adam(params, lr=lr)),
+                  lambda params, lr, _: torch.optim.Adam(params, lr=lr), protocols=("tuned",)),
+    OptimizerSpec("torch.optim.AdamW", (1e-3,), False,
+                  lambda params, lr, _: torch.optim.AdamW(params, lr=lr), default_lr=1e-3,
+                  protocols=("defaults",), scheduled=True),
     OptimizerSpec("AdaBelief", (3e-3, 1e-2, 3e-2), False,
-                  lambda params, lr, _: AdaBelief(params, lr=lr)),
+                  lambda params, lr, _: AdaBelief(params, lr=lr), protocols=("tuned",)),
     OptimizerSpec("soo_ext.MLBFGS", (0.03, 0.1, 0.3), False,
-                  lambda params, lr, _: soo_ext.MLBFGS(params, lr=lr, weight_decay=0.0)),
+                  lambda params, lr, _: soo_ext.MLBFGS(params, lr=lr), default_lr=0.1),
     OptimizerSpec("soo_ext.DRSOM", (None,), False,
                   lambda params, lr, _, model: soo_ext.DRSOM(params, hvp="fd", model=model),
-                  closure=True),
+                  closure=True,
+                  make_default=lambda params, lr, _, model: soo_ext.DRSOM(params, model=model)),
     OptimizerSpec("soo_ext.DRSOM interp", (None,), False,
                   lambda params, lr, _, model: soo_ext.DRSOM(params, hvp="interp", model=model),
-                  closure=True),
-    OptimizerSpec("torch.optim.LBFGS", (0.1, 1.0), True, _strong_wolfe(torch.optim.LBFGS)),
-    OptimizerSpec("soo_ext.LBFGS", (0.1, 1.0), True, _strong_wolfe(soo_ext.LBFGS)),
+                  closure=True, protocols=("tuned",)),
+    OptimizerSpec("torch.optim.LBFGS", (0.1, 1.0), True, _strong_wolfe(torch.optim.LBFGS),
+                  default_lr=1.0),
+    OptimizerSpec("soo_ext.LBFGS", (0.1, 1.0), True, _strong_wolfe(soo_ext.LBFGS),
+                  default_lr=1.0),
     OptimizerSpec("soo_ext.BFGS", (0.1, 1.0), True,
                   _strong_wolfe(lambda *args, **kw: soo_ext.BFGS(
-                      *args, max_state_bytes=BFGS_MAX_STATE_BYTES, **kw))),
+                      *args, max_state_bytes=BFGS_MAX_STATE_BYTES, **kw)), default_lr=1.0),
     OptimizerSpec("soo_ext.KFAC", (0.3,), False,
                   lambda params, lr, _, model: soo_ext.KFAC(model, lr=lr, **KFAC_OPTIONS),
-                  takes_model=True),
+                  takes_model=True, default_lr=0.1,
+                  make_default=lambda params, lr, _, model: soo_ext.KFAC(model, lr=lr)),
     OptimizerSpec("soo_ext.Shampoo", (3e-3, 1e-2, 3e-2), False,
                   lambda params, lr, _: soo_ext.Shampoo(
-                      params, lr=lr, grafting="adam", precondition_frequency=PRECONDITION_EVERY)),
+                      params, lr=lr, grafting="adam", precondition_frequency=PRECONDITION_EVERY),
+                  default_lr=1e-3,
+                  make_default=lambda params, lr, _: soo_ext.Shampoo(params, lr=lr)),
     OptimizerSpec("asdl.KFAC", (1e-3, 3e-3, 1e-2), False, _asdl_kfac, takes_model=True,
-                  asdl=True, peer=True),
+                  asdl=True, peer=True, protocols=("tuned",)),
     OptimizerSpec("pytorch_optimizer.Shampoo", (3e-3, 1e-2, 3e-2), False,
                   lambda params, lr, _: _peer("pytorch_optimizer").Shampoo(
                       params, lr=lr, preconditioning_compute_steps=PRECONDITION_EVERY),
-                  peer=True),
+                  peer=True, default_lr=1e-3,
+                  make_default=lambda params, lr, _: _peer("pytorch_optimizer").Shampoo(
+                      params, lr=lr)),
 )
 ADAM = "torch.optim.Adam"
+ADAMW = "torch.optim.AdamW"
+SGD = "torch.optim.SGD"
 MLBFGS = "soo_ext.MLBFGS"
+# per protocol: the optimizer whose final metric sets a case's target when the case has none
+# (the best over its lrs), and the baselines of the ratio columns (the best of them)
+REFERENCE = {"tuned": ADAM, "defaults": ADAMW}
+BASELINES = {"tuned": (ADAM,), "defaults": (ADAMW, SGD)}
+WARMUP = 0.05  # of the steps, for the scheduled baseline
+
+
+def lr_sweep(centre: float | None) -> tuple[float | None, ...]:
+    """--protocol defaults: 5 log-spaced values, a factor sqrt(10) apart, around ``centre``."""
+    if centre is None:
+        return (None,)
+    return tuple(float(f"{centre * 10 ** (k / 2):.3g}") for k in (-2, -1, 0, 1, 2))
+
+
+def protocol_specs(protocol: str) -> list[OptimizerSpec]:
+    """The optimizers of a protocol, as they run in it (defaults: the lr sweep around the
+    default lr, the defaults maker)."""
+    specs = [spec for spec in OPTIMIZERS if protocol in spec.protocols]
+    if protocol == "tuned":
+        return specs
+    return [replace(spec, lrs=lr_sweep(spec.default_lr), make=spec.make_default or spec.make)
+            for spec in specs]
+
+
+def schedule(total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up over WARMUP of the steps, then cosine decay to 0 (a LambdaLR factor)."""
+    warmup = max(1, round(WARMUP * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
 
 
 @dataclass(frozen=True)
@@ -306,17 +418,21 @@ class Budget:
 
 
 def parse_target(text: str) -> tuple[str | None, float]:
-    """``0.7`` (every case) or ``CASE=0.7`` (one case)."""
-    case, _, value = text.rpartition("=")
-    if case and case not in {c.name for c in CASES}:
-        raise argparse.ArgumentTypeError(f"unknown case {case!r}")
+    """``0.7`` (every accuracy case) or ``CASE=0.7`` (one case; stdlib-lm: a validation loss)."""
+    name, _, value = text.rpartition("=")
+    case = next((c for c in CASES if c.name == name), None)
+    if name and case is None:
+        raise argparse.ArgumentTypeError(f"unknown case {name!r}")
     try:
-        accuracy = float(value)
+        target = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an accuracy: {value!r}") from None
-    if not 0 < accuracy <= 1:
-        raise argparse.ArgumentTypeError(f"target accuracy must be in (0, 1], got {accuracy}")
-    return case or None, accuracy
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if case is not None and case.metric == "val_loss":
+        if not 0 < target < math.inf:
+            raise argparse.ArgumentTypeError(f"target loss must be positive, got {target}")
+    elif not 0 < target <= 1:
+        raise argparse.ArgumentTypeError(f"target accuracy must be in (0, 1], got {target}")
+    return name or None, target
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -325,18 +441,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where to train (default: cpu)")
+    parser.add_argument("--protocol", choices=["tuned", "defaults"], default="tuned",
+                        help="tuned: the settings and lr sweeps above; defaults: every optimizer "
+                             "with its defaults, only the lr swept (see above) (default: tuned)")
     parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES],
-                        default=[c.name for c in CASES], metavar="CASE",
+                        default=None, metavar="CASE",
                         help="cases to run: " + ", ".join(c.name for c in CASES)
-                             + " (default: all)")
+                             + " (default: tuned: " + " ".join(DEFAULT_CASES) + "; defaults: "
+                             "all)")
     parser.add_argument("--optimizers", nargs="+", choices=[o.name for o in OPTIMIZERS],
-                        default=[o.name for o in OPTIMIZERS], metavar="NAME",
+                        default=None, metavar="NAME",
                         help="optimizers to run: " + ", ".join(o.name for o in OPTIMIZERS)
-                             + " (default: all)")
+                             + " (default: all of the protocol)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
                         help="one run per seed and setting (default: 0 1 2)")
-    parser.add_argument("--batch-size", type=int, default=128,
-                        help="minibatch size of SGD, Adam, AdaBelief, MLBFGS and DRSOM (default: 128)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="minibatch size of the minibatch optimizers (default: 128; "
+                             "stdlib-lm: 16 windows)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help=f"training seconds per run (default {DEFAULTS['budget']:g}; "
                              f"--quick: {QUICK['budget']:g})")
@@ -352,8 +473,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              f"--quick: {QUICK['full_batch_iters']})")
     parser.add_argument("--target", nargs="+", type=parse_target, default=[],
                         metavar="[CASE=]ACC",
-                        help="target test accuracy, for every case or for one (default: "
-                             + ", ".join(f"{c.name}={c.target:g}" for c in CASES) + ")")
+                        help="target test accuracy (stdlib-lm: validation loss), for every case "
+                             "or for one (default: " + ", ".join(
+                                 f"{c.name}={c.target:g}" for c in CASES if c.target)
+                             + "; stdlib-lm: the reference optimizer's)")
     parser.add_argument("--quick", action="store_true", help="a tiny budget (smoke test)")
     parser.add_argument("--json", metavar="PATH", help="write records and environment as JSON")
     parser.add_argument("--plot", metavar="PATH",
@@ -361,29 +484,44 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def first_crossing(times: Sequence[float], steps: Sequence[int], accs: Sequence[float],
-                   target: float) -> tuple[float, int] | None:
-    """(time, steps) at the first evaluation with accuracy >= target; None if there is none."""
-    for t, step, acc in zip(times, steps, accs):
-        if acc >= target:
+def first_crossing(times: Sequence[float], steps: Sequence[int], values: Sequence[float],
+                   target: float, lower_is_better: bool = False) -> tuple[float, int] | None:
+    """(time, steps) at the first evaluation whose metric reaches the target (accuracy >=
+    target, or a loss <= target); None if there is none."""
+    for t, step, value in zip(times, steps, values):
+        if (value <= target) if lower_is_better else (value >= target):
             return t, step
     return None
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data) -> tuple[float, float]:
-    """Mean cross-entropy over the whole training set, and test accuracy."""
-    train_loss = F.cross_entropy(model(data.x), data.y).item()
-    test_acc = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
-    return train_loss, test_acc
+def evaluate(model: nn.Module, data: Data, metric: str = "test_acc",
+             train_eval: int | None = None) -> tuple[float, float]:
+    """Mean cross-entropy over the training set (the first ``train_eval`` samples, spread
+    evenly; None: all), and the metric on the test set: accuracy, or (val_loss) the mean
+    cross-entropy.  In eval mode (BatchNorm's running statistics), back to train mode after."""
+    was_training = model.training
+    model.eval()
+    x, y = data.x, data.y
+    if train_eval is not None and train_eval < len(x):
+        keep = torch.linspace(0, len(x) - 1, train_eval, device=x.device).long()
+        x, y = x[keep], y[keep]
+    train_loss = F.cross_entropy(model(x), y).item()
+    logits = model(data.x_test)
+    value = (F.cross_entropy(logits, data.y_test).item() if metric == "val_loss"
+             else (logits.argmax(1) == data.y_test).float().mean().item())
+    model.train(was_training)
+    return train_loss, value
 
 
 class MinibatchTrainer:
     """``advance()`` takes up to ``eval_every`` minibatch steps (fewer at the step cap)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Data,
-                 budget: Budget, seed: int) -> None:
+                 budget: Budget, seed: int,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
         self.model, self.optimizer, self.data, self.budget = model, optimizer, data, budget
+        self.scheduler = scheduler
         self.steps = 0
         self.samples = 0  # training samples drawn
         self.generator = torch.Generator(device=data.x.device).manual_seed(seed)
@@ -410,6 +548,8 @@ class MinibatchTrainer:
             self.optimizer.zero_grad()
             F.cross_entropy(self.model(self.data.x[idx]), self.data.y[idx]).backward()
             self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
             self.steps += 1
 
 
@@ -494,7 +634,9 @@ class FullBatchTrainer:
 
 
 def make_trainer(spec: OptimizerSpec, model: nn.Module, lr: float, data: Data, budget: Budget,
-                 seed: int) -> MinibatchTrainer | FullBatchTrainer:
+                 seed: int, scheduled: bool = False) -> MinibatchTrainer | FullBatchTrainer:
+    """``scheduled``: the case uses a schedule (a scheduled spec then warms up and decays over
+    ``budget.max_steps``)."""
     if spec.closure:
         optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters, model)
         return ClosureMinibatchTrainer(model, optimizer, data, budget, seed)
@@ -507,12 +649,16 @@ def make_trainer(spec: OptimizerSpec, model: nn.Module, lr: float, data: Data, b
     optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters)
     if spec.full_batch:
         return FullBatchTrainer(model, optimizer, data)
-    return MinibatchTrainer(model, optimizer, data, budget, seed)
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(budget.max_steps))
+                 if scheduled and spec.scheduled else None)
+    return MinibatchTrainer(model, optimizer, data, budget, seed, scheduler)
 
 
 def warm_up(case: Case, spec: OptimizerSpec, data: Data, budget: Budget, device: str) -> str | None:
     """One untimed step on a throwaway model (kernel selection, lazy initialisation); the
     ValueError of an optimizer that does not fit the model (BFGS's n^2 state) as a string."""
+    if spec.full_batch and not case.full_batch:
+        return "a full-batch optimizer; this case is trained on minibatches only"
     model = case.make_model().to(device)
     one_step = replace(budget, eval_every=1, full_batch_iters=1)
     try:
@@ -525,17 +671,19 @@ def warm_up(case: Case, spec: OptimizerSpec, data: Data, budget: Budget, device:
 
 
 def train_run(case: Case, spec: OptimizerSpec, lr: float, seed: int, data: Data, budget: Budget,
-              target: float, device: str) -> dict:
-    """One training run; its curve (one point per evaluation) and final numbers."""
+              device: str) -> dict:
+    """One training run; its curve (one point per evaluation) and final numbers (the time to
+    the target comes from the curve, in summarize)."""
     torch.manual_seed(seed)
     model = case.make_model().to(device)
-    trainer = make_trainer(spec, model, lr, data, budget, seed)
-    curve = {key: [] for key in CURVE_KEYS}
+    trainer = make_trainer(spec, model, lr, data, budget, seed, scheduled=case.schedule)
+    keys = CURVE_KEYS + (case.metric,)
+    curve = {key: [] for key in keys}
     seconds, diverged, error = 0.0, False, None
 
     def record() -> bool:
-        train_loss, test_acc = evaluate(model, data)
-        for key, value in zip(CURVE_KEYS, (seconds, trainer.steps, train_loss, test_acc)):
+        train_loss, metric = evaluate(model, data, case.metric, case.train_eval)
+        for key, value in zip(keys, (seconds, trainer.steps, train_loss, metric)):
             curve[key].append(value)
         return math.isfinite(train_loss)
 
@@ -557,15 +705,13 @@ def train_run(case: Case, spec: OptimizerSpec, lr: float, seed: int, data: Data,
             diverged = True
             break
 
-    crossing = first_crossing(curve["time"], curve["step"], curve["test_acc"], target)
     return {
         "seed": seed, "steps": trainer.steps, "grad_evals": trainer.grad_evals,
         "forward_evals": trainer.forward_evals, "train_seconds": seconds,
         "epochs": trainer.samples / len(data.x),
         "ms_per_step": 1e3 * seconds / trainer.steps if trainer.steps else math.nan,
-        "time_to_target": crossing[0] if crossing else None,
-        "steps_to_target": crossing[1] if crossing else None,
-        "final_train_loss": curve["train_loss"][-1], "final_test_acc": curve["test_acc"][-1],
+        "final_train_loss": curve["train_loss"][-1],
+        f"final_{case.metric}": curve[case.metric][-1],
         "diverged": diverged, "error": error, "curve": curve,
     }
 
@@ -583,37 +729,62 @@ def mean_curve(curves: list[dict]) -> dict:
     """Evaluation-by-evaluation mean over seeds, up to the shortest run."""
     length = min(len(c["time"]) for c in curves)
     return {key: [statistics.fmean(c[key][i] for c in curves) for i in range(length)]
-            for key in CURVE_KEYS}
+            for key in curves[0]}
 
 
 def summarize(case: Case, spec: OptimizerSpec, lr: float, runs: list[dict], target: float,
               n_params: int, device: str) -> dict:
-    """The record of one (case, optimizer, lr): means and stds over its seeds, and each seed's."""
+    """The record of one (case, optimizer, lr): means and stds over its seeds, and each seed's
+    (with the time and steps to the target, from its curve)."""
+    lower = case.metric == "val_loss"
+    final = f"final_{case.metric}"
+    runs = [dict(r, **dict(zip(("time_to_target", "steps_to_target"), first_crossing(
+        r["curve"]["time"], r["curve"]["step"], r["curve"][case.metric], target, lower)
+        or (None, None)))) for r in runs]
     reached = [r for r in runs if r["time_to_target"] is not None]
     row = {"case": case.name, "optimizer": spec.name, "lr": lr, "full_batch": spec.full_batch,
-           "closure": spec.closure, "device": device, "n_params": n_params, "target": target, "seeds": len(runs),
-           "reached": len(reached), "diverged": sum(r["diverged"] for r in runs)}
+           "closure": spec.closure, "device": device, "n_params": n_params, "metric": case.metric,
+           "target": target, "seeds": len(runs), "reached": len(reached),
+           "diverged": sum(r["diverged"] for r in runs)}
     for key, values in (("time_to_target", [r["time_to_target"] for r in reached]),
                         ("steps_to_target", [r["steps_to_target"] for r in reached]),
                         ("final_train_loss", [r["final_train_loss"] for r in runs]),
-                        ("final_test_acc", [r["final_test_acc"] for r in runs]),
+                        (final, [r[final] for r in runs]),
                         ("ms_per_step", [r["ms_per_step"] for r in runs]),
                         ("steps", [r["steps"] for r in runs]),
                         ("epochs", [r["epochs"] for r in runs])):
         row[key], row[key + "_std"] = mean_std(values)
     row["runs"] = [{k: v for k, v in r.items() if k != "curve"} for r in runs]
-    row["best"], row["time_to_target_vs_adam"] = False, None
+    row["best"], row["time_to_target_vs_baseline"] = False, None
     return row
 
 
+def final_metric(row: dict) -> float:
+    """The row's mean final metric, as a score where lower is better (NaN: worst)."""
+    value = row[f"final_{row['metric']}"]
+    if value is None or not math.isfinite(value):
+        return math.inf
+    return value if row["metric"] == "val_loss" else -value
+
+
 def selection_key(row: dict) -> tuple:
-    """Most seeds reaching the target, then fastest mean wall-clock, then best test accuracy."""
+    """Most seeds reaching the target, then fastest mean wall-clock, then best final metric."""
     time_to_target = row["time_to_target"] if row["time_to_target"] is not None else math.inf
-    return -row["reached"], time_to_target, -row["final_test_acc"]
+    return -row["reached"], time_to_target, final_metric(row)
 
 
-def mark_best(rows: list[dict], curves: dict[tuple, list[dict]]) -> None:
-    """Flag the best lr per (case, optimizer), give it its mean curve and its ratio to Adam."""
+def target_from(runs: list[list[dict]], metric: str) -> float:
+    """A case's target when it has none: the best mean final metric over the reference
+    optimizer's lrs (``runs``: its seeds' runs per lr)."""
+    means = [statistics.fmean(r[f"final_{metric}"] for r in seed_runs) for seed_runs in runs]
+    finite = [m for m in means if math.isfinite(m)] or [math.nan]
+    return min(finite) if metric == "val_loss" else max(finite)
+
+
+def mark_best(rows: list[dict], curves: dict[tuple, list[dict]],
+              baselines: tuple[str, ...] = (ADAM,)) -> None:
+    """Flag the best lr per (case, optimizer), give it its mean curve and its ratio to the
+    fastest baseline of the case (by mean wall-clock to the target)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["case"], row["optimizer"]), []).append(row)
@@ -621,10 +792,13 @@ def mark_best(rows: list[dict], curves: dict[tuple, list[dict]]) -> None:
         best = min(group, key=selection_key)
         best["best"] = True
         best["curve"] = mean_curve(curves[(case, optimizer, best["lr"])])
-    adam = {r["case"]: r["time_to_target"] for r in rows if r["best"] and r["optimizer"] == ADAM}
+    fastest: dict[str, float] = {}
+    for r in rows:
+        if r["best"] and r["optimizer"] in baselines and r["time_to_target"] is not None:
+            fastest[r["case"]] = min(fastest.get(r["case"], math.inf), r["time_to_target"])
     for row in rows:
-        if row["best"] and None not in (row["time_to_target"], adam.get(row["case"])):
-            row["time_to_target_vs_adam"] = row["time_to_target"] / adam[row["case"]]
+        if row["best"] and row["time_to_target"] is not None and fastest.get(row["case"], 0) > 0:
+            row["time_to_target_vs_baseline"] = row["time_to_target"] / fastest[row["case"]]
 
 
 def json_safe(value):
@@ -638,32 +812,58 @@ def json_safe(value):
     return value
 
 
-def resolve_budget(args: argparse.Namespace) -> Budget:
-    preset = QUICK if args.quick else DEFAULTS
-    options = {key: getattr(args, key) if getattr(args, key) is not None else preset[key]
-               for key in DEFAULTS}
+def resolve_budget(args: argparse.Namespace, case: Case | None = None) -> Budget:
+    """The budget of a case's runs: the command line's options, else --quick's, else the
+    case's own (a budget in steps: no time limit), else the defaults."""
+    preset = dict(QUICK if args.quick else DEFAULTS, batch_size=128)
+    if case is not None and not args.quick:
+        if case.max_steps is not None:
+            preset.update(max_steps=case.max_steps, budget=math.inf)
+        if case.eval_every is not None:
+            preset["eval_every"] = case.eval_every
+    if case is not None and case.batch_size is not None:
+        preset["batch_size"] = case.batch_size
+    options = {key: getattr(args, key) if getattr(args, key, None) is not None else preset[key]
+               for key in preset}
     return Budget(options["budget"], options["max_steps"], options["eval_every"],
-                  options["full_batch_iters"], args.batch_size)
+                  options["full_batch_iters"], options["batch_size"])
+
+
+def resolve_targets(cases: list[Case], given: list[tuple[str | None, float]]) -> dict:
+    """Each case's target: --target for the case, else a global --target (accuracy cases),
+    else the case's own (None: from the reference optimizer's runs)."""
+    targets = {c.name: c.target for c in cases}
+    for case_name, value in given:
+        for case in cases:
+            if case_name == case.name or (case_name is None and case.metric == "test_acc"):
+                targets[case.name] = value
+    return targets
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     device = common.devices(args.device)[0]
-    budget = resolve_budget(args)
-    cases = [c for c in CASES if c.name in args.cases]
-    targets = {c.name: c.target for c in cases}
-    for case_name, accuracy in args.target:
-        for name in targets:
-            if case_name in (None, name):
-                targets[name] = accuracy
+    protocol = getattr(args, "protocol", "tuned")
+    specs = protocol_specs(protocol)
+    if args.optimizers is not None:
+        specs = [spec for spec in specs if spec.name in args.optimizers]
+    case_names = args.cases or (DEFAULT_CASES if protocol == "tuned" else [c.name for c in CASES])
+    cases = [c for c in CASES if c.name in case_names]
+    targets = resolve_targets(cases, args.target)
+    reference = REFERENCE[protocol]
     notes = []
-    specs = [spec for spec in OPTIMIZERS if spec.name in args.optimizers]
+    for case in cases:
+        if targets[case.name] is None and reference not in [s.name for s in specs]:
+            specs.append(next(s for s in protocol_specs(protocol) if s.name == reference))
+            notes.append(f"{reference} runs as well: it sets the target of {case.name}")
 
-    jobs, case_info = [], {}
+    jobs, case_info, budgets = [], {}, {}
     for case in cases:
         data = case.load().to(device)
+        budgets[case.name] = budget = resolve_budget(args, case)
         n_params = sum(p.numel() for p in case.make_model().parameters())
         case_info[case.name] = {"n_params": n_params, "n_train": len(data.x),
-                                "n_test": len(data.x_test), "target": targets[case.name]}
+                                "n_test": len(data.x_test), "metric": case.metric,
+                                "budget": asdict(budget)}
         for spec in specs:
             error = warm_up(case, spec, data, budget, device)
             if error:
@@ -674,22 +874,34 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     for note in notes:
         print("note:", note)
 
+    default_budget = resolve_budget(args)
     env = common.environment([device])
-    env.update(budget_seconds=budget.seconds, max_steps=budget.max_steps,
-               eval_every=budget.eval_every, full_batch_iters=budget.full_batch_iters,
-               batch_size=budget.batch_size, seeds=args.seeds, mnist1d_seed=MNIST1D_SEED,
-               cases=case_info, lrs={s.name: list(s.lrs) for s in specs}, notes=notes)
+    env.update(protocol=protocol, budget_seconds=default_budget.seconds,
+               max_steps=default_budget.max_steps, eval_every=default_budget.eval_every,
+               full_batch_iters=default_budget.full_batch_iters,
+               batch_size=default_budget.batch_size, seeds=args.seeds,
+               mnist1d_seed=MNIST1D_SEED, cases=case_info, reference=reference,
+               baselines=list(BASELINES[protocol]),
+               lrs={s.name: list(s.lrs) for s in specs}, notes=notes)
+    if any(c.name == "stdlib-lm" for c in cases):
+        env["stdlib_text"] = tasks.stdlib_text()[2]
 
     runs: dict[tuple, list[dict]] = {}
     progress = tqdm(jobs, desc="train", unit="run")
     for case, data, n_params, spec, lr, seed in progress:
         progress.set_postfix_str(f"{case.name} {spec.name}{lr_label(lr)} seed={seed}")
         runs.setdefault((case, spec, lr, n_params), []).append(
-            train_run(case, spec, lr, seed, data, budget, targets[case.name], device))
+            train_run(case, spec, lr, seed, data, budgets[case.name], device))
+    for case in cases:
+        if targets[case.name] is None:
+            targets[case.name] = target_from(
+                [seed_runs for (c, spec, _, _), seed_runs in runs.items()
+                 if c is case and spec.name == reference], case.metric)
+        case_info[case.name]["target"] = targets[case.name]
     rows = [summarize(case, spec, lr, seed_runs, targets[case.name], n_params, device)
             for (case, spec, lr, n_params), seed_runs in runs.items()]
     mark_best(rows, {(case.name, spec.name, lr): [r["curve"] for r in seed_runs]
-                     for (case, spec, lr, _), seed_runs in runs.items()})
+                     for (case, spec, lr, _), seed_runs in runs.items()}, BASELINES[protocol])
     records = json_safe(rows)
     report(records, env, args)
     return records, env
@@ -714,7 +926,7 @@ def mlbfgs_vs_adam(records: list[dict]) -> list[str]:
         if MLBFGS not in best or ADAM not in best:
             lines.append(f"{case}: mL-BFGS vs Adam not measured (both must run)")
             continue
-        ratio = best[MLBFGS]["time_to_target_vs_adam"]
+        ratio = best[MLBFGS]["time_to_target_vs_baseline"]
         measured = (f"{ratio:.2f}x" if ratio is not None
                     else f"n/a (target reached by {best[MLBFGS]['reached']} mL-BFGS and "
                          f"{best[ADAM]['reached']} Adam seeds)")
@@ -723,11 +935,14 @@ def mlbfgs_vs_adam(records: list[dict]) -> list[str]:
     return lines
 
 
+METRIC_LABELS = {"test_acc": "test accuracy", "val_loss": "validation loss"}
+
+
 def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
     display = [dict(r, time_to_target=plus_minus(r, "time_to_target"),
                     steps_to_target=plus_minus(r, "steps_to_target"),
                     final_train_loss=plus_minus(r, "final_train_loss"),
-                    final_test_acc=plus_minus(r, "final_test_acc"),
+                    final=f"{r['metric'].replace('_', ' ')} {plus_minus(r, 'final_' + r['metric'])}",
                     ms_per_step=plus_minus(r, "ms_per_step"),
                     reached=f"{r['reached']}/{r['seeds']}", best="*" if r["best"] else "")
                for r in records]
@@ -738,19 +953,22 @@ def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
         [r for r in display if r["best"]],
         {"case": "case", "optimizer": "optimizer", "lr": "best lr", "target": "target",
          "reached": "reached", "time_to_target": "s to target", "steps_to_target": "steps to tgt",
-         "time_to_target_vs_adam": "x Adam", "final_train_loss": "train loss",
-         "final_test_acc": "test acc", "ms_per_step": "ms/step", "epochs": "epochs",
-         "diverged": "diverged"},
-        f"Best lr per optimizer ({devices}; {env['budget_seconds']:g} s or "
-        f"{env['max_steps']} steps a run, {len(env['seeds'])} seeds; soo_ext: {kernels})")
+         "time_to_target_vs_baseline": "x " + "/".join(
+             b.rsplit(".", 1)[-1] for b in env["baselines"]),
+         "final_train_loss": "train loss", "final": "final", "ms_per_step": "ms/step",
+         "epochs": "epochs", "diverged": "diverged"},
+        f"Best lr per optimizer, protocol {env['protocol']} ({devices}; {env['budget_seconds']:g} "
+        f"s or {env['max_steps']} steps a run unless the case sets its own, "
+        f"{len(env['seeds'])} seeds; soo_ext: {kernels})")
     common.print_table(
         display,
         {"case": "case", "optimizer": "optimizer", "lr": "lr", "best": "best",
-         "reached": "reached", "time_to_target": "s to target", "final_test_acc": "test acc",
+         "reached": "reached", "time_to_target": "s to target", "final": "final",
          "ms_per_step": "ms/step", "diverged": "diverged"},
-        "Learning-rate sweep (best: most seeds at target, then fastest, then test accuracy)")
-    for line in mlbfgs_vs_adam(records):
-        print(line)
+        "Learning-rate sweep (best: most seeds at target, then fastest, then final metric)")
+    if env["protocol"] == "tuned":
+        for line in mlbfgs_vs_adam(records):
+            print(line)
     if args.json:
         common.write_json(args.json, "train", env, records)
     if args.plot:
@@ -758,8 +976,9 @@ def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
 
 
 def plot(records: list[dict], path: str) -> None:
-    """A row per case: train loss and test accuracy against training seconds and against steps,
-    a line per optimizer (best lr, mean over seeds)."""
+    """A row per case: train loss and the case's metric (test accuracy or validation loss)
+    against training seconds and against steps, a line per optimizer (best lr, mean over
+    seeds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -771,22 +990,23 @@ def plot(records: list[dict], path: str) -> None:
               for i, spec in enumerate(OPTIMIZERS)}
     for row_axes, case in zip(axes, cases):
         best = [r for r in records if r["case"] == case and r["best"]]
-        panels = [("time", "train_loss"), ("time", "test_acc"),
-                  ("step", "train_loss"), ("step", "test_acc")]
+        metric = best[0]["metric"]
+        panels = [("time", "train_loss"), ("time", metric),
+                  ("step", "train_loss"), ("step", metric)]
         for ax, (x_key, y_key) in zip(row_axes, panels):
             for r in best:
                 color, linestyle = styles[r["optimizer"]]
                 ax.plot(r["curve"][x_key], r["curve"][y_key], color=color, linestyle=linestyle,
                         label=f"{r['optimizer']}{lr_label(r['lr'])}")
-            if y_key == "test_acc":
+            if y_key == metric:
                 ax.axhline(best[0]["target"], color="gray", linestyle="--", label="target")
-            else:
+            if y_key != "test_acc":
                 ax.set_yscale("log")
             if x_key == "step":  # full-batch runs take far fewer steps than minibatch ones
                 ax.set_xscale("symlog", linthresh=1)
                 ax.set_xlim(left=0)
             ax.set(xlabel="training seconds" if x_key == "time" else "steps (gradient evals)",
-                   ylabel="train loss" if y_key == "train_loss" else "test accuracy",
+                   ylabel="train loss" if y_key == "train_loss" else METRIC_LABELS[y_key],
                    title=f"{case} (n={best[0]['n_params']})")
             ax.grid(True, alpha=0.3)
         row_axes[1].legend(fontsize="small")

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+import soo_ext
+
 from bench import __main__ as cli
 from bench import train
 from bench.adabelief import AdaBelief
@@ -26,11 +28,16 @@ def test_first_crossing_on_a_hand_made_curve():
     assert train.first_crossing(times, steps, accs, 0.1) == (0.0, 0)    # already at the start
     assert train.first_crossing(times, steps, accs, 0.71) is None       # never reached
     assert train.first_crossing([], [], [], 0.5) is None
+    losses = [3.0, 2.5, 2.0, 2.2, 1.9]  # a loss reaches its target from above
+    assert train.first_crossing(times, steps, losses, 2.0, lower_is_better=True) == (1.25, 20)
+    assert train.first_crossing(times, steps, losses, 1.95, lower_is_better=True) == (3.0, 40)
+    assert train.first_crossing(times, steps, losses, 1.5, lower_is_better=True) is None
 
 
 def test_best_setting_rule():
     def row(reached, seconds, acc):
-        return {"reached": reached, "time_to_target": seconds, "final_test_acc": acc}
+        return {"reached": reached, "time_to_target": seconds, "final_test_acc": acc,
+                "metric": "test_acc"}
 
     rows = [row(2, 0.5, 0.9), row(3, 5.0, 0.9), row(3, 2.0, 0.6), row(3, 2.0, 0.65),
             row(0, None, 0.99)]
@@ -52,7 +59,8 @@ def test_mean_curve_is_taken_evaluation_by_evaluation_up_to_the_shortest_run():
 def test_target_option():
     assert train.parse_target("0.7") == (None, 0.7)
     assert train.parse_target("mnist1d-cnn=0.9") == ("mnist1d-cnn", 0.9)
-    for bad in ("nocase=0.5", "1.5", "0", "x"):
+    assert train.parse_target("stdlib-lm=2.5") == ("stdlib-lm", 2.5)  # a validation loss
+    for bad in ("nocase=0.5", "1.5", "0", "x", "mnist1d-cnn=2.5", "stdlib-lm=-1"):
         with pytest.raises(argparse.ArgumentTypeError):
             train.parse_target(bad)
 
@@ -62,7 +70,7 @@ def test_an_optimizer_that_does_not_fit_is_reported_by_the_warm_up():
         raise ValueError("n^2 state too large")
 
     spec = train.OptimizerSpec("refuses", (1.0,), True, refuse)
-    case = train.CASES[-1]  # digits: no data generation
+    case = next(c for c in train.CASES if c.name == "digits-mlp")  # no data generation
     budget = train.Budget(1.0, 10, 5, 2, 32)
     assert train.warm_up(case, spec, case.load(), budget, "cpu") == "n^2 state too large"
     adam = next(s for s in train.OPTIMIZERS if s.name == "torch.optim.Adam")
@@ -71,12 +79,12 @@ def test_an_optimizer_that_does_not_fit_is_reported_by_the_warm_up():
 
 @pytest.mark.parametrize("name", ["torch.optim.Adam", "soo_ext.LBFGS"])
 def test_runs_are_deterministic_given_the_seed(name, one_thread):
-    case = train.CASES[-1]
+    case = next(c for c in train.CASES if c.name == "digits-mlp")
     spec = next(s for s in train.OPTIMIZERS if s.name == name)
     budget = train.Budget(math.inf, 10, 5, 2, 32)
 
     def curve(seed):
-        run = train.train_run(case, spec, spec.lrs[0], seed, case.load(), budget, 0.9, "cpu")
+        run = train.train_run(case, spec, spec.lrs[0], seed, case.load(), budget, "cpu")
         return {key: run["curve"][key] for key in ("step", "train_loss", "test_acc")}
 
     assert curve(0) == curve(0) != curve(1)
@@ -103,11 +111,12 @@ def check_record(row, seeds, max_steps):
         assert row["time_to_target"] is None and row["steps_to_target"] is None
     if row["best"]:
         curve = row["curve"]
-        assert set(curve) == set(train.CURVE_KEYS) and curve["time"][0] == curve["step"][0] == 0
+        assert set(curve) == set(train.CURVE_KEYS) | {row["metric"]}
+        assert curve["time"][0] == curve["step"][0] == 0
         assert len({len(v) for v in curve.values()}) == 1 and len(curve["time"]) >= 2
         assert curve["time"] == sorted(curve["time"]) and curve["step"] == sorted(curve["step"])
     else:
-        assert "curve" not in row and row["time_to_target_vs_adam"] is None
+        assert "curve" not in row and row["time_to_target_vs_baseline"] is None
 
 
 def quick_train(case, name, *extra):
@@ -151,7 +160,7 @@ def test_train_writes_records_table_json_and_plot(tmp_path, capsys, one_thread):
     assert sorted(best) == sorted((case, s.name) for case in N_PARAMS for s in specs)
     for row in records:
         if row["best"] and row["optimizer"] == train.ADAM and row["reached"]:
-            assert row["time_to_target_vs_adam"] == 1.0
+            assert row["time_to_target_vs_baseline"] == 1.0
     assert png.stat().st_size > 0
     printed = capsys.readouterr().out
     assert "Best lr per optimizer" in printed and "Learning-rate sweep" in printed
@@ -285,3 +294,100 @@ def test_mean_std_of_a_diverged_seed_is_nan():
     assert train.mean_std([1.0]) == (1.0, 0.0)
     mean, std = train.mean_std([1.0, float("nan"), 2.0])
     assert math.isnan(mean) and math.isnan(std)
+
+
+def test_lr_sweep_of_the_defaults_protocol():
+    assert train.lr_sweep(1e-3) == (1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2)
+    assert train.lr_sweep(None) == (None,)
+    specs = {s.name: s for s in train.protocol_specs("defaults")}
+    assert "torch.optim.Adam" not in specs and "torch.optim.AdamW" in specs
+    assert specs["soo_ext.KFAC"].lrs == train.lr_sweep(0.1)
+    # the defaults maker, not the tuned settings
+    model = train.mnist1d_cnn()
+    opt = specs["soo_ext.KFAC"].make(model.parameters(), 0.1, 1, model)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.defaults == soo_ext.KFAC(
+        train.mnist1d_cnn()).defaults
+
+
+def test_warm_up_and_cosine_schedule():
+    factor = train.schedule(105)  # 5 warm-up steps, then 100 of decay
+    assert [factor(i) for i in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    decay = [factor(i) for i in range(5, 106)]
+    assert decay[0] == 1.0 and decay[-1] == pytest.approx(0.0, abs=1e-15)
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert factor(55) == pytest.approx(0.5, abs=1e-12)  # half way through the decay
+
+
+def test_the_scheduled_baseline_decays_to_zero_over_the_budget(one_thread):
+    case = next(c for c in train.CASES if c.name == "digits-mlp")
+    spec = next(s for s in train.OPTIMIZERS if s.name == "torch.optim.AdamW")
+    budget = train.Budget(math.inf, 20, 20, 1, 32)
+    trainer = train.make_trainer(spec, case.make_model(), 1e-3, case.load(), budget, 0,
+                                 scheduled=True)
+    lrs = []
+    for _ in range(20):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.budget = train.Budget(math.inf, 20, 1, 1, 32)
+        trainer.advance()
+    assert lrs[0] == pytest.approx(1e-3 / 1) and max(lrs) == pytest.approx(1e-3)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-18)
+    unscheduled = train.make_trainer(spec, case.make_model(), 1e-3, case.load(), budget, 0)
+    assert unscheduled.scheduler is None
+
+
+def test_stdlib_text_is_split_by_file():
+    from bench import tasks
+    train_text, validation_text, info = tasks.stdlib_text()
+    assert len(train_text) + len(validation_text) == info["bytes"] >= tasks.STDLIB_BYTES
+    files = tasks.stdlib_files()[:info["files"]]
+    validation = b"".join(open(f, "rb").read() for i, f in enumerate(files)
+                          if i % tasks.VALIDATION_EVERY == tasks.VALIDATION_EVERY - 1)
+    assert validation == validation_text and len(validation_text) > 0
+    x, y = tasks.windows(b"abcdefgh" * 20)
+    assert x.shape == y.shape == ((160 - 1) // tasks.CONTEXT, tasks.CONTEXT)
+    assert torch.equal(x.flatten()[1:], y.flatten()[:-1])  # the next byte is the label
+
+
+def test_causal_transformer_does_not_look_ahead():
+    from bench import tasks
+    torch.manual_seed(0)
+    model = tasks.CausalTransformer(d_model=16, layers=2, heads=2).eval()
+    tokens = torch.randint(0, 256, (2, tasks.CONTEXT))
+    changed = tokens.clone()
+    changed[:, 40:] = (changed[:, 40:] + 1) % 256
+    logits, logits_changed = model(tokens), model(changed)
+    assert logits.shape == (2, tasks.VOCAB, tasks.CONTEXT)
+    assert torch.equal(logits[..., :40], logits_changed[..., :40])
+    assert not torch.equal(logits[..., 40:], logits_changed[..., 40:])
+
+
+def test_evaluation_runs_batchnorm_in_eval_mode():
+    case = next(c for c in train.CASES if c.name == "mnist1d-resnet")
+    model = case.make_model()
+    data = train.digits_data()
+    data = train.Data(torch.randn(64, 40), data.y[:64], torch.randn(32, 40), data.y[:32])
+    stats = [b.running_mean.clone() for b in model.modules()
+             if isinstance(b, torch.nn.BatchNorm1d)]
+    train.evaluate(model, data)
+    assert model.training
+    assert all(torch.equal(a, b.running_mean) for a, b in zip(
+        stats, (b for b in model.modules() if isinstance(b, torch.nn.BatchNorm1d))))
+
+
+def test_defaults_protocol_sets_the_lm_target_from_adamw(one_thread):
+    records, env = quick_train("stdlib-lm", "torch.optim.SGD", "--protocol", "defaults")
+    assert env["protocol"] == "defaults" and env["reference"] == "torch.optim.AdamW"
+    assert env["baselines"] == ["torch.optim.AdamW", "torch.optim.SGD"]
+    assert any("AdamW runs as well" in note for note in env["notes"])
+    assert env["stdlib_text"]["bytes"] >= 1_500_000
+    target = env["cases"]["stdlib-lm"]["target"]
+    adamw = [r for r in records if r["optimizer"] == "torch.optim.AdamW"]
+    assert [r["lr"] for r in adamw] == list(train.lr_sweep(1e-3))
+    assert {r["optimizer"] for r in records} == {"torch.optim.AdamW", "torch.optim.SGD"}
+    assert target == min(r["final_val_loss"] for r in adamw)
+    for row in records:
+        assert row["metric"] == "val_loss" and row["target"] == target
+        assert math.isfinite(row["final_val_loss"]) and row["final_val_loss"] > 0
+    best = next(r for r in adamw if r["best"])
+    assert best["reached"] == 1  # the target is its own final loss
+    assert set(best["curve"]) == {"time", "step", "train_loss", "val_loss"}
