@@ -779,6 +779,12 @@ def test_compiled_model_captures_as_eager(setup, factor_update_steps):
 
 def test_compiled_model_inductor():
     """The default backend (inductor; C++ kernels on a CPU) captures as the eager run does."""
+    from torch._inductor.cpu_vec_isa import invalid_vec_isa, pick_vec_isa
+    if pick_vec_isa() is invalid_vec_isa:  # no AVX2, or ATEN_CPU_CAPABILITY=default
+        # torch 2.14's inductor then still emits at::vec code for the bias gradient's reduction
+        # once the short batch makes the shapes dynamic: its C++ does not compile
+        pytest.skip("inductor without a vector ISA emits vectorised C++ that does not compile "
+                    "(torch 2.14); aot_eager is tested above")
     assert_same_run(compiled_run(lambda m: (m, torch.compile(m))), eager_run())
 
 
