@@ -107,16 +107,32 @@ def test_evaluations_against_scipy(name, one_thread):
     ours = bench_bfgs.run_soo(problem, gtol=1e-10, max_iter=10_000)
     ref = bench_bfgs.run_scipy(problem, gtol=1e-10, max_iter=10_000)
     assert ours.evaluations <= 1.5 * ref.evaluations, (ours, ref.evaluations)
-    # Both end at a minimiser, at the float64 floor of max|g| (1e-10 is below it for some).
+    # Both end at a minimiser, at the float64 floor of max|g| (1e-10 is below it for some): a
+    # step that would reduce f by 1/2 g.H^-1.g is invisible once that is below eps |f|, so the
+    # search stops where |g| <= sqrt(2 lambda_max eps |f|) (rosenbrock-10: 1.8e-6; measured:
+    # 5e-11 with the compiled kernels, 2e-7 with the fallback's rounding).
     loss, grad = bench_bfgs.loss_and_grad(problem, ours.x)
     ref_loss, _ = bench_bfgs.loss_and_grad(problem, ref.x)
-    assert grad.abs().max().item() <= 1e-8
+    floor = (2 * largest_curvature(problem, ours.x) * torch.finfo(torch.float64).eps
+             * abs(loss)) ** 0.5
+    assert grad.abs().max().item() <= max(1e-10, floor)
     # Rosenbrock from (-1.2, 1, ...) has a second, local minimiser for n >= 4: scipy ends there
     # for n = 10 and 30, soo_ext.BFGS for n = 10; its loss must not be higher than scipy's.
     assert loss <= ref_loss + 1e-12 * abs(ref_loss) + 1e-20
     if name in CONVEX:  # the unique minimiser, to the rounding of the loss
         assert loss == pytest.approx(ref_loss, rel=1e-13, abs=0)
         assert (ours.x - ref.x).abs().max().item() < 1e-4  # max|g| ~1e-9 with curvature ~1e-3
+
+
+def largest_curvature(problem, x, iterations=100):
+    """The largest Hessian eigenvalue at x, by power iteration on Hessian-vector products (an
+    estimate from below, raised by 10 % for its convergence)."""
+    v = torch.ones_like(x) / x.numel() ** 0.5
+    for _ in range(iterations):
+        _, hv = torch.autograd.functional.hvp(problem.loss, x, v)
+        lam = hv.norm().item()
+        v = hv / lam
+    return 1.1 * lam
 
 
 def test_bench_bfgs_quick(tmp_path, one_thread):
