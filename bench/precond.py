@@ -19,12 +19,30 @@ Optimizers (frequencies: --freqs, default 1 10 100):
   Adam                   torch.optim.Adam, lr 1e-3
   KFAC eigen / inverse   soo_ext.KFAC(model, lr=0.1, momentum=0.9, mode=...), factors every
                          step, inverses / eigendecompositions every F steps
+  EKFAC                  soo_ext.EKFAC(model, lr=0.1, momentum=0.9), factors and scaling every
+                         step, eigendecompositions every F steps
   Shampoo                soo_ext.Shampoo(params, lr=1e-3, grafting='adam'), roots every F steps
+  KBFGS / KBFGS(L)       soo_ext.KBFGS(model) with its defaults (history_size None / 10), H_a
+                         every F steps; its iteration is step(closure), which runs the forward
+                         and backward twice (the second pass gives the BFGS pairs)
+  SOAP                   soo_ext.SOAP(params) with its defaults (lr 3e-3), bases refreshed every
+                         F steps
+  PSGDKron               soo_ext.PSGDKron(params, lr=3e-4), factors fitted with probability 1/F
+                         (its default schedule: 1 for 500 steps, then annealed to 0.03, F ~ 33)
+  kron_torch Kron,       kron_torch.Kron, pytorch_optimizer.Kron, heavyball.PSGDKron (lr 3e-4,
+  pytorch_optimizer Kron, update probability 1/F, their other defaults; kron-torch and
+  heavyball PSGDKron     heavyball eager, see bench train): only when installed
   ASDL K-FAC             asdfghjkl's KfacGradientMaker (curvature every step, preconditioner
                          every F steps, damping 1e-2 as in bench train: at 1e-3 its float32
                          Cholesky fails) + torch.optim.SGD: only when installed
   pytorch_optimizer      pytorch_optimizer.Shampoo (preconditioning_compute_steps = F):
   Shampoo                only when installed
+  pytorch_optimizer SOAP pytorch_optimizer.SOAP(params, precondition_frequency=F), its defaults:
+                         only when installed
+  heavyball SOAP         heavyball.SOAP with the reference's defaults (betas (0.95, 0.95),
+                         shampoo_beta 0.95, max_precond_dim 10000, merge_dims False), eager
+                         (heavyball.utils.compile_mode = None: its torch.compile takes minutes
+                         on a CPU): only when installed
 Peers run in the same process on the same model, data and batches.  A peer that raises (a
 failed factorisation) is reported with its error and no time.
 
@@ -50,7 +68,9 @@ import soo_ext
 from . import common, train
 
 DEFAULTS = dict(cycle=100, rounds=3, freqs=[1, 10, 100])
-OWN = ("SGD", "Adam", "KFAC eigen", "KFAC inverse", "Shampoo")  # the rest are peers
+# the rest are peers
+OWN = ("SGD", "Adam", "KFAC eigen", "KFAC inverse", "EKFAC", "Shampoo", "KBFGS", "KBFGS(L)",
+       "SOAP", "PSGDKron")
 QUICK = dict(cycle=4, rounds=1, freqs=[1, 2])
 
 
@@ -87,7 +107,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def find_peers() -> dict[str, bool]:
     found = {}
-    for name, module in (("asdl", "asdl"), ("pytorch_optimizer", "pytorch_optimizer")):
+    for name, module in (("asdl", "asdl"), ("pytorch_optimizer", "pytorch_optimizer"),
+                         ("heavyball", "heavyball"), ("kron_torch", "kron_torch")):
         try:
             __import__(module)
             found[name] = True
@@ -114,6 +135,14 @@ class Iteration:
             gm.forward_and_backward()
             sgd.step()
             return
+        if isinstance(opt, soo_ext.KBFGS):  # torch's closure, evaluated twice a step()
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(self.model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+            return
         opt.zero_grad()
         F.cross_entropy(self.model(x), y).backward()
         opt.step()
@@ -129,6 +158,22 @@ def asdl_kfac(freq: int, batch_size: int) -> Callable[[nn.Module], tuple]:
     return make
 
 
+def psgd_kron_settings(f: int, peers: dict[str, bool]) -> list[tuple]:
+    """PSGDKron and its installed peers, the factors fitted with probability 1/f."""
+    out = [("PSGDKron", f, lambda m: soo_ext.PSGDKron(m.parameters(), lr=3e-4,
+                                                      update_probability=1 / f), False)]
+    if peers.get("kron_torch"):
+        out.append(("kron_torch Kron", f, lambda m: train.kron_torch_kron(
+            m.parameters(), 3e-4, 1 / f), False))
+    if peers.get("pytorch_optimizer"):
+        out.append(("pytorch_optimizer Kron", f, lambda m: __import__("pytorch_optimizer").Kron(
+            m.parameters(), lr=3e-4, pre_conditioner_update_probability=1 / f), False))
+    if peers.get("heavyball"):
+        out.append(("heavyball PSGDKron", f, lambda m: train.heavyball_psgd_kron(
+            m.parameters(), 3e-4, 1 / f), False))
+    return out
+
+
 def settings(freqs: list[int], batch_size: int, peers: dict[str, bool]) -> list[tuple]:
     """(optimizer name, frequency or None, factory, is_asdl)."""
     out = [("SGD", None, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), False),
@@ -137,8 +182,22 @@ def settings(freqs: list[int], batch_size: int, peers: dict[str, bool]) -> list[
         for mode in ("eigen", "inverse"):
             out.append((f"KFAC {mode}", f, lambda m, f=f, mode=mode: soo_ext.KFAC(
                 m, lr=0.1, momentum=0.9, mode=mode, inv_update_steps=f), False))
+        out.append(("EKFAC", f, lambda m, f=f: soo_ext.EKFAC(
+            m, lr=0.1, momentum=0.9, inv_update_steps=f), False))
         out.append(("Shampoo", f, lambda m, f=f: soo_ext.Shampoo(
             m.parameters(), lr=1e-3, grafting="adam", precondition_frequency=f), False))
+        out.append(("KBFGS", f, lambda m, f=f: soo_ext.KBFGS(m, inv_update_steps=f), False))
+        out.append(("KBFGS(L)", f, lambda m, f=f: soo_ext.KBFGS(
+            m, history_size=10, inv_update_steps=f), False))
+        out.append(("SOAP", f, lambda m, f=f: soo_ext.SOAP(
+            m.parameters(), precondition_frequency=f), False))
+        if peers.get("pytorch_optimizer"):
+            out.append(("pytorch_optimizer SOAP", f, lambda m, f=f: __import__(
+                "pytorch_optimizer").SOAP(m.parameters(), precondition_frequency=f), False))
+        if peers.get("heavyball"):
+            out.append(("heavyball SOAP", f, lambda m, f=f: train.heavyball_soap(
+                m.parameters(), 3e-3, precondition_frequency=f), False))
+        out += psgd_kron_settings(f, peers)
         if peers.get("asdl"):
             out.append(("ASDL K-FAC", f, asdl_kfac(f, batch_size), True))
         if peers.get("pytorch_optimizer"):

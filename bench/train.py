@@ -70,8 +70,21 @@ Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
                       factors and inverses every 10 steps, minibatch (chosen by a sweep of ~250
                       settings on the MNIST-1D CNN; the KL clip sets every step's length there,
                       so the lr does not matter: one lr)   lr 0.3                   default 0.1
+  soo_ext.EKFAC       its defaults (eigen bases every 10 steps, factors and scaling every step,
+                      scale decay 0.75, damping and KL clip 1e-3, momentum 0.9), minibatch
+                                                           lr 0.03, 0.1, 0.3        default 0.1
   soo_ext.Shampoo     Adam grafting, roots every 10 steps, its other defaults, minibatch
                                                            lr 0.003, 0.01, 0.03     default 1e-3
+  soo_ext.KBFGS       its defaults (BFGS H_g, H_a every 20 steps), minibatch with torch's closure:
+                      a step() call evaluates it twice on one minibatch, each counts as a step
+                                                           lr 0.3, 1, 3             default 0.3
+  soo_ext.KBFGS(L)    the same with history_size=10 (K-BFGS(L))
+                                                           lr 0.3, 1, 3             default 0.3
+  soo_ext.SOAP        its defaults (bases refreshed every 10 steps), minibatch
+                                                           lr 0.001, 0.003, 0.01    default 3e-3
+  soo_ext.PSGDKron    its defaults (factors fitted with probability 1 for 500 steps, then
+                      annealed to 0.03; update RMS clipped at 1.1), minibatch
+                                                           lr 0.001, 0.003, 0.01    default 3e-4
 Optional peers, run in the same process when their package is installed (otherwise skipped
 with a note), same models, data and budget:
   asdl.KFAC           ASDL's KfacGradientMaker (package asdfghjkl): curvature every step,
@@ -80,6 +93,19 @@ with a note), same models, data and budget:
                                                            lr 0.001, 0.003, 0.01 (tuned only)
   pytorch_optimizer.Shampoo  (package pytorch-optimizer) preconditioning_compute_steps 10,
                       its other defaults                   lr 0.003, 0.01, 0.03     default 1e-3
+  pytorch_optimizer.SOAP  (package pytorch-optimizer) its defaults (the reference's)
+                                                           lr 0.001, 0.003, 0.01    default 3e-3
+  heavyball.SOAP      (package heavyball) the reference's defaults (betas (0.95, 0.95),
+                      shampoo_beta 0.95, precondition_frequency 10, max_precond_dim 10000,
+                      merge_dims False), eager (compile_mode None: its torch.compile takes
+                      minutes on a CPU)                    lr 0.001, 0.003, 0.01    default 3e-3
+  kron_torch.Kron     (package kron-torch) its defaults, eager (its torch.compile'd functions
+                      run uncompiled: their compilation takes minutes on a CPU)
+                                                           lr 0.001, 0.003, 0.01    default 3e-4
+  pytorch_optimizer.Kron  (package pytorch-optimizer) its defaults
+                                                           lr 0.001, 0.003, 0.01    default 1e-3
+  heavyball.PSGDKron  (package heavyball) its defaults, eager (compile_mode None)
+                                                           lr 0.001, 0.003, 0.01    default 1e-3
 Minibatch optimizers draw --batch-size samples a step() call, without replacement, reshuffled
 every epoch (the last incomplete batch of an epoch is dropped).  Full-batch optimizers take a closure
 over the whole training set; each step() call runs up to --full-batch-iters iterations.
@@ -262,6 +288,9 @@ class OptimizerSpec:
     make: Callable[..., torch.optim.Optimizer]  # (params, lr, full_batch_iters[, model])
     # minibatch optimizer fed a closure (no backward) over its minibatch, made with model=
     closure: bool = False
+    # minibatch optimizer fed torch's closure (zero_grad, loss, backward) over its minibatch,
+    # made from the model: K-BFGS (two evaluations a step() call)
+    backward_closure: bool = False
     # made from the model (make gets it as a 4th argument): K-FAC hooks its layers
     takes_model: bool = False
     # ASDL: make(params, lr, batch_size, model) returns (optimizer, grad maker); the grad maker
@@ -313,6 +342,34 @@ def _peer(module: str):
 ASDL_DAMPING = 1e-2
 
 
+def heavyball_soap(params, lr, precondition_frequency=PRECONDITION_EVERY):
+    """heavyball's SOAP with the reference's defaults, eager (no torch.compile)."""
+    heavyball = _peer("heavyball")
+    heavyball.utils.compile_mode = None
+    return heavyball.SOAP(params, lr=lr, betas=(0.95, 0.95), shampoo_beta=0.95,
+                          precondition_frequency=precondition_frequency, max_precond_dim=10000,
+                          merge_dims=False)
+
+
+def kron_torch_kron(params, lr, update_probability=None):
+    """kron-torch's Kron (PSGD-Kron), its defaults, eager: its torch.compile'd functions run
+    uncompiled (their compilation takes minutes on a CPU), as heavyball's below."""
+    kron = _peer("kron_torch").kron
+    for name in ("_update_precond", "_precond_grad", "_clip_update_rms", "_balance_Q"):
+        f = getattr(kron, name)
+        setattr(kron, name, getattr(f, "_torchdynamo_orig_callable", f))
+    return kron.Kron(params, lr=lr, preconditioner_update_probability=update_probability)
+
+
+def heavyball_psgd_kron(params, lr, update_probability=None):
+    """heavyball's PSGDKron, its defaults (its own update schedule unless given), eager."""
+    heavyball = _peer("heavyball")
+    heavyball.utils.compile_mode = None
+    extra = {} if update_probability is None else {
+        "preconditioner_update_probability": update_probability}
+    return heavyball.PSGDKron(params, lr=lr, **extra)
+
+
 def _asdl_kfac(params, lr, batch_size, model):
     _peer("asdl")
     from asdl.precondition import KfacGradientMaker, PreconditioningConfig
@@ -353,11 +410,32 @@ OPTIMIZERS = (
                   lambda params, lr, _, model: soo_ext.KFAC(model, lr=lr, **KFAC_OPTIONS),
                   takes_model=True, default_lr=0.1,
                   make_default=lambda params, lr, _, model: soo_ext.KFAC(model, lr=lr)),
+    OptimizerSpec("soo_ext.EKFAC", (0.03, 0.1, 0.3), False,
+                  lambda params, lr, _, model: soo_ext.EKFAC(model, lr=lr),
+                  takes_model=True, default_lr=0.1),
     OptimizerSpec("soo_ext.Shampoo", (3e-3, 1e-2, 3e-2), False,
                   lambda params, lr, _: soo_ext.Shampoo(
                       params, lr=lr, grafting="adam", precondition_frequency=PRECONDITION_EVERY),
                   default_lr=1e-3,
                   make_default=lambda params, lr, _: soo_ext.Shampoo(params, lr=lr)),
+    OptimizerSpec("soo_ext.KBFGS", (0.3, 1.0, 3.0), False,
+                  lambda params, lr, _, model: soo_ext.KBFGS(model, lr=lr),
+                  backward_closure=True, default_lr=0.3),
+    OptimizerSpec("soo_ext.KBFGS(L)", (0.3, 1.0, 3.0), False,
+                  lambda params, lr, _, model: soo_ext.KBFGS(model, lr=lr, history_size=10),
+                  backward_closure=True, default_lr=0.3),
+    OptimizerSpec("soo_ext.SOAP", (1e-3, 3e-3, 1e-2), False,
+                  lambda params, lr, _: soo_ext.SOAP(params, lr=lr), default_lr=3e-3),
+    OptimizerSpec("soo_ext.PSGDKron", (1e-3, 3e-3, 1e-2), False,
+                  lambda params, lr, _: soo_ext.PSGDKron(params, lr=lr), default_lr=3e-4),
+    OptimizerSpec("kron_torch.Kron", (1e-3, 3e-3, 1e-2), False,
+                  lambda params, lr, _: kron_torch_kron(params, lr), peer=True, default_lr=3e-4),
+    OptimizerSpec("pytorch_optimizer.Kron", (1e-3, 3e-3, 1e-2), False,
+                  lambda params, lr, _: _peer("pytorch_optimizer").Kron(params, lr=lr),
+                  peer=True, default_lr=1e-3),
+    OptimizerSpec("heavyball.PSGDKron", (1e-3, 3e-3, 1e-2), False,
+                  lambda params, lr, _: heavyball_psgd_kron(params, lr), peer=True,
+                  default_lr=1e-3),
     OptimizerSpec("asdl.KFAC", (1e-3, 3e-3, 1e-2), False, _asdl_kfac, takes_model=True,
                   asdl=True, peer=True, protocols=("tuned",)),
     OptimizerSpec("pytorch_optimizer.Shampoo", (3e-3, 1e-2, 3e-2), False,
@@ -366,6 +444,11 @@ OPTIMIZERS = (
                   peer=True, default_lr=1e-3,
                   make_default=lambda params, lr, _: _peer("pytorch_optimizer").Shampoo(
                       params, lr=lr)),
+    OptimizerSpec("pytorch_optimizer.SOAP", (1e-3, 3e-3, 1e-2), False,
+                  lambda params, lr, _: _peer("pytorch_optimizer").SOAP(params, lr=lr),
+                  peer=True, default_lr=3e-3),
+    OptimizerSpec("heavyball.SOAP", (1e-3, 3e-3, 1e-2), False,
+                  lambda params, lr, _: heavyball_soap(params, lr), peer=True, default_lr=3e-3),
 )
 ADAM = "torch.optim.Adam"
 ADAMW = "torch.optim.AdamW"
@@ -585,6 +668,28 @@ class ClosureMinibatchTrainer(MinibatchTrainer):
             self.optimizer.step(closure)
 
 
+class BackwardClosureTrainer(ClosureMinibatchTrainer):
+    """K-BFGS on minibatches: ``advance()`` makes step() calls, each with torch's closure
+    (zero_grad, loss, backward) over one minibatch, until ``eval_every`` more steps have been
+    counted (or the step cap); every closure evaluation counts as a step (K-BFGS: 2 a call)."""
+
+    def advance(self) -> None:
+        stop = min(self.steps + self.budget.eval_every, self.budget.max_steps)
+        while self.steps < stop:
+            idx = self.next_batch()
+            x, y = self.data.x[idx], self.data.y[idx]
+
+            def closure() -> torch.Tensor:
+                self.counts["grad"] += 1
+                self.steps += 1
+                self.optimizer.zero_grad()
+                loss = F.cross_entropy(self.model(x), y)
+                loss.backward()
+                return loss
+
+            self.optimizer.step(closure)
+
+
 class AsdlTrainer(MinibatchTrainer):
     """ASDL's K-FAC: its grad maker runs forward and backward (capturing the statistics and
     preconditioning the gradients), then the optimizer steps."""
@@ -640,6 +745,9 @@ def make_trainer(spec: OptimizerSpec, model: nn.Module, lr: float, data: Data, b
     if spec.closure:
         optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters, model)
         return ClosureMinibatchTrainer(model, optimizer, data, budget, seed)
+    if spec.backward_closure:
+        optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters, model)
+        return BackwardClosureTrainer(model, optimizer, data, budget, seed)
     if spec.asdl:
         optimizer, grad_maker = spec.make(model.parameters(), lr, budget.batch_size, model)
         return AsdlTrainer(model, optimizer, data, budget, seed, grad_maker)

@@ -274,8 +274,32 @@ def test_train_runs_kfac_and_shampoo(name, one_thread):
     check_lr_sweep(records, env, name)
 
 
+def test_train_runs_psgd_kron(one_thread):
+    records, env = quick_train("mnist1d-cnn", "soo_ext.PSGDKron")
+    check_lr_sweep(records, env, "soo_ext.PSGDKron")
+
+
+@pytest.mark.parametrize("name", ["soo_ext.KBFGS", "soo_ext.KBFGS(L)"])
+def test_train_runs_kbfgs(name, one_thread):
+    """torch's closure on each minibatch, two evaluations (two steps) per step() call."""
+    records, env = quick_train("mnist1d-cnn", name)
+    check_lr_sweep(records, env, name)
+    for row in records:
+        assert all(run["grad_evals"] % 2 == 0 for run in row["runs"])
+
+
+def test_train_runs_soap(one_thread):
+    records, env = quick_train("mnist1d-cnn", "soo_ext.SOAP")
+    check_lr_sweep(records, env, "soo_ext.SOAP")
+
+
 @pytest.mark.parametrize("name,module", [("asdl.KFAC", "asdl"),
-                                         ("pytorch_optimizer.Shampoo", "pytorch_optimizer")])
+                                         ("pytorch_optimizer.Shampoo", "pytorch_optimizer"),
+                                         ("pytorch_optimizer.SOAP", "pytorch_optimizer"),
+                                         ("heavyball.SOAP", "heavyball"),
+                                         ("kron_torch.Kron", "kron_torch"),
+                                         ("pytorch_optimizer.Kron", "pytorch_optimizer"),
+                                         ("heavyball.PSGDKron", "heavyball")])
 def test_peers_run_when_installed_and_are_skipped_with_a_note_otherwise(name, module, one_thread):
     records, env = quick_train("mnist1d-cnn", name)
     try:

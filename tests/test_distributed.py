@@ -54,7 +54,7 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
 # ---- the runs: each takes the rank (None: one process on whole batches) ---------------------- #
 
 def run_backward_optimizer(rank, name: str, sync: bool = True):
-    """KFAC, Shampoo or MLBFGS: the closure calls backward; data parallel through DDP."""
+    """KFAC, EKFAC, Shampoo or MLBFGS: the closure calls backward; data parallel through DDP."""
     model = make_model()
     net = model
     if rank is not None:
@@ -62,6 +62,10 @@ def run_backward_optimizer(rank, name: str, sync: bool = True):
     if name.startswith("kfac"):  # kfac-<mode>[-replicated]
         opt = soo_ext.KFAC(net if sync else model, lr=0.1, mode=name.split("-")[1],
                            inv_update_steps=2, spread_inverses=not name.endswith("replicated"))
+    elif name == "ekfac":  # the scaling's statistics averaged too (replicas equal); float64
+        # statistics: float32 rounding, divided by the small entries of the scaling, is ~1e-6
+        opt = soo_ext.EKFAC(net if sync else model, lr=0.1, inv_update_steps=2,
+                            factor_dtype=torch.float64)
     elif name.startswith("shampoo"):  # shampoo[-spread]
         # the first factors are built from one or two gradients: with a tiny epsilon their
         # roots, and Adam grafting's division by a tiny second moment, turn rounding
@@ -70,6 +74,13 @@ def run_backward_optimizer(rank, name: str, sync: bool = True):
         opt = soo_ext.Shampoo(net.parameters(), lr=0.05, precondition_frequency=2,
                               start_preconditioning_step=1, grafting="sgd", epsilon=1e-3,
                               process_group=group)
+    elif name == "soap":  # float64 bases; only dims <= 4 rotated: a larger factor's first
+        # value (one gradient) is rank-deficient, and the basis eigh picks in its null space
+        # follows rounding differences (the averaged gradient's against the whole batch's)
+        opt = soo_ext.SOAP(net.parameters(), lr=0.01, precondition_frequency=2,
+                           max_precond_dim=4, factor_dtype=torch.float64)
+    elif name == "psgd_kron":  # probes and fits seeded by (seed, step): every rank draws alike
+        opt = soo_ext.PSGDKron(net.parameters(), lr=0.01, precond_dtype=torch.float64)
     else:
         opt = soo_ext.MLBFGS(net.parameters(), lr=0.05, update_freq=2)
     for step in range(STEPS):
@@ -156,11 +167,34 @@ def run_drsom(rank, hvp: str = "fd", sync: bool = True, resume: bool = False):
     return params_of(model) + [torch.tensor([st["trials"], st["line_searches"]])]
 
 
+def run_kbfgs(rank, history_size=None, sync: bool = True):
+    """K-BFGS: torch's closure, two passes a step; both passes' statistics averaged."""
+    model = make_model()
+    net = model if rank is None else nn.parallel.DistributedDataParallel(model)
+    opt = soo_ext.KBFGS(net if sync else model, lr=0.1, history_size=history_size,
+                        inv_update_steps=2)
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return params_of(model)
+
+
 RUNS = {
     **{name: (run_backward_optimizer, {"name": name})
        for name in ("kfac-eigen", "kfac-inverse", "kfac-eigen-replicated", "shampoo",
                     "shampoo-spread", "mlbfgs")},
     "kfac-accumulating": (run_kfac_accumulating, {}),
+    "ekfac": (run_backward_optimizer, {"name": "ekfac"}),
+    "psgd_kron": (run_backward_optimizer, {"name": "psgd_kron"}),
+    "soap": (run_backward_optimizer, {"name": "soap"}),
+    "kbfgs": (run_kbfgs, {}),
+    "kbfgs-lbfgs": (run_kbfgs, {"history_size": 3}),
     "lbfgs": (run_lbfgs, {}),
     "lbfgs-resumed": (run_lbfgs, {"resume": True}),
     "drsom-fd": (run_drsom, {"hvp": "fd"}),
@@ -171,6 +205,7 @@ UNSYNCED = {  # the same runs without the averaging: the replicas must drift apa
     "kfac-eigen": (run_backward_optimizer, {"name": "kfac-eigen", "sync": False}),
     "lbfgs": (run_lbfgs, {"sync": False}),
     "drsom-fd": (run_drsom, {"hvp": "fd", "sync": False}),
+    "kbfgs": (run_kbfgs, {"sync": False}),
 }
 
 

@@ -1,6 +1,7 @@
 """K-FAC's factors: the layers' A and G factors in size buckets, the statistics staged since the
 last step, and their decompositions, eigen (:class:`EigenFactors`) or damped inverses
-(:class:`InverseFactors`), with one interface: ``refresh(damping)`` and ``precondition``."""
+(:class:`InverseFactors`), with one interface: ``refresh(damping)`` and ``precondition``; EKFAC's
+eigenbases with a re-estimated diagonal scaling (:class:`EigenCorrectedFactors`)."""
 from __future__ import annotations
 
 import math
@@ -15,8 +16,8 @@ from .._support.params import check_params
 from .kfac_layers import KFACLayer
 from .kron_buckets import KronBuckets, keep_where
 
-__all__ = ["COUNTER_KEYS", "EigenFactors", "FactorStore", "InverseFactors", "KFACFactors",
-           "KFACLayout", "LayerGradients", "ShapeGroup", "kl_clip_", "load_views",
+__all__ = ["COUNTER_KEYS", "EigenCorrectedFactors", "EigenFactors", "FactorStore", "InverseFactors",
+           "KFACFactors", "KFACLayout", "LayerGradients", "ShapeGroup", "kl_clip_", "load_views",
            "preconditioned_directions"]
 
 
@@ -109,9 +110,10 @@ class KFACFactors:
     # ---- statistics ----------------------------------------------------------------------- #
 
     def stage(self, layer: KFACLayer, a: Tensor, g: Tensor, decay: float, w: float,
-              g_scale: float) -> None:
+              g_scale: float, samples: int) -> None:
         """Pool one pass's rows into the layer's staged statistics (``decay`` the old rows'
-        weight, ``w`` the new rows'; G's rows weigh ``g_scale`` more)."""
+        weight, ``w`` the new rows'; G's rows weigh ``g_scale`` more; the rows are ``samples``
+        samples' rows, each sample's contiguous)."""
         ops.kron_factor_update_(self.P[layer.a_dim][layer.a_pos], a, decay, w)
         ops.kron_factor_update_(self.P[layer.out][layer.g_pos], g, decay, w * g_scale)
         self.dirty[layer.a_dim] = self.dirty[layer.out] = True
@@ -178,13 +180,7 @@ class KFACFactors:
                      damping: float) -> tuple[Tensor, Tensor]:
         """``(V, grad)``: the preconditioned gradients ``[L', out, a_dim]`` of ``layers`` (all or
         some of ``group``'s) and their gradients."""
-        if len(layers) == len(group.layers):
-            ia, ig, grad = group.a, group.g, group.grad
-        else:  # some layers are not preconditioned this step: gather the others
-            rows = [l.row for l in layers]
-            ia = [group.a.start + r for r in rows]
-            ig = [group.g.start + r for r in rows]
-            grad = group.grad[rows]
+        ia, ig, _, grad = _gather(group, layers)
         l0 = group.layers[0]
         return self._apply(grad, l0.a_dim, ia, l0.out, ig, damping), grad
 
@@ -220,6 +216,95 @@ class EigenFactors(KFACFactors):
                                            self.d[a][ia], damping)
 
 
+def _gather(group: ShapeGroup, layers: list[KFACLayer]) -> tuple:
+    """``(ia, ig, rows, grad)``: the A and G slots of ``layers`` (all or some of ``group``'s),
+    their rows in the group (``slice(None)`` for all) and their gradients."""
+    if len(layers) == len(group.layers):
+        return group.a, group.g, slice(None), group.grad
+    rows = [l.row for l in layers]  # some layers are not preconditioned this step
+    return ([group.a.start + r for r in rows], [group.g.start + r for r in rows], rows,
+            group.grad[rows])
+
+
+class EigenCorrectedFactors(EigenFactors):
+    """EKFAC's factors (George et al. 2018): the eigenbases of :class:`EigenFactors` and, in
+    place of ``d_G d_A^T``, a scaling ``S`` per layer (``[out, a_dim]``, ones at the start): the
+    running average of the diagonal second moment of the per-sample gradients in the basis,
+    ``S_new = mean_n ((Q_G^T grad_n Q_A) ** 2)`` with ``grad_n = sum_t g_nt a_nt^T`` (the
+    sample's rows: one for a Linear on ``[N, in]``, its output positions for a conv: exact, the
+    sum runs before the square); ``V = Q_G [(Q_G^T grad Q_A) / (S + damping)] Q_A^T``.
+
+    The rows a pass stages are also held until the step, where :meth:`update_scale` projects
+    them on the bases the step's refresh left (the paper's order: eigenbasis, then scaling)."""
+
+    MODE = "ekfac"
+    KEYS = EigenFactors.KEYS + ("scale",)
+
+    def __init__(self, layout: KFACLayout, dtype: torch.dtype, device: torch.device,
+                 damping: float) -> None:
+        super().__init__(layout, dtype, device, damping)
+        self.S = {group: torch.ones_like(group.grad) for group in self.groups}
+        # S_new of every group: views of one buffer (one all-reduce, one fill)
+        self.staged_scale = torch.zeros(sum(g.grad.numel() for g in self.groups), dtype=dtype,
+                                        device=device)
+        self.PS, offset = {}, 0
+        for group in self.groups:
+            n = group.grad.numel()
+            self.PS[group] = self.staged_scale[offset:offset + n].view_as(group.grad)
+            offset += n
+        self.held: dict[KFACLayer, list[tuple]] = {}  # layer -> the passes' rows
+
+    def views(self, layer: KFACLayer) -> dict[str, Tensor]:
+        return {**super().views(layer), "scale": self.S[layer.group][layer.row]}
+
+    def stage(self, layer, a, g, decay, w, g_scale, samples):
+        super().stage(layer, a, g, decay, w, g_scale, samples)
+        self.held.setdefault(layer, []).append((a, g, decay, w * g_scale, samples))
+
+    def reset_staged(self) -> None:
+        super().reset_staged()
+        self.held = {}
+
+    def update_scale(self, decay: float, ok: Tensor | None, process_group=None) -> None:
+        """``S <- decay S + (1 - decay) S_new`` for the layers captured since the last step
+        (not where ``ok`` is False); data parallel: ``S_new`` averaged over the ranks."""
+        if not self.held:
+            return
+        self.staged_scale.zero_()
+        for layer, passes in self.held.items():
+            PS = self.PS[layer.group][layer.row]
+            QA, QG = self.Q[layer.a_dim][layer.a_pos], self.Q[layer.out][layer.g_pos]
+            for a, g, pool, w, samples in passes:
+                a, g = a.to(self.dtype) @ QA, g.to(self.dtype) @ QG
+                rows = a.shape[0] // samples  # per sample
+                if rows == 1:
+                    s = g.square().T @ a.square()
+                else:  # the per-sample gradients, summed over positions, then squared
+                    s = torch.bmm(g.view(samples, rows, -1).transpose(1, 2),
+                                  a.view(samples, rows, -1)).square_().sum(0)
+                # rows-pooled like A and G; ``rows`` per sample makes it a mean over samples
+                PS.mul_(pool).add_(s, alpha=w * rows)
+        if process_group is not None:
+            all_reduce_mean_(self.staged_scale, process_group)
+        for group, S in self.S.items():
+            captured = [l in self.held for l in group.layers]
+            if not any(captured):
+                continue
+            PS = self.PS[group]
+            targets = [(S, PS)] if all(captured) else \
+                [(S[r], PS[r]) for r, c in enumerate(captured) if c]
+            for Sv, Pv in targets:
+                new = Sv.mul(decay).add_(Pv, alpha=1 - decay)
+                Sv.copy_(new if ok is None else torch.where(ok, new, Sv))
+
+    def precondition(self, group, layers, damping):
+        ia, ig, rows, grad = _gather(group, layers)
+        l0 = group.layers[0]
+        QA, QG = self.Q[l0.a_dim][ia], self.Q[l0.out][ig]
+        scaled = (QG.mT @ grad @ QA).div_(self.S[group][rows] + damping)
+        return QG @ scaled @ QA.mT, grad
+
+
 class InverseFactors(KFACFactors):
     """Damped inverses ``(A + sqrt(damping) I)^{-1}`` and ``(G + sqrt(damping) I)^{-1}``
     (``ops.kron_damped_inverse``: the damping split evenly between the factors);
@@ -247,7 +332,7 @@ class InverseFactors(KFACFactors):
         return self.X[g][ig] @ grad @ self.X[a][ia]
 
 
-FACTORS = {cls.MODE: cls for cls in (EigenFactors, InverseFactors)}
+FACTORS = {cls.MODE: cls for cls in (EigenFactors, InverseFactors, EigenCorrectedFactors)}
 COUNTER_KEYS = ("A_inverse_failures", "G_inverse_failures", "A_inverse_fallbacks",
                 "G_inverse_fallbacks")
 
@@ -256,8 +341,8 @@ class FactorStore:
     """The factors of a layout, made at their first use (a capture or a step) on the layers'
     device at that time, with the options set last by :meth:`configure`."""
 
-    def __init__(self, layout: KFACLayout) -> None:
-        self.layout = layout
+    def __init__(self, layout: KFACLayout, owner: str = "KFAC") -> None:
+        self.layout, self.owner = layout, owner  # (the optimizer's name, in the messages)
         self.factors: KFACFactors | None = None
         self._options: tuple | None = None
 
@@ -274,13 +359,13 @@ class FactorStore:
     def get(self) -> KFACFactors:
         device = self.layout.layers[0].weight.device
         if self.factors is None:
-            check_params([p for l in self.layout.layers for p in l.params()], "KFAC")
+            check_params([p for l in self.layout.layers for p in l.params()], self.owner)
             mode, dtype, damping = self._options
             self.factors = FACTORS[mode](self.layout, dtype, device, damping)
         elif self.factors.device != device:
-            raise RuntimeError(f"KFAC: the model moved from {self.factors.device} to {device} "
-                               "after the factors were laid out; create the optimizer after "
-                               "moving the model")
+            raise RuntimeError(f"{self.owner}: the model moved from {self.factors.device} to "
+                               f"{device} after the factors were laid out; create the optimizer "
+                               "after moving the model")
         return self.factors
 
 
@@ -363,10 +448,10 @@ def preconditioned_directions(factors: KFACFactors, grads: LayerGradients, dampi
 
 
 def load_views(factors: KFACFactors | None, layers: list[KFACLayer],
-               saved: dict[Tensor, dict[str, Tensor]], state: dict) -> None:
+               saved: dict[Tensor, dict[str, Tensor]], state: dict, owner: str = "KFAC") -> None:
     """Copy saved state entries (by param) into the factors' views of the layers' weights, and
-    ``nonfinite_steps`` (int64, on the factors' device) into ``state``; ValueError for an entry
-    of another param or of another shape."""
+    ``nonfinite_steps`` (int64, on the factors' device) into ``state``; ValueError (in the name
+    of the optimizer ``owner``) for an entry of another param or of another shape."""
     views = {id(l.weight): factors.views(l) for l in layers} if factors else {}
     for p, entries in saved.items():
         if "nonfinite_steps" in entries:
@@ -375,10 +460,10 @@ def load_views(factors: KFACFactors | None, layers: list[KFACLayer],
         target = views.get(id(p), {})
         for key, value in entries.items():
             if key not in target:
-                raise ValueError(f"KFAC.load_state_dict: state entry {key!r} of a param that is "
+                raise ValueError(f"{owner}.load_state_dict: state entry {key!r} of a param that is "
                                  "not a K-FAC layer's weight in this optimizer (the mode or the "
                                  "hooked layers differ from the saved run's)")
             if tuple(value.shape) != tuple(target[key].shape):
-                raise ValueError(f"KFAC.load_state_dict: {key!r} has shape "
+                raise ValueError(f"{owner}.load_state_dict: {key!r} has shape "
                                  f"{tuple(value.shape)}, expected {tuple(target[key].shape)}")
             target[key].copy_(value)

@@ -155,12 +155,14 @@ def _left_out(name: str, module: nn.Module, group_of: dict[int, int],
 
 
 def find_layers(model: nn.Module, group_of: dict[int, int], patterns: tuple[re.Pattern, ...],
-                warn: bool = True) -> list[KFACLayer]:
+                warn: bool = True, *, owner: str = "KFAC", stacklevel: int = 4
+                ) -> list[KFACLayer]:
     """The layers K-FAC preconditions: every nn.Linear, nn.Conv1d and nn.Conv2d
     (``groups == 1``) of ``model``, materialised, not matched by a skip pattern (module name or
     class name, full match), whose params are all in one param group (``group_of``: id ->
     group) and not tied to another such layer.  ``warn``: one UserWarning naming every module
-    whose trainable params of the optimizer take the plain step instead, and why."""
+    whose trainable params of the optimizer take the plain step instead, and why, in the name
+    of ``owner`` (the optimizer), at ``stacklevel`` (4: the caller of the caller of this)."""
     candidates, why = [], {}
     for name, module in model.named_modules():
         reason = _left_out(name, module, group_of, patterns)
@@ -181,12 +183,12 @@ def find_layers(model: nn.Module, group_of: dict[int, int], patterns: tuple[re.P
         else:
             layers.append(KFACLayer(name, module, len(layers)))
     if warn:
-        _warn_left_out(model, group_of, layers, why)
+        _warn_left_out(model, group_of, layers, why, owner, stacklevel)
     return layers
 
 
 def _warn_left_out(model: nn.Module, group_of: dict[int, int], layers: list[KFACLayer],
-                   why: dict[str, str]) -> None:
+                   why: dict[str, str], owner: str, stacklevel: int) -> None:
     """One UserWarning listing each module with trainable params of the optimizer that are not
     preconditioned (they take the plain step), with the reason; nothing if there is none."""
     hooked = {id(l.module): l for l in layers}
@@ -206,10 +208,10 @@ def _warn_left_out(model: nn.Module, group_of: dict[int, int], layers: list[KFAC
         lines.append(f"  {name or '(the model)'} ({type(module).__name__}: "
                      f"{', '.join(plain)}): {reason}")
     if lines:
-        warnings.warn("KFAC: the trainable params of these modules are not preconditioned and "
-                      "take the plain SGD step (K-FAC preconditions nn.Linear, nn.Conv1d and "
+        warnings.warn(f"{owner}: the trainable params of these modules are not preconditioned "
+                      "and take the plain SGD step (K-FAC preconditions nn.Linear, nn.Conv1d and "
                       "nn.Conv2d with groups=1, see docs/kfac.md):\n" + "\n".join(lines),
-                      UserWarning, stacklevel=4)
+                      UserWarning, stacklevel=stacklevel)
 
 
 def _identity(x):
@@ -284,10 +286,12 @@ class LayerCapture:
         factors: returns the factors to stage into (made at the first use).
         grad_scaler: a ``torch.amp.GradScaler`` or a callable returning the loss scale (the
             output gradients are divided by it), or None.
+        owner: the optimizer's name, in the messages.
     """
 
     def __init__(self, layers: list[KFACLayer], factors: Callable[[], object],
-                 grad_scaler=None) -> None:
+                 grad_scaler=None, owner: str = "KFAC") -> None:
+        self.owner = owner
         if grad_scaler is not None and not callable(grad_scaler) \
                 and not hasattr(grad_scaler, "_get_scale_async"):
             raise ValueError(f"Invalid grad_scaler: {grad_scaler!r} (must be a "
@@ -296,7 +300,7 @@ class LayerCapture:
             current = layer.module.__dict__.get("forward")
             if isinstance(current, _CapturingForward) and current.capture_ref() is not None:
                 raise RuntimeError(
-                    f"KFAC: layer {layer.name!r} of this model is hooked by another KFAC "
+                    f"{owner}: layer {layer.name!r} of this model is hooked by another KFAC "
                     "already (both would capture every forward); call remove_hooks() on that "
                     "optimizer, or drop it, before creating a new one")
         self.layers = layers
@@ -338,10 +342,10 @@ class LayerCapture:
             return
         if backward_ran and not any(layer.captures for layer in self.layers):
             raise RuntimeError(
-                "KFAC.step(): factor statistics are due at this step but no backward pass of "
-                "the model was captured since the last step (call loss.backward() with the "
-                "model in training mode and grad enabled before step(); zero_grad() drops what "
-                "was captured)")
+                f"{self.owner}.step(): factor statistics are due at this step but no backward "
+                "pass of the model was captured since the last step (call loss.backward() with "
+                "the model in training mode and grad enabled before step(); zero_grad() drops "
+                "what was captured)")
         self._warn_uneven_accumulation()
 
     def reset(self) -> None:
@@ -360,9 +364,10 @@ class LayerCapture:
             self._warned_accumulation = True
             # (stacklevel: here, check, KFAC.step, its no_grad and compiler.disable wrappers,
             # Optimizer's step hooks, the caller)
-            warnings.warn(f"KFAC: layer {odd[0].name!r} captured {odd[0].captures} backward "
-                          f"passes for this step, not a multiple of accumulation_steps={n} (the "
-                          "statistics pool whatever was captured)", RuntimeWarning, stacklevel=7)
+            warnings.warn(f"{self.owner}: layer {odd[0].name!r} captured {odd[0].captures} "
+                          "backward passes for this step, not a multiple of "
+                          f"accumulation_steps={n} (the statistics pool whatever was captured)",
+                          RuntimeWarning, stacklevel=7)
 
     def _current_scale(self):
         s = self._grad_scaler
@@ -402,10 +407,10 @@ class LayerCapture:
             g = g.to(factors.dtype)
         total = layer.rows + N
         decay, w = layer.rows / total, 1.0 / total
+        samples = grad.shape[0] if grad.dim() > layer.spatial + 1 else 1  # the batch size
         g_scale = 1.0
         if self.batch_averaged:  # undo the loss's mean: per-sample gradients
-            batched = grad.dim() > layer.spatial + 1
-            g_scale = float((grad.shape[0] if batched else 1) * self.accumulation_steps) ** 2
-        factors.stage(layer, a, g, decay, w, g_scale)
+            g_scale = float(samples * self.accumulation_steps) ** 2
+        factors.stage(layer, a, g, decay, w, g_scale, samples)
         layer.rows = total
         layer.captures += 1

@@ -78,6 +78,8 @@ class KFAC(Optimizer):
         opt.zero_grad()
     """
 
+    _OPTIONS, _UNCAST = OPTIONS, _UNCAST  # a subclass's options and uncast state entries
+
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, damping: float = 1e-3, factor_decay: float = 0.95,
                  kl_clip: float | None = 1e-3, factor_update_steps: int = 1,
@@ -85,21 +87,7 @@ class KFAC(Optimizer):
                  on_nonfinite: str = "skip", factor_dtype: torch.dtype = torch.float32,
                  accumulation_steps: int = 1, batch_averaged: bool = True, grad_scaler=None,
                  params=None, process_group=None, spread_inverses: bool = True) -> None:
-        model = compiled_inner(model)  # torch.compile(model): its module
-        if process_group is None and isinstance(model, nn.parallel.DistributedDataParallel):
-            process_group = getattr(model, "process_group", None)
-        self._process_group = check_process_group(process_group)
-        args = locals()
-        defaults = {name: args[name] for name in OPTIONS.specs}  # the options' arguments
-        OPTIONS.check(defaults)
-        patterns = skip_patterns(skip_layers)
-        super().__init__(model.parameters() if params is None else params, defaults)
-        self._layers = find_layers(model, group_index(self), patterns)
-        self._store = FactorStore(KFACLayout(self._layers))
-        self._capture = LayerCapture(self._layers, self._store.get, grad_scaler)
-        self._in_state: KFACFactors | None = None  # the factors whose views the state holds
-        self._skips = SkipWarner("KFAC")
-        self._between_steps()
+        kfac_init(self, locals())
 
     @property
     def layers(self) -> list[tuple[str, nn.Module]]:
@@ -108,7 +96,8 @@ class KFAC(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         add_param_group_checked(self, param_group, lambda: (
-            OPTIONS.check(self.param_groups[-1]), check_params(all_params(self), "KFAC")))
+            self._OPTIONS.check(self.param_groups[-1]),
+            check_params(all_params(self), type(self).__name__)))
 
     def remove_hooks(self) -> None:
         """Detach from the model: no more statistics; later steps precondition with the factors
@@ -122,18 +111,18 @@ class KFAC(Optimizer):
         self._between_steps()
 
     def __getstate__(self) -> dict:
-        raise TypeError("KFAC holds hooks on its model and cannot be pickled or copied; save "
-                        "state_dict() instead")
+        raise TypeError(f"{type(self).__name__} holds hooks on its model and cannot be pickled "
+                        "or copied; save state_dict() instead")
 
     def load_state_dict(self, state_dict: dict) -> None:
-        kept = load_state_dict_uncast(self, state_dict, _UNCAST)
+        kept = load_state_dict_uncast(self, state_dict, self._UNCAST)
         self._store.factors = None  # fresh factors with the loaded options
         try:
-            OPTIONS.check_groups(self.param_groups)
+            self._OPTIONS.check_groups(self.param_groups)
         except ValueError as exc:
-            raise ValueError(f"KFAC.load_state_dict: {exc}") from None
+            raise ValueError(f"{type(self).__name__}.load_state_dict: {exc}") from None
         self._between_steps()
-        load_views(self._factors(), self._layers, kept, self.state)
+        load_views(self._factors(), self._layers, kept, self.state, type(self).__name__)
 
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
@@ -143,22 +132,23 @@ class KFAC(Optimizer):
         params = all_params(self)
         if not any(p.grad is not None for p in params):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
-        OPTIONS.check_groups(self.param_groups)
+        self._OPTIONS.check_groups(self.param_groups)
         o, group_of = self.param_groups[0], group_index(self)
-        self._store.configure(o["mode"], o["factor_dtype"], o["damping"])
-        check_dense_grads(params, "KFAC")
+        self._store.configure(self._mode(o), o["factor_dtype"], o["damping"])
+        check_dense_grads(params, type(self).__name__)
         factors, glob = self._factors(), self._global_state()
         k = glob["step"]
         self._skips.watch(glob["nonfinite_steps"])
-        factor_step = self._capture.active and k % o["factor_update_steps"] == 0
+        captured = self._capture.active and self._statistics_due(k)
+        factor_step = captured and k % o["factor_update_steps"] == 0
         with_grads = [l for l in self._layers if l.has_grads()] if factors else []
-        self._capture.check(factor_step, bool(with_grads))
+        self._capture.check(captured, bool(with_grads))
         grads = LayerGradients(
             [l for l in with_grads
              if self.state[l.weight]["factor_updates"] > 0 or (factor_step and l.captures)],
             lambda l: self.param_groups[group_of[id(l.weight)]]["weight_decay"])
         plain = [p for p in params if p.grad is not None and id(p) not in grads.param_ids]
-        staged = factors.staged_statistics(self._process_group) if factor_step and factors else []
+        staged = factors.staged_statistics(self._process_group) if captured and factors else []
         guard = self._guard([p.grad for p in plain] + staged + grads.tensors(), glob)
         grads.add_weight_decay_()
         if guard:
@@ -170,6 +160,8 @@ class KFAC(Optimizer):
             if k % o["inv_update_steps"] == 0:
                 spread = self._process_group if o["spread_inverses"] else None
                 factors.refresh(o["damping"], ok, spread)
+            if captured:
+                self._statistics_captured(factors, k, ok)
         directions = preconditioned_directions(
             factors, grads, o["damping"], o["kl_clip"],
             lambda l: self.param_groups[group_of[id(l.weight)]]["lr"]) if grads.active else []
@@ -182,6 +174,18 @@ class KFAC(Optimizer):
                 self.state[l.weight]["factor_updates"] += 1
         self._between_steps()
         return loss
+
+    def _mode(self, o: dict) -> str:
+        """The factors' mode (``FactorStore.configure``) under the options ``o``."""
+        return o["mode"]
+
+    def _statistics_due(self, k: int) -> bool:
+        """Whether the layers' statistics are captured for step ``k``."""
+        return k % self.param_groups[0]["factor_update_steps"] == 0
+
+    def _statistics_captured(self, factors: KFACFactors, k: int, ok: Tensor | None) -> None:
+        """After the factors' commit and refresh at a step ``k`` with captured statistics: K-FAC
+        has nothing more to update (EKFAC its scaling)."""
 
     def _factors(self) -> KFACFactors | None:
         """The factors (made at the first use); the state holds views of them."""
@@ -208,9 +212,10 @@ class KFAC(Optimizer):
         """The step's skip guard (None: nothing to mask), or NonFiniteError ('raise')."""
         policy = self.param_groups[0]["on_nonfinite"]
         try:
-            guard = SkipGuard.check(checked, policy, glob["nonfinite_steps"], "KFAC: the "
-                                    "gradient (or a captured activation / output gradient) is "
-                                    "not finite") if checked else None
+            guard = SkipGuard.check(checked, policy, glob["nonfinite_steps"],
+                                    f"{type(self).__name__}: the gradient (or a captured "
+                                    "activation / output gradient) is not finite") \
+                if checked else None
         except NonFiniteError:
             self._between_steps()
             raise
@@ -224,10 +229,33 @@ class KFAC(Optimizer):
             self._store.factors.reset_staged()
         o = self.param_groups[0]
         if self._store.factors is None:
-            self._store.configure(o["mode"], o["factor_dtype"], o["damping"])
+            self._store.configure(self._mode(o), o["factor_dtype"], o["damping"])
         glob = self.state.get(o["params"][0], {}) if o["params"] else {}
-        self._capture.configure(glob.get("step", 0) % o["factor_update_steps"] == 0,
+        self._capture.configure(self._statistics_due(glob.get("step", 0)),
                                 o["batch_averaged"], o["accumulation_steps"])
+
+
+def kfac_init(opt: KFAC, args: dict) -> None:
+    """``opt.__init__`` (KFAC's or a subclass's), from its arguments (``args``: the options'
+    and the others)."""
+    model = compiled_inner(args["model"])  # torch.compile(model): its module
+    process_group = args["process_group"]
+    if process_group is None and isinstance(model, nn.parallel.DistributedDataParallel):
+        process_group = getattr(model, "process_group", None)
+    opt._process_group = check_process_group(process_group)
+    defaults = {name: args[name] for name in opt._OPTIONS.specs}  # the options' arguments
+    opt._OPTIONS.check(defaults)
+    patterns = skip_patterns(args["skip_layers"])
+    params = args["params"]
+    Optimizer.__init__(opt, model.parameters() if params is None else params, defaults)
+    opt._layers = find_layers(model, group_index(opt), patterns, owner=type(opt).__name__,
+                              stacklevel=5)  # the caller of KFAC.__init__ (or a subclass's)
+    opt._store = FactorStore(KFACLayout(opt._layers), type(opt).__name__)
+    opt._capture = LayerCapture(opt._layers, opt._store.get, args["grad_scaler"],
+                                type(opt).__name__)
+    opt._in_state = None  # the KFACFactors whose views the state holds
+    opt._skips = SkipWarner(type(opt).__name__)
+    opt._between_steps()
 
 
 def _sgd_directions(params: list[Tensor], weight_decays: list[float],

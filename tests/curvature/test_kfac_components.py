@@ -109,8 +109,8 @@ def factors_with_statistics(cls, damping=1e-2, seed=0):
     for l in layers:
         a = torch.randn(7, l.a_dim, generator=gen, dtype=F64)
         g = torch.randn(7, l.out, generator=gen, dtype=F64)
-        factors.stage(l, a[:3], g[:3], 0.0, 1 / 3, 4.0)
-        factors.stage(l, a[3:], g[3:], 3 / 7, 1 / 7, 4.0)  # pooled with the first 3 rows
+        factors.stage(l, a[:3], g[:3], 0.0, 1 / 3, 4.0, 3)
+        factors.stage(l, a[3:], g[3:], 3 / 7, 1 / 7, 4.0, 4)  # pooled with the first 3 rows
         l.captures = 2
         rows[l.name] = (a, g)
     return layers, factors, rows

@@ -229,6 +229,7 @@ class OptimizerCase:
     schedule_counter: str | None = None  # not advanced by a skipped scheduled step
     continue_steps: int = 3
     ready: Callable[[dict], bool] = lambda st: True  # the state (first param) is non-trivial
+    statistics_steps: int = 0  # first steps that only gather statistics (the params stay: SOAP)
 
     # Resume: steps before saving and after; a skipped step (index) before saving; state entries
     # documented as live views of the optimizer's buffers (state_dict() returns references).
@@ -362,6 +363,21 @@ def shampoo_syncs(kw, policy, k, before, after):
     return int(step >= start and (step - start) % freq == 0) + int(policy == "raise")
 
 
+def kbfgs_syncs(kw, policy, k, before, after):
+    """None in step() (one with 'raise'); K-BFGS(L): one more, which layers push their pair."""
+    return int(policy == "raise") + int(kw["history_size"] is not None)
+
+
+def psgd_kron_syncs(kw, policy, k, before, after):
+    """None (the update decisions are host draws), one per step with 'raise'."""
+    return int(policy == "raise")
+
+
+def soap_syncs(kw, policy, k, before, after):
+    """None in step() (the basis refreshes are masked on the device), one with 'raise'."""
+    return int(policy == "raise")
+
+
 def drsom_syncs(kw, policy, k, before, after):
     """One at the base point plus one per trial (trust-region or line-search)."""
     return 1 + after["trials"] - before.get("trials", 0)
@@ -407,6 +423,19 @@ def kfac_layer_state(opt, model):
             assert st["A"].dtype == opt.param_groups[0]["factor_dtype"]
 
 
+def kbfgs_layer_state(opt, model):
+    lbfgs = opt.param_groups[0]["history_size"] is not None
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            st = opt.state[module.weight]
+            assert {"A", "H_a", "s", "y", "momentum_buffer"} <= set(st)
+            assert ("history" if lbfgs else "H_g") in st
+            assert st["H_a"].shape == (module.weight[0].numel() + 1,) * 2
+            if lbfgs:
+                assert st["history"]["S"].shape == (opt.param_groups[0]["history_size"],
+                                                    module.weight.shape[0])
+
+
 def shampoo_param_state(opt, model):
     for p in model.parameters():
         st = opt.state[p]
@@ -419,6 +448,37 @@ def shampoo_param_state(opt, model):
 def shampoo_added_matrix(opt, p):
     # (7, 4) with max_preconditioner_dim 16: 28 > 16, not merged: two factors.
     assert len(opt.state[p]["factors"]) == 2
+
+
+def psgd_kron_param_state(opt, model):
+    dtype = opt.param_groups[0]["precond_dtype"]
+    for p in model.parameters():
+        st = opt.state[p]
+        assert {"momentum_buffer", "momentum_steps", "Q"} <= set(st)
+        assert st["momentum_buffer"].shape == p.shape and st["momentum_steps"].dtype == torch.int64
+        assert 1 <= len(st["Q"]) <= max(p.dim(), 1) and all(q.dtype == dtype for q in st["Q"])
+
+
+def psgd_kron_layout(params):
+    """Two groups (lr and weight decay differ)."""
+    cw, cb, l1w, l1b, l2w, l2b, *rest = params
+    return ([{"params": [cw, cb, l2w, l2b, *rest]},
+             {"params": [l1w, l1b], "lr": 0.02, "weight_decay": 0.01}], {})
+
+
+def soap_param_state(opt, model):
+    fdtype = opt.param_groups[0]["factor_dtype"]
+    for p in model.parameters():
+        st = opt.state[p]
+        assert st["exp_avg"].shape == st["exp_avg_sq"].shape == p.shape
+        assert len(st["GG"]) == len(st["Q"]) and all(q.dtype == fdtype for q in st["Q"])
+        if p.dim() >= 2:  # Linear 36 x 5 with max_precond_dim 16: the 36 dim stays unrotated
+            assert len(st["GG"]) == sum(1 < n <= 16 for n in p.shape) > 0
+
+
+def soap_added_matrix(opt, p):
+    # (7, 4) with max_precond_dim 16: a factor and a basis per dim.
+    assert len(opt.state[p]["GG"]) == len(opt.state[p]["Q"]) == 2
 
 
 def mlbfgs_layout(params):
@@ -545,6 +605,58 @@ DRSOM_INVALID = (
     Invalid("lr", {"lr": -1.0}), Invalid("lr", {"lr": float("inf")}),
 )
 
+KBFGS_INVALID = (
+    Invalid("lr", dict(lr=-1.0)), Invalid("lr", dict(lr=float("nan"))),
+    Invalid("momentum", dict(momentum=1.0)), Invalid("weight_decay", dict(weight_decay=-1e-3)),
+    Invalid("damping", dict(damping=0.0)), Invalid("damping", dict(damping=1.0)),
+    Invalid("factor_decay", dict(factor_decay=1.5)), Invalid("pair_decay", dict(pair_decay=1.0)),
+    Invalid("powell", dict(powell=0.0)), Invalid("powell", dict(powell=1.0)),
+    Invalid("inv_update_steps", dict(inv_update_steps=0)),
+    Invalid("history_size", dict(history_size=0)), Invalid("history_size", dict(history_size=2.5)),
+    Invalid("history_size", dict(history_size=True)),
+    Invalid("on_nonfinite", dict(on_nonfinite="ignore")),
+    Invalid("skip_layers", dict(skip_layers=["("])),
+    Invalid("process_group", dict(process_group="world")),
+    Invalid("model", build=lambda: soo_ext.KBFGS([nn.Parameter(torch.zeros(2))])),
+)
+
+PSGD_KRON_INVALID = (
+    Invalid("lr", dict(lr=-1.0)), Invalid("lr", dict(lr=float("nan"))),
+    Invalid("momentum", dict(momentum=1.0)), Invalid("momentum", dict(momentum=-0.1)),
+    Invalid("weight_decay", dict(weight_decay=-1e-4)),
+    Invalid("precond_lr", dict(precond_lr=0.0)),
+    Invalid("update_probability", dict(update_probability=0.0)),
+    Invalid("update_probability", dict(update_probability=1.5)),
+    Invalid("update_probability", dict(update_probability="always")),
+    Invalid("max_size_triangular", dict(max_size_triangular=0)),
+    Invalid("max_size_triangular", dict(max_size_triangular=8.0)),
+    Invalid("min_ndim_triangular", dict(min_ndim_triangular=-1)),
+    Invalid("memory_save_mode", dict(memory_save_mode="some_diag")),
+    Invalid("momentum_into_precond_update", dict(momentum_into_precond_update=1)),
+    Invalid("precond_init_scale", dict(precond_init_scale=0.0)),
+    Invalid("merge_dims", dict(merge_dims="yes")),
+    Invalid("precond_dtype", dict(precond_dtype=torch.float16)),
+    Invalid("max_update_rms", dict(max_update_rms=0.0)),
+    Invalid("seed", dict(seed=-1)), Invalid("seed", dict(seed=1.5)),
+    Invalid("on_nonfinite", dict(on_nonfinite="ignore")),
+)
+
+SOAP_INVALID = (
+    Invalid("lr", dict(lr=-1.0)), Invalid("lr", dict(lr=float("nan"))),
+    Invalid("betas", dict(betas=(1.0, 0.9))), Invalid("betas", dict(betas=(0.9, 1.0))),
+    Invalid("betas", dict(betas=0.9)), Invalid("eps", dict(eps=0.0)),
+    Invalid("weight_decay", dict(weight_decay=-1e-4)),
+    Invalid("shampoo_beta", dict(shampoo_beta=1.0)),
+    Invalid("shampoo_beta", dict(shampoo_beta="x")),
+    Invalid("precondition_frequency", dict(precondition_frequency=0)),
+    Invalid("precondition_frequency", dict(precondition_frequency=2.0)),
+    Invalid("max_precond_dim", dict(max_precond_dim=0)),
+    Invalid("merge_dims", dict(merge_dims="yes")),
+    Invalid("precondition_1d", dict(precondition_1d=None)),
+    Invalid("factor_dtype", dict(factor_dtype=torch.float16)),
+    Invalid("on_nonfinite", dict(on_nonfinite="ignore")),
+)
+
 # ---- the rows, by class ---------------------------------------------------------------------
 
 QUASI_NEWTON = dict(  # LBFGS and BFGS: closure, 'raise', a skipped step is a no-op
@@ -643,6 +755,50 @@ def shampoo(name, factor_dtype):
         bad_group_option=("betas", (0.9, 2.0)), global_option=("precondition_frequency", 4))
 
 
+def psgd_kron(name, precond_dtype, **kwargs):
+    # update_probability 0.5, seed 0: the factors are fitted at steps 1, 3, 4, 7, 8, 9, 11, ...
+    return OptimizerCase(
+        name=name, cls="PSGDKron",
+        kwargs=dict(lr=0.01, weight_decay=1e-3, update_probability=0.5,
+                    precond_dtype=precond_dtype, **kwargs),
+        model=functools.partial(ConvRegression, F32),
+        batch=functools.partial(sequence_batch, F32), layout=psgd_kron_layout,
+        convention="backward", on_nonfinite="skip", skip="counted",
+        poisons=("grad-nan", "grad-inf"),
+        positions={"plain": (5, False), "update_step": (6, True)},  # steps 6 and 7
+        skip_counts=("step", "precond_updates"), continue_steps=4,
+        ready=lambda st: st["precond_updates"] >= 1,
+        resume_steps=(8, 7), resume_skip_at=5, live_state_keys=("Q", "momentum_buffer"),
+        host_syncs=psgd_kron_syncs, sync_steps=8, sync_policies=("skip", "raise"),
+        sync_poison=(3, 6), add_group="any-time",
+        state_keys=("step", "seed", "precond_updates", "nonfinite_steps"),
+        state_check=psgd_kron_param_state, invalid=PSGD_KRON_INVALID,
+        group_options={"lr": 0.5, "weight_decay": 0.1},
+        bad_group_option=("weight_decay", -1.0), global_option=("precond_lr", 0.2))
+
+
+def soap(name, factor_dtype):
+    return OptimizerCase(
+        name=name, cls="SOAP",
+        kwargs=dict(lr=0.01, precondition_frequency=3, max_precond_dim=16, precondition_1d=True,
+                    factor_dtype=factor_dtype),
+        model=functools.partial(ConvRegression, F32),
+        batch=functools.partial(sequence_batch, F32), layout=shampoo_layout,
+        convention="backward", on_nonfinite="skip", skip="counted",
+        poisons=("grad-nan", "grad-inf"),
+        positions={"plain": (4, False), "refresh_step": (6, True)},  # refreshes at k = 4, 7, 10
+        skip_counts=("step",), continue_steps=4, statistics_steps=1,
+        ready=lambda st: st["step"] >= 2,
+        resume_steps=(8, 7), resume_skip_at=5,
+        live_state_keys=("GG", "Q", "exp_avg", "exp_avg_sq"),
+        host_syncs=soap_syncs, sync_steps=12, sync_policies=("skip", "raise"),
+        sync_poison=(6, 8), add_group="any-time", add_group_check=soap_added_matrix,
+        state_keys=("step", "adam_steps", "nonfinite_steps"),
+        state_check=soap_param_state, invalid=SOAP_INVALID,
+        group_options={"lr": 0.5, "betas": (0.5, 0.9), "weight_decay": 0.1},
+        bad_group_option=("betas", (0.9, 1.0)), global_option=("precondition_frequency", 4))
+
+
 def drsom(name, dtype, **kwargs):
     random = kwargs.get("random", False)
     return OptimizerCase(
@@ -660,6 +816,56 @@ def drsom(name, dtype, **kwargs):
                                  ("hvp", "exact")))
 
 
+def kbfgs(name, dtype, history_size=None):
+    return OptimizerCase(
+        name=name, cls="KBFGS",
+        kwargs=dict(lr=0.05, weight_decay=1e-3, inv_update_steps=3, history_size=history_size),
+        model=functools.partial(ConvClassifier, dtype),
+        batch=functools.partial(image_batch, dtype), takes_model=True,
+        convention="closure", on_nonfinite="skip", skip="counted",
+        poisons=("grad-nan", "grad-inf"),
+        positions={"plain": (4, False), "inverse_step": (6, True)},  # H_a at k = 0, 3, 6
+        skip_counts=("step",), continue_steps=4,
+        ready=lambda st: st.get("step", 0) >= 2 and "H_a" in st,
+        resume_steps=(5, 6), resume_skip_at=3,
+        host_syncs=kbfgs_syncs, sync_steps=7, sync_policies=("skip", "raise"), sync_poison=(5,),
+        add_group="any-time", copyable=False, state_keys=("step", "nonfinite_steps"),
+        state_check=kbfgs_layer_state, invalid=KBFGS_INVALID,
+        group_options={"lr": 0.5, "momentum": 0.0, "weight_decay": 0.1},
+        bad_group_option=("lr", -1), global_option=("damping", 0.1),
+        global_checked_at_step=True)
+
+
+def ekfac_layer_state(opt, model):
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            st = opt.state[module.weight]
+            assert {"A", "G", "QA", "dA", "QG", "dG", "scale", "factor_updates",
+                    "momentum_buffer"} <= set(st)
+            assert st["scale"].shape == (module.weight.shape[0], module.weight[0].numel() + 1)
+            assert st["scale"].dtype == opt.param_groups[0]["factor_dtype"]
+
+
+EKFAC_INVALID = tuple(c for c in KFAC_INVALID if c.name not in ("mode", "model")) + (
+    Invalid("scale_update_steps", dict(scale_update_steps=0)),
+    Invalid("scale_update_steps", dict(scale_update_steps=1.5)),
+    Invalid("scale_decay", dict(scale_decay=1.5)), Invalid("scale_decay", dict(scale_decay=-0.1)),
+    Invalid("model", build=lambda: soo_ext.EKFAC([nn.Parameter(torch.zeros(2))])),
+)
+
+
+def ekfac(name, dtype, factor_dtype, poisons=("grad-nan", "grad-inf")):
+    """KFAC's row with EKFAC's options: factors every 2 steps, bases every 3, scaling every 2
+    (k = 5: nothing due; 6: all of it)."""
+    from dataclasses import replace  # (the imports above are shared by every row's author)
+    return replace(
+        kfac(name, dtype, "eigen", factor_dtype, poisons), cls="EKFAC",
+        kwargs=dict(lr=0.05, weight_decay=1e-3, factor_dtype=factor_dtype, factor_update_steps=2,
+                    inv_update_steps=3, scale_update_steps=2, scale_decay=0.5),
+        live_state_keys=("A", "G", "QA", "dA", "QG", "dG", "scale"),
+        state_check=ekfac_layer_state, invalid=EKFAC_INVALID)
+
+
 # Names: the variant, then the params' dtype where it is not float64 (and the storage dtype of
 # the curvature where it is not the params').
 STAT = ("grad-nan", "grad-inf", "stat-inf")
@@ -675,8 +881,12 @@ CASES = [
     kfac("kfac-eigen", F64, "eigen", F64, poisons=STAT),
     kfac("kfac-eigen-f32", F32, "eigen", F32, poisons=STAT),
     kfac("kfac-inverse-f32-f64factors", F32, "inverse", F64),
+    ekfac("ekfac", F64, F64, poisons=STAT),
+    ekfac("ekfac-f32", F32, F32, poisons=STAT),
     shampoo("shampoo-f32", F32),
     shampoo("shampoo-f32-f64factors", F64),
+    soap("soap-f32", F32),
+    soap("soap-f32-f64factors", F64),
     drsom("drsom-fd", F64),
     drsom("drsom-fd-f32", F32),
     drsom("drsom-random-f32", F32, random=True),
@@ -684,6 +894,12 @@ CASES = [
     drsom("drsom-interp-f32", F32, hvp="interp"),
     drsom("drsom-autograd-f32", F32, hvp="autograd"),
     drsom("drsom-interp-k3-f32", F32, hvp="interp", directions=3),
+    kbfgs("kbfgs", F64),
+    kbfgs("kbfgs-f32", F32),
+    kbfgs("kbfgs-lbfgs-f32", F32, history_size=2),
+    psgd_kron("psgd_kron-f32", F32),
+    psgd_kron("psgd_kron-f32-f64precond-onediag", F64, memory_save_mode="one_diag",
+              momentum_into_precond_update=False),
 ]
 
 # One row per class, for the checks that depend on the class only (arguments, param groups).

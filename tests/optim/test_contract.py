@@ -371,7 +371,8 @@ def test_param_group_options(case):
     for key, value in case.group_options.items():
         assert opt.param_groups[1][key] == value
     values = values_of(model)
-    take_step(case, opt, model, 0)
+    for k in range(case.statistics_steps + 1):
+        take_step(case, opt, model, k)
     assert_finite(model)
     assert not torch.equal(params[0], values[0]) and not torch.equal(params[-1], values[-1])
     key, value = case.bad_group_option
@@ -511,7 +512,8 @@ def test_add_param_group(case):
     early = new_param()
     start = early.detach().clone()
     opt.add_param_group({"params": [early]})
-    take_step(case, opt, model, 0, extra_loss=lambda: 0.5 * (early ** 2).sum())
+    for k in range(case.statistics_steps + 1):
+        take_step(case, opt, model, k, extra_loss=lambda: 0.5 * (early ** 2).sum())
     assert torch.isfinite(early).all() and not torch.equal(early, start)
     late, groups = new_param(), len(opt.param_groups)
     if case.add_group == "before-first-step":

@@ -1,0 +1,168 @@
+"""K-BFGS's curvature (Goldfarb, Ren & Bahamou 2020): per K-FAC layer the inverse-Hessian block
+``H_g ⊗ H_a``, with ``H_a`` the damped inverse of the running activation factor (K-FAC's, one
+``kron_damped_inverse`` call per size) and ``H_g`` a BFGS (or L-BFGS) matrix on the layer's
+pre-activations, updated from the (s, y) pairs of two forward-backward passes on one minibatch
+with the paper's double damping.  The statistics of both passes come from K-FAC's
+:class:`LayerCapture`, staged into :class:`PassStatistics` instead of K-FAC's factors."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .._support.distributed import all_reduce_mean_
+from ..reference import ring_slots
+from .kfac_layers import KFACLayer
+from .lbfgs_history import LBFGSHistory
+
+__all__ = ["LazyStatistics", "PassStatistics", "bfgs_update_", "double_damping",
+           "lbfgs_matrix_product", "layer_matrix", "pair_update", "refresh_inverses_"]
+
+
+class PassStatistics:
+    """What one capture gives per layer (the sink of :class:`LayerCapture`): in the first pass
+    ``mean(a a^T)`` (``AA``), and in both passes the mean activation row ``a`` and the mean
+    output-gradient row ``g`` scaled to a per-sample gradient (undoing the loss's batch mean),
+    means over the batch (and a conv's output positions).  The mean pre-activation is
+    ``W a`` (the layer is linear in its activation rows), so it is not captured."""
+
+    def __init__(self, layers: list[KFACLayer], dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        # per pass one flat buffer (one all-reduce averages a pass over data-parallel ranks)
+        sizes = [[l.a_dim ** 2 for l in layers] + [l.a_dim for l in layers]
+                 + [l.out for l in layers], [l.a_dim for l in layers] + [l.out for l in layers]]
+        self.buffers = [torch.zeros(sum(s), dtype=dtype, device=device) for s in sizes]
+        views = [list(b.split(s)) for b, s in zip(self.buffers, sizes)]
+        n = len(layers)
+        self.AA = [v.view(l.a_dim, l.a_dim) for v, l in zip(views[0][:n], layers)]
+        self.a = [views[0][n:2 * n], views[1][:n]]
+        self.g = [views[0][2 * n:], views[1][n:]]
+        self.second = False  # which pass the captures belong to
+
+    def average_(self, process_group) -> None:
+        """Data parallel: the current pass's statistics averaged over the ranks (every rank
+        then takes the same pairs and factors)."""
+        all_reduce_mean_(self.buffers[int(self.second)], process_group)
+
+    def stage(self, layer: KFACLayer, a: Tensor, g: Tensor, decay: float, w: float,
+              g_scale: float, samples: int | None = None) -> None:
+        """Pool one backward pass's rows (``decay``: the earlier rows' weight, ``w`` each new
+        row's; ``g_scale``: the squared per-sample scale of the output gradients; ``samples``,
+        the batch size, is not needed here)."""
+        i, p = layer.index, int(self.second)
+        if not self.second:
+            ops.kron_factor_update_(self.AA[i], a, decay, w)
+        self.a[p][i].mul_(decay).add_(a.sum(0).to(self.dtype), alpha=w)
+        self.g[p][i].mul_(decay).add_(g.sum(0).to(self.dtype), alpha=w * math.sqrt(g_scale))
+
+
+class LazyStatistics:
+    """Makes the :class:`PassStatistics` of ``layers`` at the first capture (on the layers'
+    device, in their dtype); the capture holds this, not the optimizer."""
+
+    def __init__(self, layers: list[KFACLayer]) -> None:
+        self.layers = layers
+        self.stats: PassStatistics | None = None
+
+    def __call__(self) -> PassStatistics:
+        if self.stats is None:
+            w = self.layers[0].weight
+            self.stats = PassStatistics(self.layers, w.dtype, w.device)
+        return self.stats
+
+
+def layer_matrix(layer: KFACLayer, tensors: list[Tensor]) -> Tensor:
+    """The layer's ``[out, a_dim]`` matrix of weight (flattened) and bias column, from
+    ``tensors`` (the params, their gradients or their momentum buffers)."""
+    w = tensors[0].reshape(layer.out, layer.fan_in)
+    return w if len(tensors) == 1 else torch.cat([w, tensors[1].reshape(layer.out, 1)], 1)
+
+
+def refresh_inverses_(layers: list[KFACLayer], A: list[Tensor], H_a: list[Tensor],
+                      damping: float, ok: Tensor | None) -> None:
+    """``H_a <- (A + damping I)^{-1}``, one ``kron_damped_inverse`` call per size; a factor
+    whose inversion failed, or every factor on a skipped step (``ok`` False), keeps its
+    inverse."""
+    by_size: dict[int, list[int]] = {}
+    for i, l in enumerate(layers):
+        by_size.setdefault(l.a_dim, []).append(i)
+    for rows in by_size.values():
+        X, status = ops.kron_damped_inverse(torch.stack([A[i] for i in rows]), damping)
+        take = status != 2
+        if ok is not None:
+            take = take & ok
+        for r, i in enumerate(rows):
+            H_a[i].copy_(torch.where(take[r], X[r], H_a[i]))
+
+
+def double_damping(s: Tensor, y: Tensor, Hy: Tensor, mu1: float,
+                   mu2: float) -> tuple[Tensor, Tensor]:
+    """The paper's double damping of the pair ``(s, y)`` given ``H y`` (on the device):
+    Powell's damping on H, ``s~ = t1 s + (1 - t1) H y`` with t1 such that
+    ``s~^T y >= mu1 y^T H y``, then the Levenberg-Marquardt-like damping (Powell's with
+    ``B = I``), ``y~ = t2 y + (1 - t2) s~`` such that ``s~^T y~ >= mu2 s~^T s~``."""
+    sy, yHy = torch.dot(s, y), torch.dot(y, Hy)
+    t1 = torch.where(sy < mu1 * yHy, (1 - mu1) * yHy / (yHy - sy), 1.0)
+    s = t1 * s + (1 - t1) * Hy
+    sy, ss = torch.dot(s, y), torch.dot(s, s)
+    t2 = torch.where(sy < mu2 * ss, (1 - mu2) * ss / (ss - sy), 1.0)
+    return s, t2 * y + (1 - t2) * s
+
+
+def bfgs_update_(H: Tensor, s: Tensor, y: Tensor, take: Tensor) -> None:
+    """``H <- (I - rho s y^T) H (I - rho y s^T) + rho s s^T`` (rho = 1 / s^T y) where
+    ``take`` (a 0-dim bool: the pair is finite, s^T y > 0 and the step was not skipped);
+    ``soo::bfgs_direction``'s update, written with torch ops so that it can be masked."""
+    sy = torch.dot(s, y)
+    rho = torch.where(take, 1 / torch.where(take, sy, 1.0), 0.0)
+    u = H @ y
+    c = rho * rho * torch.dot(y, u) + rho
+    new = H - rho * (torch.outer(s, u) + torch.outer(u, s)) + c * torch.outer(s, s)
+    H.copy_(torch.where(take, new, H))
+
+
+def lbfgs_matrix_product(history: LBFGSHistory, M: Tensor) -> Tensor:
+    """``H M`` for the L-BFGS matrix of ``history`` (its pairs, the initial scaling
+    ``gamma = s^T y / y^T y`` of the newest pair as ``soo::lbfgs_direction``) and an
+    ``[n, k]`` matrix ``M``, in the compact form of Byrd, Nocedal & Schnabel (1994):
+    ``H M = gamma M + S R^-T ((D + gamma Y^T Y) R^-1 S^T M - gamma Y^T M) - gamma Y R^-1 S^T M``
+    with ``R`` the upper triangle of ``S^T Y`` and ``D`` its diagonal (pairs oldest first)."""
+    if history.count == 0:
+        return M.clone()
+    idx = torch.tensor(ring_slots(history.newest, history.count, history.history_size),
+                       device=M.device)
+    S = history.S.index_select(0, idx).to(M.dtype)  # [c, n]
+    Y = history.Y.index_select(0, idx).to(M.dtype)
+    SY = S @ Y.T
+    R = SY.triu()
+    gamma = SY[-1, -1] / torch.dot(Y[-1], Y[-1])
+    SM, YM = S @ M, Y @ M
+    X = torch.linalg.solve_triangular(R, SM, upper=True)  # R^-1 S^T M
+    inner = (torch.diag(SY.diagonal()) + gamma * (Y @ Y.T)) @ X - gamma * YM
+    Z = torch.linalg.solve_triangular(R.T, inner, upper=False)  # R^-T (...)
+    return gamma * M + S.T @ Z - gamma * (Y.T @ X)
+
+
+def pair_update(layer: KFACLayer, st: dict, stats: PassStatistics, h_before: Tensor,
+                decay: float, mu1: float, mu2: float, ok: Tensor | None,
+                history: LBFGSHistory | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The step's pair of ``layer`` (after the second pass): ``s = mean(h+) - mean(h)``,
+    ``y = mean(g+) - mean(g)`` (per-sample output gradients), folded into the running pair
+    ``st['s'], st['y']`` (decay ``decay``), double-damped with ``H_g``.  Returns
+    ``(s~, y~, take)``: ``take`` (0-dim bool) is False where the pair must not enter ``H_g``
+    (non-finite, ``s~^T y~ <= 0``, or a skipped step); nothing changes then."""
+    i = layer.index
+    s = layer_matrix(layer, layer.params()) @ stats.a[1][i] - h_before
+    y = stats.g[1][i] - stats.g[0][i]
+    fresh = torch.isfinite(torch.stack([torch.dot(s, s), torch.dot(y, y)])).all()
+    if ok is not None:
+        fresh = fresh & ok
+    for key, new in (("s", s), ("y", y)):
+        st[key].copy_(torch.where(fresh, st[key] * decay + new * (1 - decay), st[key]))
+    Hy = st["H_g"] @ st["y"] if history is None \
+        else lbfgs_matrix_product(history, st["y"][:, None])[:, 0]
+    s, y = double_damping(st["s"], st["y"], Hy, mu1, mu2)
+    sy = torch.dot(s, y)
+    return s, y, fresh & (sy > 0) & torch.isfinite(sy)

@@ -1,0 +1,274 @@
+"""PSGD-Kron's preconditioner (Li 2015, 2022): per param a Kronecker product of factors ``Q_i``,
+upper triangular or diagonal, fitted on the Lie group by random probes; ``P = Q^T Q``.
+
+Params of one merged shape (and one triangular/diagonal pattern) form a shape group whose
+gradients, momenta and factors are stacked along a leading batch dim, so that every operation of
+the fit and of the preconditioning is one batched torch call per shape group; the factors
+themselves live in :class:`~soo_ext.curvature.kron_buckets.KronBuckets` stacks by size and kind,
+and the normalised triangular update is one batched call per bucket.
+"""
+from __future__ import annotations
+
+import math
+from typing import Hashable
+
+import torch
+from torch import Tensor
+
+from .kron_buckets import KronBuckets, keep_where
+from .shampoo_blocks import BlockShapeGroup
+
+__all__ = ["PSGDKronLayout", "PSGDKronFactors", "psgd_merged_shape", "factor_kinds",
+           "update_probability", "draw_probes", "norm_lower_bound", "clip_rms_"]
+
+TRI, DIAG = "tri", "diag"
+
+
+def update_probability(n: int, max_prob: float = 1.0, min_prob: float = 0.03,
+                       decay: float = 0.001, flat_start: int = 500) -> float:
+    """The reference's schedule (kron-torch): 1 for the first ``flat_start`` steps, then
+    ``exp(-decay (n - flat_start))`` down to ``min_prob`` (reached near step 4000); ``n``
+    counts the steps before this one."""
+    return min(max_prob, max(min_prob, max_prob * math.exp(-decay * (n - flat_start))))
+
+
+def psgd_merged_shape(shape, merge: bool) -> tuple[int, ...]:
+    """The shape a param is preconditioned as: a tensor of order > 2 becomes the matrix
+    ``(prod(shape[:-1]), shape[-1])`` or ``(shape[0], prod(shape[1:]))``, whichever has the
+    smaller signed difference of its two sizes (the reference's rule); a 0-dim param is ``(1,)``."""
+    shape = tuple(shape)
+    if not shape:
+        return (1,)
+    if len(shape) > 2 and merge:
+        first = (math.prod(shape[:-1]), shape[-1])
+        second = (shape[0], math.prod(shape[1:]))
+        return first if first[1] - first[0] <= second[1] - second[0] else second
+    return shape
+
+
+def factor_kinds(shape: tuple[int, ...], max_size_triangular: int, min_ndim_triangular: int,
+                 memory_save_mode: str | None) -> tuple[str, ...]:
+    """Triangular or diagonal, per dim: diagonal for size-1 dims, dims above
+    ``max_size_triangular``, tensors of fewer than ``min_ndim_triangular`` dims and the dims
+    ``memory_save_mode`` names (``'one_diag'``: the largest; ``'smart_one_diag'``: the largest
+    if strictly larger than the second; ``'all_diag'``: all)."""
+    diag = [False] * len(shape)
+    if len(shape) > 0 and memory_save_mode in ("one_diag", "smart_one_diag"):
+        largest = max(range(len(shape)), key=lambda i: (shape[i], i))  # ties: the last
+        ordered = sorted(shape)
+        if memory_save_mode == "one_diag" or (len(shape) > 1 and ordered[-1] > ordered[-2]):
+            diag[largest] = True
+    elif memory_save_mode == "all_diag":
+        diag = [True] * len(shape)
+    return tuple(DIAG if (d or n == 1 or n > max_size_triangular
+                          or len(shape) < min_ndim_triangular) else TRI
+                 for n, d in zip(shape, diag))
+
+
+def draw_probes(generator: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> Tensor:
+    """The random probes ``V ~ N(0, I)`` of one shape group, ``[B, *shape]``."""
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+def norm_lower_bound(S: Tensor) -> Tensor:
+    """``[B]`` cheap lower bounds of the spectral norms of a ``[B, n, n]`` stack of symmetric
+    matrices (the reference's: the largest column, one multiplication with ``S^T`` and one with
+    ``S``, on ``S`` scaled by its largest entry; 0 for a zero matrix)."""
+    scale = S.abs().amax(dim=(1, 2))
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    A = S / safe[:, None, None]
+    column = (A * A).sum(dim=1).argmax(dim=1)  # [B]
+    x = torch.gather(A, 2, column[:, None, None].expand(-1, A.shape[1], 1))  # [B, n, 1]
+    x = torch.bmm(x.transpose(1, 2), A)  # [B, 1, n]
+    x = x / torch.linalg.vector_norm(x, dim=2, keepdim=True)
+    y = torch.linalg.vector_norm(torch.bmm(A, x.transpose(1, 2)), dim=(1, 2))
+    return torch.where(scale > 0, y * safe, scale)
+
+
+def _apply_mode(X: Tensor, mode: int, M: Tensor, transpose: bool) -> Tensor:
+    """``M`` (``[B, n, n]``, or ``M^T``) applied to the mode-``mode`` fibres of ``X``
+    (``[B, ...]``, batch first); a diagonal factor ``M`` is ``[B, n]``."""
+    axis = mode + 1
+    if M.dim() == 2:
+        shape = [M.shape[0]] + [1] * (X.dim() - 1)
+        shape[axis] = M.shape[1]
+        return X * M.view(shape)
+    Mt = M if transpose else M.transpose(1, 2)  # X_last @ M^T applies M
+    # The mode as the rows' last dim: several times faster on a CPU than M @ X for few columns.
+    if X.dim() == 3 and axis == 2:
+        return torch.bmm(X, Mt)
+    if X.dim() == 3 and axis == 1:
+        return torch.bmm(X.transpose(1, 2).contiguous(), Mt).transpose(1, 2)
+    moved = X.movedim(axis, -1)
+    return torch.matmul(moved.reshape(X.shape[0], -1, M.shape[1]), Mt).reshape(
+        moved.shape).movedim(-1, axis)
+
+
+def _solve_mode(X: Tensor, mode: int, M: Tensor) -> Tensor:
+    """``M^{-T}`` applied to the mode-``mode`` fibres of ``X`` (a triangular solve; a diagonal
+    factor divides)."""
+    axis = mode + 1
+    if M.dim() == 2:
+        shape = [M.shape[0]] + [1] * (X.dim() - 1)
+        shape[axis] = M.shape[1]
+        return X / M.view(shape)
+    moved = X.movedim(axis, -1)
+    solved = torch.linalg.solve_triangular(M, moved.reshape(X.shape[0], -1, M.shape[1]),
+                                           upper=True, left=False)  # X M^{-1}
+    return solved.reshape(moved.shape).movedim(-1, axis)
+
+
+def _gram(X: Tensor, mode: int, diagonal: bool) -> Tensor:
+    """``X_(i) X_(i)^T``: the mode-``mode`` Gram matrix, the other dims contracted (its diagonal
+    ``[B, n]`` for a diagonal factor)."""
+    axis = mode + 1
+    if diagonal:
+        dims = [d for d in range(1, X.dim()) if d != axis]
+        return (X * X).sum(dim=dims) if dims else X * X
+    moved = X.movedim(axis, -1)
+    flat = moved.reshape(X.shape[0], -1, moved.shape[-1])
+    return torch.bmm(flat.transpose(1, 2), flat)
+
+
+class PSGDKronLayout:
+    """The shape groups of the params (merged shape and factor kinds) and the bucket slots of
+    their factors: bucket key ``(kind, n)``."""
+
+    def __init__(self, params: list[Tensor], merge: bool, max_size_triangular: int,
+                 min_ndim_triangular: int, memory_save_mode: str | None) -> None:
+        self.params = params
+        self.merged = [psgd_merged_shape(p.shape, merge) for p in params]
+        self.kinds = [factor_kinds(s, max_size_triangular, min_ndim_triangular, memory_save_mode)
+                      for s in self.merged]
+        groups: dict[tuple, BlockShapeGroup] = {}
+        for i, (shape, kinds) in enumerate(zip(self.merged, self.kinds)):
+            sg = groups.setdefault((shape, kinds), BlockShapeGroup(shape))
+            sg.kinds = kinds
+            sg.members.append((i, 0))
+        self.shape_groups = list(groups.values())
+        self.buckets = KronBuckets()
+        self.place: dict[int, tuple[int, int]] = {}  # param -> (shape group, member)
+        for g, sg in enumerate(self.shape_groups):
+            for mode, (n, kind) in enumerate(zip(sg.shape, sg.kinds)):
+                key = (kind, n)
+                sg.slots.append((key, self.buckets.reserve(key, n, len(sg.members))))
+            for m, (i, _) in enumerate(sg.members):
+                self.place[i] = (g, m)
+
+
+class PSGDKronFactors:
+    """The factors (``Q``, identities times ``init_scale^(1/order)``), the stacked momenta and
+    the per-param momentum step counts of a :class:`PSGDKronLayout`; all per-param state
+    entries are views of these stacks."""
+
+    def __init__(self, layout: PSGDKronLayout, precond_dtype: torch.dtype,
+                 momentum_dtype: torch.dtype, device: torch.device, init_scale: float) -> None:
+        self.layout, self.dtype, self.device = layout, precond_dtype, device
+        buckets = layout.buckets
+        tri = {k: n for k, n in buckets.sizes.items() if k[0] == TRI}
+        self.Q: dict[Hashable, Tensor] = {}
+        for key, n in buckets.sizes.items():
+            B = buckets.counts[key]
+            self.Q[key] = (torch.eye(n, dtype=precond_dtype, device=device).repeat(B, 1, 1)
+                           if key in tri else
+                           torch.ones(B, n, dtype=precond_dtype, device=device))
+        for sg in layout.shape_groups:  # the scale, spread over the factors
+            for key, start in sg.slots:
+                self.Q[key][start:start + len(sg.members)].mul_(
+                    init_scale ** (1 / len(sg.shape)))
+        self.momenta = [torch.zeros((len(sg.members),) + sg.shape, dtype=momentum_dtype,
+                                    device=device) for sg in layout.shape_groups]
+        self.counts = [torch.zeros(len(sg.members), dtype=torch.int64, device=device)
+                       for sg in layout.shape_groups]
+
+    def factors(self, g: int) -> list[Tensor]:
+        """Shape group ``g``'s factor stacks, one per mode (views of the buckets)."""
+        sg = self.layout.shape_groups[g]
+        return [self.Q[key][start:start + len(sg.members)] for key, start in sg.slots]
+
+    def views(self, i: int) -> dict[str, object]:
+        """Param ``i``'s state entries: views of the stacks."""
+        g, m = self.layout.place[i]
+        p = self.layout.params[i]
+        return {"momentum_buffer": self.momenta[g][m].view(p.shape),
+                "momentum_steps": self.counts[g][m],
+                "Q": [F[m] for F in self.factors(g)]}
+
+    def momentum_(self, g: int, G: Tensor, take: Tensor, beta: float) -> Tensor:
+        """``m <- beta m + (1 - beta) G`` for the members of shape group ``g`` that ``take``
+        (``[B]`` bool); returns the bias-corrected momentum in the preconditioner's dtype."""
+        M, count = self.momenta[g], self.counts[g]
+        shape = (-1,) + (1,) * (M.dim() - 1)
+        M.lerp_(G.to(M.dtype), take.to(M.dtype).view(shape) * (1 - beta))
+        count.add_(take)
+        correction = 1 - torch.pow(beta, count.clamp_min(1).to(torch.float64))
+        return (M / correction.to(M.dtype).view(shape)).to(self.dtype)
+
+    def update_(self, stacks: list[Tensor], probes: list[Tensor], takes: list[Tensor],
+                lr: float) -> None:
+        """One fit of every factor from ``stacks[g]`` (the shape groups' gradients or momenta,
+        ``[B, *shape]``, perturbed in place by ``sqrt(eps) mean|G| V`` as the reference does)
+        and the probes ``V``: ``A = Q G``, ``B = Q^{-T} V``, per factor
+        ``Q_i <- Q_i - lr triu(A_i A_i^T - B_i B_i^T) Q_i / ||A_i A_i^T + B_i B_i^T||`` (a lower
+        bound of the spectral norm; max-norm for a diagonal factor).  Members whose ``takes``
+        is False keep their factors bit for bit."""
+        buckets = self.layout.buckets
+        diff = {key: torch.empty_like(F) for key, F in self.Q.items()}
+        total = {key: torch.empty_like(F) for key, F in self.Q.items()}
+        take = {key: torch.zeros(buckets.counts[key], dtype=torch.bool, device=self.device)
+                for key in self.Q}
+        eps = math.sqrt(torch.finfo(torch.float32).eps)
+        for g, (sg, G, V, ok) in enumerate(zip(self.layout.shape_groups, stacks, probes, takes)):
+            Qs = self.factors(g)
+            batch_dims = tuple(range(1, G.dim()))
+            G.add_(V * (eps * G.abs().mean(dim=batch_dims, keepdim=True)))
+            A, Bc = G, V
+            for mode, Q in enumerate(Qs):
+                A = _apply_mode(A, mode, Q, transpose=False)
+                Bc = _solve_mode(Bc, mode, Q)
+            for mode, ((key, start), kind) in enumerate(zip(sg.slots, sg.kinds)):
+                T1, T2 = _gram(A, mode, kind == DIAG), _gram(Bc, mode, kind == DIAG)
+                rows = slice(start, start + len(sg.members))
+                torch.sub(T1, T2, out=diff[key][rows])
+                torch.add(T1, T2, out=total[key][rows])
+                take[key][rows] = ok
+        for key, Q in self.Q.items():
+            step = diff[key].mul_(lr)
+            tiny = torch.finfo(Q.dtype).tiny
+            if key[0] == DIAG:
+                norm = total[key].abs().amax(dim=1, keepdim=True)
+                new = Q - step * (Q / norm.clamp_min(tiny))
+            else:
+                norm = norm_lower_bound(total[key]).clamp_min(tiny)
+                new = Q - torch.bmm(torch.triu(step) / norm[:, None, None], Q)
+            finite = torch.isfinite(new).flatten(1).all(dim=1)  # an overflow never enters Q
+            keep_where(take[key] & finite, Q, new)
+
+    def balance_(self, takes: list[Tensor]) -> None:
+        """Rescale the factors of every param of order >= 2 to one max-norm (the geometric mean
+        of theirs): ``P`` is unchanged, the factors' ranges stay balanced."""
+        for g, (sg, ok) in enumerate(zip(self.layout.shape_groups, takes)):
+            if len(sg.shape) < 2:
+                continue
+            Qs = self.factors(g)
+            norms = torch.stack([Q.abs().flatten(1).amax(dim=1) for Q in Qs])  # [k, B]
+            scales = norms.log().mean(dim=0).exp() / norms
+            for Q, s in zip(Qs, scales):
+                keep_where(ok, Q, Q * s.view((-1,) + (1,) * (Q.dim() - 1)))
+
+    def precondition(self, g: int, M: Tensor) -> Tensor:
+        """``Q^T Q M`` for shape group ``g``'s stack ``M``."""
+        Qs = self.factors(g)
+        for mode, Q in enumerate(Qs):
+            M = _apply_mode(M, mode, Q * Q if Q.dim() == 2 else Q, transpose=False)
+        for mode, Q in enumerate(Qs):
+            if Q.dim() == 3:
+                M = _apply_mode(M, mode, Q, transpose=True)
+        return M
+
+
+def clip_rms_(U: Tensor, max_rms: float) -> Tensor:
+    """Scale every member of the stack ``U`` down to an RMS of at most ``max_rms``."""
+    rms = U.square().mean(dim=tuple(range(1, U.dim())), keepdim=True).sqrt()
+    return U.mul_(torch.clamp(max_rms / (rms + 1e-12), max=1.0))

@@ -1,0 +1,306 @@
+"""K-BFGS and K-BFGS(L) (Goldfarb, Ren & Bahamou 2020): the Kronecker-factored quasi-Newton
+preconditioner of soo_ext.curvature.kbfgs on K-FAC's layers, with gradient momentum, in one
+``step(closure)``."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .._support.closure import call_closure
+from .._support.distributed import check_process_group
+from .._support.guard import SkipGuard, SkipWarner
+from .._support.options import Int, Number, OneOf, OptionSpecs
+from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
+                               check_params, group_index, load_state_dict_uncast)
+from ..curvature.kbfgs import (LazyStatistics, bfgs_update_, layer_matrix, lbfgs_matrix_product,
+                               pair_update, refresh_inverses_)
+from ..curvature.kfac_layers import LayerCapture, compiled_inner, find_layers, skip_patterns
+from ..curvature.lbfgs_history import LBFGSHistory
+
+__all__ = ["KBFGS"]
+
+
+
+class _HistorySize(Int):
+    """None (BFGS on the pre-activations) or the number of L-BFGS pairs."""
+
+    requirement = "None or an int >= 1"
+
+    def accepts(self, value) -> bool:
+        return value is None or super().accepts(value)
+
+
+OPTIONS = OptionSpecs({
+    "lr": Number(0, high_open=True), "momentum": Number(0, 1, high_open=True),
+    "weight_decay": Number(0, high_open=True),
+    "damping": Number(0, 1, low_open=True, high_open=True), "factor_decay": Number(0, 1),
+    "pair_decay": Number(0, 1, high_open=True),
+    "powell": Number(0, 1, low_open=True, high_open=True), "inv_update_steps": Int(1),
+    "history_size": _HistorySize(1), "on_nonfinite": OneOf("raise", "skip"),
+}, per_group=("lr", "momentum", "weight_decay"))
+NEEDS_CLOSURE = (
+    "KBFGS.step() requires a closure: K-BFGS evaluates the loss and gradients twice per step "
+    "(after the update, a second forward-backward pass on the same minibatch gives the (s, y) "
+    "pairs of its pre-activation factors). Call opt.step(closure) with a closure that calls "
+    "opt.zero_grad(), computes the loss on the minibatch, calls loss.backward() and returns "
+    "the loss")
+NO_CAPTURE = (
+    "KBFGS.step(): the closure ran no backward pass of the model's layers (call "
+    "loss.backward() in the closure, with the model in training mode and grad enabled)")
+_UNCAST = ("nonfinite_steps", "history")
+
+
+class KBFGS(Optimizer):
+    r"""K-BFGS / K-BFGS(L), Kronecker-factored block-diagonal BFGS (Goldfarb, Ren & Bahamou,
+    "Practical Quasi-Newton Methods for Training Deep Neural Networks", NeurIPS 2020).
+
+    Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` that K-FAC would precondition (the
+    others are listed in a warning and take the plain step) moves along ``-H_g m H_a``: ``m``
+    the momentum (running average) of its gradient, ``H_a`` the damped inverse of the running
+    activation factor (as K-FAC, refreshed every ``inv_update_steps``), ``H_g`` a BFGS matrix
+    (``history_size=None``) or an L-BFGS one (``history_size=m``: K-BFGS(L)) on the layer's
+    pre-activations.  After the update a second forward-backward pass on the same minibatch
+    gives each layer's pair ``s = mean(h+ - h)``, ``y = mean(g+ - g)``, double-damped (Powell
+    on H, then Levenberg-Marquardt) before it enters ``H_g``.  So ``step(closure)`` requires a
+    closure (torch's: ``zero_grad()``, loss, ``backward()``, return the loss) and calls it
+    twice; it returns the first loss.  A non-finite first pass is skipped or raises, a
+    non-finite second pass drops the pairs.  See docs/kbfgs.md.
+
+    Args:
+        model: the nn.Module whose layers are hooked (or its ``torch.compile`` wrapper).
+        lr, momentum, weight_decay: per group (0.3, the authors', 0.9, 0).
+        damping: lambda in (0, 1) (default 0.3): ``H_a = (A + sqrt(lambda) I)^-1``, mu2.
+        factor_decay, pair_decay: running-average decays of A and of the pairs (0.9, 0.9).
+        powell, inv_update_steps: mu1 of Powell's damping, steps between ``H_a`` refreshes
+            (default 0.2, 20).
+        history_size: None (default: BFGS) or the L-BFGS pairs kept per layer.
+        skip_layers: module or class names (regexes, full match) not to precondition.
+        on_nonfinite: ``'skip'`` (default) or ``'raise'``.
+        params: the params to optimise (default: all of ``model``'s).
+        process_group: data-parallel ranks (default: a DDP ``model``'s group).
+
+    Example::
+
+        opt = soo_ext.KBFGS(model, lr=0.3)
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.3, history_size: int | None = None, *,
+                 momentum: float = 0.9, weight_decay: float = 0.0, damping: float = 0.3,
+                 factor_decay: float = 0.9, pair_decay: float = 0.9, powell: float = 0.2,
+                 inv_update_steps: int = 20, skip_layers=None, on_nonfinite: str = "skip",
+                 params=None, process_group=None) -> None:
+        model = compiled_inner(model)
+        if process_group is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            process_group = getattr(model, "process_group", None)
+        self._process_group = check_process_group(process_group)
+        args = locals()
+        defaults = {name: args[name] for name in OPTIONS.specs}
+        OPTIONS.check(defaults)
+        patterns = skip_patterns(skip_layers)
+        super().__init__(model.parameters() if params is None else params, defaults)
+        self._layers = _find_layers(model, group_index(self), patterns)
+        self._stats = LazyStatistics(self._layers)
+        self._capture = LayerCapture(self._layers, self._stats)
+        self._capture.configure(False, True, 1)  # captures only inside step()
+        self._histories: dict[int, LBFGSHistory] = {}
+        self._skips = SkipWarner("KBFGS")
+
+    @property
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        """The (name, module) pairs that K-BFGS preconditions."""
+        return [(l.name, l.module) for l in self._layers]
+
+    def add_param_group(self, param_group: dict) -> None:
+        add_param_group_checked(self, param_group, lambda: (
+            OPTIONS.check(self.param_groups[-1]), check_params(all_params(self), "KBFGS")))
+
+    def remove_hooks(self) -> None:
+        """Detach from the model: later steps take the plain momentum step."""
+        self._capture.remove()
+
+    def __getstate__(self) -> dict:
+        raise TypeError("KBFGS holds hooks on its model and cannot be pickled or copied; save "
+                        "state_dict() instead")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        kept = load_state_dict_uncast(self, state_dict, _UNCAST)
+        try:
+            OPTIONS.check_groups(self.param_groups)
+        except ValueError as exc:
+            raise ValueError(f"KBFGS.load_state_dict: {exc}") from None
+        for p, entries in kept.items():
+            if "nonfinite_steps" in entries:
+                entries["nonfinite_steps"] = entries["nonfinite_steps"].to(
+                    device=p.device, dtype=torch.int64).clone()
+            self.state[p].update(entries)
+        self._histories = {}  # rebuilt from the state at the next step
+
+    @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        """One step: ``closure`` (required) is evaluated twice, its first loss returned."""
+        if closure is None:
+            raise RuntimeError(NEEDS_CLOSURE)
+        OPTIONS.check_groups(self.param_groups)
+        loss = self._evaluate(closure, second=False)
+        params = all_params(self)
+        if not any(p.grad is not None for p in params):
+            return loss
+        check_dense_grads(params, "KBFGS")
+        o, group_of, glob = self.param_groups[0], group_index(self), self._global_state()
+        self._skips.watch(glob["nonfinite_steps"])
+        active = [l for l in self._layers if l.has_grads() and l.captures]
+        if self._capture.active and not active and any(l.has_grads() for l in self._layers):
+            raise RuntimeError(NO_CAPTURE)
+        states = [_layer_state(self.state[l.weight], l, o["history_size"]) for l in active]
+        stats, with_grad = self._stats.stats, [p for p in params if p.grad is not None]
+        checked = [p.grad for p in with_grad] + [t for l in active for t in (
+            stats.AA[l.index], stats.a[0][l.index], stats.g[0][l.index])]
+        guard = self._guard(checked, glob)
+        ok = guard.ok if guard else None
+        bufs = _momentum_(self.param_groups, self.state, with_grad, group_of, ok)
+        for l, st in zip(active, states):
+            new = st["A"] * o["factor_decay"] + stats.AA[l.index] * (1 - o["factor_decay"])
+            st["A"].copy_(new if ok is None else torch.where(ok, new, st["A"]))
+        if glob["step"] % o["inv_update_steps"] == 0:
+            refresh_inverses_(active, [st["A"] for st in states], [st["H_a"] for st in states],
+                              math.sqrt(o["damping"]), ok)
+        h_before = [layer_matrix(l, l.params()) @ stats.a[0][l.index] for l in active]
+        directions = dict(bufs)
+        for l, st in zip(active, states):
+            M = layer_matrix(l, [bufs[id(p)] for p in l.params()])
+            V = (st["H_g"] @ M if o["history_size"] is None
+                 else lbfgs_matrix_product(self._history(l, st), M)) @ st["H_a"]
+            directions.update(_split(l, V))
+        for p in with_grad:
+            d = directions[id(p)] if ok is None else torch.where(ok, directions[id(p)], 0.0)
+            p.sub_(d, alpha=self.param_groups[group_of[id(p)]]["lr"])
+        self._evaluate(closure, second=True)  # the pairs of the layers captured again
+        self._update_pairs([(l, st, h) for l, st, h in zip(active, states, h_before)
+                            if l.captures], ok)
+        glob["step"] += 1
+        return loss
+
+    def _evaluate(self, closure: Callable, second: bool):
+        """One closure call with the layers' capture on (into the first or second pass)."""
+        self._capture.reset()
+        if self._stats.stats is not None:
+            self._stats.stats.second = second
+        self._capture.configure(self._capture.active, True, 1)
+        try:
+            loss = call_closure(closure)
+        finally:
+            self._capture.configure(False, True, 1)
+        if self._process_group is not None and self._stats.stats is not None:
+            self._stats.stats.average_(self._process_group)
+        return loss
+
+    def _update_pairs(self, layers: list, ok: Tensor | None) -> None:
+        o = self.param_groups[0]
+        L = o["history_size"] is not None
+        pairs = [pair_update(l, st, self._stats.stats, h, o["pair_decay"], o["powell"],
+                             math.sqrt(o["damping"]), ok, self._history(l, st) if L else None)
+                 for l, st, h in layers]
+        if not L:
+            for (_, st, _), (s, y, take) in zip(layers, pairs):
+                bfgs_update_(st["H_g"], s, y, take)
+            return
+        takes = torch.stack([take for _, _, take in pairs]).tolist() if pairs else []
+        for (l, st, _), (s, y, _), take in zip(layers, pairs, takes):
+            if take:  # pushing is a host decision (the ring's slot): one sync per step
+                self._history(l, st).push(s, y)
+                st["history"] = self._histories[l.index].state_dict()
+
+    def _history(self, l, st: dict) -> LBFGSHistory:
+        h = self._histories.get(l.index)
+        if h is None:
+            p = l.weight
+            h = LBFGSHistory(l.out, self.param_groups[0]["history_size"], p.dtype, p.device)
+            if "history" in st:
+                h.load_state_dict(st["history"])
+            self._histories[l.index] = h
+            st["history"] = h.state_dict()
+        return h
+
+    def _global_state(self) -> dict:
+        """The global state (under the first param): ``step`` and ``nonfinite_steps``."""
+        p0 = self.param_groups[0]["params"][0]
+        glob = self.state[p0]
+        glob.setdefault("step", 0)
+        if not isinstance(glob.get("nonfinite_steps"), Tensor):
+            glob["nonfinite_steps"] = torch.zeros((), dtype=torch.int64, device=p0.device)
+        return glob
+
+    def _guard(self, checked: list[Tensor], glob: dict) -> SkipGuard | None:
+        policy = self.param_groups[0]["on_nonfinite"]
+        guard = SkipGuard.check(checked, policy, glob["nonfinite_steps"], "KBFGS: the loss's "
+                                "gradient (or a captured activation / output gradient) is not "
+                                "finite")
+        return guard if policy == "skip" else None
+
+
+def _momentum_(groups: list[dict], state: dict, params: list[Tensor], group_of: dict,
+               ok: Tensor | None) -> dict[int, Tensor]:
+    """``m <- momentum m + (1 - momentum) (grad + weight_decay p)`` per param (unchanged on a
+    skipped step), as the authors' code; returns the buffers by param id."""
+    out = {}
+    for p in params:
+        g, st = groups[group_of[id(p)]], state[p]
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf = st["momentum_buffer"]
+        d = p.grad if g["weight_decay"] == 0 else p.grad + g["weight_decay"] * p
+        new = buf * g["momentum"] + d * (1 - g["momentum"])
+        buf.copy_(new if ok is None else torch.where(ok, new, buf))
+        out[id(p)] = buf
+    return out
+
+
+def _layer_state(st: dict, l, history_size: int | None) -> dict:
+    """A layer's state (under its weight), made at its first step: ``A`` and ``H_a``
+    (identities), the running pair ``s``, ``y`` (zeros) and ``H_g`` (identity; BFGS only)."""
+    if "A" in st and ("H_g" in st) != (history_size is None):
+        raise ValueError(f"Invalid history_size: {history_size!r} (it cannot change between "
+                         "None and a number after the first step)")
+    if "A" not in st:
+        p = l.weight
+        eye = lambda k: torch.eye(k, dtype=p.dtype, device=p.device)  # noqa: E731
+        st.update(A=eye(l.a_dim), H_a=eye(l.a_dim), s=p.new_zeros(l.out), y=p.new_zeros(l.out))
+        if history_size is None:
+            st["H_g"] = eye(l.out)
+    return st
+
+
+def _split(l, V: Tensor) -> dict[int, Tensor]:
+    """A layer's ``[out, a_dim]`` direction as the directions of its weight and bias."""
+    out = {id(l.weight): V[:, :l.fan_in].reshape(l.weight.shape)}
+    if l.bias is not None:
+        out[id(l.bias)] = V[:, l.fan_in]
+    return out
+
+
+def _find_layers(model: nn.Module, group_of: dict, patterns) -> list:
+    """K-FAC's layers of ``model``; K-FAC's warning listing the modules left out is re-issued
+    in K-BFGS's words (they take the plain momentum step)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = find_layers(model, group_of, patterns)
+    for w in caught:
+        warnings.warn(str(w.message).replace("KFAC", "KBFGS").replace("docs/kfac.md",
+                      "docs/kbfgs.md").replace("plain SGD step", "plain momentum step").replace(
+                      "K-FAC preconditions", "K-BFGS preconditions"),
+                      w.category, stacklevel=4)
+    return layers

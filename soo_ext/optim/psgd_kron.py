@@ -1,0 +1,238 @@
+"""PSGD-Kron: momentum preconditioned by Kronecker-factored Lie-group factors fitted on random
+probes (soo_ext.curvature.psgd_kron), with update-RMS clipping and decoupled weight decay."""
+from __future__ import annotations
+
+import random
+from numbers import Real
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .._support.closure import call_closure
+from .._support.guard import SkipGuard, SkipWarner
+from .._support.options import Bool, Int, Number, OneOf, OptionSpecs, Spec
+from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
+                               check_params, load_state_dict_uncast)
+from ..curvature.psgd_kron import (PSGDKronFactors, PSGDKronLayout, clip_rms_, draw_probes,
+                                   update_probability)
+
+__all__ = ["PSGDKron"]
+
+
+class _Probability(Spec):
+    requirement = "None (the annealing schedule), a number in (0, 1] or a callable of the step"
+
+    def accepts(self, v) -> bool:
+        return v is None or callable(v) or (isinstance(v, Real) and not isinstance(v, bool)
+                                            and 0 < v <= 1)
+
+
+# lr and weight_decay may differ between param groups; the rest is one setting for the run.
+OPTIONS = OptionSpecs({
+    "lr": Number(0, high_open=True), "momentum": Number(0, 1, high_open=True),
+    "weight_decay": Number(0, high_open=True), "precond_lr": Number(0, low_open=True,
+                                                                    high_open=True),
+    "update_probability": _Probability(), "max_size_triangular": Int(1),
+    "min_ndim_triangular": Int(0), "memory_save_mode": OneOf(None, "one_diag", "smart_one_diag",
+                                                             "all_diag"),
+    "momentum_into_precond_update": Bool(), "precond_init_scale": Number(0, low_open=True,
+                                                                          high_open=True),
+    "merge_dims": Bool(), "precond_dtype": OneOf(torch.float32, torch.float64),
+    "max_update_rms": Number(0, low_open=True, none=True), "seed": Int(0),
+    "on_nonfinite": OneOf("raise", "skip"),
+}, per_group=("lr", "weight_decay"))
+# Options that shape the factors: changing one rebuilds them (saved factors must still fit).
+_LAYOUT_OPTIONS = ("merge_dims", "max_size_triangular", "min_ndim_triangular",
+                   "memory_save_mode", "precond_dtype", "precond_init_scale")
+_UNCAST = ("Q", "momentum_steps", "nonfinite_steps")  # not cast to the params' dtype on load
+
+
+class PSGDKron(Optimizer):
+    r"""PSGD with Kronecker-factored preconditioners fitted on a Lie group (Li, "Preconditioned
+    Stochastic Gradient Descent", 2015; "Black Box Lie Group Preconditioners for SGD", 2022),
+    the "Kron" variant of psgd_torch and kron-torch.
+
+    Each param (tensors of order > 2 merged to a matrix) has ``P = Q^T Q``, ``Q`` a Kronecker
+    product of one factor per dim: upper triangular, or diagonal (dims of size 1 or above
+    ``max_size_triangular``, params of fewer than ``min_ndim_triangular`` dims).  With
+    probability ``update_probability`` (default: 1 for 500 steps, then annealed to 0.03) the
+    factors take one Lie-group step on a random probe ``V``:
+    ``Q_i <- Q_i - precond_lr triu(A_i A_i^T - B_i B_i^T) Q_i / ||A_i A_i^T + B_i B_i^T||``,
+    ``A = Q m``, ``B = Q^{-T} V``.  The update is ``P m`` (``m`` the bias-corrected momentum),
+    clipped to an RMS of ``max_update_rms``, plus decoupled weight decay (params of >= 2 dims),
+    times ``lr``.  Non-finite steps are skipped on the device.  Details: docs/psgd_kron.md.
+
+    Args:
+        params: iterable of params or of param-group dicts (lr, weight_decay per group).
+        lr, momentum, weight_decay: (default: 3e-4, 0.9, 0).
+        precond_lr: the factors' step size (default: 0.1).
+        update_probability: None (the schedule), a number, or ``f(steps before this one)``.
+        max_size_triangular, min_ndim_triangular: (default: 8192, 2).
+        memory_save_mode: None, ``'one_diag'``, ``'smart_one_diag'`` or ``'all_diag'``.
+        momentum_into_precond_update: fit on the momentum, else on the gradient (default: True).
+        precond_init_scale, merge_dims: (default: 1.0, True).
+        precond_dtype: ``torch.float32`` (default) or ``torch.float64``.
+        max_update_rms: None: no clipping (default: 1.1).
+        seed: of the probes and of the update decisions (default: 0).
+        on_nonfinite: ``'skip'`` (default) or ``'raise'``.
+
+    Example::
+
+        opt = soo_ext.PSGDKron(model.parameters(), lr=3e-4)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    """
+
+    def __init__(self, params, lr: float = 3e-4, momentum: float = 0.9,
+                 weight_decay: float = 0.0, *, precond_lr: float = 0.1,
+                 update_probability=None, max_size_triangular: int = 8192,
+                 min_ndim_triangular: int = 2, memory_save_mode: str | None = None,
+                 momentum_into_precond_update: bool = True, precond_init_scale: float = 1.0,
+                 merge_dims: bool = True, precond_dtype: torch.dtype = torch.float32,
+                 max_update_rms: float | None = 1.1, seed: int = 0,
+                 on_nonfinite: str = "skip") -> None:
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                    "precond_lr": precond_lr, "update_probability": update_probability,
+                    "max_size_triangular": max_size_triangular,
+                    "min_ndim_triangular": min_ndim_triangular,
+                    "memory_save_mode": memory_save_mode,
+                    "momentum_into_precond_update": momentum_into_precond_update,
+                    "precond_init_scale": precond_init_scale, "merge_dims": merge_dims,
+                    "precond_dtype": precond_dtype, "max_update_rms": max_update_rms,
+                    "seed": seed, "on_nonfinite": on_nonfinite}
+        OPTIONS.check(defaults)
+        self._run: tuple | None = None  # (layout options, layout, factors)
+        self._skips = SkipWarner("PSGDKron")
+        super().__init__(params, defaults)
+        check_params(all_params(self), "PSGDKron")
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_skips", SkipWarner("PSGDKron"))
+        self._run = None  # rebuilt from the state at the next step
+
+    def add_param_group(self, param_group: dict) -> None:
+        add_param_group_checked(self, param_group, lambda: (
+            OPTIONS.check_groups(self.param_groups), check_params(all_params(self), "PSGDKron")))
+        self._run = None  # rebuilt (the existing state copied) at the next step
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for p, entries in load_state_dict_uncast(self, state_dict, _UNCAST).items():
+            self.state[p].update(entries)
+        self._run = None
+
+    @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        """One step; ``closure`` (optional) runs forward and backward and returns the loss."""
+        loss = call_closure(closure)
+        if not any(p.grad is not None for p in all_params(self)):
+            return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
+        OPTIONS.check_groups(self.param_groups)
+        check_dense_grads(all_params(self), "PSGDKron")
+        layout, factors = self._prepare()
+        o, params = self.param_groups[0], layout.params
+        gstate = self.state[params[0]]
+        k = gstate["step"] + 1
+        self._skips.watch(gstate["nonfinite_steps"])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        guard = SkipGuard.check(grads, o["on_nonfinite"], gstate["nonfinite_steps"],
+                                "PSGDKron: the gradient is not finite")
+        gstate["step"] = k
+        # The step's randomness is a function of (seed, step): resume and replicas agree.
+        decisions = random.Random(gstate["seed"] * 1_000_003 + k)
+        chance = o["update_probability"]
+        chance = (update_probability(k - 1) if chance is None else
+                  chance(k - 1) if callable(chance) else chance)
+        update = decisions.random() < chance
+        balance = decisions.random() < 0.01 and update
+        self._generator.manual_seed((gstate["seed"] * 1_000_003 + k) % (2 ** 63))
+        takes, moments, stacks, probes = [], [], [], []
+        for g, sg in enumerate(layout.shape_groups):
+            members = [i for i, _ in sg.members]
+            G = torch.stack([grads[i].reshape(sg.shape) for i in members])
+            G = torch.where(guard.ok, G, G.new_zeros(()))  # NaN * 0 is NaN: replaced
+            present = [params[i].grad is not None for i in members]
+            take = (guard.ok.expand(len(members)) if all(present) else
+                    guard.ok & torch.tensor(present, device=G.device))
+            takes.append(take)
+            moments.append(factors.momentum_(g, G, take, o["momentum"]))
+            if update:
+                stacks.append(moments[-1] if o["momentum_into_precond_update"]
+                              else G.to(factors.dtype))
+                probes.append(draw_probes(self._generator, G.shape, factors.dtype, G.device))
+        if balance:
+            factors.balance_(takes)
+        if update:
+            factors.update_(stacks, probes, takes, o["precond_lr"])
+            gstate["precond_updates"] += 1
+        updates: dict[Tensor, Tensor] = {}
+        for g, sg in enumerate(layout.shape_groups):
+            U = factors.precondition(g, moments[g])
+            if o["max_update_rms"] is not None:
+                clip_rms_(U, o["max_update_rms"])
+            updates.update((params[i], U[m].view(params[i].shape))
+                           for m, (i, _) in enumerate(sg.members))
+        for group in self.param_groups:
+            _apply_(group, [p for p in group["params"] if p.grad is not None], updates, guard)
+        return loss
+
+    def _prepare(self) -> tuple[PSGDKronLayout, PSGDKronFactors]:
+        """The layout and factors of the run, built at the first step and whenever a layout
+        option changed; the state entries are views of the factors' stacks."""
+        o = self.param_groups[0]
+        key = tuple(o[k] for k in _LAYOUT_OPTIONS)
+        if self._run is not None and self._run[0] == key:
+            return self._run[1:]
+        params = all_params(self)
+        layout = PSGDKronLayout(params, o["merge_dims"], o["max_size_triangular"],
+                                o["min_ndim_triangular"], o["memory_save_mode"])
+        p0 = params[0]
+        factors = PSGDKronFactors(layout, o["precond_dtype"], p0.dtype, p0.device,
+                                  o["precond_init_scale"])
+        assign = []
+        for i, p in enumerate(params):
+            state = self.state[p]
+            views = factors.views(i)
+            for name, view in views.items():
+                saved = state.get(name)
+                if saved is None:
+                    continue
+                pairs = list(zip(saved, view)) if name == "Q" else [(saved, view)]
+                if (name == "Q" and len(saved) != len(view)) or any(
+                        s.shape != v.shape for s, v in pairs):
+                    raise ValueError(f"PSGDKron state {name!r} of a param of shape "
+                                     f"{tuple(p.shape)} does not fit its factors "
+                                     f"({', '.join(_LAYOUT_OPTIONS)} differ from the saved run's)")
+                for s, v in pairs:
+                    v.copy_(s)
+            assign.append((state, views))
+        for state, views in assign:  # only once every param's state fits
+            state.update(views)
+        gstate = self.state[p0]
+        gstate.setdefault("step", 0)
+        gstate.setdefault("seed", o["seed"])
+        gstate.setdefault("precond_updates", 0)
+        counter = gstate.get("nonfinite_steps")
+        gstate["nonfinite_steps"] = (torch.zeros((), dtype=torch.int64, device=p0.device)
+                                     if counter is None else counter.to(p0.device))
+        self._generator = torch.Generator(device=p0.device)
+        self._run = (key, layout, factors)
+        return layout, factors
+
+
+def _apply_(group: dict, params: list[Tensor], updates: dict, guard: SkipGuard) -> None:
+    """``p <- p - lr (u + weight_decay p)`` for the ``params`` of ``group`` (weight decay on
+    params of >= 2 dims, as the reference); nothing on a skipped step."""
+    if not params:
+        return
+    lr, wd = group["lr"], group["weight_decay"]
+    decayed = [p for p in params if p.dim() >= 2]
+    if wd != 0 and decayed:
+        torch._foreach_mul_(decayed, guard.unless_skipped(1 - lr * wd, params[0]))
+    coef = torch.where(guard.ok, params[0].new_full((), -lr), 0.0)
+    for p in params:
+        p.addcmul_(updates[p].to(p.dtype), coef)
