@@ -8,15 +8,14 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from .._support.closure import call_closure
-from .._support.guard import SkipGuard, SkipWarner
+from .._support.guard import SkipGuard
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs, Spec
-from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
-                               check_params, load_state_dict_uncast)
+from .._support.params import all_params, check_dense_grads
 from ..curvature.psgd_kron import (PSGDKronFactors, PSGDKronLayout, clip_rms_, draw_probes,
                                    update_probability)
+from .laid_out import LaidOutOptimizer
 
 __all__ = ["PSGDKron"]
 
@@ -49,7 +48,7 @@ _LAYOUT_OPTIONS = ("merge_dims", "max_size_triangular", "min_ndim_triangular",
 _UNCAST = ("Q", "momentum_steps", "nonfinite_steps")  # not cast to the params' dtype on load
 
 
-class PSGDKron(Optimizer):
+class PSGDKron(LaidOutOptimizer):
     r"""PSGD with Kronecker-factored preconditioners fitted on a Lie group (Li, "Preconditioned
     Stochastic Gradient Descent", 2015; "Black Box Lie Group Preconditioners for SGD", 2022),
     the "Kron" variant of psgd_torch and kron-torch.
@@ -86,6 +85,8 @@ class PSGDKron(Optimizer):
         opt.zero_grad()
     """
 
+    OPTIONS, UNCAST = OPTIONS, _UNCAST
+
     def __init__(self, params, lr: float = 3e-4, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, precond_lr: float = 0.1,
                  update_probability=None, max_size_triangular: int = 8192,
@@ -103,26 +104,7 @@ class PSGDKron(Optimizer):
                     "precond_init_scale": precond_init_scale, "merge_dims": merge_dims,
                     "precond_dtype": precond_dtype, "max_update_rms": max_update_rms,
                     "seed": seed, "on_nonfinite": on_nonfinite}
-        OPTIONS.check(defaults)
-        self._run: tuple | None = None  # (layout options, layout, factors)
-        self._skips = SkipWarner("PSGDKron")
-        super().__init__(params, defaults)
-        check_params(all_params(self), "PSGDKron")
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_skips", SkipWarner("PSGDKron"))
-        self._run = None  # rebuilt from the state at the next step
-
-    def add_param_group(self, param_group: dict) -> None:
-        add_param_group_checked(self, param_group, lambda: (
-            OPTIONS.check_groups(self.param_groups), check_params(all_params(self), "PSGDKron")))
-        self._run = None  # rebuilt (the existing state copied) at the next step
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        for p, entries in load_state_dict_uncast(self, state_dict, _UNCAST).items():
-            self.state[p].update(entries)
-        self._run = None
+        super().__init__(params, defaults)  # self._run: (layout options, layout, factors)
 
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()

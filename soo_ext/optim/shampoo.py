@@ -6,17 +6,16 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
-from .._support.guard import SkipGuard, SkipWarner
+from .._support.guard import SkipGuard
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs, Spec
-from .._support.params import (add_param_group_checked, all_params, check_params,
-                               load_state_dict_uncast)
+from .._support.params import all_params
 from ..curvature.grafting import SGDGrafting, make_grafting
 from ..curvature.shampoo_blocks import ShampooBlocking
 from ..curvature.shampoo_roots import ShampooRoots
+from .laid_out import LaidOutOptimizer
 
 __all__ = ["Shampoo"]
 
@@ -52,7 +51,7 @@ _LAYOUT_OPTIONS = ("max_preconditioner_dim", "merge_dims", "precondition_1d", "f
 _UNCAST = ("factors", "roots", "root_failures", "nonfinite_steps", "failed_roots")
 
 
-class Shampoo(Optimizer):
+class Shampoo(LaidOutOptimizer):
     r"""Shampoo (Gupta, Koren & Singer, ICML 2018) with grafting and the blocking of Distributed
     Shampoo (Anil et al. 2020; Shi et al. 2023).
 
@@ -90,6 +89,8 @@ class Shampoo(Optimizer):
         opt.zero_grad()
     """
 
+    OPTIONS, UNCAST = OPTIONS, _UNCAST
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  epsilon: float = 1e-12, weight_decay: float = 0.0, *,
                  decoupled_weight_decay: bool = True, max_preconditioner_dim: int = 1024,
@@ -109,29 +110,14 @@ class Shampoo(Optimizer):
                     "grafting_beta2": grafting_beta2, "root_method": root_method,
                     "factor_dtype": factor_dtype, "max_root_failures": max_root_failures,
                     "on_nonfinite": on_nonfinite}
-        OPTIONS.check(defaults)
         self._process_group = check_process_group(process_group)
-        self._run: tuple | None = None  # (layout options, blocking, roots, grafting)
-        self._skips = SkipWarner("Shampoo")
+        # self._run: (layout options, blocking, roots, grafting)
         super().__init__(params, defaults)
-        check_params(all_params(self), "Shampoo")
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         # load_state_dict comes here too: it keeps the group; a copy or unpickling has none
         self.__dict__.setdefault("_process_group", None)
-        self.__dict__.setdefault("_skips", SkipWarner("Shampoo"))
-        self._run = None  # rebuilt from the state at the next step
-
-    def add_param_group(self, param_group: dict) -> None:
-        add_param_group_checked(self, param_group, lambda: (
-            OPTIONS.check_groups(self.param_groups), check_params(all_params(self), "Shampoo")))
-        self._run = None  # the buckets are rebuilt (the existing factors copied) at the next step
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        for p, entries in load_state_dict_uncast(self, state_dict, _UNCAST).items():
-            self.state[p].update(entries)
-        self._run = None
 
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()

@@ -5,14 +5,13 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from .._support.closure import call_closure
-from .._support.guard import SkipGuard, SkipWarner
+from .._support.guard import SkipGuard
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
-from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
-                               check_params, load_state_dict_uncast)
+from .._support.params import all_params, check_dense_grads
 from ..curvature.soap_bases import SOAPBases
+from .laid_out import LaidOutOptimizer
 from .shampoo import _Betas
 
 __all__ = ["SOAP"]
@@ -45,7 +44,7 @@ _LAYOUT_OPTIONS = ("max_precond_dim", "merge_dims", "precondition_1d", "factor_d
 _UNCAST = ("GG", "Q", "adam_steps", "nonfinite_steps")  # factor dtype, counters: not cast
 
 
-class SOAP(Optimizer):
+class SOAP(LaidOutOptimizer):
     r"""SOAP (Vyas et al. 2024, arXiv 2409.11321): Adam in the eigenbasis of Shampoo's
     preconditioner.
 
@@ -79,6 +78,8 @@ class SOAP(Optimizer):
         opt.zero_grad()
     """
 
+    OPTIONS, UNCAST = OPTIONS, _UNCAST
+
     def __init__(self, params, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  weight_decay: float = 0.01, precondition_frequency: int = 10, *,
                  eps: float = 1e-8, shampoo_beta: float | None = None,
@@ -90,26 +91,7 @@ class SOAP(Optimizer):
                     "max_precond_dim": max_precond_dim, "merge_dims": merge_dims,
                     "precondition_1d": precondition_1d, "factor_dtype": factor_dtype,
                     "on_nonfinite": on_nonfinite}
-        OPTIONS.check(defaults)
-        self._run: tuple | None = None  # (layout options, bases, member indices)
-        self._skips = SkipWarner("SOAP")
-        super().__init__(params, defaults)
-        check_params(all_params(self), "SOAP")
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_skips", SkipWarner("SOAP"))
-        self._run = None  # rebuilt from the state at the next step
-
-    def add_param_group(self, param_group: dict) -> None:
-        add_param_group_checked(self, param_group, lambda: (
-            OPTIONS.check_groups(self.param_groups), check_params(all_params(self), "SOAP")))
-        self._run = None  # rebuilt (the existing state copied) at the next step
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        for p, entries in load_state_dict_uncast(self, state_dict, _UNCAST).items():
-            self.state[p].update(entries)
-        self._run = None
+        super().__init__(params, defaults)  # self._run: (layout options, bases, member indices)
 
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
