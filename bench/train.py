@@ -658,14 +658,15 @@ class ClosureMinibatchTrainer(MinibatchTrainer):
         stop = min(self.steps + self.budget.eval_every, self.budget.max_steps)
         while self.steps < stop:
             idx = self.next_batch()
-            x, y = self.data.x[idx], self.data.y[idx]
+            self.optimizer.step(self.closure(self.data.x[idx], self.data.y[idx]))
 
-            def closure() -> torch.Tensor:
-                self.counts["grad" if torch.is_grad_enabled() else "forward"] += 1
-                self.steps += 1
-                return F.cross_entropy(self.model(x), y)
-
-            self.optimizer.step(closure)
+    def closure(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The loss over the minibatch (x, y), counted as a gradient or a forward evaluation."""
+        def closure() -> torch.Tensor:
+            self.counts["grad" if torch.is_grad_enabled() else "forward"] += 1
+            self.steps += 1
+            return F.cross_entropy(self.model(x), y)
+        return closure
 
 
 class BackwardClosureTrainer(ClosureMinibatchTrainer):
@@ -673,21 +674,15 @@ class BackwardClosureTrainer(ClosureMinibatchTrainer):
     (zero_grad, loss, backward) over one minibatch, until ``eval_every`` more steps have been
     counted (or the step cap); every closure evaluation counts as a step (K-BFGS: 2 a call)."""
 
-    def advance(self) -> None:
-        stop = min(self.steps + self.budget.eval_every, self.budget.max_steps)
-        while self.steps < stop:
-            idx = self.next_batch()
-            x, y = self.data.x[idx], self.data.y[idx]
-
-            def closure() -> torch.Tensor:
-                self.counts["grad"] += 1
-                self.steps += 1
-                self.optimizer.zero_grad()
-                loss = F.cross_entropy(self.model(x), y)
-                loss.backward()
-                return loss
-
-            self.optimizer.step(closure)
+    def closure(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def closure() -> torch.Tensor:
+            self.counts["grad"] += 1
+            self.steps += 1
+            self.optimizer.zero_grad()
+            loss = F.cross_entropy(self.model(x), y)
+            loss.backward()
+            return loss
+        return closure
 
 
 class AsdlTrainer(MinibatchTrainer):
