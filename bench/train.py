@@ -945,7 +945,7 @@ def resolve_targets(cases: list[Case], given: list[tuple[str | None, float]]) ->
 
 def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     device = common.devices(args.device)[0]
-    protocol = getattr(args, "protocol", "tuned")
+    protocol = args.protocol
     specs = protocol_specs(protocol)
     if args.optimizers is not None:
         specs = [spec for spec in specs if spec.name in args.optimizers]
