@@ -25,8 +25,12 @@ $(VENV)/.installed:
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) ninja numpy pytest hypothesis \
 		expecttest tabulate tqdm matplotlib scikit-learn mnist1d
-	# optional peers of bench train / bench precond (K-FAC of ASDL, Shampoo of pytorch-optimizer)
-	$(PY) -m pip install --quiet --no-deps asdfghjkl pytorch-optimizer
+	# optional peers of bench train / bench precond and of the peer tests (K-FAC of ASDL, Shampoo
+	# and SOAP of pytorch-optimizer, SOAP and PSGD-Kron of heavyball, kron-torch's Kron); without
+	# their deps: none of them may change torch (heavyball and kron-torch run without opt-einsum,
+	# and kron-torch's triton is only used on CUDA)
+	$(PY) -m pip install --quiet --no-deps asdfghjkl pytorch-optimizer heavyball==3.2.1 \
+		kron-torch==0.3.3
 	touch $@
 
 # Rebuilt only when a source changes (ninja then recompiles only what changed).
