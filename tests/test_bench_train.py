@@ -398,12 +398,19 @@ def test_evaluation_runs_batchnorm_in_eval_mode():
         stats, (b for b in model.modules() if isinstance(b, torch.nn.BatchNorm1d))))
 
 
+def test_development_and_held_out_cases():
+    held_out = {c.name for c in train.CASES if c.held_out}
+    assert held_out == {"mnist1d-resnet", "stdlib-lm"}
+    assert not held_out & set(train.DEFAULT_CASES)  # the tuned protocol's cases are development
+
+
 def test_defaults_protocol_sets_the_lm_target_from_adamw(one_thread):
     records, env = quick_train("stdlib-lm", "torch.optim.SGD", "--protocol", "defaults")
     assert env["protocol"] == "defaults" and env["reference"] == "torch.optim.AdamW"
     assert env["baselines"] == ["torch.optim.AdamW", "torch.optim.SGD"]
     assert any("AdamW runs as well" in note for note in env["notes"])
     assert env["stdlib_text"]["bytes"] >= 1_500_000
+    assert env["cases"]["stdlib-lm"]["held_out"]  # no default is tuned on it
     target = env["cases"]["stdlib-lm"]["target"]
     adamw = [r for r in records if r["optimizer"] == "torch.optim.AdamW"]
     assert [r["lr"] for r in adamw] == list(train.lr_sweep(1e-3))
