@@ -19,6 +19,15 @@ pure PyTorch) on the same data, the variant in its own column:
   drsom_update   p <- V alpha, x <- x + p
 The directions V are k separate vectors (none aliases g, x or p).
 
+Window ops (GGT, M-FAC, natural gradient; opt-in with --ops window_gram window_combine; the
+window m x n in the --dtype storage: float32, float64, bf16 = a bfloat16 window with float32
+vectors), windows of --window-m rows (default 32 256), all rows filled:
+  window_gram    dots:  D = W X^T, k = 2 vectors (what M-FAC's and GGT's step needs)
+                 full:  G = W W^T and D (what the natural gradient's step needs)
+  window_combine out = base_coef base + coef^T W
+  impls: soo (soo_ext.ops.*), reference (soo_ext.reference.*), torch: the plain formulation,
+  W @ X^T, W @ W^T, base_coef * base + coef @ W in the vectors' dtype (the window cast to it).
+
 Kronecker-factor ops (K-FAC / Shampoo; opt-in with --ops kron_inverse kron_eigh kron_root
 kfac_precondition; float32 and float64).  The factor set is that of a ResNet-50 whose channel
 counts (and its 1000 classes) are scaled by --width (default 0.25 on the CPU, 1.0 on CUDA;
@@ -61,8 +70,12 @@ KRON_IMPLS = {"kron_inverse": ("soo", "reference", "kaisa-inv"),
               "kfac_precondition": ("soo", "kaisa")}
 KRON_PEER = {"kron_inverse": "kaisa-inv", "kron_eigh": "kaisa-eigh", "kron_root": "shampoo-eigh",
              "kfac_precondition": "kaisa"}
+WINDOW_OPS = ("window_gram", "window_combine")
+WINDOW_VARIANTS = {"window_gram": ("dots", "full"), "window_combine": ("",)}
+WINDOW_IMPLS = ("soo", "reference", "torch")
+WINDOW_K = 2
 VECTOR_OPS = (OP,) + DRSOM_OPS
-OPS = VECTOR_OPS + KRON_OPS
+OPS = VECTOR_OPS + WINDOW_OPS + KRON_OPS
 DRSOM_IMPLS = ("soo", "reference")
 DRSOM_VARIANTS = {"drsom_perturb": ("save", "no-save"), "drsom_reduce": ("gram", "no-gram"),
                   "drsom_update": ("",)}
@@ -83,7 +96,11 @@ implementation (so GB/s ratios are speed ratios):
                                               G = V^T V and c = V^T g come from the same pass,
                                               so gram and no-gram move the same bytes)
   drsom_update:           bytes = (k+3)*b*n  (read the k directions and x; write x and p)
-  b = bytes per element of the DRSOM vectors (4 fp32, 8 fp64), k = 2."""
+  b = bytes per element of the DRSOM vectors (4 fp32, 8 fp64), k = 2.
+  window_gram dots:       bytes = (m*w + k*b)*n  (read the window and the k vectors once)
+  window_gram full:       bytes = (m*w + k*b)*n  (the same: one pass could give G too)
+  window_combine:         bytes = (m*w + 2*b)*n  (read the window and base, write out)
+  w = bytes per window element (4 fp32, 8 fp64, 2 bf16), b = per vector element, k = 2."""
 
 
 def parse_count(text: str) -> int:
@@ -116,6 +133,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              f"--quick: {' '.join(map(str, QUICK_N))}); 4M, 100k are accepted")
     parser.add_argument("--m", nargs="+", type=int, default=[10],
                         help="history sizes (default: 10)")
+    parser.add_argument("--window-m", nargs="+", type=int, default=[32, 256],
+                        help="window rows of the window ops (default: 32 256)")
     parser.add_argument("--dtype", nargs="+", choices=list(common.DTYPES),
                         default=list(common.DTYPES),
                         help="float32, float64, bf16 (float32 gradient, bfloat16 history); "
@@ -286,6 +305,57 @@ def measure_drsom_case(op: str, n: int, dtype: str, device: str, min_run_time: f
     return rows
 
 
+def window_bytes(op: str, m: int, n: int, dtype: str, k: int = WINDOW_K) -> int:
+    """The minimal bytes a window op moves (see BYTES_HELP)."""
+    vec_dtype, window_dtype = common.DTYPES[dtype]
+    w = torch.empty((), dtype=window_dtype).element_size()
+    b = torch.empty((), dtype=vec_dtype).element_size()
+    return (m * w + (k if op == "window_gram" else 2) * b) * n
+
+
+def window_calls(op: str, variant: str, m: int, n: int, dtype: str, device: str) -> dict:
+    """impl -> a no-argument function running the op once on fresh random data."""
+    vec_dtype, window_dtype = common.DTYPES[dtype]
+    gen = torch.Generator(device=device).manual_seed(0)
+    W = torch.randn(m, n, generator=gen, dtype=vec_dtype, device=device).to(window_dtype)
+    X = [torch.randn(n, generator=gen, dtype=vec_dtype, device=device) for _ in range(WINDOW_K)]
+    coef = torch.randn(m, generator=gen, dtype=torch.float64, device=device)
+    bc = torch.tensor(0.5, dtype=torch.float64, device=device)
+    out = torch.empty_like(X[0])
+    if op == "window_gram":
+        full = variant == "full"
+        Xs = torch.stack(X)
+
+        def plain():
+            Wc = W.to(vec_dtype)
+            return (Wc @ Wc.T if full else None), Wc @ Xs.T
+        return {"soo": functools.partial(ops.window_gram, W, X, m, full),
+                "reference": functools.partial(reference.window_gram, W, X, m, full),
+                "torch": plain}
+    coef_v, bc_v = coef.to(vec_dtype), bc.to(vec_dtype)
+    return {"soo": functools.partial(ops.window_combine, out, W, coef, m, X[0], bc),
+            "reference": functools.partial(reference.window_combine, out, W, coef, m, X[0], bc),
+            "torch": lambda: torch.add(bc_v * X[0], coef_v @ W.to(vec_dtype), out=out)}
+
+
+def measure_window_case(op: str, m: int, n: int, dtype: str, device: str, min_run_time: float,
+                        rounds: int) -> list[dict]:
+    rows = []
+    for variant in WINDOW_VARIANTS[op]:
+        seconds = common.time_medians(window_calls(op, variant, m, n, dtype, device),
+                                      min_run_time, rounds)
+        nbytes = window_bytes(op, m, n, dtype)
+        for impl in WINDOW_IMPLS:
+            rows.append({
+                "op": op, "variant": variant, "impl": impl, "device": device, "n": n, "m": m,
+                "k": WINDOW_K, "dtype": dtype, "median_ms": seconds[impl] * 1e3,
+                "bytes": nbytes, "gbps": nbytes / seconds[impl] / 1e9,
+                "speedup_vs_reference": seconds["reference"] / seconds[impl],
+                "speedup_vs_torch": seconds["torch"] / seconds[impl],
+            })
+    return rows
+
+
 def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     device_list = common.devices(args.device)
     sizes = args.n or (QUICK_N if args.quick else DEFAULT_N)
@@ -305,6 +375,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     cases += [(op, device, dtype, None, n)
               for device, op, dtype, n in itertools.product(
                   device_list, [o for o in DRSOM_OPS if o in args.ops], drsom_dtypes, sizes)]
+    cases += [(op, device, dtype, m, n)
+              for device, op, dtype, m, n in itertools.product(
+                  device_list, [o for o in WINDOW_OPS if o in args.ops], args.dtype,
+                  args.window_m, sizes)]
     kron_dtypes = [d for d in args.dtype if d in DRSOM_DTYPES]
     cases += [(op, device, dtype, None, None)
               for device, op, dtype in itertools.product(
@@ -318,6 +392,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                                            rounds)
             elif op == OP:
                 records += measure_case(n, m, dtype, device, min_run_time, rounds)
+            elif op in WINDOW_OPS:
+                records += measure_window_case(op, m, n, dtype, device, min_run_time, rounds)
             else:
                 records += measure_drsom_case(op, n, dtype, device, min_run_time, rounds)
             if device == "cuda":
@@ -358,6 +434,17 @@ def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
         title = (f"DRSOM ops, soo = {kernels}; bytes: perturb save 4*b*n, no-save 3*b*n, "
                  f"reduce (2+k)*b*n, update (k+3)*b*n" + copy_lines)
         common.print_table(drsom, drsom_columns, title)
+    window = [r for r in records if r["op"] in WINDOW_OPS]
+    if window:
+        window_columns = {"op": "op", "variant": "variant", "impl": "impl", "device": "device",
+                          "n": "n", "m": "m", "dtype": "dtype", "median_ms": "median ms",
+                          "gbps": "eff. GB/s", "speedup_vs_torch": "x torch",
+                          "speedup_vs_reference": "x reference"}
+        if env["copy_gbps"]:
+            window_columns["pct_of_copy"] = "% of copy"
+        title = (f"Window ops, soo = {kernels}; bytes: gram (m*w + k*b)*n, combine "
+                 f"(m*w + 2*b)*n, k = {WINDOW_K}" + copy_lines)
+        common.print_table(window, window_columns, title)
     kron = [r for r in records if r["op"] in KRON_OPS]
     if kron:
         kron_columns = {"op": "op", "impl": "impl", "device": "device", "dtype": "dtype",
@@ -398,6 +485,9 @@ def line_label(row: dict) -> str:
     for the DRSOM ops."""
     if row["op"] == OP:
         return f"{row['impl']} (m={row['m']})"
+    if row["op"] in WINDOW_OPS:
+        variant = f" {row['variant']}" if row["variant"] else ""
+        return f"{row['op'].removeprefix('window_')}{variant} {row['impl']} (m={row['m']})"
     name = row["op"].removeprefix("drsom_") + (f" {row['variant']}" if row["variant"] else "")
     return f"{name} {row['impl']}"
 
@@ -406,7 +496,7 @@ def plot(records: list[dict], env: dict, path: str) -> None:
     """One panel per (op family, device, dtype): effective GB/s vs n, a line per (impl, m) for
     lbfgs_direction and per (op, variant, impl) for the DRSOM ops (soo solid, reference dashed)."""
     def family(row):
-        return OP if row["op"] == OP else "drsom"
+        return (OP if row["op"] == OP else "window" if row["op"] in WINDOW_OPS else "drsom")
 
     kron = [r for r in records if r["op"] in KRON_OPS]
     records = [r for r in records if r["op"] not in KRON_OPS]
@@ -427,7 +517,8 @@ def plot(records: list[dict], env: dict, path: str) -> None:
             ax.plot(*zip(*line), marker="o", linestyle=style, color=color, label=label)
         if device in env["copy_gbps"]:
             ax.axhline(env["copy_gbps"][device], color="gray", linestyle="--", label="copy")
-        title = f"{OP} {device} {dtype}" if fam == OP else f"DRSOM ops (k={DRSOM_K}) {device} {dtype}"
+        title = {OP: f"{OP} {device} {dtype}", "drsom": f"DRSOM ops (k={DRSOM_K}) {device} {dtype}",
+                 "window": f"window ops (k={WINDOW_K}) {device} {dtype}"}[fam]
         ax.set(xscale="log", xlabel="n", ylabel="effective GB/s", title=title)
         ax.minorticks_off()
         ax.grid(True, alpha=0.3)

@@ -89,6 +89,10 @@ Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
   soo_ext.PSGDKron    its defaults (factors fitted with probability 1 for 500 steps, then
                       annealed to 0.03; update RMS clipped at 1.1), minibatch
                                                            lr 0.001, 0.003, 0.01    default 3e-4
+  soo_ext.MFAC        its defaults (window 32, damping 1e-5, no momentum), minibatch
+                                                           lr 1e-4, 3e-4, 0.001     default 1e-3
+  soo_ext.GGT         its defaults (window 100, betas (0.9, 1), eps 1e-4), minibatch
+                                                           lr 1e-4, 3e-4, 0.001     default 1e-3
 Optional peers, run in the same process when their package is installed (otherwise skipped
 with a note), same models, data and budget:
   asdl.KFAC           ASDL's KfacGradientMaker (package asdfghjkl): curvature every step,
@@ -435,6 +439,10 @@ OPTIMIZERS = (
                   lambda params, lr, _: soo_ext.SOAP(params, lr=lr), default_lr=3e-3),
     OptimizerSpec("soo_ext.PSGDKron", (1e-3, 3e-3, 1e-2), False,
                   lambda params, lr, _: soo_ext.PSGDKron(params, lr=lr), default_lr=3e-4),
+    OptimizerSpec("soo_ext.MFAC", (1e-4, 3e-4, 1e-3), False,
+                  lambda params, lr, _: soo_ext.MFAC(params, lr=lr), default_lr=1e-3),
+    OptimizerSpec("soo_ext.GGT", (1e-4, 3e-4, 1e-3), False,
+                  lambda params, lr, _: soo_ext.GGT(params, lr=lr), default_lr=1e-3),
     OptimizerSpec("kron_torch.Kron", (1e-3, 3e-3, 1e-2), False,
                   lambda params, lr, _: kron_torch_kron(params, lr), peer=True, default_lr=3e-4),
     OptimizerSpec("pytorch_optimizer.Kron", (1e-3, 3e-3, 1e-2), False,

@@ -29,6 +29,12 @@ TORCH_LIBRARY(soo, m) {
   // [alpha (k), predicted decrease, ok, gamma used, step length].
   m.def("drsom_subproblem(Tensor Q, Tensor G, Tensor c, float gamma, float max_length, "
         "float gamma_increase) -> Tensor");
+  // Windows of vectors (csrc/window.h): D = W[:rows] X^T (k <= 8 vectors) and, with full,
+  // G = W[:rows] W[:rows]^T, float64 [m, k] / [m, m] (zero beyond rows).
+  m.def("window_gram(Tensor W, Tensor[] X, int rows, bool full) -> (Tensor, Tensor)");
+  // out <- base_coef base + sum_{i < rows} coef[i] W[i] (out may alias base, not W).
+  m.def("window_combine(Tensor(a!) out, Tensor W, Tensor coef, int rows, Tensor? base, "
+        "Tensor? base_coef) -> ()");
   // Kronecker factors of K-FAC / Shampoo (csrc/kron.h): [..., n, n] stacks, int32 statuses
   // 0 ok / 1 fallback / 2 failed per matrix.
   m.def("kron_factor_update_(Tensor(a!) F, Tensor X, float decay, float scale) -> ()");

@@ -5,8 +5,9 @@ from ._support.errors import NonFiniteError, RootFailureError
 from ._support.version import __version__
 from .curvature.lbfgs_history import LBFGSHistory
 from .ops import build_info
-from .optim import BFGS, DRSOM, EKFAC, KBFGS, KFAC, LBFGS, MLBFGS, SOAP, PSGDKron, Shampoo
+from .optim import (BFGS, DRSOM, EKFAC, GGT, KBFGS, KFAC, LBFGS, MFAC, MLBFGS, SOAP, PSGDKron,
+                    Shampoo)
 
-__all__ = ["BFGS", "DRSOM", "EKFAC", "KBFGS", "KFAC", "LBFGS", "LBFGSHistory", "MLBFGS",
-           "NonFiniteError", "PSGDKron", "RootFailureError", "SOAP", "Shampoo", "build_info",
-           "same_randomness", "ops", "reference", "__version__"]
+__all__ = ["BFGS", "DRSOM", "EKFAC", "GGT", "KBFGS", "KFAC", "LBFGS", "LBFGSHistory", "MFAC",
+           "MLBFGS", "NonFiniteError", "PSGDKron", "RootFailureError", "SOAP", "Shampoo",
+           "build_info", "same_randomness", "ops", "reference", "__version__"]

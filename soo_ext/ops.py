@@ -19,7 +19,7 @@ from torch import Tensor
 from . import reference
 
 __all__ = ["lbfgs_direction", "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update",
-           "drsom_subproblem", "kron_factor_update_", "kron_damped_inverse", "kron_eigh",
+           "drsom_subproblem", "window_gram", "window_combine", "kron_factor_update_", "kron_damped_inverse", "kron_eigh",
            "kron_inverse_root", "kfac_precondition_eigen", "extension_loaded", "extension_error",
            "build_info"]
 
@@ -346,6 +346,101 @@ if _LOADED:
     @torch.library.register_fake("soo::drsom_update")
     def _drsom_update_fake(x, p, V, alpha):
         _check_drsom_update(x, p, V, alpha)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows of vectors (GGT, M-FAC, Woodbury natural gradient).  Contracts in soo_ext/reference.py.
+
+_WINDOW_MAX_VECTORS = 8
+
+
+def _check_window(op: str, W: Tensor, dtype: torch.dtype, rows: int) -> None:
+    torch._check(W.dim() == 2, lambda: f"{op}: W must be an [m, n] window, got shape {tuple(W.shape)}")
+    allowed = (torch.float32, torch.bfloat16) if dtype == torch.float32 else (dtype,)
+    torch._check(W.dtype in allowed,
+                 lambda: f"{op}: window dtype {W.dtype} not allowed with {dtype} vectors")
+    torch._check(W.is_contiguous(), lambda: f"{op}: W must be contiguous")
+    torch._check(0 <= rows <= W.shape[0], lambda: f"{op}: rows must be in [0, {W.shape[0]}], got {rows}")
+
+
+def _check_window_gram(W: Tensor, X, rows: int) -> None:
+    op = "window_gram"
+    if not (isinstance(X, (list, tuple)) and len(X) <= _WINDOW_MAX_VECTORS):
+        raise RuntimeError(f"{op}: X must be a list of 0 to {_WINDOW_MAX_VECTORS} vectors")
+    dtype = X[0].dtype if X else (torch.float64 if W.dtype == torch.float64 else torch.float32)
+    torch._check(dtype in (torch.float32, torch.float64),
+                 lambda: f"{op}: X must be float32 or float64, got {dtype}")
+    _check_window(op, W, dtype, rows)
+    for x in X:
+        _check_drsom_vector(op, "every X[j]", x, X[0])
+        torch._check(x.shape[0] == W.shape[1],
+                     lambda: f"{op}: vector length {x.shape[0]} != window length {W.shape[1]}")
+        torch._check(x.device == W.device, lambda: f"{op}: all tensors must be on one device")
+
+
+def _check_window_combine(out: Tensor, W: Tensor, coef: Tensor, rows: int, base, base_coef) -> None:
+    op = "window_combine"
+    _check_drsom_base(op, "out", out)
+    _check_window(op, W, out.dtype, rows)
+    torch._check(out.shape[0] == W.shape[1],
+                 lambda: f"{op}: out has length {out.shape[0]}, window length {W.shape[1]}")
+    torch._check(coef.dim() == 1 and coef.shape[0] == W.shape[0] and coef.dtype == torch.float64,
+                 lambda: f"{op}: coef must be [{W.shape[0]}] float64, got {tuple(coef.shape)} {coef.dtype}")
+    torch._check((base is None) == (base_coef is None),
+                 lambda: f"{op}: base and base_coef go together")
+    if base is not None:
+        _check_drsom_vector(op, "base", base, out)
+        torch._check(base_coef.dim() == 0 and base_coef.dtype == torch.float64,
+                     lambda: f"{op}: base_coef must be a 0-dim float64 tensor")
+    for t in (W, coef) + ((base_coef,) if base is not None else ()):
+        torch._check(t.device == out.device, lambda: f"{op}: all tensors must be on one device")
+
+
+def window_gram(W: Tensor, X, rows: int, full: bool = False) -> tuple[Tensor, Tensor]:
+    """Dot products of a window's first ``rows`` rows with k (0..8) vectors, and with ``full``
+    their Gram matrix, in one pass over the window (float64 results).
+
+    Returns ``(G, D)``: ``D[i, j] = W[i] . X[j]`` (``[m, k]``), ``G[i, j] = W[i] . W[j]``
+    (``[m, m]``, or ``[0, 0]`` without ``full``); rows and columns ``>= rows`` are zero.
+    See :func:`soo_ext.reference.window_gram`.  Never synchronises with the host.
+    """
+    X = list(X)
+    _check_window_gram(W, X, rows)
+    if _LOADED:
+        return torch.ops.soo.window_gram.default(W, X, rows, full)
+    return reference.window_gram(W, X, rows, full)
+
+
+def window_combine(out: Tensor, W: Tensor, coef: Tensor, rows: int,
+                   base: Tensor | None = None, base_coef: Tensor | None = None) -> None:
+    """``out <- base_coef * base + sum_{i < rows} coef[i] W[i]`` in one pass, in place.
+
+    ``coef`` ``[m]`` and ``base_coef`` (0-dim) are float64 tensors on the device (no host sync);
+    ``out`` may alias ``base``, not ``W``.  See :func:`soo_ext.reference.window_combine`.
+    """
+    _check_window_combine(out, W, coef, rows, base, base_coef)
+    if out.numel() and W.numel():  # out may alias base, never the window (real tensors only)
+        o, w = out.data_ptr(), W.data_ptr()
+        torch._check(o + out.nbytes <= w or w + W.nbytes <= o,
+                     lambda: "window_combine: out must not overlap the window W")
+    if _LOADED:
+        torch.ops.soo.window_combine.default(out, W, coef, rows, base, base_coef)
+    else:
+        reference.window_combine(out, W, coef, rows, base, base_coef)
+
+
+if _LOADED:
+    @torch.library.register_fake("soo::window_gram")
+    def _window_gram_fake(W, X, rows, full):
+        _check_window_gram(W, list(X), rows)
+        m = W.shape[0]
+        return (W.new_empty((m, m) if full else (0, 0), dtype=torch.float64),
+                W.new_empty((m, len(X)), dtype=torch.float64))
+
+    @torch.library.register_fake("soo::window_combine")
+    def _window_combine_fake(out, W, coef, rows, base, base_coef):
+        _check_window_combine(out, W, coef, rows, base, base_coef)
         return None
 
 

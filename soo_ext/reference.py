@@ -13,7 +13,7 @@ from torch import Tensor
 
 __all__ = ["accumulation_dtype", "ring_slots", "lbfgs_direction", "lbfgs_two_loop_textbook",
            "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update", "drsom_subproblem",
-           "KRON_OK", "KRON_FALLBACK", "KRON_FAILED", "kron_factor_update_", "kron_damped_inverse",
+           "window_gram", "window_combine", "KRON_OK", "KRON_FALLBACK", "KRON_FAILED", "kron_factor_update_", "kron_damped_inverse",
            "kron_eigh", "kron_inverse_root", "kfac_precondition_eigen"]
 
 
@@ -253,6 +253,50 @@ def drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float, max_length: 
     gamma_t = torch.tensor([gamma], dtype=f64, device=Q.device)
     return torch.cat([ah * s, pred.reshape(1), ok.to(f64).reshape(1), gamma_t,
                       length.reshape(1)]).to(dt)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Windows of vectors (GGT, M-FAC, Woodbury natural gradient): an ``[m, n]`` window, its ``m x m``
+# Gram matrix and dot products in one pass, and a combination of its rows in another.
+
+def window_gram(W: Tensor, X: list[Tensor], rows: int, full: bool) -> tuple[Tensor, Tensor]:
+    """Gram matrix of a window of vectors and its dot products (reference of ``soo::window_gram``).
+
+    ``W`` is an ``[m, n]`` window whose first ``rows`` rows are filled (the rest are ignored: a
+    ring that has not wrapped yet), ``X`` a list of k (0..8) vectors of length n.  Returns
+    ``(G, D)``, both float64 whatever the storage: ``D[i, j] = W[i] . X[j]`` (``[m, k]``) and, with
+    ``full``, ``G[i, j] = W[i] . W[j]`` (``[m, m]``; ``[0, 0]`` without); entries of rows or columns
+    ``>= rows`` are zero.  ``G`` is symmetric bit for bit.  float64 because the ``m x m`` systems
+    built from them (Woodbury, M-FAC's recursion, GGT's eigendecomposition) are ill-conditioned.
+    """
+    m, k = W.shape[0], len(X)
+    acc = torch.float64
+    Wv = W[:rows].to(acc)
+    D = W.new_zeros((m, k), dtype=acc)
+    if k:
+        D[:rows] = Wv @ torch.stack([x.reshape(-1) for x in X]).to(acc).T
+    if not full:
+        return W.new_zeros((0, 0), dtype=acc), D
+    G = W.new_zeros((m, m), dtype=acc)
+    Gv = Wv @ Wv.T
+    G[:rows, :rows] = (Gv + Gv.T) / 2  # a + b == b + a: exactly symmetric
+    return G, D
+
+
+def window_combine(out: Tensor, W: Tensor, coef: Tensor, rows: int,
+                   base: Tensor | None = None, base_coef: Tensor | None = None) -> None:
+    """Combination of a window's rows (reference of ``soo::window_combine``), in place.
+
+    ``out <- base_coef * base + sum_{i < rows} coef[i] W[i]`` (without ``base`` just the sum),
+    summed in float64 and rounded once to ``out``'s dtype.  ``coef`` is ``[m]`` float64 and
+    ``base_coef`` a 0-dim float64 tensor, both on the device (no host sync).  ``out`` may alias
+    ``base``; it must not overlap ``W``.
+    """
+    acc = torch.float64
+    total = coef[:rows].to(acc) @ W[:rows].to(acc) if rows else out.new_zeros(out.shape, dtype=acc)
+    if base is not None:
+        total = total + base_coef.to(acc) * base.to(acc)
+    out.copy_(total)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -72,6 +72,24 @@ def test_micro_times_the_drsom_ops(tmp_path, capsys, one_thread):
     assert "DRSOM ops" in printed and "lbfgs_direction, soo" not in printed
 
 
+def test_micro_times_the_window_ops(tmp_path, capsys, one_thread):
+    out, png = tmp_path / "micro.json", tmp_path / "micro.png"
+    records, _ = cli.main(["micro", "--quick", "--device", "cpu", "--n", "1000", "--window-m", "3",
+                           "--ops", *micro.WINDOW_OPS, "--min-run-time", "0.01",
+                           "--json", str(out), "--plot", str(png)])
+    expected = [(op, variant, impl, dtype) for op in micro.WINDOW_OPS
+                for dtype in micro.common.DTYPES for variant in micro.WINDOW_VARIANTS[op]
+                for impl in micro.WINDOW_IMPLS]
+    assert sorted((r["op"], r["variant"], r["impl"], r["dtype"]) for r in records) == sorted(expected)
+    for row in records:
+        assert row["m"] == 3 and row["n"] == 1000
+        assert row["bytes"] == micro.window_bytes(row["op"], 3, 1000, row["dtype"])
+        assert row["gbps"] == pytest.approx(row["bytes"] / row["median_ms"] / 1e6)
+    assert micro.window_bytes("window_gram", 32, 1000, "bf16") == (32 * 2 + 2 * 4) * 1000
+    assert micro.window_bytes("window_combine", 32, 1000, "float64") == (32 * 8 + 2 * 8) * 1000
+    assert png.stat().st_size > 0 and "Window ops" in capsys.readouterr().out
+
+
 def test_micro_ops_option_selects_lbfgs_only(one_thread):
     records, _ = cli.main(["micro", "--quick", "--device", "cpu", "--n", "1000", "--m", "2",
                            "--dtype", "float32", "--ops", "lbfgs_direction",
@@ -229,9 +247,11 @@ def test_precond_reports_overheads_against_sgd(tmp_path, capsys):
                              "--json", str(out), "--plot", str(png)])
     assert json.loads(out.read_text())["records"] == records and png.stat().st_size > 0
     names = [(r["optimizer"], r["update_every"]) for r in records]
-    assert names[:2] == [("SGD", None), ("Adam", None)]  # the baselines, then per frequency
-    preconditioned = sorted(set(precond.OWN) - {"SGD", "Adam"})  # soo_ext's own, no peers
-    assert [f for _, f in names[2:]] == sorted(f for _, f in names[2:])
+    # the baselines and the window methods (no update frequency), then per frequency
+    assert names[:4] == [(name, None) for name in precond.UNSCHEDULED]
+    preconditioned = sorted(set(precond.OWN) - set(precond.UNSCHEDULED))  # no peers
+    scheduled = names[len(precond.UNSCHEDULED):]
+    assert [f for _, f in scheduled] == sorted(f for _, f in scheduled)
     for f in (1, 2):
         assert sorted(n for n, g in names if g == f) == preconditioned
     assert records[0]["vs_sgd"] == 1.0

@@ -293,6 +293,12 @@ def test_train_runs_soap(one_thread):
     check_lr_sweep(records, env, "soo_ext.SOAP")
 
 
+@pytest.mark.parametrize("name", ["soo_ext.MFAC", "soo_ext.GGT"])
+def test_train_runs_the_window_optimizers(name, one_thread):
+    records, env = quick_train("mnist1d-mlp", name)
+    check_lr_sweep(records, env, name)
+
+
 @pytest.mark.parametrize("name,module", [("asdl.KFAC", "asdl"),
                                          ("pytorch_optimizer.Shampoo", "pytorch_optimizer"),
                                          ("pytorch_optimizer.SOAP", "pytorch_optimizer"),

@@ -81,6 +81,9 @@ def run_backward_optimizer(rank, name: str, sync: bool = True):
                            max_precond_dim=4, factor_dtype=torch.float64)
     elif name == "psgd_kron":  # probes and fits seeded by (seed, step): every rank draws alike
         opt = soo_ext.PSGDKron(net.parameters(), lr=0.01, precond_dtype=torch.float64)
+    elif name in ("mfac", "ggt"):  # the window holds the averaged gradients: equal on every rank
+        opt = (soo_ext.MFAC(net.parameters(), lr=1e-3, window=4, damping=1e-3) if name == "mfac"
+               else soo_ext.GGT(net.parameters(), lr=1e-2, window=4, betas=(0.5, 1.0), eps=0.1))
     else:
         opt = soo_ext.MLBFGS(net.parameters(), lr=0.05, update_freq=2)
     for step in range(STEPS):
@@ -193,6 +196,8 @@ RUNS = {
     "ekfac": (run_backward_optimizer, {"name": "ekfac"}),
     "psgd_kron": (run_backward_optimizer, {"name": "psgd_kron"}),
     "soap": (run_backward_optimizer, {"name": "soap"}),
+    "mfac": (run_backward_optimizer, {"name": "mfac"}),
+    "ggt": (run_backward_optimizer, {"name": "ggt"}),
     "kbfgs": (run_kbfgs, {}),
     "kbfgs-lbfgs": (run_kbfgs, {"history_size": 3}),
     "lbfgs": (run_lbfgs, {}),
@@ -220,7 +225,8 @@ def dtensor_refusals() -> dict[str, str]:
     model.weight = p
     makers = {"LBFGS": lambda: soo_ext.LBFGS([p]), "BFGS": lambda: soo_ext.BFGS([p]),
               "MLBFGS": lambda: soo_ext.MLBFGS([p]), "DRSOM": lambda: soo_ext.DRSOM([p]),
-              "Shampoo": lambda: soo_ext.Shampoo([p]), "KFAC": lambda: soo_ext.KFAC(model)}
+              "Shampoo": lambda: soo_ext.Shampoo([p]), "KFAC": lambda: soo_ext.KFAC(model),
+              "MFAC": lambda: soo_ext.MFAC([p]), "GGT": lambda: soo_ext.GGT([p])}
     out = {}
     for name, make in makers.items():
         try:

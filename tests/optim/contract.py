@@ -378,6 +378,11 @@ def soap_syncs(kw, policy, k, before, after):
     return int(policy == "raise")
 
 
+def window_syncs(kw, policy, k, before, after):
+    """None in step() (one with 'raise'): the ring position lives on the device."""
+    return int(policy == "raise")
+
+
 def drsom_syncs(kw, policy, k, before, after):
     """One at the base point plus one per trial (trust-region or line-search)."""
     return 1 + after["trials"] - before.get("trials", 0)
@@ -496,6 +501,23 @@ def shampoo_layout(params):
              {"params": [l1w, l1b], "lr": 0.02, "betas": (0.5, 0.9), "weight_decay": 0.01}], {})
 
 
+def window_state(opt, model):
+    n = sum(p.numel() for p in model.parameters())
+    st, group = global_state(opt), opt.param_groups[0]
+    dtype = next(model.parameters()).dtype
+    assert st["window"].shape == (group["window"], n)
+    assert st["window"].dtype == (group["window_dtype"] or dtype)
+    assert st["gram"].shape == (group["window"],) * 2 and st["gram"].dtype == F64
+    assert st["momentum_buffer"].shape == (n,) and st["slot"].dtype == torch.int64
+
+
+def window_layout(params):
+    """Two groups (lr, momentum and weight decay differ)."""
+    w1, b1, *rest = params
+    return ([{"params": [w1, b1]}, {"params": rest, "lr": 0.02, "momentum": 0.5,
+                                    "weight_decay": 0.01}], {})
+
+
 def kfac_invalid_model():
     return soo_ext.KFAC([nn.Parameter(torch.zeros(2))])
 
@@ -584,6 +606,23 @@ SHAMPOO_INVALID = (
     Invalid("factor_dtype", dict(factor_dtype="float32")),
     Invalid("max_root_failures", dict(max_root_failures=0)),
     Invalid("on_nonfinite", dict(on_nonfinite="ignore")),
+)
+WINDOW_INVALID = (
+    Invalid("lr", dict(lr=-1.0)), Invalid("lr", dict(lr=float("nan"))),
+    Invalid("momentum", dict(momentum=1.0)), Invalid("weight_decay", dict(weight_decay=-1e-4)),
+    Invalid("window", dict(window=0)), Invalid("window", dict(window=2.5)),
+    Invalid("window_dtype", dict(window_dtype=torch.float16)),
+    Invalid("window_dtype", dict(window_dtype=BF16), dtype=F64),  # bfloat16: float32 only
+    Invalid("max_state_bytes", dict(max_state_bytes=0)),
+    Invalid("window", dict(window=4, max_state_bytes=100)),  # the window does not fit
+    Invalid("on_nonfinite", dict(on_nonfinite="ignore")), Invalid("maximize", dict(maximize=1)),
+)
+MFAC_INVALID = WINDOW_INVALID + (
+    Invalid("damping", dict(damping=0.0)), Invalid("damping", dict(damping=float("inf"))),
+)
+GGT_INVALID = WINDOW_INVALID + (
+    Invalid("betas", dict(betas=(1.0, 0.9))), Invalid("betas", dict(betas=(0.9, 0.0))),
+    Invalid("betas", dict(betas=0.9)), Invalid("eps", dict(eps=0.0)),
 )
 DRSOM_INVALID = (
     Invalid("hvp", {"hvp": "exact"}), Invalid("directions", {"directions": 1}),
@@ -866,6 +905,25 @@ def ekfac(name, dtype, factor_dtype, poisons=("grad-nan", "grad-inf")):
         state_check=ekfac_layer_state, invalid=EKFAC_INVALID)
 
 
+def window_optimizer(name, cls, dtype, **kwargs):
+    """MFAC and GGT: a window of 4 (it wraps within the resume run)."""
+    return OptimizerCase(
+        name=name, cls=cls, kwargs=dict(lr=0.01, window=4, **kwargs),
+        model=functools.partial(Regression, dtype),
+        batch=functools.partial(regression_batch, dtype), layout=window_layout,
+        convention="backward", on_nonfinite="skip", skip="counted",
+        poisons=("grad-nan", "grad-inf"), skip_counts=("step",), continue_steps=4,
+        ready=lambda st: int((st["gram"].diagonal() > 0).sum()) >= 2,
+        resume_steps=(6, 5), resume_skip_at=3,
+        host_syncs=window_syncs, sync_steps=6, sync_policies=("skip", "raise"), sync_poison=(3,),
+        maximize=True, add_group="before-first-step",
+        state_keys=("step", "nonfinite_steps", "momentum_buffer", "window", "gram", "slot")
+        + (("exp_avg",) if cls == "GGT" else ()),
+        state_check=window_state, invalid=MFAC_INVALID if cls == "MFAC" else GGT_INVALID,
+        group_options={"lr": 0.5, "momentum": 0.0, "weight_decay": 0.0},
+        bad_group_option=("lr", -1), global_option=("window", 5))
+
+
 # Names: the variant, then the params' dtype where it is not float64 (and the storage dtype of
 # the curvature where it is not the params').
 STAT = ("grad-nan", "grad-inf", "stat-inf")
@@ -900,6 +958,11 @@ CASES = [
     psgd_kron("psgd_kron-f32", F32),
     psgd_kron("psgd_kron-f32-f64precond-onediag", F64, memory_save_mode="one_diag",
               momentum_into_precond_update=False),
+    window_optimizer("mfac", "MFAC", F64, damping=1e-3),
+    window_optimizer("mfac-f32-bf16window", "MFAC", F32, damping=1e-3, window_dtype=BF16),
+    # beta1^window / eps < 1: no short-window warning
+    window_optimizer("ggt", "GGT", F64, betas=(0.5, 1.0), eps=0.1),
+    window_optimizer("ggt-f32", "GGT", F32, momentum=0.5, betas=(0.5, 0.9), eps=0.1),
 ]
 
 # One row per class, for the checks that depend on the class only (arguments, param groups).
