@@ -56,7 +56,7 @@ class GGT(WindowOptimizer):
 
     Example::
 
-        opt = soo_ext.GGT(model.parameters(), lr=1e-3, window=32)
+        opt = soo_ext.GGT(model.parameters(), lr=1e-3)  # window 100
         for x, y in loader:
             opt.zero_grad()
             loss_fn(model(x), y).backward()
