@@ -12,25 +12,28 @@ from .kron_buckets import KronBuckets
 __all__ = ["BlockedParam", "BlockShapeGroup", "ShampooBlocking", "merge_dims"]
 
 
-def merge_dims(shape, max_dim: int) -> tuple[int, ...]:
+def merge_dims(shape, max_dim: int, from_last: bool = True) -> tuple[int, ...]:
     """Merge adjacent dims while their product stays ``<= max_dim``; size-1 dims disappear.
 
-    ``merge_dims((64, 3, 3, 3), 1024) == (576, 3)``, ``merge_dims((10, 1, 1), 8) == (10,)``,
-    ``merge_dims((1, 1), 8) == ()``.  A dim larger than ``max_dim`` stays as it is (it is
-    blocked later).
+    As distributed Shampoo (facebookresearch/optimizers, ``merge_small_dims`` in
+    ``distributed_shampoo/utils/shampoo_utils.py`` since it merges in reverse order) the dims are
+    merged from the last one, where a conv kernel keeps its small spatial dims:
+    ``merge_dims((25, 25, 1, 3), 1024) == (25, 75)``, ``merge_dims((64, 3, 3, 3), 1024) ==
+    (64, 27)``, ``merge_dims((8, 2, 8), 16) == (8, 16)``.  ``from_last=False`` merges from the
+    first dim (the reference's earlier versions, and SOAP's reference):
+    ``(625, 3)``, ``(576, 3)`` and ``(16, 8)`` for those shapes.  A dim larger than ``max_dim``
+    stays as it is (it is blocked later): ``merge_dims((3, 2000), 1024) == (3, 2000)``.  Unlike
+    the reference, which keeps ``(1,)``, a shape of size-1 dims merges to ``()``:
+    ``merge_dims((10, 1, 1), 8) == (10,)``, ``merge_dims((1, 1), 8) == ()``.
     """
+    dims = [d for d in (reversed(tuple(shape)) if from_last else shape) if d != 1]
     out: list[int] = []
-    product = 1
-    for d in shape:
-        if product * d <= max_dim:
-            product *= d
+    for d in dims:
+        if out and out[-1] * d <= max_dim:
+            out[-1] *= d
         else:
-            if product > 1:
-                out.append(product)
-            product = d
-    if product > 1:
-        out.append(product)
-    return tuple(out)
+            out.append(d)
+    return tuple(reversed(out)) if from_last else tuple(out)
 
 
 class BlockedParam:

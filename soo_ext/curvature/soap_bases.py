@@ -19,9 +19,11 @@ __all__ = ["SOAPBases", "soap_shape"]
 def soap_shape(shape, max_dim: int, merge: bool, precondition_1d: bool
                ) -> tuple[tuple[int, ...], tuple[bool, ...]]:
     """The shape a param is preconditioned as and which of its dims are rotated: dims merged
-    (``merge``, as Shampoo merges them) or size-1 dims dropped; a dim above ``max_dim`` is left
+    (``merge``, from the first dim as SOAP's reference merges them, not from the last as
+    Shampoo does) or size-1 dims dropped; a dim above ``max_dim`` is left
     unrotated, and so are 1-D params unless ``precondition_1d`` (they take Adam's update)."""
-    merged = merge_dims(shape, max_dim) if merge else tuple(d for d in shape if d > 1)
+    merged = (merge_dims(shape, max_dim, from_last=False) if merge
+              else tuple(d for d in shape if d > 1))
     merged = merged or (1,)
     if len(shape) <= 1 and not precondition_1d:
         return merged, (False,) * len(merged)

@@ -27,17 +27,32 @@ def mode_product(T, M, i):
     return torch.tensordot(M, T, dims=([1], [i])).movedim(0, i)
 
 
-@pytest.mark.parametrize("shape,max_dim,merged", [
-    ((64, 3, 3, 3), 1024, (576, 3)),
-    ((16, 1, 5), 1024, (80,)),
-    ((10, 1, 1), 8, (10,)),
-    ((1, 1), 8, ()),
-    ((6, 2, 2, 9), 8, (6, 4, 9)),
-    ((2000, 3), 1024, (2000, 3)),
-    ((3, 2000), 1024, (3, 2000)),
+@pytest.mark.parametrize("shape,max_dim,merged,leading", [
+    # merged from the last dim as distributed Shampoo does; ``leading``: from the first (SOAP)
+    ((25, 25, 1, 3), 1024, (25, 75), (625, 3)),  # the MNIST-1D CNN's kernel
+    ((64, 3, 3, 3), 1024, (64, 27), (576, 3)),
+    ((8, 2, 8), 16, (8, 16), (16, 8)),
+    ((16, 1, 5), 1024, (80,), (80,)),
+    ((10, 1, 1), 8, (10,), (10,)),
+    ((1, 1), 8, (), ()),
+    ((1,), 8, (), ()),
+    ((6, 2, 2, 9), 8, (6, 4, 9), (6, 4, 9)),
+    ((2000, 3), 1024, (2000, 3), (2000, 3)),  # dims > max_dim stay (blocked later)
+    ((3, 2000), 1024, (3, 2000), (3, 2000)),
+    ((3, 2000, 1, 4, 5), 1024, (3, 2000, 20), (3, 2000, 20)),
+    ((5, 4, 2000, 3), 1024, (20, 2000, 3), (20, 2000, 3)),
 ])
-def test_merge_dims(shape, max_dim, merged):
+def test_merge_dims(shape, max_dim, merged, leading):
     assert merge_dims(shape, max_dim) == merged
+    assert merge_dims(shape, max_dim, from_last=False) == leading
+
+
+def test_blocking_merges_from_the_last_dim():
+    b = ShampooBlocking([[torch.zeros(25, 25, 1, 3)]], 1024, True, False)
+    assert b.params[0].merged == (25, 75) and b.params[0].block_shapes == [(25, 75)]
+    b = ShampooBlocking([[torch.zeros(8, 2, 8), torch.zeros(4, 4, 1, 9)]], 16, True, False)
+    assert b.params[0].merged == (8, 16) and b.params[0].block_shapes == [(8, 16)]
+    assert b.params[1].merged == (16, 9) and b.params[1].block_shapes == [(16, 9)]
 
 
 def blocking():
