@@ -1,12 +1,13 @@
 // CUDA kernels of the window ops (soo::window_gram, window_combine): launches on the current
 // stream, no host sync (coef and base_coef are read on the device).
 //
-// window_gram's dots: a grid of (column blocks) x (rows); each thread sums its columns' products
-// for the k vectors in double registers (also for float32 / bfloat16 storage, as on the CPU), a
-// block reduction in a fixed tree, per-block partials, and a second launch sums each dot's
-// partials in block order (run to run deterministic).  The full Gram matrix comes from float64
-// GEMMs over column chunks (cuBLAS through at::mm, window_gram_full).  window_combine: a
-// grid-stride sweep, each element summed over the rows in row order in double.
+// window_gram's dots: a grid of (rows) x (column blocks) (rows in x: no 65535 limit on m, and the
+// blocks of one column range run together, so the vectors' chunk is reused from L2); each thread
+// sums its columns' products for the k vectors in double registers (also for float32 / bfloat16
+// storage, as on the CPU), a block reduction in a fixed tree, per-block partials, and a second
+// launch sums each dot's partials in block order (run to run deterministic).  The full Gram
+// matrix comes from float64 GEMMs over column chunks (cuBLAS through at::mm, window_gram_full).
+// window_combine: a grid-stride sweep, each element summed over the rows in row order in double.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -36,26 +37,27 @@ __device__ __forceinline__ double widen(T x) { return static_cast<double>(static
 template <>
 __device__ __forceinline__ double widen<double>(double x) { return x; }
 
-// partial[(row * gridDim.x + block) * k + j] = sum over the block's columns of W[row] X[j]
+// partial[(row * gridDim.y + block) * k + j] = sum over the block's columns of W[row] X[j]
+// (row = blockIdx.x, block = blockIdx.y)
 template <typename TW, typename TX>
 __global__ void __launch_bounds__(kThreads)
 dots_kernel(const TW* __restrict__ W, VecPtrs<TX> X, int k, int64_t n,
             double* __restrict__ partial) {
   __shared__ double smem[kMaxK][kWarps];
-  const int64_t row = blockIdx.y;
+  const int64_t row = blockIdx.x;
   const TW* w = W + row * n;
   double acc[kMaxK];
 #pragma unroll
   for (int j = 0; j < kMaxK; ++j) acc[j] = 0.0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t c = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; c < n; c += stride) {
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
+  for (int64_t c = blockIdx.y * static_cast<int64_t>(kThreads) + threadIdx.x; c < n; c += stride) {
     const double wc = widen(w[c]);
 #pragma unroll
     for (int j = 0; j < kMaxK; ++j)
       if (j < k) acc[j] += wc * widen(X.p[j][c]);
   }
   const double total = block_sum<kMaxK>(acc, smem);
-  if (threadIdx.x < k) partial[(row * gridDim.x + blockIdx.x) * k + threadIdx.x] = total;
+  if (threadIdx.x < k) partial[(row * gridDim.y + blockIdx.y) * k + threadIdx.x] = total;
 }
 
 // D[row * k + j] = the partials of (row, j) summed in block order (one thread per dot)
@@ -107,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> window_gram_cuda(const at::Tensor& W, at::Ten
   std::tie(G, D) = window_gram_outputs(W, k, full);
   if (full) window_gram_full(W, rows, G);
   if (k == 0 || rows == 0 || n == 0) return {G, D};
-  // about 4 blocks per SM over all rows, at least one per row
+  // about 4 blocks per SM over all rows, at least one per row (so blocks <= 4 SMs: gridDim.y ok)
   const int64_t wanted = std::max<int64_t>(1, 4 * sm_count() / rows);
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, wanted));
   at::Tensor partial = at::empty({rows * blocks * k}, W.options().dtype(at::kDouble));
@@ -117,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> window_gram_cuda(const at::Tensor& W, at::Ten
     using TX = decltype(tx);
     VecPtrs<TX> ptrs;
     for (int j = 0; j < kMaxK; ++j) ptrs.p[j] = X[j < k ? j : 0].template data_ptr<TX>();
-    const dim3 grid(blocks, static_cast<unsigned>(rows));
+    const dim3 grid(static_cast<unsigned>(rows), blocks);
     dots_kernel<TW, TX><<<grid, kThreads, 0, stream>>>(
         static_cast<const TW*>(W.data_ptr()), ptrs, static_cast<int>(k), n,
         partial.data_ptr<double>());

@@ -435,6 +435,9 @@ def test_sync_free_ops_read_nothing_on_the_host(emu):
         "drsom_reduce": lambda: emu.drsom_reduce(gp, x0, V[:2], t, True),
         "drsom_update": lambda: emu.drsom_update(x, V[2], V[:2], alpha),
         "drsom_subproblem": lambda: emu.drsom_subproblem(Q, Gs, c, 1e-3, 1.0, 5.0),
+        "window_gram": lambda: emu.window_gram(torch.stack(V), [x, x0], 2, True),
+        "window_combine": lambda: emu.window_combine(gp, torch.stack(V), torch.ones(3).double(),
+                                                     3, x, torch.tensor(0.5).double()),
     }
     assert sorted(calls) == sorted(set(cuda_emu.op_names()) - {"kron_eigh", "kron_inverse_root"})
     for name, call in calls.items():
