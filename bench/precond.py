@@ -20,6 +20,8 @@ Optimizers (frequencies: --freqs, default 1 10 100):
   MFAC, GGT              soo_ext.MFAC / soo_ext.GGT(params, window=32), their other defaults
                          but GGT's betas (0.6, 1.0) (a window of 32 is short for beta1 0.9):
                          every step the same work (no update frequency)
+  NaturalGradient        soo_ext.NaturalGradient(model), its defaults: the batch's N x N
+                         Woodbury system every step (no update frequency)
   KFAC eigen / inverse   soo_ext.KFAC(model, lr=0.1, momentum=0.9, mode=...), factors every
                          step, inverses / eigendecompositions every F steps
   EKFAC                  soo_ext.EKFAC(model, lr=0.1, momentum=0.9), factors and scaling every
@@ -73,9 +75,9 @@ from . import common, train
 DEFAULTS = dict(cycle=100, rounds=3, freqs=[1, 10, 100])
 # the rest are peers
 OWN = ("SGD", "Adam", "MFAC", "GGT", "KFAC eigen", "KFAC inverse", "EKFAC", "Shampoo", "KBFGS",
-       "KBFGS(L)", "SOAP", "PSGDKron")
+       "KBFGS(L)", "SOAP", "PSGDKron", "NaturalGradient")
 # rows without an update frequency (nothing is refreshed: the window methods work every step)
-UNSCHEDULED = ("SGD", "Adam", "MFAC", "GGT")
+UNSCHEDULED = ("SGD", "Adam", "MFAC", "GGT", "NaturalGradient")
 WINDOW = 32  # of MFAC and GGT
 QUICK = dict(cycle=4, rounds=1, freqs=[1, 2])
 
@@ -188,7 +190,8 @@ def settings(freqs: list[int], batch_size: int, peers: dict[str, bool]) -> list[
            # beta1 0.6: at window 32 the default 0.9 leaves m's older part off the window's
            # span, amplified by 1 / eps (GGT warns; docs/ggt.md)
            ("GGT", None, lambda m: soo_ext.GGT(m.parameters(), window=WINDOW,
-                                               betas=(0.6, 1.0)), False)]
+                                               betas=(0.6, 1.0)), False),
+           ("NaturalGradient", None, lambda m: soo_ext.NaturalGradient(m), False)]
     for f in freqs:
         for mode in ("eigen", "inverse"):
             out.append((f"KFAC {mode}", f, lambda m, f=f, mode=mode: soo_ext.KFAC(

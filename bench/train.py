@@ -93,6 +93,8 @@ Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
                                                            lr 1e-4, 3e-4, 0.001     default 1e-3
   soo_ext.GGT         its defaults (window 100, betas (0.9, 1), eps 1e-4), minibatch
                                                            lr 1e-4, 3e-4, 0.001     default 1e-3
+  soo_ext.NaturalGradient  its defaults (damping 1e-2, momentum 0.9, one N x N Woodbury
+                      system for all layers), minibatch    lr 0.03, 0.1, 0.3        default 0.1
 Optional peers, run in the same process when their package is installed (otherwise skipped
 with a note), same models, data and budget:
   asdl.KFAC           ASDL's KfacGradientMaker (package asdfghjkl): curvature every step,
@@ -443,6 +445,9 @@ OPTIMIZERS = (
                   lambda params, lr, _: soo_ext.MFAC(params, lr=lr), default_lr=1e-3),
     OptimizerSpec("soo_ext.GGT", (1e-4, 3e-4, 1e-3), False,
                   lambda params, lr, _: soo_ext.GGT(params, lr=lr), default_lr=1e-3),
+    OptimizerSpec("soo_ext.NaturalGradient", (0.03, 0.1, 0.3), False,
+                  lambda params, lr, _, model: soo_ext.NaturalGradient(model, lr=lr),
+                  takes_model=True, default_lr=0.1),
     OptimizerSpec("kron_torch.Kron", (1e-3, 3e-3, 1e-2), False,
                   lambda params, lr, _: kron_torch_kron(params, lr), peer=True, default_lr=3e-4),
     OptimizerSpec("pytorch_optimizer.Kron", (1e-3, 3e-3, 1e-2), False,

@@ -7,7 +7,9 @@ from .curvature.lbfgs_history import LBFGSHistory
 from .ops import build_info
 from .optim import (BFGS, DRSOM, EKFAC, GGT, KBFGS, KFAC, LBFGS, MFAC, MLBFGS, SOAP, PSGDKron,
                     Shampoo)
+from .optim import NaturalGradient
 
 __all__ = ["BFGS", "DRSOM", "EKFAC", "GGT", "KBFGS", "KFAC", "LBFGS", "LBFGSHistory", "MFAC",
            "MLBFGS", "NonFiniteError", "PSGDKron", "RootFailureError", "SOAP", "Shampoo",
-           "build_info", "same_randomness", "ops", "reference", "__version__"]
+           "build_info", "same_randomness", "ops", "reference", "__version__",
+           "NaturalGradient"]

@@ -61,7 +61,8 @@ def run_backward_optimizer(rank, name: str, sync: bool = True):
         net = nn.parallel.DistributedDataParallel(model)
     if name.startswith("kfac"):  # kfac-<mode>[-replicated]
         opt = soo_ext.KFAC(net if sync else model, lr=0.1, mode=name.split("-")[1],
-                           inv_update_steps=2, spread_inverses=not name.endswith("replicated"))
+                           factor_update_steps=1, inv_update_steps=2,
+                           spread_inverses=not name.endswith("replicated"))
     elif name == "ekfac":  # the scaling's statistics averaged too (replicas equal); float64
         # statistics: float32 rounding, divided by the small entries of the scaling, is ~1e-6
         opt = soo_ext.EKFAC(net if sync else model, lr=0.1, inv_update_steps=2,
@@ -84,6 +85,10 @@ def run_backward_optimizer(rank, name: str, sync: bool = True):
     elif name in ("mfac", "ggt"):  # the window holds the averaged gradients: equal on every rank
         opt = (soo_ext.MFAC(net.parameters(), lr=1e-3, window=4, damping=1e-3) if name == "mfac"
                else soo_ext.GGT(net.parameters(), lr=1e-2, window=4, betas=(0.5, 1.0), eps=0.1))
+    elif name.startswith("natural_gradient"):  # natural_gradient[-per_layer]: the per-sample
+        # gradients gathered, every rank solves the whole batch's system (one process's step)
+        opt = soo_ext.NaturalGradient(net if sync else model, lr=0.1, damping=1e-2,
+                                      per_layer=name.endswith("per_layer"))
     else:
         opt = soo_ext.MLBFGS(net.parameters(), lr=0.05, update_freq=2)
     for step in range(STEPS):
@@ -100,7 +105,8 @@ def run_kfac_accumulating(rank):
     micro-batch i holds the i-th quarter of each rank's half, so both pool the same rows."""
     model = make_model()
     net = model if rank is None else nn.parallel.DistributedDataParallel(model)
-    opt = soo_ext.KFAC(net, lr=0.1, inv_update_steps=2, accumulation_steps=2)
+    opt = soo_ext.KFAC(net, lr=0.1, factor_update_steps=1, inv_update_steps=2,
+                       accumulation_steps=2)
     quarter = HALF // 2
     for step in range(STEPS):
         x, y = batch(step, rank)
@@ -118,6 +124,31 @@ def run_kfac_accumulating(rank):
                 (F.cross_entropy(net(xb), yb) / 2).backward()
         opt.step()
     return params_of(model)
+
+
+def run_kfac_automatic(rank):
+    """K-FAC's automatic refresh schedule with a fake clock per rank: a refresh costs 1 on
+    rank 0, 5 on rank 1, 3 in the single process (a step 1): the ranks average their measured
+    times, so every rank keeps the single process's interval (9) and the same steps."""
+    from soo_ext.curvature.refresh_schedule import RefreshSchedule
+    model = make_model()
+    net = model if rank is None else nn.parallel.DistributedDataParallel(model)
+    opt = soo_ext.KFAC(net, lr=0.1)
+    clock, cost = [0.0], {None: 3.0, 0: 1.0, 1: 5.0}[rank]
+
+    def timer():
+        glob = opt.state[opt.param_groups[0]["params"][0]]
+        clock[0] += 1.0 + (cost if RefreshSchedule.due(glob["refresh_schedule"], glob["step"])
+                           else 0.0)
+        return clock[0]
+    opt._schedule.timer = timer
+    for step in range(2 * STEPS):
+        x, y = batch(step % STEPS, rank)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    interval = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]["interval"]
+    return params_of(model) + [torch.tensor([float(interval)], dtype=torch.float64)]
 
 
 def resumed(opt, make):
@@ -193,11 +224,14 @@ RUNS = {
        for name in ("kfac-eigen", "kfac-inverse", "kfac-eigen-replicated", "shampoo",
                     "shampoo-spread", "mlbfgs")},
     "kfac-accumulating": (run_kfac_accumulating, {}),
+    "kfac-automatic": (run_kfac_automatic, {}),
     "ekfac": (run_backward_optimizer, {"name": "ekfac"}),
     "psgd_kron": (run_backward_optimizer, {"name": "psgd_kron"}),
     "soap": (run_backward_optimizer, {"name": "soap"}),
     "mfac": (run_backward_optimizer, {"name": "mfac"}),
     "ggt": (run_backward_optimizer, {"name": "ggt"}),
+    "natural_gradient": (run_backward_optimizer, {"name": "natural_gradient"}),
+    "natural_gradient-per_layer": (run_backward_optimizer, {"name": "natural_gradient-per_layer"}),
     "kbfgs": (run_kbfgs, {}),
     "kbfgs-lbfgs": (run_kbfgs, {"history_size": 3}),
     "lbfgs": (run_lbfgs, {}),
@@ -211,6 +245,7 @@ UNSYNCED = {  # the same runs without the averaging: the replicas must drift apa
     "lbfgs": (run_lbfgs, {"sync": False}),
     "drsom-fd": (run_drsom, {"hvp": "fd", "sync": False}),
     "kbfgs": (run_kbfgs, {"sync": False}),
+    "natural_gradient": (run_backward_optimizer, {"name": "natural_gradient", "sync": False}),
 }
 
 
@@ -226,7 +261,8 @@ def dtensor_refusals() -> dict[str, str]:
     makers = {"LBFGS": lambda: soo_ext.LBFGS([p]), "BFGS": lambda: soo_ext.BFGS([p]),
               "MLBFGS": lambda: soo_ext.MLBFGS([p]), "DRSOM": lambda: soo_ext.DRSOM([p]),
               "Shampoo": lambda: soo_ext.Shampoo([p]), "KFAC": lambda: soo_ext.KFAC(model),
-              "MFAC": lambda: soo_ext.MFAC([p]), "GGT": lambda: soo_ext.GGT([p])}
+              "MFAC": lambda: soo_ext.MFAC([p]), "GGT": lambda: soo_ext.GGT([p]),
+              "NaturalGradient": lambda: soo_ext.NaturalGradient(model)}
     out = {}
     for name, make in makers.items():
         try:

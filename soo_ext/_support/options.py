@@ -71,13 +71,16 @@ class Number(Spec):
 
 
 class Int(Spec):
-    """An int (not a bool) in ``[low, high]``."""
+    """An int (not a bool) in ``[low, high]``; ``none``: None is accepted too."""
 
-    def __init__(self, low: int = 1, high: int | None = None) -> None:
-        self.low, self.high = low, high
-        self.requirement = f"an int >= {low}" + (f" and <= {high}" if high is not None else "")
+    def __init__(self, low: int = 1, high: int | None = None, *, none: bool = False) -> None:
+        self.low, self.high, self.none = low, high, none
+        self.requirement = (f"an int >= {low}" + (f" and <= {high}" if high is not None else "")
+                            + (" or None" if none else ""))
 
     def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.none
         return (isinstance(value, Integral) and not isinstance(value, bool) and value >= self.low
                 and (self.high is None or value <= self.high))
 

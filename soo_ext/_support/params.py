@@ -86,12 +86,16 @@ def load_state_dict_uncast(optimizer: Optimizer, state_dict: dict,
     """``Optimizer.load_state_dict`` for ``optimizer``, except the per-param state entries named
     in ``keys``: it would cast every floating tensor to the param's dtype/device (and an int64
     counter to float), so these go around it and are returned, as saved, by param, for the
-    caller to store."""
+    caller to store.  A saved param group without an option added since takes its default."""
     state_dict = dict(state_dict)
     state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
     kept = {k: {key: v.pop(key) for key in keys if key in v}
             for k, v in state_dict["state"].items()}
     saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    options = [set(group) - {"params"} for group in optimizer.param_groups]
     Optimizer.load_state_dict(optimizer, state_dict)
+    for group, keys in zip(optimizer.param_groups, options):  # options added since: defaults
+        for key in keys - set(group):
+            group[key] = optimizer.defaults[key]
     by_id = dict(zip(saved_ids, (p for group in optimizer.param_groups for p in group["params"])))
     return {by_id[k]: entries for k, entries in kept.items()}

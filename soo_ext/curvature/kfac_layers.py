@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 __all__ = ["KFACLayer", "LayerCapture", "compiled_inner", "find_layers", "skip_patterns"]
 
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
 
 
 class KFACLayer:
@@ -31,8 +31,11 @@ class KFACLayer:
         self.spatial = 1 if isinstance(module, nn.Conv1d) else 2 if isinstance(module, nn.Conv2d) \
             else 0
         self.conv = self.spatial > 0
-        self.weight: Tensor = module.weight
-        self.bias: Tensor | None = module.bias
+        # an nn.MultiheadAttention: its in-projection, a Linear [3E, E] on the self-attention's
+        # input (see _mha_forward)
+        self.mha = isinstance(module, nn.MultiheadAttention)
+        self.weight: Tensor = module.in_proj_weight if self.mha else module.weight
+        self.bias: Tensor | None = module.in_proj_bias if self.mha else module.bias
         self.out = self.weight.shape[0]
         self.fan_in = self.weight[0].numel()  # in_features, or C kh kw (C k for a Conv1d)
         self.a_dim = self.fan_in + (self.bias is not None)
@@ -130,7 +133,9 @@ def compiled_inner(model: nn.Module) -> nn.Module:
 
 
 def _weight_bias(module: nn.Module) -> dict[str, Tensor]:
-    return {n: p for n in ("weight", "bias") if (p := getattr(module, n, None)) is not None}
+    names = ("in_proj_weight", "in_proj_bias") if isinstance(module, nn.MultiheadAttention) \
+        else ("weight", "bias")
+    return {n: p for n in names if (p := getattr(module, n, None)) is not None}
 
 
 def _left_out(name: str, module: nn.Module, group_of: dict[int, int],
@@ -140,6 +145,8 @@ def _left_out(name: str, module: nn.Module, group_of: dict[int, int],
         return "module type not supported"
     if getattr(module, "groups", 1) != 1:
         return f"grouped convolution (groups={module.groups})"
+    if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+        return "separate query/key/value projections (kdim or vdim != embed_dim)"
     params = _weight_bias(module)
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in params.values()):
         return "lazy module not materialised when the optimizer was built (build the optimizer " \
@@ -155,14 +162,15 @@ def _left_out(name: str, module: nn.Module, group_of: dict[int, int],
 
 
 def find_layers(model: nn.Module, group_of: dict[int, int], patterns: tuple[re.Pattern, ...],
-                warn: bool = True, *, owner: str = "KFAC", stacklevel: int = 4
-                ) -> list[KFACLayer]:
+                warn: bool = True, *, owner: str = "KFAC", stacklevel: int = 4,
+                step: str = "plain SGD step") -> list[KFACLayer]:
     """The layers K-FAC preconditions: every nn.Linear, nn.Conv1d and nn.Conv2d
     (``groups == 1``) of ``model``, materialised, not matched by a skip pattern (module name or
     class name, full match), whose params are all in one param group (``group_of``: id ->
     group) and not tied to another such layer.  ``warn``: one UserWarning naming every module
     whose trainable params of the optimizer take the plain step instead, and why, in the name
-    of ``owner`` (the optimizer), at ``stacklevel`` (4: the caller of the caller of this)."""
+    of ``owner`` (the optimizer), at ``stacklevel`` (4: the caller of the caller of this);
+    ``step``: the words for the step they take."""
     candidates, why = [], {}
     for name, module in model.named_modules():
         reason = _left_out(name, module, group_of, patterns)
@@ -170,6 +178,12 @@ def find_layers(model: nn.Module, group_of: dict[int, int], patterns: tuple[re.P
             candidates.append((name, module))
         else:
             why[name] = reason
+    # an attention's out_proj is called by the attention's re-expressed forward only
+    orphans = {id(m.out_proj): n for n, m in model.named_modules()
+               if isinstance(m, nn.MultiheadAttention) and n in why}
+    for name, module in [c for c in candidates if id(c[1]) in orphans]:
+        candidates.remove((name, module))
+        why[name] = f"out_proj of the MultiheadAttention {orphans[id(module)]!r} left out"
     owners: dict[int, list[str]] = {}
     for name, module in candidates:
         for p in _weight_bias(module).values():
@@ -183,12 +197,13 @@ def find_layers(model: nn.Module, group_of: dict[int, int], patterns: tuple[re.P
         else:
             layers.append(KFACLayer(name, module, len(layers)))
     if warn:
-        _warn_left_out(model, group_of, layers, why, owner, stacklevel)
+        _warn_left_out(model, group_of, layers, why, owner, stacklevel, step)
     return layers
 
 
 def _warn_left_out(model: nn.Module, group_of: dict[int, int], layers: list[KFACLayer],
-                   why: dict[str, str], owner: str, stacklevel: int) -> None:
+                   why: dict[str, str], owner: str, stacklevel: int,
+                   step: str = "plain SGD step") -> None:
     """One UserWarning listing each module with trainable params of the optimizer that are not
     preconditioned (they take the plain step), with the reason; nothing if there is none."""
     hooked = {id(l.module): l for l in layers}
@@ -209,8 +224,9 @@ def _warn_left_out(model: nn.Module, group_of: dict[int, int], layers: list[KFAC
                      f"{', '.join(plain)}): {reason}")
     if lines:
         warnings.warn(f"{owner}: the trainable params of these modules are not preconditioned "
-                      "and take the plain SGD step (K-FAC preconditions nn.Linear, nn.Conv1d and "
-                      "nn.Conv2d with groups=1, see docs/kfac.md):\n" + "\n".join(lines),
+                      f"and take the {step} (K-FAC preconditions nn.Linear, nn.Conv1d and "
+                      "nn.Conv2d with groups=1, and nn.MultiheadAttention's in-projection, see "
+                      "docs/kfac.md):\n" + "\n".join(lines),
                       UserWarning, stacklevel=stacklevel)
 
 
@@ -235,8 +251,10 @@ class _CapturingForward:
         self.__wrapped__ = inner  # inspect.signature
 
     def __call__(self, *args, **kwargs):
-        output = self.inner(*args, **kwargs)
         capture = self.capture_ref()
+        if self.layer.mha and capture is not None and capture.wants(self.layer):
+            return _mha_forward(capture, self.layer, args, kwargs)
+        output = self.inner(*args, **kwargs)
         if capture is not None:
             capture.forward_done(self.layer, args, kwargs, output)
         return output
@@ -256,6 +274,50 @@ _register_capture = torch.compiler.disable(
     _register_capture, reason="KFAC captures each layer's statistics in a Python hook on its "
     "output (a graph break per layer at the steps that update the factors): compile without "
     "fullgraph=True")
+
+
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")
+_MHA_DEFAULTS = dict(key_padding_mask=None, need_weights=True, attn_mask=None,
+                     average_attn_weights=True, is_causal=False)
+
+
+def _mha_forward(capture: "LayerCapture", layer: KFACLayer, args: tuple, kwargs: dict):
+    """nn.MultiheadAttention's forward (training, self-attention) with its in-projection
+    re-expressed: ``qkv = F.linear(x, in_proj_weight, in_proj_bias)`` on the input ``x`` (whose
+    output gradient is captured: a Linear ``[3E, E]``), then F.multi_head_attention_forward on
+    ``qkv``'s thirds with identity projections (exact: ``x 1 + 0``) and the output projection
+    by ``out_proj``'s own forward on the input's layout (captured as a Linear: batch-first
+    rows, dim 0 the samples, as for the in-projection).  The same values as the module's
+    forward; RuntimeError for distinct query/key/value (cross-attention)."""
+    m, a = layer.module, {**_MHA_DEFAULTS, **dict(zip(_MHA_ARGS, args)), **kwargs}
+    x = a["query"]
+    if not (x is a["key"] and x is a["value"]):
+        raise RuntimeError(
+            f"{capture.owner}: nn.MultiheadAttention {layer.name!r} was called with distinct "
+            "query, key and value; K-FAC preconditions the in-projection of self-attention "
+            f"(query is key is value) only: pass skip_layers=[{layer.name!r}] to leave it out")
+    mask = a["attn_mask"]
+    key_padding_mask = F._canonical_mask(
+        mask=a["key_padding_mask"], mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(mask), other_name="attn_mask", target_type=x.dtype)
+    mask = F._canonical_mask(mask=mask, mask_name="attn_mask", other_type=None, other_name="",
+                             target_type=x.dtype, check_other=False)
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias)
+    if qkv.requires_grad:
+        _register_capture(capture, layer, x, qkv)
+    q, k, v = qkv.chunk(3, -1)
+    first = m.batch_first and x.dim() == 3
+    if first:
+        q, k, v = (t.transpose(1, 0) for t in (q, k, v))
+    eye = torch.eye(m.embed_dim, dtype=qkv.dtype, device=qkv.device)
+    out, weights = F.multi_head_attention_forward(
+        q, k, v, m.embed_dim, m.num_heads, None, None, m.bias_k, m.bias_v, m.add_zero_attn,
+        m.dropout, eye, None, training=m.training, key_padding_mask=key_padding_mask,
+        need_weights=a["need_weights"], attn_mask=mask, use_separate_proj_weight=True,
+        q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+        average_attn_weights=a["average_attn_weights"], is_causal=a["is_causal"])
+    return m.out_proj(out.transpose(1, 0) if first else out), weights  # in the input's layout
 
 
 def _unhook(wrappers: list[_CapturingForward]) -> None:
@@ -378,6 +440,10 @@ class LayerCapture:
                 return None
             return s._get_scale_async()  # a device tensor (None before the first scale())
         return s()
+
+    def wants(self, layer: KFACLayer) -> bool:
+        """Whether a forward of ``layer`` now is captured."""
+        return self.active and self.due and layer.module.training and torch.is_grad_enabled()
 
     def forward_done(self, layer: KFACLayer, args: tuple, kwargs: dict, output) -> None:
         """After a forward of ``layer``: register the capture on its output if due."""

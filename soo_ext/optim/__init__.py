@@ -8,9 +8,10 @@ from .kfac import KFAC
 from .lbfgs import LBFGS
 from .mfac import MFAC
 from .mlbfgs import MLBFGS
+from .natural_gradient import NaturalGradient
 from .psgd_kron import PSGDKron
 from .shampoo import Shampoo
 from .soap import SOAP
 
 __all__ = ["BFGS", "DRSOM", "EKFAC", "GGT", "KBFGS", "KFAC", "LBFGS", "MFAC", "MLBFGS",
-           "PSGDKron", "SOAP", "Shampoo"]
+           "NaturalGradient", "PSGDKron", "SOAP", "Shampoo"]

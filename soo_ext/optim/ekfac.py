@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .._support.options import Int, Number, OptionSpecs
+from ..curvature.first_order_fallback import PER_GROUP as FALLBACK_GROUP
 from ..curvature.kfac_factors import EigenCorrectedFactors
 from .kfac import KFAC, OPTIONS as KFAC_OPTIONS, kfac_init
 
@@ -14,7 +15,7 @@ __all__ = ["EKFAC"]
 OPTIONS = OptionSpecs(
     {**{k: v for k, v in KFAC_OPTIONS.specs.items() if k != "mode"},
      "scale_update_steps": Int(1), "scale_decay": Number(0, 1)},
-    per_group=("lr", "momentum", "weight_decay"))
+    per_group=("lr", "momentum", "weight_decay") + FALLBACK_GROUP)
 
 
 class EKFAC(KFAC):
@@ -42,7 +43,9 @@ class EKFAC(KFAC):
         factor_update_steps, inv_update_steps, scale_update_steps: steps between factor
             updates, between eigendecompositions and between scaling updates (1, 10, 1).
         skip_layers, on_nonfinite, factor_dtype, accumulation_steps, batch_averaged,
-            grad_scaler, params, process_group, spread_inverses: as in :class:`soo_ext.KFAC`.
+            grad_scaler, params, process_group, spread_inverses, refresh_budget,
+            refresh_timer, fallback, fallback_lr, fallback_betas, fallback_eps: as in
+            :class:`soo_ext.KFAC` (None intervals: automatic).
 
     Example::
 
@@ -62,7 +65,9 @@ class EKFAC(KFAC):
                  scale_update_steps: int = 1, *, skip_layers=None, on_nonfinite: str = "skip",
                  factor_dtype: torch.dtype = torch.float32, accumulation_steps: int = 1,
                  batch_averaged: bool = True, grad_scaler=None, params=None,
-                 process_group=None, spread_inverses: bool = True) -> None:
+                 process_group=None, spread_inverses: bool = True,
+                 refresh_budget: float | None = 0.25, refresh_timer=None, fallback: str = "sgd",
+                 fallback_lr=None, fallback_betas=(0.9, 0.999), fallback_eps=1e-8) -> None:
         kfac_init(self, locals())
 
     def _mode(self, o: dict) -> str:

@@ -18,7 +18,11 @@ from .._support.params import (add_param_group_checked, all_params, check_dense_
 from ..curvature.kfac_factors import (COUNTER_KEYS, EigenFactors, FactorStore, InverseFactors,
                                       KFACFactors, KFACLayout, LayerGradients, load_views,
                                       preconditioned_directions)
+from ..curvature.first_order_fallback import (OPTIONS as FALLBACK, PER_GROUP as FALLBACK_GROUP,
+                                              UNCAST as FALLBACK_UNCAST, adamw_fallback_,
+                                              fallback_params, restore_uncast, sgd_lr)
 from ..curvature.kfac_layers import LayerCapture, compiled_inner, find_layers, skip_patterns
+from ..curvature.refresh_schedule import RefreshSchedule
 
 __all__ = ["KFAC"]
 
@@ -27,14 +31,16 @@ OPTIONS = OptionSpecs({
     "weight_decay": Number(0, high_open=True),
     "damping": Number(0, low_open=True, high_open=True), "factor_decay": Number(0, 1),
     "kl_clip": Number(0, low_open=True, high_open=True, none=True),
-    "factor_update_steps": Int(1), "inv_update_steps": Int(1), "accumulation_steps": Int(1),
+    "factor_update_steps": Int(1, none=True), "inv_update_steps": Int(1, none=True),
+    "refresh_budget": Number(0, 1, low_open=True, high_open=True, none=True),
+    "accumulation_steps": Int(1),
     "mode": OneOf("eigen", "inverse"), "factor_dtype": OneOf(torch.float32, torch.float64),
     "on_nonfinite": OneOf("raise", "skip"), "batch_averaged": Bool(), "spread_inverses": Bool(),
-}, per_group=("lr", "momentum", "weight_decay"))
+    **FALLBACK}, per_group=("lr", "momentum", "weight_decay") + FALLBACK_GROUP)
 # Per-layer state entries that are views of the factors: Optimizer.load_state_dict must not cast
 # them (float64 factors with float32 params), they are copied into the buckets instead.
 _VIEW_KEYS = ("A", "G") + EigenFactors.KEYS + InverseFactors.KEYS + COUNTER_KEYS
-_UNCAST = _VIEW_KEYS + ("nonfinite_steps",)
+_UNCAST = _VIEW_KEYS + ("nonfinite_steps",) + FALLBACK_UNCAST
 
 
 class KFAC(Optimizer):
@@ -46,7 +52,7 @@ class KFAC(Optimizer):
     params are optimised here (in one group, not tied) is preconditioned by
     ``(A ⊗ G + damping)^{-1}`` from running averages of its activation and output-gradient
     statistics, captured by hooks; the direction is KL-clipped and taken by SGD with momentum;
-    the other params take exactly ``torch.optim.SGD``'s step (a warning names their modules).
+    the other params take the ``fallback`` step, SGD's or AdamW's (a warning names them).
     Factors of one size share one bucket (one op call per size). Gradient accumulation, AMP
     (``grad_scaler=``), data parallelism (DDP: statistics averaged, decompositions spread over
     the ranks), non-finite steps skipped on the device: see docs/kfac.md for all of it.
@@ -58,7 +64,7 @@ class KFAC(Optimizer):
         factor_decay: running-average decay of the factors (default 0.95).
         kl_clip: kappa of the KL clip, or None (default 1e-3).
         factor_update_steps, inv_update_steps: steps between factor updates and between
-            decompositions (default 1 and 1).
+            decompositions; None (default): automatic, ``refresh_budget``/``refresh_timer``.
         mode: ``'eigen'`` (default) or ``'inverse'``.
         skip_layers: module or class names (regexes, full match) not to precondition.
         on_nonfinite: ``'skip'`` (default) or ``'raise'``.
@@ -69,6 +75,7 @@ class KFAC(Optimizer):
         params: the params to optimise (default: all of ``model``'s).
         process_group: data-parallel ranks (default: a DDP ``model``'s group).
         spread_inverses: spread the decompositions over the ranks (default True).
+        fallback: the others' step, ``'sgd'`` (default) or ``'adamw'``; ``fallback_lr`` etc.: docs.
 
     Example::
 
@@ -82,11 +89,13 @@ class KFAC(Optimizer):
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, damping: float = 1e-3, factor_decay: float = 0.95,
-                 kl_clip: float | None = 1e-3, factor_update_steps: int = 1,
-                 inv_update_steps: int = 1, mode: str = "eigen", *, skip_layers=None,
+                 kl_clip: float | None = 1e-3, factor_update_steps: int | None = None,
+                 inv_update_steps: int | None = None, mode: str = "eigen", *, skip_layers=None,
                  on_nonfinite: str = "skip", factor_dtype: torch.dtype = torch.float32,
                  accumulation_steps: int = 1, batch_averaged: bool = True, grad_scaler=None,
-                 params=None, process_group=None, spread_inverses: bool = True) -> None:
+                 params=None, process_group=None, spread_inverses: bool = True,
+                 refresh_budget: float | None = 0.25, refresh_timer=None, fallback: str = "sgd",
+                 fallback_lr=None, fallback_betas=(0.9, 0.999), fallback_eps=1e-8) -> None:
         kfac_init(self, locals())
 
     @property
@@ -115,7 +124,7 @@ class KFAC(Optimizer):
                         "or copied; save state_dict() instead")
 
     def load_state_dict(self, state_dict: dict) -> None:
-        kept = load_state_dict_uncast(self, state_dict, self._UNCAST)
+        restore_uncast(kept := load_state_dict_uncast(self, state_dict, self._UNCAST), self.state)
         self._store.factors = None  # fresh factors with the loaded options
         try:
             self._OPTIONS.check_groups(self.param_groups)
@@ -140,7 +149,7 @@ class KFAC(Optimizer):
         k = glob["step"]
         self._skips.watch(glob["nonfinite_steps"])
         captured = self._capture.active and self._statistics_due(k)
-        factor_step = captured and k % o["factor_update_steps"] == 0
+        factor_step = captured and _refresh_due(self, "factor_update_steps", k)
         with_grads = [l for l in self._layers if l.has_grads()] if factors else []
         self._capture.check(captured, bool(with_grads))
         grads = LayerGradients(
@@ -157,7 +166,7 @@ class KFAC(Optimizer):
         if factors is not None:
             if factor_step:
                 factors.commit(o["factor_decay"], ok)
-            if k % o["inv_update_steps"] == 0:
+            if _refresh_due(self, "inv_update_steps", k):
                 spread = self._process_group if o["spread_inverses"] else None
                 factors.refresh(o["damping"], ok, spread)
             if captured:
@@ -165,9 +174,8 @@ class KFAC(Optimizer):
         directions = preconditioned_directions(
             factors, grads, o["damping"], o["kl_clip"],
             lambda l: self.param_groups[group_of[id(l.weight)]]["lr"]) if grads.active else []
-        directions += _sgd_directions(
-            plain, [self.param_groups[group_of[id(p)]]["weight_decay"] for p in plain], guard)
-        _sgd_momentum_(self.param_groups, self.state, group_of, directions, ok)
+        _momentum_and_fallback_(self, directions, plain, group_of, guard, ok)
+        _refresh_timed(self, glob, k, params[0].device)
         glob["step"] = k + 1
         for l in self._layers if factor_step else []:
             if l.captures:
@@ -181,7 +189,7 @@ class KFAC(Optimizer):
 
     def _statistics_due(self, k: int) -> bool:
         """Whether the layers' statistics are captured for step ``k``."""
-        return k % self.param_groups[0]["factor_update_steps"] == 0
+        return _refresh_due(self, "factor_update_steps", k)
 
     def _statistics_captured(self, factors: KFACFactors, k: int, ok: Tensor | None) -> None:
         """After the factors' commit and refresh at a step ``k`` with captured statistics: K-FAC
@@ -249,13 +257,51 @@ def kfac_init(opt: KFAC, args: dict) -> None:
     params = args["params"]
     Optimizer.__init__(opt, model.parameters() if params is None else params, defaults)
     opt._layers = find_layers(model, group_index(opt), patterns, owner=type(opt).__name__,
-                              stacklevel=5)  # the caller of KFAC.__init__ (or a subclass's)
+                              stacklevel=5,  # the caller of KFAC.__init__ (or a subclass's)
+                              step=f"fallback step ({args['fallback']})")
     opt._store = FactorStore(KFACLayout(opt._layers), type(opt).__name__)
     opt._capture = LayerCapture(opt._layers, opt._store.get, args["grad_scaler"],
                                 type(opt).__name__)
     opt._in_state = None  # the KFACFactors whose views the state holds
     opt._skips = SkipWarner(type(opt).__name__)
+    opt._schedule = RefreshSchedule(f"{type(opt).__name__} factors and decompositions",
+                                    timer=args["refresh_timer"])
     opt._between_steps()
+
+
+def _refresh_due(opt: KFAC, option: str, k: int) -> bool:
+    """Whether step ``k`` updates the factors (``option='factor_update_steps'``) or decomposes
+    them (``'inv_update_steps'``): every ``option`` steps, or automatic when it is None
+    (:class:`~soo_ext.curvature.refresh_schedule.RefreshSchedule`)."""
+    every = opt.param_groups[0][option]
+    if every is not None:
+        return k % every == 0
+    first = opt.param_groups[0]["params"]
+    record = _refresh_record(opt, opt.state.get(first[0], {}) if first else {}, create=False)
+    return record is None or RefreshSchedule.due(record, k)
+
+
+def _refresh_record(opt: KFAC, glob: dict, create: bool = True) -> dict | None:
+    """The automatic schedule's record in the global state ``glob`` (a fresh one if there is
+    none; ``create``: stored there), None when the schedule is off."""
+    o = opt.param_groups[0]
+    if o["refresh_budget"] is None or (o["factor_update_steps"] is not None
+                                       and o["inv_update_steps"] is not None):
+        return None
+    opt._schedule.budget = o["refresh_budget"]
+    record = glob.get("refresh_schedule")
+    if record is None:
+        record = RefreshSchedule.new_record()
+        if create:
+            glob["refresh_schedule"] = record
+    return record
+
+
+def _refresh_timed(opt: KFAC, glob: dict, k: int, device: torch.device) -> None:
+    """At the end of step ``k``: the automatic schedule's clock reading (if it is on)."""
+    record = _refresh_record(opt, glob)
+    if record is not None:
+        opt._schedule.after_step(record, k, device, opt._process_group)
 
 
 def _sgd_directions(params: list[Tensor], weight_decays: list[float],
@@ -281,8 +327,22 @@ def _sgd_directions(params: list[Tensor], weight_decays: list[float],
     return out
 
 
+def _momentum_and_fallback_(opt: KFAC, directions: list[tuple[Tensor, Tensor]],
+                            plain: list[Tensor], group_of: dict[int, int],
+                            guard: SkipGuard | None, ok: Tensor | None) -> None:
+    """SGD with momentum along the preconditioned ``directions``; the fallback step of the
+    left-out params ``plain`` (``fallback``: SGD with momentum at ``fallback_lr`` or AdamW)."""
+    groups = opt.param_groups
+    sgd, adamw = fallback_params(plain, groups[0])
+    _sgd_momentum_(groups, opt.state, group_of, directions, ok)
+    _sgd_momentum_(groups, opt.state, group_of, _sgd_directions(
+        sgd, [groups[group_of[id(p)]]["weight_decay"] for p in sgd], guard), ok, sgd_lr)
+    adamw_fallback_(groups, opt.state, group_of, adamw, ok)
+
+
 def _sgd_momentum_(groups: list[dict], state: dict, group_of: dict[int, int],
-                   directions: list[tuple[Tensor, Tensor]], ok: Tensor | None) -> None:
+                   directions: list[tuple[Tensor, Tensor]], ok: Tensor | None,
+                   lr_of: Callable[[dict], float] = lambda g: g["lr"]) -> None:
     """``buf <- m buf + d``, ``p <- p - lr buf`` per param group, as torch.optim.SGD's foreach
     path; masked by ``ok`` (nothing changes where it is False)."""
     by_group: dict[int, tuple[list, list]] = {}
@@ -291,7 +351,7 @@ def _sgd_momentum_(groups: list[dict], state: dict, group_of: dict[int, int],
         ps.append(p)
         ds.append(d)
     for gi, (ps, ds) in by_group.items():
-        m, lr = groups[gi]["momentum"], groups[gi]["lr"]
+        m, lr = groups[gi]["momentum"], lr_of(groups[gi])
         if m != 0:
             bufs = []
             for p in ps:

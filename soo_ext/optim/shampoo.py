@@ -13,6 +13,7 @@ from .._support.guard import SkipGuard
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs, Spec
 from .._support.params import all_params
 from ..curvature.grafting import SGDGrafting, make_grafting
+from ..curvature.refresh_schedule import RefreshSchedule
 from ..curvature.shampoo_blocks import ShampooBlocking
 from ..curvature.shampoo_roots import ShampooRoots
 from .laid_out import LaidOutOptimizer
@@ -35,7 +36,8 @@ OPTIONS = OptionSpecs({
     "lr": Number(0, high_open=True), "betas": _Betas(),
     "epsilon": Number(0, low_open=True, high_open=True), "weight_decay": Number(0, high_open=True),
     "decoupled_weight_decay": Bool(), "max_preconditioner_dim": Int(1), "merge_dims": Bool(),
-    "precondition_1d": Bool(), "precondition_frequency": Int(1),
+    "precondition_1d": Bool(), "precondition_frequency": Int(1, none=True),
+    "refresh_budget": Number(0, 1, low_open=True, high_open=True, none=True),
     "start_preconditioning_step": Int(1), "grafting": OneOf("sgd", "adagrad", "adam", None),
     "grafting_epsilon": Number(0, low_open=True, high_open=True),
     "grafting_beta2": Number(0, 1, low_open=True, high_open=True),
@@ -72,7 +74,9 @@ class Shampoo(LaidOutOptimizer):
         weight_decay, decoupled_weight_decay: (default: 0, True: AdamW style; False: L2).
         max_preconditioner_dim: merging bound and block size (default: 1024).
         merge_dims, precondition_1d: (default: True, False).
-        precondition_frequency, start_preconditioning_step: (default: 10, 10).
+        precondition_frequency, start_preconditioning_step: (default: None: automatic, 10).
+        refresh_budget: the most the automatic root updates may take of the training time
+            (default 0.25; None: every 10 steps). ``refresh_timer``: its clock.
         grafting: ``'adam'`` (default), ``'adagrad'``, ``'sgd'`` or None.
         grafting_epsilon, grafting_beta2: (default: 1e-8, 0.999).
         root_method: ``'eigh'`` (default) or ``'newton'``.
@@ -95,22 +99,25 @@ class Shampoo(LaidOutOptimizer):
                  epsilon: float = 1e-12, weight_decay: float = 0.0, *,
                  decoupled_weight_decay: bool = True, max_preconditioner_dim: int = 1024,
                  merge_dims: bool = True, precondition_1d: bool = False,
-                 precondition_frequency: int = 10, start_preconditioning_step: int = 10,
+                 precondition_frequency: int | None = None,
+                 start_preconditioning_step: int = 10, refresh_budget: float | None = 0.25,
                  grafting: str | None = "adam", grafting_epsilon: float = 1e-8,
                  grafting_beta2: float = 0.999, root_method: str = "eigh",
                  factor_dtype: torch.dtype = torch.float32, max_root_failures: int = 5,
-                 on_nonfinite: str = "skip", process_group=None) -> None:
+                 on_nonfinite: str = "skip", process_group=None, refresh_timer=None) -> None:
         defaults = {"lr": lr, "betas": betas, "epsilon": epsilon, "weight_decay": weight_decay,
                     "decoupled_weight_decay": decoupled_weight_decay,
                     "max_preconditioner_dim": max_preconditioner_dim, "merge_dims": merge_dims,
                     "precondition_1d": precondition_1d,
                     "precondition_frequency": precondition_frequency,
+                    "refresh_budget": refresh_budget,
                     "start_preconditioning_step": start_preconditioning_step,
                     "grafting": grafting, "grafting_epsilon": grafting_epsilon,
                     "grafting_beta2": grafting_beta2, "root_method": root_method,
                     "factor_dtype": factor_dtype, "max_root_failures": max_root_failures,
                     "on_nonfinite": on_nonfinite}
         self._process_group = check_process_group(process_group)
+        self._schedule = RefreshSchedule("Shampoo roots", timer=refresh_timer)
         # self._run: (layout options, blocking, roots, grafting)
         super().__init__(params, defaults)
 
@@ -118,6 +125,7 @@ class Shampoo(LaidOutOptimizer):
         super().__setstate__(state)
         # load_state_dict comes here too: it keeps the group; a copy or unpickling has none
         self.__dict__.setdefault("_process_group", None)
+        self.__dict__.setdefault("_schedule", RefreshSchedule("Shampoo roots"))
 
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
@@ -148,8 +156,8 @@ class Shampoo(LaidOutOptimizer):
         taken = (k - gstate["nonfinite_steps"]).clamp_min(1).to(torch.float64)
         stacked = roots.update(geff, guard, tuple(g["betas"][1] for g in groups), present)
         gstate["step"] = k
-        start = o["start_preconditioning_step"]
-        if k >= start and (k - start) % o["precondition_frequency"] == 0:
+        start, record = o["start_preconditioning_step"], self._refresh_record(gstate)
+        if k >= start and _roots_due(o, k - start, record):
             roots.update_roots(guard, o["epsilon"], o["root_method"], o["max_root_failures"],
                                gstate, k, self._process_group)
         graft_states = ([self.state[P.p][grafting.state_key] for P in blocking.params]
@@ -165,7 +173,19 @@ class Shampoo(LaidOutOptimizer):
                 _momentum_step_(group, o["decoupled_weight_decay"], self.state,
                                 [blocking.params[i].p for i in members],
                                 [dirs[i] for i in members], guard, okf, taken)
+        if record is not None and k >= start:
+            self._schedule.after_step(record, k - start, blocking.params[0].p.device,
+                                      self._process_group)
         return loss
+
+    def _refresh_record(self, gstate: dict) -> dict | None:
+        """The automatic schedule's record (in the state), None when it is off."""
+        o = self.param_groups[0]
+        if o["precondition_frequency"] is not None or o["refresh_budget"] is None:
+            return None
+        self._schedule.budget = o["refresh_budget"]
+        return gstate.setdefault("refresh_schedule",
+                                 {**RefreshSchedule.new_record(), "sizes": self._sizes})
 
     def _prepare(self) -> tuple[ShampooBlocking, ShampooRoots, SGDGrafting]:
         """The blocking, roots and grafting of the run, built at the first step and whenever a
@@ -219,8 +239,24 @@ class Shampoo(LaidOutOptimizer):
             counter = gstate.get(name)
             gstate[name] = (torch.zeros((), dtype=torch.int64, device=p0.device) if counter is None
                             else counter.to(p0.device))
+        record = gstate.get("refresh_schedule")  # the automatic schedule's: new sizes, measure
+        sizes = [d for P in blocking.params for d in (*P.p.shape, -1)] + [int(o[k]) for k in (
+            "max_preconditioner_dim", "merge_dims", "precondition_1d")]
+        if record is not None and record.get("sizes") != sizes:
+            record["sizes"] = sizes
+            self._schedule.restart(record, max(gstate["step"] - o["start_preconditioning_step"], 0))
+        self._sizes = sizes
         self._run = (key, blocking, roots, grafting)
         return blocking, roots, grafting
+
+
+def _roots_due(o: dict, n: int, record: dict | None) -> bool:
+    """Whether the roots are updated ``n`` steps after ``start_preconditioning_step`` (options
+    ``o``): every ``precondition_frequency`` steps, or automatic (``record``: the schedule's)."""
+    if record is not None:
+        return RefreshSchedule.due(record, n)
+    every = o["precondition_frequency"]
+    return n % (10 if every is None else every) == 0
 
 
 def _momentum_step_(group: dict, decoupled: bool, state: dict, params: list[Tensor],

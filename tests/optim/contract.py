@@ -905,6 +905,22 @@ def ekfac(name, dtype, factor_dtype, poisons=("grad-nan", "grad-inf")):
         state_check=ekfac_layer_state, invalid=EKFAC_INVALID)
 
 
+def kfac_adamw_fallback(name, dtype):
+    """KFAC's row with its Linear left out (skip_layers) to the AdamW fallback step."""
+    from dataclasses import replace
+    base = kfac(name, dtype, "eigen", dtype)
+
+    def state_check(opt, model):
+        conv, linear = model.net[0], model.net[3]
+        assert {"A", "G", "factor_updates", "momentum_buffer"} <= set(opt.state[conv.weight])
+        assert {"exp_avg", "exp_avg_sq", "fallback_step"} <= set(opt.state[linear.weight])
+        assert "momentum_buffer" not in opt.state[linear.weight]
+
+    return replace(base, kwargs={**base.kwargs, "skip_layers": ["net.3"], "fallback": "adamw",
+                                 "fallback_lr": 1e-2},
+                   added_param_is_sgd=False, state_check=state_check)
+
+
 def window_optimizer(name, cls, dtype, **kwargs):
     """MFAC and GGT: a window of 4 (it wraps within the resume run)."""
     return OptimizerCase(
@@ -924,6 +940,45 @@ def window_optimizer(name, cls, dtype, **kwargs):
         bad_group_option=("lr", -1), global_option=("window", 5))
 
 
+NATURAL_GRADIENT_INVALID = (
+    Invalid("lr", dict(lr=-1.0)), Invalid("lr", dict(lr=float("nan"))),
+    Invalid("momentum", dict(momentum=1.0)), Invalid("weight_decay", dict(weight_decay=-1e-3)),
+    Invalid("damping", dict(damping=0.0)), Invalid("damping", dict(damping=float("inf"))),
+    Invalid("per_layer", dict(per_layer=1)), Invalid("max_state_bytes", dict(max_state_bytes=0)),
+    Invalid("max_state_bytes", dict(max_state_bytes=1.5)),
+    Invalid("on_nonfinite", dict(on_nonfinite="ignore")),
+    Invalid("batch_averaged", dict(batch_averaged=1)),
+    Invalid("skip_layers", dict(skip_layers=["("])), Invalid("grad_scaler", dict(grad_scaler=3)),
+    Invalid("model", build=lambda: soo_ext.NaturalGradient([nn.Parameter(torch.zeros(2))])),
+)
+
+
+def natural_gradient_state(opt, model):
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            assert set(opt.state[module.weight]) <= {"step", "nonfinite_steps", "momentum_buffer"}
+            assert "momentum_buffer" in opt.state[module.weight]
+
+
+def natural_gradient(name, dtype, **kwargs):
+    """NaturalGradient (Woodbury): nothing scheduled, every step solves its batch's system."""
+    return OptimizerCase(
+        name=name, cls="NaturalGradient",
+        kwargs=dict(lr=0.05, weight_decay=1e-3, damping=1e-2, **kwargs),
+        model=functools.partial(ConvClassifier, dtype),
+        batch=functools.partial(image_batch, dtype), takes_model=True,
+        convention="backward", on_nonfinite="skip", skip="counted",
+        poisons=("grad-nan", "grad-inf"), positions={"plain": (3, False)},
+        skip_counts=("step",), continue_steps=3, ready=lambda st: st.get("step", 0) >= 1,
+        resume_steps=(3, 3), resume_skip_at=2,
+        host_syncs=window_syncs, sync_steps=4, sync_policies=("skip", "raise"), sync_poison=(2,),
+        add_group="any-time", added_param_is_sgd=True, copyable=False,
+        state_keys=("step", "nonfinite_steps"), state_check=natural_gradient_state,
+        invalid=NATURAL_GRADIENT_INVALID,
+        group_options={"lr": 0.5, "momentum": 0.0, "weight_decay": 0.1},
+        bad_group_option=("lr", -1), global_option=("damping", 0.1))
+
+
 # Names: the variant, then the params' dtype where it is not float64 (and the storage dtype of
 # the curvature where it is not the params').
 STAT = ("grad-nan", "grad-inf", "stat-inf")
@@ -939,6 +994,7 @@ CASES = [
     kfac("kfac-eigen", F64, "eigen", F64, poisons=STAT),
     kfac("kfac-eigen-f32", F32, "eigen", F32, poisons=STAT),
     kfac("kfac-inverse-f32-f64factors", F32, "inverse", F64),
+    kfac_adamw_fallback("kfac-adamw-fallback-f32", F32),
     ekfac("ekfac", F64, F64, poisons=STAT),
     ekfac("ekfac-f32", F32, F32, poisons=STAT),
     shampoo("shampoo-f32", F32),
@@ -963,6 +1019,8 @@ CASES = [
     # beta1^window / eps < 1: no short-window warning
     window_optimizer("ggt", "GGT", F64, betas=(0.5, 1.0), eps=0.1),
     window_optimizer("ggt-f32", "GGT", F32, momentum=0.5, betas=(0.5, 0.9), eps=0.1),
+    natural_gradient("natural_gradient", F64),
+    natural_gradient("natural_gradient-per_layer-f32", F32, per_layer=True),
 ]
 
 # One row per class, for the checks that depend on the class only (arguments, param groups).

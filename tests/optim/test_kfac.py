@@ -16,11 +16,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from soo_ext import KFAC
+import soo_ext
+from soo_ext import EKFAC
 
 from conftest import assert_state_equal, mnist1d_mlp, train_mnist1d
 
 DECAY = 0.95
+
+
+def KFAC(*args, **kwargs):
+    """soo_ext.KFAC with the fixed schedule of these tests unless they say otherwise: factors
+    and decompositions every step (the automatic schedule, the default, needs a clock:
+    tests/curvature/test_refresh_schedule.py)."""
+    kwargs.setdefault("refresh_budget", None)
+    return soo_ext.KFAC(*args, **kwargs)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -370,6 +379,91 @@ def test_plain_layers_match_sgd(on_nonfinite):
         assert all(torch.equal(p, s) for p, s in zip(plain, shadow))
     assert opt.state[model.fc.weight]["factor_updates"] == 5
 
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_plain_layers_match_adamw_fallback(cls, on_nonfinite):
+    """fallback='adamw': the params left out take torch.optim.AdamW's step (fallback_lr,
+    fallback_betas, fallback_eps, the group's weight_decay decoupled); the layers stay K-FAC's."""
+    torch.manual_seed(0)
+    model = Mixed().double()
+    opt = cls(model, lr=0.05, momentum=0.9, weight_decay=1e-2, skip_layers=["skipped"],
+              on_nonfinite=on_nonfinite, factor_update_steps=1, inv_update_steps=1,
+              fallback="adamw", fallback_lr=3e-3, fallback_betas=(0.8, 0.99), fallback_eps=1e-6)
+    kfac_params = {id(p) for _, m in opt.layers for p in m.parameters()}
+    plain = [p for p in model.parameters() if id(p) not in kfac_params]
+    shadow = [p.detach().clone().requires_grad_() for p in plain]
+    adamw = torch.optim.AdamW(shadow, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        tokens = torch.randint(0, 10, (16,), generator=gen)
+        opt.zero_grad()
+        model(tokens).pow(2).mean().backward()
+        for s, p in zip(shadow, plain):
+            s.grad = p.grad.clone()
+        opt.step()
+        adamw.step()
+        for p, s in zip(plain, shadow):  # fp64, steps of ~3e-3 with a few roundings each
+            torch.testing.assert_close(p, s.detach(), rtol=0, atol=1e-14)
+    assert opt.state[model.fc.weight]["factor_updates"] == 5
+    assert "momentum_buffer" not in opt.state[model.emb.weight]
+
+
+def test_sgd_fallback_lr():
+    """fallback='sgd' (default) with fallback_lr: the params left out take SGD at fallback_lr."""
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = KFAC(model, lr=0.05, skip_layers=["skipped"], factor_update_steps=1,
+               inv_update_steps=1, fallback_lr=0.2)
+    plain = [model.emb.weight, model.norm.weight, model.free]
+    shadow = [p.detach().clone().requires_grad_() for p in plain]
+    sgd = torch.optim.SGD(shadow, lr=0.2, momentum=0.9)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randint(0, 10, (16,), generator=gen)).pow(2).mean().backward()
+        for s, p in zip(shadow, plain):
+            s.grad = p.grad.clone()
+        opt.step()
+        sgd.step()
+        assert all(torch.equal(p, s) for p, s in zip(plain, shadow))
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_adamw_fallback_resume_is_bit_identical(cls):
+    torch.manual_seed(0)
+    model = Mixed()
+    kw = dict(lr=0.05, skip_layers=["skipped"], factor_update_steps=1, inv_update_steps=2,
+              fallback="adamw", fallback_lr=1e-2)
+    gen = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, 10, (16,), generator=gen) for _ in range(6)]
+
+    def steps(opt, m, tokens):
+        for t in tokens:
+            opt.zero_grad()
+            m(t).pow(2).mean().backward()
+            opt.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = cls(model, **kw)
+        steps(opt, model, data[:3])
+        twin = copy.deepcopy(model)
+        resumed = cls(twin, **kw)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.state[twin.emb.weight]["fallback_step"].dtype == torch.float32
+    steps(opt, model, data[3:])
+    steps(resumed, twin, data[3:])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert_state_equal(opt, list(model.parameters()), resumed, list(twin.parameters()))
+    assert float(opt.state[model.emb.weight]["fallback_step"]) == 6
+
+
+@pytest.mark.parametrize("bad", [dict(fallback="adam"), dict(fallback_lr=-1.0),
+                                 dict(fallback_betas=(1.0, 0.9)), dict(fallback_eps=0.0)])
+def test_bad_fallback_options(bad):
+    with pytest.raises(ValueError, match=f"Invalid {next(iter(bad))}"):
+        KFAC(mlp(), **bad)
 
 def left_out_warnings(build):
     """What ``build()`` returns and the warnings it gave about layers left out."""
@@ -900,3 +994,167 @@ def test_no_device_sync_in_step_cuda(mode):
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+# --- nn.MultiheadAttention: its in-projection is a K-FAC layer [3E, E] -------------------------
+
+class Attn(nn.Module):
+    """A pre-LN self-attention block over an embedding; ``explicit``: the same attention with
+    its in-projection an nn.Linear(E, 3E) and the attention written out (the Linear
+    formulation K-FAC's capture of nn.MultiheadAttention must equal)."""
+
+    def __init__(self, batch_first=True, explicit=False, E=8, heads=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, E)
+        self.norm = nn.LayerNorm(E)
+        self.attn = nn.MultiheadAttention(E, heads, batch_first=batch_first)
+        nn.init.normal_(self.attn.in_proj_bias)
+        self.head = nn.Linear(E, 11)
+        self.batch_first, self.explicit, self.heads = batch_first, explicit, heads
+        if explicit:
+            self.qkv = nn.Linear(E, 3 * E)
+            self.out = nn.Linear(E, E)
+            with torch.no_grad():
+                self.qkv.weight.copy_(self.attn.in_proj_weight)
+                self.qkv.bias.copy_(self.attn.in_proj_bias)
+                self.out.weight.copy_(self.attn.out_proj.weight)
+                self.out.bias.copy_(self.attn.out_proj.bias)
+            del self.attn
+
+    def forward(self, tokens, mask=None, need_weights=False):
+        h = self.norm(self.emb(tokens))  # [B, L, E]
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        if self.explicit:  # the Linears on the layout of h, as nn.MultiheadAttention's
+            qkv = self.qkv(h) if self.batch_first else self.qkv(h).transpose(0, 1)
+            B, L, E = h.shape[1 - self.batch_first], h.shape[self.batch_first], h.shape[2]
+            q, k, v = qkv.reshape(B, L, 3, self.heads, E // self.heads).permute(2, 0, 3, 1, 4)
+            w = (q @ k.transpose(-1, -2)) / math.sqrt(E // self.heads)
+            w = w.masked_fill(mask, float("-inf")) if mask is not None else w
+            o = (w.softmax(-1) @ v).transpose(1, 2).reshape(B, L, E)
+            a = self.out(o if self.batch_first else o.transpose(0, 1))
+        else:
+            a = self.attn(h, h, h, attn_mask=mask, need_weights=need_weights)[0]
+        if not self.batch_first:
+            a = a.transpose(0, 1)
+        return self.head(a + self.emb(tokens))
+
+
+def causal(L):
+    return torch.triu(torch.ones(L, L, dtype=torch.bool), 1)
+
+
+def lm_loss(model, tokens, mask=True):
+    out = model(tokens[:, :-1], causal(tokens.shape[1] - 1) if mask else None)
+    return F.cross_entropy(out.reshape(-1, 11), tokens[:, 1:].reshape(-1))
+
+
+def token_batches(n, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 11, (4, 7), generator=gen) for _ in range(n)]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask, need_weights", [(True, False), (False, True)])
+def test_mha_capture_keeps_outputs_and_gradients(batch_first, mask, need_weights):
+    model = Attn(batch_first).double()
+    twin = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = KFAC(model, factor_update_steps=1, inv_update_steps=1)
+    assert [n for n, _ in opt.layers] == ["attn", "attn.out_proj", "head"]
+    tokens = token_batches(1)[0]
+    for m in (model, twin):
+        m(tokens, causal(7) if mask else None, need_weights).pow(2).mean().backward()
+    out = model(tokens, causal(7) if mask else None)  # a second pass: the same values
+    # x @ I is exact; the projections' products may be summed in another order (a [L, B, E]
+    # layout against the module's [L*B, E]): a few fp64 roundings of O(1) values
+    torch.testing.assert_close(out, twin(tokens, causal(7) if mask else None), rtol=0,
+                               atol=1e-14)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-14)
+    assert model.attn in [m for _, m in opt.layers]
+    layer = next(l for l in opt._layers if l.module is model.attn)
+    assert layer.captures == 1 and layer.weight is model.attn.in_proj_weight
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_factors_equal_the_linear_formulation(batch_first):
+    """The factors of the in-projection (A from the attention's input rows, G from the output
+    gradients of the projection q|k|v) and of out_proj equal those of nn.Linear(E, 3E) and
+    nn.Linear(E, E) in the explicit attention, fp64."""
+    runs = []
+    for explicit in (False, True):
+        model = Attn(batch_first, explicit=explicit).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            opt = KFAC(model, factor_update_steps=1, inv_update_steps=1,
+                       factor_dtype=torch.float64)
+        for tokens in token_batches(2):
+            opt.zero_grad()
+            lm_loss(model, tokens).backward()
+            opt.step()
+        w_in = model.qkv.weight if explicit else model.attn.in_proj_weight
+        w_out = model.out.weight if explicit else model.attn.out_proj.weight
+        runs.append([opt.state[w][k] for w in (w_in, w_out) for k in ("A", "G")] +
+                    [w_in.detach().clone()])
+    for mha, explicit in zip(*runs):
+        # sums of ~50 fp64 products of O(1), the attention's gradient in another order, two
+        # steps (eigendecompositions of 9x9 and 25x25 factors in between): 1e-14 (seen: 1e-16)
+        torch.testing.assert_close(mha, explicit, rtol=0, atol=1e-14)
+
+
+def test_mha_left_out_cases():
+    class Cross(Attn):
+        def forward(self, tokens, mask=None, need_weights=False):
+            h = self.emb(tokens)
+            return self.head(self.attn(h, self.norm(h), self.norm(h))[0])
+
+    model = Cross()
+    opt, ws = left_out_warnings(lambda: KFAC(model))
+    with pytest.raises(RuntimeError, match="distinct query, key and value.*skip_layers"):
+        model(token_batches(1)[0])
+    opt.remove_hooks()
+    opt, ws = left_out_warnings(lambda: KFAC(model, skip_layers=["attn"]))
+    text = str(ws[0].message)
+    assert "attn (MultiheadAttention: in_proj_weight, in_proj_bias): matched by skip_layers" \
+        in text and "attn.out_proj (NonDynamicallyQuantizableLinear: weight, bias): out_proj " \
+        "of the MultiheadAttention 'attn' left out" in text
+    model(token_batches(1)[0]).sum().backward()  # no capture of a left-out attention
+    opt.step()
+    opt.remove_hooks()
+    kv = nn.Sequential(nn.Linear(3, 4))
+    kv.attn = nn.MultiheadAttention(4, 2, kdim=3, vdim=3)
+    _, ws = left_out_warnings(lambda: KFAC(kv))
+    assert "kdim or vdim != embed_dim" in str(ws[0].message)
+
+
+@pytest.mark.parametrize("cls, fallback", [(KFAC, "sgd"), (KFAC, "adamw"), (EKFAC, "adamw")])
+def test_tiny_transformer_trains_and_resumes_bit_identically(cls, fallback):
+    model = Attn().double()
+    kw = dict(lr=0.1, factor_update_steps=1, inv_update_steps=2, fallback=fallback,
+              fallback_lr=1e-2 if fallback == "adamw" else None)
+    gen = torch.Generator().manual_seed(3)  # learnable: each next token is the last one + 2
+    data = [(torch.randint(0, 11, (4, 1), generator=gen) + 2 * torch.arange(7)) % 11
+            for _ in range(16)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = cls(model, **kw)
+        first = lm_loss(model, data[0]).item()
+        for tokens in data[:8]:
+            opt.zero_grad()
+            lm_loss(model, tokens).backward()
+            opt.step()
+        twin = copy.deepcopy(model)
+        resumed = cls(twin, **kw)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for o, m in ((opt, model), (resumed, twin)):
+        for tokens in data[8:]:
+            o.zero_grad()
+            lm_loss(m, tokens).backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert_state_equal(opt, list(model.parameters()), resumed, list(twin.parameters()))
+    assert opt.state[model.attn.in_proj_weight]["factor_updates"] == 16
+    assert lm_loss(model, data[0]).item() < 0.5 * first

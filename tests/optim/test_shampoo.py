@@ -368,7 +368,8 @@ def test_decreases_training_loss_on_mnist1d(mnist1d, make_model):
     finals, adams = [], []
     for seed in range(3):
         initial, final, opt = train_mnist1d(mnist1d, make_model,
-                                            lambda m: Shampoo(m.parameters(), lr=1e-2), 200,
+                                            lambda m: Shampoo(m.parameters(), lr=1e-2,
+                                                              precondition_frequency=10), 200,
                                             seed=seed)
         first = next(iter(opt.state.values()))
         assert first["root_updates"] == 20 and first["failed_roots"] == 0
