@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .._support.device import device_tensor
 from .._support.errors import RootFailureError
 from .._support.guard import SkipGuard
 from .shampoo_blocks import ShampooBlocking
@@ -45,8 +46,8 @@ class ShampooRoots:
             if len(set(betas2)) == 1:
                 self._decay = float(betas2[0])
             else:
-                self._decay = {key: torch.tensor([betas2[gi] for gi in gs], dtype=self.fdtype,
-                                                 device=self.device)
+                self._decay = {key: device_tensor([betas2[gi] for gi in gs], self.device,
+                                                  self.fdtype)
                                for key, gs in self.blocking.slot_group.items()}
         return self._decay
 
@@ -58,9 +59,9 @@ class ShampooRoots:
         ``[B, *shape]`` (factor dtype) of each shape group."""
         decay = self._decay_of(betas2)
         if not all(present):  # 1 for the factors of the params without a gradient
-            decay = {key: torch.tensor([betas2[self.blocking.params[i].group] if present[i]
-                                        else 1.0 for i, _, _ in owners],
-                                       dtype=self.fdtype, device=self.device)
+            decay = {key: device_tensor([betas2[self.blocking.params[i].group] if present[i]
+                                         else 1.0 for i, _, _ in owners],
+                                        self.device, self.fdtype)
                      for key, owners in self.blocking.owner.items()}
         if isinstance(decay, float):
             if decay != 1.0:

@@ -13,7 +13,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
+    out, ref = out.double().cpu(), ref.double().cpu()
     den = ref.norm()
     return (out - ref).norm().item() / (den.item() if den > 0 else 1.0)
 

@@ -7,6 +7,7 @@ add_param_group, deepcopy / pickle, zero_grad, the state dict and the documented
 without gradients, empty param groups, the closure convention and maximize.
 """
 import copy
+import dataclasses
 import os
 import pickle
 import re
@@ -758,3 +759,119 @@ def test_maximize_is_minimising_the_negation(case):
         run(case, opt, model, 7, negate=maximize)
         runs.append(values_of(model))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (where a GPU is: .ci/gpu-check runs the tests named *cuda*)
+
+# Rows whose CUDA run draws other random numbers than the CPU's (no comparison possible), and rows
+# whose CPU/CUDA difference is known to exceed the bound below (open; measured on an H200).
+CUDA_DRAWS_OTHER_RANDOM = {"drsom-random-f32": "random directions drawn on the device",
+                           "psgd_kron-f32": "random probes drawn on the device",
+                           "psgd_kron-f32-f64precond-onediag": "random probes drawn on the device"}
+CUDA_DIFFERS_OPEN = {
+    name: "2.3x the bound at step 2 (4e-4 against 4e-6 from a 4-ulp change on the CPU; "
+          "H200, 2026-12-04): cause not established"
+    for name in ("drsom-interp-f32", "drsom-interp-k3-f32")}
+# Host syncs on CUDA beyond the documented count: torch's CUDA eigh checks its result on the host
+CUDA_LINALG_SYNCS = {"ggt": 1, "ggt-f32": 1}
+
+
+def test_the_cuda_exception_lists_name_rows():
+    names = {case.name for case in CASES}
+    assert set(CUDA_DRAWS_OTHER_RANDOM) | set(CUDA_DIFFERS_OPEN) | set(CUDA_LINALG_SYNCS) <= names
+
+
+def on_device(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(on_device(b, device) for b in batch)
+    return batch
+
+
+def cuda_twin(case):
+    """The row's problem and optimizer on the GPU (the same seeded model), and the row with its
+    batches moved there once (the copies are not the step's host syncs)."""
+    model = case.model().cuda()
+    moved = {}
+
+    def batch(i):
+        if i not in moved:
+            moved[i] = on_device(case.batch(i), "cuda")
+        return moved[i]
+    return (dataclasses.replace(case, batch=batch), model,
+            build(case, model, **case.sync_kwargs))
+
+
+def trajectory(case, model, opt, steps):
+    """The flat params (float64, on the CPU) after each of ``steps`` steps."""
+    out = []
+    for i in range(steps):
+        take_step(case, opt, model, i)
+        out.append(torch.cat([p.detach().double().cpu().flatten() for p in model.parameters()]))
+    return out
+
+
+def relative_differences(a, b):
+    return [((x - y).norm() / x.norm().clamp_min(1e-300)).item() for x, y in zip(a, b)]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_match_cases():
+    out = []
+    for case in CASES:
+        marks = [needs_cuda]
+        if case.name in CUDA_DRAWS_OTHER_RANDOM:
+            marks.append(pytest.mark.skip(reason=CUDA_DRAWS_OTHER_RANDOM[case.name]))
+        if case.name in CUDA_DIFFERS_OPEN:
+            marks.append(pytest.mark.xfail(reason=CUDA_DIFFERS_OPEN[case.name]))
+        out.append(pytest.param(case, id=case.name, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("case", cuda_match_cases())
+def test_cuda_matches_cpu(case):
+    """The GPU's params stay as close to the CPU's as rounding allows: within 10x what a 4-ulp
+    change of the initial params does on the CPU (the row's own sensitivity: methods that are not
+    invariant to the eigenbasis in (near-)degenerate eigenspaces, line searches, bfloat16 storage
+    turn rounding into visible differences), plus 1000 ulp."""
+    steps = 4
+    reference = trajectory(case, *problem(case, **case.sync_kwargs), steps)
+    model = case.model()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 4 * torch.finfo(p.dtype).eps
+                   * torch.randn(p.shape, generator=gen).to(p.dtype))
+    sensitivity = relative_differences(
+        reference, trajectory(case, model, build(case, model, **case.sync_kwargs), steps))
+    cuda = relative_differences(reference, trajectory(*cuda_twin(case), steps))
+    eps = torch.finfo(next(model.parameters()).dtype).eps
+    for k, (d, s) in enumerate(zip(cuda, sensitivity), start=1):
+        assert d <= 10 * s + 1000 * eps, (k, cuda, sensitivity)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", cases(lambda case: case.host_syncs is not None))
+def test_cuda_host_syncs_per_step(case):
+    """What torch's sync debug mode sees on the GPU is the documented count of host reads."""
+    cuda_case, model, opt = cuda_twin(case)
+    options = dict(opt.param_groups[0])
+    for k in range(1, case.sync_steps + 1):
+        cuda_case.batch(k - 1)
+        before = scalars(opt.state.get(first_param(opt), {}))
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                take_step(cuda_case, opt, model, k - 1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+        expected = case.host_syncs(options, case.on_nonfinite, k, before,
+                                   scalars(global_state(opt)))
+        assert len(syncs) == expected + CUDA_LINALG_SYNCS.get(case.name, 0), k

@@ -308,8 +308,8 @@ def test_pairs_with_nonpositive_curvature_are_not_stored():
 # ---------------------------------------------------------------------------------------------
 # CUDA
 
-def param(dtype=torch.float32):
-    return torch.zeros(3, dtype=dtype, requires_grad=True)
+def param(dtype=torch.float32, device="cpu"):
+    return torch.zeros(3, dtype=dtype, device=device, requires_grad=True)
 
 
 @cuda
@@ -326,4 +326,4 @@ def test_same_minimiser_as_torch_on_rosenbrock_cuda():
 @cuda
 def test_mixed_cpu_cuda_params_refused():
     with pytest.raises(ValueError, match="device"):
-        soo_ext.LBFGS([param(), param().cuda()])
+        soo_ext.LBFGS([param(), param(device="cuda")])

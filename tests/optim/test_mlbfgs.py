@@ -325,8 +325,8 @@ def test_invalid_blocks_refused(make_blocks, match):
 # ---------------------------------------------------------------------------------------------
 # CUDA
 
-def param(dtype=torch.float32):
-    return torch.zeros(3, dtype=dtype, requires_grad=True)
+def param(dtype=torch.float32, device="cpu"):
+    return torch.zeros(3, dtype=dtype, device=device, requires_grad=True)
 
 
 def poison(model, value, dtype=torch.float64, device="cpu"):
@@ -390,4 +390,4 @@ def test_no_device_sync_between_pair_updates_cuda():
 @cuda
 def test_mixed_cpu_cuda_params_refused():
     with pytest.raises(ValueError, match="device"):
-        soo_ext.MLBFGS([param(), param().cuda()])
+        soo_ext.MLBFGS([param(), param(device="cuda")])

@@ -1,0 +1,18 @@
+"""Host values onto the device without a host sync."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["device_tensor"]
+
+
+def device_tensor(values, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without the host sync of a CUDA copy
+    from pageable memory (which waits for the device's queue): the values are staged in pinned
+    memory and copied asynchronously, like a kernel launch (torch's pinned-memory allocator keeps
+    the staging buffer until the copy has run)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
