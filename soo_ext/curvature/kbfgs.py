@@ -13,7 +13,6 @@ from torch import Tensor
 
 from .. import ops
 from .._support.distributed import all_reduce_mean_
-from ..reference import ring_slots
 from .kfac_layers import KFACLayer
 from .lbfgs_history import LBFGSHistory
 
@@ -24,9 +23,11 @@ __all__ = ["LazyStatistics", "PassStatistics", "bfgs_update_", "double_damping",
 class PassStatistics:
     """What one capture gives per layer (the sink of :class:`LayerCapture`): in the first pass
     ``mean(a a^T)`` (``AA``), and in both passes the mean activation row ``a`` and the mean
-    output-gradient row ``g`` scaled to a per-sample gradient (undoing the loss's batch mean),
-    means over the batch (and a conv's output positions).  The mean pre-activation is
-    ``W a`` (the layer is linear in its activation rows), so it is not captured."""
+    output-gradient row ``g`` scaled to a per-sample gradient (the capture undoes the loss's
+    batch mean and the accumulation's division, ``batch_averaged``), means over the rows of
+    the pass's backward passes (the batch, a conv's output positions).  The mean
+    pre-activation is ``W a`` (the layer is linear in its activation rows), so it is not
+    captured.  Sums run in the statistics' dtype (bfloat16 / float16 rows under autocast)."""
 
     def __init__(self, layers: list[KFACLayer], dtype: torch.dtype, device: torch.device) -> None:
         self.dtype, self.device = dtype, device
@@ -41,6 +42,13 @@ class PassStatistics:
         self.g = [views[0][2 * n:], views[1][n:]]
         self.second = False  # which pass the captures belong to
 
+    def begin(self, second: bool) -> None:
+        """Start the first or the second pass of a step: its buffer is zeroed (the first capture
+        of a pass pools with weight 0, and ``0 * inf`` would carry a skipped pass's non-finite
+        values into every later step)."""
+        self.second = second
+        self.buffers[int(second)].zero_()
+
     def average_(self, process_group) -> None:
         """Data parallel: the current pass's statistics averaged over the ranks (every rank
         then takes the same pairs and factors)."""
@@ -54,8 +62,8 @@ class PassStatistics:
         i, p = layer.index, int(self.second)
         if not self.second:
             ops.kron_factor_update_(self.AA[i], a, decay, w)
-        self.a[p][i].mul_(decay).add_(a.sum(0).to(self.dtype), alpha=w)
-        self.g[p][i].mul_(decay).add_(g.sum(0).to(self.dtype), alpha=w * math.sqrt(g_scale))
+        self.a[p][i].mul_(decay).add_(a.sum(0, dtype=self.dtype), alpha=w)
+        self.g[p][i].mul_(decay).add_(g.sum(0, dtype=self.dtype), alpha=w * math.sqrt(g_scale))
 
 
 class LazyStatistics:
@@ -123,6 +131,15 @@ def bfgs_update_(H: Tensor, s: Tensor, y: Tensor, take: Tensor) -> None:
     H.copy_(torch.where(take, new, H))
 
 
+def oldest_first(ring: Tensor, newest: int, count: int) -> Tensor:
+    """The ``count`` valid rows of a ring buffer, oldest first: at most two slices (an index
+    tensor would be copied to the device from pageable memory: a host sync on CUDA)."""
+    start = (newest - count + 1) % ring.shape[0]
+    if start + count <= ring.shape[0]:
+        return ring[start:start + count]
+    return torch.cat([ring[start:], ring[:start + count - ring.shape[0]]])
+
+
 def lbfgs_matrix_product(history: LBFGSHistory, M: Tensor) -> Tensor:
     """``H M`` for the L-BFGS matrix of ``history`` (its pairs, the initial scaling
     ``gamma = s^T y / y^T y`` of the newest pair as ``soo::lbfgs_direction``) and an
@@ -131,10 +148,8 @@ def lbfgs_matrix_product(history: LBFGSHistory, M: Tensor) -> Tensor:
     with ``R`` the upper triangle of ``S^T Y`` and ``D`` its diagonal (pairs oldest first)."""
     if history.count == 0:
         return M.clone()
-    idx = torch.tensor(ring_slots(history.newest, history.count, history.history_size),
-                       device=M.device)
-    S = history.S.index_select(0, idx).to(M.dtype)  # [c, n]
-    Y = history.Y.index_select(0, idx).to(M.dtype)
+    S = oldest_first(history.S, history.newest, history.count).to(M.dtype)  # [c, n]
+    Y = oldest_first(history.Y, history.newest, history.count).to(M.dtype)
     SY = S @ Y.T
     R = SY.triu()
     gamma = SY[-1, -1] / torch.dot(Y[-1], Y[-1])

@@ -13,8 +13,8 @@ from torch.optim import Optimizer
 
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
-from .._support.guard import SkipGuard, SkipWarner
-from .._support.options import Int, Number, OneOf, OptionSpecs
+from .._support.guard import SkipGuard, SkipWarner, all_finite
+from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
 from ..curvature.kbfgs import (LazyStatistics, bfgs_update_, layer_matrix, lbfgs_matrix_product,
@@ -42,6 +42,7 @@ OPTIONS = OptionSpecs({
     "pair_decay": Number(0, 1, high_open=True),
     "powell": Number(0, 1, low_open=True, high_open=True), "inv_update_steps": Int(1),
     "history_size": _HistorySize(1), "on_nonfinite": OneOf("raise", "skip"),
+    "batch_averaged": Bool(), "accumulation_steps": Int(1),
 }, per_group=("lr", "momentum", "weight_decay"))
 NEEDS_CLOSURE = (
     "KBFGS.step() requires a closure: K-BFGS evaluates the loss and gradients twice per step "
@@ -52,6 +53,10 @@ NEEDS_CLOSURE = (
 NO_CAPTURE = (
     "KBFGS.step(): the closure ran no backward pass of the model's layers (call "
     "loss.backward() in the closure, with the model in training mode and grad enabled)")
+SCALER_UNSCALED = (
+    "KBFGS.step(): the grad_scaler had unscaled this optimizer's gradients already. KBFGS "
+    "unscales the closure's gradients itself: call opt.step(closure) and then "
+    "scaler.update(), not scaler.step(opt, closure), and do not call scaler.unscale_(opt)")
 _UNCAST = ("nonfinite_steps", "history")
 
 
@@ -59,17 +64,16 @@ class KBFGS(Optimizer):
     r"""K-BFGS / K-BFGS(L), Kronecker-factored block-diagonal BFGS (Goldfarb, Ren & Bahamou,
     "Practical Quasi-Newton Methods for Training Deep Neural Networks", NeurIPS 2020).
 
-    Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` that K-FAC would precondition (the
-    others are listed in a warning and take the plain step) moves along ``-H_g m H_a``: ``m``
-    the momentum (running average) of its gradient, ``H_a`` the damped inverse of the running
-    activation factor (as K-FAC, refreshed every ``inv_update_steps``), ``H_g`` a BFGS matrix
-    (``history_size=None``) or an L-BFGS one (``history_size=m``: K-BFGS(L)) on the layer's
-    pre-activations.  After the update a second forward-backward pass on the same minibatch
-    gives each layer's pair ``s = mean(h+ - h)``, ``y = mean(g+ - g)``, double-damped (Powell
-    on H, then Levenberg-Marquardt) before it enters ``H_g``.  So ``step(closure)`` requires a
-    closure (torch's: ``zero_grad()``, loss, ``backward()``, return the loss) and calls it
-    twice; it returns the first loss.  A non-finite first pass is skipped or raises, a
-    non-finite second pass drops the pairs.  See docs/kbfgs.md.
+    Every layer K-FAC would precondition (the others, listed in a warning, take the plain
+    step) moves along ``-H_g m H_a``: ``m`` the momentum of its gradient, ``H_a`` the damped
+    inverse of the running activation factor (as K-FAC, refreshed every ``inv_update_steps``),
+    ``H_g`` a BFGS (``history_size=None``) or L-BFGS (``history_size=m``: K-BFGS(L)) matrix on
+    the layer's pre-activations.  After the update a second forward-backward pass on the same
+    minibatch gives each layer's pair ``s = mean(h+ - h)``, ``y = mean(g+ - g)``,
+    double-damped (Powell on H, then Levenberg-Marquardt) before it enters ``H_g``.  So
+    ``step(closure)`` requires a closure (torch's: ``zero_grad()``, loss, ``backward()``,
+    return the loss) and calls it twice; it returns the first loss.  A non-finite first pass
+    is skipped or raises, a non-finite second pass drops the pairs.  See docs/kbfgs.md.
 
     Args:
         model: the nn.Module whose layers are hooked (or its ``torch.compile`` wrapper).
@@ -79,10 +83,10 @@ class KBFGS(Optimizer):
         powell, inv_update_steps: mu1 of Powell's damping, steps between ``H_a`` refreshes
             (default 0.2, 20).
         history_size: None (default: BFGS) or the L-BFGS pairs kept per layer.
-        skip_layers: module or class names (regexes, full match) not to precondition.
-        on_nonfinite: ``'skip'`` (default) or ``'raise'``.
-        params: the params to optimise (default: all of ``model``'s).
-        process_group: data-parallel ranks (default: a DDP ``model``'s group).
+        skip_layers, on_nonfinite (``'skip'``, ``'raise'``), params, process_group: as KFAC.
+        batch_averaged, accumulation_steps: the loss is a batch mean (default True); backward
+            passes per closure call (default 1).
+        grad_scaler: a ``torch.amp.GradScaler``: ``step`` unscales the closure's gradients.
 
     Example::
 
@@ -101,6 +105,7 @@ class KBFGS(Optimizer):
                  momentum: float = 0.9, weight_decay: float = 0.0, damping: float = 0.3,
                  factor_decay: float = 0.9, pair_decay: float = 0.9, powell: float = 0.2,
                  inv_update_steps: int = 20, skip_layers=None, on_nonfinite: str = "skip",
+                 batch_averaged: bool = True, accumulation_steps: int = 1, grad_scaler=None,
                  params=None, process_group=None) -> None:
         model = compiled_inner(model)
         if process_group is None and isinstance(model, nn.parallel.DistributedDataParallel):
@@ -109,11 +114,15 @@ class KBFGS(Optimizer):
         args = locals()
         defaults = {name: args[name] for name in OPTIONS.specs}
         OPTIONS.check(defaults)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"Invalid grad_scaler: {grad_scaler!r} (must be a "
+                             "torch.amp.GradScaler or None: KBFGS unscales with it)")
+        self._grad_scaler = grad_scaler
         patterns = skip_patterns(skip_layers)
         super().__init__(model.parameters() if params is None else params, defaults)
         self._layers = _find_layers(model, group_index(self), patterns)
         self._stats = LazyStatistics(self._layers)
-        self._capture = LayerCapture(self._layers, self._stats)
+        self._capture = LayerCapture(self._layers, self._stats, grad_scaler, "KBFGS")
         self._capture.configure(False, True, 1)  # captures only inside step()
         self._histories: dict[int, LBFGSHistory] = {}
         self._skips = SkipWarner("KBFGS")
@@ -157,10 +166,11 @@ class KBFGS(Optimizer):
         OPTIONS.check_groups(self.param_groups)
         loss = self._evaluate(closure, second=False)
         params = all_params(self)
-        if not any(p.grad is not None for p in params):
-            return loss
+        if not any(p.grad is not None for p in params) or _scaler_skips(self, params):
+            return loss  # nothing to step on, or the grad_scaler's skip of an inf/NaN gradient
         check_dense_grads(params, "KBFGS")
-        o, group_of, glob = self.param_groups[0], group_index(self), self._global_state()
+        self._capture.check(True, False)  # warns once if not a multiple of accumulation_steps
+        o, group_of, glob = self.param_groups[0], group_index(self), _global_state(self)
         self._skips.watch(glob["nonfinite_steps"])
         active = [l for l in self._layers if l.has_grads() and l.captures]
         if self._capture.active and not active and any(l.has_grads() for l in self._layers):
@@ -169,7 +179,7 @@ class KBFGS(Optimizer):
         stats, with_grad = self._stats.stats, [p for p in params if p.grad is not None]
         checked = [p.grad for p in with_grad] + [t for l in active for t in (
             stats.AA[l.index], stats.a[0][l.index], stats.g[0][l.index])]
-        guard = self._guard(checked, glob)
+        guard = _guard(self, checked, glob)
         ok = guard.ok if guard else None
         bufs = _momentum_(self.param_groups, self.state, with_grad, group_of, ok)
         for l, st in zip(active, states):
@@ -198,12 +208,14 @@ class KBFGS(Optimizer):
         """One closure call with the layers' capture on (into the first or second pass)."""
         self._capture.reset()
         if self._stats.stats is not None:
-            self._stats.stats.second = second
-        self._capture.configure(self._capture.active, True, 1)
+            self._stats.stats.begin(second)
+        o = self.param_groups[0]
+        options = (o["batch_averaged"], o["accumulation_steps"])  # kept for the step's check
+        self._capture.configure(self._capture.active, *options)
         try:
             loss = call_closure(closure)
         finally:
-            self._capture.configure(False, True, 1)
+            self._capture.configure(False, *options)
         if self._process_group is not None and self._stats.stats is not None:
             self._stats.stats.average_(self._process_group)
         return loss
@@ -235,21 +247,37 @@ class KBFGS(Optimizer):
             st["history"] = h.state_dict()
         return h
 
-    def _global_state(self) -> dict:
-        """The global state (under the first param): ``step`` and ``nonfinite_steps``."""
-        p0 = self.param_groups[0]["params"][0]
-        glob = self.state[p0]
-        glob.setdefault("step", 0)
-        if not isinstance(glob.get("nonfinite_steps"), Tensor):
-            glob["nonfinite_steps"] = torch.zeros((), dtype=torch.int64, device=p0.device)
-        return glob
 
-    def _guard(self, checked: list[Tensor], glob: dict) -> SkipGuard | None:
-        policy = self.param_groups[0]["on_nonfinite"]
-        guard = SkipGuard.check(checked, policy, glob["nonfinite_steps"], "KBFGS: the loss's "
-                                "gradient (or a captured activation / output gradient) is not "
-                                "finite")
-        return guard if policy == "skip" else None
+def _global_state(opt: KBFGS) -> dict:
+    """The global state (under the first param): ``step`` and ``nonfinite_steps``."""
+    p0 = opt.param_groups[0]["params"][0]
+    glob = opt.state[p0]
+    glob.setdefault("step", 0)
+    if not isinstance(glob.get("nonfinite_steps"), Tensor):
+        glob["nonfinite_steps"] = torch.zeros((), dtype=torch.int64, device=p0.device)
+    return glob
+
+
+def _guard(opt: KBFGS, checked: list[Tensor], glob: dict) -> SkipGuard | None:
+    """The step's skip guard (None unless ``on_nonfinite='skip'``), or NonFiniteError."""
+    policy = opt.param_groups[0]["on_nonfinite"]
+    guard = SkipGuard.check(checked, policy, glob["nonfinite_steps"], "KBFGS: the loss's "
+                            "gradient (or a captured activation / output gradient) is not finite")
+    return guard if policy == "skip" else None
+
+
+def _scaler_skips(opt: KBFGS, params: list[Tensor]) -> bool:
+    """Under an enabled ``grad_scaler``: the first pass's gradients unscaled by
+    ``scaler.unscale_`` (which records the inf check that ``scaler.update()`` reads); True if
+    one is not finite, after one host read (as ``GradScaler.step``'s): the step is not taken."""
+    scaler = opt._grad_scaler
+    if scaler is None or not scaler.is_enabled():
+        return False
+    try:
+        scaler.unscale_(opt)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{SCALER_UNSCALED} ({exc})") from None
+    return not bool(all_finite([p.grad for p in params if p.grad is not None]))
 
 
 def _momentum_(groups: list[dict], state: dict, params: list[Tensor], group_of: dict,

@@ -1,13 +1,14 @@
 """soo_ext.curvature.kbfgs: the double damping's guarantees, the masked BFGS update against the
-op's, the L-BFGS matrix product against the textbook two-loop recursion, and the H_a refresh."""
+op's, the L-BFGS matrix product against the textbook two-loop recursion, the H_a refresh, and
+the pass statistics (low-precision rows, a pass after a non-finite one)."""
 import math
 
 import pytest
 import torch
 
 from soo_ext import LBFGSHistory, reference
-from soo_ext.curvature.kbfgs import (bfgs_update_, double_damping, lbfgs_matrix_product,
-                                     refresh_inverses_)
+from soo_ext.curvature.kbfgs import (PassStatistics, bfgs_update_, double_damping, oldest_first,
+                                     lbfgs_matrix_product, refresh_inverses_)
 from soo_ext.curvature.kfac_layers import KFACLayer
 
 F64 = torch.float64
@@ -93,3 +94,58 @@ def test_refresh_inverses_by_size_and_masked():
     for a, h in zip(A, H):
         torch.testing.assert_close(h, torch.linalg.inv(a + 0.5 * torch.eye(len(a), dtype=F64)),
                                    rtol=0, atol=1e-12)
+
+
+def stage_rows(stats, layer, rows_a, rows_g, g_scale):
+    """Stage captures as LayerCapture does: each pooled by rows."""
+    total = 0
+    for a, g in zip(rows_a, rows_g):
+        n = len(a)
+        stats.stage(layer, a, g, total / (total + n), 1 / (total + n), g_scale)
+        total += n
+
+
+def test_pass_statistics_pool_bfloat16_rows_in_float32():
+    """Autocast's bfloat16 rows, two captures: the means (and mean(a a^T)) are those of the rows
+    in float64 up to float32 summation (n eps32 |a|); a bfloat16 sum would miss by ~1e-2."""
+    layer = KFACLayer("0", torch.nn.Linear(7, 5), 0)
+    stats = PassStatistics([layer], torch.float32, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    rows_a = [(torch.randn(n, 8, generator=gen) + 3).to(torch.bfloat16) for n in (40, 24)]
+    rows_g = [(torch.randn(n, 5, generator=gen) - 3).to(torch.bfloat16) for n in (40, 24)]
+    stage_rows(stats, layer, rows_a, rows_g, g_scale=4.0)
+    A, G = torch.cat(rows_a).double(), torch.cat(rows_g).double()
+    tol = 64 * 2.0 ** -24 * 5  # 64 rows of |a| < 5 summed in float32
+    torch.testing.assert_close(stats.a[0][0].double(), A.mean(0), rtol=0, atol=tol)
+    torch.testing.assert_close(stats.g[0][0].double(), 2 * G.mean(0), rtol=0, atol=2 * tol)
+    torch.testing.assert_close(stats.AA[0].double(), A.T @ A / len(A), rtol=0, atol=5 * tol)
+    in_bf16 = rows_a[0].sum(0).double() / len(rows_a[0])  # what a bfloat16 sum would give
+    assert (in_bf16 - rows_a[0].double().mean(0)).abs().max() > 20 * tol
+
+
+def test_pass_statistics_begin_drops_a_non_finite_pass():
+    """A pass with inf rows (a skipped step), then the next step's first pass: its statistics
+    are those of its own rows (pooling starts at weight 0, and 0 * inf would be NaN)."""
+    layer = KFACLayer("0", torch.nn.Linear(3, 2).double(), 0)
+    stats = PassStatistics([layer], F64, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    a, g = torch.randn(6, 4, dtype=F64, generator=gen), torch.randn(6, 2, dtype=F64, generator=gen)
+    for second in (False, True):
+        stats.begin(second)
+        stage_rows(stats, layer, [a * float("inf")], [g * float("inf")], 1.0)
+        assert not all(torch.isfinite(b).all() for b in stats.buffers)
+        stats.begin(second)
+        stage_rows(stats, layer, [a], [g], 1.0)
+        p = int(second)
+        torch.testing.assert_close(stats.a[p][0], a.mean(0), rtol=0, atol=1e-15)
+        torch.testing.assert_close(stats.g[p][0], g.mean(0), rtol=0, atol=1e-15)
+    torch.testing.assert_close(stats.AA[0], a.T @ a / 6, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("m", [1, 3, 5])
+def test_oldest_first_is_the_ring_order(m):
+    ring = torch.arange(m * 2, dtype=torch.float64).view(m, 2)
+    for newest in range(m):
+        for count in range(m + 1):
+            idx = torch.tensor(reference.ring_slots(newest, count, m), dtype=torch.long)
+            assert torch.equal(oldest_first(ring, newest, count), ring[idx])

@@ -1,6 +1,7 @@
 """soo_ext.KBFGS: step for step against a naive float64 transcription of the paper's K-BFGS and
 K-BFGS(L) (Goldfarb, Ren & Bahamou 2020, as the authors' code runs it: docs/kbfgs.md), on an MLP
-and on a CNN; the closure requirement; layers left out.  What every optimizer promises alike
+(mean and summed loss) and on a CNN; gradient accumulation, autocast and GradScaler; the
+closure requirement; layers left out.  What every optimizer promises alike
 (resume, schedulers, non-finite steps, host syncs, bad arguments and params) is checked by
 tests/optim/test_contract.py; the components by tests/curvature/test_kbfgs_components.py."""
 import math
@@ -33,9 +34,9 @@ def batch(i, n=16):
 
 # ---- the naive transcription ----------------------------------------------------------------
 
-def naive_forward(Ws, x, t):
+def naive_forward(Ws, x, t, summed=False):
     """The MLP on augmented weights ``[W | b]``: the activations a (with the 1), the
-    pre-activations h (retaining their gradients) and the mean cross entropy."""
+    pre-activations h (retaining their gradients) and the mean (or summed) cross entropy."""
     a_s, hs, z = [], [], x
     for i, W in enumerate(Ws):
         a = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
@@ -44,7 +45,7 @@ def naive_forward(Ws, x, t):
         a_s.append(a.detach())
         hs.append(h)
         z = torch.tanh(h) if i < len(Ws) - 1 else h
-    return a_s, hs, F.cross_entropy(z, t)
+    return a_s, hs, F.cross_entropy(z, t, reduction="sum" if summed else "mean")
 
 
 def two_loop(pairs, v):
@@ -63,9 +64,10 @@ def two_loop(pairs, v):
     return r
 
 
-def naive_kbfgs(Ws, steps, history_size=None, o=OPTS):
+def naive_kbfgs(Ws, steps, history_size=None, o=OPTS, summed=False):
     """The paper's algorithm, written out: the weights after ``steps`` steps and how often each
-    damping changed a pair."""
+    damping changed a pair.  ``summed``: the loss is the batch's sum, whose output gradients
+    are the per-sample ones (a mean loss's are 1/N of them)."""
     Ws = [W.clone() for W in Ws]
     L = len(Ws)
     A = [torch.eye(W.shape[1], dtype=W.dtype) for W in Ws]
@@ -80,8 +82,9 @@ def naive_kbfgs(Ws, steps, history_size=None, o=OPTS):
     for k in range(steps):
         x, t = batch(k)
         N = len(x)
+        per_sample = 1 if summed else N
         params = [W.clone().requires_grad_(True) for W in Ws]
-        a_s, hs, loss = naive_forward(params, x, t)
+        a_s, hs, loss = naive_forward(params, x, t, summed)
         loss.backward()
         for l in range(L):
             G = params[l].grad + o["weight_decay"] * Ws[l]
@@ -91,17 +94,17 @@ def naive_kbfgs(Ws, steps, history_size=None, o=OPTS):
                 eye = torch.eye(len(A[l]), dtype=A[l].dtype)
                 Ha[l] = torch.linalg.inv(A[l] + math.sqrt(o["damping"]) * eye)
         h_mean = [h.detach().mean(0) for h in hs]
-        g_mean = [N * h.grad.mean(0) for h in hs]
+        g_mean = [per_sample * h.grad.mean(0) for h in hs]
         for l in range(L):
             Hm = Hg[l] @ mom[l] if history_size is None else torch.stack(
                 [two_loop(pairs[l], c) for c in mom[l].T], 1)
             Ws[l] = Ws[l] - o["lr"] * Hm @ Ha[l]
         params = [W.clone().requires_grad_(True) for W in Ws]
-        _, hs2, loss2 = naive_forward(params, x, t)
+        _, hs2, loss2 = naive_forward(params, x, t, summed)
         loss2.backward()
         for l in range(L):
             s = hs2[l].detach().mean(0) - h_mean[l]
-            y = N * hs2[l].grad.mean(0) - g_mean[l]
+            y = per_sample * hs2[l].grad.mean(0) - g_mean[l]
             s_run[l] = o["pair_decay"] * s_run[l] + (1 - o["pair_decay"]) * s
             y_run[l] = o["pair_decay"] * y_run[l] + (1 - o["pair_decay"]) * y
             s, y = s_run[l], y_run[l]
@@ -132,25 +135,31 @@ def augmented(model):
             for m in model if isinstance(m, nn.Linear)]
 
 
-@pytest.mark.parametrize("history_size,powell", [(None, 0.2), (None, 0.95), (2, 0.95)],
-                         ids=["bfgs", "bfgs-powell", "lbfgs-2-powell"])
-def test_matches_naive_transcription(history_size, powell):
+@pytest.mark.parametrize("history_size,powell,summed", [
+    (None, 0.2, False), (None, 0.95, False), (2, 0.95, False), (None, 0.2, True),
+    (2, 0.95, True)], ids=["bfgs", "bfgs-powell", "lbfgs-2-powell", "bfgs-summed",
+                           "lbfgs-2-powell-summed"])
+def test_matches_naive_transcription(history_size, powell, summed):
     """Eight steps (H_a refreshed at steps 0, 3, 6; the L-BFGS ring wrapped; with powell=0.95
-    both dampings change some pairs): every weight within 1e-10 of the transcription."""
+    both dampings change some pairs): every weight within 1e-10 of the transcription.  With a
+    summed loss (``batch_averaged=False``, lr / N for the N times larger gradient) the output
+    gradients are taken as delivered: they are the per-sample ones already."""
     model = mlp()
     start = augmented(model)
     opts = dict(OPTS, powell=powell)
+    if summed:
+        opts.update(lr=OPTS["lr"] / 16, batch_averaged=False)
     opt = KBFGS(model, history_size=history_size, **opts)
     for k in range(8):
         x, t = batch(k)
 
         def closure():
             opt.zero_grad()
-            loss = F.cross_entropy(model(x), t)
+            loss = F.cross_entropy(model(x), t, reduction="sum" if summed else "mean")
             loss.backward()
             return loss
         opt.step(closure)
-    expected, damped = naive_kbfgs(start, 8, history_size, opts)
+    expected, damped = naive_kbfgs(start, 8, history_size, opts, summed)
     assert damped["lm"] > 0 and (damped["powell"] > 0) == (powell > 0.5)
     for got, want, was in zip(augmented(model), expected, start):
         assert not torch.allclose(want, was)
@@ -332,3 +341,279 @@ def test_conv_pairs_and_factor_are_the_batch_and_position_means():
         st = opt.state[m.weight]
         torch.testing.assert_close(st["s"], h1.mean(0) - h0.mean(0), rtol=0, atol=1e-13)
         torch.testing.assert_close(st["y"], g1.mean(0) - g0.mean(0), rtol=0, atol=1e-13)
+
+
+def run(model, opt, steps, loss_of, batches=batch, after_step=None):
+    """``steps`` steps of ``opt`` with the closure ``zero_grad(); loss_of(x, t)`` (which calls
+    backward) on ``batches(k)``; returns the params."""
+    for k in range(steps):
+        x, t = batches(k)
+
+        def closure():
+            opt.zero_grad()
+            return loss_of(x, t)
+        opt.step(closure)
+        if after_step is not None:
+            after_step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("summed", [False, True], ids=["mean", "summed"])
+@pytest.mark.parametrize("history_size", [None, 2], ids=["bfgs", "lbfgs-2"])
+def test_accumulation_is_the_whole_batch(summed, history_size):
+    """A closure that runs backward on the two halves of the batch (``accumulation_steps=2``;
+    a mean loss divided by 2, as usual, or a summed one) takes the steps of one backward on the
+    whole batch (already checked against the transcription): within float64 rounding."""
+    reduction = "sum" if summed else "mean"
+
+    def whole(x, t):
+        loss = F.cross_entropy(model(x), t, reduction=reduction)
+        loss.backward()
+        return loss
+
+    def halves(x, t):
+        total = 0
+        for xh, th in zip(x.chunk(2), t.chunk(2)):
+            loss = F.cross_entropy(model(xh), th, reduction=reduction)
+            (loss if summed else loss / 2).backward()
+            total = total + loss.detach()
+        return total if summed else total / 2
+
+    runs = []
+    for loss_of, steps in ((whole, 1), (halves, 2)):
+        model = mlp()
+        opt = KBFGS(model, history_size=history_size, accumulation_steps=steps,
+                    batch_averaged=not summed, **dict(OPTS, lr=OPTS["lr"] / (16 if summed else 1)))
+        runs.append(run(model, opt, 6, loss_of))
+    for a, b, was in zip(*runs, mlp().parameters()):
+        assert not torch.allclose(a, was)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+def test_uneven_accumulation_warns_once():
+    model = mlp()
+    opt = KBFGS(model, accumulation_steps=2)
+
+    def thirds(x, t):
+        for xs, ts in zip(x.chunk(3), t.chunk(3)):
+            F.cross_entropy(model(xs), ts).backward()
+    with pytest.warns(RuntimeWarning, match="captured 3 backward passes.*accumulation_steps=2") \
+            as caught:
+        run(model, opt, 2, thirds)
+    assert len([w for w in caught if "accumulation_steps" in str(w.message)]) == 1
+    assert caught[0].filename == __file__
+
+
+def test_a_skipped_first_pass_leaves_no_trace():
+    """A non-finite first pass (an inf in the input) is skipped, and the steps after it are
+    those of the run without it (H_a refreshed at every step: the skip's step count does not
+    matter): the pass statistics do not carry the inf into later steps."""
+    def poisoned(k):
+        x, t = batch(max(k - 1, 0))
+        return (x * float("inf"), t) if k == 1 else (x, t)
+
+    runs = []
+    for batches, steps in ((batch, 4), (poisoned, 5)):
+        model = mlp()
+        opt = KBFGS(model, **dict(OPTS, inv_update_steps=1))
+
+        def loss_of(x, t):
+            loss = F.cross_entropy(model(x), t)
+            loss.backward()
+            return loss
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            runs.append(run(model, opt, steps, loss_of, batches))
+        assert int(opt.state[model[0].weight]["nonfinite_steps"]) == (steps == 5)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def f32_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def f32_batch(k):
+    x, t = batch(k)
+    return x.float(), t
+
+
+def test_autocast_bfloat16_pairs_from_the_low_precision_rows():
+    """Under CPU autocast (bfloat16 forward) one step with ``pair_decay=0``: the stored pair is
+    (s, y) of the bfloat16 rows the layers saw in the two passes, their means taken in float64
+    up to float32 summation (bfloat16 sums would be off by ~1e-3); the step is the float32
+    step within a few bfloat16 roundings (2^-8 each) of the forward and backward."""
+    import copy
+    x, t = f32_batch(0)
+
+    def loss_of(net):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x), t)
+        loss.backward()
+        return loss
+
+    def rows(net):
+        """Each Linear's bfloat16 input rows and per-sample output gradients (N out.grad)."""
+        net, kept = copy.deepcopy(net), []
+
+        def keep(module, inputs, out):
+            out.retain_grad()
+            kept.append((inputs[0], out))
+        for m in (net[0], net[2]):
+            m.register_forward_hook(keep)
+        loss_of(net)
+        assert kept[1][0].dtype == kept[1][1].grad.dtype == torch.bfloat16
+        return [(a.double(), len(x) * out.grad.double()) for a, out in kept]
+
+    model = f32_mlp()
+    before = rows(model)
+    weights = [(m.weight.detach().double(), m.bias.detach().double())
+               for m in (model[0], model[2])]
+    opt = KBFGS(model, lr=0.2, pair_decay=0.0)
+    opt.step(lambda: (opt.zero_grad(), loss_of(model))[1])
+    after = rows(model)
+    for m, (W, b), (a0, g0), (a1, g1) in zip((model[0], model[2]), weights, before, after):
+        st = opt.state[m.weight]
+        s = m.weight.double() @ a1.mean(0) + m.bias.double() - (W @ a0.mean(0) + b)
+        tol = 16 * 2.0 ** -24 * 8  # float32 sums and products of O(1) values
+        torch.testing.assert_close(st["s"].double(), s, rtol=0, atol=tol)
+        torch.testing.assert_close(st["y"].double(), g1.mean(0) - g0.mean(0), rtol=0,
+                                   atol=tol * g0.abs().max().item())
+    reference = f32_mlp()
+    ref = KBFGS(reference, lr=0.2, pair_decay=0.0)
+    ref.step(lambda: (ref.zero_grad(), F.cross_entropy(reference(x), t).backward())[0])
+    for p, q, was in zip(model.parameters(), reference.parameters(), f32_mlp().parameters()):
+        assert (p - q).norm() <= 0.03 * (q - was).norm()  # measured: 0.006
+
+
+def scaled_loss_of(model, scaler):
+    def loss_of(x, t):
+        loss = F.cross_entropy(model(x), t)
+        scaler.scale(loss).backward()
+        return loss
+    return loss_of
+
+
+@pytest.mark.parametrize("history_size", [None, 2], ids=["bfgs", "lbfgs-2"])
+def test_grad_scaler_steps_are_the_unscaled_steps(history_size):
+    """``grad_scaler=``: the closure scales its loss (2^10, exact), ``step`` unscales the
+    gradients (and the capture the output gradients): the run without the scaler, within
+    rounding; ``scaler.update()`` sees no inf, so the scale is kept."""
+    runs = []
+    for scaled in (False, True):
+        model = mlp()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=scaled)
+        opt = KBFGS(model, history_size=history_size, grad_scaler=scaler, **OPTS)
+        runs.append(run(model, opt, 5, scaled_loss_of(model, scaler), after_step=scaler.update))
+    assert scaler.get_scale() == 2.0 ** 10
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-13)
+
+
+def test_grad_scaler_skips_an_overflow_as_torch_does():
+    """A first pass with inf gradients under the scaler: ``step`` takes no step (one closure
+    call, no state change, not counted as a non-finite step, even with ``on_nonfinite='raise'``)
+    and ``scaler.update()`` halves the scale; the run then goes on as the run without that
+    pass."""
+    def overflowing(k):
+        x, t = batch(max(k - 1, 0))
+        return (x * float("inf"), t) if k == 1 else (x, t)
+
+    runs = []
+    for batches, steps in ((batch, 4), (overflowing, 5)):
+        model = mlp()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        opt = KBFGS(model, grad_scaler=scaler, on_nonfinite="raise", **OPTS)
+        calls, scales = [], []
+        loss_of = scaled_loss_of(model, scaler)
+
+        def after():
+            scaler.update()
+            scales.append(scaler.get_scale())
+        runs.append(run(model, opt, steps, lambda x, t: (calls.append(1), loss_of(x, t))[1],
+                        batches, after))
+        glob = opt.state[model[0].weight]
+        assert glob["step"] == 4 and int(glob["nonfinite_steps"]) == 0
+    assert len(calls) == 9 and scales == [2.0 ** 10] + [2.0 ** 9] * 4
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-13)
+
+
+def test_grad_scaler_misuse_and_bad_scaler():
+    model = mlp()
+    with pytest.raises(ValueError, match="Invalid grad_scaler"):
+        KBFGS(model, grad_scaler=lambda: 1.0)
+    scaler = torch.amp.GradScaler("cpu")
+    opt = KBFGS(model, grad_scaler=scaler)
+    loss_of = scaled_loss_of(model, scaler)
+    x, t = batch(0)
+
+    def closure():
+        opt.zero_grad()
+        return loss_of(x, t)
+    opt.step(closure)
+    scaler.update()
+    with pytest.raises(RuntimeError, match=r"call opt.step\(closure\) and then scaler.update"):
+        scaler.step(opt, closure)
+
+
+class SelfAttention(nn.Module):
+    """Self-attention on the input (batch first) and a head; ``explicit``: the same model with
+    the in-projection an nn.Linear(E, 3E) and the attention written out."""
+
+    def __init__(self, explicit, E=4, heads=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(E, heads, batch_first=True)
+        nn.init.normal_(self.attn.in_proj_bias)
+        self.head, self.explicit, self.heads = nn.Linear(E, 3), explicit, heads
+        if explicit:
+            self.qkv, self.out = nn.Linear(E, 3 * E), nn.Linear(E, E)
+            with torch.no_grad():
+                for mine, its in ((self.qkv.weight, self.attn.in_proj_weight),
+                                  (self.qkv.bias, self.attn.in_proj_bias),
+                                  (self.out.weight, self.attn.out_proj.weight),
+                                  (self.out.bias, self.attn.out_proj.bias)):
+                    mine.copy_(its)
+            del self.attn
+
+    def forward(self, x):
+        if self.explicit:
+            B, L, E = x.shape
+            q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            w = (q @ k.transpose(-1, -2) / math.sqrt(E // self.heads)).softmax(-1)
+            a = self.out((w @ v).transpose(1, 2).reshape(B, L, E))
+        else:
+            a = self.attn(x, x, x, need_weights=False)[0]
+        return self.head(torch.tanh(a).mean(1))
+
+    def projections(self):
+        """The in-projection's weight and bias, the out-projection's and the head's weights."""
+        ps = (self.qkv.weight, self.qkv.bias, self.out.weight) if self.explicit else (
+            self.attn.in_proj_weight, self.attn.in_proj_bias, self.attn.out_proj.weight)
+        return [p.detach().clone().double() for p in ps + (self.head.weight,)]
+
+
+@pytest.mark.parametrize("history_size", [None, 2], ids=["bfgs", "lbfgs-2"])
+def test_attention_in_projection_is_a_linear_layer(history_size):
+    """nn.MultiheadAttention's in-projection is a K-BFGS layer (K-FAC's capture): the run is
+    that of the same model with an nn.Linear(E, 3E) in-projection, within float64 rounding."""
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(6, 5, 4, dtype=torch.float64, generator=gen),
+             torch.randint(0, 3, (6,), generator=gen)) for _ in range(6)]
+    runs = []
+    for explicit in (False, True):
+        model = SelfAttention(explicit).double()
+        opt = KBFGS(model, history_size=history_size, **OPTS)
+        assert len(opt.layers) == 3
+
+        def loss_of(x, t):
+            loss = F.cross_entropy(model(x), t)
+            loss.backward()
+            return loss
+        run(model, opt, 6, loss_of, lambda k: data[k])
+        runs.append(model.projections())
+    for a, b, was in zip(*runs, SelfAttention(True).projections()):
+        assert not torch.allclose(a, was)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
