@@ -151,6 +151,31 @@ def run_kfac_automatic(rank):
     return params_of(model) + [torch.tensor([float(interval)], dtype=torch.float64)]
 
 
+def run_soap_automatic(rank):
+    """SOAP's automatic refresh schedule with a fake clock per rank, as ``run_kfac_automatic``:
+    with ``process_group`` the ranks average their times and keep one process's interval (9)."""
+    from soo_ext.curvature.refresh_schedule import RefreshSchedule
+    model = make_model()
+    net = model if rank is None else nn.parallel.DistributedDataParallel(model)
+    opt = soo_ext.SOAP(net.parameters(), lr=0.01, max_precond_dim=4, factor_dtype=torch.float64,
+                       process_group=None if rank is None else net.process_group)
+    clock, cost = [0.0], {None: 3.0, 0: 1.0, 1: 5.0}[rank]
+
+    def timer():
+        glob = opt.state[opt.param_groups[0]["params"][0]]
+        due = RefreshSchedule.due(glob["refresh_schedule"], glob["step"] - 2)
+        clock[0] += 1.0 + (cost if due else 0.0)
+        return clock[0]
+    opt._schedule.timer = timer
+    for step in range(2 * STEPS):
+        x, y = batch(step % STEPS, rank)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    interval = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]["interval"]
+    return params_of(model) + [torch.tensor([float(interval)], dtype=torch.float64)]
+
+
 def resumed(opt, make):
     """A new optimizer from ``make()`` that resumes ``opt``'s state dict (the process group
     given to the constructor must survive load_state_dict)."""
@@ -225,6 +250,7 @@ RUNS = {
                     "shampoo-spread", "mlbfgs")},
     "kfac-accumulating": (run_kfac_accumulating, {}),
     "kfac-automatic": (run_kfac_automatic, {}),
+    "soap-automatic": (run_soap_automatic, {}),
     "ekfac": (run_backward_optimizer, {"name": "ekfac"}),
     "psgd_kron": (run_backward_optimizer, {"name": "psgd_kron"}),
     "soap": (run_backward_optimizer, {"name": "soap"}),

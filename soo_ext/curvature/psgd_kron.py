@@ -18,14 +18,17 @@ from torch import Tensor
 from .kron_buckets import KronBuckets, keep_where
 from .shampoo_blocks import BlockShapeGroup
 
-__all__ = ["PSGDKronLayout", "PSGDKronFactors", "psgd_merged_shape", "factor_kinds",
-           "update_probability", "draw_probes", "norm_lower_bound", "clip_rms_"]
+__all__ = ["PSGDKronLayout", "PSGDKronFactors", "psgd_merged_shape", "factor_kinds", "FLAT_START",
+           "MIN_PROB", "update_probability", "draw_probes", "norm_lower_bound", "clip_rms_"]
 
 TRI, DIAG = "tri", "diag"
 
 
-def update_probability(n: int, max_prob: float = 1.0, min_prob: float = 0.03,
-                       decay: float = 0.001, flat_start: int = 500) -> float:
+FLAT_START, MIN_PROB = 500, 0.03  # the reference's schedule: its flat start and its floor
+
+
+def update_probability(n: int, max_prob: float = 1.0, min_prob: float = MIN_PROB,
+                       decay: float = 0.001, flat_start: int = FLAT_START) -> float:
     """The reference's schedule (kron-torch): 1 for the first ``flat_start`` steps, then
     ``exp(-decay (n - flat_start))`` down to ``min_prob`` (reached near step 4000); ``n``
     counts the steps before this one."""

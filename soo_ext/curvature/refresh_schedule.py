@@ -1,6 +1,7 @@
 """Cost-aware refresh scheduling: how often a preconditioner refreshes (K-FAC's factors and
-decompositions, Shampoo's roots) so that the refresh work is at most a ``budget`` fraction of the
-training time.
+decompositions, EKFAC's eigenbases, Shampoo's roots, SOAP's bases; PSGD-Kron's fits, whose
+annealed probability takes ``1 / interval`` as its floor) so that the refresh work is at most a
+``budget`` fraction of the training time.
 
 The schedule counts the steps ``n = 0, 1, 2, ...`` since it began (the optimizer says which of its
 steps these are) and keeps everything it knows in a plain ``record`` dict that the optimizer
@@ -77,6 +78,21 @@ class RefreshSchedule:
         return {"interval": None, "anchor": 0, "measuring": True, "next_measure": 0,
                 "plain": [], "refresh": [], "stamp": None, "cost_plain": None,
                 "cost_refresh": None}
+
+    def record_in(self, state: dict, sizes: list[int], n: int, start: int = 0) -> dict:
+        """The record kept in ``state['refresh_schedule']`` at step ``n`` for refreshes of
+        ``sizes`` (ints that set their cost, e.g. the refreshed shapes).  A fresh one at the
+        first call: its first window starts at ``max(start, n)`` (the schedule may be turned on
+        mid-run, or a state dict from before it loaded); when the sizes differ from the
+        record's, measure again from step ``n`` (:meth:`restart`)."""
+        record = state.get("refresh_schedule")
+        if record is None:
+            record = state["refresh_schedule"] = {**self.new_record(), "anchor": max(start, n),
+                                                  "sizes": sizes}
+        elif record.get("sizes") != sizes:
+            record["sizes"] = sizes
+            self.restart(record, n)
+        return record
 
     @staticmethod
     def due(record: dict, n: int) -> bool:

@@ -26,7 +26,7 @@ class EKFAC(KFAC):
 
     Every layer K-FAC preconditions gets ``V = Q_G [(Q_G^T grad Q_A) / (S + damping)] Q_A^T``:
     ``Q_A``, ``Q_G`` the eigenbases of K-FAC's running factors (refreshed every
-    ``inv_update_steps``), ``S`` the running average (``scale_decay``) of
+    ``inv_update_steps``: automatic by default), ``S`` the running average (``scale_decay``) of
     ``mean_n ((Q_G^T grad_n Q_A) ** 2)`` over the per-sample gradients of the batch (every
     ``scale_update_steps``, after the basis refresh of that step; a conv's per-sample gradient
     sums its output positions before the square: exact). The rest is KFAC's: layers, KL clip,
@@ -41,11 +41,12 @@ class EKFAC(KFAC):
         scale_decay: running-average decay of the scaling (default 0.75; 0: the batch's).
         kl_clip: kappa of the KL clip, or None (default 1e-3).
         factor_update_steps, inv_update_steps, scale_update_steps: steps between factor
-            updates, between eigendecompositions and between scaling updates (1, 10, 1).
+            updates, between eigendecompositions and between scaling updates (1, None, 1);
+            None: automatic, the decompositions at most ``refresh_budget`` (0.25) of the time.
         skip_layers, on_nonfinite, factor_dtype, accumulation_steps, batch_averaged,
             grad_scaler, params, process_group, spread_inverses, refresh_budget,
             refresh_timer, fallback, fallback_lr, fallback_betas, fallback_eps: as in
-            :class:`soo_ext.KFAC` (None intervals: automatic).
+            :class:`soo_ext.KFAC`.
 
     Example::
 
@@ -61,7 +62,7 @@ class EKFAC(KFAC):
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, damping: float = 1e-3, factor_decay: float = 0.95,
                  scale_decay: float = 0.75, kl_clip: float | None = 1e-3,
-                 factor_update_steps: int = 1, inv_update_steps: int = 10,
+                 factor_update_steps: int | None = 1, inv_update_steps: int | None = None,
                  scale_update_steps: int = 1, *, skip_layers=None, on_nonfinite: str = "skip",
                  factor_dtype: torch.dtype = torch.float32, accumulation_steps: int = 1,
                  batch_averaged: bool = True, grad_scaler=None, params=None,

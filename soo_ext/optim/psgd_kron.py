@@ -2,6 +2,7 @@
 probes (soo_ext.curvature.psgd_kron), with update-RMS clipping and decoupled weight decay."""
 from __future__ import annotations
 
+import functools
 import random
 from numbers import Real
 from typing import Callable
@@ -10,11 +11,14 @@ import torch
 from torch import Tensor
 
 from .._support.closure import call_closure
+from .._support.device import device_tensor
+from .._support.distributed import check_process_group
 from .._support.guard import SkipGuard
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs, Spec
 from .._support.params import all_params, check_dense_grads
-from ..curvature.psgd_kron import (PSGDKronFactors, PSGDKronLayout, clip_rms_, draw_probes,
-                                   update_probability)
+from ..curvature.psgd_kron import (FLAT_START, MIN_PROB, TRI, PSGDKronFactors, PSGDKronLayout,
+                                   clip_rms_, draw_probes, update_probability)
+from ..curvature.refresh_schedule import RefreshSchedule
 from .laid_out import LaidOutOptimizer
 
 __all__ = ["PSGDKron"]
@@ -28,12 +32,14 @@ class _Probability(Spec):
                                             and 0 < v <= 1)
 
 
-# lr and weight_decay may differ between param groups; the rest is one setting for the run.
+# lr, momentum and weight_decay may differ between param groups; the rest is one setting.
 OPTIONS = OptionSpecs({
     "lr": Number(0, high_open=True), "momentum": Number(0, 1, high_open=True),
     "weight_decay": Number(0, high_open=True), "precond_lr": Number(0, low_open=True,
                                                                     high_open=True),
-    "update_probability": _Probability(), "max_size_triangular": Int(1),
+    "update_probability": _Probability(),
+    "refresh_budget": Number(0, 1, low_open=True, high_open=True, none=True),
+    "max_size_triangular": Int(1),
     "min_ndim_triangular": Int(0), "memory_save_mode": OneOf(None, "one_diag", "smart_one_diag",
                                                              "all_diag"),
     "momentum_into_precond_update": Bool(), "precond_init_scale": Number(0, low_open=True,
@@ -41,7 +47,7 @@ OPTIONS = OptionSpecs({
     "merge_dims": Bool(), "precond_dtype": OneOf(torch.float32, torch.float64),
     "max_update_rms": Number(0, low_open=True, none=True), "seed": Int(0),
     "on_nonfinite": OneOf("raise", "skip"),
-}, per_group=("lr", "weight_decay"))
+}, per_group=("lr", "momentum", "weight_decay"))
 # Options that shape the factors: changing one rebuilds them (saved factors must still fit).
 _LAYOUT_OPTIONS = ("merge_dims", "max_size_triangular", "min_ndim_triangular",
                    "memory_save_mode", "precond_dtype", "precond_init_scale")
@@ -56,18 +62,21 @@ class PSGDKron(LaidOutOptimizer):
     Each param (tensors of order > 2 merged to a matrix) has ``P = Q^T Q``, ``Q`` a Kronecker
     product of one factor per dim: upper triangular, or diagonal (dims of size 1 or above
     ``max_size_triangular``, params of fewer than ``min_ndim_triangular`` dims).  With
-    probability ``update_probability`` (default: 1 for 500 steps, then annealed to 0.03) the
-    factors take one Lie-group step on a random probe ``V``:
+    probability ``update_probability`` (default: 1 for 500 steps, then annealed to a floor set
+    by measured costs) the factors take one Lie-group step on a random probe ``V``:
     ``Q_i <- Q_i - precond_lr triu(A_i A_i^T - B_i B_i^T) Q_i / ||A_i A_i^T + B_i B_i^T||``,
     ``A = Q m``, ``B = Q^{-T} V``.  The update is ``P m`` (``m`` the bias-corrected momentum),
     clipped to an RMS of ``max_update_rms``, plus decoupled weight decay (params of >= 2 dims),
     times ``lr``.  Non-finite steps are skipped on the device.  Details: docs/psgd_kron.md.
 
     Args:
-        params: iterable of params or of param-group dicts (lr, weight_decay per group).
+        params: iterable of params or of param-group dicts (lr, momentum, weight_decay per group).
         lr, momentum, weight_decay: (default: 3e-4, 0.9, 0).
         precond_lr: the factors' step size (default: 0.1).
         update_probability: None (the schedule), a number, or ``f(steps before this one)``.
+        refresh_budget: the schedule's floor keeps the fits to at most this fraction of the
+            training time (default 0.25; None: the floor 0.03). ``refresh_timer``: its clock;
+            ``process_group``: the data-parallel ranks whose timings it averages.
         max_size_triangular, min_ndim_triangular: (default: 8192, 2).
         memory_save_mode: None, ``'one_diag'``, ``'smart_one_diag'`` or ``'all_diag'``.
         momentum_into_precond_update: fit on the momentum, else on the gradient (default: True).
@@ -94,9 +103,11 @@ class PSGDKron(LaidOutOptimizer):
                  momentum_into_precond_update: bool = True, precond_init_scale: float = 1.0,
                  merge_dims: bool = True, precond_dtype: torch.dtype = torch.float32,
                  max_update_rms: float | None = 1.1, seed: int = 0,
-                 on_nonfinite: str = "skip") -> None:
+                 on_nonfinite: str = "skip", refresh_budget: float | None = 0.25,
+                 refresh_timer=None, process_group=None) -> None:
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                     "precond_lr": precond_lr, "update_probability": update_probability,
+                    "refresh_budget": refresh_budget,
                     "max_size_triangular": max_size_triangular,
                     "min_ndim_triangular": min_ndim_triangular,
                     "memory_save_mode": memory_save_mode,
@@ -104,7 +115,15 @@ class PSGDKron(LaidOutOptimizer):
                     "precond_init_scale": precond_init_scale, "merge_dims": merge_dims,
                     "precond_dtype": precond_dtype, "max_update_rms": max_update_rms,
                     "seed": seed, "on_nonfinite": on_nonfinite}
-        super().__init__(params, defaults)  # self._run: (layout options, layout, factors)
+        self._process_group = check_process_group(process_group)
+        self._schedule = RefreshSchedule(_SCHEDULED, timer=refresh_timer)
+        super().__init__(params, defaults)  # self._run: (layout options, layout, factors, sizes)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # load_state_dict comes here too: it keeps these; a copy or unpickling has none
+        self.__dict__.setdefault("_process_group", None)
+        self.__dict__.setdefault("_schedule", RefreshSchedule(_SCHEDULED))
 
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
@@ -115,7 +134,7 @@ class PSGDKron(LaidOutOptimizer):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
         OPTIONS.check_groups(self.param_groups)
         check_dense_grads(all_params(self), "PSGDKron")
-        layout, factors = self._prepare()
+        layout, factors, sizes = self._prepare()
         o, params = self.param_groups[0], layout.params
         gstate = self.state[params[0]]
         k = gstate["step"] + 1
@@ -126,22 +145,22 @@ class PSGDKron(LaidOutOptimizer):
         gstate["step"] = k
         # The step's randomness is a function of (seed, step): resume and replicas agree.
         decisions = random.Random(gstate["seed"] * 1_000_003 + k)
-        chance = o["update_probability"]
-        chance = (update_probability(k - 1) if chance is None else
-                  chance(k - 1) if callable(chance) else chance)
-        update = decisions.random() < chance
+        record = self._refresh_record(gstate, sizes, k - 1)
+        update = _fit_due(o["update_probability"], k - 1, decisions.random(), record)
         balance = decisions.random() < 0.01 and update
         self._generator.manual_seed((gstate["seed"] * 1_000_003 + k) % (2 ** 63))
         takes, moments, stacks, probes = [], [], [], []
+        momentum = {id(p): gr["momentum"] for gr in self.param_groups for p in gr["params"]}
         for g, sg in enumerate(layout.shape_groups):
             members = [i for i, _ in sg.members]
             G = torch.stack([grads[i].reshape(sg.shape) for i in members])
             G = torch.where(guard.ok, G, G.new_zeros(()))  # NaN * 0 is NaN: replaced
             present = [params[i].grad is not None for i in members]
             take = (guard.ok.expand(len(members)) if all(present) else
-                    guard.ok & torch.tensor(present, device=G.device))
+                    guard.ok & device_tensor(present, G.device))
             takes.append(take)
-            moments.append(factors.momentum_(g, G, take, o["momentum"]))
+            betas = [momentum[id(params[i])] for i in members]
+            moments.append(_momentum_(factors, g, G, take, betas))
             if update:
                 stacks.append(moments[-1] if o["momentum_into_precond_update"]
                               else G.to(factors.dtype))
@@ -160,7 +179,18 @@ class PSGDKron(LaidOutOptimizer):
                            for m, (i, _) in enumerate(sg.members))
         for group in self.param_groups:
             _apply_(group, [p for p in group["params"] if p.grad is not None], updates, guard)
+        if record is not None:
+            self._schedule.after_step(record, k - 1, params[0].device, self._process_group)
         return loss
+
+    def _refresh_record(self, gstate: dict, sizes: list[int], n: int) -> dict | None:
+        """The automatic floor's record (in the state; its first window at the end of the flat
+        start), None when it is off."""
+        o = self.param_groups[0]
+        if o["update_probability"] is not None or o["refresh_budget"] is None:
+            return None
+        self._schedule.budget = o["refresh_budget"]
+        return self._schedule.record_in(gstate, sizes, n, start=FLAT_START)
 
     def _prepare(self) -> tuple[PSGDKronLayout, PSGDKronFactors]:
         """The layout and factors of the run, built at the first step and whenever a layout
@@ -202,8 +232,48 @@ class PSGDKron(LaidOutOptimizer):
         gstate["nonfinite_steps"] = (torch.zeros((), dtype=torch.int64, device=p0.device)
                                      if counter is None else counter.to(p0.device))
         self._generator = torch.Generator(device=p0.device)
-        self._run = (key, layout, factors)
-        return layout, factors
+        sizes = [v for sg in layout.shape_groups for v in (
+            len(sg.members), *sg.shape, *(int(kind == TRI) for kind in sg.kinds), -1)]
+        sizes.append(int(o["precond_dtype"] == torch.float64))
+        self._run = (key, layout, factors, sizes)
+        return layout, factors, sizes
+
+
+_SCHEDULED = "PSGDKron fits (the floor of their probability: 1 / interval)"
+
+
+def _fit_due(option, n: int, draw: float, record: dict | None) -> bool:
+    """Whether the step after ``n`` steps fits the factors: ``draw`` (uniform in [0, 1)) below
+    the chance that ``option`` (``update_probability``) gives, None: the annealed schedule whose
+    floor is ``1 / interval`` of the automatic schedule (``record``; 0.03 while it has none or
+    when it is off); in the schedule's measurement windows by the window's pattern."""
+    if record is not None and record["measuring"] and n >= record["anchor"]:
+        return RefreshSchedule.due(record, n)
+    if option is None:
+        floor = 1 / record["interval"] if record and record["interval"] else MIN_PROB
+        return draw < update_probability(n, min_prob=floor)
+    return draw < (option(n) if callable(option) else option)
+
+
+def _momentum_(factors: PSGDKronFactors, g: int, G: Tensor, take: Tensor,
+               betas: list[float]) -> Tensor:
+    """``factors.momentum_`` of shape group ``g`` with each member's own beta (its param
+    group's ``momentum``): one pass per distinct value, each over the members that have it."""
+    if len(set(betas)) == 1:
+        return factors.momentum_(g, G, take, betas[0])
+    out = None
+    for beta, mine in _members_with(tuple(betas), G.device):
+        M = factors.momentum_(g, G, take & mine, beta)
+        out = M if out is None else torch.where(mine.view((-1,) + (1,) * (M.dim() - 1)), M, out)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _members_with(betas: tuple[float, ...], device: torch.device) -> tuple:
+    """Each distinct value of ``betas`` with the mask of the members that have it, on
+    ``device``: made once per pattern (a host-to-device copy every step would sync)."""
+    return tuple((b, device_tensor([x == b for x in betas], device))
+                 for b in sorted(set(betas)))
 
 
 def _apply_(group: dict, params: list[Tensor], updates: dict, guard: SkipGuard) -> None:

@@ -7,9 +7,12 @@ import torch
 from torch import Tensor
 
 from .._support.closure import call_closure
+from .._support.device import device_tensor
+from .._support.distributed import check_process_group
 from .._support.guard import SkipGuard
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import all_params, check_dense_grads
+from ..curvature.refresh_schedule import RefreshSchedule
 from ..curvature.soap_bases import SOAPBases
 from .laid_out import LaidOutOptimizer
 from .shampoo import _Betas
@@ -36,11 +39,15 @@ class _ShampooBeta(Number):
 OPTIONS = OptionSpecs({
     "lr": Number(0, high_open=True), "betas": _AdamBetas(),
     "eps": Number(0, low_open=True, high_open=True), "weight_decay": Number(0, high_open=True),
-    "shampoo_beta": _ShampooBeta(0, 1, high_open=True), "precondition_frequency": Int(1),
+    "shampoo_beta": _ShampooBeta(0, 1, high_open=True),
+    "precondition_frequency": Int(1, none=True),
+    "refresh_budget": Number(0, 1, low_open=True, high_open=True, none=True),
     "max_precond_dim": Int(1), "merge_dims": Bool(), "precondition_1d": Bool(),
+    "normalize_grads": Bool(), "correct_bias": Bool(),
     "factor_dtype": OneOf(torch.float32, torch.float64), "on_nonfinite": OneOf("raise", "skip"),
 }, per_group=("lr", "betas", "weight_decay"))
 _LAYOUT_OPTIONS = ("max_precond_dim", "merge_dims", "precondition_1d", "factor_dtype")
+_UNSCHEDULED_FREQUENCY = 10  # the reference's, with the automatic schedule off
 _UNCAST = ("GG", "Q", "adam_steps", "nonfinite_steps")  # factor dtype, counters: not cast
 
 
@@ -51,22 +58,27 @@ class SOAP(LaidOutOptimizer):
     Every param (dims merged with ``merge_dims``) keeps a factor per dim,
     ``GG_k <- b GG_k + (1 - b) G_(k) G_(k)^T`` (``b = shampoo_beta``, default beta2), and its
     eigenbasis ``Q_k``: by eigh at the first step (which only gathers statistics), then every
-    ``precondition_frequency`` steps by one power-iteration step and QR, ``Q <- qr(GG Q)``
-    (one call per bucket of equal-size factors).  Adam runs on ``G' = G x_k Q_k^T``; the
-    update ``lr (M' / (sqrt(V') + eps)) x_k Q_k`` is bias-corrected and followed by the decoupled
-    weight decay ``p <- p (1 - lr weight_decay)``.  A dim above ``max_precond_dim`` is left
-    unrotated; 1-D params take Adam (unless ``precondition_1d``).  Non-finite steps are skipped
-    on the device.  Details, state layout and host syncs: docs/soap.md.
+    ``precondition_frequency`` steps (automatic by default) by one power-iteration step and QR,
+    ``Q <- qr(GG Q)`` (one call per bucket of equal-size factors).  Adam runs on
+    ``G' = G x_k Q_k^T``; the update ``lr (M' / (sqrt(V') + eps)) x_k Q_k`` is bias-corrected
+    and followed by the decoupled weight decay ``p <- p (1 - lr weight_decay)``.  A dim above
+    ``max_precond_dim`` is left unrotated; 1-D params take Adam (unless ``precondition_1d``).
+    Non-finite steps are skipped on the device.  Details, state layout and host syncs:
+    docs/soap.md.
 
     Args:
         params: iterable of params or of param-group dicts (lr, betas, weight_decay per group).
         lr: learning rate (default: 3e-3).
         betas: Adam's (beta1, beta2) (default: (0.95, 0.95)).
         weight_decay: decoupled weight decay (default: 0.01).
-        precondition_frequency: steps between basis refreshes (default: 10).
+        precondition_frequency: steps between basis refreshes; None (default): automatic,
+            refreshes at most ``refresh_budget`` of the training time (default 0.25; None:
+            every 10 steps); ``refresh_timer``: its clock; ``process_group``: its ranks.
         eps: added to Adam's denominator (default: 1e-8).
         shampoo_beta: factor decay; None: each group's beta2 (default: None).
         max_precond_dim, merge_dims, precondition_1d: (default: 10000, False, False).
+        normalize_grads, correct_bias: the update scaled to RMS 1 per param; Adam's bias
+            corrections (default: False, True).
         factor_dtype: ``torch.float32`` (default) or ``torch.float64``.
         on_nonfinite: ``'skip'`` (default) or ``'raise'``.
 
@@ -81,17 +93,28 @@ class SOAP(LaidOutOptimizer):
     OPTIONS, UNCAST = OPTIONS, _UNCAST
 
     def __init__(self, params, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
-                 weight_decay: float = 0.01, precondition_frequency: int = 10, *,
+                 weight_decay: float = 0.01, precondition_frequency: int | None = None, *,
                  eps: float = 1e-8, shampoo_beta: float | None = None,
                  max_precond_dim: int = 10000, merge_dims: bool = False,
-                 precondition_1d: bool = False, factor_dtype: torch.dtype = torch.float32,
-                 on_nonfinite: str = "skip") -> None:
+                 precondition_1d: bool = False, normalize_grads: bool = False,
+                 correct_bias: bool = True, refresh_budget: float | None = 0.25,
+                 factor_dtype: torch.dtype = torch.float32, on_nonfinite: str = "skip",
+                 refresh_timer=None, process_group=None) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     "shampoo_beta": shampoo_beta, "precondition_frequency": precondition_frequency,
-                    "max_precond_dim": max_precond_dim, "merge_dims": merge_dims,
-                    "precondition_1d": precondition_1d, "factor_dtype": factor_dtype,
-                    "on_nonfinite": on_nonfinite}
-        super().__init__(params, defaults)  # self._run: (layout options, bases, member indices)
+                    "refresh_budget": refresh_budget, "max_precond_dim": max_precond_dim,
+                    "merge_dims": merge_dims, "precondition_1d": precondition_1d,
+                    "normalize_grads": normalize_grads, "correct_bias": correct_bias,
+                    "factor_dtype": factor_dtype, "on_nonfinite": on_nonfinite}
+        self._process_group = check_process_group(process_group)
+        self._schedule = RefreshSchedule("SOAP bases", timer=refresh_timer)
+        super().__init__(params, defaults)  # self._run: (layout options, bases, index, sizes)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # load_state_dict comes here too: it keeps these; a copy or unpickling has none
+        self.__dict__.setdefault("_process_group", None)
+        self.__dict__.setdefault("_schedule", RefreshSchedule("SOAP bases"))
 
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
@@ -103,9 +126,10 @@ class SOAP(LaidOutOptimizer):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
         OPTIONS.check_groups(self.param_groups)
         check_dense_grads(params, "SOAP")
-        bases, index = self._prepare()
+        bases, index, sizes = self._prepare()
         o, gstate = self.param_groups[0], self.state[bases.params[0]]
         k = gstate["step"] + 1
+        record = self._refresh_record(gstate, sizes, k - 2)
         self._skips.watch(gstate["nonfinite_steps"])
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bases.params]
         guard = SkipGuard.check(grads, o["on_nonfinite"], gstate["nonfinite_steps"],
@@ -115,8 +139,8 @@ class SOAP(LaidOutOptimizer):
             members, slots = [guard.ok] * len(index["members"]), dict.fromkeys(index["slots"],
                                                                                 guard.ok)
         else:
-            member = guard.ok & torch.tensor([p.grad is not None for p in bases.params],
-                                             device=guard.ok.device)
+            member = guard.ok & device_tensor([p.grad is not None for p in bases.params],
+                                              guard.ok.device)
             members = [member[ix] for ix in index["members"]]
             slots = {key: member[ix] for key, ix in index["slots"].items()}
         stacked = [bases.stack(grads, g) for g in range(len(bases.shape_groups))]
@@ -124,19 +148,28 @@ class SOAP(LaidOutOptimizer):
         if k > 1:  # the first step only gathers statistics (the reference's)
             gstate["adam_steps"].add_(guard.ok)
             table, hyper = self._hyper(bases, index)
-            taken = gstate["adam_steps"].to(table["lr"].dtype)
-            step_size = (table["lr"] * (1 - table["beta2"] ** taken).sqrt()
-                         / (1 - table["beta1"] ** taken))  # bias-corrected, per param
+            step_size = _step_sizes(table, gstate["adam_steps"], o["correct_bias"])
             for g, (G, mask) in enumerate(zip(stacked, members)):
-                _adam_step_(bases, g, G, mask, step_size[index["members"][g]], o["eps"], hyper[g])
+                _adam_step_(bases, g, G, mask, step_size[index["members"][g]], o["eps"], hyper[g],
+                            o["normalize_grads"])
         decay, scale = self._factor_decay(bases, index)
         bases.update_factors(stacked, {key: torch.where(slots[key], d, 1.0)
                                        for key, d in decay.items()}, scale)
         if k == 1:
             bases.init_bases(slots)
-        elif (k - 1) % o["precondition_frequency"] == 0:
+        elif _refresh_due(o, k - 2, record):  # n = k - 2: the Adam steps before this one
             bases.refresh(slots, members)
+        if record is not None and k >= 2:
+            self._schedule.after_step(record, k - 2, bases.params[0].device, self._process_group)
         return loss
+
+    def _refresh_record(self, gstate: dict, sizes: list[int], n: int) -> dict | None:
+        """The automatic schedule's record (in the state), None when it is off."""
+        o = self.param_groups[0]
+        if o["precondition_frequency"] is not None or o["refresh_budget"] is None:
+            return None
+        self._schedule.budget = o["refresh_budget"]
+        return self._schedule.record_in(gstate, sizes, max(n, 0))
 
     def _hyper(self, bases: SOAPBases, index: dict) -> tuple[dict[str, Tensor], list[dict]]:
         """Each param's lr and betas (``[P]``), and per shape group its members' betas, ``1 -
@@ -145,8 +178,8 @@ class SOAP(LaidOutOptimizer):
         values = [(g["lr"], *g["betas"], 1 - g["lr"] * g["weight_decay"])
                   for g in self.param_groups]
         if index.get("hyper_key") != values:
-            rows = torch.tensor([values[gi] for gi in bases.group_of],
-                                dtype=bases.exp_avg[0].dtype, device=bases.params[0].device)
+            rows = device_tensor([values[gi] for gi in bases.group_of], bases.params[0].device,
+                                 bases.exp_avg[0].dtype)
             table = dict(zip(("lr", "beta1", "beta2"), rows.unbind(1)))
             hyper = []
             for ix, M in zip(index["members"], bases.exp_avg):
@@ -162,16 +195,17 @@ class SOAP(LaidOutOptimizer):
         decays = [g["shampoo_beta"] if g["shampoo_beta"] is not None else g["betas"][1]
                   for g in self.param_groups]
         if index.get("decay_key") != decays:
-            table = torch.tensor([decays[gi] for gi in bases.group_of], dtype=bases.fdtype,
-                                 device=bases.params[0].device)
+            table = device_tensor([decays[gi] for gi in bases.group_of], bases.params[0].device,
+                                  bases.fdtype)
             decay = {key: table[ix] for key, ix in index["slots"].items()}
             index["decay"] = decay, {key: (1 - d).sqrt() for key, d in decay.items()}
             index["decay_key"] = decays
         return index["decay"]
 
-    def _prepare(self) -> tuple[SOAPBases, dict]:
+    def _prepare(self) -> tuple[SOAPBases, dict, list[int]]:
         """The bases of the run, built at the first step and whenever the params or a layout
-        option changed; the state entries are views of their stacks."""
+        option changed; the state entries are views of their stacks.  Also the sizes that
+        set a refresh's cost (the automatic schedule measures again when they change)."""
         o = self.param_groups[0]
         key = tuple(o[k] for k in _LAYOUT_OPTIONS)
         if self._run is not None and self._run[0] == key:
@@ -205,19 +239,39 @@ class SOAP(LaidOutOptimizer):
             gstate[name] = (torch.zeros((), dtype=torch.int64, device=p0.device) if counter is None
                             else counter.to(p0.device))
         device = p0.device
-        index = {"members": [torch.tensor([i for i, _ in sg.members], device=device)
+        index = {"members": [device_tensor([i for i, _ in sg.members], device)
                              for sg in bases.shape_groups],
-                 "slots": {key: torch.tensor(own, device=device)
+                 "slots": {key: device_tensor(own, device)
                            for key, own in bases.owner.items()}}
-        self._run = (key, bases, index)
-        return bases, index
+        sizes = [d for p in bases.params for d in (*p.shape, -1)] + [
+            int(o[k] if k != "factor_dtype" else o[k] == torch.float64) for k in _LAYOUT_OPTIONS]
+        self._run = (key, bases, index, sizes)
+        return bases, index, sizes
+
+
+def _refresh_due(o: dict, n: int, record: dict | None) -> bool:
+    """Whether the bases are refreshed after ``n + 1`` Adam steps (options ``o``): every
+    ``precondition_frequency``, or automatic (``record``: the schedule's)."""
+    if record is not None:
+        return RefreshSchedule.due(record, n)
+    every = o["precondition_frequency"]
+    return (n + 1) % (_UNSCHEDULED_FREQUENCY if every is None else every) == 0
+
+
+def _step_sizes(table: dict[str, Tensor], adam_steps: Tensor, correct_bias: bool) -> Tensor:
+    """Each param's step size: ``lr``, times ``sqrt(1 - beta2^t) / (1 - beta1^t)`` with
+    ``correct_bias`` (``t`` the Adam steps taken)."""
+    if not correct_bias:
+        return table["lr"]
+    taken = adam_steps.to(table["lr"].dtype)
+    return table["lr"] * (1 - table["beta2"] ** taken).sqrt() / (1 - table["beta1"] ** taken)
 
 
 def _adam_step_(bases: SOAPBases, g: int, G: Tensor, mask: Tensor, step_size: Tensor,
-                eps: float, hyper: dict[str, Tensor]) -> None:
-    """Adam in the eigenbasis for the params of shape group ``g`` (gradients ``G``, bias-
-    corrected step sizes ``[B]``), those of ``mask`` only; the moments live in the rotated
-    space."""
+                eps: float, hyper: dict[str, Tensor], normalize: bool) -> None:
+    """Adam in the eigenbasis for the params of shape group ``g`` (gradients ``G``, step sizes
+    ``[B]``), those of ``mask`` only; the moments live in the rotated space.  ``normalize``:
+    each param's update divided by ``1e-30 + its RMS`` (the reference's ``normalize_grads``)."""
     ones = (1,) * (G.dim() - 1)
     m = mask.view((-1,) + ones)
     M, V = bases.exp_avg[g], bases.exp_avg_sq[g]
@@ -225,6 +279,8 @@ def _adam_step_(bases: SOAPBases, g: int, G: Tensor, mask: Tensor, step_size: Te
     M.mul_(torch.where(m, hyper["beta1"], 1.0)).add_(Gr * hyper["1-beta1"])
     V.mul_(torch.where(m, hyper["beta2"], 1.0)).addcmul_(Gr, Gr * hyper["1-beta2"])
     U = bases.rotate(M / (V.sqrt() + eps), g, back=True)
+    if normalize:
+        U = U / (U.square().mean(dim=tuple(range(1, U.dim())), keepdim=True).sqrt() + 1e-30)
     U = U * torch.where(mask, -step_size, 0.0).view((-1,) + ones)
     params = [bases.params[i] for i, _ in bases.shape_groups[g].members]
     torch._foreach_add_(params, [u.view(p.shape) for u, p in zip(U.unbind(0), params)])

@@ -1,6 +1,6 @@
-"""RefreshSchedule (the automatic refresh interval) alone with a fake clock, and in KFAC and
-Shampoo (automatic by default, explicit intervals and refresh_budget=None turn it off, the
-state_dict carries it)."""
+"""RefreshSchedule (the automatic refresh interval) alone with a fake clock, and in KFAC,
+Shampoo, SOAP, EKFAC and PSGDKron (automatic by default, explicit intervals and
+refresh_budget=None turn it off, the state_dict carries it)."""
 import copy
 import logging
 import math
@@ -10,7 +10,11 @@ import torch
 from torch import nn
 
 import soo_ext
+from soo_ext.curvature.kfac_factors import EigenCorrectedFactors
+from soo_ext.curvature.psgd_kron import PSGDKronFactors, update_probability
 from soo_ext.curvature.refresh_schedule import RefreshSchedule
+from soo_ext.curvature.soap_bases import SOAPBases
+from soo_ext.optim.psgd_kron import _fit_due
 
 
 def drive(schedule, record, steps, plain, refresh, start=0):
@@ -273,3 +277,258 @@ def test_shampoo_measures_again_after_new_sizes():
     train(model, opt, 1)  # k = 13 (n = 11): new sizes seen at n = 10; the refresh due at
     assert record["next_measure"] == 10  # n = 12 starts a window
     assert record["measuring"] and record["anchor"] == 12 and record["sizes"][-3:] == [1024, 1, 0]
+
+
+def test_record_in_makes_the_record_and_measures_again_after_new_sizes():
+    s, state = RefreshSchedule("test", 0.25), {}
+    record = s.record_in(state, [3, 4], 0, start=5)
+    assert state["refresh_schedule"] is record and record["anchor"] == 5 and record["measuring"]
+    assert not s.due(record, 4) and s.due(record, 5)
+    drive(s, record, 12, 1.0, 1.0)  # the window 5..11: interval 3
+    assert record["interval"] == 3 and not record["measuring"]
+    assert s.record_in(state, [3, 4], 12) is record and record["next_measure"] == 2011
+    s.record_in(state, [3, 5], 12)
+    assert record["sizes"] == [3, 5] and record["next_measure"] == 12
+    late = s.record_in({}, [3], 40, start=5)  # turned on at n = 40: its window starts there
+    assert late["anchor"] == 40 and drive(s, late, 7, 1.0, 1.0, start=40) == [40, 42, 44, 46]
+    assert late["interval"] == 3
+
+
+def test_soap_schedule_turned_on_mid_run_measures_from_there(monkeypatch):
+    model = mlp()
+    opt = soap(model, precondition_frequency=4)
+    done = refreshes(monkeypatch, SOAPBases, opt)
+    train(model, opt, 10)  # k = 1..10: refreshes at k = 5, 9
+    opt.param_groups[0]["precondition_frequency"] = None
+    train(model, opt, 12)  # k = 11..22, n = 9..20: a window n = 9..15 (k = 11..17), interval 6
+    record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert record["interval"] == 6 and record["anchor"] == 15
+    assert done == [5, 9, 11, 13, 15, 17]
+
+
+# ---- SOAP, EKFAC and PSGDKron: the same schedule (the record's step n is each one's own) -----
+
+def soap(model, **kw):
+    opt = soo_ext.SOAP(model.parameters(), lr=1e-2, **kw)
+    if "refresh_timer" not in kw:  # n = k - 2: the Adam steps before step k
+        opt._schedule.timer = FakeClock(opt, lambda glob: glob["step"] - 2, refresh=2.0)
+    return opt
+
+
+def refreshes(monkeypatch, cls, opt):
+    """The steps (the global state's ``step`` then) at which ``cls.refresh`` is called: a list
+    that fills as ``opt`` trains."""
+    done, original = [], cls.refresh
+
+    def counted(self, *args):
+        done.append(opt.state[opt.param_groups[0]["params"][0]]["step"])
+        return original(self, *args)
+    monkeypatch.setattr(cls, "refresh", counted)
+    return done
+
+
+def test_soap_is_automatic_by_default(monkeypatch):
+    model = mlp()
+    opt = soap(model)
+    assert opt.defaults["precondition_frequency"] is None and opt.defaults["refresh_budget"] == 0.25
+    done = refreshes(monkeypatch, SOAPBases, opt)
+    train(model, opt, 22)  # k = 1..22, n = k - 2; window n = 0..6; interval 6
+    record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert record["interval"] == 6 and record["anchor"] == 6  # 2 * 0.75 / 0.25
+    assert done == [2, 4, 6, 8, 14, 20]
+
+
+@pytest.mark.parametrize("kw, refreshed", [
+    (dict(precondition_frequency=4), [5, 9, 13, 17, 21]),  # every 4 Adam steps, as before
+    (dict(refresh_budget=None), [11, 21]),  # off: every 10 (the reference's default)
+])
+def test_soap_explicit_frequency_or_no_budget_turn_it_off(monkeypatch, kw, refreshed):
+    model = mlp()
+    opt = soap(model, refresh_timer=no_clock, **kw)
+    done = refreshes(monkeypatch, SOAPBases, opt)
+    train(model, opt, 22)
+    assert done == refreshed
+    assert "refresh_schedule" not in opt.state[opt.param_groups[0]["params"][0]]
+
+
+@pytest.mark.parametrize("saved_at", [5, 12])  # inside the first window, after it
+def test_soap_state_dict_carries_the_schedule(saved_at):
+    model = mlp()
+    opt = soap(model)
+    train(model, opt, saved_at)
+    sd, weights, clock = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict()), \
+        opt._schedule.timer.t
+    train(model, opt, 15, seed=2)
+    model2 = mlp()
+    model2.load_state_dict(weights)
+    opt2 = soap(model2)
+    opt2.load_state_dict(sd)
+    opt2._schedule.timer.t = clock
+    train(model2, opt2, 15, seed=2)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    r1 = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert r1 == opt2.state[opt2.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert r1["interval"] == 6
+
+
+def test_soap_measures_again_after_new_sizes():
+    model, extra = mlp(), nn.Linear(4, 5)
+    opt = soap(model)
+    train(model, opt, 12)
+    record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert not record["measuring"] and record["anchor"] == 6
+    opt.add_param_group({"params": list(extra.parameters())})
+    for p in extra.parameters():
+        p.grad = torch.ones_like(p)
+    train(model, opt, 1)  # k = 13 (n = 11): new sizes; the refresh due at n = 12 (k = 14)
+    assert record["next_measure"] == 11 and record["sizes"][-6:-4] == [5, -1]
+    train(model, opt, 1)
+    assert record["measuring"] and record["anchor"] == 12
+
+
+def ekfac(model, **kw):
+    opt = soo_ext.EKFAC(model, lr=0.05, **kw)
+    if "refresh_timer" not in kw:
+        opt._schedule.timer = FakeClock(opt, lambda glob: glob["step"], refresh=4.0)
+    return opt
+
+
+def test_ekfac_schedules_its_eigenbases_by_default(monkeypatch):
+    model = mlp()
+    opt = ekfac(model)
+    assert opt.defaults["inv_update_steps"] is None and opt.defaults["factor_update_steps"] == 1
+    done = refreshes(monkeypatch, EigenCorrectedFactors, opt)
+    train(model, opt, 30)  # window 0..6: a decomposition costs 4 steps: interval 12
+    record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert record["interval"] == 12 and record["anchor"] == 6
+    assert done == [0, 2, 4, 6, 18] and factor_updates(opt) == 30  # factors: every step
+
+
+@pytest.mark.parametrize("kw, bases", [
+    (dict(inv_update_steps=5), [0, 5, 10]),  # explicit
+    (dict(refresh_budget=None), list(range(12))),  # off with None intervals: every step (KFAC's)
+])
+def test_ekfac_explicit_intervals_or_no_budget_turn_it_off(monkeypatch, kw, bases):
+    model = mlp()
+    opt = soo_ext.EKFAC(model, lr=0.05, refresh_timer=no_clock, **kw)
+    done = refreshes(monkeypatch, EigenCorrectedFactors, opt)
+    train(model, opt, 12)
+    assert done == bases and factor_updates(opt) == 12
+    assert "refresh_schedule" not in opt.state[opt.param_groups[0]["params"][0]]
+
+
+def test_ekfac_state_dict_carries_the_schedule():
+    model = mlp()
+    opt = ekfac(model)
+    train(model, opt, 4)  # inside the first window
+    sd, weights, clock = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict()), \
+        opt._schedule.timer.t
+    train(model, opt, 25, seed=2)
+    model2 = mlp()
+    model2.load_state_dict(weights)
+    opt2 = ekfac(model2)
+    opt2.load_state_dict(sd)
+    opt2._schedule.timer.t = clock
+    train(model2, opt2, 25, seed=2)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    r1 = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert r1 == opt2.state[opt2.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert r1["interval"] == 12
+
+
+@pytest.fixture
+def early_window(monkeypatch):
+    """PSGDKron's first measurement window at n = 10 instead of the flat start's end (500):
+    shorter runs, the same mechanics (the steps before it fit with probability 1 either way)."""
+    monkeypatch.setattr(soo_ext.optim.psgd_kron, "FLAT_START", 10)
+
+
+def psgd_kron(model, refresh=0.5, **kw):
+    opt = soo_ext.PSGDKron(model.parameters(), lr=1e-3, **kw)
+    if "refresh_timer" not in kw:  # n = k - 1: the steps before step k
+        opt._schedule.timer = FakeClock(opt, lambda glob: glob["step"] - 1, refresh=refresh)
+    return opt
+
+
+def fits(monkeypatch, opt):
+    """The steps (k) that fit the factors: a list that fills as ``opt`` trains."""
+    done, original = [], PSGDKronFactors.update_
+
+    def counted(self, *args):
+        done.append(opt.state[opt.param_groups[0]["params"][0]]["step"])
+        return original(self, *args)
+    monkeypatch.setattr(PSGDKronFactors, "update_", counted)
+    return done
+
+
+def test_psgd_kron_fit_decisions():
+    """The annealed probability's floor is 1 / interval of the automatic schedule (0.03 without
+    it); its measurement window fits by the window's pattern, whatever the draw."""
+    record = {**RefreshSchedule.new_record(), "anchor": 500}  # the first window: n = 500..506
+    assert _fit_due(None, 10, 0.999, record)  # the flat start (p = 1)
+    assert _fit_due(None, 500, 0.999, record) and not _fit_due(None, 501, 0.0, record)
+    record.update(measuring=False, interval=4, anchor=506)
+    n = 8000  # the reference's schedule is at its floor 0.03 long before
+    assert _fit_due(None, n, 0.249, record) and not _fit_due(None, n, 0.251, record)
+    assert _fit_due(None, n, 0.029, None) and not _fit_due(None, n, 0.031, None)  # off: 0.03
+    assert _fit_due(None, 1000, 0.6, record) == (0.6 < update_probability(1000))
+    assert _fit_due(0.5, 3, 0.49, None) and not _fit_due(lambda n: 0.1, 3, 0.11, None)
+
+
+def test_psgd_kron_measures_at_the_end_of_the_flat_start():
+    model = mlp()
+    opt = psgd_kron(model)
+    train(model, opt, 1)
+    record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert record["anchor"] == 500 and record["measuring"] and record["stamp"] is None
+
+
+def test_psgd_kron_floor_is_automatic_by_default(monkeypatch, caplog, early_window):
+    model = mlp()
+    opt = psgd_kron(model, refresh=0.5)  # interval ceil(0.5 * 0.75 / 0.25) = 2: floor 1/2
+    assert opt.defaults["update_probability"] is None and opt.defaults["refresh_budget"] == 0.25
+    done = fits(monkeypatch, opt)
+    with caplog.at_level(logging.INFO, logger="soo_ext"):
+        train(model, opt, 20)  # k = 1..20, n = k - 1: the window n = 10..16
+    record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert record["interval"] == 2 and record["anchor"] == 16
+    assert done[:10] == list(range(1, 11))  # before the window: p = 1
+    assert [k for k in done if 11 <= k <= 17] == [11, 13, 15, 17]  # the window
+    assert "PSGDKron fits (the floor of their probability: 1 / interval): refresh every 2 " \
+        "steps" in caplog.text
+
+
+@pytest.mark.parametrize("kw", [dict(update_probability=0.5), dict(refresh_budget=None)])
+def test_psgd_kron_explicit_probability_or_no_budget_turn_it_off(monkeypatch, kw,
+                                                                 early_window):
+    import random
+    model = mlp()
+    opt = psgd_kron(model, refresh_timer=no_clock, **kw)
+    done = fits(monkeypatch, opt)
+    train(model, opt, 20)
+    chance = kw.get("update_probability") or update_probability  # (off: no window at 10..16)
+    assert done == [k for k in range(1, 21) if random.Random(k).random() < (
+        chance(k - 1) if callable(chance) else chance)]  # seed 0: the draws of before
+    assert "refresh_schedule" not in opt.state[opt.param_groups[0]["params"][0]]
+
+
+def test_psgd_kron_state_dict_carries_the_schedule(early_window):
+    model = mlp()
+    opt = psgd_kron(model, refresh=4.0)
+    train(model, opt, 13)  # inside the first window (n = 10..16)
+    sd, weights, clock = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict()), \
+        opt._schedule.timer.t
+    train(model, opt, 12, seed=2)
+    model2 = mlp()
+    model2.load_state_dict(weights)
+    opt2 = psgd_kron(model2, refresh=4.0)
+    opt2.load_state_dict(sd)
+    opt2._schedule.timer.t = clock
+    train(model2, opt2, 12, seed=2)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    r1 = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert r1 == opt2.state[opt2.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert r1["interval"] == 12

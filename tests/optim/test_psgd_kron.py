@@ -262,3 +262,46 @@ def test_trains_mnist1d(mnist1d):
     before, after, _ = train_mnist1d(mnist1d, mnist1d_mlp,
                                      lambda m: soo_ext.PSGDKron(m.parameters(), lr=1e-2), 60)
     assert after < 0.8 * before
+
+
+def test_momentum_per_param_group(monkeypatch):
+    """``momentum`` (and ``lr``) per param group, as torch.optim reads them: two groups whose
+    params share shape groups (one stack, two betas) follow the float64 transcription with each
+    group's own momentum and bias correction, step for step; a run with one momentum for all
+    differs (the groups' values are used)."""
+    steps, p_update = 10, 0.6
+    shapes = [(5, 4), (5, 4), (6,), (6,), (3, 2, 2)]
+    o = dict(weight_decay=0.01, precond_lr=0.1, update_probability=p_update,
+             max_update_rms=1.1, momentum_into_precond_update=True)
+    per_group = [dict(lr=0.05, momentum=0.9), dict(lr=0.02, momentum=0.5)]
+    seed = balancing_seed(steps, p_update)
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, dtype=F64, generator=gen)) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    copies = [p.detach().clone() for p in params]
+    groups = [{"params": params[g::2], **per_group[g]} for g in (0, 1)]
+    opt = soo_ext.PSGDKron(groups, **o, precond_dtype=F64, seed=seed)
+    same = [nn.Parameter(p.clone()) for p in start]  # one momentum for all
+    single = soo_ext.PSGDKron([{"params": same[g::2], "lr": per_group[g]["lr"]} for g in (0, 1)],
+                              **o, momentum=0.9, precond_dtype=F64, seed=seed)
+    drawn = recording_probes(monkeypatch)
+    naive = None
+    for k in range(1, steps + 1):
+        grads = [torch.randn(s, dtype=F64, generator=gen) for s in shapes]
+        for p, q, g in zip(params, same, grads):
+            p.grad, q.grad = g, g.clone()
+        drawn.clear()
+        opt.step()
+        layout = opt._run[1]
+        at = [[id(q) for q in layout.params].index(id(p)) for p in params]  # group 0 first
+        if naive is None:
+            naive = [NaiveParam(layout.merged[i], layout.kinds[i]) for i in at]
+            assert len(layout.shape_groups) == 3  # (5, 4) and (6,) stacks hold both groups
+        probes = [drawn[layout.place[i][0]][layout.place[i][1]] if drawn else None for i in at]
+        for g in (0, 1):
+            naive_step(naive[g::2], copies[g::2], grads[g::2], probes[g::2], k,
+                       dict(o, **per_group[g]), seed)
+        for i, (p, c) in enumerate(zip(params, copies)):
+            assert (p.detach() - c).abs().max() <= 1e-10, (k, i)
+        single.step()
+    assert torch.equal(same[0], params[0]) and not torch.equal(same[1], params[1])

@@ -14,16 +14,17 @@ class NaiveSOAP:
     """Algorithm 3 of Vyas et al. as the reference code runs it, one param at a time: the first
     step only gathers statistics and takes the eigenbases; then Adam on the rotated gradient, the
     first moment kept rotated (mapped back to the original space and into the current bases after
-    every step), the update mapped back, weight decay after it; then the factors, and every
-    ``freq`` Adam steps one power iteration + QR (columns by the estimated eigenvalues, the
-    second moment permuted alike)."""
+    every step), the update mapped back (``normalize_grads``: divided by ``1e-30 + its RMS``),
+    weight decay after it; then the factors, and every ``freq`` Adam steps one power iteration
+    + QR (columns by the estimated eigenvalues, the second moment permuted alike)."""
 
     def __init__(self, params, lr, betas, eps, wd, freq, max_dim, precondition_1d=False,
-                 shampoo_beta=None):
+                 shampoo_beta=None, normalize_grads=False, correct_bias=True):
         self.params = list(params)
         self.lr, (self.b1, self.b2), self.eps, self.wd, self.freq = lr, betas, eps, wd, freq
         self.bs = betas[1] if shampoo_beta is None else shampoo_beta
         self.max_dim, self.p1d = max_dim, precondition_1d
+        self.normalize, self.correct_bias = normalize_grads, correct_bias
         self.state = {}
 
     def _dims(self, p):  # which dims have a factor (None: left unrotated)
@@ -62,8 +63,12 @@ class NaiveSOAP:
             gr = self._project(g, st["Q"], back=False)
             st["M"] = self.b1 * st["M"] + (1 - self.b1) * gr
             st["V"] = self.b2 * st["V"] + (1 - self.b2) * gr * gr
-            step_size = self.lr * (1 - self.b2 ** t) ** 0.5 / (1 - self.b1 ** t)
+            step_size = self.lr
+            if self.correct_bias:
+                step_size = step_size * (1 - self.b2 ** t) ** 0.5 / (1 - self.b1 ** t)
             u = self._project(st["M"] / (st["V"].sqrt() + self.eps), st["Q"], back=True)
+            if self.normalize:
+                u = u / (1e-30 + torch.mean(u ** 2) ** 0.5)
             new = p.detach().double() - step_size * u
             new = new - self.lr * self.wd * new
             with torch.no_grad():
@@ -108,8 +113,10 @@ def loss_of(model, i):
     return F.mse_loss(model(x), y)
 
 
-@pytest.mark.parametrize("precondition_1d", [False, True])
-def test_matches_naive_fp64_transcription(precondition_1d):
+@pytest.mark.parametrize("precondition_1d, options", [
+    (False, {}), (True, {}), (False, {"normalize_grads": True}), (False, {"correct_bias": False}),
+    (True, {"normalize_grads": True, "correct_bias": False})])
+def test_matches_naive_fp64_transcription(precondition_1d, options):
     # refreshes once every factor has full rank (a rank-deficient one's QR is arbitrary in the
     # null space): the 1-D params' factors (rank t + 1 after t Adam steps) need 7 steps
     freq = 7 if precondition_1d else 3
@@ -118,8 +125,9 @@ def test_matches_naive_fp64_transcription(precondition_1d):
     opt = soo_ext.SOAP(ours_model.parameters(), lr=kw["lr"], betas=kw["betas"],
                        weight_decay=kw["wd"], precondition_frequency=kw["freq"], eps=kw["eps"],
                        max_precond_dim=kw["max_dim"], precondition_1d=precondition_1d,
-                       factor_dtype=torch.float64)
-    naive = NaiveSOAP(naive_model.parameters(), **kw, precondition_1d=precondition_1d)
+                       factor_dtype=torch.float64, **options)
+    naive = NaiveSOAP(naive_model.parameters(), **kw, precondition_1d=precondition_1d,
+                      **options)
     for i in range(3 * kw["freq"] + 2):  # three refreshes
         for model, o in ((ours_model, opt), (naive_model, naive)):
             for p in model.parameters():
