@@ -4,79 +4,217 @@ solve ``d = (lambda I + J^T J / N)^{-1} g`` through the ``N x N`` system::
 
     d = (g - J^T (lambda N I + J J^T)^{-1} J g) / lambda
 
-one ``window_gram`` pass per layer (``J J^T`` and ``J g`` in float64), one batched Cholesky
-(batched over the layers in the per-layer variant) and one ``window_combine`` pass per layer."""
+Sample i's gradient of a layer is ``J_i = sum_t g_it a_it^T`` over its rows t (a Linear's
+tokens, a conv's output positions).  Per layer the cheaper of two routes gives ``J J^T`` and
+``J g`` in float64 (:class:`SampleWindow`: ``J`` formed by one ``bmm``, then ``window_gram`` and
+``window_combine``; :class:`TokenRows`: ``J`` never formed, ``(J J^T)_ij = sum_{t,s} (a_it .
+a_js)(g_it . g_js)``), then one batched Cholesky (batched over the layers in the per-layer
+variant) and ``J^T c`` by the same route."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import ops
-from .kfac_layers import KFACLayer
+from .kfac_layers import KFACLayer, LayerCapture
 
-__all__ = ["PerSampleGradients", "woodbury_coefficients", "WoodburyNaturalGradient"]
+__all__ = ["PerSampleCapture", "PerSampleGradients", "SampleWindow", "TokenRows",
+           "WoodburyNaturalGradient", "layer_vector", "sequence_layouts",
+           "woodbury_coefficients"]
+
+F64 = torch.float64
+
+
+def sequence_layouts(model: nn.Module, layers: list[KFACLayer]) -> dict[int, bool]:
+    """``batch_first`` of the layers whose sequence layout the model states (layer index ->
+    bool): an nn.MultiheadAttention's in-projection and its ``out_proj`` (called by the hooked
+    attention on the input's layout), and ``linear1`` / ``linear2`` of torch's own
+    ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (which run them on the
+    attention's layout).  The other Linears on ``[d0, d1, ..., in]`` inputs are resolved at the
+    step against the batch size (:meth:`PerSampleGradients.resolve`)."""
+    first: dict[int, bool] = {}
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            first[id(module)] = first[id(module.out_proj)] = module.batch_first
+        elif type(module) in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer):
+            first[id(module.linear1)] = first[id(module.linear2)] = module.self_attn.batch_first
+    return {l.index: first[id(l.module)] for l in layers if id(l.module) in first}
+
+
+class SampleRows:
+    """One layer's rows of a backward pass, as captured: ``a`` ``[R, a_dim]``, ``g``
+    ``[R, out]``, the input's ``shape``, ``lead`` its leading dims (``R`` their product),
+    ``batch_dim`` the samples' dim in ``lead`` (None until resolved), and the capture's
+    ``samples`` and ``g_scale`` (its guess of the batch size: the leading dim)."""
+
+    __slots__ = ("a", "g", "shape", "lead", "batch_dim", "samples", "g_scale")
+
+    def __init__(self, a: Tensor, g: Tensor, shape: tuple[int, ...], lead: tuple[int, ...],
+                 batch_dim: int | None, samples: int, g_scale: float) -> None:
+        self.a, self.g, self.shape, self.lead, self.batch_dim = a, g, shape, lead, batch_dim
+        self.samples, self.g_scale = samples, g_scale
 
 
 class PerSampleGradients:
-    """The sink :class:`~soo_ext.curvature.kfac_layers.LayerCapture` stages into (in place of
-    K-FAC's factors): for each layer, the per-sample gradients of its weight (and bias) as the
-    rows of an ``[N, out * a_dim]`` window, row ``i`` the flattened ``g_i^T a_i`` (a conv's summed
-    over its output positions), scaled back to the gradient of sample i's loss (``g_scale``: a
-    mean loss's per-sample rows are ``grad_i / N``).
+    """The sink :class:`PerSampleCapture` stages into (in place of K-FAC's factors): for each
+    layer its rows of the backward pass, and where its samples are.  :meth:`resolve` finds the
+    batch dim of every layer; :meth:`sample_major` then gives sample i's rows, scaled back to
+    the gradient of sample i's loss (a mean loss's rows are ``grad_i / N``).
+
+    A conv's input is ``[N, C, ...]`` and a Linear's ``[N, in]``: the batch is dim 0.  An
+    attention's in-projection and the layers of :func:`sequence_layouts` follow its
+    ``batch_first`` (``[N, T, E]`` or ``[T, N, E]``; ``[T, E]``: one sample).  Any other Linear
+    on ``[d0, d1, ..., in]`` takes as batch dim the one dim of the batch size those layers
+    give; none, or more than one such dim, or layers that disagree on the batch size: a
+    ValueError naming the layers (their rows are not per-sample as far as can be told).
 
     Args:
-        layers: the layers (one window each).
-        dtype: of the windows (the params').
-        max_state_bytes: the most bytes the windows may take (ValueError naming
-            ``max_state_bytes`` before allocating more).
+        layers: the layers.
+        dtype: of the rows kept (the params').
+        max_state_bytes: the most bytes the per-sample data may take (ValueError naming
+            ``max_state_bytes`` before allocating more): the rows of a backward pass when they
+            are captured, the whole batch's per-sample data at the step.
+        layouts: :func:`sequence_layouts`.
         owner: the optimizer's name, in the messages.
     """
 
     def __init__(self, layers: list[KFACLayer], dtype: torch.dtype, max_state_bytes: int,
-                 owner: str = "NaturalGradient") -> None:
+                 layouts: dict[int, bool] | None = None, owner: str = "NaturalGradient") -> None:
         self.layers, self.dtype, self.owner = layers, dtype, owner
         self.max_state_bytes = max_state_bytes
-        self.windows: dict[int, Tensor] = {}  # layer index -> [N, out * a_dim]
-
-    @property
-    def samples(self) -> int:
-        """N, the rows of the windows (0 before a capture)."""
-        return next(iter(self.windows.values())).shape[0] if self.windows else 0
+        self.layouts = layouts or {}
+        self.batch_averaged = True
+        self.input_shape: tuple[int, ...] = ()  # of the pass being staged (PerSampleCapture)
+        self.captured: dict[int, SampleRows] = {}  # layer index -> rows
+        self.held_bytes = 0
 
     def reset_staged(self) -> None:
-        self.windows = {}
-
-    def gather_(self, group) -> None:
-        """Data parallel: every rank's windows replaced by all ranks' rows, in rank order (the
-        whole batch's ``J``, as one process has it; every rank must hold as many samples)."""
-        if group is None:
-            return
-        dist = torch.distributed
-        for key in sorted(self.windows):
-            J = self.windows[key]
-            parts = [torch.empty_like(J) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(parts, J.contiguous(), group=group)
-            self.windows[key] = torch.cat(parts)
+        self.captured, self.held_bytes = {}, 0
 
     def stage(self, layer: KFACLayer, a: Tensor, g: Tensor, decay: float, w: float,
               g_scale: float, samples: int) -> None:
-        """One backward pass of ``layer``: ``a`` ``[N P, a_dim]`` and ``g`` ``[N P, out]`` rows
-        (sample-major, P positions per sample)."""
-        if layer.index in self.windows:
+        """One backward pass of ``layer``: its ``a`` ``[R, a_dim]`` and ``g`` ``[R, out]`` rows,
+        in the order of the input's leading dims."""
+        if layer.index in self.captured:
             raise RuntimeError(f"{self.owner}: layer {layer.name!r} ran backward twice before "
                                "step(): one backward pass per step (no gradient accumulation)")
-        n = sum(l.out * l.a_dim for l in self.layers)
-        need = samples * n * torch.empty((), dtype=self.dtype).element_size()
+        R = a.shape[0]
+        need = self.held_bytes + R * (layer.a_dim + layer.out) * _itemsize(self.dtype)
         if need > self.max_state_bytes:
             raise ValueError(
-                f"{self.owner}: the per-sample gradients of {samples} samples x {n} params take "
-                f"{need} bytes, above max_state_bytes={self.max_state_bytes} (raise "
-                "max_state_bytes or use a smaller batch)")
-        a = a.to(self.dtype).reshape(samples, -1, layer.a_dim)
-        g = g.to(self.dtype).reshape(samples, -1, layer.out)
-        if g_scale != 1:  # on the small output-gradient rows, not on the window
-            g = g * g_scale ** 0.5
-        self.windows[layer.index] = torch.bmm(g.transpose(1, 2), a).reshape(samples, -1)
+                f"{self.owner}: the rows captured for the per-sample gradients take {need} "
+                f"bytes, above max_state_bytes={self.max_state_bytes} (raise max_state_bytes or "
+                "use a smaller batch)")
+        lead, batch_dim = self._layout(layer, R, samples)
+        self.captured[layer.index] = SampleRows(a.to(self.dtype), g.to(self.dtype),
+                                                self.input_shape, lead, batch_dim, samples,
+                                                g_scale)
+        self.held_bytes = need
+
+    def _layout(self, layer: KFACLayer, R: int, samples: int) -> tuple[tuple[int, ...],
+                                                                        int | None]:
+        """The input's leading dims and the batch dim among them (None: to be resolved)."""
+        if layer.conv:  # [N, C, ...] (unbatched: samples 1): sample-major rows
+            return (samples, R // samples), 0
+        lead = tuple(self.input_shape[:-1])
+        if not lead:  # a 1-D input: one sample
+            return (1,), 0
+        batch_first = self.layouts.get(layer.index)
+        if batch_first is None:  # a Linear: [N, in], or resolved at the step
+            return lead, 0 if len(lead) == 1 else None
+        if len(lead) == 1:  # unbatched attention [T, E]: one sample of T tokens
+            return (1, lead[0]), 0
+        return lead, 0 if batch_first else 1
+
+    def resolve(self, layers: list[KFACLayer]) -> int:
+        """The batch size N of the captured ``layers`` (each one's batch dim set), or ValueError
+        saying which layers' rows cannot be split into samples and what to do."""
+        rows = [(l, self.captured[l.index]) for l in layers]
+        known = [(l, r) for l, r in rows if r.batch_dim is not None]
+        sizes = {r.lead[r.batch_dim] for _, r in known}
+        if len(sizes) > 1:
+            by_size: dict[int, list[str]] = {}
+            for l, r in known:
+                by_size.setdefault(r.lead[r.batch_dim], []).append(_describe(l, r))
+            raise ValueError(
+                f"{self.owner}: the layers disagree on the batch size: " + "; ".join(
+                    f"{n} samples: {', '.join(names)}" for n, names in sorted(by_size.items()))
+                + ". Each preconditioned layer's input must hold the batch's samples along "
+                "one dim (not flattened with the tokens, nor without a batch dim, as a Linear "
+                f"applied to a param): leave the others out with skip_layers=[...]{_SEE}")
+        unknown = [(l, r) for l, r in rows if r.batch_dim is None]
+        if unknown and not sizes:
+            raise ValueError(
+                f"{self.owner}: cannot tell which dim of these Linears' inputs holds the "
+                f"samples: {', '.join(_describe(l, r) for l, r in unknown)}. A Linear on "
+                "[d0, d1, ..., in] takes its batch dim from the batch size the model's other "
+                "layers give (a conv, a Linear on [N, in], an nn.MultiheadAttention by its "
+                "batch_first), and none was captured; pass skip_layers="
+                f"{[l.name for l, _ in unknown]!r} (plain SGD step for them){_SEE}")
+        N = next(iter(sizes)) if sizes else 0
+        bad = []
+        for l, r in unknown:
+            dims = [k for k, s in enumerate(r.lead) if s == N]
+            if len(dims) == 1:
+                r.batch_dim = dims[0]
+            else:
+                bad.append((l, r, dims))
+        if bad:
+            raise ValueError(
+                f"{self.owner}: the batch size is {N}, but these Linears' inputs hold it at "
+                "no dim or at several (then batch-first [N, T, in] cannot be told from "
+                "sequence-first [T, N, in]): " + ", ".join(
+                    f"{_describe(l, r)}: dims {dims}" for l, r, dims in bad)
+                + ". Use a batch size other than the sequence length, build the model from "
+                "torch's transformer layers (their layout is known), or pass skip_layers="
+                f"{[l.name for l, _, _ in bad]!r} (plain SGD step for them){_SEE}")
+        return N
+
+    def sample_major(self, layer: KFACLayer) -> tuple[Tensor, Tensor]:
+        """``A`` ``[N, P, a_dim]`` and ``G`` ``[N, P, out]`` (after :meth:`resolve`): sample i's
+        P rows, ``G`` scaled so that ``sum_t G_it A_it^T`` is the gradient of sample i's
+        loss."""
+        r = self.captured[layer.index]
+        N = r.lead[r.batch_dim]
+        A = r.a.reshape(*r.lead, -1).movedim(r.batch_dim, 0).reshape(N, -1, layer.a_dim)
+        G = r.g.reshape(*r.lead, -1).movedim(r.batch_dim, 0).reshape(N, -1, layer.out)
+        # the capture undid the loss's mean with its guess of the batch size (the leading dim)
+        scale = r.g_scale * (N / r.samples) ** 2 if self.batch_averaged else r.g_scale
+        if scale != 1:  # on the small output-gradient rows, not on the window
+            G = G * scale ** 0.5
+        return A, G
+
+    def window(self, layer: KFACLayer) -> Tensor:
+        """The per-sample gradients ``J`` ``[N, out * a_dim]`` (after :meth:`resolve`), row i
+        sample i's in :func:`layer_vector` order."""
+        A, G = self.sample_major(layer)
+        return torch.bmm(G.transpose(1, 2), A).reshape(A.shape[0], -1)
+
+
+_SEE = " (docs/natural_gradient.md#input-layouts)"
+
+
+def _describe(layer: KFACLayer, rows: SampleRows) -> str:
+    return f"{type(layer.module).__name__} {layer.name!r} (input {list(rows.shape)})"
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class PerSampleCapture(LayerCapture):
+    """K-FAC's :class:`~soo_ext.curvature.kfac_layers.LayerCapture` staging into a
+    :class:`PerSampleGradients`, which also needs each pass's input shape (where the samples
+    are: the rows alone do not say)."""
+
+    def __init__(self, layers: list[KFACLayer], sink: PerSampleGradients, grad_scaler=None,
+                 owner: str = "NaturalGradient") -> None:
+        super().__init__(layers, lambda: sink, grad_scaler, owner)
+        self.sink = sink
+
+    def _capture(self, layer: KFACLayer, x: Tensor, grad: Tensor) -> None:
+        self.sink.input_shape = tuple(x.shape)
+        super()._capture(layer, x, grad)
 
 
 def layer_vector(layer: KFACLayer, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -92,40 +230,134 @@ def woodbury_coefficients(K: Tensor, Jg: Tensor, damping: float) -> Tensor:
     """``c = (lambda N I + K)^{-1} Jg`` for ``K`` ``[..., N, N]`` (``J J^T``) and ``Jg``
     ``[..., N]``, float64, one batched Cholesky; no host sync (a failed factorization, only
     possible with non-finite input, gives non-finite ``c``)."""
-    N = K.shape[-1]
-    A = K + (damping * N) * torch.eye(N, dtype=K.dtype, device=K.device)
+    A = K.clone()
+    A.diagonal(dim1=-2, dim2=-1).add_(damping * K.shape[-1])
     L, _ = torch.linalg.cholesky_ex(A)
     return torch.cholesky_solve(Jg.unsqueeze(-1), L).squeeze(-1)
+
+
+def tokens_cheaper(N: int, P: int, out: int, a_dim: int) -> bool:
+    """Whether :class:`TokenRows` takes fewer flops than :class:`SampleWindow` for a layer of
+    ``out x a_dim`` with P rows per sample: forming J (``N P out a``) and its Gram
+    (``N^2 out a``) against the rows' Grams (``N^2 P^2 (a + out)``); ``J g`` and ``J^T c``
+    take ``N out a`` each from the window, ``N P out a`` from the rows."""
+    window = N * out * a_dim * (P + N + 2)
+    tokens = N * N * P * P * (a_dim + out + 1) + 2 * N * P * out * a_dim
+    return tokens < window
+
+
+class SampleWindow:
+    """A layer's per-sample gradients formed: ``J`` ``[N, out * a_dim]`` (params' dtype), its
+    Gram and dots by ``window_gram`` and ``J^T c`` by ``window_combine`` (float64 sums)."""
+
+    def __init__(self, J: Tensor) -> None:
+        self.J = J
+
+    def gram(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        K, D = ops.window_gram(self.J, [g], rows=self.J.shape[0], full=True)
+        return K, D[:, 0]
+
+    def combine(self, g: Tensor, coef: Tensor, base_coef: Tensor) -> Tensor:
+        """``base_coef g + J^T coef``."""
+        d = torch.empty_like(g)
+        ops.window_combine(d, self.J, coef, self.J.shape[0], base=g, base_coef=base_coef)
+        return d
+
+
+class TokenRows:
+    """A layer's per-sample gradients kept as their rows, ``A`` ``[N, P, a_dim]`` and ``G``
+    ``[N, P, out]``, never formed: ``(J J^T)_ij = sum_{t,s} (a_it . a_js)(g_it . g_js)`` (one
+    row a sample: ``(A A^T) o (G G^T)``), ``(J g)_i = sum_t g_it^T W a_it`` and
+    ``J^T c = G^T diag(c) A`` (summed over the tokens).  All in float64, as the window route
+    sums: the ``N x N`` system is ill-conditioned (``cond`` up to ``|J|^2 / (lambda N)``), and
+    the rows are small."""
+
+    def __init__(self, A: Tensor, G: Tensor) -> None:
+        self.N, self.P = A.shape[:2]
+        self.A = A.to(F64).reshape(self.N * self.P, -1)
+        self.G = G.to(F64).reshape(self.N * self.P, -1)
+
+    def gram(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        N, P, A, G = self.N, self.P, self.A, self.G
+        K = (A @ A.T).mul_(G @ G.T)
+        if P > 1:
+            K = K.view(N, P, N, P).sum((1, 3))
+        W = g.to(F64).view(G.shape[1], A.shape[1])
+        Jg = (G @ W).mul_(A).sum(1)
+        return K, Jg.view(N, P).sum(1) if P > 1 else Jg
+
+    def combine(self, g: Tensor, coef: Tensor, base_coef: Tensor) -> Tensor:
+        """``base_coef g + J^T coef``, rounded once to ``g``'s dtype."""
+        c = coef.repeat_interleave(self.P) if self.P > 1 else coef
+        d = (self.G.T @ (self.A * c[:, None])).view(-1)
+        return d.add_(g.to(F64) * base_coef).to(g.dtype)
 
 
 class WoodburyNaturalGradient:
     """The Woodbury solve over the captured per-sample gradients.
 
-    ``directions(grads, damping, per_layer)``: for the layers' gradient vectors ``grads``
-    (:func:`layer_vector` order, with weight decay added) the natural-gradient directions
-    ``(lambda I + J^T J / N)^{-1} g``, with ``J`` all the layers' windows side by side (one
-    ``N x N`` system) or, ``per_layer``, each layer's own (SENG: block-diagonal Fisher, one
-    system per layer, all in one batched Cholesky)."""
+    ``directions(layers, grads, damping, per_layer, group)``: for the layers' gradient vectors
+    ``grads`` (:func:`layer_vector` order, with weight decay added) the natural-gradient
+    directions ``(lambda I + J^T J / N)^{-1} g``, with ``J`` all the layers' per-sample
+    gradients side by side (one ``N x N`` system) or, ``per_layer``, each layer's own (SENG:
+    block-diagonal Fisher, one system per layer, all in one batched Cholesky).  Data parallel
+    (``group``): every rank's per-sample data gathered in rank order, every rank solving the
+    whole batch's system (every rank must hold as many samples).  ValueError (nothing done)
+    when the layers' rows cannot be split into samples or the per-sample data would exceed
+    ``max_state_bytes``."""
 
     def __init__(self, sink: PerSampleGradients) -> None:
         self.sink = sink
 
     def directions(self, layers: list[KFACLayer], grads: list[Tensor], damping: float,
-                   per_layer: bool) -> list[Tensor]:
-        windows = [self.sink.windows[l.index] for l in layers]
-        N = windows[0].shape[0]
-        grams = [ops.window_gram(J, [g], rows=N, full=True) for J, g in zip(windows, grads)]
-        K = torch.stack([G for G, _ in grams])
-        Jg = torch.stack([D[:, 0] for _, D in grams])
+                   per_layer: bool, group=None) -> list[Tensor]:
+        blocks = self._per_sample(layers, group)
+        grams = [b.gram(g) for b, g in zip(blocks, grads)]
+        K = torch.stack([k for k, _ in grams])
+        Jg = torch.stack([v for _, v in grams])
+        N = K.shape[-1]
         if per_layer:
             c = woodbury_coefficients(K, Jg, damping)
         else:
             c = woodbury_coefficients(K.sum(0), Jg.sum(0), damping).expand(len(layers), N)
         coef = c * (-1.0 / damping)
-        base_coef = torch.tensor(1.0 / damping, dtype=torch.float64, device=K.device)
-        out = []
-        for i, (J, g) in enumerate(zip(windows, grads)):
-            d = torch.empty_like(g)
-            ops.window_combine(d, J, coef[i].contiguous(), N, base=g, base_coef=base_coef)
-            out.append(d)
-        return out
+        base_coef = torch.full((), 1.0 / damping, dtype=F64, device=K.device)
+        return [b.combine(g, coef[i].contiguous(), base_coef)
+                for i, (b, g) in enumerate(zip(blocks, grads))]
+
+    def _per_sample(self, layers: list[KFACLayer], group) -> list[SampleWindow | TokenRows]:
+        """Each layer's per-sample gradients by its cheaper route, gathered over ``group``."""
+        sink = self.sink
+        world = torch.distributed.get_world_size(group) if group is not None else 1
+        N = sink.resolve(layers) * world
+        routes, need = [], 0
+        for l in layers:
+            r = sink.captured[l.index]
+            P = len(r.a) // r.lead[r.batch_dim]
+            tokens = tokens_cheaper(N, P, l.out, l.a_dim)
+            routes.append(tokens)
+            need += N * (P * (l.a_dim + l.out) if tokens else l.out * l.a_dim)
+        need *= _itemsize(sink.dtype)
+        if need > sink.max_state_bytes:
+            raise ValueError(
+                f"{sink.owner}: the per-sample gradients of {N} samples take {need} bytes, "
+                f"above max_state_bytes={sink.max_state_bytes} (raise max_state_bytes or use a "
+                "smaller batch)")
+        blocks = []
+        for l, tokens in zip(layers, routes):
+            if tokens:
+                A, G = sink.sample_major(l)
+                blocks.append(TokenRows(_gathered(A, group), _gathered(G, group)))
+            else:
+                blocks.append(SampleWindow(_gathered(sink.window(l), group)))
+        return blocks
+
+
+def _gathered(t: Tensor, group) -> Tensor:
+    """All ranks' ``t`` concatenated along dim 0 in rank order (``t`` itself without a group)."""
+    if group is None:
+        return t
+    dist = torch.distributed
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)

@@ -3,7 +3,6 @@ damped empirical Fisher of the minibatch's per-sample gradients inverted through
 (soo_ext.curvature.woodbury), and SGD with momentum, in one ``step()``."""
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -17,8 +16,9 @@ from .._support.guard import SkipGuard, SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
-from ..curvature.kfac_layers import LayerCapture, compiled_inner, find_layers, skip_patterns
-from ..curvature.woodbury import PerSampleGradients, WoodburyNaturalGradient, layer_vector
+from ..curvature.kfac_layers import compiled_inner, find_layers, skip_patterns
+from ..curvature.woodbury import (PerSampleCapture, PerSampleGradients, WoodburyNaturalGradient,
+                                  layer_vector, sequence_layouts)
 from .kfac import _sgd_directions, _sgd_momentum_
 
 __all__ = ["NaturalGradient"]
@@ -39,12 +39,14 @@ class NaturalGradient(Optimizer):
     ``(g - J^T (damping N I + J J^T)^{-1} J g) / damping`` (one float64 ``N x N`` Gram, one
     batched Cholesky), then taken by SGD with momentum.
 
-    The per-sample gradients of every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (groups=1)
-    come from K-FAC's hooks (the layer's input rows and output gradients); the other params take
-    ``torch.optim.SGD``'s step (a warning names their modules). One backward pass per step; the
-    empirical Fisher of the loss given (mean or sum over the batch: ``batch_averaged``). Memory:
-    ``N x n`` values of the params' dtype, refused above ``max_state_bytes``. See
-    docs/natural_gradient.md.
+    The per-sample gradients of every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (groups=1) and
+    self-attention ``nn.MultiheadAttention`` (in-projection) come from K-FAC's hooks (the
+    layer's input rows and output gradients, a sample's summed over its tokens or positions);
+    the other params take ``torch.optim.SGD``'s step (a warning names their modules). Where a
+    Linear's input ``[d0, d1, ..., in]`` holds the samples is told from the batch size of the
+    other layers (or the attention's ``batch_first``); ValueError at ``step()`` where it cannot
+    be told. One backward pass per step; the empirical Fisher of the loss given (mean or sum
+    over the batch: ``batch_averaged``). See docs/natural_gradient.md.
 
     Args:
         model: the nn.Module whose layers are hooked (or its ``torch.compile`` wrapper).
@@ -53,7 +55,7 @@ class NaturalGradient(Optimizer):
         damping: lambda (default 1e-2).
         per_layer: one system per layer (block-diagonal Fisher, SENG) instead of one for all
             layers (default False).
-        max_state_bytes: the most the per-sample gradients may take (default 1 GiB).
+        max_state_bytes: the most the per-sample data may take (default 1 GiB).
         skip_layers: module or class names (regexes, full match) not to precondition.
         on_nonfinite: ``'skip'`` (default) or ``'raise'``.
         batch_averaged: the loss is a mean over the batch (default True).
@@ -89,19 +91,11 @@ class NaturalGradient(Optimizer):
         check_params(all_params(self), type(self).__name__)
         self._layers = find_layers(model, group_index(self), patterns, owner="NaturalGradient",
                                    stacklevel=4)
-        no_rows = [l.name for l in self._layers if getattr(l, "mha", False)]
-        if no_rows:  # attention's rows are not sample-major: no per-sample gradients from them
-            warnings.warn("NaturalGradient: these nn.MultiheadAttention modules are not "
-                          f"preconditioned and take the plain SGD step: {no_rows}", UserWarning,
-                          stacklevel=2)
-            self._layers = [l for l in self._layers if not getattr(l, "mha", False)]
-            for i, l in enumerate(self._layers):
-                l.index = i
         dtype = self._layers[0].weight.dtype if self._layers else torch.float32
-        self._sink = PerSampleGradients(self._layers, dtype, max_state_bytes)
+        self._sink = PerSampleGradients(self._layers, dtype, max_state_bytes,
+                                        sequence_layouts(model, self._layers))
         self._solver = WoodburyNaturalGradient(self._sink)
-        self._capture = LayerCapture(self._layers, lambda: self._sink, grad_scaler,
-                                     "NaturalGradient")
+        self._capture = PerSampleCapture(self._layers, self._sink, grad_scaler)
         self._skips = SkipWarner("NaturalGradient")
         self._between_steps()
 
@@ -154,8 +148,7 @@ class NaturalGradient(Optimizer):
         self._skips.watch(glob["nonfinite_steps"])
         with_grads = [l for l in self._layers if l.has_grads()] if self._capture.active else []
         self._capture.check(True, bool(with_grads))
-        layers = [l for l in with_grads if l.index in self._sink.windows]
-        self._sink.gather_(self._process_group)
+        layers = [l for l in with_grads if l.index in self._sink.captured]
         done = {id(p) for l in layers for p in l.params()}
         plain = [p for p in params if p.grad is not None and id(p) not in done]
         wd = [self.param_groups[group_of[id(l.weight)]]["weight_decay"] for l in layers]
@@ -164,8 +157,13 @@ class NaturalGradient(Optimizer):
         grads = [g if w == 0 else g.add(layer_vector(l, l.weight, l.bias), alpha=w)
                  for l, g, w in zip(layers, grads, wd)]
         # a non-finite gradient or per-sample gradient makes its layer's direction non-finite
-        # (through J g and the Gram's diagonal): the directions are checked instead of the window
-        ds = self._solver.directions(layers, grads, o["damping"], o["per_layer"]) if layers else []
+        # (through J g and the Gram's diagonal): the directions are checked instead of the rows
+        try:  # ValueError: rows not per-sample, or above max_state_bytes (nothing changed)
+            ds = self._solver.directions(layers, grads, o["damping"], o["per_layer"],
+                                         self._process_group) if layers else []
+        except ValueError:
+            self._between_steps()
+            raise
         guard = self._guard([p.grad for p in plain] + ds, glob)
         directions = []
         if layers:
@@ -211,4 +209,5 @@ class NaturalGradient(Optimizer):
         self._sink.reset_staged()
         o = self.param_groups[0]
         self._sink.max_state_bytes = o["max_state_bytes"]
+        self._sink.batch_averaged = o["batch_averaged"]
         self._capture.configure(True, o["batch_averaged"], 1)

@@ -1,13 +1,17 @@
-"""soo_ext.curvature.woodbury alone: the per-sample gradients captured by K-FAC's hooks against a
-loop of per-sample backward passes, and the Woodbury directions against the dense fp64 solve of
-(lambda I + J^T J / N) d = g."""
+"""soo_ext.curvature.woodbury alone: the per-sample gradients captured by K-FAC's hooks (convs,
+Linears on [N, in], [N, T, in] and [T, N, in], attention in both layouts) against a loop of
+per-sample backward passes; the layouts that cannot be split into samples refused; both routes
+(the formed window, the token rows) against the dense J; the Woodbury directions against the
+dense fp64 solve of (lambda I + J^T J / N) d = g."""
 import pytest
 import torch
 from torch import nn
 
-from soo_ext.curvature.kfac_layers import LayerCapture, find_layers
-from soo_ext.curvature.woodbury import (PerSampleGradients, WoodburyNaturalGradient,
-                                        layer_vector, woodbury_coefficients)
+from soo_ext.curvature import woodbury
+from soo_ext.curvature.kfac_layers import find_layers
+from soo_ext.curvature.woodbury import (PerSampleCapture, PerSampleGradients, SampleWindow,
+                                        TokenRows, WoodburyNaturalGradient, layer_vector,
+                                        sequence_layouts, tokens_cheaper, woodbury_coefficients)
 
 F64 = torch.float64
 
@@ -32,30 +36,64 @@ def net():
     return Net().to(F64)
 
 
+class Tokens(nn.Module):
+    """Linears on the tokens ([N, T, 4] or, ``batch_first=False``, [T, N, 4]), mean-pooled, a
+    head on [N, 5] (with ``head=False`` the per-token outputs, pooled without a Linear)."""
+
+    def __init__(self, batch_first=True, head=True, attention=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=batch_first) if attention else None
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3) if head else None
+        self.to(F64)
+
+    def forward(self, x):
+        if self.attn is not None:
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+        h = torch.tanh(self.l2(torch.tanh(self.l1(x)))).mean(1 if self.batch_first else 0)
+        return self.head(h) if self.head is not None else h[:, :3]
+
+
 def batch(N=6):
     g = torch.Generator().manual_seed(1)
     return torch.randn(N, 2, 4, 4, generator=g, dtype=F64), torch.randint(0, 3, (N,), generator=g)
 
 
-def captured(m, x, y, reduction="mean"):
-    layers = find_layers(m, {id(p): 0 for p in m.parameters()}, ())
-    sink = PerSampleGradients(layers, F64, 2 ** 30)
-    cap = LayerCapture(layers, lambda: sink)
+def tokens_batch(N, T, batch_first=True):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, T, 4, generator=g, dtype=F64)
+    return (x if batch_first else x.transpose(0, 1)), torch.randint(0, 3, (N,), generator=g)
+
+
+def captured(m, x, y, reduction="mean", max_state_bytes=2 ** 30):
+    layers = find_layers(m, {id(p): 0 for p in m.parameters()}, (), warn=False)
+    sink = PerSampleGradients(layers, F64, max_state_bytes, sequence_layouts(m, layers))
+    sink.batch_averaged = reduction == "mean"
+    cap = PerSampleCapture(layers, sink)
     cap.configure(True, reduction == "mean", 1)
-    nn.functional.cross_entropy(m(x), y, reduction=reduction).backward()
-    cap.remove()
+    try:
+        nn.functional.cross_entropy(m(x), y, reduction=reduction).backward()
+    finally:
+        cap.remove()
     return layers, sink
 
 
-def per_sample_loop(m, layers, x, y):
+def per_sample_loop(m, layers, x, y, batch_dim=0):
     """Row i: the gradient of sample i's loss, layer by layer in layer_vector order."""
     rows = []
-    for i in range(x.shape[0]):
+    for i in range(y.shape[0]):
         m.zero_grad()
-        nn.functional.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
+        nn.functional.cross_entropy(m(x.narrow(batch_dim, i, 1)), y[i:i + 1]).backward()
         rows.append([layer_vector(l, l.weight.grad, l.bias.grad if l.bias is not None else None)
                      for l in layers])
     return [torch.stack([r[j] for r in rows]) for j in range(len(layers))]
+
+
+def windows(sink, layers):
+    sink.resolve(layers)
+    return [sink.window(l) for l in layers]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -65,9 +103,127 @@ def test_per_sample_gradients_match_a_loop_of_backward_passes(reduction):
     layers, sink = captured(m, x, y, reduction)
     assert [l.name for l in layers] == ["c2", "c1", "l1", "l2"]
     expected = per_sample_loop(m, layers, x, y)
-    for l, J in zip(layers, expected):
+    for J, e in zip(windows(sink, layers), expected):
         # fp64, a handful of products and sums per entry: agreement to rounding
-        torch.testing.assert_close(sink.windows[l.index], J, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(J, e, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("attention", [False, True], ids=["linear", "attention"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_sequence_inputs_sum_over_the_tokens_of_each_sample(batch_first, attention):
+    """[N, T, in] and [T, N, in] (T != N): the batch dim is the head's batch size (or the
+    attention's batch_first), a sample's gradient the sum over its tokens."""
+    m = Tokens(batch_first, attention=attention)
+    x, y = tokens_batch(5, 3, batch_first)
+    layers, sink = captured(m, x, y)
+    assert [l.name for l in layers] == ["attn", "attn.out_proj", "l1", "l2", "head"][
+        0 if attention else 2:]
+    expected = per_sample_loop(m, layers, x, y, 0 if batch_first else 1)
+    for J, e in zip(windows(sink, layers), expected):
+        torch.testing.assert_close(J, e, rtol=1e-12, atol=1e-14)
+
+
+class Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(0, 1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_attention_gives_the_layout_when_the_sequence_is_as_long_as_the_batch(batch_first):
+    """T == N: a Linear's own input cannot say where the batch is; torch's transformer layer
+    states it (its attention's batch_first), for its attention, out_proj, linear1 and linear2."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=batch_first),
+                      nn.Flatten(), nn.Linear(16, 3)).to(F64)
+    x, y = tokens_batch(4, 4, batch_first)
+    if not batch_first:  # Flatten([T, N, E]) would mix the samples: the head on [N, T E]
+        m[1] = nn.Sequential(Transpose(), nn.Flatten())
+    layers, sink = captured(m, x, y)
+    assert [l.name for l in layers] == ["0.self_attn", "0.self_attn.out_proj", "0.linear1",
+                                        "0.linear2", "2"]
+    expected = per_sample_loop(m, layers, x, y, 0 if batch_first else 1)
+    for J, e in zip(windows(sink, layers), expected):
+        torch.testing.assert_close(J, e, rtol=1e-12, atol=1e-14)
+
+
+class Flattened(nn.Module):
+    """A Linear on the tokens flattened with the samples ([N T, 4]) and a head on [N, 5]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.to(F64)
+
+    def forward(self, x):
+        N, T, E = x.shape
+        return self.head(torch.tanh(self.l1(x.reshape(N * T, E))).view(N, T, 5).mean(1))
+
+
+class Regrouped(Tokens):
+    """l1 on the rows regrouped as [N T / 2, 2, 4]: no dim of its input is the batch."""
+
+    def forward(self, x):
+        N, T, E = x.shape
+        h = torch.tanh(self.l1(x.reshape(N * T // 2, 2, E))).reshape(N, T, 6)
+        return self.head(torch.tanh(self.l2(h)).mean(1))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("same_length", r"batch size is 4.*'l1' \(input \[4, 4, 4\]\): dims \[0, 1\].*"
+                    r"skip_layers=\['l1', 'l2'\]"),
+    ("no_head", r"cannot tell which dim.*'l1' \(input \[5, 3, 4\]\).*"
+                r"skip_layers=\['l1', 'l2'\]"),
+    ("flattened", r"disagree on the batch size: 5 samples: Linear 'head' \(input \[5, 5\]\); "
+                  r"15 samples: Linear 'l1' \(input \[15, 4\]\).*skip_layers"),
+    ("regrouped", r"batch size is 4.*'l1' \(input \[6, 2, 4\]\): dims \[\].*"
+                  r"skip_layers=\['l1'\]"),
+])
+def test_rows_that_cannot_be_split_into_samples_are_refused(case, match):
+    if case == "same_length":  # [T, N, in] or [N, T, in] with T == N: either would fit
+        m, (x, y) = Tokens(False), tokens_batch(4, 4, False)
+    elif case == "no_head":  # nothing gives the batch size
+        m, (x, y) = Tokens(head=False), tokens_batch(5, 3)
+    elif case == "flattened":
+        m, (x, y) = Flattened(), tokens_batch(5, 3)
+    else:
+        m, (x, y) = Regrouped(), tokens_batch(4, 3)
+    layers, sink = captured(m, x, y)
+    with pytest.raises(ValueError, match=match):
+        sink.resolve(layers)
+
+
+@pytest.mark.parametrize("P", [1, 3])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_token_rows_match_the_formed_window(P, dtype):
+    g = torch.Generator().manual_seed(3)
+    N, out, a = 5, 4, 6
+    A = torch.randn(N, P, a, generator=g, dtype=F64)
+    G = torch.randn(N, P, out, generator=g, dtype=F64)
+    J = torch.einsum("npo,npa->noa", G, A).reshape(N, -1)
+    v = torch.randn(out * a, generator=g, dtype=F64)
+    coef = torch.randn(N, generator=g, dtype=F64)
+    base = torch.tensor(0.7, dtype=F64)
+    rows = TokenRows(A.to(dtype), G.to(dtype))
+    window = SampleWindow(J.to(dtype))
+    tol = 1e-12 if dtype == F64 else 1e-5  # float32 inputs: J's own rounding, 2^-24 a term
+    for route in (rows, window):
+        K, Jg = route.gram(v.to(dtype))
+        assert K.dtype == Jg.dtype == F64
+        assert (K - J @ J.T).abs().max() <= tol * (J @ J.T).abs().max()
+        assert (Jg - J @ v).abs().max() <= tol * (J.abs() @ v.abs()).max()
+        d = route.combine(v.to(dtype), coef, base)
+        assert d.dtype == dtype
+        e = 0.7 * v + J.T @ coef
+        assert (d.double() - e).abs().max() <= tol * (0.7 * v.abs() + J.abs().T @ coef.abs()).max()
+
+
+def test_routes_by_flops():
+    """The MNIST-1D MLP's Linears (one row a sample) skip forming J; the MNIST-1D CNN's convs
+    (19, 10, 5 positions) form it."""
+    assert all(tokens_cheaper(128, 1, o, a) for o, a in ((100, 41), (100, 101), (10, 101)))
+    assert not any(tokens_cheaper(128, P, 25, a) for P, a in ((19, 6), (10, 76), (5, 76)))
+    assert tokens_cheaper(128, 1, 10, 126)
 
 
 def dense_oracle(J: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
@@ -76,16 +232,22 @@ def dense_oracle(J: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tens
     return torch.linalg.solve(A, g)
 
 
+@pytest.mark.parametrize("route", ["auto", "window", "tokens"])
 @pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("damping", [1e-1, 1e-3])
-def test_directions_match_the_dense_solve(per_layer, damping):
-    m = net()
-    x, y = batch()
+@pytest.mark.parametrize("model", ["conv", "attention"])
+def test_directions_match_the_dense_solve(model, damping, per_layer, route, monkeypatch):
+    if route != "auto":
+        monkeypatch.setattr(woodbury, "tokens_cheaper", lambda *args: route == "tokens")
+    if model == "conv":
+        m, (x, y) = net(), batch()
+    else:
+        m, (x, y) = Tokens(False, attention=True), tokens_batch(5, 3, False)
     layers, sink = captured(m, x, y)
     grads = [layer_vector(l, l.weight.grad, l.bias.grad if l.bias is not None else None)
              for l in layers]
     ds = WoodburyNaturalGradient(sink).directions(layers, grads, damping, per_layer)
-    Js = [sink.windows[l.index] for l in layers]
+    Js = windows(sink, layers)
     if per_layer:
         expected = [dense_oracle(J, g, damping) for J, g in zip(Js, grads)]
     else:
@@ -111,34 +273,40 @@ def test_one_sample_float32_matches_float64():
     m = net()
     x, y = batch(1)
     layers, sink = captured(m, x, y)
-    assert sink.samples == 1
     grads = [layer_vector(l, l.weight.grad, None if l.bias is None else l.bias.grad)
              for l in layers]
     d64 = WoodburyNaturalGradient(sink).directions(layers, grads, 1e-2, False)
-    sink.windows = {k: v.float() for k, v in sink.windows.items()}
+    sink.dtype = torch.float32
+    for r in sink.captured.values():
+        r.a, r.g = r.a.float(), r.g.float()
     d32 = WoodburyNaturalGradient(sink).directions(layers, [g.float() for g in grads], 1e-2,
                                                   False)
     for a, b in zip(d32, d64):
-        # float32 windows and gradients, float64 sums: the inputs' rounding (2^-24) times
+        # float32 rows and gradients, float64 sums: the inputs' rounding (2^-24) times
         # cond(lambda N + |J|^2 / lambda ...) stays below 1e-4 relative here
+        assert a.dtype == torch.float32
         assert (a.double() - b).abs().max() <= 1e-4 * b.abs().max()
 
 
-def test_max_state_bytes_refuses_before_allocating():
+def test_max_state_bytes_refuses_before_allocating(monkeypatch):
+    """At the capture: the rows of the pass; at the step: the whole batch's per-sample data
+    (the formed windows where they are the route)."""
     m = net()
     x, y = batch()
     layers = find_layers(m, {id(p): 0 for p in m.parameters()}, ())
-    n = sum(l.out * l.a_dim for l in layers)
-    sink = PerSampleGradients(layers, F64, 6 * n * 8 - 1)
-    cap = LayerCapture(layers, lambda: sink)
-    with pytest.raises(ValueError, match="max_state_bytes"):
-        nn.functional.cross_entropy(m(x), y).backward()
-    cap.remove()
-    sink.max_state_bytes = 6 * n * 8
-    cap = LayerCapture(layers, lambda: sink)
-    nn.functional.cross_entropy(m(x), y).backward()
-    assert sink.samples == 6
-    cap.remove()
+    rows = 8 * sum(r * (l.a_dim + l.out) for l, r in zip(layers, (6 * 16, 6 * 15, 6, 6)))
+    with pytest.raises(ValueError, match=f"max_state_bytes={rows - 1}"):
+        captured(m, x, y, max_state_bytes=rows - 1)
+    layers, sink = captured(m, x, y, max_state_bytes=rows)
+    monkeypatch.setattr(woodbury, "tokens_cheaper", lambda *args: False)
+    need = 6 * 8 * sum(l.out * l.a_dim for l in layers)  # the windows J
+    grads = [torch.zeros(l.out * l.a_dim, dtype=F64) for l in layers]
+    sink.max_state_bytes = need - 1
+    with pytest.raises(ValueError, match=f"6 samples take {need} bytes, above "
+                                         f"max_state_bytes={need - 1}"):
+        WoodburyNaturalGradient(sink).directions(layers, grads, 1e-2, False)
+    sink.max_state_bytes = need
+    WoodburyNaturalGradient(sink).directions(layers, grads, 1e-2, False)
 
 
 def test_a_second_backward_before_the_step_raises():
@@ -146,7 +314,7 @@ def test_a_second_backward_before_the_step_raises():
     x, y = batch()
     layers = find_layers(m, {id(p): 0 for p in m.parameters()}, ())
     sink = PerSampleGradients(layers, F64, 2 ** 30)
-    cap = LayerCapture(layers, lambda: sink)
+    cap = PerSampleCapture(layers, sink)
     nn.functional.cross_entropy(m(x), y).backward()
     with pytest.raises(RuntimeError, match="one backward pass per step"):
         nn.functional.cross_entropy(m(x), y).backward()

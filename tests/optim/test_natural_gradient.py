@@ -23,25 +23,31 @@ def data(k, N=10):
     return torch.randn(N, 6, generator=g, dtype=F64), torch.randint(0, 3, (N,), generator=g)
 
 
-def naive_steps(model, steps, lr, momentum, weight_decay, damping, per_layer):
+def naive_steps(model, steps, lr, momentum, weight_decay, damping, per_layer, blocks=None,
+                batches=data, batch_dim=0):
     """The paper's step written out: theta <- theta - lr buf, buf <- m buf + d,
-    d = (damping I + J^T J / N)^{-1} (g + wd theta), J the per-sample gradients (rows)."""
+    d = (damping I + J^T J / N)^{-1} (g + wd theta) on the params of ``blocks`` (lists of param
+    names, one a layer: default weight and bias in turn), J their per-sample gradients (rows),
+    d = g + wd theta (SGD) on the others.  ``batch_dim``: the samples' dim of the input."""
     names = [n for n, _ in model.named_parameters()]
+    blocks = blocks or [names[i:i + 2] for i in range(0, len(names), 2)]
+    pre = [n for b in blocks for n in b]
+    order = pre + [n for n in names if n not in pre]
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     buf = None
 
     def loss_one(params, x, y):
-        out = functional_call(model, params, (x.unsqueeze(0),))
+        out = functional_call(model, params, (x.unsqueeze(batch_dim),))
         return nn.functional.cross_entropy(out, y.unsqueeze(0))
 
+    def flat(d, ns):
+        return torch.cat([d[n].reshape(-1) for n in ns]) if ns else torch.zeros(0, dtype=F64)
+
     for k in range(steps):
-        x, y = data(k)
-        per = vmap(grad(loss_one), in_dims=(None, 0, 0))(theta, x, y)
-        # blocks: one per layer (weight and bias), in the order of the params
-        blocks = [names[i:i + 2] for i in range(0, len(names), 2)]
-        flat_theta = torch.cat([theta[n].reshape(-1) for n in names])
-        J = torch.cat([per[n].reshape(x.shape[0], -1) for n in names], 1)
-        g = J.mean(0) + weight_decay * flat_theta
+        x, y = batches(k)
+        per = vmap(grad(loss_one), in_dims=(None, batch_dim, 0))(theta, x, y)
+        J = torch.cat([per[n].reshape(y.shape[0], -1) for n in pre], 1)
+        g = flat({n: v.mean(0) for n, v in per.items()}, order) + weight_decay * flat(theta, order)
         N, n = J.shape
         if per_layer:
             F = torch.zeros(n, n, dtype=F64)
@@ -53,12 +59,21 @@ def naive_steps(model, steps, lr, momentum, weight_decay, damping, per_layer):
                 start += size
         else:
             F = J.T @ J / N
-        d = torch.linalg.solve(damping * torch.eye(n, dtype=F64) + F, g)
+        d = torch.cat([torch.linalg.solve(damping * torch.eye(n, dtype=F64) + F, g[:n]), g[n:]])
         buf = d if buf is None else momentum * buf + d
-        flat_theta = flat_theta - lr * buf
-        theta = dict(zip(names, [t.view_as(theta[n]) for n, t in zip(
-            names, flat_theta.split([theta[n].numel() for n in names]))]))
+        flat_theta = flat(theta, order) - lr * buf
+        theta = {nm: t.view_as(theta[nm]) for nm, t in zip(
+            order, flat_theta.split([theta[nm].numel() for nm in order]))}
     return torch.cat([theta[n].reshape(-1) for n in names])
+
+
+def run_steps(opt, model, steps, batches=data):
+    for k in range(steps):
+        x, y = batches(k)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 @pytest.mark.parametrize("per_layer", [False, True])
@@ -66,16 +81,138 @@ def test_matches_the_naive_transcription_step_for_step(per_layer):
     kw = dict(lr=0.2, momentum=0.9, weight_decay=1e-2, damping=5e-2)
     model = mlp()
     expected = naive_steps(model, 4, per_layer=per_layer, **kw)
-    opt = soo_ext.NaturalGradient(model, per_layer=per_layer, **kw)
-    for k in range(4):
-        x, y = data(k)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    got = run_steps(soo_ext.NaturalGradient(model, per_layer=per_layer, **kw), model, 4)
     # fp64 throughout; Woodbury and the dense solve agree to cond(damping I + F) * eps per step
     # (cond <= 1e4 here) and four steps compound that at most linearly
     assert (got - expected).abs().max() <= 1e-9 * expected.abs().max()
+
+
+class Tokens(nn.Module):
+    """[N, T, 4] inputs (``batch_first=False``: [T, N, 4]): optionally self-attention
+    (nn.MultiheadAttention, residual), Linears on the tokens, mean over them, a Linear head."""
+
+    def __init__(self, batch_first=True, attention=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=batch_first) if attention else None
+        self.l1, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.to(F64)
+
+    def forward(self, x):
+        if self.attn is not None:
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(torch.tanh(self.l1(x)).mean(1 if self.batch_first else 0))
+
+
+class Encoder(nn.Module):
+    """torch's nn.TransformerEncoderLayer (its LayerNorms: SGD), mean-pooled, a head."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        torch.manual_seed(0)
+        self.batch_first = batch_first
+        self.layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(4, 3)
+        self.to(F64)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1 if self.batch_first else 0))
+
+
+def sequences(N, T, batch_first):
+    def batches(k):
+        g = torch.Generator().manual_seed(200 + k)
+        x = torch.randn(N, T, 4, generator=g, dtype=F64)
+        return (x if batch_first else x.transpose(0, 1)), torch.randint(0, 3, (N,), generator=g)
+    return batches
+
+
+def weight_bias(*modules):
+    """The transcription's blocks: each module's weight and bias."""
+    return [[f"{m}.weight", f"{m}.bias"] for m in modules]
+
+
+ATTN = [["attn.in_proj_weight", "attn.in_proj_bias"]] + weight_bias("attn.out_proj")
+LINEARS = weight_bias("l1", "head")
+ENCODER = [["layer.self_attn.in_proj_weight", "layer.self_attn.in_proj_bias"]] + weight_bias(
+    "layer.self_attn.out_proj", "layer.linear1", "layer.linear2", "head")
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over attention
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("case", ["tokens", "tokens-seq_first", "attention",
+                                  "attention-seq_first", "attention-skipped",
+                                  "encoder-seq_first-T=N", "encoder-T=N"])
+def test_sequence_models_match_the_naive_transcription(case, per_layer):
+    """Per-sample gradients of sequence models summed over each sample's tokens, in either
+    layout: what is preconditioned (the Linears, an attention's in-projection and out_proj,
+    torch's encoder layer's four) and what takes the SGD step (a skipped attention's params,
+    the LayerNorms) as the transcription's blocks say."""
+    batch_first = "seq_first" not in case
+    N, T = (4, 4) if "T=N" in case else (5, 3)
+    batches = sequences(N, T, batch_first)
+    if case.startswith("encoder"):
+        make, blocks, skip = (lambda: Encoder(batch_first)), ENCODER, None
+    elif case.startswith("attention"):
+        make, skip = (lambda: Tokens(batch_first, attention=True)), None
+        blocks = LINEARS if case.endswith("skipped") else ATTN + LINEARS
+        skip = ["attn"] if case.endswith("skipped") else None
+    else:
+        make, blocks, skip = (lambda: Tokens(batch_first)), LINEARS, None
+    kw = dict(lr=0.2, momentum=0.9, weight_decay=1e-2, damping=5e-2, per_layer=per_layer)
+    expected = naive_steps(make(), 3, blocks=blocks, batches=batches,
+                           batch_dim=0 if batch_first else 1, **kw)
+    model = make()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = soo_ext.NaturalGradient(model, skip_layers=skip, **kw)
+    preconditioned = sorted(n for b in blocks for n in b)
+    assert sorted(n for n, p in model.named_parameters() if any(
+        p is q for _, m in opt.layers for q in m.parameters(recurse=False))) == preconditioned
+    if skip:  # the attention's in-projection and its out_proj named in the warning
+        message = str(caught[0].message)
+        assert "attn (MultiheadAttention: in_proj_weight, in_proj_bias)" in message
+        assert "attn.out_proj (NonDynamicallyQuantizableLinear: weight, bias)" in message
+    got = run_steps(opt, model, 3, batches)
+    # fp64; cond(damping I + F) <= 1e4: as the MLP's
+    assert (got - expected).abs().max() <= 1e-9 * expected.abs().max()
+
+
+@pytest.mark.parametrize("case", ["same_length", "no_batch_size"])
+def test_layouts_that_cannot_be_told_are_refused_at_the_step(case):
+    """A Linear on [T, N, in] with T == N (no attention to say the layout), or with nothing
+    giving the batch size (a per-token loss): ValueError naming the layers and skip_layers,
+    nothing changed; with those layers skipped the step is taken."""
+    if case == "same_length":
+        model, (x, y) = Tokens(False), sequences(4, 4, False)(0)
+
+        def loss():
+            return nn.functional.cross_entropy(model(x), y)
+    else:  # a per-token loss on [N, T, 3]
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
+        x, y = sequences(5, 3, True)(0)
+
+        def loss():
+            return nn.functional.cross_entropy(model(x).transpose(1, 2), y[:, None].expand(5, 3))
+    opt = soo_ext.NaturalGradient(model, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss().backward()
+    names = "'l1'" if case == "same_length" else "'0', '2'"
+    with pytest.raises(ValueError, match=rf"skip_layers=\[{names}\]"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not any("momentum_buffer" in st for st in opt.state.values())
+    opt.zero_grad()
+    loss().backward()  # the captured rows were dropped: a new pass is accepted
+    opt.remove_hooks()
+    skip = ["l1"] if case == "same_length" else ["0", "2"]
+    with pytest.warns(UserWarning, match="matched by skip_layers"):
+        opt = soo_ext.NaturalGradient(model, lr=0.1, skip_layers=skip)
+    opt.zero_grad()
+    loss().backward()
+    opt.step()
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_sum_loss_with_batch_averaged_false_is_the_same_step_scaled():
