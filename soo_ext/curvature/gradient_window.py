@@ -1,8 +1,8 @@
 """A sliding window of the last m flat gradients with its Gram matrix, pushed on the device, and
 the two preconditioners built on it: M-FAC's inverse empirical Fisher (Frantar, Kurtic & Alistarh
 2021) and GGT's inverse square root (Agarwal et al. 2019).  Both need per step one pass over the
-window for its dot products (``ops.window_gram``), an ``m x m`` factorisation in float64 on the
-device, and one pass for the combination of its rows (``ops.window_combine``)."""
+window for its dot products (``ops.window_gram``), ``m x m`` float64 linear algebra on the device,
+and one pass for the combination of its rows (``ops.window_combine``)."""
 from __future__ import annotations
 
 import torch
@@ -10,12 +10,14 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["GradientWindow", "ggt_coefficients", "mfac_coefficients", "window_state_bytes"]
+__all__ = ["GradientWindow", "MFACInverse", "ggt_coefficients", "replace_in_inverse_",
+           "window_state_bytes"]
 
 
-def window_state_bytes(size: int, n: int, window_dtype: torch.dtype) -> int:
-    """Bytes of a window of ``size`` gradients of length ``n`` and its float64 Gram matrix."""
-    return size * n * torch.empty((), dtype=window_dtype).element_size() + 8 * size * size
+def window_state_bytes(size: int, n: int, window_dtype: torch.dtype, squares: int = 1) -> int:
+    """Bytes of a window of ``size`` gradients of length ``n`` and ``squares`` float64
+    ``size x size`` matrices (its Gram matrix, M-FAC's kept inverse)."""
+    return size * n * torch.empty((), dtype=window_dtype).element_size() + 8 * size * size * squares
 
 
 class GradientWindow:
@@ -41,6 +43,12 @@ class GradientWindow:
                              f"{state['window'].dtype}, expected ({size}, {n}) {window_dtype}: "
                              "the params or the window options differ from the saved run's")
         self.state, self.size, self.dtype = state, size, dtype
+        self._slots = torch.arange(size, device=device)
+        # What the last push wrote: its slot ([1] int64), the Gram matrix's row there, and g as
+        # stored in the window's dtype (None when that is g's own).
+        self.written: Tensor | None = None
+        self.row: Tensor | None = None
+        self.rounded: Tensor | None = None
 
     @property
     def W(self) -> Tensor:
@@ -52,8 +60,7 @@ class GradientWindow:
 
     def ages(self) -> Tensor:
         """Steps since each slot was written (0: the newest), float64 ``[size]``."""
-        slots = torch.arange(self.size, device=self.W.device)
-        return torch.remainder(self.state["slot"] - 1 - slots, self.size).to(torch.float64)
+        return torch.remainder(self.state["slot"] - 1 - self._slots, self.size).to(torch.float64)
 
     def push(self, g: Tensor, ok: Tensor, others: list[Tensor] = ()) -> Tensor:
         """Write ``g`` over the oldest row and update the Gram matrix's row and column, unless
@@ -64,41 +71,117 @@ class GradientWindow:
         stored = g.to(W.dtype)
         W.index_copy_(0, slot, torch.where(ok, stored, W.index_select(0, slot)))
         # The Gram matrix is of the stored rows: with a narrower window, of g as rounded.
-        rounded = [stored.to(g.dtype)] if W.dtype != g.dtype else []
-        _, D = ops.window_gram(W, rounded + [g] + list(others), self.size, False)
-        row = torch.where(ok, D[:, 0], K.index_select(0, slot)[0])
-        D = D[:, len(rounded):]
-        K.index_copy_(0, slot, row[None])
-        K.index_copy_(1, slot, row[:, None])
-        self.state["slot"].copy_(torch.remainder(self.state["slot"] + ok.to(torch.int64),
-                                                 self.size))
-        return D
+        self.rounded = stored.to(g.dtype) if W.dtype != g.dtype else None
+        vectors = ([g] if self.rounded is None else [self.rounded, g]) + list(others)
+        _, D = ops.window_gram(W, vectors, self.size, False)
+        self.row = torch.where(ok, D[:, 0], K.index_select(0, slot)[0])
+        K.index_copy_(0, slot, self.row[None])
+        K.index_copy_(1, slot, self.row[:, None])
+        # A new slot tensor: the old one stays what this push wrote.
+        self.written = slot
+        self.state["slot"] = torch.remainder(self.state["slot"] + ok, self.size)
+        return D if self.rounded is None else D[:, 1:]
 
-    def combine(self, out: Tensor, coef: Tensor, base: Tensor, base_coef: Tensor) -> None:
+    def combine(self, out: Tensor, coef: Tensor, base: Tensor | None = None,
+                base_coef: Tensor | None = None) -> None:
         """``out <- base_coef base + sum_i coef[i] W[i]`` (one pass)."""
         ops.window_combine(out, self.W, coef, self.size, base, base_coef)
 
 
-def mfac_coefficients(K: Tensor, d: Tensor, damping: float, size: int) -> tuple[Tensor, Tensor]:
-    """``F^{-1} x = x / damping - sum_i c_i W[i]`` with ``F = damping I + W^T W / size`` and
-    ``d = W x``: returns ``(-c, 1 / damping)`` for :meth:`GradientWindow.combine`.
+def replace_in_inverse_(B: Tensor, row: Tensor, k: Tensor, shift: float, ok: Tensor) -> None:
+    """``B <- (A')^{-1}`` in place from ``B = A^{-1}`` (``A`` symmetric positive definite,
+    ``m x m``), where ``A'`` is ``A`` with row and column ``k`` (a ``[1]`` index tensor) replaced
+    by ``row``, plus ``shift`` on the diagonal; unchanged where ``ok`` (0-dim bool) is False.
+    ``O(m^2)``, a few small ops, no host sync.
 
-    Woodbury: ``c = (size damping I + K)^{-1} d / damping``, by one Cholesky factorisation of the
-    ``size x size`` matrix (SPD: damping > 0), in float64, no host sync.  The same inverse as
-    the reference's LU without pivoting of ``K / damping + size I`` and its O(size^2)
-    recursion, computed by one factorisation instead of the recursion.
+    Two Schur-complement steps: removing ``k`` gives ``B1 = B - b b^T / b_k`` (``b = B e_k``;
+    row and column k of B1 are zero); adding the new row ``a`` (``row`` off the diagonal) with
+    pivot ``s = row_k + shift - a^T B1 a`` gives ``B1 + v v^T / s`` with ``v = B1 a - e_k``.
+    Both pivots are positive for a positive definite ``A'``, and ``s >= shift`` (A' >= shift I):
+    the floor keeps rounding from ever making it smaller.  The two rank-one terms are one
+    ``addmm``, their weights zero when masked (a ``where`` over ``B`` costs more than it).
     """
-    A = K + (size * damping) * torch.eye(size, dtype=K.dtype, device=K.device)
-    L, _ = torch.linalg.cholesky_ex(A)
-    c = torch.cholesky_solve(d[:, None], L)[:, 0] / damping
-    return -c, torch.full((), 1.0 / damping, dtype=torch.float64, device=K.device)
+    b = B.index_select(0, k)[0]  # B e_k: B is symmetric, and a row is one contiguous read
+    b_k = b.index_select(0, k)
+    a = row.index_fill(0, k, 0.0)
+    u = torch.addcmul(B @ a, b, (b @ a) / b_k, value=-1)  # B1 a
+    s = ((row.index_select(0, k) + shift) - a @ u).clamp_min_(shift)
+    v = u.index_fill_(0, k, -1.0)
+    P = torch.stack([b, v], 1)
+    weights = torch.cat([-b_k, s]).reciprocal_().mul_(ok)
+    B.addmm_(P * weights, P.T)
 
 
-def ggt_coefficients(K: Tensor, d: Tensor, weights: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+class MFACInverse:
+    """M-FAC's ``F^{-1}`` for ``F = damping I + W^T W / size`` on a :class:`GradientWindow`, after
+    the push of the gradient it is applied to.
+
+    Woodbury: ``F^{-1} x = x / damping - W^T A^{-1} W x / damping`` with the ``size x size``
+    matrix ``A = K + size damping I``.  For ``x`` the pushed row ``W^T e_k`` that is
+    ``size W^T A^{-1} e_k``, free of the ``1 / damping`` cancellation (and with a window
+    narrower than g, ``(g - g_r)`` adds its own term).  ``A^{-1}`` is applied by one of two
+    routes (results equal within rounding):
+
+    * ``'cholesky'``: a Cholesky factorisation of ``A`` every step, ``O(m^3)``;
+    * ``'update'``: ``A^{-1}`` kept in ``state['gram_inverse']`` and carried across the
+      window's replacement of a gradient by :func:`replace_in_inverse_`, ``O(m^2)``; refreshed
+      from a factorisation every ``size`` steps (amortised ``O(m^2)``; bounds the drift of the
+      kept inverse), and the solution refined by one step against ``A``.
+    """
+
+    ROUTES = ("cholesky", "update")
+
+    def __init__(self, state: dict, window: GradientWindow, damping: float, route: str) -> None:
+        assert route in self.ROUTES, route
+        self.state, self.window, self.damping, self.route = state, window, damping, route
+        self.shift = window.size * damping
+
+    def _factor(self) -> Tensor:
+        A = self.window.K.clone()
+        A.diagonal().add_(self.shift)
+        return torch.linalg.cholesky_ex(A)[0]  # SPD (damping > 0): no status check needed
+
+    def _inverse(self, ok: Tensor, step: int) -> Tensor:
+        """The kept ``A^{-1}``, carried across the last push (or refreshed)."""
+        st, w = self.state, self.window
+        if ("gram_inverse" not in st or st["gram_inverse_damping"] != self.damping
+                or step % w.size == 0):
+            B = torch.cholesky_inverse(self._factor())
+        else:
+            B = st["gram_inverse"]
+            replace_in_inverse_(B, w.row, w.written, self.shift, ok)
+        st["gram_inverse"], st["gram_inverse_damping"] = B, self.damping
+        return B
+
+    def coefficients(self, g: Tensor, d: Tensor, ok: Tensor, step: int
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(coef, base, base_coef)`` with ``F^{-1} g = base_coef base + W^T coef`` for the
+        pushed ``g`` (``d = W g``, ``ok`` the push's mask, ``step`` the host step count); base
+        is None unless the window is narrower than g."""
+        w = self.window
+        rhs = torch.zeros(w.size, dtype=torch.float64, device=d.device)
+        rhs.index_fill_(0, w.written, float(w.size))
+        base = base_coef = None
+        if w.rounded is not None:  # F^{-1} (g - g_r), g_r the stored row
+            base = g - w.rounded
+            base_coef = torch.full((), 1.0 / self.damping, dtype=torch.float64, device=d.device)
+            rhs.sub_(d - w.row, alpha=1.0 / self.damping)
+        if self.route == "cholesky":
+            for key in ("gram_inverse", "gram_inverse_damping"):  # not carried: stale now
+                self.state.pop(key, None)
+            return torch.cholesky_solve(rhs[:, None], self._factor())[:, 0], base, base_coef
+        B = self._inverse(ok, step)
+        coef = B @ rhs
+        residual = torch.sub(rhs, self.window.K @ coef).sub_(coef, alpha=self.shift)
+        return coef.add_(B @ residual), base, base_coef
+
+
+def ggt_coefficients(K: Tensor, d: Tensor, weights: Tensor | None, eps: float
+                     ) -> tuple[Tensor, Tensor]:
     """GGT's ``U diag(sigma + eps)^-1 U^T m + (m - U U^T m) / eps`` for ``G = W^T diag(w)``
-    (the window, each gradient weighted by ``w``: beta2^age), ``U = G V diag(sigma)^-1`` from
-    ``G^T G = V diag(sigma^2) V^T``, and ``d = W m``: returns ``(coef, 1 / eps)`` for
-    :meth:`GradientWindow.combine`.
+    (the window, each gradient weighted by ``w``: beta2^age; None: all 1), ``U = G V
+    diag(sigma)^-1`` from ``G^T G = V diag(sigma^2) V^T``, and ``d = W m``: returns
+    ``(coef, 1 / eps)`` for :meth:`GradientWindow.combine`.
 
     The two terms fold into ``m / eps + G V diag(-1 / (eps sigma (sigma + eps))) V^T G^T m``.
     Directions with ``sigma^2 <= size * eps_float64 * max(sigma^2)`` are not resolved by the
@@ -106,10 +189,14 @@ def ggt_coefficients(K: Tensor, d: Tensor, weights: Tensor, eps: float) -> tuple
     ``1 / (sigma + eps)`` and ``1 / eps`` agree to ``O(sigma / eps)`` anyway.
     """
     size = K.shape[0]
-    Kw = K * weights[:, None] * weights[None, :]
-    lam, V = torch.linalg.eigh(Kw)
-    resolved = lam > size * torch.finfo(torch.float64).eps * lam[-1]
-    sigma = torch.where(resolved, lam, 1.0).sqrt()
-    scale = torch.where(resolved, -1.0 / (eps * sigma * (sigma + eps)), 0.0)
-    coef = weights * (V @ (scale * (V.T @ (weights * d))))
+    if weights is not None:
+        K = K * weights[:, None] * weights[None, :]
+        d = weights * d
+    lam, V = torch.linalg.eigh(K)
+    # sigma (sigma + eps) = lam + eps sigma; an unresolved lam as inf makes its 1 / (...) zero
+    lam = torch.where(lam > lam[-1:] * (size * torch.finfo(torch.float64).eps), lam, torch.inf)
+    scale = torch.add(lam, lam.sqrt(), alpha=eps).reciprocal_()
+    coef = (V @ (scale * (V.T @ d))).mul_(-1.0 / eps)
+    if weights is not None:
+        coef = weights * coef
     return coef, torch.full((), 1.0 / eps, dtype=torch.float64, device=K.device)

@@ -87,8 +87,7 @@ class GGT(WindowOptimizer):
         beta1, beta2 = group["betas"]
         m.mul_(guard.unless_skipped(beta1, okf)).addcmul_(g, okf)  # g holds wd p when skipped
         D = window.push(g, guard.ok, [m])
-        weights = torch.pow(torch.full((), beta2, dtype=torch.float64,
-                                       device=g.device), window.ages())
+        weights = None if beta2 == 1 else torch.pow(beta2, window.ages())  # 1: unweighted
         coef, base_coef = ggt_coefficients(window.K, D[:, 1], weights, group["eps"])
         direction = torch.empty_like(g)
         window.combine(direction, coef, m, base_coef)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._support.options import Number
-from ..curvature.gradient_window import GradientWindow, mfac_coefficients
+from .._support.options import Number, OneOf
+from ..curvature.gradient_window import GradientWindow, MFACInverse
 from .window import DEFAULT_MAX_STATE_BYTES, WindowOptimizer
 
 __all__ = ["MFAC"]
+
+# solver='auto' keeps the inverse (O(m^2) a step) from this window size on, and factorises
+# (O(m^3)) below it, where a few small ops cost more than the flops (docs/mfac.md#cost).
+UPDATE_FROM_WINDOW = 128
 
 
 class MFAC(WindowOptimizer):
@@ -19,10 +23,10 @@ class MFAC(WindowOptimizer):
     The last ``window`` = m gradients ``g_i`` (of all params, one flat vector) define
     ``F = damping I + (1/m) sum_i g_i g_i^T``; each step pushes the new gradient (the oldest
     drops out) and moves along ``F^{-1} (g + wd p)``, through SGD with momentum.  Per step: one
-    pass over the window for its dot products with ``g`` (also the Gram matrix's new row), one
-    ``m x m`` Cholesky solve in float64 on the device, one pass for the combination; no host
-    sync.  The window starts as zeros (so F's ``1/m`` is fixed from the first step, as the
-    authors' code).  Memory: ``m n`` window entries.  See docs/mfac.md.
+    pass over the window for its dot products with ``g`` (also the Gram matrix's new row), an
+    ``m x m`` solve in float64 on the device, one pass for the combination; no host sync.  The
+    window starts as zeros (so F's ``1/m`` is fixed from the first step, as the authors' code).
+    Memory: ``m n`` window entries.  See docs/mfac.md.
 
     Args:
         params: iterable of params or of param-group dicts (float32 or float64, one dtype and one
@@ -33,6 +37,9 @@ class MFAC(WindowOptimizer):
         weight_decay: L2 penalty added to the gradient that is preconditioned (default: 0).
         window: m, gradients kept (default: 32; the paper's 1024 is a GPU setting).
         damping: lambda (default: 1e-5, the authors').
+        solver: ``'cholesky'`` (a factorisation a step, O(m^3)), ``'update'`` (the inverse kept
+            and carried across each replacement, O(m^2)) or ``'auto'`` (default: ``'update'``
+            from window 128 on, where it is the faster).
         window_dtype: storage of the window (default: the params'; ``torch.bfloat16`` halves it
             for float32 params; dot products are summed in float64 either way).
         max_state_bytes: largest window (and Gram matrix) allowed, in bytes (default: 1 GiB).
@@ -49,22 +56,35 @@ class MFAC(WindowOptimizer):
     """
 
     NAME = "MFAC"
-    OPTIONS = WindowOptimizer.OPTIONS.extend({"damping": Number(0, low_open=True, high_open=True)})
+    OPTIONS = WindowOptimizer.OPTIONS.extend({
+        "damping": Number(0, low_open=True, high_open=True),
+        "solver": OneOf("auto", *MFACInverse.ROUTES)})
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0,
                  weight_decay: float = 0.0, window: int = 32, damping: float = 1e-5, *,
-                 window_dtype: torch.dtype | None = None,
+                 solver: str = "auto", window_dtype: torch.dtype | None = None,
                  max_state_bytes: int = DEFAULT_MAX_STATE_BYTES, on_nonfinite: str = "skip",
                  maximize: bool = False) -> None:
         super().__init__(params, {
             "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "window": window,
-            "damping": damping, "window_dtype": window_dtype, "max_state_bytes": max_state_bytes,
-            "on_nonfinite": on_nonfinite, "maximize": maximize})
+            "damping": damping, "solver": solver, "window_dtype": window_dtype,
+            "max_state_bytes": max_state_bytes, "on_nonfinite": on_nonfinite,
+            "maximize": maximize})
+
+    @staticmethod
+    def _route(group: dict) -> str:
+        if group["solver"] != "auto":
+            return group["solver"]
+        return "update" if group["window"] >= UPDATE_FROM_WINDOW else "cholesky"
+
+    def _square_matrices(self, group: dict) -> int:
+        return 2 if self._route(group) == "update" else 1  # the Gram matrix, its kept inverse
 
     def _direction(self, g: Tensor, window: GradientWindow, state: dict, group: dict,
                    guard, okf: Tensor) -> Tensor:
         D = window.push(g, guard.ok)
-        coef, base_coef = mfac_coefficients(window.K, D[:, 0], group["damping"], window.size)
+        inverse = MFACInverse(state, window, group["damping"], self._route(group))
+        coef, base, base_coef = inverse.coefficients(g, D[:, 0], guard.ok, state["step"])
         direction = torch.empty_like(g)
-        window.combine(direction, coef, g, base_coef)
+        window.combine(direction, coef, base, base_coef)
         return direction

@@ -13,6 +13,7 @@ from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_history_dtype,
                                check_params, load_state_dict_uncast)
 from ..curvature.momentum_pairs import BlockLayout, block_partition, directions, update_pairs
+from .flat_guard import gather_guarded
 
 __all__ = ["MLBFGS"]
 
@@ -159,17 +160,9 @@ class MLBFGS(Optimizer):
         groups, group = self.param_groups, self.param_groups[0]
         k = state["step"] + 1
         pair_step = bool(run.pre) and k % group["update_freq"] == 0
-        self._skips.watch(state["nonfinite_steps"])
-        for b in run.blocks:
-            b.gather(group["maximize"], "MLBFGS")
         # 'raise' at a pair-update step waits for the pair update's host sync.
-        guard = SkipGuard.check([b.grad for b in run.blocks], group["on_nonfinite"],
-                                state["nonfinite_steps"], _NONFINITE, defer_raise=pair_step)
-        okf = guard.ok.to(run.dtype)
-        # From here every update is masked by ok, so that a non-finite step changes nothing.
-        # NaN * 0 is NaN: the gradient itself is replaced, not scaled.
-        for b in run.blocks:
-            b.grad.masked_fill_(guard.bad, 0)
+        guard, okf = gather_guarded(run.blocks, group, state, self._skips, "MLBFGS", _NONFINITE,
+                                    defer_raise=pair_step)
         if run.pre:
             mu_p = guard.unless_skipped(group["param_momentum"], okf)
             mu_g = guard.unless_skipped(group["grad_momentum"], okf)

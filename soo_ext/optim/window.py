@@ -15,12 +15,13 @@ from .._support.params import (add_param_group_checked, all_params, check_histor
                                check_params, load_state_dict_uncast)
 from ..curvature.gradient_window import GradientWindow, window_state_bytes
 from ..curvature.momentum_pairs import Block
+from .flat_guard import gather_guarded
 
 __all__ = ["WindowOptimizer"]
 
 DEFAULT_MAX_STATE_BYTES = 2**30
 # State entries that Optimizer.load_state_dict must not cast to the params' dtype.
-_UNCAST = ("window", "gram", "slot", "nonfinite_steps")
+_UNCAST = ("window", "gram", "slot", "gram_inverse", "nonfinite_steps")
 
 
 class WindowOptimizer(Optimizer):
@@ -43,7 +44,7 @@ class WindowOptimizer(Optimizer):
     def __init__(self, params, defaults: dict) -> None:
         self.OPTIONS.check(defaults)
         self._skips = SkipWarner(self.NAME)
-        self._run: tuple[Block, GradientWindow] | None = None
+        self._run: tuple[Block, GradientWindow, Tensor] | None = None
         super().__init__(params, defaults)
         self._check_params(all_params(self))
 
@@ -79,7 +80,8 @@ class WindowOptimizer(Optimizer):
         except ValueError as exc:
             raise ValueError(str(exc).replace("history_dtype", "window_dtype")) from None
         n = sum(p.numel() for p in params)
-        needed = window_state_bytes(group["window"], n, self._window_dtype(params[0].dtype))
+        needed = window_state_bytes(group["window"], n, self._window_dtype(params[0].dtype),
+                                    self._square_matrices(group))
         if needed > group["max_state_bytes"]:
             raise ValueError(
                 f"Invalid window: {self.NAME}'s window of {group['window']} gradients of "
@@ -87,8 +89,13 @@ class WindowOptimizer(Optimizer):
                 f"{group['max_state_bytes'] / 2**20:.1f} MiB; use a smaller window, or raise "
                 "max_state_bytes if the memory is there")
 
-    def _layout(self, params: list[Tensor]) -> tuple[Block, GradientWindow, dict]:
-        """The flat block and the window (built at the first step and after a load)."""
+    def _square_matrices(self, group: dict) -> int:
+        """The ``window x window`` float64 matrices kept besides the window (its Gram matrix)."""
+        return 1
+
+    def _layout(self, params: list[Tensor]) -> tuple[Block, GradientWindow, Tensor, dict]:
+        """The flat block, the window and a 0-dim zero (built at the first step and after a
+        load)."""
         group = self.param_groups[0]
         state = self.state[params[0]]
         if self._run is None:
@@ -104,7 +111,8 @@ class WindowOptimizer(Optimizer):
             group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
             window = GradientWindow(state, group["window"], n, p0.dtype, p0.device,
                                     self._window_dtype(p0.dtype))
-            self._run = (Block(params, group_of, state, None), window)
+            zero = torch.zeros((), dtype=p0.dtype, device=p0.device)
+            self._run = (Block(params, group_of, state, None), window, zero)
         elif self._run[1].size != group["window"]:
             raise ValueError("Invalid window: it cannot change after the first step")
         return (*self._run, state)
@@ -124,18 +132,15 @@ class WindowOptimizer(Optimizer):
         if not any(p.grad is not None for p in params):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
         self.OPTIONS.check_groups(self.param_groups)
-        block, window, state = self._layout(params)
+        block, window, zero, state = self._layout(params)
         groups, group = self.param_groups, self.param_groups[0]
-        self._skips.watch(state["nonfinite_steps"])
-        block.gather(group["maximize"], self.NAME)
-        guard = SkipGuard.check([block.grad], group["on_nonfinite"], state["nonfinite_steps"],
-                                f"{self.NAME}: the gradient is not finite")
-        okf = guard.ok.to(block.grad.dtype)
-        block.grad.masked_fill_(guard.bad, 0)  # NaN * 0 is NaN: replaced, not scaled
-        block.add_weight_decay([g["weight_decay"] for g in groups])
+        decays = [g["weight_decay"] for g in groups]
+        guard, okf = gather_guarded([block], group, state, self._skips, self.NAME,
+                                    f"{self.NAME}: the gradient is not finite", params=any(decays))
+        block.add_weight_decay(decays)  # (the params are gathered for it only)
         direction = self._direction(block.grad, window, state, group, guard, okf)
         momenta = {m: guard.unless_skipped(m, okf) for m in {g["momentum"] for g in groups}}
         block.momentum_step(direction, okf, [momenta[g["momentum"]] for g in groups],
-                            [g["lr"] for g in groups], guard.ok, block.grad.new_zeros(()))
+                            [g["lr"] for g in groups], guard.ok, zero)
         state["step"] += 1
         return loss

@@ -588,6 +588,9 @@ SHAMPOO_INVALID = (
     Invalid("betas", dict(betas=(0.9, 1.1))), Invalid("betas", dict(betas=0.9)),
     Invalid("betas", dict(betas=(0.9,))),
     Invalid("epsilon", dict(epsilon=0.0)), Invalid("epsilon", dict(epsilon=-1e-12)),
+    Invalid("relative_epsilon", dict(relative_epsilon=-1e-4)),
+    Invalid("relative_epsilon", dict(relative_epsilon=math.inf)),
+    Invalid("relative_epsilon", dict(relative_epsilon=float("nan"))),
     Invalid("weight_decay", dict(weight_decay=-1e-4)),
     Invalid("decoupled_weight_decay", dict(decoupled_weight_decay=1)),
     Invalid("max_preconditioner_dim", dict(max_preconditioner_dim=0)),
@@ -619,6 +622,7 @@ WINDOW_INVALID = (
 )
 MFAC_INVALID = WINDOW_INVALID + (
     Invalid("damping", dict(damping=0.0)), Invalid("damping", dict(damping=float("inf"))),
+    Invalid("solver", dict(solver="lu")),
 )
 GGT_INVALID = WINDOW_INVALID + (
     Invalid("betas", dict(betas=(1.0, 0.9))), Invalid("betas", dict(betas=(0.9, 0.0))),
@@ -657,6 +661,9 @@ KBFGS_INVALID = (
     Invalid("skip_layers", dict(skip_layers=["("])),
     Invalid("process_group", dict(process_group="world")),
     Invalid("model", build=lambda: soo_ext.KBFGS([nn.Parameter(torch.zeros(2))])),
+    Invalid("batch_averaged", dict(batch_averaged=1)),
+    Invalid("accumulation_steps", dict(accumulation_steps=0)),
+    Invalid("grad_scaler", dict(grad_scaler=lambda: 1.0)),
 )
 
 PSGD_KRON_INVALID = (
@@ -678,6 +685,7 @@ PSGD_KRON_INVALID = (
     Invalid("max_update_rms", dict(max_update_rms=0.0)),
     Invalid("seed", dict(seed=-1)), Invalid("seed", dict(seed=1.5)),
     Invalid("on_nonfinite", dict(on_nonfinite="ignore")),
+    Invalid("refresh_budget", dict(refresh_budget=0.0)),
 )
 
 SOAP_INVALID = (
@@ -694,6 +702,9 @@ SOAP_INVALID = (
     Invalid("precondition_1d", dict(precondition_1d=None)),
     Invalid("factor_dtype", dict(factor_dtype=torch.float16)),
     Invalid("on_nonfinite", dict(on_nonfinite="ignore")),
+    Invalid("refresh_budget", dict(refresh_budget=1.0)),
+    Invalid("normalize_grads", dict(normalize_grads="yes")),
+    Invalid("correct_bias", dict(correct_bias=None)),
 )
 
 # ---- the rows, by class ---------------------------------------------------------------------
@@ -812,7 +823,7 @@ def psgd_kron(name, precond_dtype, **kwargs):
         sync_poison=(3, 6), add_group="any-time",
         state_keys=("step", "seed", "precond_updates", "nonfinite_steps"),
         state_check=psgd_kron_param_state, invalid=PSGD_KRON_INVALID,
-        group_options={"lr": 0.5, "weight_decay": 0.1},
+        group_options={"lr": 0.5, "momentum": 0.5, "weight_decay": 0.1},
         bad_group_option=("weight_decay", -1.0), global_option=("precond_lr", 0.2))
 
 
@@ -934,7 +945,8 @@ def window_optimizer(name, cls, dtype, **kwargs):
         host_syncs=window_syncs, sync_steps=6, sync_policies=("skip", "raise"), sync_poison=(3,),
         maximize=True, add_group="before-first-step",
         state_keys=("step", "nonfinite_steps", "momentum_buffer", "window", "gram", "slot")
-        + (("exp_avg",) if cls == "GGT" else ()),
+        + (("exp_avg",) if cls == "GGT" else ())
+        + (("gram_inverse", "gram_inverse_damping") if kwargs.get("solver") == "update" else ()),
         state_check=window_state, invalid=MFAC_INVALID if cls == "MFAC" else GGT_INVALID,
         group_options={"lr": 0.5, "momentum": 0.0, "weight_decay": 0.0},
         bad_group_option=("lr", -1), global_option=("window", 5))
@@ -1016,6 +1028,7 @@ CASES = [
               momentum_into_precond_update=False),
     window_optimizer("mfac", "MFAC", F64, damping=1e-3),
     window_optimizer("mfac-f32-bf16window", "MFAC", F32, damping=1e-3, window_dtype=BF16),
+    window_optimizer("mfac-update", "MFAC", F64, damping=1e-3, solver="update"),
     # beta1^window / eps < 1: no short-window warning
     window_optimizer("ggt", "GGT", F64, betas=(0.5, 1.0), eps=0.1),
     window_optimizer("ggt-f32", "GGT", F32, momentum=0.5, betas=(0.5, 0.9), eps=0.1),

@@ -85,11 +85,40 @@ def run_pair(make_ours, make_naive, steps=9):
             assert (p - q).abs().max() <= 1e-10 * max(1.0, q.abs().max()), "params diverged"
 
 
+@pytest.mark.parametrize("solver", ["cholesky", "update"])
 @pytest.mark.parametrize("momentum, wd", [(0.0, 0.0), (0.9, 1e-2)])
-def test_mfac_matches_the_naive_transcription(momentum, wd):
+def test_mfac_matches_the_naive_transcription(momentum, wd, solver):
+    """Both solvers; 9 steps of a window of 4: the kept inverse is carried and refreshed."""
     kw = dict(lr=1e-3, momentum=momentum, window=4, damping=1e-2)
-    run_pair(lambda ps: soo_ext.MFAC(ps, weight_decay=wd, **kw),
+    run_pair(lambda ps: soo_ext.MFAC(ps, weight_decay=wd, solver=solver, **kw),
              lambda ps: NaiveMFAC(ps, kw["lr"], momentum, wd, kw["window"], kw["damping"]))
+
+
+def test_mfac_solvers_auto_choice_and_a_switch_midway():
+    """'auto' keeps the inverse from window 128 on; switching the solver (or the damping)
+    between steps drops or rebuilds the kept inverse, never uses a stale one."""
+    model, x, y = model_and_data()
+    for window, kept in ((8, False), (128, True)):
+        opt = soo_ext.MFAC(model.parameters(), window=window)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert ("gram_inverse" in opt.state[next(model.parameters())]) == kept
+    kw = dict(lr=1e-3, window=4, damping=1e-2)
+    model, x, y = model_and_data()
+    twin, _, _ = model_and_data()
+    ours, naive = soo_ext.MFAC(model.parameters(), **kw), NaiveMFAC(twin.parameters(), 1e-3, 0.0,
+                                                                     0.0, 4, 1e-2)
+    # step 3 (not a refresh step: every 4) follows a Cholesky step, step 5 a damping change
+    for step, (solver, damping) in enumerate([("update", 1e-2)] * 2 + [("cholesky", 1e-2)]
+                                             + [("update", 1e-2)] * 2 + [("update", 3e-2)]):
+        ours.param_groups[0].update(solver=solver, damping=damping)
+        naive.damping = damping
+        for m, opt in ((model, ours), (twin, naive)):
+            m.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert (p - q).abs().max() <= 1e-10 * max(1.0, q.abs().max()), step
 
 
 @pytest.mark.filterwarnings("ignore:GGT. window=4 is short")
