@@ -39,6 +39,27 @@ inline int64_t stack_count(const at::Tensor& A) {
 // Argument checks shared by both devices (the Python wrappers check the same things first).
 void check_kron_square(const char* op, const at::Tensor& A);
 void check_kron_factor_update_args(const at::Tensor& F, const at::Tensor& X);
+
+// F <- decay F + scale X^T X over the stacked factors [B, d, d] (one GEMM, or one batched GEMM),
+// then symmetrize(F3), the device's kernel (the GEMM's rounding is not symmetric); a
+// non-contiguous F gets the result copied back.
+template <typename Symmetrize>
+void kron_factor_update(const at::Tensor& F, const at::Tensor& X, double decay, double scale,
+                        Symmetrize&& symmetrize) {
+  check_kron_factor_update_args(F, X);
+  const int64_t d = F.size(-1), N = X.size(-2);
+  const int64_t B = stack_count(F);
+  at::Tensor F3 = F.is_contiguous() ? F.view({B, d, d}) : F.contiguous().view({B, d, d});
+  at::Tensor X3 = X.reshape({B, N, d}).to(F.scalar_type());
+  if (B == 1) {
+    at::Tensor F2 = F3[0], X2 = X3[0];
+    F2.addmm_(X2.mT(), X2, decay, scale);
+  } else {
+    F3.baddbmm_(X3.mT(), X3, decay, scale);
+  }
+  symmetrize(F3);
+  if (!F.is_contiguous()) const_cast<at::Tensor&>(F).copy_(F3.view(F.sizes()));
+}
 void check_kron_inverse_root_args(const at::Tensor& A, int64_t p, double epsilon,
                                   const std::string& method, int64_t max_iters, double tol);
 void check_kfac_precondition_args(const at::Tensor& grad, const at::Tensor& QG,

@@ -32,4 +32,17 @@ std::tuple<at::Tensor, at::Tensor> window_gram_outputs(const at::Tensor& W, int6
 // device: BLAS on the CPU, cuBLAS on CUDA), upper triangle mirrored: exactly symmetric.
 void window_gram_full(const at::Tensor& W, int64_t rows, at::Tensor& G);
 
+// Calls fn(TW{}, TV{}) for the window's dtype TW and its vectors' TV (float64 / float64,
+// float32 / float32, bfloat16 / float32): the storages the checks above admit.
+template <typename F>
+void dispatch_window(at::ScalarType window, F&& fn) {
+  if (window == at::kDouble) {
+    fn(double{}, double{});
+  } else if (window == at::kFloat) {
+    fn(float{}, float{});
+  } else {
+    fn(c10::BFloat16{}, float{});
+  }
+}
+
 }  // namespace soo

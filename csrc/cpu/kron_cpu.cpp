@@ -572,19 +572,7 @@ void symmetrize_(const at::Tensor& F3) {
 }
 
 void kron_factor_update_cpu(const at::Tensor& F, const at::Tensor& X, double decay, double scale) {
-  check_kron_factor_update_args(F, X);
-  const int64_t d = F.size(-1), N = X.size(-2);
-  const int64_t B = stack_count(F);
-  at::Tensor F3 = F.is_contiguous() ? F.view({B, d, d}) : F.contiguous().view({B, d, d});
-  at::Tensor X3 = X.reshape({B, N, d}).to(F.scalar_type());
-  if (F3.size(0) == 1) {
-    at::Tensor F2 = F3[0], X2 = X3[0];
-    F2.addmm_(X2.mT(), X2, decay, scale);
-  } else {
-    F3.baddbmm_(X3.mT(), X3, decay, scale);
-  }
-  symmetrize_(F3);
-  if (!F.is_contiguous()) const_cast<at::Tensor&>(F).copy_(F3.view(F.sizes()));
+  kron_factor_update(F, X, decay, scale, [](at::Tensor& F3) { symmetrize_(F3); });
 }
 
 }  // namespace

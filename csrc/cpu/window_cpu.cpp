@@ -247,18 +247,6 @@ SOO_TARGET_AVX2 void combine_avx2(TO* out, const TW* W, int64_t n, const double*
 }
 #endif
 
-// Calls fn<TW, TV>() for the window dtype and the vectors' (float32 / bfloat16 / float64).
-template <typename F>
-void dispatch_window(at::ScalarType window, F&& fn) {
-  if (window == at::kDouble) {
-    fn(double{}, double{});
-  } else if (window == at::kFloat) {
-    fn(float{}, float{});
-  } else {
-    fn(c10::BFloat16{}, float{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> window_gram_cpu(const at::Tensor& W, at::TensorList X,
                                                    int64_t rows, bool full) {
   check_window_gram_args(W, X, rows);

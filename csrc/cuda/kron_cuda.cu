@@ -574,23 +574,13 @@ at::Tensor kfac_precondition_eigen_cuda(const at::Tensor& grad, const at::Tensor
 
 void kron_factor_update_cuda(const at::Tensor& F, const at::Tensor& X, double decay,
                              double scale) {
-  check_kron_factor_update_args(F, X);
   c10::cuda::CUDAGuard guard(F.device());
-  const int64_t d = F.size(-1), N = X.size(-2);
-  const int64_t B = stack_count(F);
-  at::Tensor F3 = F.is_contiguous() ? F.view({B, d, d}) : F.contiguous().view({B, d, d});
-  at::Tensor X3 = X.reshape({B, N, d}).to(F.scalar_type());
-  if (F3.size(0) == 1) {
-    at::Tensor F2 = F3[0], X2 = X3[0];
-    F2.addmm_(X2.mT(), X2, decay, scale);
-  } else {
-    F3.baddbmm_(X3.mT(), X3, decay, scale);
-  }
-  const int64_t total = F3.numel();
-  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "kron_symmetrize_cuda", [&] {
-    SOO_LAUNCH(symmetrize_kernel<scalar_t>, total, F3.data_ptr<scalar_t>(), total, d);
+  kron_factor_update(F, X, decay, scale, [](const at::Tensor& F3) {
+    const int64_t total = F3.numel(), d = F3.size(-1);
+    AT_DISPATCH_FLOATING_TYPES(F3.scalar_type(), "kron_symmetrize_cuda", [&] {
+      SOO_LAUNCH(symmetrize_kernel<scalar_t>, total, F3.data_ptr<scalar_t>(), total, d);
+    });
   });
-  if (!F.is_contiguous()) const_cast<at::Tensor&>(F).copy_(F3.view(F.sizes()));
 }
 
 }  // namespace

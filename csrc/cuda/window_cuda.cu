@@ -89,17 +89,6 @@ combine_kernel(TO* out, const TW* __restrict__ W, const double* __restrict__ coe
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-template <typename F>
-void dispatch_window(at::ScalarType window, F&& fn) {
-  if (window == at::kDouble) {
-    fn(double{}, double{});
-  } else if (window == at::kFloat) {
-    fn(float{}, float{});
-  } else {
-    fn(c10::BFloat16{}, float{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> window_gram_cuda(const at::Tensor& W, at::TensorList X,
                                                     int64_t rows, bool full) {
   check_window_gram_args(W, X, rows);
