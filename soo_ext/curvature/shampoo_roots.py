@@ -17,6 +17,19 @@ __all__ = ["ShampooRoots"]
 _FAILED = 2  # status of ops.kron_inverse_root: failed, zero output
 
 
+def _ridged(F: Tensor, relative: float) -> Tensor:
+    """``F + relative ||F||_F I`` for each matrix of the stack ``F`` (``F`` itself if 0).  A
+    factor's rounding errors (its sum of products, the decomposition's) are of order
+    ``n u ||F||``, so its eigenvalues below that are noise; a shift well above it makes the
+    root of those directions a function of the shift, not of the noise."""
+    if relative == 0:
+        return F
+    norm = torch.linalg.matrix_norm(F, dtype=torch.float64)  # no float32 overflow of the squares
+    ridged = F.clone()
+    ridged.diagonal(dim1=-2, dim2=-1).add_((relative * norm).to(F.dtype).unsqueeze(-1))
+    return ridged
+
+
 class ShampooRoots:
     """The factors (zero at the start), roots (identities) and consecutive-failure counters of
     every factor slot of a blocking, as ``[B, n, n]`` stacks per bucket (``factor_dtype``); the
@@ -85,17 +98,18 @@ class ShampooRoots:
                 ops.kron_factor_update_(self.factors[key][start:start + B], X, 1.0, 1.0)
         return stacked
 
-    def update_roots(self, guard: SkipGuard, epsilon: float, method: str, max_failures: int,
-                     state: dict, step: int, process_group=None) -> None:
-        """New inverse roots for every bucket (spread over the ranks of ``process_group``); a
-        failed one keeps the previous root.  One host sync (the skip flag and the failure
-        counts).  Counts ``root_updates`` and ``failed_roots`` in ``state``; raises
-        :class:`RootFailureError` when a factor failed ``max_failures`` consecutive times."""
+    def update_roots(self, guard: SkipGuard, epsilon: float, relative_epsilon: float, method: str,
+                     max_failures: int, state: dict, step: int, process_group=None) -> None:
+        """New inverse roots ``(L + (epsilon + relative_epsilon ||L||_F) I)^{-1/(2k)}`` for every
+        bucket (spread over the ranks of ``process_group``); a failed one keeps the previous
+        root.  One host sync (the skip flag and the failure counts).  Counts ``root_updates``
+        and ``failed_roots`` in ``state``; raises :class:`RootFailureError` when a factor failed
+        ``max_failures`` consecutive times."""
         if not self.factors:
             return
         results = self.blocking.buckets.decompose(
-            self.factors, lambda key, F: ops.kron_inverse_root(F, 2 * key[1], epsilon, method),
-            process_group)
+            self.factors, lambda key, F: ops.kron_inverse_root(
+                _ridged(F, relative_epsilon), 2 * key[1], epsilon, method), process_group)
         new = {}
         checks = [guard.ok.to(torch.int64)]
         for key, (X, status) in results.items():

@@ -34,7 +34,8 @@ class _Betas(Spec):
 # work); every other option is one setting for the run (the buckets span all groups).
 OPTIONS = OptionSpecs({
     "lr": Number(0, high_open=True), "betas": _Betas(),
-    "epsilon": Number(0, low_open=True, high_open=True), "weight_decay": Number(0, high_open=True),
+    "epsilon": Number(0, low_open=True, high_open=True),
+    "relative_epsilon": Number(0, high_open=True), "weight_decay": Number(0, high_open=True),
     "decoupled_weight_decay": Bool(), "max_preconditioner_dim": Int(1), "merge_dims": Bool(),
     "precondition_1d": Bool(), "precondition_frequency": Int(1, none=True),
     "refresh_budget": Number(0, 1, low_open=True, high_open=True, none=True),
@@ -59,18 +60,19 @@ class Shampoo(LaidOutOptimizer):
 
     Each param is a tensor of merged dims (``merge_dims``), cut into blocks of at most
     ``max_preconditioner_dim``; every block ``G`` keeps a factor per dim,
-    ``L_i <- beta2 L_i + G_(i) G_(i)^T``, whose inverse root ``(L_i + epsilon I)^{-1/(2k)}``
-    is recomputed every ``precondition_frequency`` steps (one op call per bucket of equal-size
-    factors).  The direction ``G x_1 P_1 ... x_k P_k`` takes the step size of the grafting
-    method per block; momentum (bias-corrected) on the final direction; 1-D params take the
-    grafting direction.  Non-finite steps are skipped on the device; ``process_group=`` spreads
-    the roots over data-parallel ranks.  Details, state layout and host syncs: docs/shampoo.md.
+    ``L_i <- beta2 L_i + G_(i) G_(i)^T``, whose inverse root ``(L_i + e_i I)^{-1/(2k)}``
+    (``e_i = epsilon + relative_epsilon ||L_i||_F``) is recomputed every
+    ``precondition_frequency`` steps (one op call per bucket).  The direction
+    ``G x_1 P_1 ... x_k P_k`` takes the step size of the grafting method per block; momentum
+    (bias-corrected) on the final direction; 1-D params take the grafting direction.  Non-finite
+    steps are skipped on the device; ``process_group=`` spreads the roots over data-parallel
+    ranks.  Details, state layout and host syncs: docs/shampoo.md.
 
     Args:
         params: iterable of params or of param-group dicts (lr, betas, weight_decay per group).
         lr: learning rate (default: 1e-3; with ``grafting='adam'`` an Adam learning rate).
         betas: momentum and factor decay (default: (0.9, 0.999)).
-        epsilon: added to the factors in the root (default: 1e-12).
+        epsilon, relative_epsilon: (default: 1e-12, 1e-4: above the factors' rounding).
         weight_decay, decoupled_weight_decay: (default: 0, True: AdamW style; False: L2).
         max_preconditioner_dim: merging bound and block size (default: 1024).
         merge_dims, precondition_1d: (default: True, False).
@@ -97,6 +99,7 @@ class Shampoo(LaidOutOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  epsilon: float = 1e-12, weight_decay: float = 0.0, *,
+                 relative_epsilon: float = 1e-4,
                  decoupled_weight_decay: bool = True, max_preconditioner_dim: int = 1024,
                  merge_dims: bool = True, precondition_1d: bool = False,
                  precondition_frequency: int | None = None,
@@ -105,7 +108,8 @@ class Shampoo(LaidOutOptimizer):
                  grafting_beta2: float = 0.999, root_method: str = "eigh",
                  factor_dtype: torch.dtype = torch.float32, max_root_failures: int = 5,
                  on_nonfinite: str = "skip", process_group=None, refresh_timer=None) -> None:
-        defaults = {"lr": lr, "betas": betas, "epsilon": epsilon, "weight_decay": weight_decay,
+        defaults = {"lr": lr, "betas": betas, "epsilon": epsilon,
+                    "relative_epsilon": relative_epsilon, "weight_decay": weight_decay,
                     "decoupled_weight_decay": decoupled_weight_decay,
                     "max_preconditioner_dim": max_preconditioner_dim, "merge_dims": merge_dims,
                     "precondition_1d": precondition_1d,
@@ -126,6 +130,8 @@ class Shampoo(LaidOutOptimizer):
         # load_state_dict comes here too: it keeps the group; a copy or unpickling has none
         self.__dict__.setdefault("_process_group", None)
         self.__dict__.setdefault("_schedule", RefreshSchedule("Shampoo roots"))
+        for group in self.param_groups:  # saved before relative_epsilon: continue without it
+            group.setdefault("relative_epsilon", 0.0)
 
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
@@ -158,8 +164,8 @@ class Shampoo(LaidOutOptimizer):
         gstate["step"] = k
         start, record = o["start_preconditioning_step"], self._refresh_record(gstate)
         if k >= start and _roots_due(o, k - start, record):
-            roots.update_roots(guard, o["epsilon"], o["root_method"], o["max_root_failures"],
-                               gstate, k, self._process_group)
+            roots.update_roots(guard, o["epsilon"], o["relative_epsilon"], o["root_method"],
+                               o["max_root_failures"], gstate, k, self._process_group)
         graft_states = ([self.state[P.p][grafting.state_key] for P in blocking.params]
                         if grafting.state_key else [None] * len(present))
         have = [i for i, has_grad in enumerate(present) if has_grad]

@@ -84,7 +84,10 @@ def test_blocks_shape_groups_and_slots():
     assert torch.equal(P[0].block(x, 1), x[4:5])
 
 
-def test_factor_update_roots_and_directions_match_the_formulas():
+@pytest.mark.parametrize("relative_epsilon", [0.0, 1e-3])
+def test_factor_update_roots_and_directions_match_the_formulas(relative_epsilon):
+    # the root of L + relative_epsilon ||L||_F I (relative_epsilon 1e-3 moves the small
+    # eigenvalues of these factors by far more than the tolerance)
     params, b = blocking()
     roots = ShampooRoots(b, F64, F64, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
@@ -93,7 +96,7 @@ def test_factor_update_roots_and_directions_match_the_formulas():
     for grads in history:
         stacked = roots.update(grads, OK, betas2, [True] * len(params))
     state = {"root_updates": 0, "failed_roots": torch.zeros((), dtype=torch.int64)}
-    roots.update_roots(OK, 1e-6, "eigh", 5, state, 2)
+    roots.update_roots(OK, 1e-6, relative_epsilon, "eigh", 5, state, 2)
     assert state["root_updates"] == 1 and state["failed_roots"] == 0
     graft = [g.clone() for g in history[-1]]
     dirs = roots.precondition(stacked, graft, rescale=False)
@@ -109,7 +112,9 @@ def test_factor_update_roots_and_directions_match_the_formulas():
                 L = beta2 * unfold(blocks[0], mode) @ unfold(blocks[0], mode).T \
                     + unfold(blocks[1], mode) @ unfold(blocks[1], mode).T
                 torch.testing.assert_close(views["factors"][slot], L)
-                want = mode_product(want, inv_root(L, 2 * len(shape), 1e-6), mode)
+                ridge = (relative_epsilon * torch.linalg.matrix_norm(L)
+                         * torch.eye(len(L), dtype=F64))
+                want = mode_product(want, inv_root(L + ridge, 2 * len(shape), 1e-6), mode)
                 slot += 1
             torch.testing.assert_close(P.block(dirs[i], j), want, rtol=1e-8, atol=1e-10)
     rescaled = roots.precondition(stacked, graft, rescale=True)
@@ -140,15 +145,15 @@ def test_skipped_update_and_failed_roots():
     assert all(torch.equal(roots.factors[key][slot], 0.9 * o)
                for (key, slot), o in zip(b.slots(0), others))
     state = {"root_updates": 0, "failed_roots": torch.zeros((), dtype=torch.int64)}
-    roots.update_roots(SKIPPED, 1e-6, "eigh", 5, state, 1)
+    roots.update_roots(SKIPPED, 1e-6, 0.0, "eigh", 5, state, 1)
     assert state["root_updates"] == 0
     key, slot = b.slots(3)[0]
     roots.factors[key][slot].fill_(float("nan"))
     old = roots.roots[key][slot].clone()
-    roots.update_roots(OK, 1e-6, "eigh", 2, state, 2)
+    roots.update_roots(OK, 1e-6, 0.0, "eigh", 2, state, 2)
     assert torch.equal(roots.roots[key][slot], old) and state["failed_roots"] == 1
     with pytest.raises(RootFailureError, match="dim 0 of block 0 of param 3"):
-        roots.update_roots(OK, 1e-6, "eigh", 2, state, 3)
+        roots.update_roots(OK, 1e-6, 1e-5, "eigh", 2, state, 3)
 
 
 def test_grafting_methods():
