@@ -2,6 +2,7 @@
 the masking that makes a skipped step change nothing."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from .errors import NonFiniteError
 
-__all__ = ["SkipGuard", "SkipWarner", "all_finite", "max_abs"]
+__all__ = ["MaskedSteps", "SkipGuard", "SkipWarner", "all_finite", "max_abs"]
 
 # soo_ext's and torch's own frames (step() runs under torch's decorators): a warning names the
 # first frame outside them, the user's call of step()
@@ -39,11 +40,12 @@ def max_abs(v: Tensor) -> Tensor:
 
 def all_finite(vectors: list[Tensor]) -> Tensor:
     """0-dim bool tensor on the device: every entry of every vector is finite (no host sync).
-    Extremes by aminmax: one pass, NaN propagates, and unlike a sum they cannot overflow."""
+    Extremes by aminmax: one pass, NaN propagates, and unlike a sum they cannot overflow; then
+    ``max |extreme| < inf`` (amax propagates NaN), fewer ops than ``isfinite(...).all()``."""
     extremes = [e for v in vectors if v.numel() for e in torch.aminmax(v)]
     if not extremes:
         return torch.ones((), dtype=torch.bool, device=vectors[0].device)
-    return torch.isfinite(torch.stack(extremes)).all()
+    return torch.stack(extremes).abs().amax() < math.inf
 
 
 class SkipGuard:
@@ -85,6 +87,45 @@ class SkipGuard:
     def select(self, new: Tensor, old: Tensor) -> Tensor:
         """``new``, or ``old`` on a skipped step."""
         return torch.where(self.ok, new, old)
+
+
+class MaskedSteps:
+    """The steps of a skip-guarded update, ``p - lr step``, made by one copy and one fill: the
+    tensors are copied into views of one flat buffer per dtype and device and the buffers are
+    zeroed on a skipped step, where a select per tensor (``torch.where(ok, t, 0)``) takes an op
+    for each.  The fill writes +0, so ``p - lr (+0)`` is ``p`` bit for bit (``t * ok`` would
+    be -0 where t < 0, which turns a -0.0 param into +0.0).  The buffers are kept for the next
+    call with the same shapes (one set per ``slot``: a param group)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[object, tuple] = {}  # slot -> (shapes, buffers, views)
+
+    def __call__(self, slot: object, tensors: list[Tensor], bad: Tensor) -> list[Tensor]:
+        """Copies of ``tensors``, all zero where ``bad`` (a 0-dim bool tensor) is True."""
+        shapes = [(t.shape, t.dtype, t.device) for t in tensors]
+        kept = self._slots.get(slot)
+        if kept is None or kept[0] != shapes:
+            kept = self._slots[slot] = (shapes, *_flat_views(tensors))
+        _, buffers, views = kept
+        torch._foreach_copy_(views, tensors)
+        for b in buffers:
+            b.masked_fill_(bad, 0)
+        return views
+
+
+def _flat_views(tensors: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """``(buffers, views)``: one flat buffer per dtype and device, and views of them shaped like
+    ``tensors``."""
+    by_kind: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_kind.setdefault((t.dtype, t.device), []).append(i)
+    buffers, views = [], [None] * len(tensors)
+    for (dtype, device), index in by_kind.items():
+        sizes = [tensors[i].numel() for i in index]
+        buffers.append(torch.empty(sum(sizes), dtype=dtype, device=device))
+        for i, part in zip(index, buffers[-1].split(sizes)):
+            views[i] = part.view(tensors[i].shape)
+    return buffers, views
 
 
 class SkipWarner:

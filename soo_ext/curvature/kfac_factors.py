@@ -53,10 +53,11 @@ class KFACLayout:
 
 
 class ShapeGroup:
-    """The layers of one shape and their gradients as ``[L, out, a_dim]`` (``grad``; weight
-    part and bias column of each layer are views of it)."""
+    """The layers of one shape and their gradients as ``[L, out, a_dim]`` (``grad``, a view of
+    ``buffer``, the flat buffer of every group's gradients; weight part and bias column of each
+    layer are views of it)."""
 
-    def __init__(self, layers: list[KFACLayer], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, layers: list[KFACLayer], buffer: Tensor, offset: int) -> None:
         self.layers = layers
         L0 = layers[0]
         self.a = slice(L0.a_pos, L0.a_pos + len(layers))
@@ -64,7 +65,9 @@ class ShapeGroup:
         for r, layer in enumerate(layers):
             assert layer.a_pos == L0.a_pos + r and layer.g_pos == L0.g_pos + r
             layer.group, layer.row = self, r
-        self.grad = torch.zeros(len(layers), L0.out, L0.a_dim, dtype=dtype, device=device)
+        self.buffer = buffer
+        size = len(layers) * L0.out * L0.a_dim
+        self.grad = buffer[offset:offset + size].view(len(layers), L0.out, L0.a_dim)
         self.w_views = [self.grad[r, :, :l.fan_in].view(l.weight.shape)
                         for r, l in enumerate(layers)]
         self.b_views = [self.grad[r, :, l.fan_in] if l.bias is not None else None
@@ -75,8 +78,8 @@ class KFACFactors:
     """The factors of a layout on a device: running averages ``F`` (identities at the start),
     the statistics staged since the last step (``P``: views of one buffer, which one all-reduce
     averages over data-parallel ranks and one fill clears), per-factor counters of failed
-    decompositions and float64 retries, and the shape groups' gradient buffers.  A subclass
-    holds the decompositions (its ``KEYS``: state entries per factor)."""
+    decompositions and float64 retries, and the shape groups' gradients (views of one buffer).
+    A subclass holds the decompositions (its ``KEYS``: state entries per factor)."""
 
     MODE = ""
     KEYS: tuple[str, ...] = ()
@@ -90,7 +93,11 @@ class KFACFactors:
         self.failures = buckets.vectors(torch.int64, device)
         self.fallbacks = buckets.vectors(torch.int64, device)
         self.dirty = {n: False for n in self.F}  # P[n] holds statistics
-        self.groups = [ShapeGroup(g, dtype, device) for g in layout.shape_groups]
+        # the shape groups' gradients: views of one buffer (one finiteness check, one mask)
+        sizes = [len(g) * g[0].out * g[0].a_dim for g in layout.shape_groups]
+        grads = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        self.groups = [ShapeGroup(g, grads, sum(sizes[:i]))
+                       for i, g in enumerate(layout.shape_groups)]
 
     # ---- state entries -------------------------------------------------------------------- #
 
@@ -119,14 +126,14 @@ class KFACFactors:
         self.dirty[layer.a_dim] = self.dirty[layer.out] = True
 
     def staged_statistics(self, process_group) -> list[Tensor]:
-        """What was staged, to be checked for finiteness; data parallel: first averaged over
-        the ranks (one all-reduce of the staging buffer), so every rank commits the same."""
+        """What was staged, to be checked for finiteness: the whole staging buffer (one check;
+        the buckets not staged into hold zeros); data parallel: first averaged over the ranks
+        (one all-reduce of it), so every rank commits the same."""
         if not any(self.dirty.values()):
             return []
-        if process_group is None:
-            return [self.P[n] for n, dirty in self.dirty.items() if dirty]
-        all_reduce_mean_(self.staged, process_group)
-        self.dirty = dict.fromkeys(self.dirty, True)
+        if process_group is not None:
+            all_reduce_mean_(self.staged, process_group)
+            self.dirty = dict.fromkeys(self.dirty, True)
         return [self.staged]
 
     def reset_staged(self) -> None:
@@ -148,7 +155,7 @@ class KFACFactors:
                 targets = [(F[i], P[i]) for i, c in enumerate(captured) if c]
             for Fv, Pv in targets:
                 new = Fv.mul(decay).add_(Pv, alpha=1 - decay)
-                Fv.copy_(new if ok is None else torch.where(ok, new, Fv))
+                _select_into(Fv, ok, new)
 
     # ---- decompositions ------------------------------------------------------------------- #
 
@@ -160,9 +167,9 @@ class KFACFactors:
             self.F, lambda n, F: self._decompose(F, damping), process_group)
         for n, outs in results.items():
             *news, status = outs
-            failed, fallback, take = status == 2, status == 1, status != 2
-            if ok is not None:
-                take, failed, fallback = take & ok, failed & ok, fallback & ok
+            if ok is not None:  # a skipped step: status 3, neither taken nor counted
+                status = torch.where(ok, status, 3)
+            failed, fallback, take = status == 2, status == 1, status < 2
             for old, new in zip(self._decomposition(n), news):
                 keep_where(take, old, new)
             self.failures[n].add_(failed)
@@ -214,6 +221,14 @@ class EigenFactors(KFACFactors):
     def _apply(self, grad, a, ia, g, ig, damping):
         return ops.kfac_precondition_eigen(grad, self.Q[g][ig], self.d[g][ig], self.Q[a][ia],
                                            self.d[a][ia], damping)
+
+
+def _select_into(old: Tensor, ok: Tensor | None, new: Tensor) -> None:
+    """``old <- new``, or (``ok`` False) ``old`` left as it is: one op, written in place."""
+    if ok is None:
+        old.copy_(new)
+    else:
+        torch.where(ok, new, old, out=old)
 
 
 def _gather(group: ShapeGroup, layers: list[KFACLayer]) -> tuple:
@@ -294,8 +309,7 @@ class EigenCorrectedFactors(EigenFactors):
             targets = [(S, PS)] if all(captured) else \
                 [(S[r], PS[r]) for r, c in enumerate(captured) if c]
             for Sv, Pv in targets:
-                new = Sv.mul(decay).add_(Pv, alpha=1 - decay)
-                Sv.copy_(new if ok is None else torch.where(ok, new, Sv))
+                _select_into(Sv, ok, Sv.mul(decay).add_(Pv, alpha=1 - decay))
 
     def precondition(self, group, layers, damping):
         ia, ig, rows, grad = _gather(group, layers)
@@ -411,10 +425,15 @@ class LayerGradients:
             torch._foreach_copy_(dst, src)
 
     def tensors(self) -> list[Tensor]:
-        """What holds the gradients (for the finiteness check)."""
+        """What holds the gradients (for the finiteness check): the groups' whole buffer when
+        every layer is preconditioned (one check), else the active groups and rows (the other
+        rows may hold an earlier step's values)."""
         out = []
         for g, members in self.active.items():
             out += [g.grad] if len(members) == len(g.layers) else [g.grad[l.row] for l in members]
+        buffer = next(iter(self.active)).buffer if self.active else None
+        if buffer is not None and sum(t.numel() for t in out) == buffer.numel():
+            return [buffer]  # disjoint parts of the buffer that cover it
         return out
 
     def add_weight_decay_(self) -> None:
@@ -423,9 +442,10 @@ class LayerGradients:
             torch._foreach_add_(views, params, alpha=wd)
 
     def zero_where_(self, bad: Tensor) -> None:
-        """Zero on a skipped step: ``V = 0`` (Q, d, X stay finite)."""
-        for g in self.active:
-            g.grad.masked_fill_(bad, 0)
+        """Zero on a skipped step: ``V = 0`` (Q, d, X stay finite); one fill of the groups'
+        buffer (the rows not preconditioned at this step are scratch too)."""
+        if self.active:
+            next(iter(self.active)).buffer.masked_fill_(bad, 0)
 
 
 def preconditioned_directions(factors: KFACFactors, grads: LayerGradients, damping: float,

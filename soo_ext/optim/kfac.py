@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
 from .._support.errors import NonFiniteError
-from .._support.guard import SkipGuard, SkipWarner
+from .._support.guard import MaskedSteps, SkipGuard, SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
@@ -264,6 +264,7 @@ def kfac_init(opt: KFAC, args: dict) -> None:
                                 type(opt).__name__)
     opt._in_state = None  # the KFACFactors whose views the state holds
     opt._skips = SkipWarner(type(opt).__name__)
+    opt._masked_steps = MaskedSteps()  # the preconditioned params' steps, masked
     opt._schedule = RefreshSchedule(f"{type(opt).__name__} factors and decompositions",
                                     timer=args["refresh_timer"])
     opt._between_steps()
@@ -334,7 +335,7 @@ def _momentum_and_fallback_(opt: KFAC, directions: list[tuple[Tensor, Tensor]],
     left-out params ``plain`` (``fallback``: SGD with momentum at ``fallback_lr`` or AdamW)."""
     groups = opt.param_groups
     sgd, adamw = fallback_params(plain, groups[0])
-    _sgd_momentum_(groups, opt.state, group_of, directions, ok)
+    _sgd_momentum_(groups, opt.state, group_of, directions, ok, masked=opt._masked_steps)
     _sgd_momentum_(groups, opt.state, group_of, _sgd_directions(
         sgd, [groups[group_of[id(p)]]["weight_decay"] for p in sgd], guard), ok, sgd_lr)
     adamw_fallback_(groups, opt.state, group_of, adamw, ok)
@@ -342,9 +343,11 @@ def _momentum_and_fallback_(opt: KFAC, directions: list[tuple[Tensor, Tensor]],
 
 def _sgd_momentum_(groups: list[dict], state: dict, group_of: dict[int, int],
                    directions: list[tuple[Tensor, Tensor]], ok: Tensor | None,
-                   lr_of: Callable[[dict], float] = lambda g: g["lr"]) -> None:
+                   lr_of: Callable[[dict], float] = lambda g: g["lr"],
+                   masked: MaskedSteps | None = None) -> None:
     """``buf <- m buf + d``, ``p <- p - lr buf`` per param group, as torch.optim.SGD's foreach
-    path; masked by ``ok`` (nothing changes where it is False)."""
+    path; masked by ``ok`` (nothing changes where it is False): the steps by ``masked`` (kept
+    buffers: one copy and one fill), or by a select per param."""
     by_group: dict[int, tuple[list, list]] = {}
     for p, d in directions:
         ps, ds = by_group.setdefault(group_of[id(p)], ([], []))
@@ -364,7 +367,13 @@ def _sgd_momentum_(groups: list[dict], state: dict, group_of: dict[int, int],
             else:
                 torch._foreach_mul_(bufs, torch.where(ok, bufs[0].new_full((), m), 1.0))
             torch._foreach_add_(bufs, ds)
-            steps = bufs if ok is None else [torch.where(ok, b, 0.0) for b in bufs]
+            if ok is None:
+                steps = bufs
+            elif masked is not None:
+                steps = masked(gi, bufs, ~ok)
+            else:  # +0 where skipped (see MaskedSteps)
+                zero = bufs[0].new_zeros(())
+                steps = [torch.where(ok, b, zero) for b in bufs]
         else:
             steps = ds  # already zero on a skipped step
         torch._foreach_add_(ps, steps, alpha=-lr)

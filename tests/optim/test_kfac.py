@@ -652,6 +652,103 @@ def test_grad_scaler():
 
 
 # ---------------------------------------------------------------------------------------------
+# Skipped steps: every bit kept
+
+def bits(t):
+    """The bytes of a tensor: equal bytes tell -0.0 from +0.0 (torch.equal does not)."""
+    return t.detach().reshape(-1).clone().view(torch.uint8)
+
+
+def snapshot(opt, model):
+    """The bytes of every param and state tensor, and the other state values, by param."""
+    out = {}
+    for i, p in enumerate(model.parameters()):
+        out[i, "param"] = bits(p)
+        for key, value in opt.state.get(p, {}).items():
+            out[i, key] = bits(value) if torch.is_tensor(value) else value
+    return out
+
+
+def assert_kept(before, after, ignore):
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        if key[1] not in ignore:
+            assert torch.equal(value, after[key]) if torch.is_tensor(value) \
+                else value == after[key], key
+
+
+SKIP_WARNING = "ignore:.*a step was skipped:RuntimeWarning"
+
+
+@pytest.mark.filterwarnings(SKIP_WARNING)
+@pytest.mark.parametrize("cls,mode", [(KFAC, "eigen"), (KFAC, "inverse"), (EKFAC, "eigen")])
+@pytest.mark.parametrize("k,due", [(5, "nothing"), (4, "factors"), (3, "decompositions"),
+                                   (6, "factors and decompositions")])
+def test_skipped_step_keeps_every_bit(cls, mode, k, due):
+    """A NaN gradient at step k (factors every 2 steps, decompositions every 3): params and
+    state keep their bytes (momentum, factors, decompositions, counters; EKFAC's scaling) but
+    the step counters, also a -0.0 param entry whose momentum is negative (the masked step
+    is +0, not b * 0 = -0); the run goes on."""
+    kw = dict(factor_update_steps=2, inv_update_steps=3, refresh_budget=None, momentum=0.9)
+    if cls is KFAC:
+        kw["mode"] = mode
+    data = batches(k + 3, dtype=torch.float32)
+    model = mlp(dtype=torch.float32)
+    opt = cls(model, **kw)
+    train(opt, model, data[:k])
+    w = model[0].weight  # a -0.0 entry where the momentum is negative
+    i = int(torch.argmin(opt.state[w]["momentum_buffer"]))
+    assert opt.state[w]["momentum_buffer"].view(-1)[i] < 0
+    with torch.no_grad():
+        w.view(-1)[i] = -0.0
+    before = snapshot(opt, model)
+    opt.zero_grad()
+    backward(model, data[k])
+    model[2].weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert_kept(before, snapshot(opt, model),
+                ignore=("step", "factor_updates", "nonfinite_steps"))
+    glob = opt.state[w]
+    assert glob["step"] == k + 1 and glob["nonfinite_steps"].item() == 1
+    train(opt, model, data[k + 1:])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.filterwarnings(SKIP_WARNING)
+def test_overflowing_activation_statistics_skip_the_step():
+    """A huge but finite input saturates a tanh: the gradients are finite (tanh' = 0 there) but
+    the first layer's activation statistics overflow to inf at a factor step: 'skip' keeps
+    every bit, 'raise' raises before anything changed."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    data = batches(3, dtype=torch.float32)
+    x, y = data[2]
+    x = x.clone()
+    x[0, 0] = 1e30  # a a^T: 1e60, inf in float32
+    for policy in ("skip", "raise"):
+        model = net()
+        opt = KFAC(model, on_nonfinite=policy)
+        train(opt, model, data[:2])
+        before = snapshot(opt, model)
+        opt.zero_grad()
+        backward(model, (x, y))
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        if policy == "raise":
+            with pytest.raises(soo_ext.NonFiniteError):
+                opt.step()
+            assert_kept(before, snapshot(opt, model), ignore=())
+        else:
+            opt.step()
+            assert_kept(before, snapshot(opt, model),
+                        ignore=("step", "factor_updates", "nonfinite_steps"))
+            assert opt.state[model[0].weight]["nonfinite_steps"].item() == 1
+        train(opt, model, data[:2])
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
 # Failed decompositions
 
 @pytest.mark.parametrize("mode", ["eigen", "inverse"])
