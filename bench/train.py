@@ -1012,10 +1012,13 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
 
     runs: dict[tuple, list[dict]] = {}
     progress = tqdm(jobs, desc="train", unit="run")
-    for case, data, n_params, spec, lr, seed in progress:
-        progress.set_postfix_str(f"{case.name} {spec.name}{lr_label(lr)} seed={seed}")
-        runs.setdefault((case, spec, lr, n_params), []).append(
-            train_run(case, spec, lr, seed, data, budgets[case.name], device))
+    try:
+        for case, data, n_params, spec, lr, seed in progress:
+            progress.set_postfix_str(f"{case.name} {spec.name}{lr_label(lr)} seed={seed}")
+            finished = train_run(case, spec, lr, seed, data, budgets[case.name], device)
+            runs.setdefault((case, spec, lr, n_params), []).append(finished)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (python -m bench): report the finished runs
+        common.note_interrupted(env, "train")
     for case in cases:
         if targets[case.name] is None:
             targets[case.name] = target_from(

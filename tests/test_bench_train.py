@@ -125,6 +125,27 @@ def quick_train(case, name, *extra):
                      "--optimizers", name, *extra])
 
 
+def test_train_interrupted_reports_the_runs_finished(tmp_path, monkeypatch, one_thread):
+    """Ctrl-C (or SIGTERM) during the third run: the two finished runs are reported and written,
+    and the environment says the run was interrupted."""
+    calls = []
+    run = train.train_run
+
+    def run_then_interrupt(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run(*args, **kwargs)
+    monkeypatch.setattr(train, "train_run", run_then_interrupt)
+    out = tmp_path / "train.json"
+    records, env = quick_train("digits-mlp", "torch.optim.SGD", "--json", str(out))
+    spec = next(s for s in train.OPTIMIZERS if s.name == "torch.optim.SGD")
+    assert env["interrupted"] is True and len(calls) == 3
+    assert [r["lr"] for r in records] == list(spec.lrs)[:2]
+    payload = json.loads(out.read_text())
+    assert payload["environment"]["interrupted"] is True and len(payload["records"]) == 2
+
+
 def check_lr_sweep(records, env, name):
     """One well-formed record per lr of ``name``'s sweep, and no notes."""
     spec = next(s for s in train.OPTIMIZERS if s.name == name)
