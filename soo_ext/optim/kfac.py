@@ -291,8 +291,8 @@ def _refresh_record(opt: KFAC, glob: dict, create: bool = True) -> dict | None:
         return None
     opt._schedule.budget = o["refresh_budget"]
     record = glob.get("refresh_schedule")
-    if record is None:
-        record = RefreshSchedule.new_record()
+    if record is None:  # its first window starts now (the schedule may be turned on mid-run)
+        record = {**RefreshSchedule.new_record(), "anchor": glob.get("step", 0)}
         if create:
             glob["refresh_schedule"] = record
     return record

@@ -167,6 +167,17 @@ def test_kfac_is_automatic_by_default():
     assert factor_updates(opt) == 6  # steps 0, 2, 4, 6 (window), 15, 24
 
 
+def test_kfac_schedule_turned_on_mid_run_measures_from_there():
+    model = mlp()
+    opt = kfac(model, factor_update_steps=2, inv_update_steps=2)
+    train(model, opt, 10)  # steps 0, 2, 4, 6, 8
+    opt.param_groups[0].update(factor_update_steps=None, inv_update_steps=None)
+    train(model, opt, 16)  # steps 10..25: a window at 10, 12, 14, 16, then every 9: 25
+    record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert record["interval"] == 9 and record["anchor"] == 16
+    assert factor_updates(opt) == 10
+
+
 @pytest.mark.parametrize("kw, updates", [
     (dict(factor_update_steps=2, inv_update_steps=3), 5),  # explicit: steps 0, 2, 4, 6, 8
     (dict(refresh_budget=None), 10),  # off: every step
