@@ -23,6 +23,7 @@ from ..curvature.first_order_fallback import (OPTIONS as FALLBACK, PER_GROUP as 
                                               fallback_params, restore_uncast, sgd_lr)
 from ..curvature.kfac_layers import LayerCapture, compiled_inner, find_layers, skip_patterns
 from ..curvature.refresh_schedule import RefreshSchedule
+from .hooked import ModelHooks
 
 __all__ = ["KFAC"]
 
@@ -43,7 +44,7 @@ _VIEW_KEYS = ("A", "G") + EigenFactors.KEYS + InverseFactors.KEYS + COUNTER_KEYS
 _UNCAST = _VIEW_KEYS + ("nonfinite_steps",) + FALLBACK_UNCAST
 
 
-class KFAC(Optimizer):
+class KFAC(ModelHooks, Optimizer):
     r"""K-FAC, Kronecker-factored approximate curvature (Martens & Grosse, ICML 2015), with the
     defaults of KAISA (Pauloski et al. 2021), as one optimizer: the preconditioner and SGD with
     momentum in one ``step()``.
@@ -107,21 +108,6 @@ class KFAC(Optimizer):
         add_param_group_checked(self, param_group, lambda: (
             self._OPTIONS.check(self.param_groups[-1]),
             check_params(all_params(self), type(self).__name__)))
-
-    def remove_hooks(self) -> None:
-        """Detach from the model: no more statistics; later steps precondition with the factors
-        and decompositions they have."""
-        self._capture.remove()
-        self._between_steps()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``Optimizer.zero_grad``; also drops the statistics staged since the last step."""
-        super().zero_grad(set_to_none)
-        self._between_steps()
-
-    def __getstate__(self) -> dict:
-        raise TypeError(f"{type(self).__name__} holds hooks on its model and cannot be pickled "
-                        "or copied; save state_dict() instead")
 
     def load_state_dict(self, state_dict: dict) -> None:
         restore_uncast(kept := load_state_dict_uncast(self, state_dict, self._UNCAST), self.state)

@@ -19,6 +19,7 @@ from .._support.params import (add_param_group_checked, all_params, check_dense_
 from ..curvature.kfac_layers import compiled_inner, find_layers, skip_patterns
 from ..curvature.woodbury import (PerSampleCapture, PerSampleGradients, WoodburyNaturalGradient,
                                   layer_vector, sequence_layouts)
+from .hooked import ModelHooks
 from .kfac import _sgd_directions, _sgd_momentum_
 
 __all__ = ["NaturalGradient"]
@@ -31,7 +32,7 @@ OPTIONS = OptionSpecs({
 }, per_group=("lr", "momentum", "weight_decay"))
 
 
-class NaturalGradient(Optimizer):
+class NaturalGradient(ModelHooks, Optimizer):
     r"""Subsampled natural gradient through the Woodbury identity (Ren & Goldfarb, "Efficient
     subsampled Gauss-Newton and natural gradient methods for training neural networks", 2019;
     ``per_layer``: SENG, Yang et al. 2020): with ``J`` the ``N x n`` per-sample gradients of the
@@ -108,20 +109,6 @@ class NaturalGradient(Optimizer):
         add_param_group_checked(self, param_group, lambda: (
             OPTIONS.check_groups(self.param_groups),
             check_params(all_params(self), type(self).__name__)))
-
-    def remove_hooks(self) -> None:
-        """Detach from the model: later steps are plain SGD steps."""
-        self._capture.remove()
-        self._between_steps()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``Optimizer.zero_grad``; also drops the per-sample gradients captured."""
-        super().zero_grad(set_to_none)
-        self._between_steps()
-
-    def __getstate__(self) -> dict:
-        raise TypeError("NaturalGradient holds hooks on its model and cannot be pickled or "
-                        "copied; save state_dict() instead")
 
     def load_state_dict(self, state_dict: dict) -> None:
         kept = load_state_dict_uncast(self, state_dict, ("nonfinite_steps",))
