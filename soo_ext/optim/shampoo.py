@@ -162,7 +162,8 @@ class Shampoo(LaidOutOptimizer):
         taken = (k - gstate["nonfinite_steps"]).clamp_min(1).to(torch.float64)
         stacked = roots.update(geff, guard, tuple(g["betas"][1] for g in groups), present)
         gstate["step"] = k
-        start, record = o["start_preconditioning_step"], self._refresh_record(gstate)
+        start = o["start_preconditioning_step"]
+        record = _refresh_record(self, gstate, max(k - start, 0))
         if k >= start and _roots_due(o, k - start, record):
             roots.update_roots(guard, o["epsilon"], o["relative_epsilon"], o["root_method"],
                                o["max_root_failures"], gstate, k, self._process_group)
@@ -183,15 +184,6 @@ class Shampoo(LaidOutOptimizer):
             self._schedule.after_step(record, k - start, blocking.params[0].p.device,
                                       self._process_group)
         return loss
-
-    def _refresh_record(self, gstate: dict) -> dict | None:
-        """The automatic schedule's record (in the state), None when it is off."""
-        o = self.param_groups[0]
-        if o["precondition_frequency"] is not None or o["refresh_budget"] is None:
-            return None
-        self._schedule.budget = o["refresh_budget"]
-        return gstate.setdefault("refresh_schedule",
-                                 {**RefreshSchedule.new_record(), "sizes": self._sizes})
 
     def _prepare(self) -> tuple[ShampooBlocking, ShampooRoots, SGDGrafting]:
         """The blocking, roots and grafting of the run, built at the first step and whenever a
@@ -254,6 +246,17 @@ class Shampoo(LaidOutOptimizer):
         self._sizes = sizes
         self._run = (key, blocking, roots, grafting)
         return blocking, roots, grafting
+
+
+def _refresh_record(opt: Shampoo, gstate: dict, n: int) -> dict | None:
+    """The automatic schedule's record (in the state), None when it is off; a new one's first
+    window starts at step ``n`` (the schedule may be turned on mid-run)."""
+    o = opt.param_groups[0]
+    if o["precondition_frequency"] is not None or o["refresh_budget"] is None:
+        return None
+    opt._schedule.budget = o["refresh_budget"]
+    return gstate.setdefault("refresh_schedule",
+                             {**RefreshSchedule.new_record(), "anchor": n, "sizes": opt._sizes})
 
 
 def _roots_due(o: dict, n: int, record: dict | None) -> bool:

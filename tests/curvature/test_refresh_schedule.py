@@ -543,3 +543,14 @@ def test_psgd_kron_state_dict_carries_the_schedule(early_window):
     r1 = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
     assert r1 == opt2.state[opt2.param_groups[0]["params"][0]]["refresh_schedule"]
     assert r1["interval"] == 12
+
+
+def test_shampoo_schedule_turned_on_mid_run_measures_from_there():
+    model = mlp()
+    opt = shampoo(model, precondition_frequency=4)
+    train(model, opt, 10)  # k = 1..10, n = k - 2: roots at n = 0, 4, 8
+    opt.param_groups[0]["precondition_frequency"] = None
+    train(model, opt, 12)  # k = 11..22 (n = 9..20): a window at n = 9, 11, 13, 15, then every 3
+    record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
+    assert record["interval"] == 3 and record["anchor"] == 15
+    assert root_updates(opt) == 3 + 4 + 1  # n = 18
