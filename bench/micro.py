@@ -9,6 +9,11 @@ lbfgs_direction, implementations timed on the same data:
   reference  soo_ext.reference.lbfgs_direction (pure-PyTorch compact form)
   torch      what torch.optim.LBFGS does per iteration: the two-loop recursion over Python lists
              of flat vectors, then g.d and max|t d| (the two scalars the op also returns)
+  window-ops the same direction composed of the window ops (window_direction): window_gram of S
+             and of Y against g (the 2m dots), the compact form's m x m solves in torch on the
+             device, two window_combine calls (d from g and S, then Y added), g.d and max|d| by
+             torch; window-ops+gram also recomputes the Gram row/column from the same
+             window_gram calls (y_new, s_new as extra vectors)
 
 DRSOM ops (float32 and float64 only; bf16 in --dtype is skipped for them), k = 2 directions,
 each op as soo (soo_ext.ops.*, fused kernels when built) and reference (soo_ext.reference.*,
@@ -17,7 +22,10 @@ pure PyTorch) on the same data, the variant in its own column:
   drsom_reduce   gram:     q = V^T (g_pert - g) / t, G = V^T V, c = V^T g
                  no-gram:  q only
   drsom_update   p <- V alpha, x <- x + p
-The directions V are k separate vectors (none aliases g, x or p).
+The directions V are k separate vectors (none aliases g, x or p).  drsom_reduce also as
+window-ops (window_reduce): g_pert - g by torch, then window_gram over the k directions held as
+the rows of one [k, n] window (stacked once, outside the timing: the best case, an optimizer
+that keeps them so), with the Gram matrix from the same pass (the directions as extra vectors).
 
 Window ops (GGT, M-FAC, natural gradient; opt-in with --ops window_gram window_combine; the
 window m x n in the --dtype storage: float32, float64, bf16 = a bfloat16 window with float32
@@ -52,6 +60,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import math
 
 import torch
 from tqdm import tqdm
@@ -61,7 +70,7 @@ from soo_ext import ops, reference
 from . import common
 
 OP = "lbfgs_direction"
-IMPLS = ("soo", "soo+gram", "reference", "torch")
+IMPLS = ("soo", "soo+gram", "window-ops", "window-ops+gram", "reference", "torch")
 DRSOM_OPS = ("drsom_perturb", "drsom_reduce", "drsom_update")
 KRON_OPS = ("kron_inverse", "kron_eigh", "kron_root", "kfac_precondition")
 KRON_IMPLS = {"kron_inverse": ("soo", "reference", "kaisa-inv"),
@@ -77,6 +86,7 @@ WINDOW_K = 2
 VECTOR_OPS = (OP,) + DRSOM_OPS
 OPS = VECTOR_OPS + WINDOW_OPS + KRON_OPS
 DRSOM_IMPLS = ("soo", "reference")
+DRSOM_REDUCE_IMPLS = DRSOM_IMPLS + ("window-ops",)
 DRSOM_VARIANTS = {"drsom_perturb": ("save", "no-save"), "drsom_reduce": ("gram", "no-gram"),
                   "drsom_update": ("",)}
 DRSOM_DTYPES = ("float32", "float64")
@@ -158,6 +168,66 @@ def random_pairs(n: int, m: int, dtype: torch.dtype, device: str, gen: torch.Gen
     return S, Y.addcmul_(S, curvature)
 
 
+def window_direction(S, Y, SY, YY, g, newest: int, count: int, update_gram: bool):
+    """lbfgs_direction's result (d, [g.d, max|d|]) composed of the window ops (issue 18's
+    question: could L-BFGS drop its fused op?).  The valid pairs must fill the whole ring or
+    its first ``count`` slots (window ops read a prefix of rows).
+
+    Pass 1: window_gram of S against [g (, y_new)] and of Y against [g (, s_new, y_new)].  The
+    compact form (Byrd, Nocedal & Schnabel 1994) on the m x m blocks in float64, on the device:
+    with R = triu(S^T Y) and D its diagonal (pairs in logical order), H g = gamma g + S c_s +
+    Y c_y, alpha = R^-1 S^T g, c_y = -gamma alpha, c_s = R^-T ((D + gamma Y^T Y) alpha -
+    gamma Y^T g), the same coefficients as the fused op's two loops.  Pass 2: two
+    window_combine calls, d = -gamma g - S c_s, then d -= Y c_y; torch reads d again for g.d
+    and max|d|."""
+    m = S.shape[0]
+    if count == 0:
+        d = -g
+        return d, torch.stack([torch.dot(g, d), torch.linalg.vector_norm(d, math.inf)])
+    slots = reference.ring_slots(newest, count, m)
+    rows = m if count == m else count
+    if sorted(slots) != list(range(rows)):
+        raise ValueError("window_direction: the valid pairs must be a prefix of the ring")
+    idx = torch.tensor(slots, device=g.device)
+    extra_s, extra_y = [], []
+    if update_gram:  # window_gram's vectors are float32 with a bf16 window
+        y_new = Y[newest].to(g.dtype)
+        extra_s, extra_y = [y_new], [S[newest].to(g.dtype), y_new]
+    Ds = ops.window_gram(S, [g] + extra_s, rows)[1][idx]
+    Dy = ops.window_gram(Y, [g] + extra_y, rows)[1][idx]
+    if update_gram:  # the row and column `newest` of the Gram blocks, as the fused op writes
+        SY[idx, newest], SY[newest, idx] = Ds[:, 1].to(SY.dtype), Dy[:, 1].to(SY.dtype)
+        YY[idx, newest] = YY[newest, idx] = Dy[:, 2].to(YY.dtype)
+    sy = SY[idx][:, idx].double()
+    yy = YY[idx][:, idx].double()
+    gamma = sy[-1, -1] / yy[-1, -1]
+    R = sy.triu()
+    alpha = torch.linalg.solve_triangular(R, Ds[:, :1], upper=True)
+    rhs = sy.diagonal()[:, None] * alpha + gamma * (yy @ alpha - Dy[:, :1])
+    coef_s = torch.linalg.solve_triangular(R.T, rhs, upper=False)[:, 0]
+    zero = g.new_zeros(m, dtype=torch.float64)
+    d = torch.empty_like(g)
+    ops.window_combine(d, S, zero.index_copy(0, idx, -coef_s), rows, g, -gamma)
+    ops.window_combine(d, Y, zero.index_copy(0, idx, gamma * alpha[:, 0]), rows, d,
+                       gamma.new_ones(()))
+    return d, torch.stack([torch.dot(g, d), torch.linalg.vector_norm(d, math.inf)])
+
+
+def window_reduce(g_pert, g, Vw, t, with_gram: bool):
+    """drsom_reduce's result (q, G, c) composed of window_gram, the k (<= 6 with the Gram)
+    directions the rows of one [k, n] window ``Vw``.  g_pert - g is formed first (as the fused
+    op does): V.g_pert - V.g would cancel.  With the Gram matrix the directions are also
+    window_gram's vectors, so one pass over the window gives G (its full=True path is a second
+    pass, float64 GEMMs)."""
+    k, dt = Vw.shape[0], g.dtype
+    X = [g_pert - g] + ([g] + list(Vw) if with_gram else [])
+    D = ops.window_gram(Vw, X, k)[1]
+    q = (D[:, 0] / t.double()).to(dt)
+    if not with_gram:
+        return q, g.new_zeros((0, 0)), g.new_zeros((0,))
+    return q, D[:, 2:].to(dt), D[:, 1].to(dt)
+
+
 class Case:
     """A full ring of m random pairs with positive curvature, its Gram blocks, a gradient, and
     the same pairs as torch.optim.LBFGS keeps them (lists of separate flat vectors)."""
@@ -187,6 +257,10 @@ class Case:
     def soo_direction(self, update_gram: bool):
         return ops.lbfgs_direction(self.S, self.Y, self.SY, self.YY, self.g, self.newest, self.m,
                                    update_gram)
+
+    def window_ops_direction(self, update_gram: bool):
+        return window_direction(self.S, self.Y, self.SY, self.YY, self.g, self.newest, self.m,
+                                update_gram)
 
     def reference_direction(self):
         return reference.lbfgs_direction(self.S, self.Y, self.SY, self.YY, self.g, self.newest,
@@ -220,6 +294,8 @@ def measure_case(n: int, m: int, dtype: str, device: str, min_run_time: float,
     case = Case(n, m, dtype, device)
     calls = {"soo": lambda: case.soo_direction(False),
              "soo+gram": lambda: case.soo_direction(True),
+             "window-ops": lambda: case.window_ops_direction(False),
+             "window-ops+gram": lambda: case.window_ops_direction(True),
              "reference": case.reference_direction, "torch": case.torch_direction}
     grad_dtype, hist_dtype = common.DTYPES[dtype]
     nbytes = direction_bytes(n, m, dtype)
@@ -268,6 +344,7 @@ class DrsomCase:
         self.x, self.x0, self.v, self.g = randn(), randn(), randn(), randn()
         self.g_pert = self.g + 1e-3 * randn()
         self.V = [randn() for _ in range(k)]
+        self.Vw = torch.stack(self.V)  # the same directions as one window (window-ops)
         self.p = torch.zeros(n, dtype=dt, device=device)
         self.t = torch.tensor(1e-3, dtype=dt, device=device)
         self.alpha = torch.full((k,), 1e-6, dtype=dt, device=device)
@@ -285,6 +362,9 @@ class DrsomCase:
             else:
                 out[impl] = functools.partial(mod.drsom_update, self.x, self.p, self.V,
                                               self.alpha)
+        if op == "drsom_reduce":
+            out["window-ops"] = functools.partial(window_reduce, self.g_pert, self.g, self.Vw,
+                                                  self.t, variant == "gram")
         return out
 
 
@@ -295,7 +375,7 @@ def measure_drsom_case(op: str, n: int, dtype: str, device: str, min_run_time: f
     for variant in DRSOM_VARIANTS[op]:
         seconds = common.time_medians(case.calls(op, variant), min_run_time, rounds)
         nbytes = drsom_bytes(op, variant, n, dtype)
-        for impl in DRSOM_IMPLS:
+        for impl in DRSOM_REDUCE_IMPLS if op == "drsom_reduce" else DRSOM_IMPLS:
             rows.append({
                 "op": op, "variant": variant, "impl": impl, "device": device, "n": n,
                 "k": DRSOM_K, "dtype": dtype, "median_ms": seconds[impl] * 1e3, "bytes": nbytes,
@@ -494,7 +574,8 @@ def line_label(row: dict) -> str:
 
 def plot(records: list[dict], env: dict, path: str) -> None:
     """One panel per (op family, device, dtype): effective GB/s vs n, a line per (impl, m) for
-    lbfgs_direction and per (op, variant, impl) for the DRSOM ops (soo solid, reference dashed)."""
+    lbfgs_direction and per (op, variant, impl) for the DRSOM ops (a colour per op and variant:
+    soo solid, reference dashed, window-ops dotted)."""
     def family(row):
         return (OP if row["op"] == OP else "window" if row["op"] in WINDOW_OPS else "drsom")
 
@@ -510,10 +591,12 @@ def plot(records: list[dict], env: dict, path: str) -> None:
         rows = [r for r in records
                 if family(r) == fam and r["device"] == device and r["dtype"] == dtype]
         labels = list(dict.fromkeys(line_label(r) for r in rows))
-        for i, label in enumerate(labels):
+        variants = list(dict.fromkeys(label.rsplit(" ", 1)[0] for label in labels))
+        for label in labels:
             line = sorted((r["n"], r["gbps"]) for r in rows if line_label(r) == label)
-            style = "--" if fam == "drsom" and label.endswith("reference") else "-"
-            color = f"C{i // 2}" if fam == "drsom" else None
+            name, impl = label.rsplit(" ", 1)
+            style = {"reference": "--", "window-ops": ":"}.get(impl, "-") if fam == "drsom" else "-"
+            color = f"C{variants.index(name)}" if fam == "drsom" else None
             ax.plot(*zip(*line), marker="o", linestyle=style, color=color, label=label)
         if device in env["copy_gbps"]:
             ax.axhline(env["copy_gbps"][device], color="gray", linestyle="--", label="copy")

@@ -46,7 +46,8 @@ Protocols (--protocol):
              apart around its default lr (the default lr of each is given below as 'default');
              the baselines are AdamW (torch's defaults, weight decay 0.01; on stdlib-lm with a
              linear warm-up over 5 % of the steps and a cosine decay to 0 over the budget) and
-             SGD with momentum 0.9; the ratio column is to the faster of the two.  The
+             SGD with momentum 0.9; the ratio column is to the faster of the two, so both
+             run with any --optimizers (a note says so; --no-baselines leaves them out).  The
              reference for stdlib-lm's target is AdamW (tuned: Adam).
 
 Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
@@ -555,7 +556,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--optimizers", nargs="+", choices=[o.name for o in OPTIMIZERS],
                         default=None, metavar="NAME",
                         help="optimizers to run: " + ", ".join(o.name for o in OPTIMIZERS)
-                             + " (default: all of the protocol)")
+                             + " (default: all of the protocol; --protocol defaults adds its "
+                               "baselines, " + " and ".join(BASELINES["defaults"]) + ")")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="--protocol defaults with --optimizers: run only the optimizers "
+                             "listed, not the baselines (the ratio column stays empty)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
                         help="one run per seed and setting (default: 0 1 2)")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -967,13 +972,19 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     device = common.devices(args.device)[0]
     protocol = args.protocol
     specs = protocol_specs(protocol)
+    notes = []
     if args.optimizers is not None:
-        specs = [spec for spec in specs if spec.name in args.optimizers]
+        # the defaults protocol's ratio column is to its baselines: they run unless left out
+        added = [] if protocol != "defaults" or args.no_baselines else [
+            name for name in BASELINES[protocol] if name not in args.optimizers]
+        specs = [spec for spec in specs if spec.name in args.optimizers + added]
+        if added:
+            notes.append(f"{' and '.join(added)} run as well: the baselines of the ratio column "
+                         "(--no-baselines leaves them out)")
     case_names = args.cases or (DEFAULT_CASES if protocol == "tuned" else [c.name for c in CASES])
     cases = [c for c in CASES if c.name in case_names]
     targets = resolve_targets(cases, args.target)
     reference = REFERENCE[protocol]
-    notes = []
     for case in cases:
         if targets[case.name] is None and reference not in [s.name for s in specs]:
             specs.append(next(s for s in protocol_specs(protocol) if s.name == reference))

@@ -14,6 +14,7 @@ import torch
 
 from bench import __main__ as cli
 from bench import common, demo, micro, precond
+from soo_ext import ops
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +58,9 @@ def test_micro_times_the_drsom_ops(tmp_path, capsys, one_thread):
     # bf16 (the default --dtype list has it) is skipped: the DRSOM ops take fp32 and fp64
     expected = [(op, variant, impl, dtype, n) for op in micro.DRSOM_OPS
                 for dtype in micro.DRSOM_DTYPES for n in (1000, 3000)
-                for variant in micro.DRSOM_VARIANTS[op] for impl in micro.DRSOM_IMPLS]
+                for variant in micro.DRSOM_VARIANTS[op]
+                for impl in (micro.DRSOM_REDUCE_IMPLS if op == "drsom_reduce"
+                             else micro.DRSOM_IMPLS)]
     assert [(r["op"], r["variant"], r["impl"], r["dtype"], r["n"]) for r in records] == expected
     for row in records:
         assert row["device"] == "cpu" and row["k"] == 2
@@ -119,6 +122,8 @@ def test_drsom_micro_impls_compute_the_same(dtype):
             if op == "drsom_reduce":
                 for u, w in zip(a, b):
                     torch.testing.assert_close(u, w, **tol)
+                for u, w in zip(soo.calls(op, variant)["window-ops"](), a):
+                    torch.testing.assert_close(u, w, **tol)
             for u, w in ((soo.x, ref.x), (soo.x0, ref.x0), (soo.p, ref.p)):
                 torch.testing.assert_close(u, w, **tol)
 
@@ -136,9 +141,43 @@ def test_micro_impls_compute_the_same_direction(dtype):
     d_torch, gtd, dmax = case.torch_direction()
     tol = dict(rtol=1e-4, atol=1e-5) if dtype != "float64" else {}
     for d, stats in (case.soo_direction(False), case.soo_direction(True),
+                     case.window_ops_direction(False), case.window_ops_direction(True),
                      case.reference_direction()):
         torch.testing.assert_close(d, d_torch, **tol)
         torch.testing.assert_close(stats, torch.stack([gtd, dmax]).to(stats.dtype), **tol)
+
+
+@pytest.mark.parametrize("count,newest", [(6, 2), (6, 5), (4, 3), (1, 0), (0, 0)])
+@pytest.mark.parametrize("update_gram", [False, True])
+def test_window_ops_direction_is_the_fused_direction(count, newest, update_gram):
+    """The L-BFGS direction composed of window ops (bench micro's window-ops rows) against the
+    fused op, fp64, on wrapped and partly filled rings: d, [g.d, max|d|] and, after a push, the
+    Gram blocks.  Compact form and two loops differ in rounding only: well-conditioned pairs
+    (curvature in [0.5, 1.5]) keep the difference near n eps, far below 1e-10."""
+    gen = torch.Generator().manual_seed(count + newest)
+    S, Y = micro.random_pairs(300, 6, torch.float64, "cpu", gen)
+    S[count:], Y[count:] = 0, 0  # a ring filled up to `count` (all of it: wrapped)
+    if count == 6:
+        S, Y = S.roll(newest + 1, 0), Y.roll(newest + 1, 0)
+    g = torch.randn(300, dtype=torch.float64, generator=gen)
+    SY, YY = S @ Y.T, Y @ Y.T
+    if update_gram and count:  # stale row/column `newest`, as before a push is completed
+        SY[newest], SY[:, newest], YY[newest], YY[:, newest] = 7, 7, 7, 7
+    fused_SY, fused_YY = SY.clone(), YY.clone()
+    d, stats = ops.lbfgs_direction(S, Y, fused_SY, fused_YY, g, newest, count, update_gram)
+    d_w, stats_w = micro.window_direction(S, Y, SY, YY, g, newest, count, update_gram)
+    scale = d.abs().max()
+    torch.testing.assert_close(d_w, d, rtol=1e-10, atol=1e-10 * scale)
+    torch.testing.assert_close(stats_w, stats, rtol=1e-10, atol=1e-10 * scale * g.abs().sum())
+    for gram, fused in ((SY, fused_SY), (YY, fused_YY)):  # dots of 300 terms, other orders
+        torch.testing.assert_close(gram, fused, rtol=0, atol=1e-12 * fused.abs().max())
+
+
+def test_window_ops_direction_needs_the_valid_pairs_in_a_prefix_of_the_ring():
+    S = torch.randn(4, 10, dtype=torch.float64)
+    SY = YY = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="prefix"):
+        micro.window_direction(S, S, SY, YY, S[0], 2, 2, False)  # slots 1, 2
 
 
 def test_step_writes_records_and_plot(tmp_path):

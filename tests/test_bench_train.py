@@ -431,8 +431,39 @@ def test_development_and_held_out_cases():
     assert not held_out & set(train.DEFAULT_CASES)  # the tuned protocol's cases are development
 
 
+@pytest.mark.parametrize("listed,added", [
+    (["soo_ext.KFAC"], ["torch.optim.AdamW", "torch.optim.SGD"]),
+    (["torch.optim.SGD", "soo_ext.KFAC"], ["torch.optim.AdamW"]),
+    (["torch.optim.AdamW", "soo_ext.KFAC", "torch.optim.SGD"], [])])
+def test_defaults_protocol_adds_its_baselines_to_the_optimizers_listed(listed, added, one_thread):
+    """The ratio column needs AdamW and SGD: those not listed run too (lr sweeps and the ratio
+    column as in a full run), with a note; --no-baselines runs only the optimizers listed."""
+    extra = ("--protocol", "defaults", "--target", "digits-mlp=0.2")  # a target reached fast
+    records, env = quick_train("digits-mlp", *listed, *extra)
+    assert {r["optimizer"] for r in records} == set(listed + added)
+    assert env["notes"] == ([" and ".join(added) + " run as well: the baselines of the ratio "
+                             "column (--no-baselines leaves them out)"] if added else [])
+    for name in listed + added:
+        spec = next(s for s in train.protocol_specs("defaults") if s.name == name)
+        assert [r["lr"] for r in records if r["optimizer"] == name] == list(spec.lrs)
+    best = [r for r in records if r["best"] and r["reached"]]
+    assert {r["optimizer"] for r in best} & set(train.BASELINES["defaults"])
+    assert all(r["time_to_target_vs_baseline"] is not None for r in best)
+    records, env = quick_train("digits-mlp", *listed, *extra, "--no-baselines")
+    assert {r["optimizer"] for r in records} == set(listed) and env["notes"] == []
+    if not set(listed) & set(train.BASELINES["defaults"]):
+        assert all(r["time_to_target_vs_baseline"] is None for r in records)
+
+
+def test_the_tuned_protocol_runs_only_the_optimizers_listed(one_thread):
+    records, env = quick_train("digits-mlp", "soo_ext.KFAC")
+    assert {r["optimizer"] for r in records} == {"soo_ext.KFAC"} and env["notes"] == []
+
+
 def test_defaults_protocol_sets_the_lm_target_from_adamw(one_thread):
-    records, env = quick_train("stdlib-lm", "torch.optim.SGD", "--protocol", "defaults")
+    """--no-baselines: AdamW still runs on stdlib-lm, as the reference that sets its target."""
+    records, env = quick_train("stdlib-lm", "torch.optim.SGD", "--protocol", "defaults",
+                               "--no-baselines")
     assert env["protocol"] == "defaults" and env["reference"] == "torch.optim.AdamW"
     assert env["baselines"] == ["torch.optim.AdamW", "torch.optim.SGD"]
     assert any("AdamW runs as well" in note for note in env["notes"])
