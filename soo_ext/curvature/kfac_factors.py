@@ -250,7 +250,10 @@ class EigenCorrectedFactors(EigenFactors):
     sum runs before the square); ``V = Q_G [(Q_G^T grad Q_A) / (S + damping)] Q_A^T``.
 
     The rows a pass stages are also held until the step, where :meth:`update_scale` projects
-    them on the bases the step's refresh left (the paper's order: eigenbasis, then scaling)."""
+    them on the bases the step's refresh left (the paper's order: eigenbasis, then scaling).
+    A refresh carries ``S`` into the new bases: ``S <- (R_G o R_G) S (R_A o R_A)^T`` with
+    ``R = Q_new^T Q_old``, the diagonal of the old estimate ``diag(S)`` seen in the new basis
+    (the paper leaves it open; its authors' code restarts from ``d_G d_A^T``, see docs/ekfac.md)."""
 
     MODE = "ekfac"
     KEYS = EigenFactors.KEYS + ("scale",)
@@ -279,6 +282,15 @@ class EigenCorrectedFactors(EigenFactors):
     def reset_staged(self) -> None:
         super().reset_staged()
         self.held = {}
+
+    def refresh(self, damping: float, ok: Tensor | None, process_group=None) -> None:
+        old = {n: Q.clone() for n, Q in self.Q.items()}
+        super().refresh(damping, ok, process_group)
+        for group, S in self.S.items():
+            l0 = group.layers[0]
+            RA = (self.Q[l0.a_dim][group.a].mT @ old[l0.a_dim][group.a]).square_()
+            RG = (self.Q[l0.out][group.g].mT @ old[l0.out][group.g]).square_()
+            _select_into(S, ok, RG @ S @ RA.mT)
 
     def update_scale(self, decay: float, ok: Tensor | None, process_group=None) -> None:
         """``S <- decay S + (1 - decay) S_new`` for the layers captured since the last step

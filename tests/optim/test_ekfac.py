@@ -111,9 +111,14 @@ class NaiveEKFAC:
                 st["A"] = o["factor_decay"] * st["A"] + (1 - o["factor_decay"]) * a.T @ a / R
                 st["G"] = (o["factor_decay"] * st["G"]
                            + (1 - o["factor_decay"]) * (N * g).T @ (N * g) / R)
-            if k % o["ius"] == 0:
+            if k % o["ius"] == 0:  # S carried into the new bases: diag of the old estimate
+                QA_old, QG_old = st["QA"], st["QG"]
                 st["QA"] = torch.linalg.eigh(st["A"]).eigenvectors
                 st["QG"] = torch.linalg.eigh(st["G"]).eigenvectors
+                M = torch.kron(QG_old, QA_old) @ torch.diag(st["S"].flatten()) @ torch.kron(
+                    QG_old, QA_old).T
+                Q = torch.kron(st["QG"], st["QA"])
+                st["S"] = torch.diagonal(Q.T @ M @ Q).reshape(st["S"].shape)
             QA, QG = st["QA"], st["QG"]
             if k % o["sus"] == 0:
                 new = torch.stack([(QG.T @ gi @ QA) ** 2 for gi in gn]).mean(0)
@@ -191,7 +196,7 @@ def test_scaling_is_the_exact_projected_diagonal(kind, n):
 
 def test_scaling_updates_on_its_schedule_only():
     model = linear_model()
-    opt = soo_ext.EKFAC(model, factor_dtype=F64, scale_update_steps=3, inv_update_steps=2)
+    opt = soo_ext.EKFAC(model, factor_dtype=F64, scale_update_steps=3, inv_update_steps=100)
     w = layers_of(model)[0].weight
     seen = []
     for step in range(7):
@@ -202,6 +207,28 @@ def test_scaling_updates_on_its_schedule_only():
         seen.append(opt.state[w]["scale"].clone())
     changed = [not torch.equal(a, b) for a, b in zip(seen, seen[1:])]
     assert changed == [False, False, True, False, False, True]  # k = 3 and 6
+
+
+def test_refresh_carries_the_scaling_into_the_new_bases():
+    """At a refresh without a scaling update, S becomes the diagonal of the old estimate
+    ``(Q_G ⊗ Q_A) diag(S) (Q_G ⊗ Q_A)^T`` in the new bases (dense float64 oracle)."""
+    model = linear_model()
+    opt = soo_ext.EKFAC(model, factor_dtype=F64, scale_update_steps=100, inv_update_steps=3,
+                        scale_decay=0.5)
+    w = layers_of(model)[0].weight
+    for step in range(4):  # bases at k = 0 and 3, the scaling at k = 0 only
+        if step == 3:
+            old = {key: opt.state[w][key].clone() for key in ("QA", "QG", "scale")}
+        x, y = data("linear", step, 8)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    st = opt.state[w]
+    assert not torch.equal(st["QA"], old["QA"]) and not torch.equal(st["scale"], old["scale"])
+    K_old, K_new = torch.kron(old["QG"], old["QA"]), torch.kron(st["QG"], st["QA"])
+    M = K_old @ torch.diag(old["scale"].flatten()) @ K_old.T
+    want = torch.diagonal(K_new.T @ M @ K_new).reshape(old["scale"].shape)
+    assert torch.allclose(st["scale"], want, rtol=1e-12, atol=1e-14)
 
 
 def test_accumulated_halves_equal_the_whole_batch():
