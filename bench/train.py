@@ -90,10 +90,10 @@ Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
   soo_ext.PSGDKron    its defaults (factors fitted with probability 1 for 500 steps, then
                       annealed to 0.03; update RMS clipped at 1.1), minibatch
                                                            lr 0.001, 0.003, 0.01    default 3e-4
-  soo_ext.MFAC        its defaults (window 32, damping 1e-5, no momentum), minibatch
-                                                           lr 1e-4, 3e-4, 0.001     default 1e-3
+  soo_ext.MFAC        its defaults (window 32, damping 1e-2, no momentum), minibatch
+                                                           lr 0.01, 0.03, 0.1       default 0.03
   soo_ext.GGT         its defaults (window 100, betas (0.9, 1), eps 1e-4), minibatch
-                                                           lr 1e-4, 3e-4, 0.001     default 1e-3
+                                                           lr 0.03, 0.1, 0.3        default 0.1
   soo_ext.NaturalGradient  its defaults (damping 1e-2, momentum 0.9, one N x N Woodbury
                       system for all layers), minibatch    lr 0.03, 0.1, 0.3        default 0.1
 Optional peers, run in the same process when their package is installed (otherwise skipped
@@ -442,10 +442,10 @@ OPTIMIZERS = (
                   lambda params, lr, _: soo_ext.SOAP(params, lr=lr), default_lr=3e-3),
     OptimizerSpec("soo_ext.PSGDKron", (1e-3, 3e-3, 1e-2), False,
                   lambda params, lr, _: soo_ext.PSGDKron(params, lr=lr), default_lr=3e-4),
-    OptimizerSpec("soo_ext.MFAC", (1e-4, 3e-4, 1e-3), False,
-                  lambda params, lr, _: soo_ext.MFAC(params, lr=lr), default_lr=1e-3),
-    OptimizerSpec("soo_ext.GGT", (1e-4, 3e-4, 1e-3), False,
-                  lambda params, lr, _: soo_ext.GGT(params, lr=lr), default_lr=1e-3),
+    OptimizerSpec("soo_ext.MFAC", (0.01, 0.03, 0.1), False,
+                  lambda params, lr, _: soo_ext.MFAC(params, lr=lr), default_lr=0.03),
+    OptimizerSpec("soo_ext.GGT", (0.03, 0.1, 0.3), False,
+                  lambda params, lr, _: soo_ext.GGT(params, lr=lr), default_lr=0.1),
     OptimizerSpec("soo_ext.NaturalGradient", (0.03, 0.1, 0.3), False,
                   lambda params, lr, _, model: soo_ext.NaturalGradient(model, lr=lr),
                   takes_model=True, default_lr=0.1),

@@ -364,8 +364,22 @@ def _check_window(op: str, W: Tensor, dtype: torch.dtype, rows: int) -> None:
     torch._check(0 <= rows <= W.shape[0], lambda: f"{op}: rows must be in [0, {W.shape[0]}], got {rows}")
 
 
+def _window_gram_common(W: Tensor, X, rows: int) -> bool:
+    """The checks of :func:`_check_window_gram` on its common case, in one expression (the
+    torch._check calls cost more than the op on small windows: the GGT/M-FAC hot path)."""
+    if not (isinstance(X, list) and 1 <= len(X) <= _WINDOW_MAX_VECTORS and W.dim() == 2):
+        return False
+    dtype, device, (m, n) = X[0].dtype, W.device, W.shape
+    return (dtype in (torch.float32, torch.float64) and 0 <= rows <= m and W.is_contiguous()
+            and (W.dtype == dtype or (W.dtype == torch.bfloat16 and dtype == torch.float32))
+            and all(x.dim() == 1 and x.dtype == dtype and x.device == device
+                    and x.shape[0] == n and x.is_contiguous() for x in X))
+
+
 def _check_window_gram(W: Tensor, X, rows: int) -> None:
     op = "window_gram"
+    if _window_gram_common(W, X, rows):
+        return  # hot path: skip the torch._check calls
     if not (isinstance(X, (list, tuple)) and len(X) <= _WINDOW_MAX_VECTORS):
         raise RuntimeError(f"{op}: X must be a list of 0 to {_WINDOW_MAX_VECTORS} vectors")
     dtype = X[0].dtype if X else (torch.float64 if W.dtype == torch.float64 else torch.float32)
@@ -379,8 +393,30 @@ def _check_window_gram(W: Tensor, X, rows: int) -> None:
         torch._check(x.device == W.device, lambda: f"{op}: all tensors must be on one device")
 
 
+def _window_combine_common(out: Tensor, W: Tensor, coef: Tensor, rows: int, base,
+                           base_coef) -> bool:
+    """The checks of :func:`_check_window_combine` on its common case, in one expression."""
+    if not (out.dim() == 1 and W.dim() == 2):
+        return False
+    dtype, device, (m, n) = out.dtype, out.device, W.shape
+    if not (dtype in (torch.float32, torch.float64) and out.is_contiguous() and out.shape[0] == n
+            and W.device == device and W.is_contiguous() and 0 <= rows <= m
+            and (W.dtype == dtype or (W.dtype == torch.bfloat16 and dtype == torch.float32))
+            and coef.dim() == 1 and coef.shape[0] == m and coef.dtype == torch.float64
+            and coef.device == device):
+        return False
+    if base is None:
+        return base_coef is None
+    return (base_coef is not None and base.dim() == 1 and base.dtype == dtype
+            and base.device == device and base.shape[0] == out.shape[0] and base.is_contiguous()
+            and base_coef.dim() == 0 and base_coef.dtype == torch.float64
+            and base_coef.device == device)
+
+
 def _check_window_combine(out: Tensor, W: Tensor, coef: Tensor, rows: int, base, base_coef) -> None:
     op = "window_combine"
+    if _window_combine_common(out, W, coef, rows, base, base_coef):
+        return  # hot path: skip the torch._check calls
     _check_drsom_base(op, "out", out)
     _check_window(op, W, out.dtype, rows)
     torch._check(out.shape[0] == W.shape[1],

@@ -105,6 +105,18 @@ def test_window_combine_refuses_an_out_inside_the_window(device):
     (lambda W, X, c, o: ops.window_combine(o, W, c.float(), 1), "float64"),
     (lambda W, X, c, o: ops.window_combine(o, W, c, 1, X[0], None), "go together"),
     (lambda W, X, c, o: ops.window_combine(o.double(), W, c, 1), "not allowed"),
+    # one flaw in an otherwise common call (the wrappers' fast path must not let it through)
+    (lambda W, X, c, o: ops.window_gram(W, [X[0], X[1].double()], 1), "dtype"),
+    (lambda W, X, c, o: ops.window_gram(W, [X[0], torch.randn(20)[::2]], 1), "contiguous"),
+    (lambda W, X, c, o: ops.window_gram(W.T.contiguous().T, X, 1), "contiguous"),
+    (lambda W, X, c, o: ops.window_gram(W.double(), X, 1), "not allowed"),
+    (lambda W, X, c, o: ops.window_gram(W, X, -1), "rows must be in"),
+    (lambda W, X, c, o: ops.window_combine(o, W, c, 4), "rows must be in"),
+    (lambda W, X, c, o: ops.window_combine(o, W, c[:2], 1), "float64"),
+    (lambda W, X, c, o: ops.window_combine(o[:9], W, c, 1), "length"),
+    (lambda W, X, c, o: ops.window_combine(o, W, c, 1, X[0].double(), c[0]), "dtype"),
+    (lambda W, X, c, o: ops.window_combine(o, W, c, 1, X[0], c[:1]), "0-dim"),
+    (lambda W, X, c, o: ops.window_combine(o, W, c, 1, X[0], c[0].float()), "0-dim"),
 ])
 def test_bad_arguments_are_refused(bad, match):
     W, X = window_inputs(3, 10, 2, "fp32", "cpu")
