@@ -22,6 +22,7 @@ from soo_ext import ops
 from conftest import rel_err
 from op_inputs import (ill_conditioned, random_history, random_problem, rank_deficient, spd,
                        subproblem_inputs, vectors)
+from test_window_ops import EPS64, STORAGE, dot_bound, window_inputs
 
 import cuda_emu
 
@@ -389,6 +390,97 @@ def test_kron_empty_batches(emu, dtype):
         out = getattr(emu, name)(A, *args)
         ref = getattr(torch.ops.soo, name)(A, *args)
         assert [(o.shape, o.dtype) for o in out] == [(r.shape, r.dtype) for r in ref]
+
+
+# ---------------------------------------------------------------------------------------------
+# window ops
+
+WINDOW_GRAM_CASES = [  # m, n, rows, k
+    (1, 1, 1, 1), (3, 7, 2, 2), (3, 0, 3, 2), (4, 5, 4, 0),
+    (33, 1001, 33, 1),  # odd n: scalar loads
+    (33, 1004, 20, 2),  # 16-byte loads; 8-row tiles, the last one partial (20 = 8 + 8 + 4)
+    (6, 1004, 6, 3), (5, 1004, 5, 8),  # 4-row tiles (k <= 4, k <= 8), 5 rows = 4 + 1
+    (512, 12, 300, 2),  # many tiles, a short row
+    (9, 40_000, 9, 2),  # several column blocks, several steps each
+]
+
+
+@pytest.mark.parametrize("storage", list(STORAGE))
+@pytest.mark.parametrize("m,n,rows,k", WINDOW_GRAM_CASES)
+@pytest.mark.parametrize("misalign", MISALIGN + ["W"])
+def test_window_gram(emu, device_config, storage, m, n, rows, k, misalign):
+    W, X = window_inputs(m, n, k, storage, "cpu", seed=m + n + k)
+    W[rows:] = math.nan  # rows not filled: never read
+    offs = [1] + [0] * k if misalign == "W" else offsets(misalign, k + 1)
+    We, *Xe = [guarded(a, o)[0] for a, o in zip([W] + X, offs)]
+    full = n <= 1004
+    G, D = emu.window_gram(We, Xe, rows, full)
+    Gc, Dc = torch.ops.soo.window_gram(W, X, rows, full)
+    assert D.shape == Dc.shape == (m, k) and D.dtype == torch.float64
+    if k:
+        # float64 sums of the same products in two orders (see test_window_ops)
+        bound = dot_bound(W[:rows], torch.stack(X), n)
+        assert ((D[:rows] - Dc[:rows]).abs() <= bound).all()
+    assert not D[rows:].any()
+    if full:
+        Gv = G[:rows, :rows]
+        assert ((Gv - Gc[:rows, :rows]).abs() <= dot_bound(W[:rows], W[:rows], n)).all()
+        assert torch.equal(G, G.T) and not G[rows:].any() and not G[:, rows:].any()
+    if device_config[1]:  # other block, warp and lane orders: the same bits
+        assert torch.equal(emu.window_gram(We, Xe, rows, False)[1], D)
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp64"])
+@pytest.mark.parametrize("n", [200_000, 200_003])
+def test_window_gram_sums_many_blocks(emu, storage, n):
+    """More than 32 column blocks (160 on 40 emulated SMs): each lane of the warp that sums a
+    dot's partials takes several."""
+    W, X = window_inputs(3, n, 2, storage, "cpu", seed=n)
+    cuda_emu.configure(40, 5)
+    try:
+        _, D = emu.window_gram(W, X, 3, False)
+    finally:
+        cuda_emu.configure(2, 0)
+    _, Dc = torch.ops.soo.window_gram(W, X, 3, False)
+    assert ((D - Dc).abs() <= dot_bound(W, torch.stack(X), n)).all()
+
+
+WINDOW_COMBINE_CASES = [  # m, n, rows, with_base, out is base
+    (1, 1, 1, True, False), (3, 7, 2, False, False), (3, 0, 3, True, False),
+    (4, 1001, 0, True, True),  # no rows: base_coef base
+    (6, 1001, 6, True, True),  # odd n: scalar loads; rows 4 + 2
+    (33, 1004, 33, True, False), (33, 1004, 31, False, False),  # 16-byte loads
+    (512, 12, 509, True, True),
+    (7, 40_000, 7, True, False),  # several blocks, several steps each
+]
+
+
+@pytest.mark.parametrize("storage", list(STORAGE))
+@pytest.mark.parametrize("m,n,rows,with_base,alias", WINDOW_COMBINE_CASES)
+@pytest.mark.parametrize("misalign", ["none", "all", "W", "out", "base"])
+def test_window_combine(emu, device_config, storage, m, n, rows, with_base, alias, misalign):
+    W, (base,) = window_inputs(m, n, 1, storage, "cpu", seed=m + n + 1)
+    W[rows:] = math.nan  # rows not filled: never read
+    coef = torch.randn(m, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
+    base_coef = torch.tensor(-0.75, dtype=torch.float64)
+    oW, oout, obase = (int(misalign in ("all", name)) for name in ("W", "out", "base"))
+    We, _ = guarded(W, oW)
+    be, bbuf = guarded(base, obase)
+    oute, obuf = (be, bbuf) if alias else guarded(torch.full_like(base, math.nan), oout)
+    args, args_e = ((base, base_coef), (be, base_coef)) if with_base else ((None, None),) * 2
+    want = torch.empty_like(base)
+    torch.ops.soo.window_combine(want, W, coef, rows, *args)
+    emu.window_combine(oute, We, coef, rows, *args_e)
+    # float64 sums of rows + 1 products, rounded once to out's dtype (see test_window_ops)
+    magnitude = coef[:rows].abs() @ W[:rows].double().abs()
+    if with_base:
+        magnitude = magnitude + 0.75 * base.double().abs()
+    bound = torch.finfo(base.dtype).eps * want.double().abs() + 4 * (m + 3) * EPS64 * magnitude
+    assert ((oute.double() - want.double()).abs() <= bound).all()
+    assert_guards_intact(oute, obuf)
+    if not alias:
+        assert torch.equal(be, base)
+        assert_guards_intact(be, bbuf)
 
 
 # ---------------------------------------------------------------------------------------------
