@@ -20,8 +20,9 @@ Optimizers (frequencies: --freqs, default 1 10 100):
   MFAC, GGT              soo_ext.MFAC / soo_ext.GGT(params, window=32), their other defaults
                          but GGT's betas (0.6, 1.0) (a window of 32 is short for beta1 0.9):
                          every step the same work (no update frequency)
-  NaturalGradient        soo_ext.NaturalGradient(model), its defaults: the batch's N x N
-                         Woodbury system every step (no update frequency)
+  NaturalGradient        soo_ext.NaturalGradient(model), its defaults: the S x S Woodbury
+                         system of the batch's first S = 32 samples every step (no update
+                         frequency)
   KFAC eigen / inverse   soo_ext.KFAC(model, lr=0.1, momentum=0.9, mode=...), factors every
                          step, inverses / eigendecompositions every F steps
   EKFAC                  soo_ext.EKFAC(model, lr=0.1, momentum=0.9), factors and scaling every

@@ -94,8 +94,9 @@ Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
                                                            lr 0.01, 0.03, 0.1       default 0.03
   soo_ext.GGT         its defaults (window 100, betas (0.9, 1), eps 1e-4), minibatch
                                                            lr 0.03, 0.1, 0.3        default 0.1
-  soo_ext.NaturalGradient  its defaults (damping 1e-2, momentum 0.9, one N x N Woodbury
-                      system for all layers), minibatch    lr 0.03, 0.1, 0.3        default 0.1
+  soo_ext.NaturalGradient  its defaults (damping 1, momentum 0.9, the Fisher of the first 32
+                      samples of each minibatch: one 32 x 32 Woodbury system for all layers),
+                      minibatch                            lr 0.03, 0.1, 0.3        default 0.1
 Optional peers, run in the same process when their package is installed (otherwise skipped
 with a note), same models, data and budget:
   asdl.KFAC           ASDL's KfacGradientMaker (package asdfghjkl): curvature every step,

@@ -85,10 +85,13 @@ def run_backward_optimizer(rank, name: str, sync: bool = True):
     elif name in ("mfac", "ggt"):  # the window holds the averaged gradients: equal on every rank
         opt = (soo_ext.MFAC(net.parameters(), lr=1e-3, window=4, damping=1e-3) if name == "mfac"
                else soo_ext.GGT(net.parameters(), lr=1e-2, window=4, betas=(0.5, 1.0), eps=0.1))
-    elif name.startswith("natural_gradient"):  # natural_gradient[-per_layer]: the per-sample
-        # gradients gathered, every rank solves the whole batch's system (one process's step)
+    elif name.startswith("natural_gradient"):  # natural_gradient[-per_layer][-S<k>]: the
+        # per-sample gradients of the whole batch's first k samples (default all) sent to every
+        # rank (an all-gather; k < HALF: rank 0's broadcast; HALF < k: both ranks'), every rank
+        # solves the same system (one process's step)
+        samples = int(name.split("-S")[1]) if "-S" in name else None
         opt = soo_ext.NaturalGradient(net if sync else model, lr=0.1, damping=1e-2,
-                                      per_layer=name.endswith("per_layer"))
+                                      per_layer="per_layer" in name, curvature_samples=samples)
     else:
         opt = soo_ext.MLBFGS(net.parameters(), lr=0.05, update_freq=2)
     for step in range(STEPS):
@@ -258,6 +261,9 @@ RUNS = {
     "ggt": (run_backward_optimizer, {"name": "ggt"}),
     "natural_gradient": (run_backward_optimizer, {"name": "natural_gradient"}),
     "natural_gradient-per_layer": (run_backward_optimizer, {"name": "natural_gradient-per_layer"}),
+    "natural_gradient-S5": (run_backward_optimizer, {"name": "natural_gradient-S5"}),
+    "natural_gradient-per_layer-S17": (run_backward_optimizer,
+                                       {"name": "natural_gradient-per_layer-S17"}),
     "kbfgs": (run_kbfgs, {}),
     "kbfgs-lbfgs": (run_kbfgs, {"history_size": 3}),
     "lbfgs": (run_lbfgs, {}),

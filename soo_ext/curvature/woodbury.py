@@ -1,8 +1,9 @@
 """Woodbury natural gradient (Ren & Goldfarb 2019; SENG's per-layer variant): the per-sample
-gradients of the minibatch, captured from K-FAC's layer rows, and the damped empirical-Fisher
-solve ``d = (lambda I + J^T J / N)^{-1} g`` through the ``N x N`` system::
+gradients of the minibatch (or of its first S samples), captured from K-FAC's layer rows, and
+the damped empirical-Fisher solve ``d = (lambda I + J^T J / S)^{-1} g`` through the ``S x S``
+system::
 
-    d = (g - J^T (lambda N I + J J^T)^{-1} J g) / lambda
+    d = (g - J^T (lambda S I + J J^T)^{-1} J g) / lambda
 
 Sample i's gradient of a layer is ``J_i = sum_t g_it a_it^T`` over its rows t (a Linear's
 tokens, a conv's output positions).  Per layer the cheaper of two routes gives ``J J^T`` and
@@ -43,16 +44,18 @@ def sequence_layouts(model: nn.Module, layers: list[KFACLayer]) -> dict[int, boo
 
 class SampleRows:
     """One layer's rows of a backward pass, as captured: ``a`` ``[R, a_dim]``, ``g``
-    ``[R, out]``, the input's ``shape``, ``lead`` its leading dims (``R`` their product),
-    ``batch_dim`` the samples' dim in ``lead`` (None until resolved), and the capture's
-    ``samples`` and ``g_scale`` (its guess of the batch size: the leading dim)."""
+    ``[R, out]``, the input's ``shape``, ``lead`` the leading dims of the rows kept (``R``
+    their product: the input's, or those of its first samples), ``batch_dim`` the samples' dim
+    in ``lead`` and ``batch`` the batch size (None until resolved), and the capture's
+    ``samples`` and ``g_scale`` (its guess of the batch size: the leading dim kept)."""
 
-    __slots__ = ("a", "g", "shape", "lead", "batch_dim", "samples", "g_scale")
+    __slots__ = ("a", "g", "shape", "lead", "batch_dim", "batch", "samples", "g_scale")
 
     def __init__(self, a: Tensor, g: Tensor, shape: tuple[int, ...], lead: tuple[int, ...],
-                 batch_dim: int | None, samples: int, g_scale: float) -> None:
+                 batch_dim: int | None, batch: int | None, samples: int,
+                 g_scale: float) -> None:
         self.a, self.g, self.shape, self.lead, self.batch_dim = a, g, shape, lead, batch_dim
-        self.samples, self.g_scale = samples, g_scale
+        self.batch, self.samples, self.g_scale = batch, samples, g_scale
 
 
 class PerSampleGradients:
@@ -67,6 +70,10 @@ class PerSampleGradients:
     on ``[d0, d1, ..., in]`` takes as batch dim the one dim of the batch size those layers
     give; none, or more than one such dim, or layers that disagree on the batch size: a
     ValueError naming the layers (their rows are not per-sample as far as can be told).
+
+    ``curvature_samples`` (S, None: all): only the rows of the batch's first S samples are
+    used; a layer whose batch dim is known when it is captured keeps only those
+    (:meth:`samples_kept`), the others are cut at the step.
 
     Args:
         layers: the layers.
@@ -84,7 +91,10 @@ class PerSampleGradients:
         self.max_state_bytes = max_state_bytes
         self.layouts = layouts or {}
         self.batch_averaged = True
-        self.input_shape: tuple[int, ...] = ()  # of the pass being staged (PerSampleCapture)
+        self.curvature_samples: int | None = None
+        # of the pass being staged (PerSampleCapture): the input's shape, the samples kept
+        self.input_shape: tuple[int, ...] = ()
+        self.kept: int | None = None
         self.captured: dict[int, SampleRows] = {}  # layer index -> rows
         self.held_bytes = 0
 
@@ -99,17 +109,33 @@ class PerSampleGradients:
             raise RuntimeError(f"{self.owner}: layer {layer.name!r} ran backward twice before "
                                "step(): one backward pass per step (no gradient accumulation)")
         R = a.shape[0]
-        need = self.held_bytes + R * (layer.a_dim + layer.out) * _itemsize(self.dtype)
+        need = self.held_bytes + R * (layer.a_dim + layer.out) * self.dtype.itemsize
         if need > self.max_state_bytes:
             raise ValueError(
                 f"{self.owner}: the rows captured for the per-sample gradients take {need} "
                 f"bytes, above max_state_bytes={self.max_state_bytes} (raise max_state_bytes or "
                 "use a smaller batch)")
         lead, batch_dim = self._layout(layer, R, samples)
-        self.captured[layer.index] = SampleRows(a.to(self.dtype), g.to(self.dtype),
-                                                self.input_shape, lead, batch_dim, samples,
-                                                g_scale)
+        batch = None if batch_dim is None else (
+            self.input_shape[0] if self.kept is not None else lead[batch_dim])
+        a, g = (t if t.dtype == self.dtype else t.to(self.dtype) for t in (a, g))
+        self.captured[layer.index] = SampleRows(a, g, self.input_shape, lead, batch_dim, batch,
+                                                samples, g_scale)
         self.held_bytes = need
+
+    def samples_kept(self, layer: KFACLayer, shape: torch.Size) -> int | None:
+        """How many leading samples of a pass with input ``shape`` to keep (the rows of the
+        others are never formed), or None (all: S covers the batch, or where the samples are
+        is not known before the step).  The batch is dim 0 of the input and of the output
+        gradient where it is known now: a batched conv, a Linear on ``[N, in]``, a
+        batch-first layer of :func:`sequence_layouts`."""
+        S = self.curvature_samples
+        if S is None or len(shape) < 2 or S >= shape[0]:
+            return None
+        if layer.conv:
+            return S if len(shape) == layer.spatial + 2 else None
+        batch_first = self.layouts.get(layer.index)
+        return S if (len(shape) == 2 and batch_first is None) or batch_first else None
 
     def _layout(self, layer: KFACLayer, R: int, samples: int) -> tuple[tuple[int, ...],
                                                                         int | None]:
@@ -117,6 +143,8 @@ class PerSampleGradients:
         if layer.conv:  # [N, C, ...] (unbatched: samples 1): sample-major rows
             return (samples, R // samples), 0
         lead = tuple(self.input_shape[:-1])
+        if self.kept is not None:  # the first samples of a batch on dim 0
+            lead = (self.kept, *lead[1:])
         if not lead:  # a 1-D input: one sample
             return (1,), 0
         batch_first = self.layouts.get(layer.index)
@@ -131,11 +159,11 @@ class PerSampleGradients:
         saying which layers' rows cannot be split into samples and what to do."""
         rows = [(l, self.captured[l.index]) for l in layers]
         known = [(l, r) for l, r in rows if r.batch_dim is not None]
-        sizes = {r.lead[r.batch_dim] for _, r in known}
+        sizes = {r.batch for _, r in known}
         if len(sizes) > 1:
             by_size: dict[int, list[str]] = {}
             for l, r in known:
-                by_size.setdefault(r.lead[r.batch_dim], []).append(_describe(l, r))
+                by_size.setdefault(r.batch, []).append(_describe(l, r))
             raise ValueError(
                 f"{self.owner}: the layers disagree on the batch size: " + "; ".join(
                     f"{n} samples: {', '.join(names)}" for n, names in sorted(by_size.items()))
@@ -156,7 +184,7 @@ class PerSampleGradients:
         for l, r in unknown:
             dims = [k for k, s in enumerate(r.lead) if s == N]
             if len(dims) == 1:
-                r.batch_dim = dims[0]
+                r.batch_dim, r.batch = dims[0], N
             else:
                 bad.append((l, r, dims))
         if bad:
@@ -170,25 +198,32 @@ class PerSampleGradients:
                 f"{[l.name for l, _, _ in bad]!r} (plain SGD step for them){_SEE}")
         return N
 
-    def sample_major(self, layer: KFACLayer) -> tuple[Tensor, Tensor]:
-        """``A`` ``[N, P, a_dim]`` and ``G`` ``[N, P, out]`` (after :meth:`resolve`): sample i's
-        P rows, ``G`` scaled so that ``sum_t G_it A_it^T`` is the gradient of sample i's
-        loss."""
+    def sample_major(self, layer: KFACLayer, count: int | None = None) -> tuple[Tensor, Tensor]:
+        """``A`` ``[S, P, a_dim]`` and ``G`` ``[S, P, out]`` of the first ``count`` samples
+        (default all kept; after :meth:`resolve`): sample i's P rows, ``G`` scaled so that
+        ``sum_t G_it A_it^T`` is the gradient of sample i's loss."""
         r = self.captured[layer.index]
-        N = r.lead[r.batch_dim]
-        A = r.a.reshape(*r.lead, -1).movedim(r.batch_dim, 0).reshape(N, -1, layer.a_dim)
-        G = r.g.reshape(*r.lead, -1).movedim(r.batch_dim, 0).reshape(N, -1, layer.out)
-        # the capture undid the loss's mean with its guess of the batch size (the leading dim)
+        N = r.batch
+        S = r.lead[r.batch_dim] if count is None else count
+        P = len(r.a) // r.lead[r.batch_dim]  # rows a sample
+        if r.batch_dim == 0:  # sample-major rows: the first S samples' are the first S P
+            A, G = r.a[:S * P].reshape(S, P, layer.a_dim), r.g[:S * P].reshape(S, P, layer.out)
+        else:
+            A = r.a.reshape(*r.lead, -1).narrow(r.batch_dim, 0, S).movedim(r.batch_dim, 0)
+            G = r.g.reshape(*r.lead, -1).narrow(r.batch_dim, 0, S).movedim(r.batch_dim, 0)
+            A, G = A.reshape(S, P, layer.a_dim), G.reshape(S, P, layer.out)
+        # the capture undid the loss's mean with its guess of the batch size (the leading dim
+        # kept): the mean was over N
         scale = r.g_scale * (N / r.samples) ** 2 if self.batch_averaged else r.g_scale
         if scale != 1:  # on the small output-gradient rows, not on the window
             G = G * scale ** 0.5
         return A, G
 
-    def window(self, layer: KFACLayer) -> Tensor:
-        """The per-sample gradients ``J`` ``[N, out * a_dim]`` (after :meth:`resolve`), row i
-        sample i's in :func:`layer_vector` order."""
-        A, G = self.sample_major(layer)
-        return torch.bmm(G.transpose(1, 2), A).reshape(A.shape[0], -1)
+    def window(self, layer: KFACLayer, count: int | None = None) -> Tensor:
+        """The per-sample gradients ``J`` ``[S, out * a_dim]`` of the first ``count`` samples
+        (default all; after :meth:`resolve`), row i sample i's in :func:`layer_vector` order."""
+        A, G = self.sample_major(layer, count)
+        return torch.bmm(G.transpose(1, 2), A).reshape(A.shape[0], layer.out * layer.a_dim)
 
 
 _SEE = " (docs/natural_gradient.md#input-layouts)"
@@ -198,14 +233,11 @@ def _describe(layer: KFACLayer, rows: SampleRows) -> str:
     return f"{type(layer.module).__name__} {layer.name!r} (input {list(rows.shape)})"
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 class PerSampleCapture(LayerCapture):
     """K-FAC's :class:`~soo_ext.curvature.kfac_layers.LayerCapture` staging into a
     :class:`PerSampleGradients`, which also needs each pass's input shape (where the samples
-    are: the rows alone do not say)."""
+    are: the rows alone do not say); only the first samples' input and output gradient are
+    passed on where the sink keeps no more (:meth:`PerSampleGradients.samples_kept`)."""
 
     def __init__(self, layers: list[KFACLayer], sink: PerSampleGradients, grad_scaler=None,
                  owner: str = "NaturalGradient") -> None:
@@ -213,7 +245,10 @@ class PerSampleCapture(LayerCapture):
         self.sink = sink
 
     def _capture(self, layer: KFACLayer, x: Tensor, grad: Tensor) -> None:
-        self.sink.input_shape = tuple(x.shape)
+        sink = self.sink
+        sink.input_shape, sink.kept = tuple(x.shape), sink.samples_kept(layer, x.shape)
+        if sink.kept is not None:
+            x, grad = x[:sink.kept], grad[:sink.kept]
         super()._capture(layer, x, grad)
 
 
@@ -257,10 +292,12 @@ class SampleWindow:
         K, D = ops.window_gram(self.J, [g], rows=self.J.shape[0], full=True)
         return K, D[:, 0]
 
-    def combine(self, g: Tensor, coef: Tensor, base_coef: Tensor) -> Tensor:
-        """``base_coef g + J^T coef``."""
+    def combine(self, g: Tensor, c: Tensor, damping: float) -> Tensor:
+        """``(g - J^T c) / damping`` (``c`` float64)."""
         d = torch.empty_like(g)
-        ops.window_combine(d, self.J, coef, self.J.shape[0], base=g, base_coef=base_coef)
+        base = torch.full((), 1.0 / damping, dtype=F64, device=g.device)
+        ops.window_combine(d, self.J, c * (-1.0 / damping), self.J.shape[0], base=g,
+                           base_coef=base)
         return d
 
 
@@ -274,23 +311,31 @@ class TokenRows:
 
     def __init__(self, A: Tensor, G: Tensor) -> None:
         self.N, self.P = A.shape[:2]
-        self.A = A.to(F64).reshape(self.N * self.P, -1)
-        self.G = G.to(F64).reshape(self.N * self.P, -1)
+        self.A = A.to(F64).reshape(self.N * self.P, A.shape[2])
+        self.G = G.to(F64).reshape(self.N * self.P, G.shape[2])
+        self._g: Tensor | None = None  # the last g and its [out, a_dim] float64 view
+        self._W: Tensor | None = None
 
     def gram(self, g: Tensor) -> tuple[Tensor, Tensor]:
         N, P, A, G = self.N, self.P, self.A, self.G
         K = (A @ A.T).mul_(G @ G.T)
         if P > 1:
             K = K.view(N, P, N, P).sum((1, 3))
-        W = g.to(F64).view(G.shape[1], A.shape[1])
-        Jg = (G @ W).mul_(A).sum(1)
+        Jg = (G @ self._weights(g)).mul_(A).sum(1)
         return K, Jg.view(N, P).sum(1) if P > 1 else Jg
 
-    def combine(self, g: Tensor, coef: Tensor, base_coef: Tensor) -> Tensor:
-        """``base_coef g + J^T coef``, rounded once to ``g``'s dtype."""
-        c = coef.repeat_interleave(self.P) if self.P > 1 else coef
-        d = (self.G.T @ (self.A * c[:, None])).view(-1)
-        return d.add_(g.to(F64) * base_coef).to(g.dtype)
+    def combine(self, g: Tensor, c: Tensor, damping: float) -> Tensor:
+        """``(g - J^T c) / damping`` (``c`` float64), rounded once to ``g``'s dtype."""
+        c = c.repeat_interleave(self.P) if self.P > 1 else c
+        d = torch.addmm(self._weights(g), self.G.T, self.A * c[:, None], beta=1.0 / damping,
+                        alpha=-1.0 / damping)
+        return d.view(-1).to(g.dtype)
+
+    def _weights(self, g: Tensor) -> Tensor:
+        """``g`` as ``[out, a_dim]`` in float64 (converted once for gram and combine)."""
+        if self._g is not g:
+            self._g, self._W = g, g.to(F64).view(self.G.shape[1], self.A.shape[1])
+        return self._W
 
 
 class WoodburyNaturalGradient:
@@ -298,12 +343,15 @@ class WoodburyNaturalGradient:
 
     ``directions(layers, grads, damping, per_layer, group)``: for the layers' gradient vectors
     ``grads`` (:func:`layer_vector` order, with weight decay added) the natural-gradient
-    directions ``(lambda I + J^T J / N)^{-1} g``, with ``J`` all the layers' per-sample
-    gradients side by side (one ``N x N`` system) or, ``per_layer``, each layer's own (SENG:
+    directions ``(lambda I + J^T J / S)^{-1} g``, with ``J`` the per-sample gradients of the
+    batch's first S samples (the sink's ``curvature_samples``; None: all N) of all the layers
+    side by side (one ``S x S`` system) or, ``per_layer``, each layer's own (SENG:
     block-diagonal Fisher, one system per layer, all in one batched Cholesky).  Data parallel
-    (``group``): every rank's per-sample data gathered in rank order, every rank solving the
-    whole batch's system (every rank must hold as many samples).  ValueError (nothing done)
-    when the layers' rows cannot be split into samples or the per-sample data would exceed
+    (``group``): the batch is the ranks' samples in rank order (every rank must hold as many);
+    the first S of them are sent by the ranks that hold them (an all-gather when S is the whole
+    batch, else a broadcast from each rank that holds some: rank 0 alone when S is at most its
+    share), and every rank solves the same system.  ValueError (nothing done) when the layers'
+    rows cannot be split into samples or the per-sample data would exceed
     ``max_state_bytes``."""
 
     def __init__(self, sink: PerSampleGradients) -> None:
@@ -315,49 +363,61 @@ class WoodburyNaturalGradient:
         grams = [b.gram(g) for b, g in zip(blocks, grads)]
         K = torch.stack([k for k, _ in grams])
         Jg = torch.stack([v for _, v in grams])
-        N = K.shape[-1]
+        S = K.shape[-1]
         if per_layer:
             c = woodbury_coefficients(K, Jg, damping)
         else:
-            c = woodbury_coefficients(K.sum(0), Jg.sum(0), damping).expand(len(layers), N)
-        coef = c * (-1.0 / damping)
-        base_coef = torch.full((), 1.0 / damping, dtype=F64, device=K.device)
-        return [b.combine(g, coef[i].contiguous(), base_coef)
-                for i, (b, g) in enumerate(zip(blocks, grads))]
+            c = woodbury_coefficients(K.sum(0), Jg.sum(0), damping).expand(len(layers), S)
+        return [b.combine(g, c[i], damping) for i, (b, g) in enumerate(zip(blocks, grads))]
 
     def _per_sample(self, layers: list[KFACLayer], group) -> list[SampleWindow | TokenRows]:
-        """Each layer's per-sample gradients by its cheaper route, gathered over ``group``."""
-        sink = self.sink
-        world = torch.distributed.get_world_size(group) if group is not None else 1
-        N = sink.resolve(layers) * world
+        """Each layer's per-sample gradients of the batch's first S samples by its cheaper
+        route, sent over ``group``."""
+        sink, samples = self.sink, self.sink.curvature_samples
+        world, rank = (1, 0) if group is None else (torch.distributed.get_world_size(group),
+                                                    torch.distributed.get_rank(group))
+        n = sink.resolve(layers)  # this rank's samples
+        S = n * world if samples is None else min(samples, n * world)
+        local = min(n, max(0, S - rank * n))  # this rank's share of the first S
         routes, need = [], 0
         for l in layers:
             r = sink.captured[l.index]
             P = len(r.a) // r.lead[r.batch_dim]
-            tokens = tokens_cheaper(N, P, l.out, l.a_dim)
+            tokens = tokens_cheaper(S, P, l.out, l.a_dim)
             routes.append(tokens)
-            need += N * (P * (l.a_dim + l.out) if tokens else l.out * l.a_dim)
-        need *= _itemsize(sink.dtype)
+            need += S * (P * (l.a_dim + l.out) if tokens else l.out * l.a_dim)
+        need *= sink.dtype.itemsize
         if need > sink.max_state_bytes:
             raise ValueError(
-                f"{sink.owner}: the per-sample gradients of {N} samples take {need} bytes, "
-                f"above max_state_bytes={sink.max_state_bytes} (raise max_state_bytes or use a "
-                "smaller batch)")
+                f"{sink.owner}: the per-sample gradients of {S} samples take {need} bytes, "
+                f"above max_state_bytes={sink.max_state_bytes} (raise max_state_bytes or use "
+                "curvature_samples or a smaller batch)")
         blocks = []
         for l, tokens in zip(layers, routes):
             if tokens:
-                A, G = sink.sample_major(l)
-                blocks.append(TokenRows(_gathered(A, group), _gathered(G, group)))
+                A, G = sink.sample_major(l, local)
+                blocks.append(TokenRows(_first_samples(A, S, n, group),
+                                        _first_samples(G, S, n, group)))
             else:
-                blocks.append(SampleWindow(_gathered(sink.window(l), group)))
+                blocks.append(SampleWindow(_first_samples(sink.window(l, local), S, n, group)))
         return blocks
 
 
-def _gathered(t: Tensor, group) -> Tensor:
-    """All ranks' ``t`` concatenated along dim 0 in rank order (``t`` itself without a group)."""
+def _first_samples(t: Tensor, S: int, n: int, group) -> Tensor:
+    """The first ``S`` samples (dim 0) of the ranks' samples in rank order, on every rank, from
+    ``t``: this rank's share of them (``n`` samples a rank; ``t`` itself without a group)."""
     if group is None:
         return t
     dist = torch.distributed
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
+    world = dist.get_world_size(group)
+    if S == n * world:  # the whole batch: one all-gather
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts)
+    parts, rank = [], dist.get_rank(group)
+    for src in range(-(-S // n)):  # the ranks that hold some, each broadcasting its share
+        share = t.contiguous() if src == rank else t.new_empty((min(n, S - src * n),
+                                                                 *t.shape[1:]))
+        dist.broadcast(share, dist.get_global_rank(group, src), group=group)
+        parts.append(share)
     return torch.cat(parts)

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
 from .._support.errors import NonFiniteError
-from .._support.guard import SkipGuard, SkipWarner
+from .._support.guard import MaskedSteps, SkipGuard, SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
@@ -28,6 +28,7 @@ OPTIONS = OptionSpecs({
     "lr": Number(0, high_open=True), "momentum": Number(0, 1, high_open=True),
     "weight_decay": Number(0, high_open=True),
     "damping": Number(0, low_open=True, high_open=True), "per_layer": Bool(),
+    "curvature_samples": Int(1, none=True),
     "max_state_bytes": Int(1), "on_nonfinite": OneOf("raise", "skip"), "batch_averaged": Bool(),
 }, per_group=("lr", "momentum", "weight_decay"))
 
@@ -35,10 +36,10 @@ OPTIONS = OptionSpecs({
 class NaturalGradient(ModelHooks, Optimizer):
     r"""Subsampled natural gradient through the Woodbury identity (Ren & Goldfarb, "Efficient
     subsampled Gauss-Newton and natural gradient methods for training neural networks", 2019;
-    ``per_layer``: SENG, Yang et al. 2020): with ``J`` the ``N x n`` per-sample gradients of the
-    minibatch, the step direction is ``d = (damping I + J^T J / N)^{-1} g``, computed as
-    ``(g - J^T (damping N I + J J^T)^{-1} J g) / damping`` (one float64 ``N x N`` Gram, one
-    batched Cholesky), then taken by SGD with momentum.
+    ``per_layer``: SENG, Yang et al. 2020): with ``J`` the ``S x n`` per-sample gradients of the
+    minibatch's first S samples, the step direction is ``d = (damping I + J^T J / S)^{-1} g``
+    (``g`` the whole minibatch's gradient), computed as ``(g - J^T (damping S I + J J^T)^{-1} J
+    g) / damping`` (one float64 ``S x S`` Gram, one batched Cholesky), taken by SGD with momentum.
 
     The per-sample gradients of every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (groups=1) and
     self-attention ``nn.MultiheadAttention`` (in-projection) come from K-FAC's hooks (the
@@ -46,44 +47,46 @@ class NaturalGradient(ModelHooks, Optimizer):
     the other params take ``torch.optim.SGD``'s step (a warning names their modules). Where a
     Linear's input ``[d0, d1, ..., in]`` holds the samples is told from the batch size of the
     other layers (or the attention's ``batch_first``); ValueError at ``step()`` where it cannot
-    be told. One backward pass per step; the empirical Fisher of the loss given (mean or sum
-    over the batch: ``batch_averaged``). See docs/natural_gradient.md.
+    be told. One backward pass per step; the empirical Fisher of the loss given (mean or sum:
+    ``batch_averaged``). See docs/natural_gradient.md.
 
     Args:
         model: the nn.Module whose layers are hooked (or its ``torch.compile`` wrapper).
         lr, momentum, weight_decay: of the SGD step (0.1, 0.9, 0; per group; the weight decay
             is added to the gradient before the solve).
-        damping: lambda (default 1e-2).
-        per_layer: one system per layer (block-diagonal Fisher, SENG) instead of one for all
-            layers (default False).
+        damping: lambda (default 1: ``g``'s part off the span of the S samples' gradients is
+            scaled by ``1 / damping``).
+        per_layer: one system per layer (block-diagonal Fisher, SENG) instead of one for all.
+        curvature_samples: S, the samples of the Fisher (default 32; None: the whole batch).
         max_state_bytes: the most the per-sample data may take (default 1 GiB).
         skip_layers: module or class names (regexes, full match) not to precondition.
         on_nonfinite: ``'skip'`` (default) or ``'raise'``.
         batch_averaged: the loss is a mean over the batch (default True).
         grad_scaler: a ``torch.amp.GradScaler`` or a callable returning the loss scale.
         params: the params to optimise (default: all of ``model``'s).
-        process_group: data-parallel ranks (default: a DDP ``model``'s group): the per-sample
-            gradients are gathered, every rank solves the whole batch's system.
+        process_group: data-parallel ranks (default: a DDP ``model``'s group): the first S
+            samples of the ranks' batch sent to every rank, each solving the same system.
 
     Example::
 
-        opt = soo_ext.NaturalGradient(model, lr=0.1, damping=1e-2)
+        opt = soo_ext.NaturalGradient(model, lr=0.1)
         loss_fn(model(x), y).backward()
         opt.step()
         opt.zero_grad()
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 0.0, damping: float = 1e-2, per_layer: bool = False, *,
-                 max_state_bytes: int = 2 ** 30, skip_layers=None, on_nonfinite: str = "skip",
-                 batch_averaged: bool = True, grad_scaler=None, params=None,
-                 process_group=None) -> None:
+                 weight_decay: float = 0.0, damping: float = 1.0, per_layer: bool = False, *,
+                 curvature_samples: int | None = 32, max_state_bytes: int = 2 ** 30,
+                 skip_layers=None, on_nonfinite: str = "skip", batch_averaged: bool = True,
+                 grad_scaler=None, params=None, process_group=None) -> None:
         model = compiled_inner(model)
         if process_group is None and isinstance(model, nn.parallel.DistributedDataParallel):
             process_group = getattr(model, "process_group", None)
         self._process_group = check_process_group(process_group)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
-                        per_layer=per_layer, max_state_bytes=max_state_bytes,
+                        per_layer=per_layer, curvature_samples=curvature_samples,
+                        max_state_bytes=max_state_bytes,
                         on_nonfinite=on_nonfinite, batch_averaged=batch_averaged)
         OPTIONS.check(defaults)
         patterns = skip_patterns(skip_layers)
@@ -98,6 +101,7 @@ class NaturalGradient(ModelHooks, Optimizer):
         self._solver = WoodburyNaturalGradient(self._sink)
         self._capture = PerSampleCapture(self._layers, self._sink, grad_scaler)
         self._skips = SkipWarner("NaturalGradient")
+        self._masked_steps = MaskedSteps()
         self._between_steps()
 
     @property
@@ -157,14 +161,14 @@ class NaturalGradient(ModelHooks, Optimizer):
             for l, d in zip(layers, ds):
                 if guard:
                     d.masked_fill_(guard.bad, 0)
-                d = d.view(l.out, l.a_dim)
-                directions.append((l.weight, d[:, :l.fan_in].reshape(l.weight.shape)))
+                d = d.view(l.out, l.a_dim)  # views, not copies: the momentum reads them once
+                directions.append((l.weight, d[:, :l.fan_in].unflatten(1, l.weight.shape[1:])))
                 if l.bias is not None:
-                    directions.append((l.bias, d[:, l.fan_in].reshape(l.bias.shape)))
+                    directions.append((l.bias, d[:, l.fan_in]))
         directions += _sgd_directions(
             plain, [self.param_groups[group_of[id(p)]]["weight_decay"] for p in plain], guard)
         _sgd_momentum_(self.param_groups, self.state, group_of, directions,
-                       guard.ok if guard else None)
+                       guard.ok if guard else None, masked=self._masked_steps)
         glob["step"] += 1
         self._between_steps()
         return loss
@@ -197,4 +201,5 @@ class NaturalGradient(ModelHooks, Optimizer):
         o = self.param_groups[0]
         self._sink.max_state_bytes = o["max_state_bytes"]
         self._sink.batch_averaged = o["batch_averaged"]
+        self._sink.curvature_samples = o["curvature_samples"]
         self._capture.configure(True, o["batch_averaged"], 1)

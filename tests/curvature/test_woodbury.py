@@ -67,10 +67,11 @@ def tokens_batch(N, T, batch_first=True):
     return (x if batch_first else x.transpose(0, 1)), torch.randint(0, 3, (N,), generator=g)
 
 
-def captured(m, x, y, reduction="mean", max_state_bytes=2 ** 30):
+def captured(m, x, y, reduction="mean", max_state_bytes=2 ** 30, samples=None):
     layers = find_layers(m, {id(p): 0 for p in m.parameters()}, (), warn=False)
     sink = PerSampleGradients(layers, F64, max_state_bytes, sequence_layouts(m, layers))
     sink.batch_averaged = reduction == "mean"
+    sink.curvature_samples = samples
     cap = PerSampleCapture(layers, sink)
     cap.configure(True, reduction == "mean", 1)
     try:
@@ -202,8 +203,7 @@ def test_token_rows_match_the_formed_window(P, dtype):
     G = torch.randn(N, P, out, generator=g, dtype=F64)
     J = torch.einsum("npo,npa->noa", G, A).reshape(N, -1)
     v = torch.randn(out * a, generator=g, dtype=F64)
-    coef = torch.randn(N, generator=g, dtype=F64)
-    base = torch.tensor(0.7, dtype=F64)
+    c = torch.randn(N, generator=g, dtype=F64)
     rows = TokenRows(A.to(dtype), G.to(dtype))
     window = SampleWindow(J.to(dtype))
     tol = 1e-12 if dtype == F64 else 1e-5  # float32 inputs: J's own rounding, 2^-24 a term
@@ -212,10 +212,10 @@ def test_token_rows_match_the_formed_window(P, dtype):
         assert K.dtype == Jg.dtype == F64
         assert (K - J @ J.T).abs().max() <= tol * (J @ J.T).abs().max()
         assert (Jg - J @ v).abs().max() <= tol * (J.abs() @ v.abs()).max()
-        d = route.combine(v.to(dtype), coef, base)
+        d = route.combine(v.to(dtype), c, 0.7)
         assert d.dtype == dtype
-        e = 0.7 * v + J.T @ coef
-        assert (d.double() - e).abs().max() <= tol * (0.7 * v.abs() + J.abs().T @ coef.abs()).max()
+        e = (v - J.T @ c) / 0.7
+        assert (d.double() - e).abs().max() <= tol * (v.abs() + J.abs().T @ c.abs()).max() / 0.7
 
 
 def test_routes_by_flops():
@@ -235,19 +235,24 @@ def dense_oracle(J: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tens
 @pytest.mark.parametrize("route", ["auto", "window", "tokens"])
 @pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("damping", [1e-1, 1e-3])
-@pytest.mark.parametrize("model", ["conv", "attention"])
-def test_directions_match_the_dense_solve(model, damping, per_layer, route, monkeypatch):
+@pytest.mark.parametrize("samples", [None, 4], ids=["all", "S=4"])
+@pytest.mark.parametrize("model", ["conv", "attention-seq_first", "attention-batch_first"])
+def test_directions_match_the_dense_solve(model, samples, damping, per_layer, route,
+                                          monkeypatch):
+    """(lambda I + J_S^T J_S / S)^{-1} g, J_S the first S samples' per-sample gradients (by a
+    loop of backward passes) and g the whole batch's gradient, formed and solved densely."""
     if route != "auto":
         monkeypatch.setattr(woodbury, "tokens_cheaper", lambda *args: route == "tokens")
+    batch_first = model != "attention-seq_first"
     if model == "conv":
         m, (x, y) = net(), batch()
     else:
-        m, (x, y) = Tokens(False, attention=True), tokens_batch(5, 3, False)
-    layers, sink = captured(m, x, y)
+        m, (x, y) = Tokens(batch_first, attention=True), tokens_batch(5, 3, batch_first)
+    layers, sink = captured(m, x, y, samples=samples)
     grads = [layer_vector(l, l.weight.grad, l.bias.grad if l.bias is not None else None)
              for l in layers]
     ds = WoodburyNaturalGradient(sink).directions(layers, grads, damping, per_layer)
-    Js = windows(sink, layers)
+    Js = [J[:samples] for J in per_sample_loop(m, layers, x, y, 0 if batch_first else 1)]
     if per_layer:
         expected = [dense_oracle(J, g, damping) for J, g in zip(Js, grads)]
     else:
@@ -256,6 +261,29 @@ def test_directions_match_the_dense_solve(model, damping, per_layer, route, monk
     for d, e in zip(ds, expected):
         # both solves are backward stable: relative error ~ cond(lambda I + F) * eps, cond <= 1e5
         assert (d - e).abs().max() <= 1e-9 * e.abs().max()
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_only_the_first_samples_rows_are_kept_where_the_batch_dim_is_known(batch_first):
+    """curvature_samples S: a conv on [N, C, ...], a Linear on [N, in] and a batch-first
+    attention keep the rows of their first S samples from the capture on; Linears on tokens
+    whose layout is told at the step keep all of them (cut there); S >= N keeps all."""
+    m = net()
+    x, y = batch()
+    layers, sink = captured(m, x, y, samples=4)
+    assert [len(sink.captured[l.index].a) for l in layers] == [4 * 16, 4 * 15, 4, 4]
+    layers, sink = captured(m, x, y, samples=6)
+    assert [len(sink.captured[l.index].a) for l in layers] == [6 * 16, 6 * 15, 6, 6]
+    m = Tokens(batch_first, attention=True)
+    x, y = tokens_batch(5, 3, batch_first)
+    layers, sink = captured(m, x, y, samples=2)
+    kept = [2 * 3, 2 * 3, 5 * 3, 5 * 3, 2] if batch_first else [15, 15, 15, 15, 2]
+    assert [len(sink.captured[l.index].a) for l in layers] == kept
+    assert sink.resolve(layers) == 5
+    J = [sink.window(l, 2) for l in layers]
+    expected = per_sample_loop(m, layers, x, y, 0 if batch_first else 1)
+    for a, e in zip(J, expected):
+        torch.testing.assert_close(a, e[:2], rtol=1e-12, atol=1e-14)
 
 
 def test_coefficients_batched_match_each_system():

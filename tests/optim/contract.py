@@ -957,6 +957,8 @@ NATURAL_GRADIENT_INVALID = (
     Invalid("momentum", dict(momentum=1.0)), Invalid("weight_decay", dict(weight_decay=-1e-3)),
     Invalid("damping", dict(damping=0.0)), Invalid("damping", dict(damping=float("inf"))),
     Invalid("per_layer", dict(per_layer=1)), Invalid("max_state_bytes", dict(max_state_bytes=0)),
+    Invalid("curvature_samples", dict(curvature_samples=0)),
+    Invalid("curvature_samples", dict(curvature_samples=2.0)),
     Invalid("max_state_bytes", dict(max_state_bytes=1.5)),
     Invalid("on_nonfinite", dict(on_nonfinite="ignore")),
     Invalid("batch_averaged", dict(batch_averaged=1)),
@@ -1034,6 +1036,7 @@ CASES = [
     window_optimizer("ggt-f32", "GGT", F32, momentum=0.5, betas=(0.5, 0.9), eps=0.1),
     natural_gradient("natural_gradient", F64),
     natural_gradient("natural_gradient-per_layer-f32", F32, per_layer=True),
+    natural_gradient("natural_gradient-S2-f32", F32, curvature_samples=2),  # of 4 samples
 ]
 
 # One row per class, for the checks that depend on the class only (arguments, param groups).

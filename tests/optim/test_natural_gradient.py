@@ -24,11 +24,13 @@ def data(k, N=10):
 
 
 def naive_steps(model, steps, lr, momentum, weight_decay, damping, per_layer, blocks=None,
-                batches=data, batch_dim=0):
+                batches=data, batch_dim=0, curvature_samples=None):
     """The paper's step written out: theta <- theta - lr buf, buf <- m buf + d,
-    d = (damping I + J^T J / N)^{-1} (g + wd theta) on the params of ``blocks`` (lists of param
-    names, one a layer: default weight and bias in turn), J their per-sample gradients (rows),
-    d = g + wd theta (SGD) on the others.  ``batch_dim``: the samples' dim of the input."""
+    d = (damping I + J^T J / S)^{-1} (g + wd theta) on the params of ``blocks`` (lists of param
+    names, one a layer: default weight and bias in turn), J the per-sample gradients (rows) of
+    the batch's first S = ``curvature_samples`` samples (default all), g the whole batch's
+    gradient; d = g + wd theta (SGD) on the others.  ``batch_dim``: the samples' dim of the
+    input."""
     names = [n for n, _ in model.named_parameters()]
     blocks = blocks or [names[i:i + 2] for i in range(0, len(names), 2)]
     pre = [n for b in blocks for n in b]
@@ -46,7 +48,7 @@ def naive_steps(model, steps, lr, momentum, weight_decay, damping, per_layer, bl
     for k in range(steps):
         x, y = batches(k)
         per = vmap(grad(loss_one), in_dims=(None, batch_dim, 0))(theta, x, y)
-        J = torch.cat([per[n].reshape(y.shape[0], -1) for n in pre], 1)
+        J = torch.cat([per[n].reshape(y.shape[0], -1) for n in pre], 1)[:curvature_samples]
         g = flat({n: v.mean(0) for n, v in per.items()}, order) + weight_decay * flat(theta, order)
         N, n = J.shape
         if per_layer:
@@ -76,9 +78,13 @@ def run_steps(opt, model, steps, batches=data):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+@pytest.mark.parametrize("curvature_samples", [None, 4, 10, 50])
 @pytest.mark.parametrize("per_layer", [False, True])
-def test_matches_the_naive_transcription_step_for_step(per_layer):
-    kw = dict(lr=0.2, momentum=0.9, weight_decay=1e-2, damping=5e-2)
+def test_matches_the_naive_transcription_step_for_step(per_layer, curvature_samples):
+    """The MLP on batches of 10: the Fisher of all of them, of the first 4, or of the first 10
+    or 50 (all)."""
+    kw = dict(lr=0.2, momentum=0.9, weight_decay=1e-2, damping=5e-2,
+              curvature_samples=curvature_samples)
     model = mlp()
     expected = naive_steps(model, 4, per_layer=per_layer, **kw)
     got = run_steps(soo_ext.NaturalGradient(model, per_layer=per_layer, **kw), model, 4)
@@ -140,15 +146,17 @@ ENCODER = [["layer.self_attn.in_proj_weight", "layer.self_attn.in_proj_bias"]] +
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over attention
+@pytest.mark.parametrize("curvature_samples", [None, 2])
 @pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("case", ["tokens", "tokens-seq_first", "attention",
                                   "attention-seq_first", "attention-skipped",
                                   "encoder-seq_first-T=N", "encoder-T=N"])
-def test_sequence_models_match_the_naive_transcription(case, per_layer):
+def test_sequence_models_match_the_naive_transcription(case, per_layer, curvature_samples):
     """Per-sample gradients of sequence models summed over each sample's tokens, in either
     layout: what is preconditioned (the Linears, an attention's in-projection and out_proj,
     torch's encoder layer's four) and what takes the SGD step (a skipped attention's params,
-    the LayerNorms) as the transcription's blocks say."""
+    the LayerNorms) as the transcription's blocks say; the Fisher of all samples or of the
+    first 2 (the layers whose layout is known cut at the capture, the others at the step)."""
     batch_first = "seq_first" not in case
     N, T = (4, 4) if "T=N" in case else (5, 3)
     batches = sequences(N, T, batch_first)
@@ -160,7 +168,8 @@ def test_sequence_models_match_the_naive_transcription(case, per_layer):
         skip = ["attn"] if case.endswith("skipped") else None
     else:
         make, blocks, skip = (lambda: Tokens(batch_first)), LINEARS, None
-    kw = dict(lr=0.2, momentum=0.9, weight_decay=1e-2, damping=5e-2, per_layer=per_layer)
+    kw = dict(lr=0.2, momentum=0.9, weight_decay=1e-2, damping=5e-2, per_layer=per_layer,
+              curvature_samples=curvature_samples)
     expected = naive_steps(make(), 3, blocks=blocks, batches=batches,
                            batch_dim=0 if batch_first else 1, **kw)
     model = make()
