@@ -59,14 +59,17 @@ def test_scale_is_the_mean_squared_projected_per_sample_gradient():
 
 def test_scale_running_average_and_skipped_step():
     layers, factors, rows = staged(EigenCorrectedFactors)
-    ones = [torch.ones(l.out, l.a_dim, dtype=F64) for l in layers]
+    # ones carried into the first bases: ones up to rounding (rows of (Q^T I) o (Q^T I) sum to 1)
+    start = [factors.views(l)["scale"].clone() for l in layers]
+    for s0 in start:
+        torch.testing.assert_close(s0, torch.ones_like(s0), rtol=0, atol=1e-14)
     factors.update_scale(0.9, torch.tensor(False))  # skipped: nothing changes
-    for l, one in zip(layers, ones):
-        assert torch.equal(factors.views(l)["scale"], one)
+    for l, s0 in zip(layers, start):
+        assert torch.equal(factors.views(l)["scale"], s0)
     factors.update_scale(0.9, torch.tensor(True))
-    for l, one in zip(layers, ones):
+    for l, s0 in zip(layers, start):
         v = factors.views(l)
-        want = 0.9 * one + 0.1 * dense_scale(*rows[l.name], v["QA"], v["QG"], 1)
+        want = 0.9 * s0 + 0.1 * dense_scale(*rows[l.name], v["QA"], v["QG"], 1)
         torch.testing.assert_close(v["scale"], want, rtol=1e-12, atol=1e-14)
     factors.reset_staged()  # the held rows are dropped with the staged statistics
     before = [factors.views(l)["scale"].clone() for l in layers]
@@ -78,11 +81,10 @@ def test_only_captured_layers_update_their_scale():
     layers, factors, _ = staged(EigenCorrectedFactors)
     group = factors.groups[1]  # three layers of one shape
     del factors.held[group.layers[0]]  # the first was not captured at this step
+    start = [factors.views(l)["scale"].clone() for l in group.layers[:2]]
     factors.update_scale(0.0, None)
-    assert torch.equal(factors.views(group.layers[0])["scale"],
-                       torch.ones_like(group.grad[0]))
-    assert not torch.equal(factors.views(group.layers[1])["scale"],
-                           torch.ones_like(group.grad[0]))
+    assert torch.equal(factors.views(group.layers[0])["scale"], start[0])
+    assert not torch.equal(factors.views(group.layers[1])["scale"], start[1])
 
 
 def test_precondition_with_kfac_scaling_is_kfac_eigen_mode():
