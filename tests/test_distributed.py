@@ -88,10 +88,14 @@ def run_backward_optimizer(rank, name: str, sync: bool = True):
     elif name.startswith("natural_gradient"):  # natural_gradient[-per_layer][-S<k>]: the
         # per-sample gradients of the whole batch's first k samples (default all) sent to every
         # rank (an all-gather; k < HALF: rank 0's broadcast; HALF < k: both ranks'), every rank
-        # solves the same system (one process's step)
+        # solves the same system (one process's step); -adamw: the first Linear left out to the
+        # AdamW fallback (on DDP's averaged gradient)
         samples = int(name.split("-S")[1]) if "-S" in name else None
+        fallback = dict(skip_layers=[r"(module\.)?3"], fallback="adamw", fallback_lr=1e-2) \
+            if name.endswith("adamw") else {}
         opt = soo_ext.NaturalGradient(net if sync else model, lr=0.1, damping=1e-2,
-                                      per_layer="per_layer" in name, curvature_samples=samples)
+                                      per_layer="per_layer" in name, curvature_samples=samples,
+                                      **fallback)
     else:
         opt = soo_ext.MLBFGS(net.parameters(), lr=0.05, update_freq=2)
     for step in range(STEPS):
@@ -264,6 +268,7 @@ RUNS = {
     "natural_gradient-S5": (run_backward_optimizer, {"name": "natural_gradient-S5"}),
     "natural_gradient-per_layer-S17": (run_backward_optimizer,
                                        {"name": "natural_gradient-per_layer-S17"}),
+    "natural_gradient-adamw": (run_backward_optimizer, {"name": "natural_gradient-adamw"}),
     "kbfgs": (run_kbfgs, {}),
     "kbfgs-lbfgs": (run_kbfgs, {"history_size": 3}),
     "lbfgs": (run_lbfgs, {}),

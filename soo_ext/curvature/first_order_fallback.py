@@ -1,8 +1,9 @@
-"""The first-order step of the params a Kronecker-factored optimizer leaves out (embeddings,
-norms, biases of unsupported layers, bare params): its options (``fallback``, ``fallback_lr``,
-``fallback_betas``, ``fallback_eps``) and the AdamW step (torch.optim.AdamW's update, decoupled
-weight decay, bias correction by a per-param step count on the device: no host sync).  The
-'sgd' fallback is the optimizer's own SGD-with-momentum step (KFAC's ``_sgd_momentum_``).
+"""The first-order step of the params a K-FAC-type optimizer (KFAC, EKFAC, NaturalGradient)
+leaves out (embeddings, norms, biases of unsupported layers, bare params): its options
+(``fallback``, ``fallback_lr``, ``fallback_betas``, ``fallback_eps``) and the AdamW step
+(torch.optim.AdamW's update, decoupled weight decay, bias correction by a per-param step count
+on the device: no host sync).  The 'sgd' fallback is the optimizer's own SGD-with-momentum step
+(KFAC's ``_sgd_momentum_``).
 
 The AdamW state lives in the optimizer's per-param state (``exp_avg``, ``exp_avg_sq`` in the
 param's dtype, ``fallback_step`` a float32 count that ``Optimizer.load_state_dict`` must not

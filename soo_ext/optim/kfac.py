@@ -314,11 +314,12 @@ def _sgd_directions(params: list[Tensor], weight_decays: list[float],
     return out
 
 
-def _momentum_and_fallback_(opt: KFAC, directions: list[tuple[Tensor, Tensor]],
+def _momentum_and_fallback_(opt: Optimizer, directions: list[tuple[Tensor, Tensor]],
                             plain: list[Tensor], group_of: dict[int, int],
                             guard: SkipGuard | None, ok: Tensor | None) -> None:
     """SGD with momentum along the preconditioned ``directions``; the fallback step of the
-    left-out params ``plain`` (``fallback``: SGD with momentum at ``fallback_lr`` or AdamW)."""
+    left-out params ``plain`` (``fallback``: SGD with momentum at ``fallback_lr`` or AdamW).
+    ``opt``: KFAC, EKFAC or NaturalGradient (the fallback options, ``_masked_steps``)."""
     groups = opt.param_groups
     sgd, adamw = fallback_params(plain, groups[0])
     _sgd_momentum_(groups, opt.state, group_of, directions, ok, masked=opt._masked_steps)

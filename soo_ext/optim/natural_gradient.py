@@ -16,11 +16,13 @@ from .._support.guard import MaskedSteps, SkipGuard, SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
+from ..curvature.first_order_fallback import (OPTIONS as FALLBACK, PER_GROUP as FALLBACK_GROUP,
+                                              UNCAST as FALLBACK_UNCAST, restore_uncast)
 from ..curvature.kfac_layers import compiled_inner, find_layers, skip_patterns
 from ..curvature.woodbury import (PerSampleCapture, PerSampleGradients, WoodburyNaturalGradient,
                                   layer_vector, sequence_layouts)
 from .hooked import ModelHooks
-from .kfac import _sgd_directions, _sgd_momentum_
+from .kfac import _momentum_and_fallback_
 
 __all__ = ["NaturalGradient"]
 
@@ -30,7 +32,7 @@ OPTIONS = OptionSpecs({
     "damping": Number(0, low_open=True, high_open=True), "per_layer": Bool(),
     "curvature_samples": Int(1, none=True),
     "max_state_bytes": Int(1), "on_nonfinite": OneOf("raise", "skip"), "batch_averaged": Bool(),
-}, per_group=("lr", "momentum", "weight_decay"))
+    **FALLBACK}, per_group=("lr", "momentum", "weight_decay") + FALLBACK_GROUP)
 
 
 class NaturalGradient(ModelHooks, Optimizer):
@@ -44,7 +46,7 @@ class NaturalGradient(ModelHooks, Optimizer):
     The per-sample gradients of every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (groups=1) and
     self-attention ``nn.MultiheadAttention`` (in-projection) come from K-FAC's hooks (the
     layer's input rows and output gradients, a sample's summed over its tokens or positions);
-    the other params take ``torch.optim.SGD``'s step (a warning names their modules). Where a
+    the other params take the ``fallback`` step, SGD's or AdamW's (a warning names them). Where a
     Linear's input ``[d0, d1, ..., in]`` holds the samples is told from the batch size of the
     other layers (or the attention's ``batch_first``); ValueError at ``step()`` where it cannot
     be told. One backward pass per step; the empirical Fisher of the loss given (mean or sum:
@@ -54,8 +56,7 @@ class NaturalGradient(ModelHooks, Optimizer):
         model: the nn.Module whose layers are hooked (or its ``torch.compile`` wrapper).
         lr, momentum, weight_decay: of the SGD step (0.1, 0.9, 0; per group; the weight decay
             is added to the gradient before the solve).
-        damping: lambda (default 1: ``g``'s part off the span of the S samples' gradients is
-            scaled by ``1 / damping``).
+        damping: lambda (default 1; off the span of the S samples' gradients ``d = g / damping``).
         per_layer: one system per layer (block-diagonal Fisher, SENG) instead of one for all.
         curvature_samples: S, the samples of the Fisher (default 32; None: the whole batch).
         max_state_bytes: the most the per-sample data may take (default 1 GiB).
@@ -66,6 +67,7 @@ class NaturalGradient(ModelHooks, Optimizer):
         params: the params to optimise (default: all of ``model``'s).
         process_group: data-parallel ranks (default: a DDP ``model``'s group): the first S
             samples of the ranks' batch sent to every rank, each solving the same system.
+        fallback: the others' step, ``'sgd'`` (default) or ``'adamw'``; ``fallback_lr`` etc.: docs.
 
     Example::
 
@@ -79,7 +81,8 @@ class NaturalGradient(ModelHooks, Optimizer):
                  weight_decay: float = 0.0, damping: float = 1.0, per_layer: bool = False, *,
                  curvature_samples: int | None = 32, max_state_bytes: int = 2 ** 30,
                  skip_layers=None, on_nonfinite: str = "skip", batch_averaged: bool = True,
-                 grad_scaler=None, params=None, process_group=None) -> None:
+                 grad_scaler=None, params=None, process_group=None, fallback: str = "sgd",
+                 fallback_lr=None, fallback_betas=(0.9, 0.999), fallback_eps=1e-8) -> None:
         model = compiled_inner(model)
         if process_group is None and isinstance(model, nn.parallel.DistributedDataParallel):
             process_group = getattr(model, "process_group", None)
@@ -87,14 +90,16 @@ class NaturalGradient(ModelHooks, Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
                         per_layer=per_layer, curvature_samples=curvature_samples,
                         max_state_bytes=max_state_bytes,
-                        on_nonfinite=on_nonfinite, batch_averaged=batch_averaged)
+                        on_nonfinite=on_nonfinite, batch_averaged=batch_averaged,
+                        fallback=fallback, fallback_lr=fallback_lr,
+                        fallback_betas=fallback_betas, fallback_eps=fallback_eps)
         OPTIONS.check(defaults)
         patterns = skip_patterns(skip_layers)
         super().__init__(model.parameters() if params is None else params, defaults)
         OPTIONS.check_groups(self.param_groups)  # before the hooks: nothing to undo
         check_params(all_params(self), type(self).__name__)
         self._layers = find_layers(model, group_index(self), patterns, owner="NaturalGradient",
-                                   stacklevel=4)
+                                   stacklevel=4, step=f"fallback step ({fallback})")
         dtype = self._layers[0].weight.dtype if self._layers else torch.float32
         self._sink = PerSampleGradients(self._layers, dtype, max_state_bytes,
                                         sequence_layouts(model, self._layers))
@@ -115,7 +120,8 @@ class NaturalGradient(ModelHooks, Optimizer):
             check_params(all_params(self), type(self).__name__)))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        kept = load_state_dict_uncast(self, state_dict, ("nonfinite_steps",))
+        kept = load_state_dict_uncast(self, state_dict, ("nonfinite_steps",) + FALLBACK_UNCAST)
+        restore_uncast(kept, self.state)
         for p, entries in kept.items():
             self.state[p].update(entries)
         try:
@@ -165,10 +171,8 @@ class NaturalGradient(ModelHooks, Optimizer):
                 directions.append((l.weight, d[:, :l.fan_in].unflatten(1, l.weight.shape[1:])))
                 if l.bias is not None:
                     directions.append((l.bias, d[:, l.fan_in]))
-        directions += _sgd_directions(
-            plain, [self.param_groups[group_of[id(p)]]["weight_decay"] for p in plain], guard)
-        _sgd_momentum_(self.param_groups, self.state, group_of, directions,
-                       guard.ok if guard else None, masked=self._masked_steps)
+        _momentum_and_fallback_(self, directions, plain, group_of, guard,
+                                guard.ok if guard else None)
         glob["step"] += 1
         self._between_steps()
         return loss

@@ -963,6 +963,9 @@ NATURAL_GRADIENT_INVALID = (
     Invalid("on_nonfinite", dict(on_nonfinite="ignore")),
     Invalid("batch_averaged", dict(batch_averaged=1)),
     Invalid("skip_layers", dict(skip_layers=["("])), Invalid("grad_scaler", dict(grad_scaler=3)),
+    Invalid("fallback", dict(fallback="adam")), Invalid("fallback_lr", dict(fallback_lr=-1.0)),
+    Invalid("fallback_betas", dict(fallback_betas=(1.0, 0.9))),
+    Invalid("fallback_eps", dict(fallback_eps=0.0)),
     Invalid("model", build=lambda: soo_ext.NaturalGradient([nn.Parameter(torch.zeros(2))])),
 )
 
@@ -991,6 +994,22 @@ def natural_gradient(name, dtype, **kwargs):
         invalid=NATURAL_GRADIENT_INVALID,
         group_options={"lr": 0.5, "momentum": 0.0, "weight_decay": 0.1},
         bad_group_option=("lr", -1), global_option=("damping", 0.1))
+
+
+def natural_gradient_adamw_fallback(name, dtype):
+    """NaturalGradient's row with its Linear left out (skip_layers) to the AdamW fallback step."""
+    from dataclasses import replace
+    base = natural_gradient(name, dtype)
+
+    def state_check(opt, model):
+        conv, linear = model.net[0], model.net[3]
+        assert "momentum_buffer" in opt.state[conv.weight]
+        assert {"exp_avg", "exp_avg_sq", "fallback_step"} <= set(opt.state[linear.weight])
+        assert "momentum_buffer" not in opt.state[linear.weight]
+
+    return replace(base, kwargs={**base.kwargs, "skip_layers": ["net.3"], "fallback": "adamw",
+                                 "fallback_lr": 1e-2},
+                   added_param_is_sgd=False, state_check=state_check)
 
 
 # Names: the variant, then the params' dtype where it is not float64 (and the storage dtype of
@@ -1037,6 +1056,7 @@ CASES = [
     natural_gradient("natural_gradient", F64),
     natural_gradient("natural_gradient-per_layer-f32", F32, per_layer=True),
     natural_gradient("natural_gradient-S2-f32", F32, curvature_samples=2),  # of 4 samples
+    natural_gradient_adamw_fallback("natural_gradient-adamw-fallback-f32", F32),
 ]
 
 # One row per class, for the checks that depend on the class only (arguments, param groups).

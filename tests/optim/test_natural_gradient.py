@@ -1,6 +1,7 @@
 """soo_ext.NaturalGradient against a naive float64 transcription of Ren & Goldfarb's subsampled
 natural gradient (and SENG's per-layer variant): per-sample gradients by torch.func, the n x n
 damped empirical Fisher formed and solved densely, SGD with momentum; step for step."""
+import copy
 import warnings
 
 import pytest
@@ -239,17 +240,19 @@ def test_sum_loss_with_batch_averaged_false_is_the_same_step_scaled():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-def test_unsupported_layers_are_named_and_take_the_sgd_step():
+@pytest.mark.parametrize("fallback_lr", [None, 0.3])
+def test_unsupported_layers_are_named_and_take_the_sgd_step(fallback_lr):
+    """The default fallback: SGD at ``fallback_lr``, None: the group's lr."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)).to(F64)
     with pytest.warns(UserWarning, match=r"1 \(LayerNorm: weight, bias\)"):
-        opt = soo_ext.NaturalGradient(model, lr=0.1, momentum=0.0)
+        opt = soo_ext.NaturalGradient(model, lr=0.1, momentum=0.0, fallback_lr=fallback_lr)
     assert [n for n, _ in opt.layers] == ["0", "2"]
     ln = model[1]
     before = ln.weight.detach().clone()
     x, y = data(0)
     nn.functional.cross_entropy(model(x), y).backward()
-    expected = before - 0.1 * ln.weight.grad
+    expected = before - (fallback_lr or 0.1) * ln.weight.grad
     opt.step()
     torch.testing.assert_close(ln.weight.detach(), expected, rtol=0, atol=0)
 
@@ -293,3 +296,81 @@ def test_per_sample_rows_not_kept_in_state():
         sd = opt.state_dict()
     keys = {k for st in sd["state"].values() for k in st}
     assert keys == {"step", "nonfinite_steps", "momentum_buffer"}
+
+
+def layer_norm_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).to(F64)
+
+
+def norm_apart(model, **norm_options):
+    """Two param groups: the Linears', and the LayerNorm's with ``norm_options``."""
+    linears = [p for i in (0, 3) for p in model[i].parameters()]
+    return [dict(params=linears), dict(params=list(model[1].parameters()), **norm_options)]
+
+
+@pytest.mark.filterwarnings("ignore:NaturalGradient. a step was skipped:RuntimeWarning")
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_adamw_fallback_is_torch_adamw_and_leaves_the_preconditioned_step(on_nonfinite):
+    """fallback='adamw': the LayerNorm's params take torch.optim.AdamW's step (their group's
+    fallback_lr, fallback_betas and weight_decay, decoupled; fallback_eps); the Linears' step is
+    bit for bit the one fallback='sgd' takes at the same params. 'skip': a step with a NaN in
+    the LayerNorm's gradient changes nothing (no AdamW step, count or moment)."""
+    kw = dict(lr=0.2, momentum=0.9, weight_decay=1e-3, damping=5e-2, curvature_samples=4,
+              on_nonfinite=on_nonfinite)
+    norm_kw = dict(weight_decay=1e-2, fallback_lr=3e-3, fallback_betas=(0.8, 0.99))
+    model, twin = layer_norm_mlp(), layer_norm_mlp()
+    with pytest.warns(UserWarning, match=r"fallback step \(adamw\)"):
+        opt = soo_ext.NaturalGradient(model, params=norm_apart(model, **norm_kw),
+                                      fallback="adamw", fallback_eps=1e-6, **kw)
+    with pytest.warns(UserWarning, match=r"fallback step \(sgd\)"):
+        sgd = soo_ext.NaturalGradient(twin, params=norm_apart(twin, weight_decay=1e-2), **kw)
+    norm, twin_norm = list(model[1].parameters()), list(twin[1].parameters())
+    shadow = [p.detach().clone().requires_grad_() for p in norm]
+    adamw = torch.optim.AdamW(shadow, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)
+    poisoned = 2 if on_nonfinite == "skip" else None
+    for k in range(5):
+        x, y = data(k)
+        with torch.no_grad():  # both runs at the same params: the LayerNorm's are AdamW's
+            torch._foreach_copy_(twin_norm, norm)
+        for m, o in ((model, opt), (twin, sgd)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            if k == poisoned:
+                m[1].weight.grad[0] = float("nan")
+        opt.step()
+        sgd.step()
+        if k != poisoned:
+            for s, p in zip(shadow, norm):
+                s.grad = p.grad.clone()
+            adamw.step()
+        for p, s in zip(norm, shadow):  # fp64 steps of ~3e-3: a few roundings of p (~1) each
+            torch.testing.assert_close(p, s.detach(), rtol=0, atol=1e-14)
+        for i in (0, 3):
+            assert all(torch.equal(p, q) for p, q in zip(model[i].parameters(),
+                                                         twin[i].parameters()))
+    st = opt.state[model[1].weight]
+    assert "momentum_buffer" not in st and "momentum_buffer" in opt.state[model[0].weight]
+    assert float(st["fallback_step"]) == (4 if poisoned else 5)
+    assert int(opt.state[model[0].weight]["nonfinite_steps"]) == (1 if poisoned else 0)
+
+
+def test_adamw_fallback_state_resumes_bit_identically():
+    """The AdamW moments and the float32 step count go through state_dict (the count uncast by
+    a float64 model's load) and a resumed run is the uninterrupted one bit for bit."""
+    kw = dict(lr=0.1, fallback="adamw", fallback_lr=1e-2)
+    model, twin = layer_norm_mlp(), layer_norm_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the LayerNorm named
+        opt = soo_ext.NaturalGradient(model, **kw)
+        resumed = soo_ext.NaturalGradient(twin, **kw)
+    run_steps(opt, model, 3)
+    twin.load_state_dict(model.state_dict())
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))  # (else it shares the buffers)
+    st = resumed.state[twin[1].weight]
+    assert st["fallback_step"].dtype == torch.float32 and float(st["fallback_step"]) == 3
+    assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == F64
+
+    def later(k):
+        return data(k + 3)
+    assert torch.equal(run_steps(opt, model, 3, later), run_steps(resumed, twin, 3, later))
