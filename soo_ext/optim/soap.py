@@ -4,10 +4,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import Tensor
 
 from .._support.closure import call_closure
-from .._support.device import device_tensor
 from .._support.distributed import check_process_group
 from .._support.guard import SkipGuard
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
@@ -108,7 +106,7 @@ class SOAP(LaidOutOptimizer):
                     "factor_dtype": factor_dtype, "on_nonfinite": on_nonfinite}
         self._process_group = check_process_group(process_group)
         self._schedule = RefreshSchedule("SOAP bases", timer=refresh_timer)
-        super().__init__(params, defaults)  # self._run: (layout options, bases, index, sizes)
+        super().__init__(params, defaults)  # self._run: (layout options, bases, sizes)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -126,39 +124,28 @@ class SOAP(LaidOutOptimizer):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
         OPTIONS.check_groups(self.param_groups)
         check_dense_grads(params, "SOAP")
-        bases, index, sizes = self._prepare()
+        bases, sizes = self._prepare()
         o, gstate = self.param_groups[0], self.state[bases.params[0]]
         k = gstate["step"] + 1
         record = self._refresh_record(gstate, sizes, k - 2)
         self._skips.watch(gstate["nonfinite_steps"])
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bases.params]
-        guard = SkipGuard.check(grads, o["on_nonfinite"], gstate["nonfinite_steps"],
+        grad = bases.load_grads([p.grad for p in bases.params])
+        guard = SkipGuard.check([grad], o["on_nonfinite"], gstate["nonfinite_steps"],
                                 "SOAP: the gradient is not finite")
-        grads = [torch.where(guard.ok, g, g.new_zeros(())) for g in grads]  # NaN * 0 is NaN
-        if all(p.grad is not None for p in bases.params):  # the params this step may change
-            members, slots = [guard.ok] * len(index["members"]), dict.fromkeys(index["slots"],
-                                                                                guard.ok)
-        else:
-            member = guard.ok & device_tensor([p.grad is not None for p in bases.params],
-                                              guard.ok.device)
-            members = [member[ix] for ix in index["members"]]
-            slots = {key: member[ix] for key, ix in index["slots"].items()}
-        stacked = [bases.stack(grads, g) for g in range(len(bases.shape_groups))]
+        bases.set_hyper(self._hyper(bases))
+        bases.mask(guard.ok, guard.bad)  # a param without a gradient is left alone too
         gstate["step"] = k
+        # the factors from this gradient: the reference updates them after the Adam step, which
+        # reads only the bases, so here first (then the update overwrites the gradient buffer)
+        bases.update_factors()
         if k > 1:  # the first step only gathers statistics (the reference's)
             gstate["adam_steps"].add_(guard.ok)
-            table, hyper = self._hyper(bases, index)
-            step_size = _step_sizes(table, gstate["adam_steps"], o["correct_bias"])
-            for g, (G, mask) in enumerate(zip(stacked, members)):
-                _adam_step_(bases, g, G, mask, step_size[index["members"][g]], o["eps"], hyper[g],
-                            o["normalize_grads"])
-        decay, scale = self._factor_decay(bases, index)
-        bases.update_factors(stacked, {key: torch.where(slots[key], d, 1.0)
-                                       for key, d in decay.items()}, scale)
+            bases.adam_step_(gstate["adam_steps"], o["eps"], o["correct_bias"],
+                             o["normalize_grads"])
         if k == 1:
-            bases.init_bases(slots)
+            bases.init_bases()
         elif _refresh_due(o, k - 2, record):  # n = k - 2: the Adam steps before this one
-            bases.refresh(slots, members)
+            bases.refresh()
         if record is not None and k >= 2:
             self._schedule.after_step(record, k - 2, bases.params[0].device, self._process_group)
         return loss
@@ -171,38 +158,14 @@ class SOAP(LaidOutOptimizer):
         self._schedule.budget = o["refresh_budget"]
         return self._schedule.record_in(gstate, sizes, max(n, 0))
 
-    def _hyper(self, bases: SOAPBases, index: dict) -> tuple[dict[str, Tensor], list[dict]]:
-        """Each param's lr and betas (``[P]``), and per shape group its members' betas, ``1 -
-        betas`` (columns against ``[B, *shape]``) and ``1 - lr weight_decay`` (``[B]``);
-        cached while the groups' values stay."""
-        values = [(g["lr"], *g["betas"], 1 - g["lr"] * g["weight_decay"])
+    def _hyper(self, bases: SOAPBases) -> list[tuple[float, float, float, float, float]]:
+        """Each param's ``(lr, beta1, beta2, 1 - lr weight_decay, factor decay)``."""
+        values = [(g["lr"], *g["betas"], 1 - g["lr"] * g["weight_decay"],
+                   g["betas"][1] if g["shampoo_beta"] is None else g["shampoo_beta"])
                   for g in self.param_groups]
-        if index.get("hyper_key") != values:
-            rows = device_tensor([values[gi] for gi in bases.group_of], bases.params[0].device,
-                                 bases.exp_avg[0].dtype)
-            table = dict(zip(("lr", "beta1", "beta2"), rows.unbind(1)))
-            hyper = []
-            for ix, M in zip(index["members"], bases.exp_avg):
-                b1, b2, shrink = rows[ix, 1:].unbind(1)
-                cols = [t.view((-1,) + (1,) * (M.dim() - 1)) for t in (b1, b2)]
-                hyper.append({"beta1": cols[0], "beta2": cols[1], "1-beta1": 1 - cols[0],
-                              "1-beta2": 1 - cols[1], "shrink": shrink})
-            index["hyper"], index["hyper_key"] = (table, hyper), values
-        return index["hyper"]
+        return [values[gi] for gi in bases.group_of]
 
-    def _factor_decay(self, bases: SOAPBases, index: dict) -> tuple[dict, dict]:
-        """Per bucket, each slot's factor decay and ``sqrt(1 - decay)`` (``[B]``); cached."""
-        decays = [g["shampoo_beta"] if g["shampoo_beta"] is not None else g["betas"][1]
-                  for g in self.param_groups]
-        if index.get("decay_key") != decays:
-            table = device_tensor([decays[gi] for gi in bases.group_of], bases.params[0].device,
-                                  bases.fdtype)
-            decay = {key: table[ix] for key, ix in index["slots"].items()}
-            index["decay"] = decay, {key: (1 - d).sqrt() for key, d in decay.items()}
-            index["decay_key"] = decays
-        return index["decay"]
-
-    def _prepare(self) -> tuple[SOAPBases, dict, list[int]]:
+    def _prepare(self) -> tuple[SOAPBases, list[int]]:
         """The bases of the run, built at the first step and whenever the params or a layout
         option changed; the state entries are views of their stacks.  Also the sizes that
         set a refresh's cost (the automatic schedule measures again when they change)."""
@@ -238,15 +201,10 @@ class SOAP(LaidOutOptimizer):
             counter = gstate.get(name)
             gstate[name] = (torch.zeros((), dtype=torch.int64, device=p0.device) if counter is None
                             else counter.to(p0.device))
-        device = p0.device
-        index = {"members": [device_tensor([i for i, _ in sg.members], device)
-                             for sg in bases.shape_groups],
-                 "slots": {key: device_tensor(own, device)
-                           for key, own in bases.owner.items()}}
         sizes = [d for p in bases.params for d in (*p.shape, -1)] + [
             int(o[k] if k != "factor_dtype" else o[k] == torch.float64) for k in _LAYOUT_OPTIONS]
-        self._run = (key, bases, index, sizes)
-        return bases, index, sizes
+        self._run = (key, bases, sizes)
+        return bases, sizes
 
 
 def _refresh_due(o: dict, n: int, record: dict | None) -> bool:
@@ -256,33 +214,3 @@ def _refresh_due(o: dict, n: int, record: dict | None) -> bool:
         return RefreshSchedule.due(record, n)
     every = o["precondition_frequency"]
     return (n + 1) % (_UNSCHEDULED_FREQUENCY if every is None else every) == 0
-
-
-def _step_sizes(table: dict[str, Tensor], adam_steps: Tensor, correct_bias: bool) -> Tensor:
-    """Each param's step size: ``lr``, times ``sqrt(1 - beta2^t) / (1 - beta1^t)`` with
-    ``correct_bias`` (``t`` the Adam steps taken)."""
-    if not correct_bias:
-        return table["lr"]
-    taken = adam_steps.to(table["lr"].dtype)
-    return table["lr"] * (1 - table["beta2"] ** taken).sqrt() / (1 - table["beta1"] ** taken)
-
-
-def _adam_step_(bases: SOAPBases, g: int, G: Tensor, mask: Tensor, step_size: Tensor,
-                eps: float, hyper: dict[str, Tensor], normalize: bool) -> None:
-    """Adam in the eigenbasis for the params of shape group ``g`` (gradients ``G``, step sizes
-    ``[B]``), those of ``mask`` only; the moments live in the rotated space.  ``normalize``:
-    each param's update divided by ``1e-30 + its RMS`` (the reference's ``normalize_grads``)."""
-    ones = (1,) * (G.dim() - 1)
-    m = mask.view((-1,) + ones)
-    M, V = bases.exp_avg[g], bases.exp_avg_sq[g]
-    Gr = bases.rotate(G, g)
-    M.mul_(torch.where(m, hyper["beta1"], 1.0)).add_(Gr * hyper["1-beta1"])
-    V.mul_(torch.where(m, hyper["beta2"], 1.0)).addcmul_(Gr, Gr * hyper["1-beta2"])
-    U = bases.rotate(M / (V.sqrt() + eps), g, back=True)
-    if normalize:
-        U = U / (U.square().mean(dim=tuple(range(1, U.dim())), keepdim=True).sqrt() + 1e-30)
-    U = U * torch.where(mask, -step_size, 0.0).view((-1,) + ones)
-    params = [bases.params[i] for i, _ in bases.shape_groups[g].members]
-    torch._foreach_add_(params, [u.view(p.shape) for u, p in zip(U.unbind(0), params)])
-    torch._foreach_mul_(params, list(torch.where(mask, hyper["shrink"], 1.0)
-                                     .expand(len(params)).unbind(0)))

@@ -1,11 +1,13 @@
-"""SOAPBases alone: the layout (merged shapes, rotated dims, buckets), the rotations, the
-initial eigenbases and the power-iteration + QR refresh with its moment bookkeeping."""
+"""SOAPBases alone: the layout (merged shapes, rotated dims, buckets), the rotations (batched
+matmuls between kept views, every pattern of rotated and unrotated dims), the factor statistics,
+the initial eigenbases and the power-iteration + QR refresh with its moment bookkeeping, and the
+masks (a skipped step, params without a gradient)."""
 import pytest
 import torch
 
 from soo_ext.curvature.soap_bases import SOAPBases, soap_shape
 
-F64 = torch.float64
+F32, F64 = torch.float32, torch.float64
 
 
 @pytest.mark.parametrize("shape,merge,p1d,expected", [
@@ -24,14 +26,26 @@ def test_layout(shape, merge, p1d, expected):
     assert soap_shape(shape, max_dim, merge, p1d) == expected
 
 
-def scales(decay):
-    return {key: (1 - d).sqrt() for key, d in decay.items()}
-
-
-def make(shapes, max_dim=16, p1d=False):
+def make(shapes, max_dim=16, p1d=False, decays=0.9, dtype=F64, factor_dtype=F64):
+    """Params of ``shapes`` and their bases; ``decays``: the factor decay, or one per param."""
     torch.manual_seed(0)
-    params = [torch.randn(s, dtype=F64) for s in shapes]
-    return params, SOAPBases([params], max_dim, False, p1d, F64)
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    bases = SOAPBases([params], max_dim, False, p1d, factor_dtype)
+    decays = decays if isinstance(decays, list) else [decays] * len(params)
+    bases.set_hyper([(0.01, 0.9, 0.95, 1.0, d) for d in decays])
+    return params, bases
+
+
+def begin(bases, grads, ok=True):
+    """A step's start: the gradients (None: the param has none) and the skip guard's flag."""
+    bases.load_grads(grads)
+    flag = torch.tensor(ok)
+    bases.mask(flag, ~flag)
+
+
+def random_bases(bases):
+    for Q in bases.bases.values():
+        Q.copy_(torch.linalg.qr(torch.randn_like(Q)).Q)
 
 
 def test_buckets_batch_equal_sizes_and_views_share_storage():
@@ -45,25 +59,64 @@ def test_buckets_batch_equal_sizes_and_views_share_storage():
     assert bases.views(3)["GG"] == []
 
 
-def test_rotate_and_back_is_the_identity():
-    params, bases = make([(7, 5), (7, 5)])
-    for key, Q in bases.bases.items():
-        Q.copy_(torch.linalg.qr(torch.randn_like(Q)).Q)
-    G = torch.randn(2, 7, 5, dtype=F64)
-    R = bases.rotate(G, 0)
-    Q0, Q1 = bases.views(0)["Q"]
-    torch.testing.assert_close(R[0], Q0.T @ G[0] @ Q1)
-    torch.testing.assert_close(bases.rotate(R, 0, back=True), G)
+def test_adam_groups_come_last():
+    params, bases = make([(3,), (7, 5), (4,), (20, 20)])  # (20, 20): no dim rotated
+    assert [sg.shape for sg in bases.shape_groups] == [(7, 5), (3,), (4,), (20, 20)]
+    assert bases.views(1)["exp_avg"].data_ptr() == bases.exp_avg[0].data_ptr()
+
+
+def mode_products(G, Qs, back):
+    """``G [*shape]`` times ``Q^T`` (``Q`` with ``back``) along every dim with a basis."""
+    for k, Q in enumerate(Qs):
+        if Q is not None:
+            G = torch.movedim(torch.tensordot(G, Q if back else Q.T, dims=([k], [1])), -1, k)
+    return G
+
+
+# every pattern of rotated (<= 16) and unrotated dims, a middle dim, a lone rotated dim
+@pytest.mark.parametrize("shape", [(7, 5), (20, 5), (5, 20), (4, 20, 3), (20, 4, 20), (3, 4, 5),
+                                   (20, 3, 4), (2, 3, 4, 5)])
+@pytest.mark.parametrize("dtypes", [(F64, F64), (F32, F64)])
+def test_rotate_in_and_back(shape, dtypes):
+    params, bases = make([shape, shape, (6,)], dtype=dtypes[0], factor_dtype=dtypes[1])
+    random_bases(bases)
+    grads = [torch.randn(s, dtype=dtypes[0]) for s in (shape, shape, (6,))]
+    begin(bases, grads)
+    bases.rotate_in.run()
+    for i in range(2):
+        Qs = iter(bases.views(i)["Q"])
+        full = [next(Qs) if 1 < n <= 16 else None for n in shape]
+        expected = mode_products(grads[i].to(dtypes[1]), full, back=False)
+        torch.testing.assert_close(bases.work_stacks[0][i], expected.to(dtypes[0]))
+    bases.rotate_back.run()
+    torch.testing.assert_close(bases.update_stacks[0], torch.stack(grads[:2]))
+
+
+def test_factor_statistics_per_dim_and_decay():
+    """``GG <- d GG + (1 - d) G_(k) G_(k)^T``, every dim (the middle one copied out), each
+    param with its own decay (two runs of equal decays in one shape group)."""
+    shapes = [(3, 4, 5)] * 3
+    decays = [0.9, 0.9, 0.5]
+    params, bases = make(shapes, decays=decays)
+    grads = [[torch.randn(s, dtype=F64) for s in shapes] for _ in range(2)]
+    for G in grads:
+        begin(bases, G)
+        bases.update_factors()
+    for i, d in enumerate(decays):
+        for k, GG in enumerate(bases.views(i)["GG"]):
+            unfold = [G[i].movedim(k, 0).reshape(G[i].shape[k], -1) for G in grads]
+            expected = (1 - d) * (d * unfold[0] @ unfold[0].T + unfold[1] @ unfold[1].T)
+            torch.testing.assert_close(GG, expected)
 
 
 def test_init_bases_descending_and_masked():
     params, bases = make([(7, 5), (7, 5)])
-    G = torch.randn(2, 7, 5, dtype=F64)
-    decay = {key: torch.full((B,), 0.9, dtype=F64) for key, B in bases.buckets.counts.items()}
-    bases.update_factors([G], decay, scales(decay))
-    torch.testing.assert_close(bases.views(0)["GG"][0], 0.1 * G[0] @ G[0].T)
-    take = {key: torch.tensor([True, False]) for key in bases.buckets.counts}
-    bases.init_bases(take)
+    G = torch.randn(7, 5, dtype=F64)
+    begin(bases, [G, None])  # the second param has no gradient: left alone
+    bases.update_factors()
+    torch.testing.assert_close(bases.views(0)["GG"][0], 0.1 * G @ G.T)
+    assert not bases.views(1)["GG"][0].any()
+    bases.init_bases()
     GG, Q = bases.views(0)["GG"][1], bases.views(0)["Q"][1]
     d = torch.diagonal(Q.T @ GG @ Q)
     assert (d[:-1] >= d[1:]).all()
@@ -71,17 +124,17 @@ def test_init_bases_descending_and_masked():
 
 
 def test_refresh_is_one_power_iteration_with_qr_and_moves_the_moments():
-    params, bases = make([(6, 4)])
-    G = torch.randn(1, 6, 4, dtype=F64)
-    decay = {key: torch.full((1,), 0.5, dtype=F64) for key in bases.buckets.counts}
-    bases.update_factors([G], decay, scales(decay))
-    bases.init_bases({key: torch.tensor([True]) for key in decay})
-    bases.update_factors([torch.randn(1, 6, 4, dtype=F64)], decay, scales(decay))
+    params, bases = make([(6, 4)], decays=0.5)
+    begin(bases, [torch.randn(6, 4, dtype=F64)])
+    bases.update_factors()
+    bases.init_bases()
+    begin(bases, [torch.randn(6, 4, dtype=F64)])
+    bases.update_factors()
     old = [Q.clone() for Q in bases.views(0)["Q"]]
     M, V = torch.randn(1, 6, 4, dtype=F64), torch.rand(1, 6, 4, dtype=F64)
     bases.exp_avg[0].copy_(M)
     bases.exp_avg_sq[0].copy_(V)
-    bases.refresh({key: torch.tensor([True]) for key in decay}, [torch.tensor([True])])
+    bases.refresh()
     new = bases.views(0)["Q"]
     V_expected = V[0]
     for k, (GG, Q) in enumerate(zip(bases.views(0)["GG"], old)):
@@ -95,13 +148,41 @@ def test_refresh_is_one_power_iteration_with_qr_and_moves_the_moments():
 
 
 def test_refresh_leaves_masked_members_alone():
-    params, bases = make([(6, 4), (6, 4)])
-    decay = {key: torch.full((2,), 0.5, dtype=F64) for key in bases.buckets.counts}
-    bases.update_factors([torch.randn(2, 6, 4, dtype=F64)], decay, scales(decay))
+    params, bases = make([(6, 4), (6, 4)], decays=0.5)
+    begin(bases, [torch.randn(6, 4, dtype=F64)] * 2)
+    bases.update_factors()
+    begin(bases, [torch.randn(6, 4, dtype=F64), None])
     bases.exp_avg[0].normal_()
-    before = [t.clone() for t in bases.views(1)["Q"]] + [bases.exp_avg[0][1].clone()]
-    take = {key: torch.tensor([True, False]) for key in decay}
-    bases.refresh(take, [torch.tensor([True, False])])
-    after = list(bases.views(1)["Q"]) + [bases.exp_avg[0][1]]
+    bases.exp_avg_sq[0].uniform_()
+    before = ([t.clone() for t in bases.views(1)["Q"]] + [bases.exp_avg[0][1].clone(),
+                                                          bases.exp_avg_sq[0][1].clone()])
+    bases.refresh()
+    after = list(bases.views(1)["Q"]) + [bases.exp_avg[0][1], bases.exp_avg_sq[0][1]]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert not torch.equal(bases.views(0)["Q"][0], torch.eye(6, dtype=F64))
+
+
+def test_skipped_step_changes_nothing_bit_for_bit():
+    """With the guard's flag False (a gradient holding a NaN) the Adam step, the statistics and
+    a refresh leave params, moments, factors and bases as they were, -0.0 included."""
+    params, bases = make([(6, 4), (3, 4, 5), (5,)])
+    for i in range(2):
+        begin(bases, [torch.randn_like(p) for p in params])
+        bases.update_factors()
+        bases.adam_step_(torch.tensor(i + 1), 1e-8, True, False)
+        bases.init_bases() if i == 0 else bases.refresh()
+    with torch.no_grad():
+        params[2][0] = -0.0
+    bases.exp_avg[0].view(-1)[0] = -0.0
+    state = lambda: ([p.clone() for p in params] + [t.clone() for t in bases.exp_avg]  # noqa
+                     + [t.clone() for t in bases.exp_avg_sq]
+                     + [t.clone() for t in (*bases.factors.values(), *bases.bases.values())])
+    before = state()
+    grads = [torch.randn_like(p) for p in params]
+    grads[1][0, 0, 0] = float("nan")
+    begin(bases, grads, ok=False)
+    bases.update_factors()
+    bases.adam_step_(torch.tensor(2), 1e-8, True, False)
+    bases.refresh()
+    for a, b in zip(before, state()):
+        assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
