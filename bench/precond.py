@@ -26,7 +26,7 @@ Optimizers (frequencies: --freqs, default 1 10 100):
   KFAC eigen / inverse   soo_ext.KFAC(model, lr=0.1, momentum=0.9, mode=...), factors every
                          step, inverses / eigendecompositions every F steps
   EKFAC                  soo_ext.EKFAC(model, lr=0.1, momentum=0.9), factors and scaling every
-                         step, eigendecompositions every F steps
+                         2 steps (its defaults), eigendecompositions every F steps
   Shampoo                soo_ext.Shampoo(params, lr=1e-3, grafting='adam'), roots every F steps
   KBFGS / KBFGS(L)       soo_ext.KBFGS(model) with its defaults (history_size None / 10), H_a
                          every F steps; its iteration is step(closure), which runs the forward

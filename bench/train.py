@@ -75,7 +75,7 @@ Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
                       factors and inverses every 10 steps, minibatch (chosen by a sweep of ~250
                       settings on the MNIST-1D CNN; the KL clip sets every step's length there,
                       so the lr does not matter: one lr)   lr 0.3                   default 0.1
-  soo_ext.EKFAC       its defaults (eigen bases every 10 steps, factors and scaling every step,
+  soo_ext.EKFAC       its defaults (eigen bases: automatic, factors and scaling every 2 steps,
                       scale decay 0.75, damping and KL clip 1e-3, momentum 0.9), minibatch
                                                            lr 0.03, 0.1, 0.3        default 0.1
   soo_ext.Shampoo     Adam grafting, roots every 10 steps, its other defaults, minibatch

@@ -302,15 +302,9 @@ class EigenCorrectedFactors(EigenFactors):
             PS = self.PS[layer.group][layer.row]
             QA, QG = self.Q[layer.a_dim][layer.a_pos], self.Q[layer.out][layer.g_pos]
             for a, g, pool, w, samples in passes:
-                a, g = a.to(self.dtype) @ QA, g.to(self.dtype) @ QG
-                rows = a.shape[0] // samples  # per sample
-                if rows == 1:
-                    s = g.square().T @ a.square()
-                else:  # the per-sample gradients, summed over positions, then squared
-                    s = torch.bmm(g.view(samples, rows, -1).transpose(1, 2),
-                                  a.view(samples, rows, -1)).square_().sum(0)
+                s = _projected_square_sum(a.to(self.dtype), g.to(self.dtype), QA, QG, samples)
                 # rows-pooled like A and G; ``rows`` per sample makes it a mean over samples
-                PS.mul_(pool).add_(s, alpha=w * rows)
+                PS.mul_(pool).add_(s, alpha=w * (a.shape[0] // samples))
         if process_group is not None:
             all_reduce_mean_(self.staged_scale, process_group)
         for group, S in self.S.items():
@@ -329,6 +323,35 @@ class EigenCorrectedFactors(EigenFactors):
         QA, QG = self.Q[l0.a_dim][ia], self.Q[l0.out][ig]
         scaled = (QG.mT @ grad @ QA).div_(self.S[group][rows] + damping)
         return QG @ scaled @ QA.mT, grad
+
+
+def _projected_square_sum(a: Tensor, g: Tensor, QA: Tensor, QG: Tensor, samples: int) -> Tensor:
+    """``sum_n (Q_G^T grad_n Q_A) ** 2`` (``[out, a_dim]``) of the per-sample gradients
+    ``grad_n = g_n^T a_n``, ``a_n``, ``g_n`` the sample's ``rows`` rows of ``a``, ``g``.
+
+    One row per sample: ``((g Q_G) ** 2)^T ((a Q_A) ** 2)``, one matmul.  More rows: one
+    batched product of the per-sample gradients (their sum over the rows comes before the
+    square), each basis applied where it costs less (costs are per sample and add up): ``Q_A``
+    on the rows (``rows a_dim^2``) or on the gradients (``out a_dim^2``), ``Q_G`` on the rows
+    (``rows out^2``) or on the gradients (``a_dim out^2``)."""
+    rows, a_dim, out = a.shape[0] // samples, a.shape[1], g.shape[1]
+    if rows == 1:
+        return (g @ QG).square_().T @ (a @ QA).square_()
+    a_on_grads, g_on_grads = out < rows, a_dim < rows
+    if not a_on_grads:
+        a = a @ QA
+    if not g_on_grads:
+        g = g @ QG
+    a, g = a.view(samples, rows, a_dim), g.view(samples, rows, out)
+    if g_on_grads and not a_on_grads:  # [N, a_dim, out]: Q_G by one matmul on its rows
+        grads = torch.bmm(a.transpose(1, 2), g).view(-1, out) @ QG
+        return grads.square_().view(samples, a_dim, out).sum(0).T
+    grads = torch.bmm(g.transpose(1, 2), a)  # [N, out, a_dim]
+    if a_on_grads:
+        grads = (grads.view(-1, a_dim) @ QA).view(samples, out, a_dim)
+    if g_on_grads:
+        grads = QG.mT @ grads
+    return grads.square_().sum(0)
 
 
 class InverseFactors(KFACFactors):

@@ -41,7 +41,7 @@ class EKFAC(KFAC):
         scale_decay: running-average decay of the scaling (default 0.75; 0: the batch's).
         kl_clip: kappa of the KL clip, or None (default 1e-3).
         factor_update_steps, inv_update_steps, scale_update_steps: steps between factor
-            updates, between eigendecompositions and between scaling updates (1, None, 1);
+            updates, between eigendecompositions and between scaling updates (2, None, 2);
             None: automatic, the decompositions at most ``refresh_budget`` (0.25) of the time.
         skip_layers, on_nonfinite, factor_dtype, accumulation_steps, batch_averaged,
             grad_scaler, params, process_group, spread_inverses, refresh_budget,
@@ -62,8 +62,8 @@ class EKFAC(KFAC):
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, damping: float = 1e-3, factor_decay: float = 0.95,
                  scale_decay: float = 0.75, kl_clip: float | None = 1e-3,
-                 factor_update_steps: int | None = 1, inv_update_steps: int | None = None,
-                 scale_update_steps: int = 1, *, skip_layers=None, on_nonfinite: str = "skip",
+                 factor_update_steps: int | None = 2, inv_update_steps: int | None = None,
+                 scale_update_steps: int = 2, *, skip_layers=None, on_nonfinite: str = "skip",
                  factor_dtype: torch.dtype = torch.float32, accumulation_steps: int = 1,
                  batch_averaged: bool = True, grad_scaler=None, params=None,
                  process_group=None, spread_inverses: bool = True,

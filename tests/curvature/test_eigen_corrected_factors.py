@@ -17,11 +17,11 @@ def model():
                          nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)).to(F64)
 
 
-def staged(cls, rows_per_sample=1, seed=0):
-    """Factors of ``model()``'s layers with two passes staged per layer (2 then 3 samples of
+def staged(cls, rows_per_sample=1, seed=0, make=model):
+    """Factors of ``make()``'s layers with two passes staged per layer (2 then 3 samples of
     ``rows_per_sample`` rows each, G's rows weighing 4: a batch-averaged loss over 2
     samples), committed once and decomposed; and the rows by layer name."""
-    net = model()
+    net = make()
     layers = find_layers(net, {id(p): 0 for p in net.parameters()}, ())
     factors = cls(KFACLayout(layers), F64, torch.device("cpu"), DAMPING)
     gen = torch.Generator().manual_seed(seed)
@@ -47,14 +47,24 @@ def dense_scale(a, g, QA, QG, rows_per_sample, g_scale=4.0):
     return torch.stack([(QG.T @ gn @ QA) ** 2 for gn in grads]).mean(0)
 
 
+def widening():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 2)).to(F64)
+
+
 def test_scale_is_the_mean_squared_projected_per_sample_gradient():
-    for R in (1, 3):  # a Linear's one row per sample; a conv's positions, summed before squaring
-        layers, factors, rows = staged(EigenCorrectedFactors, R)
-        factors.update_scale(0.0, None)
-        for l in layers:
-            v = factors.views(l)
-            want = dense_scale(*rows[l.name], v["QA"], v["QG"], R)
-            torch.testing.assert_close(v["scale"], want, rtol=1e-12, atol=1e-14)
+    # R rows a sample: a Linear's one; a conv's positions, summed before squaring.  Each basis
+    # goes on the rows or on the per-sample gradients (out < R: Q_A on the gradients,
+    # a_dim < R: Q_G): ``widening``'s layers (a_dim, out) = (3, 6), (7, 2) take every
+    # combination over R = 2, 4, 7
+    for make, Rs in ((model, (1, 3, 5)), (widening, (1, 2, 4, 7))):
+        for R in Rs:
+            layers, factors, rows = staged(EigenCorrectedFactors, R, make=make)
+            factors.update_scale(0.0, None)
+            for l in layers:
+                v = factors.views(l)
+                want = dense_scale(*rows[l.name], v["QA"], v["QG"], R)
+                torch.testing.assert_close(v["scale"], want, rtol=1e-12, atol=1e-14)
 
 
 def test_scale_running_average_and_skipped_step():

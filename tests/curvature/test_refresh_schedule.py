@@ -408,12 +408,12 @@ def ekfac(model, **kw):
 def test_ekfac_schedules_its_eigenbases_by_default(monkeypatch):
     model = mlp()
     opt = ekfac(model)
-    assert opt.defaults["inv_update_steps"] is None and opt.defaults["factor_update_steps"] == 1
+    assert opt.defaults["inv_update_steps"] is None and opt.defaults["factor_update_steps"] == 2
     done = refreshes(monkeypatch, EigenCorrectedFactors, opt)
     train(model, opt, 30)  # window 0..6: a decomposition costs 4 steps: interval 12
     record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
     assert record["interval"] == 12 and record["anchor"] == 6
-    assert done == [0, 2, 4, 6, 18] and factor_updates(opt) == 30  # factors: every step
+    assert done == [0, 2, 4, 6, 18] and factor_updates(opt) == 15  # factors: every 2 steps
 
 
 @pytest.mark.parametrize("kw, bases", [
@@ -425,7 +425,7 @@ def test_ekfac_explicit_intervals_or_no_budget_turn_it_off(monkeypatch, kw, base
     opt = soo_ext.EKFAC(model, lr=0.05, refresh_timer=no_clock, **kw)
     done = refreshes(monkeypatch, EigenCorrectedFactors, opt)
     train(model, opt, 12)
-    assert done == bases and factor_updates(opt) == 12
+    assert done == bases and factor_updates(opt) == 6  # factors: every 2 steps
     assert "refresh_schedule" not in opt.state[opt.param_groups[0]["params"][0]]
 
 

@@ -181,7 +181,7 @@ def test_scaling_is_the_exact_projected_diagonal(kind, n):
     per-sample gradient sums its positions first), with more the mean of those diagonals."""
     model = MODELS[kind][0]()
     opt = soo_ext.EKFAC(model, factor_dtype=F64, scale_decay=0.0, factor_decay=0.5,
-                        inv_update_steps=1)
+                        factor_update_steps=1, inv_update_steps=1, scale_update_steps=1)
     for step in range(3):
         x, y = data(kind, step, n)
         gn = per_sample_gradients(model, x, y)
