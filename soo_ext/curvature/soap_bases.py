@@ -143,7 +143,6 @@ class SOAPBases:
         device = self.params[0].device
         self.factors = self.buckets.stacks(factor_dtype, device, identity=False)
         self.bases = self.buckets.stacks(factor_dtype, device, identity=True)
-        self._turns = self.buckets.stacks(factor_dtype, device, identity=True)  # Q_old^T Q_new
         self._orders = {key: torch.zeros(F.shape[:2], dtype=torch.int64, device=device)
                         for key, F in self.factors.items()}  # a refresh's column orders
         self._estimates = {key: torch.zeros(F.shape[:2], dtype=factor_dtype, device=device)
@@ -201,14 +200,16 @@ class SOAPBases:
         largest = max([size for _, (_, _, size) in rotated], default=0)
         scratch = tuple(torch.zeros(largest, dtype=fdtype, device=device) for _ in range(2))
         plan = [(sg.shape, len(sg.members), off, sg.slots) for sg, (_, off, _) in rotated]
-        # gradient -> work (into the bases), work -> update (back), exp_avg -> update (by the
-        # turns Q_old^T Q_new of a refresh)
+        # gradient -> work (into the bases), work -> update (back); at a refresh exp_avg ->
+        # update (out of the old bases), update -> work (into the new ones)
         self.rotate_in = _ModeProducts(plan, self.bases, False, self._grad_f,
                                        self.work[:n_rot], pair, scratch)
         self.rotate_back = _ModeProducts(plan, self.bases, True, self.work[:n_rot],
                                          self.update[:n_rot], pair, scratch)
-        self._turn = _ModeProducts(plan, self._turns, False, self._exp_avg[:n_rot],
-                                   self.update[:n_rot], pair, scratch)
+        self._exp_avg_out = _ModeProducts(plan, self.bases, True, self._exp_avg[:n_rot],
+                                          self.update[:n_rot], pair, scratch)
+        self._exp_avg_in = _ModeProducts(plan, self.bases, False, self.update[:n_rot],
+                                         self.work[:n_rot], pair, scratch)
         # per rotated group, per rotated dim: (the dim of V, a refresh's order along it)
         self._v_orders = []
         for sg, V in zip(self.shape_groups[:self._n_rot_groups], self.exp_avg_sq):
@@ -308,7 +309,7 @@ class SOAPBases:
                 scales = [1 - values[self._row_param[row + b]][4] for b in range(X.shape[0])]
                 cuts = [b for b in range(1, len(scales)) if scales[b] != scales[b - 1]]
                 bounds = [0, *cuts, len(scales)]
-                self._scales.append([(F[a:b], X[a:b], scales[a])
+                self._scales.append([(F[a:b], X[a:b].mT, X[a:b], scales[a])
                                      for a, b in zip(bounds, bounds[1:])])
         self._shrinks = any(v[3] != 1 for v in values)
         self._hyper_key = values
@@ -402,8 +403,8 @@ class SOAPBases:
         for (source, X, _, _), runs in zip(self._statistics, self._scales):
             if source is not None:
                 source[1].copy_(source[0])
-            for F, Xr, scale in runs:
-                ops.kron_factor_update_(F, Xr, 1.0, scale)
+            for F, XT, Xr, scale in runs:  # one GEMM (ops.kron_factor_update_ would also
+                F.baddbmm_(XT, Xr, alpha=scale)  # symmetrise, which nothing here needs)
 
     def init_bases(self) -> None:
         """The eigenbases of the factors, eigenvalues descending (one ``kron_eigh`` per
@@ -417,28 +418,29 @@ class SOAPBases:
     def refresh(self) -> None:
         """One power-iteration step warm-started from the bases: ``Q <- qr(GG Q)`` with the
         columns ordered by the estimated eigenvalues ``diag(Q^T GG Q)`` (one QR per bucket); the
-        second moments follow the new column order, the first moments are turned into the new
-        bases (by ``Q_old^T Q_new``).  Only for the slots and params that may change."""
+        second moments follow the new column order, the first moments are rotated out of the old
+        bases and into the new ones (for an ``m x n`` matrix ``2 m n (m + n)`` multiply-adds,
+        never more than turning them by ``Q_old^T Q_new``: ``m^3 + n^3 + m n (m + n)``).  Only
+        for the slots and params that may change."""
+        self._exp_avg_out.run()
         for key, F in self.factors.items():
             Q = self.bases[key]
             P = torch.bmm(F, Q)
             torch.sort(torch.linalg.vecdot(Q, P, dim=-2), dim=-1, descending=True, stable=True,
                        out=(self._estimates[key], self._orders[key]))
-            new = torch.where(self._live_rows(self._slot_rows[key], F.shape[0], 2),
-                              torch.linalg.qr(P.gather(-1, self._order_cols[key])).Q, Q)
-            torch.bmm(Q.transpose(1, 2), new, out=self._turns[key])
-            Q.copy_(new)
+            torch.where(self._live_rows(self._slot_rows[key], F.shape[0], 2),
+                        torch.linalg.qr(P.gather(-1, self._order_cols[key])).Q, Q, out=Q)
         for V, orders, (row, _, _) in zip(self.exp_avg_sq, self._v_orders, self._ranges):
             moved = V
             for dim, order in orders:
                 moved = moved.gather(dim, order)
             torch.where(self._live_rows(row, V.shape[0], V.dim() - 1), moved, V, out=V)
-        self._turn.run()
+        self._exp_avg_in.run()
         n = self._n_rot
         if self._live.dim() == 0:
-            torch.where(self._live, self.update[:n], self._exp_avg[:n], out=self._exp_avg[:n])
+            torch.where(self._live, self.work[:n], self._exp_avg[:n], out=self._exp_avg[:n])
         else:
-            for sg, M, U, (row, _, _) in zip(self.shape_groups, self.exp_avg, self.update_stacks,
+            for sg, M, D, (row, _, _) in zip(self.shape_groups, self.exp_avg, self.work_stacks,
                                              self._ranges):
                 if any(sg.rotated):
-                    torch.where(self._live_rows(row, M.shape[0], M.dim() - 1), U, M, out=M)
+                    torch.where(self._live_rows(row, M.shape[0], M.dim() - 1), D, M, out=M)

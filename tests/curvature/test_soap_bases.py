@@ -147,6 +147,29 @@ def test_refresh_is_one_power_iteration_with_qr_and_moves_the_moments():
     torch.testing.assert_close(bases.exp_avg[0][0], new[0].T @ original @ new[1])
 
 
+@pytest.mark.parametrize("shape", [(20, 5), (4, 20, 3), (3, 4, 5), (2, 3, 4, 5)])
+@pytest.mark.parametrize("dtypes", [(F64, F64), (F32, F64)])
+def test_refresh_rotates_the_first_moments_into_the_new_bases(shape, dtypes):
+    """``M`` (kept in the bases) is rotated out of the old ones and into the new ones along every
+    rotated dim (a middle dim, an unrotated one, a cast to the factor dtype)."""
+    params, bases = make([shape, (6,)], dtype=dtypes[0], factor_dtype=dtypes[1], decays=0.5)
+    for _ in range(2):
+        begin(bases, [torch.randn(s, dtype=dtypes[0]) for s in (shape, (6,))])
+        bases.update_factors()
+    bases.init_bases()
+    old = [Q.clone() for Q in bases.views(0)["Q"]]
+    M = torch.randn(shape, dtype=dtypes[0])
+    bases.exp_avg[0][0].copy_(M)
+    bases.refresh()
+    new, rotated = iter(bases.views(0)["Q"]), [1 < n <= 16 for n in shape]
+    new = [next(new) if r else None for r in rotated]
+    old = iter(old)
+    old = [next(old) if r else None for r in rotated]
+    original = mode_products(M.to(dtypes[1]), old, back=True)
+    torch.testing.assert_close(bases.exp_avg[0][0],
+                               mode_products(original, new, back=False).to(dtypes[0]))
+
+
 def test_refresh_leaves_masked_members_alone():
     params, bases = make([(6, 4), (6, 4)], decays=0.5)
     begin(bases, [torch.randn(6, 4, dtype=F64)] * 2)
