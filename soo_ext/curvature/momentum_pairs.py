@@ -12,8 +12,8 @@ from torch import Tensor
 from .._support.flat import FlatLayout
 from .lbfgs_history import LBFGSHistory
 
-__all__ = ["Block", "BlockLayout", "MomentumPairs", "Segment", "block_partition", "directions",
-           "update_pairs"]
+__all__ = ["Block", "BlockLayout", "MomentumPairs", "Segment", "SkipFactors", "block_partition",
+           "directions", "update_pairs"]
 
 
 def _damping_phi(tau: float, sigma_low: float, sigma_high: float, delta: float) -> float:
@@ -123,22 +123,61 @@ def update_pairs(pairs: list[MomentumPairs], grads: list[Tensor], okf: Tensor, f
 
 
 def directions(pairs: list[MomentumPairs], grads: list[Tensor], normalize: str | None,
-               kl_clip: float, okf: Tensor) -> tuple[list[Tensor], Tensor]:
+               kl_clip: float, neg_okf: Tensor) -> tuple[list[Tensor], Tensor]:
     """Per block ``d = -H g`` (of its ``grads`` entry) and the coefficient ``c``, one for all
     blocks, such that ``c d`` is the step's direction ``H g`` normalised over all blocks together
     (``'l2'``: by the global l2 norm; ``'kl'``: times ``min(1, sqrt(kl_clip / g.H g))``; None:
-    not at all), times ``okf`` (0 on a skipped step)."""
+    not at all), times ``-neg_okf`` (``neg_okf``: -1, or 0 on a skipped step)."""
     outs = [p.direction(g) for p, g in zip(pairs, grads)]
     if normalize == "l2":
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d)
-                                                     for d, _ in outs]))
-        coef = -okf / torch.where(norm > 0, norm, 1.0)
+        norms = [torch.linalg.vector_norm(d) for d, _ in outs]
+        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        # d = 0 (norm 0): c = 0, not inf (inf * 0 would be NaN)
+        coef = torch.div(neg_okf, norm).nan_to_num_(0.0, 0.0, 0.0)
     elif normalize == "kl":
         ghg = -torch.stack([stats[0] for _, stats in outs]).sum()  # stats[0] = g.d = -g.Hg
-        coef = -okf * torch.sqrt(kl_clip / ghg.clamp_min(0)).clamp_max(1)
+        coef = neg_okf * torch.sqrt(kl_clip / ghg.clamp_min(0)).clamp_max(1)
     else:
-        coef = -okf
+        coef = neg_okf
     return [d for d, _ in outs], coef
+
+
+class SkipFactors:
+    """The factors of a skip-guarded step as 0-dim device tensors, made by one select from two
+    kept vectors: their values on a taken step and on a skipped one (1 for a decay, which then
+    leaves an accumulator as it was; 0 for a scale).  A value that changed since the last step
+    (an option changed by a schedule) is refilled from the host, without a host sync."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self._kinds = (0, 0)  # how many decays and scales the kept vectors hold
+        self._values: list[float] = []
+        self._taken: Tensor | None = None
+        self._skipped: Tensor | None = None
+
+    def __call__(self, ok: Tensor, decays: list[float], scales: list[float]
+                 ) -> tuple[Tensor, ...]:
+        """``decays + scales`` as tensors, or 1 for each decay and 0 for each scale if ``ok`` (a
+        0-dim bool tensor) is False."""
+        values = decays + scales
+        if self._taken is None or (len(decays), len(scales)) != self._kinds:
+            self._kinds = (len(decays), len(scales))
+            self._skipped = self._filled([1.0] * len(decays) + [0.0] * len(scales))
+            self._taken = self._filled(values)
+        elif values != self._values:
+            for slot, value, old in zip(self._taken.unbind(), values, self._values):
+                if value != old:
+                    slot.fill_(value)
+        self._values = values
+        return torch.where(ok, self._taken, self._skipped).unbind()
+
+    def _filled(self, values: list[float]) -> Tensor:
+        """A device vector of ``values``, filled slot by slot (a copy from the host would wait
+        for the device)."""
+        out = torch.empty(len(values), dtype=self.dtype, device=self.device)
+        for slot, value in zip(out.unbind(), values):
+            slot.fill_(value)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,17 +260,22 @@ class Block:
 
     # Per param group options act segment by segment (``by_group[i]``: the value of group i).
 
+    def part(self, v: Tensor, seg: Segment) -> Tensor:
+        """``seg``'s part of ``v`` (a flat vector of the block; all of it for the only segment,
+        without a slicing op)."""
+        return v if len(self.segments) == 1 else v[seg.start:seg.end]
+
     def add_weight_decay(self, by_group: list[float]) -> None:
         """``grad <- grad + wd param`` with the weight decay of each segment's group."""
         for seg in self.segments:
             wd = by_group[seg.group]
             if wd != 0:
-                self.grad[seg.start:seg.end].add_(self.param[seg.start:seg.end], alpha=wd)
+                self.part(self.grad, seg).add_(self.part(self.param, seg), alpha=wd)
 
     def scale(self, v: Tensor, by_group: list[Tensor]) -> None:
         """``v`` (a flat vector of the block) times the factor of each segment's group."""
         for seg in self.segments:
-            v[seg.start:seg.end].mul_(by_group[seg.group])
+            self.part(v, seg).mul_(by_group[seg.group])
 
     def momentum_step(self, direction: Tensor, coef: Tensor, momenta: list[Tensor],
                       lrs: list[float], ok: Tensor, zero: Tensor) -> None:
@@ -279,6 +323,9 @@ class BlockLayout:
             block) are created, or checked against the block's size when resumed.
         history_size, history_dtype: of each block's :class:`LBFGSHistory`.
         name: the optimizer's, for error messages.
+
+    ``pairs`` and ``pre_grads`` list the preconditioned blocks' pairs and gradient buffers;
+    ``factors`` (:class:`SkipFactors`) makes the skip-guarded factors of a step.
     """
 
     def __init__(self, groups: list[list[Tensor]], partition, state: Mapping[Tensor, dict],
@@ -306,6 +353,10 @@ class BlockLayout:
                     for part in parts]
         self.plain = [self._block(rest, group_of, state, None)] if rest else []
         self.blocks = self.pre + self.plain
+        # what a step hands the pair updates and directions (kept: the buffers do not change)
+        self.pairs = [b.pairs for b in self.pre]
+        self.pre_grads = [b.grad for b in self.pre]
+        self.factors = SkipFactors(self.dtype, self.device)
 
     def _block(self, params: list[Tensor], group_of: dict[int, int],
                state_of: Mapping[Tensor, dict], history: tuple | None) -> Block:
@@ -333,4 +384,4 @@ class BlockLayout:
 
     def has_pairs(self) -> bool:
         """A pair is stored in some block (until then the direction is plain SGD's)."""
-        return any(len(b.pairs) for b in self.pre)
+        return any(len(p) for p in self.pairs)

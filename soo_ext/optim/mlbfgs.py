@@ -13,7 +13,7 @@ from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_history_dtype,
                                check_params, load_state_dict_uncast)
 from ..curvature.momentum_pairs import BlockLayout, block_partition, directions, update_pairs
-from .flat_guard import gather_guarded
+from .flat_guard import OptionChecks, gather_guarded
 
 __all__ = ["MLBFGS"]
 
@@ -96,7 +96,7 @@ class MLBFGS(Optimizer):
                     "on_nonfinite": on_nonfinite, "maximize": maximize}
         self.OPTIONS.check(defaults)
         self._block_layout: BlockLayout | None = None
-        self._skips = SkipWarner("MLBFGS")
+        self._skips, self._checks = SkipWarner("MLBFGS"), OptionChecks(self.OPTIONS)
         super().__init__(params, defaults)
         self._blocks = block_partition(blocks, all_params(self))
 
@@ -107,6 +107,7 @@ class MLBFGS(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_blocks", None)
         self.__dict__.setdefault("_skips", SkipWarner("MLBFGS"))
+        self.__dict__.setdefault("_checks", OptionChecks(self.OPTIONS))
         self._block_layout = None  # rebuilt from the state at the next step
 
     def add_param_group(self, param_group: dict) -> None:
@@ -155,7 +156,7 @@ class MLBFGS(Optimizer):
         params = all_params(self)
         if not any(p.grad is not None for p in params):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
-        self.OPTIONS.check_groups(self.param_groups)
+        self._checks(self.param_groups)
         run, state = self._layout(params)
         groups, group = self.param_groups, self.param_groups[0]
         k = state["step"] + 1
@@ -163,15 +164,15 @@ class MLBFGS(Optimizer):
         # 'raise' at a pair-update step waits for the pair update's host sync.
         guard, okf = gather_guarded(run.blocks, group, state, self._skips, "MLBFGS", _NONFINITE,
                                     defer_raise=pair_step)
-        if run.pre:
-            mu_p = guard.unless_skipped(group["param_momentum"], okf)
-            mu_g = guard.unless_skipped(group["grad_momentum"], okf)
-            for b in run.pre:
-                b.pairs.accumulate(b.param, b.grad, mu_p, mu_g, okf)
+        mu_p, mu_g, *momenta, neg_okf = run.factors(  # one select: 1 and 0 if skipped
+            guard.ok, [group["param_momentum"], group["grad_momentum"]]
+            + [g["momentum"] for g in groups], [-1.0])
+        for b in run.pre:
+            b.pairs.accumulate(b.param, b.grad, mu_p, mu_g, okf)
         if pair_step and not update_pairs(
-                [b.pairs for b in run.pre], [b.grad for b in run.pre], okf,
-                state["pair_updates"] == 0, group["pair_momentum"], group["sigma_low"],
-                group["sigma_high"], group["damping_delta"]):
+                run.pairs, run.pre_grads, okf, state["pair_updates"] == 0,
+                group["pair_momentum"], group["sigma_low"], group["sigma_high"],
+                group["damping_delta"]):
             if group["on_nonfinite"] == "raise":
                 raise SkipGuard.error(_NONFINITE)
             state["step"] = k
@@ -183,15 +184,14 @@ class MLBFGS(Optimizer):
             b.add_weight_decay([g["weight_decay"] for g in groups])
         steps = [(b.grad, okf) for b in run.blocks]  # plain SGD until the first pair
         if run.has_pairs():  # buf += coef d adds the normalised direction (nothing if skipped)
-            ds, coef = directions([b.pairs for b in run.pre], [b.grad for b in run.pre],
-                                  group["normalize"], group["kl_clip"], okf)
+            ds, coef = directions(run.pairs, run.pre_grads, group["normalize"],
+                                  group["kl_clip"], neg_okf)
             steps[:len(run.pre)] = [(d, coef) for d in ds]
         if pair_step:  # the pushes and the Gram entries the directions completed
             for b in run.pre:
                 b.pairs.save()
 
-        momenta = {m: guard.unless_skipped(m, okf) for m in {g["momentum"] for g in groups}}
+        lrs = [g["lr"] for g in groups]
         for b, (direction, coef) in zip(run.blocks, steps):
-            b.momentum_step(direction, coef, [momenta[g["momentum"]] for g in groups],
-                            [g["lr"] for g in groups], guard.ok, run.zero)
+            b.momentum_step(direction, coef, momenta, lrs, guard.ok, run.zero)
         return loss

@@ -1,6 +1,7 @@
 """soo_ext.curvature.momentum_pairs alone (no optimizer): the damping of constructed pairs, pairs
 that are not stored, the averages and pairs across pair-update steps against a naive float64
-transcription, skipped steps, host syncs, the normalised directions, and the block layout."""
+transcription, skipped steps, host syncs, the normalised directions, the skip-guarded factors
+and the block layout."""
 import math
 from collections import defaultdict
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from soo_ext.curvature.lbfgs_history import LBFGSHistory
-from soo_ext.curvature.momentum_pairs import (BlockLayout, MomentumPairs, _damping_phi,
-                                              block_partition, directions, update_pairs)
+from soo_ext.curvature.momentum_pairs import (BlockLayout, MomentumPairs, SkipFactors,
+                                              _damping_phi, block_partition, directions,
+                                              update_pairs)
 
 from conftest import count_host_syncs
 
@@ -237,12 +239,44 @@ def test_directions_are_normalised_over_all_blocks(normalize, ok):
     blocks = [pairs_of(3), pairs_of(2)]
     grads = [torch.tensor([0.3, -0.4, 0.1], dtype=F64), torch.tensor([0.2, 0.0], dtype=F64)]
     okf = torch.tensor(float(ok), dtype=F64)
-    ds, coef = directions(blocks, grads, normalize, 0.05, okf)
+    ds, coef = directions(blocks, grads, normalize, 0.05, -okf)
     for d, g in zip(ds, grads):
         assert torch.equal(d, -g)
     gg = sum(g.dot(g).item() for g in grads)
     scale = {"l2": 1 / math.sqrt(gg), "kl": min(1.0, math.sqrt(0.05 / gg)), None: 1.0}[normalize]
     assert coef.item() == pytest.approx(-scale * ok, rel=1e-15)
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_direction_of_a_zero_gradient_has_coefficient_zero(ok):
+    # d = 0: the l2 norm is 0 and c is 0 (not inf, which would make c d NaN)
+    blocks, grads = [pairs_of(3)], [torch.zeros(3, dtype=F64)]
+    ds, coef = directions(blocks, grads, "l2", 0.05, -torch.tensor(float(ok), dtype=F64))
+    assert coef.item() == 0 and torch.equal(ds[0] * coef, torch.zeros(3, dtype=F64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Skip-guarded factors
+
+def test_skip_factors(monkeypatch):
+    factors = SkipFactors(F64, torch.device("cpu"))
+    ok, skipped = torch.tensor(True), torch.tensor(False)
+    count = count_host_syncs(monkeypatch)
+
+    def values(ok, decays, scales):
+        out = factors(ok, decays, scales)
+        assert all(t.dim() == 0 and t.dtype == F64 for t in out)
+        synced = count[0]
+        out = [t.item() for t in out]
+        count[0] = synced  # (these reads are the test's)
+        return out
+    assert values(ok, [0.999, 0.9], [-1.0]) == [0.999, 0.9, -1.0]
+    assert values(skipped, [0.999, 0.9], [-1.0]) == [1.0, 1.0, 0.0]
+    # a value changed by a schedule is refilled; so is the layout of a longer list
+    assert values(ok, [0.999, 0.5], [-1.0]) == [0.999, 0.5, -1.0]
+    assert values(ok, [0.9, 0.5, 0.25], [2.0]) == [0.9, 0.5, 0.25, 2.0]
+    assert values(skipped, [0.9, 0.5, 0.25], [2.0]) == [1.0, 1.0, 1.0, 0.0]
+    assert count[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------

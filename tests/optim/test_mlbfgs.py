@@ -196,6 +196,51 @@ def test_matches_naive_transcription(case, layout, device="cpu"):
     assert all(moved)
 
 
+def test_options_changed_between_steps_are_used():
+    # A schedule's changes of momentum, lr and the averages' momenta reach the step (the
+    # skip-guarded factors are kept on the device and refilled where an option changed).
+    model, reference = mlp(), mlp()
+    options = dict(update_freq=3, history_size=3, lr=0.05)
+    opt = soo_ext.MLBFGS(model.parameters(), **options)
+    full = {**DEFAULTS, **options}
+    naive = NaiveMLBFGS(list(reference.parameters()), [(0.05, 0.9, 0.0)] * 4, [[0, 1, 2, 3]],
+                        **{k: v for k, v in full.items()
+                           if k not in ("lr", "momentum", "weight_decay")})
+    for k, batch in enumerate(minibatches(14)):
+        if k == 7:
+            opt.param_groups[0].update(lr=0.02, momentum=0.5, param_momentum=0.9,
+                                       grad_momentum=0.8)
+            naive.hyper = [(0.02, 0.5, 0.0)] * 4
+            naive.mu_p, naive.mu_g = 0.9, 0.8
+        mse_backward(model, batch)
+        mse_backward(reference, batch)
+        opt.step()
+        naive.step()
+        for a, b in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_option_checks_run_when_an_option_changes(monkeypatch):
+    model = mlp()
+    opt = soo_ext.MLBFGS(model.parameters(), momentum=0)
+    checks = []
+    check_groups = opt._checks.specs.check_groups
+    monkeypatch.setattr(opt._checks.specs, "check_groups",
+                        lambda groups: (checks.append(1), check_groups(groups)))
+    batches = iter(minibatches(6))
+    mse_steps(opt, model, [next(batches), next(batches)])
+    assert len(checks) == 1  # unchanged options pass without being checked again
+    opt.param_groups[0]["lr"] = 0.05
+    mse_steps(opt, model, [next(batches)])
+    assert len(checks) == 2
+    # equal values of another type are checked again: False == 0, but a bool is refused
+    opt.param_groups[0]["momentum"] = False
+    for _ in range(2):
+        with pytest.raises(ValueError, match="Invalid momentum"):
+            mse_steps(opt, model, [next(batches)])
+    assert len(checks) == 4
+
+
 # ---------------------------------------------------------------------------------------------
 # Damping
 
