@@ -7,6 +7,7 @@ with the paper's double damping.  The statistics of both passes come from K-FAC'
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -17,7 +18,8 @@ from .kfac_layers import KFACLayer
 from .lbfgs_history import LBFGSHistory
 
 __all__ = ["LazyStatistics", "PassStatistics", "bfgs_update_", "double_damping",
-           "lbfgs_matrix_product", "layer_matrix", "pair_update", "refresh_inverses_"]
+           "lbfgs_matrix_product", "layer_matrix", "PairGroup", "refresh_inverses_",
+           "size_groups"]
 
 
 class PassStatistics:
@@ -105,30 +107,39 @@ def refresh_inverses_(layers: list[KFACLayer], A: list[Tensor], H_a: list[Tensor
             H_a[i].copy_(torch.where(take[r], X[r], H_a[i]))
 
 
+def _dot(u: Tensor, v: Tensor) -> Tensor:
+    """``u^T v`` over the last dim, kept as a dim of size 1 (so that it scales the vectors)."""
+    return (u * v).sum(-1, keepdim=True)
+
+
 def double_damping(s: Tensor, y: Tensor, Hy: Tensor, mu1: float,
                    mu2: float) -> tuple[Tensor, Tensor]:
-    """The paper's double damping of the pair ``(s, y)`` given ``H y`` (on the device):
-    Powell's damping on H, ``s~ = t1 s + (1 - t1) H y`` with t1 such that
-    ``s~^T y >= mu1 y^T H y``, then the Levenberg-Marquardt-like damping (Powell's with
-    ``B = I``), ``y~ = t2 y + (1 - t2) s~`` such that ``s~^T y~ >= mu2 s~^T s~``."""
-    sy, yHy = torch.dot(s, y), torch.dot(y, Hy)
+    """The paper's double damping of the pairs ``(s, y)`` (the last dim; leading dims: a batch
+    of pairs) given ``H y`` (on the device): Powell's damping on H,
+    ``s~ = t1 s + (1 - t1) H y`` with t1 such that ``s~^T y >= mu1 y^T H y``, then the
+    Levenberg-Marquardt-like damping (Powell's with ``B = I``), ``y~ = t2 y + (1 - t2) s~``
+    such that ``s~^T y~ >= mu2 s~^T s~``."""
+    sy, yHy = _dot(s, y), _dot(y, Hy)
     t1 = torch.where(sy < mu1 * yHy, (1 - mu1) * yHy / (yHy - sy), 1.0)
     s = t1 * s + (1 - t1) * Hy
-    sy, ss = torch.dot(s, y), torch.dot(s, s)
+    sy, ss = _dot(s, y), _dot(s, s)
     t2 = torch.where(sy < mu2 * ss, (1 - mu2) * ss / (ss - sy), 1.0)
     return s, t2 * y + (1 - t2) * s
 
 
 def bfgs_update_(H: Tensor, s: Tensor, y: Tensor, take: Tensor) -> None:
     """``H <- (I - rho s y^T) H (I - rho y s^T) + rho s s^T`` (rho = 1 / s^T y) where
-    ``take`` (a 0-dim bool: the pair is finite, s^T y > 0 and the step was not skipped);
+    ``take`` (bool, ``s``'s leading dims: the pair is finite, s^T y > 0 and the step was not
+    skipped); ``H`` ``[..., n, n]``, a batch of matrices with a batch of pairs ``[..., n]``.
     ``soo::bfgs_direction``'s update, written with torch ops so that it can be masked."""
-    sy = torch.dot(s, y)
+    take = take[..., None]
+    sy = _dot(s, y)
     rho = torch.where(take, 1 / torch.where(take, sy, 1.0), 0.0)
-    u = H @ y
-    c = rho * rho * torch.dot(y, u) + rho
-    new = H - rho * (torch.outer(s, u) + torch.outer(u, s)) + c * torch.outer(s, s)
-    H.copy_(torch.where(take, new, H))
+    u = (H @ y[..., None])[..., 0]
+    c = rho * rho * _dot(y, u) + rho
+    su = s[..., :, None] * u[..., None, :]
+    new = H - rho[..., None] * (su + su.mT) + (c * s)[..., :, None] * s[..., None, :]
+    H.copy_(torch.where(take[..., None], new, H))
 
 
 def oldest_first(ring: Tensor, newest: int, count: int) -> Tensor:
@@ -160,24 +171,78 @@ def lbfgs_matrix_product(history: LBFGSHistory, M: Tensor) -> Tensor:
     return gamma * M + S.T @ Z - gamma * (Y.T @ X)
 
 
-def pair_update(layer: KFACLayer, st: dict, stats: PassStatistics, h_before: Tensor,
-                decay: float, mu1: float, mu2: float, ok: Tensor | None,
-                history: LBFGSHistory | None) -> tuple[Tensor, Tensor, Tensor]:
-    """The step's pair of ``layer`` (after the second pass): ``s = mean(h+) - mean(h)``,
-    ``y = mean(g+) - mean(g)`` (per-sample output gradients), folded into the running pair
-    ``st['s'], st['y']`` (decay ``decay``), double-damped with ``H_g``.  Returns
-    ``(s~, y~, take)``: ``take`` (0-dim bool) is False where the pair must not enter ``H_g``
-    (non-finite, ``s~^T y~ <= 0``, or a skipped step); nothing changes then."""
-    i = layer.index
-    s = layer_matrix(layer, layer.params()) @ stats.a[1][i] - h_before
-    y = stats.g[1][i] - stats.g[0][i]
-    fresh = torch.isfinite(torch.stack([torch.dot(s, s), torch.dot(y, y)])).all()
-    if ok is not None:
-        fresh = fresh & ok
-    for key, new in (("s", s), ("y", y)):
-        st[key].copy_(torch.where(fresh, st[key] * decay + new * (1 - decay), st[key]))
-    Hy = st["H_g"] @ st["y"] if history is None \
-        else lbfgs_matrix_product(history, st["y"][:, None])[:, 0]
-    s, y = double_damping(st["s"], st["y"], Hy, mu1, mu2)
-    sy = torch.dot(s, y)
-    return s, y, fresh & (sy > 0) & torch.isfinite(sy)
+def size_groups(layers: list[KFACLayer], power: int) -> list[list[int]]:
+    """Positions of ``layers`` in groups that are updated as one batch, padded to their largest
+    out size ``n``: largest first, a layer joins the group while the padded size
+    ``k n^power`` (``H_g`` ``[n, n]``: power 2; pairs only: 1) stays within twice the
+    unpadded one."""
+    groups: list[list[int]] = []
+    sizes: list[int] = []  # the unpadded size of each group
+    for i in sorted(range(len(layers)), key=lambda i: -layers[i].out):
+        size = layers[i].out ** power
+        if groups:
+            n = layers[groups[-1][0]].out
+            if (len(groups[-1]) + 1) * n ** power <= 2 * (sizes[-1] + size):
+                groups[-1].append(i)
+                sizes[-1] += size
+                continue
+        groups.append([i])
+        sizes.append(size)
+    return groups
+
+
+class PairGroup:
+    """Layers whose pairs (and BFGS ``H_g``) are updated as one batch: their running pairs
+    ``pairs`` ``[k, 2, n]`` and ``H`` ``[k, n, n]`` zero-padded to the largest out size ``n``.
+    Each layer's state entries ``s``, ``y`` and ``H_g`` are the leading slices of these (so a
+    batched op updates every layer's state); the padding stays 0 (s, y and ``H y`` are 0
+    there).  :meth:`current`: whether the state still holds those slices (not after a load)."""
+
+    def __init__(self, layers: list[KFACLayer], states: list[dict], bfgs: bool) -> None:
+        self.layers = layers
+        n, k, like = max(l.out for l in layers), len(layers), states[0]["s"]
+        self.pairs = like.new_zeros(k, 2, n)
+        self.H = like.new_zeros(k, n, n) if bfgs else None
+        self.h = like.new_zeros(k, n)  # the mean pre-activations of the first pass
+        self.new = like.new_zeros(k, 2, n)  # the step's pairs
+        self.views = []
+        for j, (l, st) in enumerate(zip(layers, states)):
+            row = {"s": self.pairs[j, 0, :l.out], "y": self.pairs[j, 1, :l.out]}
+            if bfgs:
+                row["H_g"] = self.H[j, :l.out, :l.out]
+            for key, view in row.items():
+                view.copy_(st[key])
+                st[key] = view
+            self.views.append(row)
+
+    def current(self, states: list[dict]) -> bool:
+        return all(st[key] is view for st, row in zip(states, self.views)
+                   for key, view in row.items())
+
+    def record_preactivations(self, a: list[Tensor]) -> None:
+        """``mean(h) = W mean(a)`` of the first pass, before the update."""
+        for j, l in enumerate(self.layers):
+            torch.mv(layer_matrix(l, l.params()), a[l.index], out=self.h[j, :l.out])
+
+    def update_pairs_(self, rows: slice, stats: PassStatistics, hy: Callable[[Tensor], Tensor],
+                      decay: float, mu1: float, mu2: float,
+                      ok: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The step's pairs of the layers ``rows`` (after the second pass), batched:
+        ``s = mean(h+) - mean(h)``, ``y = mean(g+) - mean(g)`` (per-sample output gradients),
+        folded into the running pairs (decay ``decay``), double-damped with ``hy`` (``[k, n]``
+        to ``H_g y``).  Returns ``(s~, y~, take)``: ``take`` (``[k]`` bool) is False where a
+        pair must not enter ``H_g`` (non-finite, ``s~^T y~ <= 0``, or a skipped step); a layer
+        whose new pair is not finite keeps its running pair."""
+        for j in range(rows.start, rows.stop):
+            l, i = self.layers[j], self.layers[j].index
+            torch.mv(layer_matrix(l, l.params()), stats.a[1][i], out=self.new[j, 0, :l.out])
+            torch.sub(stats.g[1][i], stats.g[0][i], out=self.new[j, 1, :l.out])
+        new, pairs = self.new[rows], self.pairs[rows]
+        new[:, 0].sub_(self.h[rows])
+        fresh = torch.isfinite((new * new).sum(-1)).all(-1)
+        if ok is not None:
+            fresh = fresh & ok
+        pairs.copy_(torch.where(fresh[:, None, None], pairs * decay + new * (1 - decay), pairs))
+        s, y = double_damping(pairs[:, 0], pairs[:, 1], hy(pairs[:, 1]), mu1, mu2)
+        sy = (s * y).sum(-1)
+        return s, y, fresh & (sy > 0) & torch.isfinite(sy)

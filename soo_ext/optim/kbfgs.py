@@ -13,17 +13,16 @@ from torch.optim import Optimizer
 
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
-from .._support.guard import SkipGuard, SkipWarner, all_finite
+from .._support.guard import MaskedSteps, SkipGuard, SkipWarner, all_finite
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
 from ..curvature.kbfgs import (LazyStatistics, bfgs_update_, layer_matrix, lbfgs_matrix_product,
-                               pair_update, refresh_inverses_)
+                               PairGroup, refresh_inverses_, size_groups)
 from ..curvature.kfac_layers import LayerCapture, compiled_inner, find_layers, skip_patterns
 from ..curvature.lbfgs_history import LBFGSHistory
 
 __all__ = ["KBFGS"]
-
 
 
 class _HistorySize(Int):
@@ -77,7 +76,8 @@ class KBFGS(Optimizer):
 
     Args:
         model: the nn.Module whose layers are hooked (or its ``torch.compile`` wrapper).
-        lr, momentum, weight_decay: per group (0.3, the authors', 0.9, 0).
+        lr, momentum, weight_decay: per group (1; the authors' lr 0.3: docs/kbfgs.md),
+            0.9, 0.
         damping: lambda in (0, 1) (default 0.3): ``H_a = (A + sqrt(lambda) I)^-1``, mu2.
         factor_decay, pair_decay: running-average decays of A and of the pairs (0.9, 0.9).
         powell, inv_update_steps: mu1 of Powell's damping, steps between ``H_a`` refreshes
@@ -90,7 +90,7 @@ class KBFGS(Optimizer):
 
     Example::
 
-        opt = soo_ext.KBFGS(model, lr=0.3)
+        opt = soo_ext.KBFGS(model)
 
         def closure():
             opt.zero_grad()
@@ -101,7 +101,7 @@ class KBFGS(Optimizer):
         opt.step(closure)
     """
 
-    def __init__(self, model: nn.Module, lr: float = 0.3, history_size: int | None = None, *,
+    def __init__(self, model: nn.Module, lr: float = 1.0, history_size: int | None = None, *,
                  momentum: float = 0.9, weight_decay: float = 0.0, damping: float = 0.3,
                  factor_decay: float = 0.9, pair_decay: float = 0.9, powell: float = 0.2,
                  inv_update_steps: int = 20, skip_layers=None, on_nonfinite: str = "skip",
@@ -125,6 +125,8 @@ class KBFGS(Optimizer):
         self._capture = LayerCapture(self._layers, self._stats, grad_scaler, "KBFGS")
         self._capture.configure(False, True, 1)  # captures only inside step()
         self._histories: dict[int, LBFGSHistory] = {}
+        self._pair_groups: tuple[tuple, list] = ((), [])  # (active layers, [(rows, group)])
+        self._masked = MaskedSteps()  # the gradients and steps, zeroed on a skipped step
         self._skips = SkipWarner("KBFGS")
 
     @property
@@ -155,7 +157,7 @@ class KBFGS(Optimizer):
                 entries["nonfinite_steps"] = entries["nonfinite_steps"].to(
                     device=p.device, dtype=torch.int64).clone()
             self.state[p].update(entries)
-        self._histories = {}  # rebuilt from the state at the next step
+        self._histories = {}  # rebuilt from the state at the next step (and the pair groups)
 
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
@@ -177,30 +179,28 @@ class KBFGS(Optimizer):
             raise RuntimeError(NO_CAPTURE)
         states = [_layer_state(self.state[l.weight], l, o["history_size"]) for l in active]
         stats, with_grad = self._stats.stats, [p for p in params if p.grad is not None]
-        checked = [p.grad for p in with_grad] + [t for l in active for t in (
-            stats.AA[l.index], stats.a[0][l.index], stats.g[0][l.index])]
-        guard = _guard(self, checked, glob)
+        guard = _guard(self, [p.grad for p in with_grad] + _first_pass(stats, active), glob)
         ok = guard.ok if guard else None
-        bufs = _momentum_(self.param_groups, self.state, with_grad, group_of, ok)
-        for l, st in zip(active, states):
-            new = st["A"] * o["factor_decay"] + stats.AA[l.index] * (1 - o["factor_decay"])
-            st["A"].copy_(new if ok is None else torch.where(ok, new, st["A"]))
+        if ok is not None and stats is not None:
+            stats.buffers[0].masked_fill_(guard.bad, 0)  # finite (unused) on a skipped step
+        bufs = _momentum_(self, with_grad, group_of, guard)
+        _factors_([st["A"] for st in states], [stats.AA[l.index] for l in active],
+                  o["factor_decay"], ok)
         if glob["step"] % o["inv_update_steps"] == 0:
             refresh_inverses_(active, [st["A"] for st in states], [st["H_a"] for st in states],
                               math.sqrt(o["damping"]), ok)
-        h_before = [layer_matrix(l, l.params()) @ stats.a[0][l.index] for l in active]
+        groups = _pair_groups(self, active, states)
+        for group in groups:
+            group.record_preactivations(stats.a[0])
         directions = dict(bufs)
         for l, st in zip(active, states):
             M = layer_matrix(l, [bufs[id(p)] for p in l.params()])
             V = (st["H_g"] @ M if o["history_size"] is None
                  else lbfgs_matrix_product(self._history(l, st), M)) @ st["H_a"]
             directions.update(_split(l, V))
-        for p in with_grad:
-            d = directions[id(p)] if ok is None else torch.where(ok, directions[id(p)], 0.0)
-            p.sub_(d, alpha=self.param_groups[group_of[id(p)]]["lr"])
+        _apply_steps_(self, with_grad, directions, group_of, guard)
         self._evaluate(closure, second=True)  # the pairs of the layers captured again
-        self._update_pairs([(l, st, h) for l, st, h in zip(active, states, h_before)
-                            if l.captures], ok)
+        self._update_pairs(groups, ok)
         glob["step"] += 1
         return loss
 
@@ -220,19 +220,26 @@ class KBFGS(Optimizer):
             self._stats.stats.average_(self._process_group)
         return loss
 
-    def _update_pairs(self, layers: list, ok: Tensor | None) -> None:
-        o = self.param_groups[0]
-        L = o["history_size"] is not None
-        pairs = [pair_update(l, st, self._stats.stats, h, o["pair_decay"], o["powell"],
-                             math.sqrt(o["damping"]), ok, self._history(l, st) if L else None)
-                 for l, st, h in layers]
-        if not L:
-            for (_, st, _), (s, y, take) in zip(layers, pairs):
-                bfgs_update_(st["H_g"], s, y, take)
-            return
-        takes = torch.stack([take for _, _, take in pairs]).tolist() if pairs else []
-        for (l, st, _), (s, y, _), take in zip(layers, pairs, takes):
+    def _update_pairs(self, groups: list[PairGroup], ok: Tensor | None) -> None:
+        """Each group's pairs after the second pass (its layers captured again: each run of
+        them), into ``H_g`` (BFGS) or the L-BFGS histories (one host read for all pushes)."""
+        o, pushes = self.param_groups[0], []
+        for g in groups:
+            for rows in _captured_runs(g.layers):
+                if g.H is not None:
+                    s, y, take = g.update_pairs_(
+                        rows, self._stats.stats, lambda y, H=g.H[rows]: (H @ y[..., None])[..., 0],
+                        o["pair_decay"], o["powell"], math.sqrt(o["damping"]), ok)
+                    bfgs_update_(g.H[rows], s, y, take)
+                    continue
+                layers = g.layers[rows]
+                s, y, take = g.update_pairs_(rows, self._stats.stats, lambda y: _lbfgs_hy(
+                    self, layers, y), o["pair_decay"], o["powell"], math.sqrt(o["damping"]), ok)
+                pushes += [(l, s[j, :l.out], y[j, :l.out], take[j]) for j, l in enumerate(layers)]
+        takes = torch.stack([t for *_, t in pushes]).tolist() if pushes else []
+        for (l, s, y, _), take in zip(pushes, takes):
             if take:  # pushing is a host decision (the ring's slot): one sync per step
+                st = self.state[l.weight]
                 self._history(l, st).push(s, y)
                 st["history"] = self._histories[l.index].state_dict()
 
@@ -246,6 +253,18 @@ class KBFGS(Optimizer):
             self._histories[l.index] = h
             st["history"] = h.state_dict()
         return h
+
+
+def _pair_groups(opt: KBFGS, active: list, states: list[dict]) -> list[PairGroup]:
+    """The active layers' pair groups (``size_groups``), kept while the state holds them."""
+    key, kept = opt._pair_groups
+    if key != tuple(l.index for l in active) or not all(
+            g.current([states[i] for i in rows]) for rows, g in kept):
+        bfgs = "H_g" in states[0] if states else True
+        kept = [(rows, PairGroup([active[i] for i in rows], [states[i] for i in rows], bfgs))
+                for rows in size_groups(active, 2 if bfgs else 1)]
+        opt._pair_groups = tuple(l.index for l in active), kept
+    return [g for _, g in kept]
 
 
 def _global_state(opt: KBFGS) -> dict:
@@ -280,20 +299,89 @@ def _scaler_skips(opt: KBFGS, params: list[Tensor]) -> bool:
     return not bool(all_finite([p.grad for p in params if p.grad is not None]))
 
 
-def _momentum_(groups: list[dict], state: dict, params: list[Tensor], group_of: dict,
-               ok: Tensor | None) -> dict[int, Tensor]:
-    """``m <- momentum m + (1 - momentum) (grad + weight_decay p)`` per param (unchanged on a
-    skipped step), as the authors' code; returns the buffers by param id."""
+def _first_pass(stats, active: list) -> list[Tensor]:
+    """The first pass's statistics that the guard checks: the whole buffer (one tensor) when
+    every layer takes the step, else those of the layers that do."""
+    if stats is None or not active:
+        return []
+    if len(active) == len(stats.AA):
+        return [stats.buffers[0]]
+    return [t for l in active for t in (stats.AA[l.index], stats.a[0][l.index],
+                                        stats.g[0][l.index])]
+
+
+def _by_group(params: list[Tensor], tensors: list[Tensor], group_of: dict) -> dict:
+    """``{group index: (params, tensors)}``, in the params' order."""
+    out: dict[int, tuple[list, list]] = {}
+    for p, t in zip(params, tensors):
+        ps, ts = out.setdefault(group_of[id(p)], ([], []))
+        ps.append(p)
+        ts.append(t)
+    return out
+
+
+def _momentum_(opt: KBFGS, params: list[Tensor], group_of: dict,
+               guard: SkipGuard | None) -> dict[int, Tensor]:
+    """``m <- momentum m + (1 - momentum)(grad + weight_decay p)`` per param, as the authors'
+    code (a lerp per param group; on a skipped step the gradients are zeroed and the weight is
+    0, so ``m`` is left bit for bit); returns the buffers by param id."""
+    grads = [p.grad for p in params]
+    if guard is not None:
+        grads = opt._masked("grads", grads, guard.bad)
     out = {}
-    for p in params:
-        g, st = groups[group_of[id(p)]], state[p]
-        if "momentum_buffer" not in st:
-            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        buf = st["momentum_buffer"]
-        d = p.grad if g["weight_decay"] == 0 else p.grad + g["weight_decay"] * p
-        new = buf * g["momentum"] + d * (1 - g["momentum"])
-        buf.copy_(new if ok is None else torch.where(ok, new, buf))
-        out[id(p)] = buf
+    for gi, (ps, ds) in _by_group(params, grads, group_of).items():
+        g, bufs = opt.param_groups[gi], []
+        for p in ps:
+            st = opt.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(st["momentum_buffer"])
+            out[id(p)] = st["momentum_buffer"]
+        if g["weight_decay"] != 0:
+            ds = torch._foreach_add(ds, ps, alpha=g["weight_decay"])
+        w = 1 - g["momentum"]
+        torch._foreach_lerp_(bufs, ds, w if guard is None else torch.where(
+            guard.ok, bufs[0].new_full((), w), 0.0))
+    return out
+
+
+def _factors_(A: list[Tensor], AA: list[Tensor], decay: float, ok: Tensor | None) -> None:
+    """``A <- decay A + (1 - decay) mean(a a^T)`` (a lerp; weight 0 on a skipped step, whose
+    statistics were zeroed: A is left bit for bit)."""
+    if A:
+        w = 1 - decay
+        torch._foreach_lerp_(A, AA, w if ok is None else torch.where(ok, A[0].new_full((), w),
+                                                                      0.0))
+
+
+def _apply_steps_(opt: KBFGS, params: list[Tensor], directions: dict, group_of: dict,
+                  guard: SkipGuard | None) -> None:
+    """``p <- p - lr d`` per param group (the steps zeroed on a skipped step)."""
+    steps = [directions[id(p)] for p in params]
+    if guard is not None:
+        steps = opt._masked("steps", steps, guard.bad)
+    for gi, (ps, ds) in _by_group(params, steps, group_of).items():
+        torch._foreach_add_(ps, ds, alpha=-opt.param_groups[gi]["lr"])
+
+
+def _captured_runs(layers: list) -> list[slice]:
+    """The runs of ``layers`` captured in the second pass (all of them, usually)."""
+    runs, start = [], None
+    for j, l in enumerate(layers + [None]):
+        if l is not None and l.captures:
+            start = j if start is None else start
+        elif start is not None:
+            runs.append(slice(start, j))
+            start = None
+    return runs
+
+
+def _lbfgs_hy(opt: KBFGS, layers: list, y: Tensor) -> Tensor:
+    """``H_g y`` of each layer's L-BFGS matrix, for the rows of ``y`` (zero-padded)."""
+    out = torch.zeros_like(y)
+    for j, l in enumerate(layers):
+        out[j, :l.out] = lbfgs_matrix_product(opt._history(l, opt.state[l.weight]),
+                                              y[j, :l.out, None])[:, 0]
     return out
 
 

@@ -1,14 +1,16 @@
 """soo_ext.curvature.kbfgs: the double damping's guarantees, the masked BFGS update against the
-op's, the L-BFGS matrix product against the textbook two-loop recursion, the H_a refresh, and
-the pass statistics (low-precision rows, a pass after a non-finite one)."""
+op's (and both batched over layers), the L-BFGS matrix product against the textbook two-loop
+recursion, the H_a refresh, the pass statistics (low-precision rows, a pass after a non-finite
+one), and the zero-padded groups of layers whose pairs are updated as one batch."""
 import math
 
 import pytest
 import torch
 
 from soo_ext import LBFGSHistory, reference
-from soo_ext.curvature.kbfgs import (PassStatistics, bfgs_update_, double_damping, oldest_first,
-                                     lbfgs_matrix_product, refresh_inverses_)
+from soo_ext.curvature.kbfgs import (PairGroup, PassStatistics, bfgs_update_, double_damping,
+                                     lbfgs_matrix_product, oldest_first, refresh_inverses_,
+                                     size_groups)
 from soo_ext.curvature.kfac_layers import KFACLayer
 
 F64 = torch.float64
@@ -149,3 +151,63 @@ def test_oldest_first_is_the_ring_order(m):
         for count in range(m + 1):
             idx = torch.tensor(reference.ring_slots(newest, count, m), dtype=torch.long)
             assert torch.equal(oldest_first(ring, newest, count), ring[idx])
+
+
+def test_batched_damping_and_bfgs_update_are_the_per_pair_ones():
+    """A batch of 3 pairs (one masked) zero-padded from sizes 5, 4, 2 to 5: the per-pair
+    results in the leading slices, and the padding stays 0."""
+    gen = torch.Generator().manual_seed(3)
+    sizes, n = (5, 4, 2), 5
+    H = torch.zeros(3, n, n, dtype=F64)
+    s, y = torch.zeros(3, n, dtype=F64), torch.zeros(3, n, dtype=F64)
+    for j, m in enumerate(sizes):
+        H[j, :m, :m] = spd(m, gen)
+        s[j, :m] = torch.randn(m, dtype=F64, generator=gen)
+        y[j, :m] = torch.randn(m, dtype=F64, generator=gen)
+    take = torch.tensor([True, False, True])
+    want = []
+    for j, m in enumerate(sizes):
+        Hj = H[j, :m, :m].clone()
+        sj, yj = double_damping(s[j, :m], y[j, :m], Hj @ y[j, :m], 0.2, 0.5)
+        bfgs_update_(Hj, sj, yj, take[j])
+        want.append((sj, yj, Hj))
+    Hy = (H @ y[..., None])[..., 0]
+    s2, y2 = double_damping(s, y, Hy, 0.2, 0.5)
+    bfgs_update_(H, s2, y2, take)
+    for j, (m, (sj, yj, Hj)) in enumerate(zip(sizes, want)):
+        torch.testing.assert_close(s2[j, :m], sj, rtol=0, atol=1e-14)
+        torch.testing.assert_close(y2[j, :m], yj, rtol=0, atol=1e-14)
+        torch.testing.assert_close(H[j, :m, :m], Hj, rtol=0, atol=1e-13)
+        assert not s2[j, m:].any() and not y2[j, m:].any()
+        assert not H[j, m:].any() and not H[j, :, m:].any()
+
+
+def _layers(outs):
+    return [KFACLayer(str(i), torch.nn.Linear(3, k).double(), i) for i, k in enumerate(outs)]
+
+
+def test_size_groups_pad_at_most_twice_the_state():
+    """Largest first; a layer joins while k n^p <= 2 * the unpadded size."""
+    assert size_groups(_layers((25, 25, 25, 10)), 2) == [[0, 1, 2, 3]]  # the MNIST-1D CNN
+    assert size_groups(_layers((100, 100, 10)), 2) == [[0, 1, 2]]  # the MNIST-1D MLP
+    assert size_groups(_layers((10, 4096, 10)), 2) == [[1, 0], [2]]  # 3 * 4096^2: too many
+    assert size_groups(_layers((16, 64, 16)), 2) == [[1, 0], [2]]  # 3 * 64^2 > 2 (64^2 + 2 16^2)
+    assert size_groups(_layers((16, 64, 16)), 1) == [[1, 0, 2]]  # vectors: 3 * 64 <= 2 (64 + 32)
+
+
+def test_pair_group_state_entries_are_slices_until_replaced():
+    layers = _layers((4, 2))
+    gen = torch.Generator().manual_seed(0)
+    states = [dict(s=torch.randn(l.out, dtype=F64, generator=gen),
+                   y=torch.randn(l.out, dtype=F64, generator=gen), H_g=spd(l.out, gen))
+              for l in layers]
+    saved = [{k: v.clone() for k, v in st.items()} for st in states]
+    group = PairGroup(layers, states, bfgs=True)
+    for st, old in zip(states, saved):  # the values carried over, now slices of the group's
+        assert all(torch.equal(st[k], old[k]) for k in old)
+    assert states[1]["H_g"].data_ptr() == group.H[1].data_ptr()
+    assert not group.H[1, 2:].any() and not group.pairs[1, :, 2:].any()
+    group.H[1, :2, :2] += 1
+    assert torch.equal(states[1]["H_g"], saved[1]["H_g"] + 1) and group.current(states)
+    states[0]["s"] = states[0]["s"].clone()  # as a loaded state dict does
+    assert not group.current(states)

@@ -429,6 +429,46 @@ def test_a_skipped_first_pass_leaves_no_trace():
         assert torch.equal(a, b)
 
 
+
+class Branches(nn.Module):
+    """The MLP plus a Linear(5, 3) branch on the input that the closure may leave out."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp, self.branch, self.use_branch = mlp(), nn.Linear(5, 3).double(), True
+
+    def forward(self, x):
+        out = self.mlp(x)
+        return out + self.branch(x) if self.use_branch else out
+
+
+@pytest.mark.parametrize("history_size", [None, 2])
+def test_a_layer_left_out_of_the_second_pass_keeps_its_pair(history_size):
+    """The four layers (out 7, 6, 3, 3) are one pair group; a second pass without the branch
+    updates the others' pairs (a run of the group) and leaves the branch's pair and H_g."""
+    model = Branches()
+    opt = KBFGS(model, **dict(OPTS, history_size=history_size))
+    x, t = batch(0)
+    leave_out = False
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), t)
+        loss.backward()
+        model.use_branch = not leave_out  # for the second call
+        return loss
+    for _ in range(2):
+        opt.step(closure)
+    keys = ("s", "y") if history_size else ("s", "y", "H_g")
+    kept = [opt.state[model.branch.weight][k].clone() for k in keys]
+    moved = opt.state[model.mlp[4].weight]["s"].clone()
+    assert kept[0].abs().sum() > 0  # the branch has a pair already
+    leave_out = True
+    opt.step(closure)
+    assert all(torch.equal(a, opt.state[model.branch.weight][k]) for a, k in zip(kept, keys))
+    assert not torch.equal(moved, opt.state[model.mlp[4].weight]["s"])
+
+
 def f32_mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
