@@ -59,28 +59,19 @@ class KFACLayer:
 
     def a_rows(self, x: Tensor) -> Tensor:
         """The activation rows ``a`` (with the 1 of the bias), ``[N, a_dim]``: the layer input's
-        rows for a Linear, the unfolded patches (N times the output positions) for a conv (a
-        Conv1d as a Conv2d with a unit height: kernel ``(1, k)``)."""
-        m = self.module
-        if self.conv:
-            x = self.batched(x)
-            padding = m.padding
-            if isinstance(padding, str) or m.padding_mode != "zeros":
-                if any(m._reversed_padding_repeated_twice):
-                    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-                    x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-                padding = (0,) * self.spatial
-            kernel, dilation, stride = m.kernel_size, m.dilation, m.stride
-            if self.spatial == 1:
-                x = x.unsqueeze(2)
-                kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
-                padding = (0, *padding)
-            a = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-            a = a.transpose(1, 2).reshape(-1, self.fan_in)
-        else:
+        rows for a Linear, the patches (N times the output positions rows, columns in the
+        weight's ``(C, kh, kw)`` order, as ``F.unfold`` gives them) for a conv.  One copy: a
+        conv's patches are a strided view of its (padded) input, gathered straight into the
+        rows (``F.unfold`` loops over the samples on the CPU)."""
+        if not self.conv:
             a = x.reshape(-1, self.fan_in)
-        if self.bias is not None:
-            a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+            return a if self.bias is None else torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+        patches = _patches(self.batched(x), self.module)
+        if self.bias is None:
+            return patches.reshape(-1, self.fan_in)
+        a = patches.new_empty(patches.numel() // self.fan_in, self.a_dim)
+        a.narrow(1, 0, self.fan_in).view(patches.shape).copy_(patches)
+        a.select(1, self.fan_in).fill_(1)
         return a
 
     def g_rows(self, g: Tensor) -> Tensor:
@@ -88,6 +79,27 @@ class KFACLayer:
         if self.conv:
             return self.batched(g).movedim(1, -1).reshape(-1, self.out)
         return g.reshape(-1, self.out)
+
+
+def _patches(x: Tensor, conv: nn.Module) -> Tensor:
+    """A conv's patches as a view of its batched input ``x`` (padded first as its forward pads
+    it: a copy of the input only), ``[N, *positions, C, *kernel]``."""
+    padding = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        pad = conv._reversed_padding_repeated_twice
+    else:  # what F.conv reads for zero padding
+        pad = [p for p in reversed(padding) for _ in range(2)]
+    if any(pad):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    n, c, *size = x.shape
+    sn, sc, *step = x.stride()
+    kernel, dilation, stride = conv.kernel_size, conv.dilation, conv.stride
+    positions = [(s - d * (k - 1) - 1) // t + 1
+                 for s, k, d, t in zip(size, kernel, dilation, stride)]
+    return x.as_strided((n, *positions, c, *kernel),
+                        (sn, *(e * t for e, t in zip(step, stride)), sc,
+                         *(e * d for e, d in zip(step, dilation))))
 
 
 def skip_patterns(skip_layers) -> tuple[re.Pattern, ...]:

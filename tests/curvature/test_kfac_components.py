@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from soo_ext.curvature.kfac_factors import (EigenFactors, FactorStore, InverseFactors, KFACLayout,
                                             LayerGradients, kl_clip_, load_views)
@@ -79,6 +80,104 @@ def test_conv_rows_are_the_patches(padding_mode, padding, dims):
     # an unbatched input: the rows of a batch of one
     assert torch.equal(layer.a_rows(x[1]), layer.a_rows(x[1:]))
     assert torch.equal(layer.g_rows(g[1]), layer.g_rows(g[1:]))
+
+
+def unfold_rows(conv, x):
+    """The rows as F.unfold builds them (a_rows before it gathered from a strided view): the
+    oracle of the gather, which must give the same bits."""
+    x = x.unsqueeze(0) if x.dim() == conv.weight.dim() - 1 else x
+    padding = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        if any(conv._reversed_padding_repeated_twice):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = torch.nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * len(conv.kernel_size)
+    kernel, dilation, stride = conv.kernel_size, conv.dilation, conv.stride
+    if len(kernel) == 1:
+        x = x.unsqueeze(2)
+        kernel, dilation, stride, padding = (1, *kernel), (1, *dilation), (1, *stride), \
+            (0, *padding)
+    a = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    a = a.transpose(1, 2).reshape(-1, conv.weight[0].numel())
+    return a if conv.bias is None else torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+
+
+def same_bits(a, b):
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
+    return a.shape == b.shape and a.dtype == b.dtype \
+        and torch.equal(a.view(bits[a.dtype]), b.view(bits[b.dtype]))
+
+
+# kernel, stride, dilation, padding, padding_mode (2-D; the 1-D cases take the last entries)
+CONV_CASES = [((3, 2), 1, 1, 0, "zeros"), ((1, 5), (1, 2), 1, (0, 1), "zeros"),
+              ((3, 3), 2, 1, 1, "zeros"), ((2, 3), (2, 1), (1, 2), (1, 2), "zeros"),
+              ((3, 2), 1, (2, 3), "same", "zeros"), ((4, 2), 1, 1, "same", "reflect"),
+              ((3, 3), (1, 3), 1, "valid", "zeros"), ((3, 2), 2, (2, 1), (2, 1), "reflect"),
+              ((2, 2), (3, 2), 1, (1, 2), "circular"), ((3, 1), 1, 2, 1, "replicate"),
+              ((1, 1), 1, 1, 0, "zeros"), ((1, 1), 2, 1, 1, "circular")]
+
+
+def conv_inputs(dims, gen, dtype, device):
+    """Batches of 1 and 3 with odd sizes, contiguous, channels_last, strided (a slice of a
+    larger tensor, a transposed one), an unbatched one, with -0, inf and NaN among the values."""
+    big = torch.randn(4, 6, 11, 13, generator=gen, dtype=F64).to(dtype)
+    big.view(-1)[:3] = torch.tensor([-0.0, float("inf"), float("nan")])
+    big = big.to(device)
+    xs = [big[:1, :3], big[1:, 1:4, 1:10, 2:], big[:, ::2, ::2, 1::2],
+          big[:3, :3].contiguous(memory_format=torch.channels_last),
+          big[:3, :3].transpose(2, 3), big[0, :3]]
+    return [x[..., 0, :] if dims == 1 else x for x in xs]  # 1-D: a row of each
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA not available"))])
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_conv_rows_gather_the_bits_of_unfold(dims, dtype, device):
+    gen = torch.Generator().manual_seed(0)
+    for kernel, stride, dilation, padding, mode in CONV_CASES:
+        for bias in (True, False):
+            args = (kernel, stride, dilation, padding)
+            if dims == 1:
+                args = tuple(a if isinstance(a, str) else a[-1] if isinstance(a, tuple) else a
+                             for a in args)
+            cls = nn.Conv1d if dims == 1 else nn.Conv2d
+            conv = cls(3, 2, args[0], stride=args[1], dilation=args[2], padding=args[3],
+                       padding_mode=mode, bias=bias).to(dtype).to(device)
+            layer = layers_of(nn.Sequential(conv))[0]
+            for x in conv_inputs(dims, gen, dtype, device):
+                case = (args, mode, bias, tuple(x.shape), x.stride())
+                assert same_bits(layer.a_rows(x), unfold_rows(conv, x)), case
+
+
+class _WrittenStorages(TorchDispatchMode):
+    """Records the storages that ops return (what a_rows allocates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_rows_take_one_copy(bias):
+    """The patches are gathered into the rows once: no rows-sized intermediate (F.unfold's
+    patches, their transposed copy, the concatenation with the 1s took three)."""
+    conv = nn.Conv2d(3, 4, (3, 2), stride=(1, 2), padding=1, bias=bias)
+    layer = layers_of(nn.Sequential(conv))[0]
+    x = torch.randn(5, 3, 9, 12)
+    with _WrittenStorages() as seen:
+        a = layer.a_rows(x)
+    patches = a.shape[0] * layer.fan_in * a.element_size()  # bytes (the padded input: fewer)
+    big = [ptr for ptr, n in seen.storages.items() if n >= patches]
+    assert big == [a.untyped_storage().data_ptr()]
+    assert same_bits(a, unfold_rows(conv, x))
 
 
 # ---- layout --------------------------------------------------------------------------------- #
