@@ -1,7 +1,8 @@
 """Grafting (Agarwal et al. 2020; as in Distributed Shampoo): the diagonal optimizer whose step
 size a Shampoo block takes (its direction is Shampoo's), and the direction of params without
 factors.  One interface, as the preconditioners': ``update`` the statistics, ``precondition``
-a gradient."""
+a gradient; both take lists of tensors (each param's, or one flat buffer) and run
+multi-tensor ops."""
 from __future__ import annotations
 
 import torch
@@ -23,9 +24,10 @@ class SGDGrafting:
     def update(self, states: list[Tensor], grads: list[Tensor], guard: SkipGuard) -> None:
         """Add this step's gradients (zero on a skipped step) to the statistics."""
 
-    def precondition(self, states: list[Tensor], grads: list[Tensor],
-                     taken: Tensor) -> list[Tensor]:
-        """The grafting directions (``taken``: steps taken, for bias corrections)."""
+    def precondition(self, states: list[Tensor], grads: list[Tensor], taken: Tensor,
+                     out: list[Tensor] | None = None) -> list[Tensor]:
+        """The grafting directions (``taken``: steps taken, for bias corrections), into ``out``
+        if given (SGD's are the gradients themselves)."""
         return grads
 
 
@@ -35,11 +37,12 @@ class AdaGradGrafting(SGDGrafting):
     state_key = "graft_state"
 
     def update(self, states, grads, guard):
-        for s, g in zip(states, grads):
-            s.addcmul_(g, g)
+        torch._foreach_addcmul_(states, grads, grads)
 
-    def precondition(self, states, grads, taken):
-        return [g / (s.sqrt() + self.epsilon) for s, g in zip(states, grads)]
+    def precondition(self, states, grads, taken, out=None):
+        denom = torch._foreach_sqrt(states)
+        torch._foreach_add_(denom, self.epsilon)
+        return _divided(grads, denom, out)
 
 
 class AdamGrafting(SGDGrafting):
@@ -49,15 +52,27 @@ class AdamGrafting(SGDGrafting):
     state_key = "graft_state"
 
     def update(self, states, grads, guard):
-        b2 = self.beta2
-        keep = guard.unless_skipped(b2, states[0]) if states else None
-        for v, g in zip(states, grads):
-            v.mul_(keep).addcmul_(g, g, value=1 - b2)
+        if states:
+            torch._foreach_mul_(states, guard.unless_skipped(self.beta2, states[0]))
+            torch._foreach_addcmul_(states, grads, grads, value=1 - self.beta2)
 
-    def precondition(self, states, grads, taken):
-        root_bc = torch.sqrt(1 - torch.pow(self.beta2, taken)).to(grads[0].dtype) if grads \
-            else None
-        return [g / ((v.sqrt() / root_bc) + self.epsilon) for v, g in zip(states, grads)]
+    def precondition(self, states, grads, taken, out=None):
+        if not grads:
+            return []
+        root_bc = torch.sqrt(1 - torch.pow(self.beta2, taken)).to(grads[0].dtype)
+        denom = torch._foreach_sqrt(states)
+        torch._foreach_div_(denom, root_bc)
+        torch._foreach_add_(denom, self.epsilon)
+        return _divided(grads, denom, out)
+
+
+def _divided(grads: list[Tensor], denom: list[Tensor], out: list[Tensor] | None) -> list[Tensor]:
+    """``g / d`` for each pair, into ``out`` if given."""
+    if out is None:
+        return torch._foreach_div(grads, denom)
+    for g, d, o in zip(grads, denom, out):
+        torch.div(g, d, out=o)
+    return out
 
 
 def make_grafting(kind: str | None, epsilon: float, beta2: float) -> SGDGrafting:

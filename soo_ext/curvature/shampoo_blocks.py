@@ -9,7 +9,12 @@ from torch import Tensor
 
 from .kron_buckets import KronBuckets
 
-__all__ = ["BlockedParam", "BlockShapeGroup", "ShampooBlocking", "merge_dims"]
+__all__ = ["BlockedParam", "BlockShapeGroup", "MERGE_COST_RATIO", "ShampooBlocking", "merge_dims",
+           "merge_dims_by_cost"]
+
+# A merge may make the merged dim's factor cost (its root: n^3) at most this many times the
+# factors of the dims it replaces (see merge_dims_by_cost).
+MERGE_COST_RATIO = 256
 
 
 def merge_dims(shape, max_dim: int, from_last: bool = True) -> tuple[int, ...]:
@@ -36,6 +41,27 @@ def merge_dims(shape, max_dim: int, from_last: bool = True) -> tuple[int, ...]:
     return tuple(reversed(out)) if from_last else tuple(out)
 
 
+def merge_dims_by_cost(shape, max_dim: int, max_ratio: float = MERGE_COST_RATIO
+                       ) -> tuple[int, ...]:
+    """:func:`merge_dims` (from the last dim) that also refuses a merge whose factor would cost
+    more than ``max_ratio`` times the separate factors of the dims it replaces, a root costing
+    ``n^3``.  With the default 256 small kernel dims still merge as the reference merges them:
+    ``(25, 25, 1, 3) -> (25, 75)`` (75^3 is 27 times 25^3 + 3^3), ``(25, 1, 1, 5) -> (125,)``
+    (124 times), ``(64, 3, 3, 3) -> (64, 27)`` (243 times); but two matrix-sized dims do not:
+    ``(10, 100)`` stays (one 1000-long dim would cost 1000 times: a full-matrix factor whose
+    root costs hundreds of plain steps of a small model), and so does ``(64, 64, 3, 3) ->
+    (64, 64, 9)`` (the reference's ``(64, 576)``: 727 times).  ``max_ratio=inf`` is
+    :func:`merge_dims`."""
+    out: list[tuple[int, int]] = []  # (merged size, sum of the cubes of its original dims)
+    for d in reversed([d for d in shape if d != 1]):
+        if out and out[-1][0] * d <= max_dim and (out[-1][0] * d) ** 3 <= max_ratio * (
+                out[-1][1] + d ** 3):
+            out[-1] = (out[-1][0] * d, out[-1][1] + d ** 3)
+        else:
+            out.append((d, d ** 3))
+    return tuple(n for n, _ in reversed(out))
+
+
 class BlockedParam:
     """Layout of one param: its merged shape and blocks (slices of the merged tensor), or
     ``merged`` None for a param that takes the grafting (diagonal) direction."""
@@ -43,7 +69,8 @@ class BlockedParam:
     def __init__(self, p: Tensor, group: int, max_dim: int, merge: bool,
                  precondition_1d: bool) -> None:
         self.p, self.group = p, group
-        merged = merge_dims(p.shape, max_dim) if merge else tuple(d for d in p.shape if d > 1)
+        merged = (merge_dims_by_cost(p.shape, max_dim, MERGE_COST_RATIO) if merge
+                  else tuple(d for d in p.shape if d > 1))
         wanted = p.dim() >= 2 or (p.dim() == 1 and precondition_1d)
         self.merged = merged if wanted and merged else None
         self.blocks: list[tuple[slice, ...]] = []

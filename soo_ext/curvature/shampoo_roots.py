@@ -33,7 +33,14 @@ def _ridged(F: Tensor, relative: float) -> Tensor:
 class ShampooRoots:
     """The factors (zero at the start), roots (identities) and consecutive-failure counters of
     every factor slot of a blocking, as ``[B, n, n]`` stacks per bucket (``factor_dtype``); the
-    state's per-param lists are views of them (:meth:`views`)."""
+    state's per-param lists are views of them (:meth:`views`).
+
+    A step works on flat buffers of the params' dtype kept across steps (:meth:`flat`: the
+    gradients, the grafting state and directions), laid out by shape group: the params that
+    are one block come first, those of one shape group one after another, so that the stack of
+    a shape group's blocks is a view of the buffer; a group with blocks of larger params is
+    gathered (one ``stack``).  So a step's dispatch grows with the shape groups, not the
+    params."""
 
     def __init__(self, blocking: ShampooBlocking, dtype: torch.dtype, factor_dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -43,8 +50,54 @@ class ShampooRoots:
         self.factors = buckets.stacks(factor_dtype, device, identity=False)
         self.roots = buckets.stacks(factor_dtype, device, identity=True)
         self.fails = buckets.vectors(torch.int32, device)
+        self._factor_list = list(self.factors.values())
         self._decay_key: tuple | None = None
         self._decay: dict[tuple[int, int], Tensor] | float = 1.0
+        params = blocking.params
+        whole = [i for sg in blocking.shape_groups for i, _ in sg.members
+                 if len(params[i].blocks) == 1]
+        order = whole + sorted(set(range(len(params))) - set(whole))
+        self._offsets = [0] * len(params)
+        numel = 0
+        for i in order:
+            self._offsets[i], numel = numel, numel + params[i].p.numel()
+        self.numel = numel
+        # a shape group's blocks are a view where they are whole params, one after another
+        self._contiguous = [all(len(params[i].blocks) == 1 for i, _ in sg.members)
+                            for sg in blocking.shape_groups]
+        # the transposed roots of each shape group's blocks, per mode (views: the roots are
+        # updated in place)
+        self._roots_t = [[self.roots[key][start:start + len(sg.members)].transpose(1, 2)
+                          for key, start in sg.slots] for sg in blocking.shape_groups]
+        self.grad = self.flat()
+        self.grad_views = self.flat_views(self.grad)
+        self.direction = self.flat()  # the grafting directions, then the final ones
+        self.direction_views = self.flat_views(self.direction)
+        self._present: list[bool] = []
+
+    def flat(self) -> Tensor:
+        """A zeroed flat buffer of this layout (params' dtype)."""
+        return torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+
+    def flat_views(self, flat: Tensor) -> list[Tensor]:
+        """Each param's view of ``flat`` (of this layout), in the param's shape."""
+        return [flat[o:o + P.p.numel()].view(P.p.shape)
+                for o, P in zip(self._offsets, self.blocking.params)]
+
+    def _stacks(self, flat: Tensor) -> list[Tensor]:
+        """The ``[B, *shape]`` stack of every shape group's blocks of ``flat``: a view, or a
+        gathered copy."""
+        out = []
+        for sg, contiguous in zip(self.blocking.shape_groups, self._contiguous):
+            i0, numel = sg.members[0][0], _numel(sg.shape)
+            if contiguous:
+                o = self._offsets[i0]
+                out.append(flat[o:o + len(sg.members) * numel].view((-1,) + sg.shape))
+            else:
+                params = self.blocking.params
+                views = self.flat_views(flat)
+                out.append(torch.stack([params[i].block(views[i], j) for i, j in sg.members]))
+        return out
 
     def views(self, i: int) -> dict[str, list[Tensor]]:
         """The state entries of param ``i``: ``factors``, ``roots``, ``root_failures``."""
@@ -64,32 +117,41 @@ class ShampooRoots:
                                for key, gs in self.blocking.slot_group.items()}
         return self._decay
 
-    def update(self, grads: list[Tensor], guard: SkipGuard, betas2: tuple[float, ...],
-               present: list[bool]) -> list[Tensor]:
-        """``L_i <- beta2 L_i + G_(i) G_(i)^T`` for every block (``beta2`` of its param's group;
-        unchanged on a skipped step, where ``grads`` are zero, and for the params without a
-        gradient (``present[i]`` False), whose ``grads`` are zero); returns the stacked blocks
-        ``[B, *shape]`` (factor dtype) of each shape group."""
+    def load_grads(self, grads: list[Tensor | None]) -> Tensor:
+        """The params' gradients into the flat gradient buffer (None: zero), returned."""
+        present = [g is not None for g in grads]
+        if all(present):
+            torch._foreach_copy_(self.grad_views, grads)
+        else:
+            torch._foreach_copy_([v for v, g in zip(self.grad_views, grads) if g is not None],
+                                 [g for g in grads if g is not None])
+            for v, g in zip(self.grad_views, grads):
+                if g is None:
+                    v.zero_()
+        self._present = present
+        return self.grad
+
+    def update(self, guard: SkipGuard, betas2: tuple[float, ...]) -> list[Tensor]:
+        """``L_i <- beta2 L_i + G_(i) G_(i)^T`` for every block of the loaded gradients
+        (:meth:`load_grads`; ``beta2`` of its param's group; unchanged on a skipped step, where
+        they are zero, and for the params without a gradient, whose gradients are zero);
+        returns the stacked blocks ``[B, *shape]`` (factor dtype) of each shape group."""
         decay = self._decay_of(betas2)
+        present = self._present
         if not all(present):  # 1 for the factors of the params without a gradient
             decay = {key: device_tensor([betas2[self.blocking.params[i].group] if present[i]
                                          else 1.0 for i, _, _ in owners],
                                         self.device, self.fdtype)
                      for key, owners in self.blocking.owner.items()}
         if isinstance(decay, float):
-            if decay != 1.0:
-                scale = None
-                for F in self.factors.values():
-                    if scale is None:
-                        scale = torch.where(guard.ok, F.new_full((), decay), 1.0)
-                    F.mul_(scale)
+            if decay != 1.0 and self._factor_list:
+                scale = torch.where(guard.ok, self._factor_list[0].new_full((), decay), 1.0)
+                torch._foreach_mul_(self._factor_list, scale)
         else:
             for key, F in self.factors.items():
                 F.mul_(torch.where(guard.ok, decay[key], 1.0)[:, None, None])
         stacked = []
-        params = self.blocking.params
-        for sg in self.blocking.shape_groups:
-            G = torch.stack([params[i].block(grads[i], j) for i, j in sg.members])
+        for sg, G in zip(self.blocking.shape_groups, self._stacks(self.grad)):
             G = G.to(self.fdtype)
             stacked.append(G)
             B = G.shape[0]
@@ -142,38 +204,47 @@ class ShampooRoots:
             "is probably not finite or badly conditioned (try root_method='eigh', a larger "
             "epsilon or factor_dtype=torch.float64)")
 
-    def precondition(self, stacked: list[Tensor], graft: list[Tensor],
-                     rescale: bool) -> list[Tensor]:
-        """The final directions: ``S = G x_1 P_1 ... x_k P_k`` per block (with ``rescale``:
-        times ``||A_block|| / ||S||``, ``A`` the grafting direction) for preconditioned
-        params, the grafting direction for the others."""
+    def precondition(self, stacked: list[Tensor], graft: Tensor, rescale: bool) -> Tensor:
+        """The final directions, into ``graft`` (a flat buffer of this layout holding the
+        grafting directions ``A``), returned: ``S = G x_1 P_1 ... x_k P_k`` per block (with
+        ``rescale``: times ``||A_block|| / ||S||``) for the preconditioned params; the others
+        keep ``A``."""
         params = self.blocking.params
-        dirs: list[Tensor] = list(graft)
-        bufs: dict[int, Tensor] = {}
-        for i, P in enumerate(params):
-            if P.merged is not None:
-                bufs[i] = torch.empty(P.merged, dtype=self.dtype, device=self.device)
-                dirs[i] = bufs[i].view(P.p.shape)
-        dst, src = [], []
-        for sg, G in zip(self.blocking.shape_groups, stacked):
+        A_stacks = self._stacks(graft) if rescale else [None] * len(stacked)
+        out = []
+        for sg, G, A, roots_t in zip(self.blocking.shape_groups, stacked, A_stacks,
+                                     self._roots_t):
             B = G.shape[0]
             T = G
-            for mode, (key, start) in enumerate(sg.slots):
-                R = self.roots[key][start:start + B]
+            for n, R_t in zip(sg.shape, roots_t):
                 # Contract the leading block dim with the root; it moves to the end, so after
                 # all modes the dims are back in order.  (X^T R^T)^T = R X: R x_i G.
-                T = T.reshape(B, sg.shape[mode], -1).transpose(1, 2) @ R.transpose(1, 2)
+                T = T.reshape(B, n, -1).transpose(1, 2) @ R_t
             S = T.reshape(G.shape)
-            if rescale:
-                A = torch.stack([params[i].block(graft[i], j) for i, j in sg.members])
+            if rescale:  # every norm before any S is written over A
                 a = torch.linalg.vector_norm(A.flatten(1), dim=1).to(self.fdtype)
                 s = torch.linalg.vector_norm(S.flatten(1), dim=1)
-                scale = torch.where(s > 0, a / s, 0.0)
-                S = S * scale.view((B,) + (1,) * len(sg.shape))
-            S = S.to(self.dtype)
-            for (i, j), block in zip(sg.members, S.unbind(0)):
-                dst.append(bufs[i][params[i].blocks[j]])
-                src.append(block)
+                S = S * torch.where(s > 0, a / s, 0.0).view((B,) + (1,) * len(sg.shape))
+            out.append(S)
+        dst, src = [], []
+        views = None
+        for sg, contiguous, S in zip(self.blocking.shape_groups, self._contiguous, out):
+            if contiguous:
+                o = self._offsets[sg.members[0][0]]
+                dst.append(graft[o:o + S.numel()].view(S.shape))
+                src.append(S)
+            else:
+                views = self.flat_views(graft) if views is None else views
+                for (i, j), block in zip(sg.members, S.unbind(0)):
+                    dst.append(params[i].block(views[i], j))
+                    src.append(block)
         if dst:
             torch._foreach_copy_(dst, src)
-        return dirs
+        return graft
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -140,54 +140,61 @@ class Shampoo(LaidOutOptimizer):
         loss = call_closure(closure)
         if not any(p.grad is not None for p in all_params(self)):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
-        OPTIONS.check_groups(self.param_groups)
-        blocking, roots, grafting = self._prepare()
+        _check_options(self)
+        blocking, roots, grafting, graft_state = self._prepare()
         groups, o = self.param_groups, self.param_groups[0]
         gstate = self.state[blocking.params[0].p]
         k = gstate["step"] + 1
         self._skips.watch(gstate["nonfinite_steps"])
-        grads = [_dense_grad(P.p) for P in blocking.params]
+        grad = roots.load_grads([_dense_grad(P.p) for P in blocking.params])
         present = [P.p.grad is not None for P in blocking.params]
-        guard = SkipGuard.check(grads, o["on_nonfinite"], gstate["nonfinite_steps"],
+        guard = SkipGuard.check([grad], o["on_nonfinite"], gstate["nonfinite_steps"],
                                 "Shampoo: the gradient is not finite")
         # From here every update is masked: on a skipped step the gradient is zero (NaN * 0 is
         # NaN, so it is replaced, not scaled) and every decay is 1.
         okf = guard.ok.to(roots.dtype)
-        geff = [torch.where(guard.ok, g, okf.new_zeros(())) for g in grads]
+        grad.masked_fill_(guard.bad, 0.0)
         if not o["decoupled_weight_decay"]:
-            for P, g, has_grad in zip(blocking.params, geff, present):
+            for P, g, has_grad in zip(blocking.params, roots.grad_views, present):
                 if has_grad and groups[P.group]["weight_decay"] != 0:
                     g.addcmul_(P.p, okf, value=groups[P.group]["weight_decay"])
         # Steps taken, this one included (>= 1 for the bias corrections of a skipped step).
         taken = (k - gstate["nonfinite_steps"]).clamp_min(1).to(torch.float64)
-        stacked = roots.update(geff, guard, tuple(g["betas"][1] for g in groups), present)
+        stacked = roots.update(guard, tuple(g["betas"][1] for g in groups))
         gstate["step"] = k
         start = o["start_preconditioning_step"]
         record = _refresh_record(self, gstate, max(k - start, 0))
         if k >= start and _roots_due(o, k - start, record):
             roots.update_roots(guard, o["epsilon"], o["relative_epsilon"], o["root_method"],
                                o["max_root_failures"], gstate, k, self._process_group)
-        graft_states = ([self.state[P.p][grafting.state_key] for P in blocking.params]
-                        if grafting.state_key else [None] * len(present))
-        have = [i for i, has_grad in enumerate(present) if has_grad]
-        grafting.update([graft_states[i] for i in have], [geff[i] for i in have], guard)
-        dirs = grafting.precondition(graft_states, geff, taken)
+        if graft_state is None:
+            dirs, dir_views = grad, roots.grad_views
+        else:
+            if all(present):
+                grafting.update([graft_state], [grad], guard)
+            else:
+                have = [i for i, has_grad in enumerate(present) if has_grad]
+                views = [self.state[blocking.params[i].p][grafting.state_key] for i in have]
+                grafting.update(views, [roots.grad_views[i] for i in have], guard)
+            dirs, dir_views = roots.direction, roots.direction_views
+            grafting.precondition([graft_state], [grad], taken, out=[dirs])
         if k >= start:
-            dirs = roots.precondition(stacked, dirs, rescale=o["grafting"] is not None)
+            roots.precondition(stacked, dirs, rescale=o["grafting"] is not None)
         for gi, group in enumerate(groups):
             members = [i for i in blocking.by_group[gi] if present[i]]  # the others stay
             if members:
                 _momentum_step_(group, o["decoupled_weight_decay"], self.state,
                                 [blocking.params[i].p for i in members],
-                                [dirs[i] for i in members], guard, okf, taken)
+                                [dir_views[i] for i in members], guard, okf, taken)
         if record is not None and k >= start:
             self._schedule.after_step(record, k - start, blocking.params[0].p.device,
                                       self._process_group)
         return loss
 
-    def _prepare(self) -> tuple[ShampooBlocking, ShampooRoots, SGDGrafting]:
-        """The blocking, roots and grafting of the run, built at the first step and whenever a
-        layout option changed; the state entries are views of the roots' buckets."""
+    def _prepare(self) -> tuple[ShampooBlocking, ShampooRoots, SGDGrafting, Tensor | None]:
+        """The blocking, roots, grafting and flat grafting state (None without one) of the run,
+        built at the first step and whenever a layout option changed; the state entries are
+        views of the roots' buckets and of the flat grafting state."""
         o = self.param_groups[0]
         key = tuple(o[k] for k in _LAYOUT_OPTIONS)
         if self._run is not None and self._run[0] == key:
@@ -198,38 +205,7 @@ class Shampoo(LaidOutOptimizer):
         p0 = blocking.params[0].p
         roots = ShampooRoots(blocking, p0.dtype, o["factor_dtype"], p0.device)
         grafting = make_grafting(o["grafting"], o["grafting_epsilon"], o["grafting_beta2"])
-        assign = []
-        for i, P in enumerate(blocking.params):
-            state = self.state[P.p]
-            for name in ("momentum_buffer",) + ((grafting.state_key,) if grafting.state_key
-                                                else ()):
-                if name not in state:
-                    state[name] = torch.zeros_like(P.p, memory_format=torch.preserve_format)
-                elif state[name].shape != P.p.shape:
-                    raise ValueError(f"Shampoo state {name!r} has shape "
-                                     f"{tuple(state[name].shape)}, expected {tuple(P.p.shape)}")
-            if P.merged is None:
-                stale = [name for name in ("factors", "roots", "root_failures") if name in state]
-                if stale:
-                    raise ValueError(f"Shampoo state {stale[0]!r} of a param of shape "
-                                     f"{tuple(P.p.shape)} that is not preconditioned with these "
-                                     "options (max_preconditioner_dim, merge_dims, "
-                                     "precondition_1d differ from the saved run's)")
-                continue
-            for name, views in roots.views(i).items():
-                saved = state.get(name)
-                if saved is not None:
-                    if len(saved) != len(views) or any(a.shape != b.shape
-                                                       for a, b in zip(saved, views)):
-                        raise ValueError(
-                            f"Shampoo state {name!r} of a param of shape {tuple(P.p.shape)} "
-                            "does not match its blocks (max_preconditioner_dim, merge_dims "
-                            "or precondition_1d differ from the saved run's)")
-                    for v, s in zip(views, saved):
-                        v.copy_(s)
-                assign.append((state, name, views))
-        for state, name, views in assign:  # only once every param's state fits
-            state[name] = views
+        graft_state = _attach_state(self.state, blocking, roots, grafting)
         gstate = self.state[p0]
         gstate.setdefault("step", 0)
         gstate.setdefault("root_updates", 0)
@@ -244,8 +220,67 @@ class Shampoo(LaidOutOptimizer):
             record["sizes"] = sizes
             self._schedule.restart(record, max(gstate["step"] - o["start_preconditioning_step"], 0))
         self._sizes = sizes
-        self._run = (key, blocking, roots, grafting)
-        return blocking, roots, grafting
+        self._run = (key, blocking, roots, grafting, graft_state)
+        return blocking, roots, grafting, graft_state
+
+
+def _attach_state(states: dict, blocking: ShampooBlocking, roots: ShampooRoots,
+                  grafting: SGDGrafting) -> Tensor | None:
+    """Each param's state for a new layout: its momentum (kept, or zero), and as views of the
+    new buffers its grafting state and its blocks' factors, roots and failure counts (the saved
+    ones copied in; ValueError if they do not fit, before any of them is attached).  Returns
+    the flat grafting state (None without one)."""
+    graft_state = roots.flat() if grafting.state_key else None
+    graft_views = roots.flat_views(graft_state) if grafting.state_key else None
+    assign = []
+    for i, P in enumerate(blocking.params):
+        state = states[P.p]
+        for name in ("momentum_buffer",) + ((grafting.state_key,) if grafting.state_key
+                                            else ()):
+            if name in state and state[name].shape != P.p.shape:
+                raise ValueError(f"Shampoo state {name!r} has shape "
+                                 f"{tuple(state[name].shape)}, expected {tuple(P.p.shape)}")
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(P.p,
+                                                        memory_format=torch.preserve_format)
+        if graft_views is not None:
+            saved = state.get(grafting.state_key)
+            if saved is not None:
+                graft_views[i].copy_(saved)
+            assign.append((state, grafting.state_key, graft_views[i]))
+        if P.merged is None:
+            stale = [name for name in ("factors", "roots", "root_failures") if name in state]
+            if stale:
+                raise ValueError(f"Shampoo state {stale[0]!r} of a param of shape "
+                                 f"{tuple(P.p.shape)} that is not preconditioned with these "
+                                 "options (max_preconditioner_dim, merge_dims, "
+                                 "precondition_1d differ from the saved run's)")
+            continue
+        for name, views in roots.views(i).items():
+            saved = state.get(name)
+            if saved is not None:
+                if len(saved) != len(views) or any(a.shape != b.shape
+                                                   for a, b in zip(saved, views)):
+                    raise ValueError(
+                        f"Shampoo state {name!r} of a param of shape {tuple(P.p.shape)} "
+                        "does not match its blocks (max_preconditioner_dim, merge_dims "
+                        "or precondition_1d differ from the saved run's)")
+                for v, s in zip(views, saved):
+                    v.copy_(s)
+            assign.append((state, name, views))
+    for state, name, views in assign:  # only once every param's state fits
+        state[name] = views
+    return graft_state
+
+
+def _check_options(opt: Shampoo) -> None:
+    """The groups' options checked (ValueError naming a bad one), when they changed since the
+    last check (a step's options are usually the last step's)."""
+    options = [tuple(tuple(v) if isinstance(v, list) else v for k, v in g.items() if k != "params")
+               for g in opt.param_groups]
+    if options != opt.__dict__.get("_checked"):
+        OPTIONS.check_groups(opt.param_groups)
+        opt._checked = options
 
 
 def _refresh_record(opt: Shampoo, gstate: dict, n: int) -> dict | None:
@@ -286,15 +321,14 @@ def _momentum_step_(group: dict, decoupled: bool, state: dict, params: list[Tens
     else:
         coef = torch.where(guard.ok, okf.new_full((), -lr), 0.0)
         updates = dirs
-    for p, u in zip(params, updates):
-        p.addcmul_(u, coef)
+    torch._foreach_addcmul_(params, updates, [coef] * len(params))
 
 
-def _dense_grad(p: Tensor) -> Tensor:
-    """``p.grad``, zero if None; RuntimeError if sparse or complex."""
+def _dense_grad(p: Tensor) -> Tensor | None:
+    """``p.grad`` (None if None); RuntimeError if sparse or complex."""
     g = p.grad
     if g is None:
-        return torch.zeros_like(p)
+        return None
     if g.layout != torch.strided:
         raise RuntimeError(f"Shampoo does not support sparse gradients (got {g.layout})")
     if g.is_complex():

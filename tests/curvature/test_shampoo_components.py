@@ -7,7 +7,7 @@ from soo_ext import RootFailureError
 from soo_ext._support.guard import SkipGuard
 from soo_ext.curvature.grafting import (AdaGradGrafting, AdamGrafting, SGDGrafting,
                                         make_grafting)
-from soo_ext.curvature.shampoo_blocks import ShampooBlocking, merge_dims
+from soo_ext.curvature.shampoo_blocks import ShampooBlocking, merge_dims, merge_dims_by_cost
 from soo_ext.curvature.shampoo_roots import ShampooRoots
 
 F64 = torch.float64
@@ -45,6 +45,21 @@ def mode_product(T, M, i):
 def test_merge_dims(shape, max_dim, merged, leading):
     assert merge_dims(shape, max_dim) == merged
     assert merge_dims(shape, max_dim, from_last=False) == leading
+
+
+@pytest.mark.parametrize("shape,merged", [
+    ((25, 25, 1, 3), (25, 75)),  # 75^3 = 27 (25^3 + 3^3): merged, as the reference does
+    ((25, 1, 1, 5), (125,)),     # 124 times
+    ((64, 3, 3, 3), (64, 27)),   # 243 times
+    ((10, 100), (10, 100)),      # one 1000-long dim would cost 1000 times: not merged
+    ((10, 32), (10, 32)),        # 970 times
+    ((64, 64, 3, 3), (64, 64, 9)),  # 3 x 3 merge (13.5 times), 64 x 9 would be 727 times
+    ((3, 2000), (3, 2000)),
+])
+def test_merge_dims_by_cost(shape, merged):
+    assert merge_dims_by_cost(shape, 1024) == merged
+    assert merge_dims_by_cost(shape, 1024, float("inf")) == merge_dims(shape, 1024)
+    assert merge_dims_by_cost((10, 100), 1024, 1000) == (1000,)  # the bound is inclusive
 
 
 def test_blocking_merges_from_the_last_dim():
@@ -94,13 +109,15 @@ def test_factor_update_roots_and_directions_match_the_formulas(relative_epsilon)
     history = [[torch.randn(p.shape, generator=gen, dtype=F64) for p in params] for _ in range(2)]
     betas2 = (0.5, 0.25)
     for grads in history:
-        stacked = roots.update(grads, OK, betas2, [True] * len(params))
+        roots.load_grads(grads)
+        stacked = roots.update(OK, betas2)
     state = {"root_updates": 0, "failed_roots": torch.zeros((), dtype=torch.int64)}
     roots.update_roots(OK, 1e-6, relative_epsilon, "eigh", 5, state, 2)
     assert state["root_updates"] == 1 and state["failed_roots"] == 0
-    graft = [g.clone() for g in history[-1]]
-    dirs = roots.precondition(stacked, graft, rescale=False)
-    assert dirs[1] is graft[1]  # no factors: the grafting direction
+    graft = roots.flat()  # the grafting directions, in the roots' flat layout
+    torch._foreach_copy_(roots.flat_views(graft), history[-1])
+    dirs = roots.flat_views(roots.precondition(stacked, graft.clone(), rescale=False))
+    assert torch.equal(dirs[1], history[-1][1])  # no factors: the grafting direction
     for i, beta2 in ((0, 0.5), (2, 0.25), (3, 0.25), (4, 0.25)):
         P = b.params[i]
         views = roots.views(i)
@@ -117,12 +134,12 @@ def test_factor_update_roots_and_directions_match_the_formulas(relative_epsilon)
                 want = mode_product(want, inv_root(L + ridge, 2 * len(shape), 1e-6), mode)
                 slot += 1
             torch.testing.assert_close(P.block(dirs[i], j), want, rtol=1e-8, atol=1e-10)
-    rescaled = roots.precondition(stacked, graft, rescale=True)
+    rescaled = roots.flat_views(roots.precondition(stacked, graft.clone(), rescale=True))
     for i in (0, 2, 3, 4):
         P = b.params[i]
         for j in range(len(P.blocks)):
             torch.testing.assert_close(P.block(rescaled[i], j).norm(),
-                                       P.block(graft[i], j).norm())
+                                       P.block(history[-1][i], j).norm())
 
 
 def test_skipped_update_and_failed_roots():
@@ -130,17 +147,21 @@ def test_skipped_update_and_failed_roots():
     roots = ShampooRoots(b, F64, F64, torch.device("cpu"))
     zeros = [torch.zeros_like(p) for p in params]
     before = {k: v.clone() for k, v in roots.factors.items()}
-    everyone = [True] * len(params)
-    roots.update([torch.ones_like(p) for p in params], OK, (0.9, 0.9), everyone)
-    roots.update(zeros, SKIPPED, (0.9, 0.9), everyone)  # no decay on a skipped step
+
+    def update(grads, guard, betas2):
+        roots.load_grads(grads)
+        roots.update(guard, betas2)
+
+    update([torch.ones_like(p) for p in params], OK, (0.9, 0.9))
+    update(zeros, SKIPPED, (0.9, 0.9))  # no decay on a skipped step
     assert not any(torch.equal(before[k], roots.factors[k]) for k in before)
     kept = {k: v.clone() for k, v in roots.factors.items()}
-    roots.update(zeros, SKIPPED, (0.9, 0.5), everyone)
+    update(zeros, SKIPPED, (0.9, 0.5))
     assert all(torch.equal(kept[k], roots.factors[k]) for k in kept)
     # a param without a gradient (params[3]): its factors neither decay nor grow
     mine = [roots.factors[key][slot].clone() for key, slot in b.slots(3)]
     others = [roots.factors[key][slot].clone() for key, slot in b.slots(0)]
-    roots.update(zeros, OK, (0.9, 0.5), [True, True, True, False, True])
+    update(zeros[:3] + [None] + zeros[4:], OK, (0.9, 0.5))
     assert all(torch.equal(roots.factors[key][slot], m) for (key, slot), m in zip(b.slots(3), mine))
     assert all(torch.equal(roots.factors[key][slot], 0.9 * o)
                for (key, slot), o in zip(b.slots(0), others))

@@ -197,7 +197,7 @@ def test_buckets_hold_every_factor_of_one_size():
     for p in params:
         set_grad(p, 0)
     opt.step()
-    _, blocking, roots, _ = opt._run
+    _, blocking, roots, _, _ = opt._run
     assert sorted(roots.factors) == [(4, 2), (6, 2)]
     assert roots.factors[(6, 2)].shape == (4, 6, 6) and roots.factors[(4, 2)].shape == (4, 4, 4)
     assert [len(sg.members) for sg in blocking.shape_groups] == [2, 2]  # (4, 6), (6, 4) blocks
