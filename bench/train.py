@@ -82,14 +82,14 @@ Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
                                                            lr 0.003, 0.01, 0.03     default 1e-3
   soo_ext.KBFGS       its defaults (BFGS H_g, H_a every 20 steps), minibatch with torch's closure:
                       a step() call evaluates it twice on one minibatch, each counts as a step
-                                                           lr 0.3, 1, 3             default 0.3
+                                                           lr 0.3, 1, 3             default 1
   soo_ext.KBFGS(L)    the same with history_size=10 (K-BFGS(L))
-                                                           lr 0.3, 1, 3             default 0.3
+                                                           lr 0.3, 1, 3             default 1
   soo_ext.SOAP        its defaults (bases refreshed every 10 steps), minibatch
                                                            lr 0.001, 0.003, 0.01    default 3e-3
   soo_ext.PSGDKron    its defaults (factors fitted with probability 1 for 500 steps, then
-                      annealed to 0.03; update RMS clipped at 1.1), minibatch
-                                                           lr 0.001, 0.003, 0.01    default 3e-4
+                      annealed to a measured floor; update RMS clipped at 1.1), minibatch
+                                                           lr 0.001, 0.003, 0.01    default 3e-3
   soo_ext.MFAC        its defaults (window 32, damping 1e-2, no momentum), minibatch
                                                            lr 0.01, 0.03, 0.1       default 0.03
   soo_ext.GGT         its defaults (window 100, betas (0.9, 1), eps 1e-4), minibatch
@@ -443,7 +443,7 @@ OPTIMIZERS = (
     OptimizerSpec("soo_ext.SOAP", (1e-3, 3e-3, 1e-2), False,
                   lambda params, lr, _: soo_ext.SOAP(params, lr=lr), default_lr=3e-3),
     OptimizerSpec("soo_ext.PSGDKron", (1e-3, 3e-3, 1e-2), False,
-                  lambda params, lr, _: soo_ext.PSGDKron(params, lr=lr), default_lr=3e-4),
+                  lambda params, lr, _: soo_ext.PSGDKron(params, lr=lr), default_lr=3e-3),
     OptimizerSpec("soo_ext.MFAC", (0.01, 0.03, 0.1), False,
                   lambda params, lr, _: soo_ext.MFAC(params, lr=lr), default_lr=0.03),
     OptimizerSpec("soo_ext.GGT", (0.03, 0.1, 0.3), False,

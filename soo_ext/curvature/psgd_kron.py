@@ -15,16 +15,18 @@ from typing import Hashable
 import torch
 from torch import Tensor
 
+from .._support.device import device_tensor
 from .kron_buckets import KronBuckets, keep_where
-from .shampoo_blocks import BlockShapeGroup
+from .shampoo_blocks import BlockShapeGroup, merge_dims
 
 __all__ = ["PSGDKronLayout", "PSGDKronFactors", "psgd_merged_shape", "factor_kinds", "FLAT_START",
-           "MIN_PROB", "update_probability", "draw_probes", "norm_lower_bound", "clip_rms_"]
+           "MIN_PROB", "update_probability", "draw_probes", "norm_lower_bound"]
 
 TRI, DIAG = "tri", "diag"
 
 
 FLAT_START, MIN_PROB = 500, 0.03  # the reference's schedule: its flat start and its floor
+MERGE_MAX_DIM = 1024  # the squarer merge's bound (Shampoo's default max_preconditioner_dim)
 
 
 def update_probability(n: int, max_prob: float = 1.0, min_prob: float = MIN_PROB,
@@ -35,18 +37,24 @@ def update_probability(n: int, max_prob: float = 1.0, min_prob: float = MIN_PROB
     return min(max_prob, max(min_prob, max_prob * math.exp(-decay * (n - flat_start))))
 
 
-def psgd_merged_shape(shape, merge: bool) -> tuple[int, ...]:
-    """The shape a param is preconditioned as: a tensor of order > 2 becomes the matrix
-    ``(prod(shape[:-1]), shape[-1])`` or ``(shape[0], prod(shape[1:]))``, whichever has the
-    smaller signed difference of its two sizes (the reference's rule); a 0-dim param is ``(1,)``."""
+def psgd_merged_shape(shape, merge) -> tuple[int, ...]:
+    """The shape a param is preconditioned as; a 0-dim param is ``(1,)``.  A tensor of order
+    > 2 with ``merge`` True keeps its first dim (a layer's outputs) and merges the others from
+    the last while their product stays <= ``MERGE_MAX_DIM`` (``merge_dims``, as Shampoo):
+    ``(25, 25, 1, 3) -> (25, 75)``, ``(64, 3, 3, 3) -> (64, 27)``, ``(512, 512, 3, 3) -> (512,
+    512, 9)``.  ``merge='reference'``: the reference's matrix ``(prod(shape[:-1]), shape[-1])``
+    or ``(shape[0], prod(shape[1:]))``, whichever has the smaller signed difference of its two
+    sizes (``(625, 3)``, ``(576, 3)``: a large triangular factor, an O(n^3) fit)."""
     shape = tuple(shape)
     if not shape:
         return (1,)
-    if len(shape) > 2 and merge:
+    if len(shape) <= 2 or not merge:
+        return shape
+    if merge == "reference":
         first = (math.prod(shape[:-1]), shape[-1])
         second = (shape[0], math.prod(shape[1:]))
         return first if first[1] - first[0] <= second[1] - second[0] else second
-    return shape
+    return (shape[0],) + (merge_dims(shape[1:], MERGE_MAX_DIM) or (1,))
 
 
 def factor_kinds(shape: tuple[int, ...], max_size_triangular: int, min_ndim_triangular: int,
@@ -89,19 +97,21 @@ def norm_lower_bound(S: Tensor) -> Tensor:
     return torch.where(scale > 0, y * safe, scale)
 
 
-def _apply_mode(X: Tensor, mode: int, M: Tensor, transpose: bool) -> Tensor:
-    """``M`` (``[B, n, n]``, or ``M^T``) applied to the mode-``mode`` fibres of ``X``
-    (``[B, ...]``, batch first); a diagonal factor ``M`` is ``[B, n]``."""
+def _apply_mode(X: Tensor, mode: int, M: Tensor) -> Tensor:
+    """``M`` (``[B, n, n]``) applied to the mode-``mode`` fibres of ``X`` (``[B, ...]``, batch
+    first); a diagonal factor ``M`` is ``[B, n]``."""
     axis = mode + 1
     if M.dim() == 2:
         shape = [M.shape[0]] + [1] * (X.dim() - 1)
         shape[axis] = M.shape[1]
         return X * M.view(shape)
-    Mt = M if transpose else M.transpose(1, 2)  # X_last @ M^T applies M
-    # The mode as the rows' last dim: several times faster on a CPU than M @ X for few columns.
+    Mt = M.transpose(1, 2)  # X_last @ M^T applies M
     if X.dim() == 3 and axis == 2:
         return torch.bmm(X, Mt)
     if X.dim() == 3 and axis == 1:
+        if X.shape[1] <= 16 * X.shape[2]:
+            return torch.bmm(M, X)
+        # Many rows, few columns ((625, 3)): the mode as the rows' last dim, ~4x faster on a CPU.
         return torch.bmm(X.transpose(1, 2).contiguous(), Mt).transpose(1, 2)
     moved = X.movedim(axis, -1)
     return torch.matmul(moved.reshape(X.shape[0], -1, M.shape[1]), Mt).reshape(
@@ -161,9 +171,11 @@ class PSGDKronLayout:
 
 
 class PSGDKronFactors:
-    """The factors (``Q``, identities times ``init_scale^(1/order)``), the stacked momenta and
-    the per-param momentum step counts of a :class:`PSGDKronLayout`; all per-param state
-    entries are views of these stacks."""
+    """The factors (``Q``, identities times ``init_scale^(1/order)``), the momenta and the
+    per-param momentum step counts of a :class:`PSGDKronLayout`; all per-param state entries are
+    views of these stacks.  The momenta (and the gradients and directions of a step) are flat
+    vectors, the params in shape-group order (``order``): the element-wise work of a step is one
+    call for all params, and a shape group's part is a view ``[B, *shape]``."""
 
     def __init__(self, layout: PSGDKronLayout, precond_dtype: torch.dtype,
                  momentum_dtype: torch.dtype, device: torch.device, init_scale: float) -> None:
@@ -180,10 +192,44 @@ class PSGDKronFactors:
             for key, start in sg.slots:
                 self.Q[key][start:start + len(sg.members)].mul_(
                     init_scale ** (1 / len(sg.shape)))
-        self.momenta = [torch.zeros((len(sg.members),) + sg.shape, dtype=momentum_dtype,
-                                    device=device) for sg in layout.shape_groups]
-        self.counts = [torch.zeros(len(sg.members), dtype=torch.int64, device=device)
-                       for sg in layout.shape_groups]
+        # P = Q^T Q per factor (q^2 for a diagonal one): what a step applies, made again only
+        # after the factors changed (a fit, a balancing), not at every step.
+        self.P = {key: torch.empty_like(Q) for key, Q in self.Q.items()}
+        self.stale = True
+        self.order = [i for sg in layout.shape_groups for i, _ in sg.members]
+        numels = [layout.params[i].numel() for i in self.order]
+        self.total = sum(numels)
+        self.numels = device_tensor(numels, device)
+        self.root_numels = self.numels.to(precond_dtype).sqrt()
+        self.momentum = torch.zeros(self.total, dtype=momentum_dtype, device=device)
+        self.counts = torch.zeros(len(self.order), dtype=torch.int64, device=device)
+        self.direction_buffer = torch.empty(self.total, dtype=precond_dtype, device=device)
+        self._members = self._split(self.direction_buffer)  # flat per member, for the norms
+
+    def _split(self, flat: Tensor) -> list[Tensor]:
+        """``flat``'s pieces, one per member in ``order`` (flat views)."""
+        return list(flat.split([self.layout.params[i].numel() for i in self.order]))
+
+    def stacks(self, flat: Tensor) -> list[Tensor]:
+        """The shape groups' parts of a flat vector in ``order``: views ``[B, *shape]``."""
+        out, at = [], 0
+        for sg in self.layout.shape_groups:
+            n = len(sg.members) * math.prod(sg.shape)
+            out.append(flat[at:at + n].view((len(sg.members),) + sg.shape))
+            at += n
+        return out
+
+    def group_parts(self, member: Tensor) -> list[Tensor]:
+        """A ``[P]`` vector in ``order`` split by shape group (a 0-dim value expanded)."""
+        sizes = [len(sg.members) for sg in self.layout.shape_groups]
+        if member.dim() == 0:
+            return [member.expand(n) for n in sizes]
+        return list(member.split(sizes))
+
+    def param_views(self, flat: Tensor) -> dict[int, Tensor]:
+        """Param index -> its part of a flat vector in ``order``, shaped like the param."""
+        return {i: piece.view(self.layout.params[i].shape)
+                for i, piece in zip(self.order, self._split(flat))}
 
     def factors(self, g: int) -> list[Tensor]:
         """Shape group ``g``'s factor stacks, one per mode (views of the buckets)."""
@@ -193,20 +239,26 @@ class PSGDKronFactors:
     def views(self, i: int) -> dict[str, object]:
         """Param ``i``'s state entries: views of the stacks."""
         g, m = self.layout.place[i]
-        p = self.layout.params[i]
-        return {"momentum_buffer": self.momenta[g][m].view(p.shape),
-                "momentum_steps": self.counts[g][m],
+        at = self.order.index(i)
+        return {"momentum_buffer": self.param_views(self.momentum)[i],
+                "momentum_steps": self.counts[at],
                 "Q": [F[m] for F in self.factors(g)]}
 
-    def momentum_(self, g: int, G: Tensor, take: Tensor, beta: float) -> Tensor:
-        """``m <- beta m + (1 - beta) G`` for the members of shape group ``g`` that ``take``
-        (``[B]`` bool); returns the bias-corrected momentum in the preconditioner's dtype."""
-        M, count = self.momenta[g], self.counts[g]
-        shape = (-1,) + (1,) * (M.dim() - 1)
-        M.lerp_(G.to(M.dtype), take.to(M.dtype).view(shape) * (1 - beta))
-        count.add_(take)
-        correction = 1 - torch.pow(beta, count.clamp_min(1).to(torch.float64))
-        return (M / correction.to(M.dtype).view(shape)).to(self.dtype)
+    def momentum_(self, G: Tensor, take: Tensor, beta) -> Tensor:
+        """``m <- beta m + (1 - beta) G`` for the members that ``take`` (``[P]`` bool in
+        ``order``, or a 0-dim bool for all); ``G`` and the returned bias-corrected momentum (in
+        the preconditioner's dtype) are flat in ``order``.  ``beta``: a float, or ``[P]``
+        float64 (each member's own)."""
+        M, counts = self.momentum, self.counts
+        weight = (take.to(M.dtype) * (1 - beta)).to(M.dtype)
+        if weight.dim():
+            weight = weight.repeat_interleave(self.numels, output_size=self.total)
+        M.lerp_(G, weight)
+        counts.add_(take)
+        correction = 1 - torch.pow(beta, counts.clamp_min(1).to(torch.float64))
+        correction = correction.to(M.dtype).repeat_interleave(self.numels,
+                                                              output_size=self.total)
+        return (M / correction).to(self.dtype)
 
     def update_(self, stacks: list[Tensor], probes: list[Tensor], takes: list[Tensor],
                 lr: float) -> None:
@@ -228,7 +280,7 @@ class PSGDKronFactors:
             G.add_(V * (eps * G.abs().mean(dim=batch_dims, keepdim=True)))
             A, Bc = G, V
             for mode, Q in enumerate(Qs):
-                A = _apply_mode(A, mode, Q, transpose=False)
+                A = _apply_mode(A, mode, Q)
                 Bc = _solve_mode(Bc, mode, Q)
             for mode, ((key, start), kind) in enumerate(zip(sg.slots, sg.kinds)):
                 T1, T2 = _gram(A, mode, kind == DIAG), _gram(Bc, mode, kind == DIAG)
@@ -247,6 +299,7 @@ class PSGDKronFactors:
                 new = Q - torch.bmm(torch.triu(step) / norm[:, None, None], Q)
             finite = torch.isfinite(new).flatten(1).all(dim=1)  # an overflow never enters Q
             keep_where(take[key] & finite, Q, new)
+        self.stale = True
 
     def balance_(self, takes: list[Tensor]) -> None:
         """Rescale the factors of every param of order >= 2 to one max-norm (the geometric mean
@@ -259,19 +312,31 @@ class PSGDKronFactors:
             scales = norms.log().mean(dim=0).exp() / norms
             for Q, s in zip(Qs, scales):
                 keep_where(ok, Q, Q * s.view((-1,) + (1,) * (Q.dim() - 1)))
+        self.stale = True
 
     def precondition(self, g: int, M: Tensor) -> Tensor:
-        """``Q^T Q M`` for shape group ``g``'s stack ``M``."""
-        Qs = self.factors(g)
-        for mode, Q in enumerate(Qs):
-            M = _apply_mode(M, mode, Q * Q if Q.dim() == 2 else Q, transpose=False)
-        for mode, Q in enumerate(Qs):
-            if Q.dim() == 3:
-                M = _apply_mode(M, mode, Q, transpose=True)
+        """``Q^T Q M`` for shape group ``g``'s stack ``M``: ``P_i = Q_i^T Q_i`` per mode."""
+        if self.stale:
+            for key, Q in self.Q.items():
+                if key[0] == DIAG:
+                    torch.mul(Q, Q, out=self.P[key])
+                else:
+                    torch.bmm(Q.transpose(1, 2), Q, out=self.P[key])
+            self.stale = False
+        sg = self.layout.shape_groups[g]
+        for mode, (key, start) in enumerate(sg.slots):
+            M = _apply_mode(M, mode, self.P[key][start:start + len(sg.members)])
         return M
 
-
-def clip_rms_(U: Tensor, max_rms: float) -> Tensor:
-    """Scale every member of the stack ``U`` down to an RMS of at most ``max_rms``."""
-    rms = U.square().mean(dim=tuple(range(1, U.dim())), keepdim=True).sqrt()
-    return U.mul_(torch.clamp(max_rms / (rms + 1e-12), max=1.0))
+    def direction(self, M: Tensor, max_rms: float | None, skipped: Tensor) -> Tensor:
+        """The update of every member (flat, in ``order``; a kept buffer): ``Q^T Q M`` of the
+        flat momentum ``M``, each member scaled down to an RMS of at most ``max_rms`` (None: no
+        clip), all +0 where ``skipped`` (0-dim bool)."""
+        U = self.direction_buffer
+        torch.cat([self.precondition(g, stack).reshape(-1)
+                   for g, stack in enumerate(self.stacks(M))], out=U)
+        if max_rms is not None:
+            rms = torch.stack(torch._foreach_norm(self._members)) / self.root_numels
+            scale = torch.clamp(max_rms / (rms + 1e-12), max=1.0)
+            U.mul_(scale.repeat_interleave(self.numels, output_size=self.total))
+        return U.masked_fill_(skipped, 0)

@@ -17,7 +17,7 @@ from .._support.guard import SkipGuard
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs, Spec
 from .._support.params import all_params, check_dense_grads
 from ..curvature.psgd_kron import (FLAT_START, MIN_PROB, TRI, PSGDKronFactors, PSGDKronLayout,
-                                   clip_rms_, draw_probes, update_probability)
+                                   draw_probes, update_probability)
 from ..curvature.refresh_schedule import RefreshSchedule
 from .laid_out import LaidOutOptimizer
 
@@ -44,7 +44,8 @@ OPTIONS = OptionSpecs({
                                                              "all_diag"),
     "momentum_into_precond_update": Bool(), "precond_init_scale": Number(0, low_open=True,
                                                                           high_open=True),
-    "merge_dims": Bool(), "precond_dtype": OneOf(torch.float32, torch.float64),
+    "merge_dims": OneOf(True, False, "reference"),
+    "precond_dtype": OneOf(torch.float32, torch.float64),
     "max_update_rms": Number(0, low_open=True, none=True), "seed": Int(0),
     "on_nonfinite": OneOf("raise", "skip"),
 }, per_group=("lr", "momentum", "weight_decay"))
@@ -59,7 +60,7 @@ class PSGDKron(LaidOutOptimizer):
     Stochastic Gradient Descent", 2015; "Black Box Lie Group Preconditioners for SGD", 2022),
     the "Kron" variant of psgd_torch and kron-torch.
 
-    Each param (tensors of order > 2 merged to a matrix) has ``P = Q^T Q``, ``Q`` a Kronecker
+    Each param (of order > 2: merged, see ``merge_dims``) has ``P = Q^T Q``, ``Q`` a Kronecker
     product of one factor per dim: upper triangular, or diagonal (dims of size 1 or above
     ``max_size_triangular``, params of fewer than ``min_ndim_triangular`` dims).  With
     probability ``update_probability`` (default: 1 for 500 steps, then annealed to a floor set
@@ -71,7 +72,7 @@ class PSGDKron(LaidOutOptimizer):
 
     Args:
         params: iterable of params or of param-group dicts (lr, momentum, weight_decay per group).
-        lr, momentum, weight_decay: (default: 3e-4, 0.9, 0).
+        lr, momentum, weight_decay: (default: 3e-3, 0.9, 0; the reference's lr is 3e-4).
         precond_lr: the factors' step size (default: 0.1).
         update_probability: None (the schedule), a number, or ``f(steps before this one)``.
         refresh_budget: the schedule's floor keeps the fits to at most this fraction of the
@@ -80,7 +81,9 @@ class PSGDKron(LaidOutOptimizer):
         max_size_triangular, min_ndim_triangular: (default: 8192, 2).
         memory_save_mode: None, ``'one_diag'``, ``'smart_one_diag'`` or ``'all_diag'``.
         momentum_into_precond_update: fit on the momentum, else on the gradient (default: True).
-        precond_init_scale, merge_dims: (default: 1.0, True).
+        precond_init_scale: (default: 1.0).  merge_dims: True (default): the first dim kept,
+            the others merged up to 1024 (``(25, 25, 1, 3) -> (25, 75)``); ``'reference'``: as
+            kron-torch; False.
         precond_dtype: ``torch.float32`` (default) or ``torch.float64``.
         max_update_rms: None: no clipping (default: 1.1).
         seed: of the probes and of the update decisions (default: 0).
@@ -88,7 +91,7 @@ class PSGDKron(LaidOutOptimizer):
 
     Example::
 
-        opt = soo_ext.PSGDKron(model.parameters(), lr=3e-4)
+        opt = soo_ext.PSGDKron(model.parameters(), lr=3e-3)
         loss_fn(model(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -96,12 +99,12 @@ class PSGDKron(LaidOutOptimizer):
 
     OPTIONS, UNCAST = OPTIONS, _UNCAST
 
-    def __init__(self, params, lr: float = 3e-4, momentum: float = 0.9,
+    def __init__(self, params, lr: float = 3e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, precond_lr: float = 0.1,
                  update_probability=None, max_size_triangular: int = 8192,
                  min_ndim_triangular: int = 2, memory_save_mode: str | None = None,
                  momentum_into_precond_update: bool = True, precond_init_scale: float = 1.0,
-                 merge_dims: bool = True, precond_dtype: torch.dtype = torch.float32,
+                 merge_dims: bool | str = True, precond_dtype: torch.dtype = torch.float32,
                  max_update_rms: float | None = 1.1, seed: int = 0,
                  on_nonfinite: str = "skip", refresh_budget: float | None = 0.25,
                  refresh_timer=None, process_group=None) -> None:
@@ -140,7 +143,8 @@ class PSGDKron(LaidOutOptimizer):
         k = gstate["step"] + 1
         self._skips.watch(gstate["nonfinite_steps"])
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        guard = SkipGuard.check(grads, o["on_nonfinite"], gstate["nonfinite_steps"],
+        G = torch.cat([grads[i].reshape(-1) for i in factors.order])  # flat, shape-group order
+        guard = SkipGuard.check([G], o["on_nonfinite"], gstate["nonfinite_steps"],
                                 "PSGDKron: the gradient is not finite")
         gstate["step"] = k
         # The step's randomness is a function of (seed, step): resume and replicas agree.
@@ -149,34 +153,26 @@ class PSGDKron(LaidOutOptimizer):
         update = _fit_due(o["update_probability"], k - 1, decisions.random(), record)
         balance = decisions.random() < 0.01 and update
         self._generator.manual_seed((gstate["seed"] * 1_000_003 + k) % (2 ** 63))
-        takes, moments, stacks, probes = [], [], [], []
+        order = factors.order
+        G = torch.where(guard.ok, G, G.new_zeros(()))  # NaN * 0 is NaN: replaced
+        present = tuple(params[i].grad is not None for i in order)
+        take = guard.ok if all(present) else guard.ok & _on_device(present, G.device)
         momentum = {id(p): gr["momentum"] for gr in self.param_groups for p in gr["params"]}
-        for g, sg in enumerate(layout.shape_groups):
-            members = [i for i, _ in sg.members]
-            G = torch.stack([grads[i].reshape(sg.shape) for i in members])
-            G = torch.where(guard.ok, G, G.new_zeros(()))  # NaN * 0 is NaN: replaced
-            present = [params[i].grad is not None for i in members]
-            take = (guard.ok.expand(len(members)) if all(present) else
-                    guard.ok & device_tensor(present, G.device))
-            takes.append(take)
-            betas = [momentum[id(params[i])] for i in members]
-            moments.append(_momentum_(factors, g, G, take, betas))
-            if update:
-                stacks.append(moments[-1] if o["momentum_into_precond_update"]
-                              else G.to(factors.dtype))
-                probes.append(draw_probes(self._generator, G.shape, factors.dtype, G.device))
-        if balance:
-            factors.balance_(takes)
+        betas = tuple(momentum[id(params[i])] for i in order)
+        beta = betas[0] if len(set(betas)) == 1 else _on_device(betas, G.device, torch.float64)
+        M = factors.momentum_(G, take, beta)  # the fit jitters it in place, as the reference
         if update:
+            takes = factors.group_parts(take)
+            stacks = factors.stacks(M if o["momentum_into_precond_update"]
+                                    else G.to(factors.dtype))
+            probes = [draw_probes(self._generator, S.shape, factors.dtype, G.device)
+                      for S in stacks]
+            if balance:
+                factors.balance_(takes)
             factors.update_(stacks, probes, takes, o["precond_lr"])
             gstate["precond_updates"] += 1
-        updates: dict[Tensor, Tensor] = {}
-        for g, sg in enumerate(layout.shape_groups):
-            U = factors.precondition(g, moments[g])
-            if o["max_update_rms"] is not None:
-                clip_rms_(U, o["max_update_rms"])
-            updates.update((params[i], U[m].view(params[i].shape))
-                           for m, (i, _) in enumerate(sg.members))
+        U = factors.direction(M, o["max_update_rms"], guard.bad)
+        updates = {params[i]: u for i, u in factors.param_views(U).items()}
         for group in self.param_groups:
             _apply_(group, [p for p in group["params"] if p.grad is not None], updates, guard)
         if record is not None:
@@ -255,36 +251,20 @@ def _fit_due(option, n: int, draw: float, record: dict | None) -> bool:
     return draw < (option(n) if callable(option) else option)
 
 
-def _momentum_(factors: PSGDKronFactors, g: int, G: Tensor, take: Tensor,
-               betas: list[float]) -> Tensor:
-    """``factors.momentum_`` of shape group ``g`` with each member's own beta (its param
-    group's ``momentum``): one pass per distinct value, each over the members that have it."""
-    if len(set(betas)) == 1:
-        return factors.momentum_(g, G, take, betas[0])
-    out = None
-    for beta, mine in _members_with(tuple(betas), G.device):
-        M = factors.momentum_(g, G, take & mine, beta)
-        out = M if out is None else torch.where(mine.view((-1,) + (1,) * (M.dim() - 1)), M, out)
-    return out
-
-
 @functools.lru_cache(maxsize=64)
-def _members_with(betas: tuple[float, ...], device: torch.device) -> tuple:
-    """Each distinct value of ``betas`` with the mask of the members that have it, on
-    ``device``: made once per pattern (a host-to-device copy every step would sync)."""
-    return tuple((b, device_tensor([x == b for x in betas], device))
-                 for b in sorted(set(betas)))
+def _on_device(values: tuple, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """``values`` as a tensor on ``device``, made once per pattern (a host-to-device copy every
+    step would sync)."""
+    return device_tensor(list(values), device, dtype)
 
 
 def _apply_(group: dict, params: list[Tensor], updates: dict, guard: SkipGuard) -> None:
     """``p <- p - lr (u + weight_decay p)`` for the ``params`` of ``group`` (weight decay on
-    params of >= 2 dims, as the reference); nothing on a skipped step."""
+    params of >= 2 dims, as the reference); the updates are +0 on a skipped step."""
     if not params:
         return
     lr, wd = group["lr"], group["weight_decay"]
     decayed = [p for p in params if p.dim() >= 2]
     if wd != 0 and decayed:
         torch._foreach_mul_(decayed, guard.unless_skipped(1 - lr * wd, params[0]))
-    coef = torch.where(guard.ok, params[0].new_full((), -lr), 0.0)
-    for p in params:
-        p.addcmul_(updates[p].to(p.dtype), coef)
+    torch._foreach_add_(params, [updates[p].to(p.dtype) for p in params], alpha=-lr)

@@ -3,16 +3,20 @@ batched fit against one param at a time, the masks, balancing and the preconditi
 import pytest
 import torch
 
-from soo_ext.curvature.psgd_kron import (PSGDKronFactors, PSGDKronLayout, clip_rms_,
-                                         factor_kinds, norm_lower_bound, psgd_merged_shape)
+from soo_ext.curvature.psgd_kron import (PSGDKronFactors, PSGDKronLayout, factor_kinds,
+                                         norm_lower_bound, psgd_merged_shape)
 
 F64 = torch.float64
 
 
 @pytest.mark.parametrize("shape,merge,expected", [
-    ((64, 3, 3, 3), True, (576, 3)),   # the reference's signed-difference rule
-    ((6, 2, 3), True, (12, 3)), ((2, 3, 40), True, (6, 40)), ((6, 2, 3), False, (6, 2, 3)),
-    ((5, 4), True, (5, 4)), ((7,), True, (7,)), ((), True, (1,)),
+    ((64, 3, 3, 3), True, (64, 27)), ((25, 25, 1, 3), True, (25, 75)),  # the first dim kept
+    ((25, 1, 1, 5), True, (25, 5)), ((512, 512, 3, 3), True, (512, 512, 9)),  # <= 1024 merged
+    ((10, 1, 1), True, (10, 1)), ((6, 2, 3), True, (6, 6)),
+    ((64, 3, 3, 3), "reference", (576, 3)),  # the reference's signed-difference rule
+    ((25, 25, 1, 3), "reference", (625, 3)), ((6, 2, 3), "reference", (12, 3)),
+    ((2, 3, 40), "reference", (6, 40)), ((6, 2, 3), False, (6, 2, 3)),
+    ((5, 4), True, (5, 4)), ((7,), True, (7,)), ((), True, (1,)), ((), "reference", (1,)),
 ])
 def test_merged_shape(shape, merge, expected):
     assert psgd_merged_shape(shape, merge) == expected
@@ -108,7 +112,30 @@ def test_balance_keeps_the_preconditioner_and_precondition_is_qtq():
     assert torch.allclose(factors.precondition(0, M)[0], Q1.T @ Q1 @ M[0] @ Q2.T @ Q2)
 
 
-def test_clip_rms():
-    U = torch.stack([torch.full((3, 2), 2.0, dtype=F64), torch.full((3, 2), 0.5, dtype=F64)])
-    clip_rms_(U, 1.1)
+def test_direction_clips_each_member_and_zeroes_a_skipped_step():
+    params = [torch.zeros(3, 2, dtype=F64), torch.zeros(3, 2, dtype=F64), torch.zeros(4, dtype=F64)]
+    layout = PSGDKronLayout(params, True, 8192, 2, None)
+    factors = PSGDKronFactors(layout, F64, F64, torch.device("cpu"), 1.0)  # Q = I
+    values = {0: 2.0, 1: 0.5, 2: -3.0}
+    M = torch.cat([torch.full((params[i].numel(),), values[i], dtype=F64) for i in factors.order])
+    U = factors.param_views(factors.direction(M, 1.1, torch.tensor(False)))
     assert torch.allclose(U[0], torch.full((3, 2), 1.1, dtype=F64)) and (U[1] == 0.5).all()
+    assert torch.allclose(U[2], torch.full((4,), -1.1, dtype=F64))
+    U = factors.param_views(factors.direction(M, None, torch.tensor(False)))
+    assert (U[0] == 2.0).all() and (U[2] == -3.0).all()
+    U = factors.direction(M, 1.1, torch.tensor(True))
+    assert (U == 0).all() and not torch.signbit(U).any()  # +0: p - lr * 0 is p bit for bit
+
+
+def test_momentum_counts_and_corrects_each_member():
+    params = [torch.zeros(2, 2, dtype=F64), torch.zeros(3, dtype=F64)]
+    layout = PSGDKronLayout(params, True, 8192, 2, None)
+    factors = PSGDKronFactors(layout, F64, F64, torch.device("cpu"), 1.0)
+    G = torch.ones(factors.total, dtype=F64)
+    factors.momentum_(G, torch.tensor(True), 0.9)
+    take = torch.tensor([i == 0 for i in factors.order])
+    M = factors.param_views(factors.momentum_(2 * G, take, 0.9))
+    # param 0: two updates (1, then 2), corrected by 1 - 0.9^2; param 1: one update
+    assert torch.allclose(M[0], torch.full((2, 2), (0.9 * 0.1 + 0.2) / (1 - 0.81), dtype=F64))
+    assert torch.allclose(M[1], torch.ones(3, dtype=F64))
+    assert factors.views(0)["momentum_steps"] == 2 and factors.views(1)["momentum_steps"] == 1

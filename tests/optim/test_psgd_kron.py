@@ -212,8 +212,8 @@ def test_update_decisions_draw_the_probability():
 
 def test_matches_kron_torch(monkeypatch):
     """kron-torch's Kron with the same probes, in float64 (its triangular solve, done in float32
-    there, in float64), the update every step (its decisions are a counter, ours draws) and no
-    balancing: the same params within 1e-13."""
+    there, in float64), its merge of dims, the update every step (its decisions are a counter,
+    ours draws) and no balancing: the same params within 1e-13."""
     kron = pytest.importorskip("kron_torch.kron")
     for name in ("_update_precond", "_precond_grad", "_clip_update_rms"):
         f = getattr(kron, name)
@@ -238,7 +238,8 @@ def test_matches_kron_torch(monkeypatch):
                             nn.Tanh(), nn.Linear(5, 3)).to(F64) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     ours = soo_ext.PSGDKron(models[0].parameters(), lr=0.01, weight_decay=0.01,
-                            update_probability=1.0, precond_dtype=F64, seed=1)
+                            update_probability=1.0, precond_dtype=F64, seed=1,
+                            merge_dims="reference")
     theirs = kron.Kron(models[1].parameters(), lr=0.01, weight_decay=0.01,
                        preconditioner_update_probability=1.0, precond_dtype=F64)
     theirs.rng.random = lambda: 1.0  # no balancing (seed 1 balances in none of our 20 steps)
