@@ -8,9 +8,10 @@ steps these are) and keeps everything it knows in a plain ``record`` dict that t
 stores in its state, so ``state_dict`` carries it.
 
 Measurement: a window of ``2 * samples + 1`` steps refreshing on every other step (``n0``,
-``n0 + 2``, ...).  At the end of every step of the window the clock is read (after one device
-synchronization on CUDA: only on these steps, never in between); the time between two readings is
-a whole training iteration (the forward and backward of the step, its statistics capture, the
+``n0 + 2``, ...).  At the end of every step of the window the clock is read (on CUDA the wall clock after one device synchronization:
+only on these steps, never in between; on CPU the process's CPU time, which other processes' load
+does not inflate: with the wall clock a loaded 2-core machine gave intervals anywhere from 1 to
+100 for one setting); the time between two readings is a whole training iteration (the forward and backward of the step, its statistics capture, the
 step itself).  ``P`` is the median of the iterations without a refresh, ``R`` the median of those
 with one minus ``P``.  Over ``T`` steps with one refresh the refresh's share of the time is
 ``R / (T P + R)``; the interval is the least ``T`` whose share is at most ``budget``,
@@ -53,7 +54,8 @@ class RefreshSchedule:
         max_interval: the longest interval (default 100).
         samples: timed steps with and without a refresh per window (default 3).
         remeasure_steps: steps between measurement windows (default 2000).
-        timer: the clock, seconds as a float (default ``time.perf_counter``; tests pass a fake).
+        timer: the clock, seconds as a float (default: ``time.process_time`` on CPU,
+            ``time.perf_counter`` on CUDA; tests pass a fake).
         sync: called before each reading of the clock (default: ``torch.cuda.synchronize`` of the
             device on CUDA, nothing on CPU).
     """
@@ -69,7 +71,7 @@ class RefreshSchedule:
                              "remeasure_steps must be >= 1")
         self.name, self.budget, self.max_interval = name, budget, max_interval
         self.samples, self.remeasure_steps = samples, remeasure_steps
-        self.timer = time.perf_counter if timer is None else timer
+        self.timer = timer
         self.sync = sync
 
     @staticmethod
@@ -155,8 +157,11 @@ class RefreshSchedule:
                     "budget %.2f)", self.name, interval, plain * 1e3, cost * 1e3, self.budget)
 
     def _now(self, device) -> float:
+        cuda = device is not None and torch.device(device).type == "cuda"
         if self.sync is not None:
             self.sync()
-        elif device is not None and torch.device(device).type == "cuda":
+        elif cuda:
             torch.cuda.synchronize(device)
-        return float(self.timer())
+        if self.timer is not None:
+            return float(self.timer())
+        return time.perf_counter() if cuda else time.process_time()

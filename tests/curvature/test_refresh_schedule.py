@@ -96,6 +96,20 @@ def test_resume_mid_window_is_exact():
     assert steps[id(a)] == steps[id(b)] and a == b and a["interval"] == 6
 
 
+@pytest.mark.parametrize("device, clock", [("cpu", "process_time"), ("cuda", "perf_counter")])
+def test_default_clock_is_cpu_time_on_cpu_and_wall_clock_on_cuda(monkeypatch, device, clock):
+    # CPU time is what other processes' load leaves alone; a GPU's work shows on the wall clock
+    import soo_ext.curvature.refresh_schedule as rs
+    readings = {"process_time": iter(range(100, 200)), "perf_counter": iter(range(500, 600))}
+    monkeypatch.setattr(rs.time, "process_time", lambda: float(next(readings["process_time"])))
+    monkeypatch.setattr(rs.time, "perf_counter", lambda: float(next(readings["perf_counter"])))
+    synced = []
+    s = RefreshSchedule("Thing", 0.25, sync=lambda: synced.append(1))
+    record = s.new_record()
+    s.after_step(record, 0, device=torch.device(device))
+    assert record["stamp"] == (100.0 if clock == "process_time" else 500.0) and synced == [1]
+
+
 def test_logs_the_chosen_interval(caplog):
     s = RefreshSchedule("Thing roots", 0.25)
     with caplog.at_level(logging.INFO, logger="soo_ext"):
