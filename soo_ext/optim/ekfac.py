@@ -42,7 +42,7 @@ class EKFAC(KFAC):
         kl_clip: kappa of the KL clip, or None (default 1e-3).
         factor_update_steps, inv_update_steps, scale_update_steps: steps between factor
             updates, between eigendecompositions and between scaling updates (2, None, 2);
-            None: automatic, the decompositions at most ``refresh_budget`` (0.25) of the time.
+            None: automatic, the decompositions at most ``refresh_budget`` (0.1) of the time.
         skip_layers, on_nonfinite, factor_dtype, accumulation_steps, batch_averaged,
             grad_scaler, params, process_group, spread_inverses, refresh_budget,
             refresh_timer, fallback, fallback_lr, fallback_betas, fallback_eps: as in
@@ -67,7 +67,7 @@ class EKFAC(KFAC):
                  factor_dtype: torch.dtype = torch.float32, accumulation_steps: int = 1,
                  batch_averaged: bool = True, grad_scaler=None, params=None,
                  process_group=None, spread_inverses: bool = True,
-                 refresh_budget: float | None = 0.25, refresh_timer=None, fallback: str = "sgd",
+                 refresh_budget: float | None = 0.1, refresh_timer=None, fallback: str = "sgd",
                  fallback_lr=None, fallback_betas=(0.9, 0.999), fallback_eps=1e-8) -> None:
         kfac_init(self, locals())
 

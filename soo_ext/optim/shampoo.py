@@ -78,7 +78,7 @@ class Shampoo(LaidOutOptimizer):
         merge_dims, precondition_1d: (default: True, False).
         precondition_frequency, start_preconditioning_step: (default: None: automatic, 10).
         refresh_budget: the most the automatic root updates may take of the training time
-            (default 0.25; None: every 10 steps). ``refresh_timer``: its clock.
+            (default 0.1; None: every 10 steps). ``refresh_timer``: its clock.
         grafting: ``'adam'`` (default), ``'adagrad'``, ``'sgd'`` or None.
         grafting_epsilon, grafting_beta2: (default: 1e-8, 0.999).
         root_method: ``'eigh'`` (default) or ``'newton'``.
@@ -103,7 +103,7 @@ class Shampoo(LaidOutOptimizer):
                  decoupled_weight_decay: bool = True, max_preconditioner_dim: int = 1024,
                  merge_dims: bool = True, precondition_1d: bool = False,
                  precondition_frequency: int | None = None,
-                 start_preconditioning_step: int = 10, refresh_budget: float | None = 0.25,
+                 start_preconditioning_step: int = 10, refresh_budget: float | None = 0.1,
                  grafting: str | None = "adam", grafting_epsilon: float = 1e-8,
                  grafting_beta2: float = 0.999, root_method: str = "eigh",
                  factor_dtype: torch.dtype = torch.float32, max_root_failures: int = 5,

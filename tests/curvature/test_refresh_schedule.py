@@ -227,6 +227,7 @@ def test_kfac_state_dict_carries_the_schedule(saved_at):
 
 
 def shampoo(model, **kw):
+    kw.setdefault("refresh_budget", 0.25)  # the schedule's mechanics at one budget
     opt = soo_ext.Shampoo(model.parameters(), lr=1e-2, start_preconditioning_step=2, **kw)
     if "refresh_timer" not in kw:
         opt._schedule.timer = FakeClock(opt, lambda glob: glob["step"] - 2, refresh=1.0)
@@ -239,12 +240,13 @@ def root_updates(opt):
 
 def test_shampoo_is_automatic_by_default():
     model = mlp()
-    opt = shampoo(model)
-    assert opt.defaults["precondition_frequency"] is None
-    train(model, opt, 20)  # steps k = 1..20; n = k - 2; window n = 0..6; interval 3
+    opt = soo_ext.Shampoo(model.parameters(), lr=1e-2, start_preconditioning_step=2)
+    opt._schedule.timer = FakeClock(opt, lambda glob: glob["step"] - 2, refresh=1.0)
+    assert opt.defaults["precondition_frequency"] is None and opt.defaults["refresh_budget"] == 0.1
+    train(model, opt, 20)  # steps k = 1..20; n = k - 2; window n = 0..6; interval 9 (0.9 / 0.1)
     record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
-    assert record["interval"] == 3 and record["anchor"] == 6
-    assert root_updates(opt) == 8  # n = 0, 2, 4, 6, 9, 12, 15, 18
+    assert record["interval"] == 9 and record["anchor"] == 6
+    assert root_updates(opt) == 5  # n = 0, 2, 4, 6, 15
 
 
 @pytest.mark.parametrize("kw, updates", [
@@ -413,6 +415,7 @@ def test_soap_measures_again_after_new_sizes():
 
 
 def ekfac(model, **kw):
+    kw.setdefault("refresh_budget", 0.25)  # the schedule's mechanics at one budget
     opt = soo_ext.EKFAC(model, lr=0.05, **kw)
     if "refresh_timer" not in kw:
         opt._schedule.timer = FakeClock(opt, lambda glob: glob["step"], refresh=4.0)
@@ -421,13 +424,15 @@ def ekfac(model, **kw):
 
 def test_ekfac_schedules_its_eigenbases_by_default(monkeypatch):
     model = mlp()
-    opt = ekfac(model)
+    opt = soo_ext.EKFAC(model, lr=0.05)
+    opt._schedule.timer = FakeClock(opt, lambda glob: glob["step"], refresh=4.0)
     assert opt.defaults["inv_update_steps"] is None and opt.defaults["factor_update_steps"] == 2
+    assert opt.defaults["refresh_budget"] == 0.1
     done = refreshes(monkeypatch, EigenCorrectedFactors, opt)
-    train(model, opt, 30)  # window 0..6: a decomposition costs 4 steps: interval 12
+    train(model, opt, 45)  # window 0..6: a decomposition costs 4 steps: interval 36 (3.6 / 0.1)
     record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
-    assert record["interval"] == 12 and record["anchor"] == 6
-    assert done == [0, 2, 4, 6, 18] and factor_updates(opt) == 15  # factors: every 2 steps
+    assert record["interval"] == 36 and record["anchor"] == 6
+    assert done == [0, 2, 4, 6, 42] and factor_updates(opt) == 23  # factors: every 2 steps
 
 
 @pytest.mark.parametrize("kw, bases", [

@@ -89,7 +89,7 @@ def _set_params(model, values):
 ADDED_OPTIONS = {"DRSOM": {"lr": 1.0},
                  "KFAC": {"refresh_budget": 0.25, "fallback": "sgd", "fallback_lr": None,
                           "fallback_betas": (0.9, 0.999), "fallback_eps": 1e-8},
-                 "Shampoo": {"refresh_budget": 0.25, "relative_epsilon": 1e-4}}
+                 "Shampoo": {"refresh_budget": 0.1, "relative_epsilon": 1e-4}}
 # ... and the settings of 0f96eea's defaults where the defaults changed since (KFAC's intervals:
 # every step, now automatic; Shampoo's roots: no relative_epsilon, now 1e-4), set where a case
 # left them to the defaults
