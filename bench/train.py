@@ -87,8 +87,8 @@ Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
                                                            lr 0.3, 1, 3             default 1
   soo_ext.SOAP        its defaults (bases refreshed every 10 steps), minibatch
                                                            lr 0.001, 0.003, 0.01    default 3e-3
-  soo_ext.PSGDKron    its defaults (factors fitted with probability 1 for 500 steps, then
-                      annealed to a measured floor; update RMS clipped at 1.1), minibatch
+  soo_ext.PSGDKron    its defaults (factors fitted every 2nd step for 500 steps, then with
+                      a probability annealed to a measured floor; update RMS clip 1.1), minibatch
                                                            lr 0.001, 0.003, 0.01    default 3e-3
   soo_ext.MFAC        its defaults (window 32, damping 1e-2, no momentum), minibatch
                                                            lr 0.01, 0.03, 0.1       default 0.03

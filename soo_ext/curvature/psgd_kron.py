@@ -20,12 +20,23 @@ from .kron_buckets import KronBuckets, keep_where
 from .shampoo_blocks import BlockShapeGroup, merge_dims
 
 __all__ = ["PSGDKronLayout", "PSGDKronFactors", "psgd_merged_shape", "factor_kinds", "FLAT_START",
-           "MIN_PROB", "update_probability", "draw_probes", "norm_lower_bound"]
+           "MIN_PROB", "START_INTERVAL", "start_precond_lr", "update_probability", "draw_probes",
+           "norm_lower_bound"]
 
 TRI, DIAG = "tri", "diag"
 
 
 FLAT_START, MIN_PROB = 500, 0.03  # the reference's schedule: its flat start and its floor
+# The default's flat start (a deviation, docs/psgd_kron.md "The start"): a fit every
+# START_INTERVAL-th step, of START_GAIN times precond_lr: half the fits, twice the progress a step.
+START_INTERVAL, START_GAIN, START_MAX_LR = 2, 4, 0.5
+
+
+def start_precond_lr(precond_lr: float) -> float:
+    """The step of a fit in the default's flat start: ``START_GAIN precond_lr``, at most
+    ``START_MAX_LR`` (well below 1, where the normalised step could make ``Q`` singular) unless
+    ``precond_lr`` itself is larger."""
+    return max(precond_lr, min(START_GAIN * precond_lr, START_MAX_LR))
 MERGE_MAX_DIM = 1024  # the squarer merge's bound (Shampoo's default max_preconditioner_dim)
 
 

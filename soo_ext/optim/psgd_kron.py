@@ -16,8 +16,9 @@ from .._support.distributed import check_process_group
 from .._support.guard import SkipGuard
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs, Spec
 from .._support.params import all_params, check_dense_grads
-from ..curvature.psgd_kron import (FLAT_START, MIN_PROB, TRI, PSGDKronFactors, PSGDKronLayout,
-                                   draw_probes, update_probability)
+from ..curvature.psgd_kron import (FLAT_START, MIN_PROB, START_INTERVAL, TRI, PSGDKronFactors,
+                                   PSGDKronLayout, draw_probes, start_precond_lr,
+                                   update_probability)
 from ..curvature.refresh_schedule import RefreshSchedule
 from .laid_out import LaidOutOptimizer
 
@@ -63,8 +64,9 @@ class PSGDKron(LaidOutOptimizer):
     Each param (of order > 2: merged, see ``merge_dims``) has ``P = Q^T Q``, ``Q`` a Kronecker
     product of one factor per dim: upper triangular, or diagonal (dims of size 1 or above
     ``max_size_triangular``, params of fewer than ``min_ndim_triangular`` dims).  With
-    probability ``update_probability`` (default: 1 for 500 steps, then annealed to a floor set
-    by measured costs) the factors take one Lie-group step on a random probe ``V``:
+    probability ``update_probability`` (default: every 2nd of the first 500 steps with
+    ``4 precond_lr``, then annealed from 1 to a floor set by measured costs) the factors take
+    one Lie-group step on a random probe ``V``:
     ``Q_i <- Q_i - precond_lr triu(A_i A_i^T - B_i B_i^T) Q_i / ||A_i A_i^T + B_i B_i^T||``,
     ``A = Q m``, ``B = Q^{-T} V``.  The update is ``P m`` (``m`` the bias-corrected momentum),
     clipped to an RMS of ``max_update_rms``, plus decoupled weight decay (params of >= 2 dims),
@@ -75,15 +77,14 @@ class PSGDKron(LaidOutOptimizer):
         lr, momentum, weight_decay: (default: 3e-3, 0.9, 0; the reference's lr is 3e-4).
         precond_lr: the factors' step size (default: 0.1).
         update_probability: None (the schedule), a number, or ``f(steps before this one)``.
-        refresh_budget: the schedule's floor keeps the fits to at most this fraction of the
-            training time (default 0.25; None: the floor 0.03). ``refresh_timer``: its clock;
-            ``process_group``: the data-parallel ranks whose timings it averages.
+        refresh_budget: the floor keeps the fits to this fraction of the time (default 0.25;
+            None: the reference's schedule: every step fits for 500, the floor 0.03).
+            ``refresh_timer``: its clock; ``process_group``: the ranks whose timings it averages.
         max_size_triangular, min_ndim_triangular: (default: 8192, 2).
         memory_save_mode: None, ``'one_diag'``, ``'smart_one_diag'`` or ``'all_diag'``.
         momentum_into_precond_update: fit on the momentum, else on the gradient (default: True).
         precond_init_scale: (default: 1.0).  merge_dims: True (default): the first dim kept,
-            the others merged up to 1024 (``(25, 25, 1, 3) -> (25, 75)``); ``'reference'``: as
-            kron-torch; False.
+            the others merged up to 1024 (``(25, 25, 1, 3) -> (25, 75)``); 'reference'; False.
         precond_dtype: ``torch.float32`` (default) or ``torch.float64``.
         max_update_rms: None: no clipping (default: 1.1).
         seed: of the probes and of the update decisions (default: 0).
@@ -169,7 +170,9 @@ class PSGDKron(LaidOutOptimizer):
                       for S in stacks]
             if balance:
                 factors.balance_(takes)
-            factors.update_(stacks, probes, takes, o["precond_lr"])
+            in_start = record is not None and k - 1 < FLAT_START  # the default's start
+            factors.update_(stacks, probes, takes, start_precond_lr(o["precond_lr"]) if in_start
+                            else o["precond_lr"])
             gstate["precond_updates"] += 1
         U = factors.direction(M, o["max_update_rms"], guard.bad)
         updates = {params[i]: u for i, u in factors.param_views(U).items()}
@@ -242,9 +245,12 @@ def _fit_due(option, n: int, draw: float, record: dict | None) -> bool:
     """Whether the step after ``n`` steps fits the factors: ``draw`` (uniform in [0, 1)) below
     the chance that ``option`` (``update_probability``) gives, None: the annealed schedule whose
     floor is ``1 / interval`` of the automatic schedule (``record``; 0.03 while it has none or
-    when it is off); in the schedule's measurement windows by the window's pattern."""
+    when it is off); in the schedule's measurement windows by the window's pattern; with the
+    automatic schedule, every ``START_INTERVAL``-th step of the flat start."""
     if record is not None and record["measuring"] and n >= record["anchor"]:
         return RefreshSchedule.due(record, n)
+    if option is None and record is not None and n < FLAT_START:
+        return n % START_INTERVAL == 0
     if option is None:
         floor = 1 / record["interval"] if record and record["interval"] else MIN_PROB
         return draw < update_probability(n, min_prob=floor)

@@ -11,7 +11,7 @@ from torch import nn
 
 import soo_ext
 import soo_ext.optim.psgd_kron as psgd_optim
-from soo_ext.curvature.psgd_kron import update_probability
+from soo_ext.curvature.psgd_kron import start_precond_lr, update_probability
 
 from conftest import mnist1d_mlp, train_mnist1d
 
@@ -203,11 +203,33 @@ def test_update_decisions_draw_the_probability():
         p.grad = torch.ones(4, 3)
         opt.step()
     assert 70 <= opt.state[p]["precond_updates"] <= 130
-    default = soo_ext.PSGDKron([p2 := nn.Parameter(torch.zeros(3))])
+    reference = soo_ext.PSGDKron([p2 := nn.Parameter(torch.zeros(3))], refresh_budget=None)
     for _ in range(20):
         p2.grad = torch.ones(3)
-        default.step()
-    assert default.state[p2]["precond_updates"] == 20  # probability 1 for 500 steps
+        reference.step()
+    assert reference.state[p2]["precond_updates"] == 20  # probability 1 for 500 steps
+
+
+def test_default_start_fits_every_second_step_with_a_larger_step():
+    """The default's first 500 steps: exactly the explicit schedule 'every 2nd step' with
+    4 precond_lr (bit for bit: the same probes and draws); the reference's step after them."""
+    torch.manual_seed(0)
+    W, b = torch.randn(5, 4, dtype=F64), torch.randn(5, dtype=F64)
+    runs = []
+    for kw in (dict(), dict(update_probability=lambda n: float(n % 2 == 0), precond_lr=0.4)):
+        params = [nn.Parameter(W.clone()), nn.Parameter(b.clone())]
+        opt = soo_ext.PSGDKron(params, lr=0.01, refresh_timer=lambda: 0.0, **kw)
+        for t in range(12):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (t + 1))
+            opt.step()
+        runs.append((params, opt.state[params[0]]))
+    (p1, s1), (p2, s2) = runs
+    assert s1["precond_updates"] == s2["precond_updates"] == 6
+    for a, c in zip(p1 + s1["Q"], p2 + s2["Q"]):
+        assert torch.equal(a, c)
+    assert start_precond_lr(0.1) == 0.4 and start_precond_lr(0.2) == 0.5  # below 1: Q invertible
+    assert start_precond_lr(0.7) == 0.7
 
 
 def test_matches_kron_torch(monkeypatch):
