@@ -249,11 +249,13 @@ class SOAPBases:
         # columns: beta1, beta2, 1 - lr wd (the three masked: 1 where nothing may change),
         # 1 - beta1, 1 - beta2, lr; a slot's row holds its factor decay in column 0
         self._hyper = torch.zeros(R, 6, dtype=dtype, device=device)
-        self._hyper_f = torch.zeros(R, dtype=fdtype, device=device)
         self._coef = torch.ones(R, 3, dtype=dtype, device=device)
-        self._decay = torch.ones(R, dtype=fdtype, device=device)
         self._one = torch.ones((), dtype=dtype, device=device)
-        self._one_f = torch.ones((), dtype=fdtype, device=device)
+        self._hyper_f = self._decay = self._one_f = None
+        if self._cast:  # factors of another dtype: the slots' decays, and masked, in theirs
+            self._hyper_f = torch.zeros(R, dtype=fdtype, device=device)
+            self._decay = torch.ones(R, dtype=fdtype, device=device)
+            self._one_f = torch.ones((), dtype=fdtype, device=device)
         self._step = torch.zeros(P, dtype=dtype, device=device)  # the step sizes
         self._hyper_key: list | None = None
         self._decays: list | None = None
@@ -263,7 +265,9 @@ class SOAPBases:
             (-1,) + (1,) * len(sg.shape)) for sg, (r, _, _) in zip(self.shape_groups,
                                                                     self._ranges)]
         self._omb1, self._omb2 = cols(self._hyper, 3), cols(self._hyper, 4)
-        self._lr_betas = self._hyper[:P, 5], self._hyper[:P, 0], self._hyper[:P, 1]
+        self._lr, self._betas = self._hyper[:P, 5], self._hyper[:P, :2]
+        self._bias = torch.zeros(P, 2, dtype=dtype, device=device)  # 1 - beta1^t, 1 - beta2^t
+        self._bias_cols = self._bias[:, 0], self._bias[:, 1]
         self._work_rot = self.work[:self._n_rot]
         self._adam_parts = self.update[self._n_rot:], self.work[self._n_rot:]
         self._b1m, self._b2m = cols(self._coef, 0), cols(self._coef, 1)
@@ -272,8 +276,10 @@ class SOAPBases:
         self._step_views = [self._step[self._row[i]] for i in range(P)]
         self._shrink_views = [self._coef[self._row[i], 2] for i in range(P)]
         self._factor_list = list(self.factors.values())
-        self._decay_cols = [self._decay[self._slot_rows[key]:self._slot_rows[key] + B].view(
-            -1, 1, 1) for key, B in self.buckets.counts.items()]
+        # the masked factor decays: the coefficient table's first column, or its cast copy
+        decay = self._decay if self._cast else self._coef[:, 0]
+        self._decay_cols = [decay[self._slot_rows[key]:self._slot_rows[key] + B].view(-1, 1, 1)
+                            for key, B in self.buckets.counts.items()]
         self._present: list[bool] = []
         self._live: Tensor = self._one.bool()
         self._bad: Tensor = ~self._live
@@ -303,7 +309,9 @@ class SOAPBases:
         decays = [r[0] for r in rows[len(self.params):]]
         if decays != self._decays:  # the slots' decays, and 1 - decay as scalars of the op:
             self._decays = decays   # one call per run of equal decays
-            self._hyper_f[len(self.params):].copy_(device_tensor(decays, device, self.fdtype))
+            if self._cast:
+                self._hyper_f[len(self.params):].copy_(device_tensor(decays, device,
+                                                                     self.fdtype))
             self._scales = []
             for source, X, F, row in self._statistics:
                 scales = [1 - values[self._row_param[row + b]][4] for b in range(X.shape[0])]
@@ -343,7 +351,8 @@ class SOAPBases:
         self._live, self._bad = live, bad
         row = live if live.dim() == 0 else live[:, None]
         torch.where(row, self._hyper[:, :3], self._one, out=self._coef)
-        torch.where(live, self._hyper_f, self._one_f, out=self._decay)
+        if self._cast:
+            torch.where(live, self._hyper_f, self._one_f, out=self._decay)
 
     def _live_rows(self, row: int, count: int, dims: int) -> Tensor:
         """The live mask of ``count`` rows from ``row``, as a column against ``dims`` more dims."""
@@ -366,13 +375,13 @@ class SOAPBases:
         rotated space), then ``p <- (p - step_size U) (1 - lr weight_decay)``: step sizes
         ``lr sqrt(1 - beta2^t) / (1 - beta1^t)`` (``t = adam_steps``; ``lr`` without
         ``correct_bias``); ``normalize``: each update divided by ``1e-30 + its RMS``."""
-        lr, beta1, beta2 = self._lr_betas
-        if correct_bias:
-            t = adam_steps.to(lr.dtype)
-            root = torch.rsub(torch.pow(beta2, t), 1).sqrt_().mul_(lr)
-            torch.div(root, torch.rsub(torch.pow(beta1, t), 1), out=self._step)
+        if correct_bias:  # into kept buffers: 1 - beta^t for both betas at once
+            torch.sub(self._one, torch.pow(self._betas, adam_steps, out=self._bias),
+                      out=self._bias)
+            first, second = self._bias_cols
+            torch.div(second.sqrt_().mul_(self._lr), first, out=self._step)
         else:
-            self._step.copy_(lr)
+            self._step.copy_(self._lr)
         self.rotate_in.run()
         self._fill_dead(self._work_rot, self.work_stacks[:self._n_rot_groups], -0.0)
         M, V = self.exp_avg, self.exp_avg_sq

@@ -70,7 +70,7 @@ class SOAP(LaidOutOptimizer):
         betas: Adam's (beta1, beta2) (default: (0.95, 0.95)).
         weight_decay: decoupled weight decay (default: 0.01).
         precondition_frequency: steps between basis refreshes; None (default): automatic,
-            refreshes at most ``refresh_budget`` of the training time (default 0.25; None:
+            refreshes at most ``refresh_budget`` of the training time (default 0.1; None:
             every 10 steps); ``refresh_timer``: its clock; ``process_group``: its ranks.
         eps: added to Adam's denominator (default: 1e-8).
         shampoo_beta: factor decay; None: each group's beta2 (default: None).
@@ -95,7 +95,7 @@ class SOAP(LaidOutOptimizer):
                  eps: float = 1e-8, shampoo_beta: float | None = None,
                  max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, normalize_grads: bool = False,
-                 correct_bias: bool = True, refresh_budget: float | None = 0.25,
+                 correct_bias: bool = True, refresh_budget: float | None = 0.1,
                  factor_dtype: torch.dtype = torch.float32, on_nonfinite: str = "skip",
                  refresh_timer=None, process_group=None) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,

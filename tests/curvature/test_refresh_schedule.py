@@ -336,6 +336,7 @@ def test_soap_schedule_turned_on_mid_run_measures_from_there(monkeypatch):
 # ---- SOAP, EKFAC and PSGDKron: the same schedule (the record's step n is each one's own) -----
 
 def soap(model, **kw):
+    kw.setdefault("refresh_budget", 0.25)  # the schedule's mechanics at one budget
     opt = soo_ext.SOAP(model.parameters(), lr=1e-2, **kw)
     if "refresh_timer" not in kw:  # n = k - 2: the Adam steps before step k
         opt._schedule.timer = FakeClock(opt, lambda glob: glob["step"] - 2, refresh=2.0)
@@ -356,13 +357,14 @@ def refreshes(monkeypatch, cls, opt):
 
 def test_soap_is_automatic_by_default(monkeypatch):
     model = mlp()
-    opt = soap(model)
-    assert opt.defaults["precondition_frequency"] is None and opt.defaults["refresh_budget"] == 0.25
+    opt = soo_ext.SOAP(model.parameters(), lr=1e-2)
+    opt._schedule.timer = FakeClock(opt, lambda glob: glob["step"] - 2, refresh=2.0)
+    assert opt.defaults["precondition_frequency"] is None and opt.defaults["refresh_budget"] == 0.1
     done = refreshes(monkeypatch, SOAPBases, opt)
-    train(model, opt, 22)  # k = 1..22, n = k - 2; window n = 0..6; interval 6
+    train(model, opt, 30)  # k = 1..30, n = k - 2; window n = 0..6; interval 18
     record = opt.state[opt.param_groups[0]["params"][0]]["refresh_schedule"]
-    assert record["interval"] == 6 and record["anchor"] == 6  # 2 * 0.75 / 0.25
-    assert done == [2, 4, 6, 8, 14, 20]
+    assert record["interval"] == 18 and record["anchor"] == 6  # 2 * 0.9 / 0.1
+    assert done == [2, 4, 6, 8, 26]
 
 
 @pytest.mark.parametrize("kw, refreshed", [
