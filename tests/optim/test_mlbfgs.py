@@ -162,6 +162,16 @@ def grouped(model, options):
     return [{"params": [w1, b1]}, {"params": [w2, b2], **second}], second
 
 
+def step_both(model, reference, opt, naive, batch):
+    """One step of MLBFGS and of the naive transcription on the same minibatch; equal params."""
+    mse_backward(model, batch)
+    mse_backward(reference, batch)
+    opt.step()
+    naive.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("layout", ["one", "groups", "partition"])
 @pytest.mark.parametrize("case", list(OPTIONS))
 def test_matches_naive_transcription(case, layout, device="cpu"):
@@ -181,12 +191,7 @@ def test_matches_naive_transcription(case, layout, device="cpu"):
                            if k not in ("lr", "momentum", "weight_decay")})
     steps = 30
     for batch in minibatches(steps, device=device):
-        mse_backward(model, batch)
-        mse_backward(reference, batch)
-        opt.step()
-        naive.step()
-        for a, b in zip(model.parameters(), reference.parameters()):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+        step_both(model, reference, opt, naive, batch)
     state = opt.state[w1]
     assert state["step"] == steps and state["pair_updates"] == steps // full["update_freq"]
     assert history_of(opt, w1)["count"] == full["history_size"]  # the ring has wrapped
@@ -212,12 +217,7 @@ def test_options_changed_between_steps_are_used():
                                        grad_momentum=0.8)
             naive.hyper = [(0.02, 0.5, 0.0)] * 4
             naive.mu_p, naive.mu_g = 0.9, 0.8
-        mse_backward(model, batch)
-        mse_backward(reference, batch)
-        opt.step()
-        naive.step()
-        for a, b in zip(model.parameters(), reference.parameters()):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+        step_both(model, reference, opt, naive, batch)
 
 
 def test_option_checks_run_when_an_option_changes(monkeypatch):
