@@ -8,12 +8,15 @@ may differ between param groups, and the relations between options.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from numbers import Integral, Real
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import Tensor
 
-__all__ = ["Bool", "Int", "Number", "OneOf", "OptionSpecs", "Spec"]
+__all__ = ["Bool", "Int", "Number", "OneOf", "OptionChecks", "OptionSpecs", "Spec"]
 
 
 def _fmt(v: float) -> str:
@@ -146,3 +149,37 @@ class OptionSpecs:
                     raise ValueError(f"Invalid {name} in param group {i}: {group[name]!r} differs "
                                      f"from group 0 ({first[name]!r}); only "
                                      f"{', '.join(self.per_group)} may differ")
+
+
+# Option values that cannot change in place (a Tensor or a list can: those are checked every time)
+_IMMUTABLE = (numbers.Number, str, type(None), torch.dtype)
+
+
+def _immutable(x) -> bool:
+    return isinstance(x, _IMMUTABLE) or (type(x) is tuple and all(map(_immutable, x)))
+
+
+def _kind(x):
+    """The type of ``x``, per element for a tuple (``False == 0``: types tell them apart)."""
+    return tuple(map(_kind, x)) if type(x) is tuple else type(x)
+
+
+class OptionChecks:
+    """``specs.check_groups(groups)`` at every step, skipped while no option of any group has
+    changed since the checks last passed.  They cost more than the ops of a small step, and
+    options change rarely (an LR schedule changes ``lr``, which is then checked again).  The
+    checks depend only on the options' types and values, so unchanged ones pass again."""
+
+    def __init__(self, specs: OptionSpecs) -> None:
+        self.specs = specs
+        self._options = operator.itemgetter(*specs.specs)  # a group's option values, in C
+        self._passed: tuple[list, list] | None = None  # their types and values at the last pass
+
+    def __call__(self, groups: list[dict]) -> None:
+        values = [self._options(g) for g in groups]
+        types = [tuple(map(_kind, v)) for v in values]
+        # types first: values are compared only when they are all of the immutable kinds passed
+        if self._passed is None or types != self._passed[0] or values != self._passed[1]:
+            self.specs.check_groups(groups)
+            immutable = all(_immutable(x) for v in values for x in v)
+            self._passed = (types, values) if immutable else None

@@ -1,42 +1,13 @@
-"""The start of a step on flat blocks (MLBFGS, MFAC, GGT): the option checks, gradients gathered,
-their finiteness decided on the device, a non-finite gradient replaced by zeros."""
+"""The start of a step on flat blocks (MLBFGS, MFAC, GGT): gradients gathered, their finiteness
+decided on the device, a non-finite gradient replaced by zeros."""
 from __future__ import annotations
 
-import numbers
-import operator
-
-import torch
 from torch import Tensor
 
 from .._support.guard import SkipGuard, SkipWarner
-from .._support.options import OptionSpecs
 from ..curvature.momentum_pairs import Block
 
-__all__ = ["OptionChecks", "gather_guarded"]
-
-# Option values that cannot change in place (a Tensor or a list can: those are checked every time)
-_IMMUTABLE = (numbers.Number, str, type(None), torch.dtype)
-
-
-class OptionChecks:
-    """``specs.check_groups(groups)`` at every step, skipped while no option of any group has
-    changed since the checks last passed.  They cost more than the ops of a small step, and
-    options change rarely (an LR schedule changes ``lr``, which is then checked again).  The
-    checks depend only on the options' types and values, so unchanged ones pass again."""
-
-    def __init__(self, specs: OptionSpecs) -> None:
-        self.specs = specs
-        self._options = operator.itemgetter(*specs.specs)  # a group's option values, in C
-        self._passed: tuple[list, list] | None = None  # their types and values at the last pass
-
-    def __call__(self, groups: list[dict]) -> None:
-        values = [self._options(g) for g in groups]
-        types = [tuple(map(type, v)) for v in values]
-        # types first: values are compared only when they are all of the immutable kinds passed
-        if self._passed is None or types != self._passed[0] or values != self._passed[1]:
-            self.specs.check_groups(groups)
-            immutable = all(isinstance(x, _IMMUTABLE) for v in values for x in v)
-            self._passed = (types, values) if immutable else None
+__all__ = ["gather_guarded"]
 
 
 def gather_guarded(blocks: list[Block], group: dict, state: dict, skips: SkipWarner, name: str,

@@ -9,11 +9,11 @@ from torch.optim import Optimizer
 
 from .._support.closure import call_closure
 from .._support.guard import SkipGuard, SkipWarner
-from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
+from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_history_dtype,
                                check_params, load_state_dict_uncast)
 from ..curvature.momentum_pairs import BlockLayout, block_partition, directions, update_pairs
-from .flat_guard import OptionChecks, gather_guarded
+from .flat_guard import gather_guarded
 
 __all__ = ["MLBFGS"]
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
 from .._support.guard import SkipGuard
-from .._support.options import Bool, Int, Number, OneOf, OptionSpecs, Spec
+from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs, Spec
 from .._support.params import all_params
 from ..curvature.grafting import SGDGrafting, make_grafting
 from ..curvature.refresh_schedule import RefreshSchedule
@@ -276,11 +276,10 @@ def _attach_state(states: dict, blocking: ShampooBlocking, roots: ShampooRoots,
 def _check_options(opt: Shampoo) -> None:
     """The groups' options checked (ValueError naming a bad one), when they changed since the
     last check (a step's options are usually the last step's)."""
-    options = [tuple(tuple(v) if isinstance(v, list) else v for k, v in g.items() if k != "params")
-               for g in opt.param_groups]
-    if options != opt.__dict__.get("_checked"):
-        OPTIONS.check_groups(opt.param_groups)
-        opt._checked = options
+    checks = opt.__dict__.get("_checks")
+    if checks is None:
+        checks = opt._checks = OptionChecks(OPTIONS)
+    checks(opt.param_groups)
 
 
 def _refresh_record(opt: Shampoo, gstate: dict, n: int) -> dict | None:
