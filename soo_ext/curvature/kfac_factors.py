@@ -288,9 +288,9 @@ class EigenCorrectedFactors(EigenFactors):
         super().refresh(damping, ok, process_group)
         for group, S in self.S.items():
             l0 = group.layers[0]
-            RA = (self.Q[l0.a_dim][group.a].mT @ old[l0.a_dim][group.a]).square_()
-            RG = (self.Q[l0.out][group.g].mT @ old[l0.out][group.g]).square_()
-            _select_into(S, ok, RG @ S @ RA.mT)
+            RA = torch.bmm(self.Q[l0.a_dim][group.a].mT, old[l0.a_dim][group.a]).square_()
+            RG = torch.bmm(self.Q[l0.out][group.g].mT, old[l0.out][group.g]).square_()
+            _select_into(S, ok, torch.bmm(torch.bmm(RG, S), RA.mT))
 
     def update_scale(self, decay: float, ok: Tensor | None, process_group=None) -> None:
         """``S <- decay S + (1 - decay) S_new`` for the layers captured since the last step
@@ -321,8 +321,9 @@ class EigenCorrectedFactors(EigenFactors):
         ia, ig, rows, grad = _gather(group, layers)
         l0 = group.layers[0]
         QA, QG = self.Q[l0.a_dim][ia], self.Q[l0.out][ig]
-        scaled = (QG.mT @ grad @ QA).div_(self.S[group][rows] + damping)
-        return QG @ scaled @ QA.mT, grad
+        # torch.bmm: what ``@`` runs on these stacks, without its broadcast views
+        scaled = torch.bmm(torch.bmm(QG.mT, grad), QA).div_(self.S[group][rows] + damping)
+        return torch.bmm(torch.bmm(QG, scaled), QA.mT), grad
 
 
 def _projected_square_sum(a: Tensor, g: Tensor, QA: Tensor, QG: Tensor, samples: int) -> Tensor:
@@ -421,17 +422,20 @@ class FactorStore:
 def kl_clip_(results: list[tuple[Tensor, Tensor, list[float]]], kl_clip: float) -> None:
     """Scale every ``V`` by ``nu = min(1, sqrt(kl_clip / |sum_layers lr^2 <V, grad>|))`` (1 if
     the sum is 0), on the device; ``results`` holds ``(V, grad, lrs of its rows)``."""
-    terms = []
-    for V, grad, lrs in results:
+    Vs = [V for V, _, _ in results]
+    products = torch._foreach_mul(Vs, [grad for _, grad, _ in results])  # one op for all
+    terms, squares = [], []
+    for VG, (_, _, lrs) in zip(products, results):
         if len(set(lrs)) == 1:
-            terms.append((V * grad).sum() * lrs[0] ** 2)
+            terms.append(VG.sum())
+            squares.append(lrs[0] ** 2)
         else:
-            vg = (V * grad).sum((-2, -1))
-            terms += [vg[r] * lr ** 2 for r, lr in enumerate(lrs)]
-    s = torch.stack(terms).sum().abs()
+            vg = VG.sum((-2, -1))
+            terms += [vg[r] for r in range(len(lrs))]
+            squares += [lr ** 2 for lr in lrs]
+    s = torch.stack(torch._foreach_mul(terms, squares)).sum().abs()
     nu = torch.where(s > 0, torch.sqrt(kl_clip / s).clamp_max(1), 1.0)
-    for V, _, _ in results:
-        V.mul_(nu)
+    torch._foreach_mul_(Vs, nu)
 
 
 class LayerGradients:

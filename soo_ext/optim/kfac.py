@@ -12,7 +12,7 @@ from .._support.closure import call_closure
 from .._support.distributed import check_process_group
 from .._support.errors import NonFiniteError
 from .._support.guard import MaskedSteps, SkipGuard, SkipWarner
-from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
+from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
 from ..curvature.kfac_factors import (COUNTER_KEYS, EigenFactors, FactorStore, InverseFactors,
@@ -62,7 +62,7 @@ class KFAC(ModelHooks, Optimizer):
         model: the nn.Module whose layers are hooked (or its ``torch.compile`` wrapper).
         lr, momentum, weight_decay: of the SGD step (0.1, 0.9, 0; per group).
         damping: lambda (default 1e-3).
-        factor_decay: running-average decay of the factors (default 0.95).
+        factor_decay: the factors' running-average decay (0.95; per step when automatic).
         kl_clip: kappa of the KL clip, or None (default 1e-3).
         factor_update_steps, inv_update_steps: steps between factor updates and between
             decompositions; None (default): automatic, ``refresh_budget``/``refresh_timer``.
@@ -127,7 +127,7 @@ class KFAC(ModelHooks, Optimizer):
         params = all_params(self)
         if not any(p.grad is not None for p in params):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
-        self._OPTIONS.check_groups(self.param_groups)
+        self._checks(self.param_groups)
         o, group_of = self.param_groups[0], group_index(self)
         self._store.configure(self._mode(o), o["factor_dtype"], o["damping"])
         check_dense_grads(params, type(self).__name__)
@@ -151,7 +151,7 @@ class KFAC(ModelHooks, Optimizer):
         ok = guard.ok if guard else None
         if factors is not None:
             if factor_step:
-                factors.commit(o["factor_decay"], ok)
+                factors.commit(_factor_decay(self, glob, k), ok)
             if _refresh_due(self, "inv_update_steps", k):
                 spread = self._process_group if o["spread_inverses"] else None
                 factors.refresh(o["damping"], ok, spread)
@@ -250,6 +250,7 @@ def kfac_init(opt: KFAC, args: dict) -> None:
                                 type(opt).__name__)
     opt._in_state = None  # the KFACFactors whose views the state holds
     opt._skips = SkipWarner(type(opt).__name__)
+    opt._checks = OptionChecks(opt._OPTIONS)  # skipped while no option changed
     opt._masked_steps = MaskedSteps()  # the preconditioned params' steps, masked
     opt._schedule = RefreshSchedule(f"{type(opt).__name__} factors and decompositions",
                                     timer=args["refresh_timer"])
@@ -266,6 +267,21 @@ def _refresh_due(opt: KFAC, option: str, k: int) -> bool:
     first = opt.param_groups[0]["params"]
     record = _refresh_record(opt, opt.state.get(first[0], {}) if first else {}, create=False)
     return record is None or RefreshSchedule.due(record, k)
+
+
+def _factor_decay(opt: KFAC, glob: dict, k: int) -> float:
+    """The decay of the factors' running average at a factor update at step ``k``:
+    ``factor_decay`` per update at explicit ``factor_update_steps``; under the automatic schedule
+    ``factor_decay`` per step since the last update (``factor_decay ** interval``), so that the
+    average spans as many steps at any interval (per update it spans ``interval`` times more
+    and goes stale: see docs/kfac.md)."""
+    o = opt.param_groups[0]
+    decay = o["factor_decay"]
+    if o["factor_update_steps"] is None and _refresh_record(opt, glob, create=False) is not None:
+        last = glob.get("last_factor_step")
+        decay **= 1 if last is None or last >= k else k - last
+        glob["last_factor_step"] = k
+    return decay
 
 
 def _refresh_record(opt: KFAC, glob: dict, create: bool = True) -> dict | None:

@@ -822,6 +822,33 @@ def test_remove_hooks():
     backward(model, data[0])
 
 
+@pytest.mark.parametrize("factor_update_steps", [None, 3])
+def test_factor_decay_per_step_under_the_automatic_schedule(monkeypatch, factor_update_steps):
+    """Automatic schedule: an update ``k`` steps after the last one decays the factors by
+    ``factor_decay ** k`` (steps 0, 2, 4, 6 measure, then every 9: a fake clock, 1 s a step and
+    3 s more a refresh, budget 0.25); explicit ``factor_update_steps``: by ``factor_decay``."""
+    decays = []
+    commit = soo_ext.curvature.kfac_factors.KFACFactors.commit
+    monkeypatch.setattr(soo_ext.curvature.kfac_factors.KFACFactors, "commit",
+                        lambda self, decay, ok: (decays.append(decay), commit(self, decay, ok)))
+    model = mlp()
+    clock = [0.0]
+
+    def timer():  # read at the end of a step: glob["step"] is the step that just ran
+        glob = opt.state[opt.param_groups[0]["params"][0]]
+        refreshed = soo_ext.curvature.refresh_schedule.RefreshSchedule.due(
+            glob["refresh_schedule"], glob["step"])
+        clock[0] += 1.0 + 3.0 * refreshed
+        return clock[0]
+
+    opt = soo_ext.KFAC(model, refresh_timer=timer, factor_update_steps=factor_update_steps)
+    train(opt, model, batches(25))
+    if factor_update_steps is None:
+        assert decays == [DECAY, DECAY ** 2, DECAY ** 2, DECAY ** 2, DECAY ** 9, DECAY ** 9]
+    else:
+        assert decays == [DECAY] * 9  # steps 0, 3, ..., 24
+
+
 def test_second_kfac_on_a_hooked_model_raises():
     model = mlp()
     data = batches(3)
