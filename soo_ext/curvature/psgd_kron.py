@@ -98,14 +98,15 @@ def norm_lower_bound(S: Tensor) -> Tensor:
     matrices (the reference's: the largest column, one multiplication with ``S^T`` and one with
     ``S``, on ``S`` scaled by its largest entry; 0 for a zero matrix)."""
     scale = S.abs().amax(dim=(1, 2))
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    A = S / safe[:, None, None]
+    positive = scale > 0
+    safe = torch.where(positive, scale, 1.0)
+    A = S / safe.view(-1, 1, 1)
     column = (A * A).sum(dim=1).argmax(dim=1)  # [B]
-    x = torch.gather(A, 2, column[:, None, None].expand(-1, A.shape[1], 1))  # [B, n, 1]
-    x = torch.bmm(x.transpose(1, 2), A)  # [B, 1, n]
+    x = torch.gather(A, 2, column.view(-1, 1, 1).expand(-1, A.shape[1], 1))  # [B, n, 1]
+    x = torch.bmm(x.mT, A)  # [B, 1, n]
     x = x / torch.linalg.vector_norm(x, dim=2, keepdim=True)
-    y = torch.linalg.vector_norm(torch.bmm(A, x.transpose(1, 2)), dim=(1, 2))
-    return torch.where(scale > 0, y * safe, scale)
+    y = torch.linalg.vector_norm(torch.bmm(A, x.mT), dim=(1, 2))
+    return torch.where(positive, y * safe, scale)
 
 
 def _apply_mode(X: Tensor, mode: int, M: Tensor) -> Tensor:
@@ -137,6 +138,9 @@ def _solve_mode(X: Tensor, mode: int, M: Tensor) -> Tensor:
         shape = [M.shape[0]] + [1] * (X.dim() - 1)
         shape[axis] = M.shape[1]
         return X / M.view(shape)
+    if X.dim() == 3:  # X M^{-1} on the rows (axis 2) or on the columns (axis 1, transposed)
+        return (torch.linalg.solve_triangular(M, X, upper=True, left=False) if axis == 2 else
+                torch.linalg.solve_triangular(M, X.mT, upper=True, left=False).mT)
     moved = X.movedim(axis, -1)
     solved = torch.linalg.solve_triangular(M, moved.reshape(X.shape[0], -1, M.shape[1]),
                                            upper=True, left=False)  # X M^{-1}
@@ -150,6 +154,8 @@ def _gram(X: Tensor, mode: int, diagonal: bool) -> Tensor:
     if diagonal:
         dims = [d for d in range(1, X.dim()) if d != axis]
         return (X * X).sum(dim=dims) if dims else X * X
+    if X.dim() == 3:  # a matrix: X X^T (axis 1) or X^T X (axis 2)
+        return torch.bmm(X, X.mT) if axis == 1 else torch.bmm(X.mT, X)
     moved = X.movedim(axis, -1)
     flat = moved.reshape(X.shape[0], -1, moved.shape[-1])
     return torch.bmm(flat.transpose(1, 2), flat)
@@ -214,8 +220,22 @@ class PSGDKronFactors:
         self.root_numels = self.numels.to(precond_dtype).sqrt()
         self.momentum = torch.zeros(self.total, dtype=momentum_dtype, device=device)
         self.counts = torch.zeros(len(self.order), dtype=torch.int64, device=device)
+        # each element's member: a per-member value spread over the flat vector by one gather
+        self.member_of = torch.arange(len(numels), device=device).repeat_interleave(self.numels)
         self.direction_buffer = torch.empty(self.total, dtype=precond_dtype, device=device)
         self._members = self._split(self.direction_buffer)  # flat per member, for the norms
+        self._directions = self.stacks(self.direction_buffer)
+        self.update_views = self.param_views(self.direction_buffer)  # what direction() returns
+        # Per shape group, views made once (the stacks change in place only): its factors and
+        # their P; the fit's scratch Gram terms by bucket and their per-mode views.
+        self._factors = [self.factors(g) for g in range(len(layout.shape_groups))]
+        self._P = [[self.P[key][start:start + len(sg.members)] for key, start in sg.slots]
+                   for sg in layout.shape_groups]
+        self._diff = {key: torch.empty_like(Q) for key, Q in self.Q.items()}
+        self._total = {key: torch.empty_like(Q) for key, Q in self.Q.items()}
+        self._grams = [[(self._diff[key][start:start + len(sg.members)],
+                         self._total[key][start:start + len(sg.members)])
+                        for key, start in sg.slots] for sg in layout.shape_groups]
 
     def _split(self, flat: Tensor) -> list[Tensor]:
         """``flat``'s pieces, one per member in ``order`` (flat views)."""
@@ -223,12 +243,9 @@ class PSGDKronFactors:
 
     def stacks(self, flat: Tensor) -> list[Tensor]:
         """The shape groups' parts of a flat vector in ``order``: views ``[B, *shape]``."""
-        out, at = [], 0
-        for sg in self.layout.shape_groups:
-            n = len(sg.members) * math.prod(sg.shape)
-            out.append(flat[at:at + n].view((len(sg.members),) + sg.shape))
-            at += n
-        return out
+        shapes = [(len(sg.members),) + sg.shape for sg in self.layout.shape_groups]
+        return [part.view(shape) for part, shape in zip(
+            flat.split([math.prod(shape) for shape in shapes]), shapes)]
 
     def group_parts(self, member: Tensor) -> list[Tensor]:
         """A ``[P]`` vector in ``order`` split by shape group (a 0-dim value expanded)."""
@@ -263,59 +280,64 @@ class PSGDKronFactors:
         M, counts = self.momentum, self.counts
         weight = (take.to(M.dtype) * (1 - beta)).to(M.dtype)
         if weight.dim():
-            weight = weight.repeat_interleave(self.numels, output_size=self.total)
+            weight = weight.index_select(0, self.member_of)
         M.lerp_(G, weight)
         counts.add_(take)
         correction = 1 - torch.pow(beta, counts.clamp_min(1).to(torch.float64))
-        correction = correction.to(M.dtype).repeat_interleave(self.numels,
-                                                              output_size=self.total)
-        return (M / correction).to(self.dtype)
+        return (M / correction.to(M.dtype).index_select(0, self.member_of)).to(self.dtype)
 
-    def update_(self, stacks: list[Tensor], probes: list[Tensor], takes: list[Tensor],
+    def update_(self, stacks: list[Tensor], probes: list[Tensor], take: Tensor,
                 lr: float) -> None:
         """One fit of every factor from ``stacks[g]`` (the shape groups' gradients or momenta,
         ``[B, *shape]``, perturbed in place by ``sqrt(eps) mean|G| V`` as the reference does)
         and the probes ``V``: ``A = Q G``, ``B = Q^{-T} V``, per factor
         ``Q_i <- Q_i - lr triu(A_i A_i^T - B_i B_i^T) Q_i / ||A_i A_i^T + B_i B_i^T||`` (a lower
-        bound of the spectral norm; max-norm for a diagonal factor).  Members whose ``takes``
-        is False keep their factors bit for bit."""
-        buckets = self.layout.buckets
-        diff = {key: torch.empty_like(F) for key, F in self.Q.items()}
-        total = {key: torch.empty_like(F) for key, F in self.Q.items()}
-        take = {key: torch.zeros(buckets.counts[key], dtype=torch.bool, device=self.device)
-                for key in self.Q}
+        bound of the spectral norm; max-norm for a diagonal factor).  Members where ``take``
+        (``[P]`` bool in ``order``, or a 0-dim bool for all) is False keep their factors bit for
+        bit."""
+        takes = self._bucket_masks(take) if take.dim() else None
         eps = math.sqrt(torch.finfo(torch.float32).eps)
-        for g, (sg, G, V, ok) in enumerate(zip(self.layout.shape_groups, stacks, probes, takes)):
-            Qs = self.factors(g)
-            batch_dims = tuple(range(1, G.dim()))
-            G.add_(V * (eps * G.abs().mean(dim=batch_dims, keepdim=True)))
+        for sg, Qs, grams, G, V in zip(self.layout.shape_groups, self._factors, self._grams,
+                                       stacks, probes):
+            G.add_(V * (eps * G.abs().mean(dim=tuple(range(1, G.dim())), keepdim=True)))
             A, Bc = G, V
             for mode, Q in enumerate(Qs):
                 A = _apply_mode(A, mode, Q)
                 Bc = _solve_mode(Bc, mode, Q)
-            for mode, ((key, start), kind) in enumerate(zip(sg.slots, sg.kinds)):
+            for mode, (kind, (diff, total)) in enumerate(zip(sg.kinds, grams)):
                 T1, T2 = _gram(A, mode, kind == DIAG), _gram(Bc, mode, kind == DIAG)
-                rows = slice(start, start + len(sg.members))
-                torch.sub(T1, T2, out=diff[key][rows])
-                torch.add(T1, T2, out=total[key][rows])
-                take[key][rows] = ok
+                torch.sub(T1, T2, out=diff)
+                torch.add(T1, T2, out=total)
         for key, Q in self.Q.items():
-            step = diff[key].mul_(lr)
+            step, total = self._diff[key].mul_(lr), self._total[key]
             tiny = torch.finfo(Q.dtype).tiny
             if key[0] == DIAG:
-                norm = total[key].abs().amax(dim=1, keepdim=True)
+                norm = total.abs().amax(dim=1, keepdim=True)
                 new = Q - step * (Q / norm.clamp_min(tiny))
             else:
-                norm = norm_lower_bound(total[key]).clamp_min(tiny)
-                new = Q - torch.bmm(torch.triu(step) / norm[:, None, None], Q)
-            finite = torch.isfinite(new).flatten(1).all(dim=1)  # an overflow never enters Q
-            keep_where(take[key] & finite, Q, new)
+                norm = norm_lower_bound(total).clamp_min(tiny)
+                new = Q - torch.bmm(torch.triu(step) / norm.view(-1, 1, 1), Q)
+            # an overflow never enters Q: max|new| < inf, False for a NaN too (amax keeps it);
+            # on a CPU several times faster than isfinite(new).all
+            keep = new.flatten(1).abs().amax(dim=1) < math.inf
+            keep &= take if takes is None else takes[key]
+            torch.where(keep.view(-1, *([1] * (Q.dim() - 1))), new, Q, out=Q)
         self.stale = True
 
-    def balance_(self, takes: list[Tensor]) -> None:
+    def _bucket_masks(self, take: Tensor) -> dict[Hashable, Tensor]:
+        """A ``[P]`` bool vector in ``order`` as one ``[B]`` mask per bucket (its factors')."""
+        masks = {key: torch.zeros(n, dtype=torch.bool, device=self.device)
+                 for key, n in self.layout.buckets.counts.items()}
+        for sg, ok in zip(self.layout.shape_groups, self.group_parts(take)):
+            for key, start in sg.slots:
+                masks[key][start:start + len(sg.members)] = ok
+        return masks
+
+    def balance_(self, take: Tensor) -> None:
         """Rescale the factors of every param of order >= 2 to one max-norm (the geometric mean
-        of theirs): ``P`` is unchanged, the factors' ranges stay balanced."""
-        for g, (sg, ok) in enumerate(zip(self.layout.shape_groups, takes)):
+        of theirs): ``P`` is unchanged, the factors' ranges stay balanced (members where
+        ``take``, as in :meth:`update_`)."""
+        for g, (sg, ok) in enumerate(zip(self.layout.shape_groups, self.group_parts(take))):
             if len(sg.shape) < 2:
                 continue
             Qs = self.factors(g)
@@ -334,20 +356,19 @@ class PSGDKronFactors:
                 else:
                     torch.bmm(Q.transpose(1, 2), Q, out=self.P[key])
             self.stale = False
-        sg = self.layout.shape_groups[g]
-        for mode, (key, start) in enumerate(sg.slots):
-            M = _apply_mode(M, mode, self.P[key][start:start + len(sg.members)])
+        for mode, P in enumerate(self._P[g]):
+            M = _apply_mode(M, mode, P)
         return M
 
     def direction(self, M: Tensor, max_rms: float | None, skipped: Tensor) -> Tensor:
-        """The update of every member (flat, in ``order``; a kept buffer): ``Q^T Q M`` of the
-        flat momentum ``M``, each member scaled down to an RMS of at most ``max_rms`` (None: no
-        clip), all +0 where ``skipped`` (0-dim bool)."""
+        """The update of every member (flat, in ``order``; a kept buffer, per param as
+        ``update_views``): ``Q^T Q M`` of the flat momentum ``M``, each member scaled down to
+        an RMS of at most ``max_rms`` (None: no clip), all +0 where ``skipped`` (0-dim bool)."""
         U = self.direction_buffer
-        torch.cat([self.precondition(g, stack).reshape(-1)
-                   for g, stack in enumerate(self.stacks(M))], out=U)
+        for g, (stack, out) in enumerate(zip(self.stacks(M), self._directions)):
+            out.copy_(self.precondition(g, stack))
         if max_rms is not None:
             rms = torch.stack(torch._foreach_norm(self._members)) / self.root_numels
             scale = torch.clamp(max_rms / (rms + 1e-12), max=1.0)
-            U.mul_(scale.repeat_interleave(self.numels, output_size=self.total))
+            U.mul_(scale.index_select(0, self.member_of))
         return U.masked_fill_(skipped, 0)

@@ -14,7 +14,7 @@ from .._support.closure import call_closure
 from .._support.device import device_tensor
 from .._support.distributed import check_process_group
 from .._support.guard import SkipGuard
-from .._support.options import Bool, Int, Number, OneOf, OptionSpecs, Spec
+from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs, Spec
 from .._support.params import all_params, check_dense_grads
 from ..curvature.psgd_kron import (FLAT_START, MIN_PROB, START_INTERVAL, TRI, PSGDKronFactors,
                                    PSGDKronLayout, draw_probes, start_precond_lr,
@@ -65,7 +65,7 @@ class PSGDKron(LaidOutOptimizer):
     product of one factor per dim: upper triangular, or diagonal (dims of size 1 or above
     ``max_size_triangular``, params of fewer than ``min_ndim_triangular`` dims).  With
     probability ``update_probability`` (default: every 2nd of the first 500 steps with
-    ``4 precond_lr``, then annealed from 1 to a floor set by measured costs) the factors take
+    ``4 precond_lr``, then annealed from 1/2 to a floor set by measured costs) the factors take
     one Lie-group step on a random probe ``V``:
     ``Q_i <- Q_i - precond_lr triu(A_i A_i^T - B_i B_i^T) Q_i / ||A_i A_i^T + B_i B_i^T||``,
     ``A = Q m``, ``B = Q^{-T} V``.  The update is ``P m`` (``m`` the bias-corrected momentum),
@@ -121,6 +121,7 @@ class PSGDKron(LaidOutOptimizer):
                     "seed": seed, "on_nonfinite": on_nonfinite}
         self._process_group = check_process_group(process_group)
         self._schedule = RefreshSchedule(_SCHEDULED, timer=refresh_timer)
+        self._checks = OptionChecks(OPTIONS)  # skipped while the options are unchanged
         super().__init__(params, defaults)  # self._run: (layout options, layout, factors, sizes)
 
     def __setstate__(self, state: dict) -> None:
@@ -128,6 +129,7 @@ class PSGDKron(LaidOutOptimizer):
         # load_state_dict comes here too: it keeps these; a copy or unpickling has none
         self.__dict__.setdefault("_process_group", None)
         self.__dict__.setdefault("_schedule", RefreshSchedule(_SCHEDULED))
+        self.__dict__.setdefault("_checks", OptionChecks(OPTIONS))
 
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
@@ -136,7 +138,7 @@ class PSGDKron(LaidOutOptimizer):
         loss = call_closure(closure)
         if not any(p.grad is not None for p in all_params(self)):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
-        OPTIONS.check_groups(self.param_groups)
+        self._checks(self.param_groups)
         check_dense_grads(all_params(self), "PSGDKron")
         layout, factors, sizes = self._prepare()
         o, params = self.param_groups[0], layout.params
@@ -155,7 +157,7 @@ class PSGDKron(LaidOutOptimizer):
         balance = decisions.random() < 0.01 and update
         self._generator.manual_seed((gstate["seed"] * 1_000_003 + k) % (2 ** 63))
         order = factors.order
-        G = torch.where(guard.ok, G, G.new_zeros(()))  # NaN * 0 is NaN: replaced
+        G = torch.where(guard.ok, G, 0.0)  # NaN * 0 is NaN: replaced
         present = tuple(params[i].grad is not None for i in order)
         take = guard.ok if all(present) else guard.ok & _on_device(present, G.device)
         momentum = {id(p): gr["momentum"] for gr in self.param_groups for p in gr["params"]}
@@ -163,19 +165,18 @@ class PSGDKron(LaidOutOptimizer):
         beta = betas[0] if len(set(betas)) == 1 else _on_device(betas, G.device, torch.float64)
         M = factors.momentum_(G, take, beta)  # the fit jitters it in place, as the reference
         if update:
-            takes = factors.group_parts(take)
             stacks = factors.stacks(M if o["momentum_into_precond_update"]
                                     else G.to(factors.dtype))
             probes = [draw_probes(self._generator, S.shape, factors.dtype, G.device)
                       for S in stacks]
             if balance:
-                factors.balance_(takes)
+                factors.balance_(take)
             in_start = record is not None and k - 1 < FLAT_START  # the default's start
-            factors.update_(stacks, probes, takes, start_precond_lr(o["precond_lr"]) if in_start
+            factors.update_(stacks, probes, take, start_precond_lr(o["precond_lr"]) if in_start
                             else o["precond_lr"])
             gstate["precond_updates"] += 1
-        U = factors.direction(M, o["max_update_rms"], guard.bad)
-        updates = {params[i]: u for i, u in factors.param_views(U).items()}
+        factors.direction(M, o["max_update_rms"], guard.bad)
+        updates = {params[i]: u for i, u in factors.update_views.items()}
         for group in self.param_groups:
             _apply_(group, [p for p in group["params"] if p.grad is not None], updates, guard)
         if record is not None:
@@ -246,14 +247,16 @@ def _fit_due(option, n: int, draw: float, record: dict | None) -> bool:
     the chance that ``option`` (``update_probability``) gives, None: the annealed schedule whose
     floor is ``1 / interval`` of the automatic schedule (``record``; 0.03 while it has none or
     when it is off); in the schedule's measurement windows by the window's pattern; with the
-    automatic schedule, every ``START_INTERVAL``-th step of the flat start."""
+    automatic schedule, every ``START_INTERVAL``-th step of the flat start and then the
+    annealing from the start's rate ``1 / START_INTERVAL`` (not from 1: no jump at its end)."""
     if record is not None and record["measuring"] and n >= record["anchor"]:
         return RefreshSchedule.due(record, n)
     if option is None and record is not None and n < FLAT_START:
         return n % START_INTERVAL == 0
     if option is None:
         floor = 1 / record["interval"] if record and record["interval"] else MIN_PROB
-        return draw < update_probability(n, min_prob=floor)
+        start_rate = 1 / START_INTERVAL if record is not None else 1.0
+        return draw < max(floor, update_probability(n, max_prob=start_rate, min_prob=floor))
     return draw < (option(n) if callable(option) else option)
 
 
@@ -273,4 +276,5 @@ def _apply_(group: dict, params: list[Tensor], updates: dict, guard: SkipGuard) 
     decayed = [p for p in params if p.dim() >= 2]
     if wd != 0 and decayed:
         torch._foreach_mul_(decayed, guard.unless_skipped(1 - lr * wd, params[0]))
-    torch._foreach_add_(params, [updates[p].to(p.dtype) for p in params], alpha=-lr)
+    torch._foreach_add_(params, [u if (u := updates[p]).dtype == p.dtype else u.to(p.dtype)
+                                 for p in params], alpha=-lr)

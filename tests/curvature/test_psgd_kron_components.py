@@ -55,14 +55,13 @@ def fitted(params, grads, probes, take=None, steps=3):
     layout = PSGDKronLayout(params, True, 8192, 2, None)
     factors = PSGDKronFactors(layout, F64, F64, torch.device("cpu"), 1.0)
     for _ in range(steps):
-        stacks, vs, takes = [], [], []
+        stacks, vs = [], []
         for sg in layout.shape_groups:
             members = [i for i, _ in sg.members]
             stacks.append(torch.stack([grads[i].reshape(sg.shape) for i in members]))
             vs.append(torch.stack([probes[i].reshape(sg.shape) for i in members]))
-            takes.append(torch.ones(len(members), dtype=torch.bool) if take is None
-                         else torch.tensor([take[i] for i in members]))
-        factors.update_(stacks, vs, takes, 0.1)
+        factors.update_(stacks, vs, torch.tensor(True) if take is None
+                        else torch.tensor([take[i] for i in factors.order]), 0.1)
     return layout, factors
 
 
@@ -104,7 +103,7 @@ def test_balance_keeps_the_preconditioner_and_precondition_is_qtq():
     Q1, Q2 = (q.clone() for q in factors.views(0)["Q"])
     factors.Q[("tri", 5)] *= 8.0  # unbalanced: Q1 (x) Q2 is the same with Q2 / 8
     factors.Q[("tri", 4)] /= 8.0
-    factors.balance_([torch.ones(1, dtype=torch.bool)])
+    factors.balance_(torch.tensor(True))
     B1, B2 = factors.views(0)["Q"]
     assert torch.allclose(B1.abs().max(), B2.abs().max())
     assert torch.allclose(torch.kron(B1, B2), torch.kron(Q1, Q2), rtol=1e-13)

@@ -505,7 +505,8 @@ def test_psgd_kron_fit_decisions():
     n = 8000  # the reference's schedule is at its floor 0.03 long before
     assert _fit_due(None, n, 0.249, record) and not _fit_due(None, n, 0.251, record)
     assert _fit_due(None, n, 0.029, None) and not _fit_due(None, n, 0.031, None)  # off: 0.03
-    assert _fit_due(None, 1000, 0.6, record) == (0.6 < update_probability(1000))
+    # annealed from the start's 1/2, not from 1: exp(-0.001 (1000 - 500)) / 2 = 0.303
+    assert _fit_due(None, 1000, 0.3, record) and not _fit_due(None, 1000, 0.31, record)
     assert _fit_due(0.5, 3, 0.49, None) and not _fit_due(lambda n: 0.1, 3, 0.11, None)
 
 

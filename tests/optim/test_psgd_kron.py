@@ -232,6 +232,21 @@ def test_default_start_fits_every_second_step_with_a_larger_step():
     assert start_precond_lr(0.7) == 0.7
 
 
+def test_annealing_continues_from_the_start_rate():
+    """After the default's start (a fit at every 2nd step) the annealed probability starts at
+    the start's rate 1/2, as the references' annealing starts at their flat start's rate (1):
+    ``max(floor, exp(-0.001 (n - 500)) / 2)``, no jump back to a fit at every step."""
+    from soo_ext.curvature.refresh_schedule import RefreshSchedule
+    record = {**RefreshSchedule.new_record(), "measuring": False, "interval": 5, "anchor": 506}
+    due = psgd_optim._fit_due
+    assert [due(None, n, 0.99, record) for n in range(496, 500)] == [True, False] * 2
+    for n, p in ((507, 0.5 * math.exp(-0.007)), (1000, 0.5 * math.exp(-0.5)), (1500, 0.2)):
+        assert due(None, n, p * (1 - 1e-9), record) and not due(None, n, p * (1 + 1e-9), record)
+    assert due(None, 507, 0.99, None)  # refresh_budget=None: the reference's, from 1
+    cheap = {**record, "interval": 1}  # a floor above the start's rate: the floor (1) holds
+    assert due(None, 507, 0.99, cheap)
+
+
 def test_matches_kron_torch(monkeypatch):
     """kron-torch's Kron with the same probes, in float64 (its triangular solve, done in float32
     there, in float64), its merge of dims, the update every step (its decisions are a counter,
