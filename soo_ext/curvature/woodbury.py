@@ -292,13 +292,11 @@ class SampleWindow:
         K, D = ops.window_gram(self.J, [g], rows=self.J.shape[0], full=True)
         return K, D[:, 0]
 
-    def combine(self, g: Tensor, c: Tensor, damping: float) -> Tensor:
-        """``(g - J^T c) / damping`` (``c`` float64)."""
-        d = torch.empty_like(g)
+    def combine(self, g: Tensor, c: Tensor, damping: float, out: Tensor) -> None:
+        """``out <- (g - J^T c) / damping`` (``c`` float64)."""
         base = torch.full((), 1.0 / damping, dtype=F64, device=g.device)
-        ops.window_combine(d, self.J, c * (-1.0 / damping), self.J.shape[0], base=g,
+        ops.window_combine(out, self.J, c * (-1.0 / damping), self.J.shape[0], base=g,
                            base_coef=base)
-        return d
 
 
 class TokenRows:
@@ -324,12 +322,12 @@ class TokenRows:
         Jg = (G @ self._weights(g)).mul_(A).sum(1)
         return K, Jg.view(N, P).sum(1) if P > 1 else Jg
 
-    def combine(self, g: Tensor, c: Tensor, damping: float) -> Tensor:
-        """``(g - J^T c) / damping`` (``c`` float64), rounded once to ``g``'s dtype."""
+    def combine(self, g: Tensor, c: Tensor, damping: float, out: Tensor) -> None:
+        """``out <- (g - J^T c) / damping`` (``c`` float64), rounded once to ``out``'s dtype."""
         c = c.repeat_interleave(self.P) if self.P > 1 else c
         d = torch.addmm(self._weights(g), self.G.T, self.A * c[:, None], beta=1.0 / damping,
                         alpha=-1.0 / damping)
-        return d.view(-1).to(g.dtype)
+        out.copy_(d.view(-1))
 
     def _weights(self, g: Tensor) -> Tensor:
         """``g`` as ``[out, a_dim]`` in float64 (converted once for gram and combine)."""
@@ -358,7 +356,13 @@ class WoodburyNaturalGradient:
         self.sink = sink
 
     def directions(self, layers: list[KFACLayer], grads: list[Tensor], damping: float,
-                   per_layer: bool, group=None) -> list[Tensor]:
+                   per_layer: bool, group=None, out: Tensor | None = None) -> list[Tensor]:
+        """The layers' directions, as views of ``out`` (a flat vector of the grads' total
+        length and dtype: one finiteness check and one fill mask them all; default a new
+        one)."""
+        if out is None:
+            out = grads[0].new_empty(sum(g.numel() for g in grads))
+        views = out.split([g.numel() for g in grads])
         blocks = self._per_sample(layers, group)
         grams = [b.gram(g) for b, g in zip(blocks, grads)]
         K = torch.stack([k for k, _ in grams])
@@ -368,7 +372,9 @@ class WoodburyNaturalGradient:
             c = woodbury_coefficients(K, Jg, damping)
         else:
             c = woodbury_coefficients(K.sum(0), Jg.sum(0), damping).expand(len(layers), S)
-        return [b.combine(g, c[i], damping) for i, (b, g) in enumerate(zip(blocks, grads))]
+        for i, (b, g) in enumerate(zip(blocks, grads)):
+            b.combine(g, c[i], damping, views[i])
+        return views
 
     def _per_sample(self, layers: list[KFACLayer], group) -> list[SampleWindow | TokenRows]:
         """Each layer's per-sample gradients of the batch's first S samples by its cheaper

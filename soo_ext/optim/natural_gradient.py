@@ -13,7 +13,7 @@ from .._support.closure import call_closure
 from .._support.distributed import check_process_group
 from .._support.errors import NonFiniteError
 from .._support.guard import MaskedSteps, SkipGuard, SkipWarner
-from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
+from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
 from ..curvature.first_order_fallback import (OPTIONS as FALLBACK, PER_GROUP as FALLBACK_GROUP,
@@ -105,8 +105,9 @@ class NaturalGradient(ModelHooks, Optimizer):
                                         sequence_layouts(model, self._layers))
         self._solver = WoodburyNaturalGradient(self._sink)
         self._capture = PerSampleCapture(self._layers, self._sink, grad_scaler)
-        self._skips = SkipWarner("NaturalGradient")
+        self._skips, self._checks = SkipWarner("NaturalGradient"), OptionChecks(OPTIONS)
         self._masked_steps = MaskedSteps()
+        self._directions: dict[tuple, torch.Tensor] = {}  # layers -> their flat directions
         self._between_steps()
 
     @property
@@ -138,7 +139,7 @@ class NaturalGradient(ModelHooks, Optimizer):
         params = all_params(self)
         if not any(p.grad is not None for p in params):
             return loss
-        OPTIONS.check_groups(self.param_groups)
+        self._checks(self.param_groups)  # skipped while no option changed
         o, group_of = self.param_groups[0], group_index(self)
         check_dense_grads(params, type(self).__name__)
         glob = self._global_state()
@@ -155,18 +156,19 @@ class NaturalGradient(ModelHooks, Optimizer):
                  for l, g, w in zip(layers, grads, wd)]
         # a non-finite gradient or per-sample gradient makes its layer's direction non-finite
         # (through J g and the Gram's diagonal): the directions are checked instead of the rows
+        flat = self._flat_directions(layers, grads)
         try:  # ValueError: rows not per-sample, or above max_state_bytes (nothing changed)
             ds = self._solver.directions(layers, grads, o["damping"], o["per_layer"],
-                                         self._process_group) if layers else []
+                                         self._process_group, flat) if layers else []
         except ValueError:
             self._between_steps()
             raise
-        guard = self._guard([p.grad for p in plain] + ds, glob)
+        guard = self._guard([p.grad for p in plain] + ([flat] if layers else []), glob)
         directions = []
         if layers:
+            if guard:
+                flat.masked_fill_(guard.bad, 0)
             for l, d in zip(layers, ds):
-                if guard:
-                    d.masked_fill_(guard.bad, 0)
                 d = d.view(l.out, l.a_dim)  # views, not copies: the momentum reads them once
                 directions.append((l.weight, d[:, :l.fan_in].unflatten(1, l.weight.shape[1:])))
                 if l.bias is not None:
@@ -176,6 +178,15 @@ class NaturalGradient(ModelHooks, Optimizer):
         glob["step"] += 1
         self._between_steps()
         return loss
+
+    def _flat_directions(self, layers: list, grads: list) -> torch.Tensor | None:
+        """The layers' directions' flat buffer (kept while the same layers are stepped)."""
+        if not layers:
+            return None
+        key = (tuple(l.index for l in layers), grads[0].dtype, grads[0].device)
+        if key not in self._directions:
+            self._directions = {key: grads[0].new_empty(sum(g.numel() for g in grads))}
+        return self._directions[key]
 
     def _global_state(self) -> dict:
         """The global state (under the first param): ``step`` and ``nonfinite_steps``."""

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from .._support.closure import call_closure
 from .._support.guard import SkipGuard, SkipWarner
-from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
+from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_history_dtype,
                                check_params, load_state_dict_uncast)
 from ..curvature.gradient_window import GradientWindow, window_state_bytes
@@ -43,7 +43,7 @@ class WindowOptimizer(Optimizer):
 
     def __init__(self, params, defaults: dict) -> None:
         self.OPTIONS.check(defaults)
-        self._skips = SkipWarner(self.NAME)
+        self._skips, self._checks = SkipWarner(self.NAME), OptionChecks(self.OPTIONS)
         self._run: tuple[Block, GradientWindow, Tensor] | None = None
         super().__init__(params, defaults)
         self._check_params(all_params(self))
@@ -51,6 +51,7 @@ class WindowOptimizer(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_skips", SkipWarner(self.NAME))
+        self.__dict__.setdefault("_checks", OptionChecks(self.OPTIONS))
         self._run = None  # rebuilt from the state at the next step
 
     def add_param_group(self, param_group: dict) -> None:
@@ -131,7 +132,7 @@ class WindowOptimizer(Optimizer):
         params = all_params(self)
         if not any(p.grad is not None for p in params):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
-        self.OPTIONS.check_groups(self.param_groups)
+        self._checks(self.param_groups)  # skipped while no option changed
         block, window, zero, state = self._layout(params)
         groups, group = self.param_groups, self.param_groups[0]
         decays = [g["weight_decay"] for g in groups]
