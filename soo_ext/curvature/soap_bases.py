@@ -25,18 +25,24 @@ from .shampoo_blocks import BlockShapeGroup, merge_dims
 __all__ = ["SOAPBases", "soap_shape"]
 
 
-def soap_shape(shape, max_dim: int, merge: bool, precondition_1d: bool
+def soap_shape(shape, max_dim: int, merge: bool, precondition_1d: bool, one_sided: bool = False
                ) -> tuple[tuple[int, ...], tuple[bool, ...]]:
     """The shape a param is preconditioned as and which of its dims are rotated: dims merged
     (``merge``, from the first dim as SOAP's reference merges them, not from the last as
     Shampoo does) or size-1 dims dropped; a dim above ``max_dim`` is left
-    unrotated, and so are 1-D params unless ``precondition_1d`` (they take Adam's update)."""
+    unrotated, and so are 1-D params unless ``precondition_1d`` (they take Adam's update).
+    ``one_sided``: of two or more rotated dims the largest (the first of equal ones) is left
+    unrotated too (for a matrix the paper's one-sided SOAP: the smaller side's basis only)."""
     merged = (merge_dims(shape, max_dim, from_last=False) if merge
               else tuple(d for d in shape if d > 1))
     merged = merged or (1,)
     if len(shape) <= 1 and not precondition_1d:
         return merged, (False,) * len(merged)
-    return merged, tuple(1 < d <= max_dim for d in merged)
+    rotated = [1 < d <= max_dim for d in merged]
+    if one_sided and sum(rotated) > 1:  # it sets most of the rotations' and statistics' cost
+        # a dim the size of the largest rotated one is rotated too: index() finds the first
+        rotated[merged.index(max(d for d, r in zip(merged, rotated) if r))] = False
+    return merged, tuple(rotated)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -114,14 +120,15 @@ class SOAPBases:
     """
 
     def __init__(self, groups: list[list[Tensor]], max_dim: int, merge: bool,
-                 precondition_1d: bool, factor_dtype: torch.dtype) -> None:
+                 precondition_1d: bool, factor_dtype: torch.dtype, one_sided: bool = False
+                 ) -> None:
         params = [(p, gi) for gi, ps in enumerate(groups) for p in ps]
         self.params = [p for p, _ in params]
         self.group_of = [gi for _, gi in params]
         self.fdtype = factor_dtype
         by_key: dict[tuple, BlockShapeGroup] = {}
         for i, p in enumerate(self.params):
-            shape, rotated = soap_shape(p.shape, max_dim, merge, precondition_1d)
+            shape, rotated = soap_shape(p.shape, max_dim, merge, precondition_1d, one_sided)
             sg = by_key.get((shape, rotated))
             if sg is None:
                 sg = by_key[(shape, rotated)] = BlockShapeGroup(shape)

@@ -26,6 +26,19 @@ def test_layout(shape, merge, p1d, expected):
     assert soap_shape(shape, max_dim, merge, p1d) == expected
 
 
+@pytest.mark.parametrize("shape,expected", [
+    ((7, 5), (False, True)),  # the smaller side's basis only
+    ((5, 7), (True, False)),
+    ((6, 6), (False, True)),  # of equal dims the first is dropped
+    ((6, 3, 6), (False, True, True)),  # order 3: only the largest dropped
+    ((20, 5), (False, True)),  # 20 > max_dim 16: one rotated dim, kept
+    ((20, 30), (False, False)),
+    ((6,), (True,)),  # 1-D (precondition_1d): its one dim kept
+])
+def test_layout_one_sided(shape, expected):
+    assert soap_shape(shape, 16, False, True, one_sided=True) == (shape, expected)
+
+
 def make(shapes, max_dim=16, p1d=False, decays=0.9, dtype=F64, factor_dtype=F64):
     """Params of ``shapes`` and their bases; ``decays``: the factor decay, or one per param."""
     torch.manual_seed(0)

@@ -19,18 +19,22 @@ class NaiveSOAP:
     + QR (columns by the estimated eigenvalues, the second moment permuted alike)."""
 
     def __init__(self, params, lr, betas, eps, wd, freq, max_dim, precondition_1d=False,
-                 shampoo_beta=None, normalize_grads=False, correct_bias=True):
+                 shampoo_beta=None, normalize_grads=False, correct_bias=True, one_sided=False):
         self.params = list(params)
         self.lr, (self.b1, self.b2), self.eps, self.wd, self.freq = lr, betas, eps, wd, freq
         self.bs = betas[1] if shampoo_beta is None else shampoo_beta
-        self.max_dim, self.p1d = max_dim, precondition_1d
+        self.max_dim, self.p1d, self.one_sided = max_dim, precondition_1d, one_sided
         self.normalize, self.correct_bias = normalize_grads, correct_bias
         self.state = {}
 
     def _dims(self, p):  # which dims have a factor (None: left unrotated)
         if p.dim() == 1 and not self.p1d:
             return [None]
-        return [n if n <= self.max_dim else None for n in p.shape]
+        dims = [n if n <= self.max_dim else None for n in p.shape]
+        rotated = [n for n in dims if n is not None]
+        if self.one_sided and len(rotated) > 1:  # the paper's one-sided SOAP: the largest not
+            dims[dims.index(max(rotated))] = None
+        return dims
 
     def _project(self, x, Qs, back):
         for Q in Qs:  # contract the leading dim; it goes last
@@ -87,8 +91,8 @@ class NaiveSOAP:
 
 
 class Net(nn.Module):
-    """Linear 5 -> 7 (both dims rotated), Linear 7 -> 12 (12 > max_dim: one dim unrotated),
-    a conv weight (order 3) and biases (Adam)."""
+    """A conv weight (order 3), Linear 12 -> 7 and 7 -> 12 (12 > max_dim 10: one dim
+    unrotated) and biases (Adam)."""
 
     def __init__(self):
         super().__init__()
@@ -115,12 +119,14 @@ def loss_of(model, i):
 
 @pytest.mark.parametrize("precondition_1d, options", [
     (False, {}), (True, {}), (False, {"normalize_grads": True}), (False, {"correct_bias": False}),
-    (True, {"normalize_grads": True, "correct_bias": False})])
+    (True, {"normalize_grads": True, "correct_bias": False}), (False, {"one_sided": True})])
 def test_matches_naive_fp64_transcription(precondition_1d, options):
     # refreshes once every factor has full rank (a rank-deficient one's QR is arbitrary in the
     # null space): the 1-D params' factors (rank t + 1 after t Adam steps) need 7 steps
     freq = 7 if precondition_1d else 3
-    kw = dict(lr=0.01, betas=(0.9, 0.95), wd=0.01, eps=1e-8, freq=freq, max_dim=10)
+    # one-sided: both dims of the linear weights rotatable, so that the 12 is dropped
+    max_dim = 12 if options.get("one_sided") else 10
+    kw = dict(lr=0.01, betas=(0.9, 0.95), wd=0.01, eps=1e-8, freq=freq, max_dim=max_dim)
     ours_model, naive_model = Net().double(), Net().double()
     opt = soo_ext.SOAP(ours_model.parameters(), lr=kw["lr"], betas=kw["betas"],
                        weight_decay=kw["wd"], precondition_frequency=kw["freq"], eps=kw["eps"],
@@ -229,3 +235,59 @@ def test_skipped_first_step_keeps_identity_bases():
     with pytest.warns(RuntimeWarning, match="SOAP"):  # read from the counter at the next step
         opt.step()
     assert opt.state[model.conv.weight]["nonfinite_steps"].item() == 1
+
+
+@pytest.mark.parametrize("kind", ["pre", "post", "global-pre", "global-post"])
+def test_each_step_hook_alone_fires(kind):
+    """SOAP's step skips torch.optim's wrapper when nothing observes it: each kind of hook
+    alone must bring it back (the contract battery registers all four at once)."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+    model = Net()
+    opt = soo_ext.SOAP(model.parameters())
+    calls = []
+    register = {"pre": opt.register_step_pre_hook, "post": opt.register_step_post_hook,
+                "global-pre": register_optimizer_step_pre_hook,
+                "global-post": register_optimizer_step_post_hook}[kind]
+    handle = register(lambda o, args, kwargs: calls.append(o))
+    try:
+        loss_of(model, 0).backward()
+        opt.step()
+    finally:
+        handle.remove()
+    opt.step()
+    assert calls == [opt]
+
+
+def test_profiler_sees_the_step_label():
+    model = Net()
+    opt = soo_ext.SOAP(model.parameters())
+    loss_of(model, 0).backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#SOAP.step" in {e.name for e in prof.events()}
+
+
+def test_one_sided_leaves_the_larger_dim_unrotated():
+    model = Net()
+    opt = soo_ext.SOAP(model.parameters(), one_sided=True, max_precond_dim=12)
+    loss_of(model, 0).backward()
+    opt.step()
+    assert [Q.shape for Q in opt.state[model.l1.weight]["Q"]] == [(7, 7)]  # of [7, 12]
+    assert [Q.shape for Q in opt.state[model.conv.weight]["Q"]] == [(2, 2), (3, 3)]  # [3, 2, 3]
+
+
+def test_state_dict_from_before_one_sided_loads():
+    model = Net()
+    opt = soo_ext.SOAP(model.parameters())
+    for i in range(2):
+        opt.zero_grad()
+        loss_of(model, i).backward()
+        opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["one_sided"]
+    resumed = soo_ext.SOAP(model.parameters())
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["one_sided"] is False
+    resumed.step()  # the saved layout is the two-sided one
