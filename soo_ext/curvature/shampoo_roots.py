@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import ops, reference
 from .._support.device import device_tensor
 from .._support.errors import RootFailureError
 from .._support.guard import SkipGuard
@@ -69,11 +69,22 @@ class ShampooRoots:
         # updated in place)
         self._roots_t = [[self.roots[key][start:start + len(sg.members)].transpose(1, 2)
                           for key, start in sg.slots] for sg in blocking.shape_groups]
+        # the arguments are valid by construction: the op without ops.kron_factor_update_'s
+        # argument checks (in Python: they cost more than the op on small factors)
+        self._factor_update_ = (torch.ops.soo.kron_factor_update_.default
+                                if ops.extension_loaded() else reference.kron_factor_update_)
         self.grad = self.flat()
         self.grad_views = self.flat_views(self.grad)
         self.direction = self.flat()  # the grafting directions, then the final ones
         self.direction_views = self.flat_views(self.direction)
-        self._present: list[bool] = []
+        # the kept buffers' stacks (views where a group is contiguous) and block views
+        self._grad_layout = self._layout(self.grad)
+        self._direction_layout = self._layout(self.direction)
+        self._kept = [_KeptViews(sg, G, self.factors, roots_t, factor_dtype)
+                      for sg, G, roots_t in zip(blocking.shape_groups, self._grad_layout[0],
+                                                self._roots_t)]
+        self._decay_one: Tensor | None = None  # beta2 as a 0-dim tensor (one for all factors)
+        self.present: list[bool] = []  # which params the loaded gradients came from
 
     def flat(self) -> Tensor:
         """A zeroed flat buffer of this layout (params' dtype)."""
@@ -84,20 +95,29 @@ class ShampooRoots:
         return [flat[o:o + P.p.numel()].view(P.p.shape)
                 for o, P in zip(self._offsets, self.blocking.params)]
 
-    def _stacks(self, flat: Tensor) -> list[Tensor]:
-        """The ``[B, *shape]`` stack of every shape group's blocks of ``flat``: a view, or a
-        gathered copy."""
-        out = []
+    def _layout(self, flat: Tensor) -> tuple[list[Tensor | None], list[list[Tensor]]]:
+        """Of every shape group, the ``[B, *shape]`` stack of its blocks in ``flat`` (a view;
+        None where the group is not contiguous) and the views of its blocks."""
+        stacks, blocks = [], []
+        views = self.flat_views(flat)
         for sg, contiguous in zip(self.blocking.shape_groups, self._contiguous):
-            i0, numel = sg.members[0][0], _numel(sg.shape)
             if contiguous:
-                o = self._offsets[i0]
-                out.append(flat[o:o + len(sg.members) * numel].view((-1,) + sg.shape))
+                o = self._offsets[sg.members[0][0]]
+                stack = flat[o:o + len(sg.members) * _numel(sg.shape)].view((-1,) + sg.shape)
+                stacks.append(stack)
+                blocks.append(list(stack.unbind(0)))
             else:
-                params = self.blocking.params
-                views = self.flat_views(flat)
-                out.append(torch.stack([params[i].block(views[i], j) for i, j in sg.members]))
-        return out
+                stacks.append(None)
+                blocks.append([self.blocking.params[i].block(views[i], j) for i, j in sg.members])
+        return stacks, blocks
+
+    def _kept_layout(self, flat: Tensor) -> tuple[list[Tensor | None], list[list[Tensor]]]:
+        """:meth:`_layout` of ``flat``: kept for the kept buffers."""
+        if flat is self.direction:
+            return self._direction_layout
+        if flat is self.grad:
+            return self._grad_layout
+        return self._layout(flat)
 
     def views(self, i: int) -> dict[str, list[Tensor]]:
         """The state entries of param ``i``: ``factors``, ``roots``, ``root_failures``."""
@@ -111,6 +131,7 @@ class ShampooRoots:
             self._decay_key = betas2
             if len(set(betas2)) == 1:
                 self._decay = float(betas2[0])
+                self._decay_one = device_tensor(self._decay, self.device, self.fdtype)
             else:
                 self._decay = {key: device_tensor([betas2[gi] for gi in gs], self.device,
                                                   self.fdtype)
@@ -128,7 +149,7 @@ class ShampooRoots:
             for v, g in zip(self.grad_views, grads):
                 if g is None:
                     v.zero_()
-        self._present = present
+        self.present = present
         return self.grad
 
     def update(self, guard: SkipGuard, betas2: tuple[float, ...]) -> list[Tensor]:
@@ -137,7 +158,7 @@ class ShampooRoots:
         they are zero, and for the params without a gradient, whose gradients are zero);
         returns the stacked blocks ``[B, *shape]`` (factor dtype) of each shape group."""
         decay = self._decay_of(betas2)
-        present = self._present
+        present = self.present
         if not all(present):  # 1 for the factors of the params without a gradient
             decay = {key: device_tensor([betas2[self.blocking.params[i].group] if present[i]
                                          else 1.0 for i, _, _ in owners],
@@ -145,19 +166,20 @@ class ShampooRoots:
                      for key, owners in self.blocking.owner.items()}
         if isinstance(decay, float):
             if decay != 1.0 and self._factor_list:
-                scale = torch.where(guard.ok, self._factor_list[0].new_full((), decay), 1.0)
-                torch._foreach_mul_(self._factor_list, scale)
+                torch._foreach_mul_(self._factor_list, torch.where(guard.ok, self._decay_one, 1.0))
         else:
             for key, F in self.factors.items():
                 F.mul_(torch.where(guard.ok, decay[key], 1.0)[:, None, None])
         stacked = []
-        for sg, G in zip(self.blocking.shape_groups, self._stacks(self.grad)):
-            G = G.to(self.fdtype)
+        update_ = self._factor_update_
+        for kept, blocks in zip(self._kept, self._grad_layout[1]):
+            G, unfolded = kept.G, kept.unfolded
+            if unfolded is None:
+                G = (torch.stack(blocks) if G is None else G).to(self.fdtype)
+                unfolded = _unfoldings(G, kept.shape)
             stacked.append(G)
-            B = G.shape[0]
-            for mode, (key, start) in enumerate(sg.slots):
-                X = G.movedim(1 + mode, -1).reshape(B, -1, sg.shape[mode])  # G_(i)^T
-                ops.kron_factor_update_(self.factors[key][start:start + B], X, 1.0, 1.0)
+            for F, X in zip(kept.factors, unfolded):
+                update_(F, X, 1.0, 1.0)
         return stacked
 
     def update_roots(self, guard: SkipGuard, epsilon: float, relative_epsilon: float, method: str,
@@ -208,39 +230,78 @@ class ShampooRoots:
         """The final directions, into ``graft`` (a flat buffer of this layout holding the
         grafting directions ``A``), returned: ``S = G x_1 P_1 ... x_k P_k`` per block (with
         ``rescale``: times ``||A_block|| / ||S||``) for the preconditioned params; the others
-        keep ``A``."""
-        params = self.blocking.params
-        A_stacks = self._stacks(graft) if rescale else [None] * len(stacked)
-        out = []
-        for sg, G, A, roots_t in zip(self.blocking.shape_groups, stacked, A_stacks,
-                                     self._roots_t):
-            B = G.shape[0]
-            T = G
-            for n, R_t in zip(sg.shape, roots_t):
-                # Contract the leading block dim with the root; it moves to the end, so after
-                # all modes the dims are back in order.  (X^T R^T)^T = R X: R x_i G.
-                T = T.reshape(B, n, -1).transpose(1, 2) @ R_t
-            S = T.reshape(G.shape)
-            if rescale:  # every norm before any S is written over A
-                a = torch.linalg.vector_norm(A.flatten(1), dim=1).to(self.fdtype)
-                s = torch.linalg.vector_norm(S.flatten(1), dim=1)
-                S = S * torch.where(s > 0, a / s, 0.0).view((B,) + (1,) * len(sg.shape))
-            out.append(S)
-        dst, src = [], []
-        views = None
-        for sg, contiguous, S in zip(self.blocking.shape_groups, self._contiguous, out):
-            if contiguous:
-                o = self._offsets[sg.members[0][0]]
-                dst.append(graft[o:o + S.numel()].view(S.shape))
-                src.append(S)
+        keep ``A``.  A contiguous group of the factors' dtype gets ``S`` written in place."""
+        dst_stacks, dst_blocks = self._kept_layout(graft)
+        if rescale:  # every norm of A before any S is written over it (of contiguous blocks:
+            # a strided block's norm sums in another order)
+            a = torch._foreach_norm([b for dst, blocks in zip(dst_stacks, dst_blocks) for b in (
+                blocks if dst is not None else torch.stack(blocks).unbind(0))])
+        S_blocks, copies = [], []
+        for kept, G, dst, blocks in zip(self._kept, stacked, dst_stacks, dst_blocks):
+            B, shape = G.shape[0], kept.shape
+            if dst is not None and (dst.dtype != G.dtype
+                                    or (len(shape) == 1 and graft is self.grad)):
+                dst = None  # not in place: another dtype, or the one product reads dst
+            # Contract the leading block dim with the root; it moves to the end, so after all
+            # modes the dims are back in order.  (X^T R^T)^T = R X: R x_i G.
+            X = kept.X0 if G is kept.G else G.reshape(B, shape[0], -1).transpose(1, 2)
+            for R_t, out, X_next, product in zip(kept.roots_t, kept.products, kept.X_next,
+                                                  kept.product):
+                product(X, R_t, out=out)
+                X = X_next
+            out = dst.view(B, -1, shape[-1]) if dst is not None else kept.S
+            kept.product[-1](X, kept.roots_t[-1], out=out)
+            if dst is not None:
+                S_blocks += blocks
             else:
-                views = self.flat_views(graft) if views is None else views
-                for (i, j), block in zip(sg.members, S.unbind(0)):
-                    dst.append(params[i].block(views[i], j))
-                    src.append(block)
-        if dst:
-            torch._foreach_copy_(dst, src)
+                S_blocks += kept.S_blocks
+                copies += zip(blocks, kept.S_blocks)
+        if rescale and S_blocks:
+            s = torch.stack(torch._foreach_norm(S_blocks))
+            a = torch.stack(a).to(s.dtype)
+            torch._foreach_mul_(S_blocks, torch.where(s > 0, a / s, 0.0).unbind(0))
+        if copies:
+            torch._foreach_copy_([d for d, _ in copies], [S for _, S in copies])
         return graft
+
+
+class _KeptViews:
+    """A shape group's tensors and views kept across steps: the factors it updates, its
+    gradient stack (None: gathered at every step) and, where they are views of it, its
+    unfoldings; the roots and the products of its preconditioning (all but the last mode's
+    into kept tensors, whose next unfoldings are views), and a kept ``S`` for when the last
+    one is not written in place."""
+
+    def __init__(self, sg, G: Tensor | None, factors: dict, roots_t: list[Tensor],
+                 fdtype: torch.dtype) -> None:
+        self.shape = sg.shape
+        B = len(sg.members)
+        self.factors = [factors[key][start:start + B] for key, start in sg.slots]
+        self.G = G if G is not None and G.dtype == fdtype else None
+        self.unfolded = None
+        if self.G is not None:
+            unfolded = _unfoldings(self.G, self.shape)
+            if all(X._base is not None for X in unfolded):  # views, not copies
+                self.unfolded = unfolded
+        self.X0 = (self.G.reshape(B, self.shape[0], -1).transpose(1, 2)
+                   if self.G is not None else None)
+        self.roots_t = roots_t
+        numel = _numel(self.shape)
+        # bmm, but matmul where it folds (one row: [B, 1, n] products), whose bits differ
+        self.product = [torch.bmm if numel > n else torch.matmul for n in self.shape]
+        self.products, self.X_next = [], []
+        for n, n_next in zip(self.shape, self.shape[1:]):
+            out = torch.empty(B, numel // n, n, dtype=fdtype, device=roots_t[0].device)
+            self.products.append(out)
+            self.X_next.append(out.view(B, n_next, -1).transpose(1, 2))
+        self.S = torch.empty(B, numel // self.shape[-1], self.shape[-1], dtype=fdtype,
+                             device=roots_t[0].device)
+        self.S_blocks = list(self.S.view((B,) + self.shape).unbind(0))
+
+
+def _unfoldings(G: Tensor, shape: tuple[int, ...]) -> list[Tensor]:
+    """``G_(i)^T`` of every mode ``i`` of the ``[B, *shape]`` stack ``G``."""
+    return [G.movedim(1 + mode, -1).reshape(G.shape[0], -1, n) for mode, n in enumerate(shape)]
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -141,13 +141,13 @@ class Shampoo(LaidOutOptimizer):
         if not any(p.grad is not None for p in all_params(self)):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
         _check_options(self)
-        blocking, roots, grafting, graft_state = self._prepare()
+        blocking, roots, grafting, graft_state, momentum = self._prepare()
         groups, o = self.param_groups, self.param_groups[0]
         gstate = self.state[blocking.params[0].p]
         k = gstate["step"] + 1
         self._skips.watch(gstate["nonfinite_steps"])
         grad = roots.load_grads([_dense_grad(P.p) for P in blocking.params])
-        present = [P.p.grad is not None for P in blocking.params]
+        present = roots.present
         guard = SkipGuard.check([grad], o["on_nonfinite"], gstate["nonfinite_steps"],
                                 "Shampoo: the gradient is not finite")
         # From here every update is masked: on a skipped step the gradient is zero (NaN * 0 is
@@ -180,21 +180,17 @@ class Shampoo(LaidOutOptimizer):
             grafting.precondition([graft_state], [grad], taken, out=[dirs])
         if k >= start:
             roots.precondition(stacked, dirs, rescale=o["grafting"] is not None)
-        for gi, group in enumerate(groups):
-            members = [i for i in blocking.by_group[gi] if present[i]]  # the others stay
-            if members:
-                _momentum_step_(group, o["decoupled_weight_decay"], self.state,
-                                [blocking.params[i].p for i in members],
-                                [dir_views[i] for i in members], guard, okf, taken)
+        _momentum_steps_(self, blocking, present, momentum, dirs, dir_views, guard, okf, taken)
         if record is not None and k >= start:
             self._schedule.after_step(record, k - start, blocking.params[0].p.device,
                                       self._process_group)
         return loss
 
-    def _prepare(self) -> tuple[ShampooBlocking, ShampooRoots, SGDGrafting, Tensor | None]:
-        """The blocking, roots, grafting and flat grafting state (None without one) of the run,
-        built at the first step and whenever a layout option changed; the state entries are
-        views of the roots' buckets and of the flat grafting state."""
+    def _prepare(self) -> tuple[ShampooBlocking, ShampooRoots, SGDGrafting, Tensor | None,
+                                Tensor]:
+        """The blocking, roots, grafting, flat grafting state (None without one) and flat
+        momentum of the run, built at the first step and whenever a layout option changed; the
+        state entries are views of the roots' buckets and of the flat buffers."""
         o = self.param_groups[0]
         key = tuple(o[k] for k in _LAYOUT_OPTIONS)
         if self._run is not None and self._run[0] == key:
@@ -205,7 +201,7 @@ class Shampoo(LaidOutOptimizer):
         p0 = blocking.params[0].p
         roots = ShampooRoots(blocking, p0.dtype, o["factor_dtype"], p0.device)
         grafting = make_grafting(o["grafting"], o["grafting_epsilon"], o["grafting_beta2"])
-        graft_state = _attach_state(self.state, blocking, roots, grafting)
+        graft_state, momentum = _attach_state(self.state, blocking, roots, grafting)
         gstate = self.state[p0]
         gstate.setdefault("step", 0)
         gstate.setdefault("root_updates", 0)
@@ -220,18 +216,20 @@ class Shampoo(LaidOutOptimizer):
             record["sizes"] = sizes
             self._schedule.restart(record, max(gstate["step"] - o["start_preconditioning_step"], 0))
         self._sizes = sizes
-        self._run = (key, blocking, roots, grafting, graft_state)
-        return blocking, roots, grafting, graft_state
+        self._run = (key, blocking, roots, grafting, graft_state, momentum)
+        return blocking, roots, grafting, graft_state, momentum
 
 
 def _attach_state(states: dict, blocking: ShampooBlocking, roots: ShampooRoots,
-                  grafting: SGDGrafting) -> Tensor | None:
-    """Each param's state for a new layout: its momentum (kept, or zero), and as views of the
-    new buffers its grafting state and its blocks' factors, roots and failure counts (the saved
-    ones copied in; ValueError if they do not fit, before any of them is attached).  Returns
-    the flat grafting state (None without one)."""
+                  grafting: SGDGrafting) -> tuple[Tensor | None, Tensor]:
+    """Each param's state for a new layout, as views of the new buffers: its momentum and
+    grafting state and its blocks' factors, roots and failure counts (the saved ones copied in,
+    or zero; ValueError if they do not fit, before any of them is attached).  Returns the flat
+    grafting state (None without one) and the flat momentum."""
     graft_state = roots.flat() if grafting.state_key else None
     graft_views = roots.flat_views(graft_state) if grafting.state_key else None
+    momentum = roots.flat()
+    momentum_views = roots.flat_views(momentum)
     assign = []
     for i, P in enumerate(blocking.params):
         state = states[P.p]
@@ -240,9 +238,9 @@ def _attach_state(states: dict, blocking: ShampooBlocking, roots: ShampooRoots,
             if name in state and state[name].shape != P.p.shape:
                 raise ValueError(f"Shampoo state {name!r} has shape "
                                  f"{tuple(state[name].shape)}, expected {tuple(P.p.shape)}")
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(P.p,
-                                                        memory_format=torch.preserve_format)
+        if "momentum_buffer" in state:
+            momentum_views[i].copy_(state["momentum_buffer"])
+        assign.append((state, "momentum_buffer", momentum_views[i]))
         if graft_views is not None:
             saved = state.get(grafting.state_key)
             if saved is not None:
@@ -270,7 +268,7 @@ def _attach_state(states: dict, blocking: ShampooBlocking, roots: ShampooRoots,
             assign.append((state, name, views))
     for state, name, views in assign:  # only once every param's state fits
         state[name] = views
-    return graft_state
+    return graft_state, momentum
 
 
 def _check_options(opt: Shampoo) -> None:
@@ -302,25 +300,52 @@ def _roots_due(o: dict, n: int, record: dict | None) -> bool:
     return n % (10 if every is None else every) == 0
 
 
-def _momentum_step_(group: dict, decoupled: bool, state: dict, params: list[Tensor],
-                    dirs: list[Tensor], guard: SkipGuard, okf: Tensor, taken: Tensor) -> None:
-    """``m <- beta1 m + (1 - beta1) d``, ``p <- p - lr m / (1 - beta1^t)`` with the options of
-    ``group`` (``decoupled``: weight decay ``p <- p - lr wd p`` first); nothing changes on a
-    skipped step."""
-    lr, wd, beta1 = group["lr"], group["weight_decay"], group["betas"][0]
-    if decoupled and wd != 0:
-        torch._foreach_mul_(params, guard.unless_skipped(1 - lr * wd, okf))
-    if beta1 > 0:
-        bufs = [state[p]["momentum_buffer"] for p in params]
-        torch._foreach_mul_(bufs, guard.unless_skipped(beta1, okf))
-        torch._foreach_add_(bufs, dirs, alpha=1 - beta1)
-        correction = (1 - torch.pow(beta1, taken)).to(okf.dtype)
-        coef = torch.where(guard.ok, -lr / correction, 0.0)
-        updates = bufs
-    else:
-        coef = torch.where(guard.ok, okf.new_full((), -lr), 0.0)
-        updates = dirs
-    torch._foreach_addcmul_(params, updates, [coef] * len(params))
+def _momentum_steps_(opt: Shampoo, blocking: ShampooBlocking, present: list[bool],
+                     momentum: Tensor, dirs: Tensor, dir_views: list[Tensor], guard: SkipGuard,
+                     okf: Tensor, taken: Tensor) -> None:
+    """``m <- beta1 m + (1 - beta1) d``, ``p <- p - lr m / (1 - beta1^t)`` with each group's
+    options (decoupled weight decay ``p <- p - lr wd p`` first) for the params with a gradient;
+    nothing changes on a skipped step.  The momentum is one op on the flat buffers when every
+    param has a gradient and one ``beta1`` holds for all."""
+    groups = opt.param_groups
+    decoupled = groups[0]["decoupled_weight_decay"]
+    state = opt.state
+    flat = all(present) and len({g["betas"][0] for g in groups}) == 1
+    if flat and groups[0]["betas"][0] > 0:
+        beta1 = groups[0]["betas"][0]
+        momentum.mul_(torch.where(guard.ok, _kept_scalar(opt, beta1, okf), 1.0))
+        momentum.add_(dirs, alpha=1 - beta1)
+    for gi, group in enumerate(groups):
+        members = [i for i in blocking.by_group[gi] if present[i]]  # the others stay
+        if not members:
+            continue
+        params = [blocking.params[i].p for i in members]
+        lr, wd, beta1 = group["lr"], group["weight_decay"], group["betas"][0]
+        if decoupled and wd != 0:
+            torch._foreach_mul_(params, guard.unless_skipped(1 - lr * wd, okf))
+        if beta1 > 0:
+            bufs = [state[p]["momentum_buffer"] for p in params]
+            if not flat:
+                torch._foreach_mul_(bufs, guard.unless_skipped(beta1, okf))
+                torch._foreach_add_(bufs, [dir_views[i] for i in members], alpha=1 - beta1)
+            correction = (1 - torch.pow(beta1, taken)).to(okf.dtype)
+            coef = torch.where(guard.ok, -lr / correction, 0.0)
+            updates = bufs
+        else:
+            coef = torch.where(guard.ok, okf.new_full((), -lr), 0.0)
+            updates = [dir_views[i] for i in members]
+        torch._foreach_addcmul_(params, updates, [coef] * len(params))
+
+
+def _kept_scalar(opt: Shampoo, value: float, like: Tensor) -> Tensor:
+    """``value`` as a 0-dim tensor of ``like``'s dtype and device, kept for the next steps."""
+    kept = opt.__dict__.setdefault("_scalars", {})
+    key = (value, like.dtype, like.device)
+    if key not in kept:
+        if len(kept) > 16:  # a schedule changes it: keep only the recent ones
+            kept.clear()
+        kept[key] = like.new_full((), value)
+    return kept[key]
 
 
 def _dense_grad(p: Tensor) -> Tensor | None:

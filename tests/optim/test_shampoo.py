@@ -197,7 +197,7 @@ def test_buckets_hold_every_factor_of_one_size():
     for p in params:
         set_grad(p, 0)
     opt.step()
-    _, blocking, roots, _, _ = opt._run
+    _, blocking, roots, *_ = opt._run
     assert sorted(roots.factors) == [(4, 2), (6, 2)]
     assert roots.factors[(6, 2)].shape == (4, 6, 6) and roots.factors[(4, 2)].shape == (4, 4, 4)
     assert [len(sg.members) for sg in blocking.shape_groups] == [2, 2]  # (4, 6), (6, 4) blocks
@@ -301,6 +301,36 @@ def test_momentum_of_the_final_direction_before_the_start():
         p = p * (1 - lr * 0.1) - lr * m / (1 - b1 ** t)  # decoupled weight decay
         torch.testing.assert_close(W.detach(), p, rtol=1e-12, atol=1e-15)
 
+
+
+@pytest.mark.parametrize("beta1s", [(0.8, 0.8), (0.8, 0.5)])
+def test_momentum_of_several_params_and_groups(beta1s):
+    # The momentum is one flat buffer (state entries are views of it), stepped by one op when
+    # every param has a gradient and the groups share beta1, else param by param; both follow
+    # the formula, and a param without a gradient keeps its momentum and does not move.
+    Ws = [torch.randn(s, dtype=F64, generator=gen(i)).requires_grad_(True)
+          for i, s in enumerate(((4, 3), (5,)))]
+    lrs = (0.01, 0.03)
+    opt = Shampoo([{"params": [W], "lr": lr, "betas": (b1, 0.9)}
+                   for W, lr, b1 in zip(Ws, lrs, beta1s)],
+                  grafting="sgd", start_preconditioning_step=100)
+    ps = [W.detach().clone() for W in Ws]
+    ms = [torch.zeros_like(p) for p in ps]
+    for t in range(1, 5):
+        for i, W in enumerate(Ws):
+            g = set_grad(W, 10 * t + i) if (t, i) != (3, 1) else None
+            if g is None:
+                W.grad = None
+                continue
+            ms[i] = beta1s[i] * ms[i] + (1 - beta1s[i]) * g
+            ps[i] = ps[i] - lrs[i] * ms[i] / (1 - beta1s[i] ** t)
+        opt.step()
+        for W, p, m in zip(Ws, ps, ms):
+            torch.testing.assert_close(W.detach(), p, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(opt.state[W]["momentum_buffer"], m, rtol=1e-12,
+                                       atol=1e-15)
+    bufs = [opt.state[W]["momentum_buffer"] for W in Ws]
+    assert len({b.untyped_storage().data_ptr() for b in bufs}) == 1
 
 def test_l2_weight_decay_enters_the_statistics():
     W = torch.randn(5, 5, dtype=F64, generator=gen(0)).requires_grad_(True)
