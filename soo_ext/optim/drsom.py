@@ -8,7 +8,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from .._support.closure import ClosureEvaluator
 from .._support.distributed import check_process_group
@@ -17,6 +16,7 @@ from .._support.flat import FlatParams
 from .._support.guard import SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import check_params, load_state_dict_uncast
+from .._support.step_wrapper import OnDemandStepWrapper
 from ..curvature.drsom_models import (HESSIAN_MODELS, HessianModel, independent_directions,
                                       random_direction, subspace_gram)
 from ..curvature.trust_region import TrustRegion
@@ -66,7 +66,7 @@ class _StepScratch:
         return cls(self.evaluator, self.x, self.x0, self.g, self.perturbed[:cls.scratch_vectors])
 
 
-class DRSOM(Optimizer):
+class DRSOM(OnDemandStepWrapper):
     """DRSOM, the dimension-reduced second-order method (Zhang, Ge, He, Jiang, Jiang, Ye 2022,
     arXiv 2208.00208): each step minimises a quadratic model of the objective over ``span V``,
     ``V = [g, d_1, ..., d_{k-1}]`` (the gradient and the last accepted steps), with a radius-free

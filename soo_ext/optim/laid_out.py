@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.optim import Optimizer
 
 from .._support.guard import SkipWarner
 from .._support.options import OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_params,
                                load_state_dict_uncast)
+from .._support.step_wrapper import OnDemandStepWrapper
 
 __all__ = ["LaidOutOptimizer"]
 
 
-class LaidOutOptimizer(Optimizer):
+class LaidOutOptimizer(OnDemandStepWrapper):
     """A subclass gives its ``OPTIONS`` and the state entries a load must not cast to the params'
     dtype (``UNCAST``); it builds ``self._run`` (its layout of the params, None until then) at
     a step from the params and the state, which is why a load, an added group or unpickling

@@ -5,13 +5,13 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from .._support.closure import call_closure
 from .._support.guard import SkipGuard, SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_history_dtype,
                                check_params, load_state_dict_uncast)
+from .._support.step_wrapper import OnDemandStepWrapper
 from ..curvature.momentum_pairs import BlockLayout, block_partition, directions, update_pairs
 from .flat_guard import gather_guarded
 
@@ -22,7 +22,7 @@ _NONFINITE = "MLBFGS: the gradient is not finite"
 _UNCAST = ("history", "nonfinite_steps")
 
 
-class MLBFGS(Optimizer):
+class MLBFGS(OnDemandStepWrapper):
     r"""mL-BFGS, momentum L-BFGS (Niu et al., TMLR 2023): stochastic block-wise L-BFGS whose
     curvature pairs are built from momentum averages of params and gradients.
 

@@ -7,7 +7,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
@@ -16,6 +15,7 @@ from .._support.guard import MaskedSteps, SkipGuard, SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
+from .._support.step_wrapper import OnDemandStepWrapper
 from ..curvature.first_order_fallback import (OPTIONS as FALLBACK, PER_GROUP as FALLBACK_GROUP,
                                               UNCAST as FALLBACK_UNCAST, restore_uncast)
 from ..curvature.kfac_layers import compiled_inner, find_layers, skip_patterns
@@ -35,7 +35,7 @@ OPTIONS = OptionSpecs({
     **FALLBACK}, per_group=("lr", "momentum", "weight_decay") + FALLBACK_GROUP)
 
 
-class NaturalGradient(ModelHooks, Optimizer):
+class NaturalGradient(ModelHooks, OnDemandStepWrapper):
     r"""Subsampled natural gradient through the Woodbury identity (Ren & Goldfarb, "Efficient
     subsampled Gauss-Newton and natural gradient methods for training neural networks", 2019;
     ``per_layer``: SENG, Yang et al. 2020): with ``J`` the ``S x n`` per-sample gradients of the

@@ -9,7 +9,6 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from .._support.distributed import all_reduce_mean_, check_process_group
 from .._support.errors import NonFiniteError
@@ -17,6 +16,7 @@ from .._support.flat import FlatLayout
 from .._support.guard import SkipWarner, max_abs
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import all_params, check_params, load_state_dict_uncast
+from .._support.step_wrapper import OnDemandStepWrapper
 from .line_search import LinePoint, strong_wolfe
 
 __all__ = ["QuasiNewton"]
@@ -161,7 +161,7 @@ class _Run:
         self.x0_t = None
 
 
-class QuasiNewton(Optimizer):
+class QuasiNewton(OnDemandStepWrapper):
     """Base of :class:`soo_ext.LBFGS` and :class:`soo_ext.BFGS`: everything but the curvature model.
 
     A subclass names the state entry of its curvature model (``STATE_KEY``), extends

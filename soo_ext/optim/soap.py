@@ -1,12 +1,9 @@
 """SOAP: Adam in the eigenbasis of Shampoo's preconditioner (soo_ext.curvature.soap_bases)."""
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
-from torch.optim import Optimizer
-from torch.optim import optimizer as _torch_optimizer
 
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
@@ -123,13 +120,6 @@ class SOAP(LaidOutOptimizer):
         for group in self.param_groups:  # saved before the option existed
             group.setdefault("one_sided", False)
 
-    @staticmethod
-    def profile_hook_step(func: Callable) -> Callable:
-        """torch.optim's wrapper of ``step`` (its hooks, its label for the profiler), taken
-        only when a hook or a profiler is there: the label's ``record_function`` costs each of
-        the step's ops ~0.3 us even unobserved (60-110 us a step on the MNIST-1D MLP)."""
-        return _unless_observed(func, Optimizer.profile_hook_step(func))
-
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
@@ -223,22 +213,6 @@ class SOAP(LaidOutOptimizer):
             int(o[k] if k != "factor_dtype" else o[k] == torch.float64) for k in _LAYOUT_OPTIONS]
         self._run = (key, bases, sizes)
         return bases, sizes
-
-
-def _unless_observed(func: Callable, observed: Callable) -> Callable:
-    """``observed`` (torch's wrapper of ``func``) while a profiler runs or a step hook is
-    registered (globally or on the optimizer); otherwise ``func`` and the profiler's entry
-    point, as torch's wrapper calls them."""
-    @functools.wraps(func)
-    def step(self, *args, **kwargs):
-        if (torch.autograd._profiler_enabled() or self._optimizer_step_pre_hooks
-                or self._optimizer_step_post_hooks or _torch_optimizer._global_optimizer_pre_hooks
-                or _torch_optimizer._global_optimizer_post_hooks):
-            return observed(self, *args, **kwargs)
-        out = func(self, *args, **kwargs)
-        self._optimizer_step_code()
-        return out
-    return step
 
 
 def _refresh_due(o: dict, n: int, record: dict | None) -> bool:

@@ -6,13 +6,13 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from .._support.closure import call_closure
 from .._support.guard import SkipGuard, SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_history_dtype,
                                check_params, load_state_dict_uncast)
+from .._support.step_wrapper import OnDemandStepWrapper
 from ..curvature.gradient_window import GradientWindow, window_state_bytes
 from ..curvature.momentum_pairs import Block
 from .flat_guard import gather_guarded
@@ -24,7 +24,7 @@ DEFAULT_MAX_STATE_BYTES = 2**30
 _UNCAST = ("window", "gram", "slot", "gram_inverse", "nonfinite_steps")
 
 
-class WindowOptimizer(Optimizer):
+class WindowOptimizer(OnDemandStepWrapper):
     """Base of :class:`soo_ext.MFAC` and :class:`soo_ext.GGT` (not public).
 
     A subclass sets ``NAME``, ``OPTIONS`` (these options plus its own) and implements

@@ -493,6 +493,33 @@ def test_step_hooks_fire(case):
     assert len(calls) == 4
 
 
+@pytest.mark.parametrize("kind", ["pre", "post", "global-pre", "global-post"])
+@pytest.mark.parametrize("case", families())
+def test_each_step_hook_alone_fires(case, kind):
+    """The optimizers skip torch.optim's step wrapper while nothing observes the step
+    (``OnDemandStepWrapper``): each kind of hook alone must bring it back."""
+    model, opt = problem(case)
+    calls = []
+    register = {"pre": opt.register_step_pre_hook, "post": opt.register_step_post_hook,
+                "global-pre": register_optimizer_step_pre_hook,
+                "global-post": register_optimizer_step_post_hook}[kind]
+    handle = register(lambda o, args, kwargs: calls.append(o))
+    try:
+        take_step(case, opt, model, 0)
+    finally:
+        handle.remove()
+    take_step(case, opt, model, 1)
+    assert calls == [opt]
+
+
+@pytest.mark.parametrize("case", families())
+def test_profiler_sees_the_step_label(case):
+    model, opt = problem(case)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        take_step(case, opt, model, 0)
+    assert f"Optimizer.step#{type(opt).__name__}.step" in {e.name for e in prof.events()}
+
+
 @pytest.mark.parametrize("case", cases())
 def test_add_param_group(case):
     """Before the first step a group may be added (except with one-group optimizers); after it,
