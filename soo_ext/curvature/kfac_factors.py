@@ -98,6 +98,10 @@ class KFACFactors:
         grads = torch.zeros(sum(sizes), dtype=dtype, device=device)
         self.groups = [ShapeGroup(g, grads, sum(sizes[:i]))
                        for i, g in enumerate(layout.shape_groups)]
+        # Kept for the next steps: every stack is updated in place (a refresh, a commit, a load
+        # copy into it), so these views stay valid for the life of the factors.
+        self._group_views: dict[ShapeGroup, tuple] = {}  # a whole group's decomposition views
+        self._gradients: tuple = (None, None)  # (key, LayerGradients): see :meth:`gradients`
 
     # ---- state entries -------------------------------------------------------------------- #
 
@@ -187,12 +191,34 @@ class KFACFactors:
                      damping: float) -> tuple[Tensor, Tensor]:
         """``(V, grad)``: the preconditioned gradients ``[L', out, a_dim]`` of ``layers`` (all or
         some of ``group``'s) and their gradients."""
-        ia, ig, _, grad = _gather(group, layers)
-        l0 = group.layers[0]
-        return self._apply(grad, l0.a_dim, ia, l0.out, ig, damping), grad
+        if len(layers) == len(group.layers):  # the whole group: its views, kept
+            views = self._group_views.get(group)
+            if views is None:
+                views = self._group_views[group] = self._views(group, group.a, group.g,
+                                                               slice(None))
+            return self._apply(group.grad, views, damping), group.grad
+        rows = [l.row for l in layers]  # some layers are not preconditioned this step
+        views = self._views(group, [group.a.start + r for r in rows],
+                            [group.g.start + r for r in rows], rows)
+        grad = group.grad[rows]
+        return self._apply(grad, views, damping), grad
 
-    def _apply(self, grad: Tensor, a: int, ia, g: int, ig, damping: float) -> Tensor:
+    def _views(self, group: ShapeGroup, ia, ig, rows) -> tuple:
+        """What :meth:`_apply` reads of the decompositions for some rows of ``group`` (``ia``,
+        ``ig``: their A and G slots; ``rows``: in the group)."""
         raise NotImplementedError
+
+    def _apply(self, grad: Tensor, views: tuple, damping: float) -> Tensor:
+        raise NotImplementedError
+
+    def gradients(self, layers: list[KFACLayer], weight_decays: list[float]) -> "LayerGradients":
+        """The :class:`LayerGradients` of ``layers`` with their ``weight_decays``, kept for the
+        next steps with the same ones (not yet gathered)."""
+        key = (*layers, *weight_decays)
+        if self._gradients[0] != key:
+            wd = dict(zip(layers, weight_decays))
+            self._gradients = (key, LayerGradients(layers, wd.__getitem__))
+        return self._gradients[1]
 
 
 class EigenFactors(KFACFactors):
@@ -218,9 +244,12 @@ class EigenFactors(KFACFactors):
     def _decomposition(self, n):
         return [self.d[n], self.Q[n]]
 
-    def _apply(self, grad, a, ia, g, ig, damping):
-        return ops.kfac_precondition_eigen(grad, self.Q[g][ig], self.d[g][ig], self.Q[a][ia],
-                                           self.d[a][ia], damping)
+    def _views(self, group, ia, ig, rows):
+        a, g = group.layers[0].a_dim, group.layers[0].out
+        return self.Q[g][ig], self.d[g][ig], self.Q[a][ia], self.d[a][ia]
+
+    def _apply(self, grad, views, damping):
+        return ops.kfac_precondition_eigen(grad, *views, damping)
 
 
 def _select_into(old: Tensor, ok: Tensor | None, new: Tensor) -> None:
@@ -229,16 +258,6 @@ def _select_into(old: Tensor, ok: Tensor | None, new: Tensor) -> None:
         old.copy_(new)
     else:
         torch.where(ok, new, old, out=old)
-
-
-def _gather(group: ShapeGroup, layers: list[KFACLayer]) -> tuple:
-    """``(ia, ig, rows, grad)``: the A and G slots of ``layers`` (all or some of ``group``'s),
-    their rows in the group (``slice(None)`` for all) and their gradients."""
-    if len(layers) == len(group.layers):
-        return group.a, group.g, slice(None), group.grad
-    rows = [l.row for l in layers]  # some layers are not preconditioned this step
-    return ([group.a.start + r for r in rows], [group.g.start + r for r in rows], rows,
-            group.grad[rows])
 
 
 class EigenCorrectedFactors(EigenFactors):
@@ -317,13 +336,17 @@ class EigenCorrectedFactors(EigenFactors):
             for Sv, Pv in targets:
                 _select_into(Sv, ok, Sv.mul(decay).add_(Pv, alpha=1 - decay))
 
-    def precondition(self, group, layers, damping):
-        ia, ig, rows, grad = _gather(group, layers)
-        l0 = group.layers[0]
-        QA, QG = self.Q[l0.a_dim][ia], self.Q[l0.out][ig]
+    def _views(self, group, ia, ig, rows):
+        a, g = group.layers[0].a_dim, group.layers[0].out
+        S = self.S[group]
+        QG, QA = self.Q[g][ig], self.Q[a][ia]
+        return QG, QG.mT, QA, QA.mT, S if rows == slice(None) else S[rows]
+
+    def _apply(self, grad, views, damping):
+        QG, QGt, QA, QAt, S = views
         # torch.bmm: what ``@`` runs on these stacks, without its broadcast views
-        scaled = torch.bmm(torch.bmm(QG.mT, grad), QA).div_(self.S[group][rows] + damping)
-        return torch.bmm(torch.bmm(QG, scaled), QA.mT), grad
+        scaled = torch.bmm(torch.bmm(QGt, grad), QA).div_(S + damping)
+        return torch.bmm(torch.bmm(QG, scaled), QAt)
 
 
 def _projected_square_sum(a: Tensor, g: Tensor, QA: Tensor, QG: Tensor, samples: int) -> Tensor:
@@ -378,8 +401,12 @@ class InverseFactors(KFACFactors):
     def _decomposition(self, n):
         return [self.X[n]]
 
-    def _apply(self, grad, a, ia, g, ig, damping):
-        return self.X[g][ig] @ grad @ self.X[a][ia]
+    def _views(self, group, ia, ig, rows):
+        return self.X[group.layers[0].out][ig], self.X[group.layers[0].a_dim][ia]
+
+    def _apply(self, grad, views, damping):
+        XG, XA = views
+        return XG @ grad @ XA
 
 
 FACTORS = {cls.MODE: cls for cls in (EigenFactors, InverseFactors, EigenCorrectedFactors)}
@@ -433,40 +460,52 @@ def kl_clip_(results: list[tuple[Tensor, Tensor, list[float]]], kl_clip: float) 
             vg = VG.sum((-2, -1))
             terms += [vg[r] for r in range(len(lrs))]
             squares += [lr ** 2 for lr in lrs]
-    s = torch.stack(torch._foreach_mul(terms, squares)).sum().abs()
-    nu = torch.where(s > 0, torch.sqrt(kl_clip / s).clamp_max(1), 1.0)
+    s = torch.stack(torch._foreach_mul(terms, squares)).sum().abs_()
+    # sqrt(kl_clip / s) clamped to 1, in place; s = 0 gives inf, then 1; a NaN s gives 1
+    nu = s.reciprocal_().mul_(kl_clip).sqrt_().clamp_max_(1).nan_to_num_(1.0)
     torch._foreach_mul_(Vs, nu)
 
 
 class LayerGradients:
     """The gradients of the layers preconditioned at a step, copied into their shape groups'
-    buffers (one foreach copy); ``active`` maps each shape group to its layers among them."""
+    buffers by :meth:`gather` (one foreach copy); ``active`` maps each shape group to its
+    layers among them.  The bookkeeping of a set of layers and weight decays, made once and
+    kept by the factors (:meth:`KFACFactors.gradients`): the buffers' views, the params, the
+    finiteness check's tensors and how ``V`` is cut into the params' directions."""
 
-    def __init__(self, layers: list[KFACLayer], weight_decay: Callable[[KFACLayer], float]) -> None:
+    def __init__(self, layers: list[KFACLayer],
+                 weight_decay: Callable[[KFACLayer], float]) -> None:
         self.active: dict[ShapeGroup, list[KFACLayer]] = {}
         for l in layers:
             self.active.setdefault(l.group, []).append(l)
         self.param_ids = {id(p) for l in layers for p in l.params()}
-        dst, src = [], []
+        self._dst: list[Tensor] = []
+        self._params: list[Tensor] = []  # whose gradients go to _dst
         self._decay: dict[float, tuple[list, list]] = {}  # wd -> (buffer views, params)
+        # per group, per layer: (row of V, fan_in, weight, bias)
+        self._cuts = []
         for group, members in self.active.items():
-            for l in members:
+            cut = []
+            for r, l in enumerate(members):  # r: the row of V (of the active layers)
                 views = [group.w_views[l.row]] + ([group.b_views[l.row]] if l.bias is not None
                                                   else [])
-                dst += views
-                src += [p.grad for p in l.params()]
+                self._dst += views
+                self._params += l.params()
                 wd = weight_decay(l)
                 if wd != 0:
                     views_, params = self._decay.setdefault(wd, ([], []))
                     views_ += views
                     params += l.params()
-        if dst:
-            torch._foreach_copy_(dst, src)
+                cut.append((r, l.fan_in, l.weight, l.bias))
+            self._cuts.append(cut)
+        self._tensors = self._checked()
 
-    def tensors(self) -> list[Tensor]:
-        """What holds the gradients (for the finiteness check): the groups' whole buffer when
-        every layer is preconditioned (one check), else the active groups and rows (the other
-        rows may hold an earlier step's values)."""
+    def gather(self) -> None:
+        """Copy the params' gradients into the groups' buffers."""
+        if self._dst:
+            torch._foreach_copy_(self._dst, [p.grad for p in self._params])
+
+    def _checked(self) -> list[Tensor]:
         out = []
         for g, members in self.active.items():
             out += [g.grad] if len(members) == len(g.layers) else [g.grad[l.row] for l in members]
@@ -474,6 +513,12 @@ class LayerGradients:
         if buffer is not None and sum(t.numel() for t in out) == buffer.numel():
             return [buffer]  # disjoint parts of the buffer that cover it
         return out
+
+    def tensors(self) -> list[Tensor]:
+        """What holds the gradients (for the finiteness check): the groups' whole buffer when
+        every layer is preconditioned (one check), else the active groups and rows (the other
+        rows may hold an earlier step's values)."""
+        return self._tensors
 
     def add_weight_decay_(self) -> None:
         """``grad += weight_decay * param`` (preconditioned and KL-clipped with the gradient)."""
@@ -486,24 +531,44 @@ class LayerGradients:
         if self.active:
             next(iter(self.active)).buffer.masked_fill_(bad, 0)
 
+    def directions(self, Vs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """``V`` of each active group (in order) cut into the directions of its layers' params,
+        ``(param, d)``: ``V[r, :, :fan_in]`` viewed as the weight and ``V[r, :, fan_in]``, each
+        by one ``as_strided`` (indexing takes two or three view ops and parses the index)."""
+        out = []
+        for V, cut in zip(Vs, self._cuts):
+            s0, s1, s2 = V.stride()
+            offset = V.storage_offset()
+            for r, fan_in, weight, bias in cut:
+                d = V.as_strided(weight.shape, _split_strides(weight.shape, s1, s2),
+                                 offset + r * s0)
+                out.append((weight, d if weight.dtype == V.dtype else d.to(weight.dtype)))
+                if bias is not None:
+                    b = V.as_strided(bias.shape, (s1,), offset + r * s0 + fan_in * s2)
+                    out.append((bias, b if bias.dtype == V.dtype else b.to(bias.dtype)))
+        return out
+
+
+def _split_strides(shape: torch.Size, s1: int, s2: int) -> tuple[int, ...]:
+    """The strides of ``[out, fan_in]`` (strides ``(s1, s2)``) viewed as ``shape``
+    (``[out, *rest]``, ``prod(rest) = fan_in``)."""
+    strides, inner = [s1], s2
+    for n in reversed(shape[1:]):
+        strides.insert(1, inner)
+        inner *= n
+    return tuple(strides)
+
 
 def preconditioned_directions(factors: KFACFactors, grads: LayerGradients, damping: float,
                               kl_clip: float | None,
                               lr: Callable[[KFACLayer], float]) -> list[tuple[Tensor, Tensor]]:
     """``V`` of the layers of ``grads`` (one op call per shape group, :func:`kl_clip_` with the
     layers' ``lr``) cut into the directions of their params: ``(param, d)``."""
-    active = grads.active
     results = [(*factors.precondition(g, members, damping), [lr(l) for l in members])
-               for g, members in active.items()]
+               for g, members in grads.active.items()]
     if kl_clip is not None:
         kl_clip_(results, kl_clip)
-    out = []
-    for (V, _, _), members in zip(results, active.values()):
-        for r, l in enumerate(members):
-            out.append((l.weight, V[r, :, :l.fan_in].view(l.weight.shape).to(l.weight.dtype)))
-            if l.bias is not None:
-                out.append((l.bias, V[r, :, l.fan_in].to(l.bias.dtype)))
-    return out
+    return grads.directions([V for V, _, _ in results])
 
 
 def load_views(factors: KFACFactors | None, layers: list[KFACLayer],

@@ -264,11 +264,12 @@ class _CapturingForward:
 
     def __call__(self, *args, **kwargs):
         capture = self.capture_ref()
-        if self.layer.mha and capture is not None and capture.wants(self.layer):
+        if capture is None or not capture.due:  # the forward of a step without statistics
+            return self.inner(*args, **kwargs)
+        if self.layer.mha and capture.wants(self.layer):
             return _mha_forward(capture, self.layer, args, kwargs)
         output = self.inner(*args, **kwargs)
-        if capture is not None:
-            capture.forward_done(self.layer, args, kwargs, output)
+        capture.forward_done(self.layer, args, kwargs, output)
         return output
 
     def __reduce__(self):
@@ -385,6 +386,7 @@ class LayerCapture:
         self.batch_averaged = True
         self.accumulation_steps = 1
         self._warned_accumulation = False
+        self._captured = False  # a pass was captured since the last reset
         ref = weakref.ref(self)
         wrappers = []
         for layer in layers:
@@ -424,8 +426,10 @@ class LayerCapture:
 
     def reset(self) -> None:
         """Forget what was captured since the last step (the layers' counts)."""
-        for layer in self.layers:
-            layer.rows = layer.captures = 0
+        if self._captured:
+            for layer in self.layers:
+                layer.rows = layer.captures = 0
+            self._captured = False
 
     def _warn_uneven_accumulation(self) -> None:
         """Warn once if a layer captured a number of passes that is not a multiple of
@@ -492,3 +496,4 @@ class LayerCapture:
         factors.stage(layer, a, g, decay, w, g_scale, samples)
         layer.rows = total
         layer.captures += 1
+        self._captured = True

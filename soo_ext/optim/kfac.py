@@ -138,10 +138,11 @@ class KFAC(ModelHooks, Optimizer):
         factor_step = captured and _refresh_due(self, "factor_update_steps", k)
         with_grads = [l for l in self._layers if l.has_grads()] if factors else []
         self._capture.check(captured, bool(with_grads))
-        grads = LayerGradients(
-            [l for l in with_grads
-             if self.state[l.weight]["factor_updates"] > 0 or (factor_step and l.captures)],
-            lambda l: self.param_groups[group_of[id(l.weight)]]["weight_decay"])
+        layers = [l for l in with_grads
+                  if self.state[l.weight]["factor_updates"] > 0 or (factor_step and l.captures)]
+        grads = factors.gradients(layers, [self.param_groups[group_of[id(l.weight)]][
+            "weight_decay"] for l in layers]) if factors else LayerGradients([], None)
+        grads.gather()
         plain = [p for p in params if p.grad is not None and id(p) not in grads.param_ids]
         staged = factors.staged_statistics(self._process_group) if captured and factors else []
         guard = self._guard([p.grad for p in plain] + staged + grads.tensors(), glob)
@@ -337,20 +338,26 @@ def _momentum_and_fallback_(opt: Optimizer, directions: list[tuple[Tensor, Tenso
     left-out params ``plain`` (``fallback``: SGD with momentum at ``fallback_lr`` or AdamW).
     ``opt``: KFAC, EKFAC or NaturalGradient (the fallback options, ``_masked_steps``)."""
     groups = opt.param_groups
-    sgd, adamw = fallback_params(plain, groups[0])
-    _sgd_momentum_(groups, opt.state, group_of, directions, ok, masked=opt._masked_steps)
-    _sgd_momentum_(groups, opt.state, group_of, _sgd_directions(
-        sgd, [groups[group_of[id(p)]]["weight_decay"] for p in sgd], guard), ok, sgd_lr)
-    adamw_fallback_(groups, opt.state, group_of, adamw, ok)
+    masks = guard if ok is not None else None
+    if directions:
+        _sgd_momentum_(groups, opt.state, group_of, directions, masks, masked=opt._masked_steps)
+    if plain:
+        sgd, adamw = fallback_params(plain, groups[0])
+        if sgd:
+            _sgd_momentum_(groups, opt.state, group_of, _sgd_directions(
+                sgd, [groups[group_of[id(p)]]["weight_decay"] for p in sgd], guard), masks,
+                sgd_lr)
+        if adamw:
+            adamw_fallback_(groups, opt.state, group_of, adamw, ok)
 
 
 def _sgd_momentum_(groups: list[dict], state: dict, group_of: dict[int, int],
-                   directions: list[tuple[Tensor, Tensor]], ok: Tensor | None,
+                   directions: list[tuple[Tensor, Tensor]], guard: SkipGuard | None,
                    lr_of: Callable[[dict], float] = lambda g: g["lr"],
                    masked: MaskedSteps | None = None) -> None:
     """``buf <- m buf + d``, ``p <- p - lr buf`` per param group, as torch.optim.SGD's foreach
-    path; masked by ``ok`` (nothing changes where it is False): the steps by ``masked`` (kept
-    buffers: one copy and one fill), or by a select per param."""
+    path; masked by ``guard`` (nothing changes on a skipped step; None: no masking): the steps
+    by ``masked`` (kept buffers: one copy and one fill), or by a select per param."""
     by_group: dict[int, tuple[list, list]] = {}
     for p, d in directions:
         ps, ds = by_group.setdefault(group_of[id(p)], ([], []))
@@ -365,18 +372,33 @@ def _sgd_momentum_(groups: list[dict], state: dict, group_of: dict[int, int],
                 if st.get("momentum_buffer") is None:
                     st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(st["momentum_buffer"])
-            if ok is None:
+            if guard is None:
                 torch._foreach_mul_(bufs, m)
             else:
-                torch._foreach_mul_(bufs, torch.where(ok, bufs[0].new_full((), m), 1.0))
+                torch._foreach_mul_(bufs, torch.where(guard.ok, *_momentum_or_one(m, bufs[0])))
             torch._foreach_add_(bufs, ds)
-            if ok is None:
+            if guard is None:
                 steps = bufs
             elif masked is not None:
-                steps = masked(gi, bufs, ~ok)
+                steps = masked(gi, bufs, guard.bad)
             else:  # +0 where skipped (see MaskedSteps)
                 zero = bufs[0].new_zeros(())
-                steps = [torch.where(ok, b, zero) for b in bufs]
+                steps = [torch.where(guard.ok, b, zero) for b in bufs]
         else:
             steps = ds  # already zero on a skipped step
         torch._foreach_add_(ps, steps, alpha=-lr)
+
+
+_MOMENTUM_OR_ONE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _momentum_or_one(m: float, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``m`` and 1 as 0-dim tensors of ``like``'s dtype and device (a skipped step's momentum
+    factor is 1), kept: the select between them is then the only op of a step."""
+    key = (m, like.dtype, like.device)
+    pair = _MOMENTUM_OR_ONE.get(key)
+    if pair is None:
+        if len(_MOMENTUM_OR_ONE) >= 16:  # a momentum schedule: keep only the current ones
+            _MOMENTUM_OR_ONE.clear()
+        pair = _MOMENTUM_OR_ONE[key] = (like.new_full((), m), like.new_ones(()))
+    return pair

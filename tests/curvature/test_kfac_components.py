@@ -320,6 +320,7 @@ def test_layer_gradients_gather_decay_and_mask():
         p.grad = torch.randn_like(p)
     chosen = [layers[1], layers[3]]  # one of the two (4, 5) layers, and the (3, 4) one
     grads = LayerGradients(chosen, lambda l: 0.5 if l.index == 1 else 0.0)
+    grads.gather()
     assert grads.param_ids == {id(p) for l in chosen for p in l.params()}
     assert sorted(t.dim() for t in grads.tensors()) == [2, 3]  # a row, a whole group
     grads.add_weight_decay_()
@@ -329,6 +330,44 @@ def test_layer_gradients_gather_decay_and_mask():
         torch.testing.assert_close(g[:, :l.fan_in], want)
     grads.zero_where_(torch.tensor(True))
     assert all(not g.grad.any() for g in grads.active)
+
+
+@pytest.mark.parametrize("factor_dtype", [F64, torch.float32])
+def test_layer_gradients_cut_V_as_indexing_does(factor_dtype):
+    # conv weights [out, C, k] and [out, C, kh, kw] with and without bias, two layers of one
+    # shape (one or both active), a strided V; cast to the params' dtype when it differs
+    net = nn.Sequential(nn.Conv1d(2, 3, 2), nn.Conv2d(3, 3, (1, 2), bias=False), nn.Flatten(),
+                        nn.Linear(4, 4), nn.Linear(4, 4)).to(F64)
+    layers = layers_of(net)
+    factors = EigenFactors(KFACLayout(layers), factor_dtype, torch.device("cpu"), 1e-2)
+    for chosen in (layers, layers[:2] + layers[3:]):  # all, and the second (4, 4) alone
+        grads = factors.gradients(chosen, [0.0] * len(chosen))
+        Vs = [torch.randn(len(m), m[0].a_dim, m[0].out, dtype=factor_dtype).mT
+              for m in grads.active.values()]  # not contiguous
+        want = []
+        for V, members in zip(Vs, grads.active.values()):
+            for r, l in enumerate(members):
+                want.append((l.weight, V[r, :, :l.fan_in].reshape(l.weight.shape).to(F64)))
+                if l.bias is not None:
+                    want.append((l.bias, V[r, :, l.fan_in].to(F64)))
+        got = grads.directions(Vs)
+        assert [p for p, _ in got] == [p for p, _ in want]
+        assert all(d.shape == p.shape and d.dtype == F64 and torch.equal(d, w)
+                   for (p, d), (_, w) in zip(got, want))
+        if factor_dtype == F64:  # views of V, no copies
+            storages = {V.untyped_storage().data_ptr() for V in Vs}
+            assert all(d.untyped_storage().data_ptr() in storages for _, d in got)
+
+
+def test_factors_keep_the_gradients_of_the_same_layers_and_weight_decays():
+    layers = layers_of(model())
+    factors = EigenFactors(KFACLayout(layers), F64, torch.device("cpu"), 1e-2)
+    grads = factors.gradients(layers, [0.0] * 4)
+    assert factors.gradients(layers, [0.0] * 4) is grads
+    decayed = factors.gradients(layers, [0.0, 0.5, 0.0, 0.0])
+    assert decayed is not grads and list(decayed._decay) == [0.5]
+    assert factors.gradients(layers[1:], [0.0] * 3).param_ids == {
+        id(p) for l in layers[1:] for p in l.params()}
 
 
 def test_store_makes_factors_once_and_refuses_changes():
