@@ -7,6 +7,8 @@ pure-PyTorch references of :mod:`soo_ext.reference` instead, after one warning;
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
@@ -80,8 +82,93 @@ def build_info() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Argument checks: each op's check (torch._check calls and their messages) is decorated with
+# _fast_path and a predicate of the same conditions as one plain short-circuiting expression.
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+_PLAIN_SCALARS = frozenset((bool, int, float, str, type(None)))
+
+
+def _concrete_tensors(values) -> bool:
+    """Whether no tensor among ``values`` (and in lists of them) has symbolic sizes."""
+    for value in values:
+        kind = type(value)
+        if kind is Tensor:  # the common cases first, by type alone (cheaper than isinstance)
+            if value._has_symbolic_sizes_strides:
+                return False
+        elif kind not in _PLAIN_SCALARS:
+            if isinstance(value, Tensor):
+                if value._has_symbolic_sizes_strides:
+                    return False
+            elif isinstance(value, (list, tuple)) and not _concrete_tensors(value):
+                return False
+    return True
+
+
+def _concrete(args: tuple, scalars: tuple[int, ...]) -> bool:
+    """Whether ``args`` hold plain Python scalars at the positions ``scalars`` (not a SymInt, a
+    tensor or a numpy number) and no tensor with symbolic sizes.  (Dynamo answers for the
+    tensors; it shows a dynamic int as an int, whose conditions then guard as torch._check's
+    would: dynamo's symbols are backed.)"""
+    for i in scalars:
+        if type(args[i]) not in _PLAIN_SCALARS:
+            return False
+    return _concrete_tensors(args)
+
+
+def _fast_path(holds):
+    """Decorator of an argument check: the check is skipped when ``holds(*args)`` (its conditions
+    in one expression) is true on :func:`_concrete` arguments.  A torch._check costs ~1 us, the
+    checks of a call up to ~12 us: a third of a small op, which optimizers call several times a
+    step.  Anything else runs the check itself, so every bad argument gets its usual error:
+    ``holds`` false or raising (a malformed argument); symbolic sizes (the fake tensors of a
+    symbolic trace, dynamo's dynamic shapes), on which ``bool()`` would guard, or fail (unbacked),
+    where torch._check may defer to a runtime assert; anything but a Python scalar where the check
+    takes an int or a float (a tensor or numpy number there makes a condition a tensor or a numpy
+    bool, which torch._check refuses and ``and`` takes)."""
+    def decorate(check):
+        parameters = inspect.signature(check).parameters.values()
+        scalars = tuple(i for i, p in enumerate(parameters) if p.annotation in ("int", "float"))
+
+        @functools.wraps(check)
+        def checked(*args):
+            if _concrete(args, scalars):
+                try:
+                    if holds(*args):
+                        return
+                except Exception:  # a malformed argument: the check below names it
+                    pass
+            check(*args)
+        return checked
+    return decorate
+
+
+def _vectors_like(vectors, dtype: torch.dtype, device: torch.device, n: int) -> bool:
+    """Whether each of ``vectors`` is a contiguous ``[n]`` tensor of ``dtype`` on ``device``."""
+    for v in vectors:
+        if not (v.dim() == 1 and v.dtype == dtype and v.device == device and v.shape[0] == n
+                and v.is_contiguous()):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
 # lbfgs_direction
 
+def _lbfgs_direction_valid(S: Tensor, Y: Tensor, SY: Tensor, YY: Tensor, g: Tensor,
+                           newest: int, count: int) -> bool:
+    dtype, device = g.dtype, g.device  # float32/float64: its own accumulation dtype (SY, YY)
+    m = S.shape[0] if S.dim() == 2 else -1
+    return (g.dim() == 1 and dtype in _FLOAT_DTYPES and m >= 0 and S.shape == Y.shape
+            and S.shape[1] == g.shape[0]
+            and (S.dtype == dtype or (S.dtype == torch.bfloat16 and dtype == torch.float32))
+            and Y.dtype == S.dtype and SY.shape == (m, m) and YY.shape == (m, m)
+            and SY.dtype == dtype and YY.dtype == dtype and 0 <= count <= m
+            and 0 <= newest < max(m, 1) and S.device == device and Y.device == device
+            and SY.device == device and YY.device == device)
+
+
+@_fast_path(_lbfgs_direction_valid)
 def _check_lbfgs_direction(S: Tensor, Y: Tensor, SY: Tensor, YY: Tensor, g: Tensor,
                            newest: int, count: int) -> None:
     torch._check(g.dim() == 1, lambda: f"g must be 1-D, got shape {tuple(g.shape)}")
@@ -129,6 +216,16 @@ if _LOADED:
 # ---------------------------------------------------------------------------------------------
 # bfgs_direction
 
+def _bfgs_direction_valid(H: Tensor, s: Tensor, y: Tensor, g: Tensor) -> bool:
+    dtype, device = g.dtype, g.device
+    n = g.shape[0] if g.dim() == 1 else -1
+    return (n >= 0 and dtype in _FLOAT_DTYPES and H.shape == (n, n) and s.shape == (n,)
+            and y.shape == (n,) and H.dtype == dtype and s.dtype == dtype and y.dtype == dtype
+            and H.is_contiguous() and H.device == device and s.device == device
+            and y.device == device)
+
+
+@_fast_path(_bfgs_direction_valid)
 def _check_bfgs_direction(H: Tensor, s: Tensor, y: Tensor, g: Tensor) -> None:
     torch._check(g.dim() == 1, lambda: f"g must be 1-D, got shape {tuple(g.shape)}")
     torch._check(g.dtype in (torch.float32, torch.float64),
@@ -172,9 +269,6 @@ _DRSOM_MAX_DIRS = 8
 
 
 def _check_drsom_vector(op: str, name: str, a: Tensor, ref: Tensor) -> None:
-    if (a.dim() == 1 and a.dtype == ref.dtype and a.device == ref.device
-            and a.shape[0] == ref.shape[0] and a.is_contiguous()):
-        return  # the common case, without the cost of the torch._check calls (hot path)
     torch._check(a.dim() == 1, lambda: f"{op}: {name} must be 1-D, got shape {tuple(a.shape)}")
     torch._check(a.dtype == ref.dtype,
                  lambda: f"{op}: {name} has dtype {a.dtype}, expected {ref.dtype} (no dtype mix)")
@@ -187,8 +281,6 @@ def _check_drsom_vector(op: str, name: str, a: Tensor, ref: Tensor) -> None:
 
 
 def _check_drsom_base(op: str, name: str, a: Tensor) -> None:
-    if a.dim() == 1 and a.dtype in (torch.float32, torch.float64) and a.is_contiguous():
-        return  # hot path: skip the torch._check calls
     torch._check(a.dim() == 1, lambda: f"{op}: {name} must be 1-D, got shape {tuple(a.shape)}")
     torch._check(a.dtype in (torch.float32, torch.float64),
                  lambda: f"{op}: {name} must be float32 or float64, got {a.dtype}")
@@ -204,8 +296,6 @@ def _check_drsom_directions(op: str, V, ref: Tensor) -> None:
 
 
 def _check_drsom_scalar(op: str, name: str, a: Tensor, ref: Tensor) -> None:
-    if a.dtype == ref.dtype and a.device == ref.device:
-        return  # hot path
     torch._check(a.dtype == ref.dtype,
                  lambda: f"{op}: {name} has dtype {a.dtype}, expected {ref.dtype} (no dtype mix)")
     torch._check(a.device == ref.device,
@@ -213,6 +303,44 @@ def _check_drsom_scalar(op: str, name: str, a: Tensor, ref: Tensor) -> None:
                          "(all tensors on one device)")
 
 
+def _drsom_vectors_valid(base: Tensor, vectors, scalar: Tensor) -> bool:
+    """The common case of the DRSOM checks: ``base`` (float32/float64) and ``vectors`` contiguous
+    ``[n]`` tensors of one dtype on one device, ``scalar`` of that dtype on that device."""
+    dtype, device = base.dtype, base.device
+    return (base.dim() == 1 and dtype in _FLOAT_DTYPES and base.is_contiguous()
+            and scalar.dtype == dtype and scalar.device == device
+            and _vectors_like(vectors, dtype, device, base.shape[0]))
+
+
+def _drsom_directions_valid(V) -> bool:
+    return isinstance(V, (list, tuple)) and 1 <= len(V) <= _DRSOM_MAX_DIRS
+
+
+def _drsom_perturb_valid(x: Tensor, x0: Tensor, v: Tensor, t: Tensor) -> bool:
+    return t.dim() == 0 and _drsom_vectors_valid(x, (x0, v), t)
+
+
+def _drsom_reduce_valid(g_pert: Tensor, g: Tensor, V, t: Tensor) -> bool:
+    return (_drsom_directions_valid(V) and t.dim() == 0
+            and _drsom_vectors_valid(g, (g_pert, *V), t))
+
+
+def _drsom_update_valid(x: Tensor, p: Tensor, V, alpha: Tensor) -> bool:
+    return (_drsom_directions_valid(V) and alpha.dim() == 1 and alpha.shape[0] == len(V)
+            and alpha.is_contiguous() and _drsom_vectors_valid(x, (p, *V), alpha))
+
+
+def _drsom_subproblem_valid(Q: Tensor, G: Tensor, c: Tensor, gamma: float, max_length: float,
+                            gamma_increase: float) -> bool:
+    k = Q.shape[0] if Q.dim() == 2 else 0
+    return (1 <= k <= _DRSOM_MAX_DIRS and Q.shape[1] == k and Q.dtype in _FLOAT_DTYPES
+            and G.shape == Q.shape and c.dim() == 1 and c.shape[0] == k
+            and G.dtype == c.dtype == Q.dtype and G.device == c.device == Q.device
+            and math.isfinite(gamma) and gamma >= 0 and max_length >= 0
+            and math.isfinite(gamma_increase) and gamma_increase > 1)
+
+
+@_fast_path(_drsom_perturb_valid)
 def _check_drsom_perturb(x: Tensor, x0: Tensor, v: Tensor, t: Tensor) -> None:
     op = "drsom_perturb"
     _check_drsom_base(op, "x", x)
@@ -222,6 +350,7 @@ def _check_drsom_perturb(x: Tensor, x0: Tensor, v: Tensor, t: Tensor) -> None:
     _check_drsom_scalar(op, "t", t, x)
 
 
+@_fast_path(_drsom_reduce_valid)
 def _check_drsom_reduce(g_pert: Tensor, g: Tensor, V, t: Tensor) -> None:
     op = "drsom_reduce"
     _check_drsom_base(op, "g", g)
@@ -231,6 +360,7 @@ def _check_drsom_reduce(g_pert: Tensor, g: Tensor, V, t: Tensor) -> None:
     _check_drsom_scalar(op, "t", t, g)
 
 
+@_fast_path(_drsom_update_valid)
 def _check_drsom_update(x: Tensor, p: Tensor, V, alpha: Tensor) -> None:
     op = "drsom_update"
     _check_drsom_base(op, "x", x)
@@ -243,16 +373,10 @@ def _check_drsom_update(x: Tensor, p: Tensor, V, alpha: Tensor) -> None:
     torch._check(alpha.is_contiguous(), lambda: f"{op}: alpha must be contiguous")
 
 
+@_fast_path(_drsom_subproblem_valid)
 def _check_drsom_subproblem(Q: Tensor, G: Tensor, c: Tensor, gamma: float, max_length: float,
                             gamma_increase: float) -> None:
     op = "drsom_subproblem"
-    k = Q.shape[0] if Q.dim() == 2 else 0
-    if (Q.dim() == 2 and Q.shape[1] == k and 1 <= k <= _DRSOM_MAX_DIRS
-            and Q.dtype in (torch.float32, torch.float64) and G.shape == Q.shape
-            and c.dim() == 1 and c.shape[0] == k and G.dtype == c.dtype == Q.dtype
-            and G.device == c.device == Q.device and math.isfinite(gamma) and gamma >= 0
-            and max_length >= 0 and math.isfinite(gamma_increase) and gamma_increase > 1):
-        return  # hot path (once a trust-region trial): skip the torch._check calls
     torch._check(Q.dim() == 2 and Q.shape[0] == Q.shape[1] and 1 <= Q.shape[0] <= _DRSOM_MAX_DIRS,
                  lambda: f"{op}: Q must be k x k with 1 <= k <= {_DRSOM_MAX_DIRS}, got shape "
                          f"{tuple(Q.shape)}")
@@ -364,22 +488,37 @@ def _check_window(op: str, W: Tensor, dtype: torch.dtype, rows: int) -> None:
     torch._check(0 <= rows <= W.shape[0], lambda: f"{op}: rows must be in [0, {W.shape[0]}], got {rows}")
 
 
-def _window_gram_common(W: Tensor, X, rows: int) -> bool:
-    """The checks of :func:`_check_window_gram` on its common case, in one expression (the
-    torch._check calls cost more than the op on small windows: the GGT/M-FAC hot path)."""
-    if not (isinstance(X, list) and 1 <= len(X) <= _WINDOW_MAX_VECTORS and W.dim() == 2):
-        return False
-    dtype, device, (m, n) = X[0].dtype, W.device, W.shape
-    return (dtype in (torch.float32, torch.float64) and 0 <= rows <= m and W.is_contiguous()
+def _window_valid(W: Tensor, dtype: torch.dtype, rows: int) -> bool:
+    return (W.dim() == 2 and dtype in _FLOAT_DTYPES and W.is_contiguous()
             and (W.dtype == dtype or (W.dtype == torch.bfloat16 and dtype == torch.float32))
-            and all(x.dim() == 1 and x.dtype == dtype and x.device == device
-                    and x.shape[0] == n and x.is_contiguous() for x in X))
+            and 0 <= rows <= W.shape[0])
 
 
+def _window_gram_valid(W: Tensor, X, rows: int) -> bool:
+    return (isinstance(X, list) and 1 <= len(X) <= _WINDOW_MAX_VECTORS
+            and _window_valid(W, X[0].dtype, rows)
+            and _vectors_like(X, X[0].dtype, W.device, W.shape[1]))
+
+
+def _window_combine_valid(out: Tensor, W: Tensor, coef: Tensor, rows: int, base,
+                          base_coef) -> bool:
+    dtype, device = out.dtype, out.device
+    if not (out.dim() == 1 and out.is_contiguous() and _window_valid(W, dtype, rows)
+            and out.shape[0] == W.shape[1] and W.device == device and coef.dim() == 1
+            and coef.shape[0] == W.shape[0] and coef.dtype == torch.float64
+            and coef.device == device):
+        return False
+    if base is None:
+        return base_coef is None
+    return (base_coef is not None and base.dim() == 1 and base.dtype == dtype
+            and base.device == device and base.shape[0] == out.shape[0] and base.is_contiguous()
+            and base_coef.dim() == 0 and base_coef.dtype == torch.float64
+            and base_coef.device == device)
+
+
+@_fast_path(_window_gram_valid)
 def _check_window_gram(W: Tensor, X, rows: int) -> None:
     op = "window_gram"
-    if _window_gram_common(W, X, rows):
-        return  # hot path: skip the torch._check calls
     if not (isinstance(X, (list, tuple)) and len(X) <= _WINDOW_MAX_VECTORS):
         raise RuntimeError(f"{op}: X must be a list of 0 to {_WINDOW_MAX_VECTORS} vectors")
     dtype = X[0].dtype if X else (torch.float64 if W.dtype == torch.float64 else torch.float32)
@@ -393,30 +532,9 @@ def _check_window_gram(W: Tensor, X, rows: int) -> None:
         torch._check(x.device == W.device, lambda: f"{op}: all tensors must be on one device")
 
 
-def _window_combine_common(out: Tensor, W: Tensor, coef: Tensor, rows: int, base,
-                           base_coef) -> bool:
-    """The checks of :func:`_check_window_combine` on its common case, in one expression."""
-    if not (out.dim() == 1 and W.dim() == 2):
-        return False
-    dtype, device, (m, n) = out.dtype, out.device, W.shape
-    if not (dtype in (torch.float32, torch.float64) and out.is_contiguous() and out.shape[0] == n
-            and W.device == device and W.is_contiguous() and 0 <= rows <= m
-            and (W.dtype == dtype or (W.dtype == torch.bfloat16 and dtype == torch.float32))
-            and coef.dim() == 1 and coef.shape[0] == m and coef.dtype == torch.float64
-            and coef.device == device):
-        return False
-    if base is None:
-        return base_coef is None
-    return (base_coef is not None and base.dim() == 1 and base.dtype == dtype
-            and base.device == device and base.shape[0] == out.shape[0] and base.is_contiguous()
-            and base_coef.dim() == 0 and base_coef.dtype == torch.float64
-            and base_coef.device == device)
-
-
+@_fast_path(_window_combine_valid)
 def _check_window_combine(out: Tensor, W: Tensor, coef: Tensor, rows: int, base, base_coef) -> None:
     op = "window_combine"
-    if _window_combine_common(out, W, coef, rows, base, base_coef):
-        return  # hot path: skip the torch._check calls
     _check_drsom_base(op, "out", out)
     _check_window(op, W, out.dtype, rows)
     torch._check(out.shape[0] == W.shape[1],
@@ -458,8 +576,8 @@ def window_combine(out: Tensor, W: Tensor, coef: Tensor, rows: int,
     _check_window_combine(out, W, coef, rows, base, base_coef)
     if out.numel() and W.numel():  # out may alias base, never the window (real tensors only)
         o, w = out.data_ptr(), W.data_ptr()
-        torch._check(o + out.nbytes <= w or w + W.nbytes <= o,
-                     lambda: "window_combine: out must not overlap the window W")
+        if not (o + out.nbytes <= w or w + W.nbytes <= o):  # torch._check's error, without its cost
+            raise RuntimeError("window_combine: out must not overlap the window W")
     if _LOADED:
         torch.ops.soo.window_combine.default(out, W, coef, rows, base, base_coef)
     else:
@@ -484,6 +602,11 @@ if _LOADED:
 # Kronecker factors (K-FAC, Shampoo): statistics, damped inverse, eigh, inverse p-th root,
 # eigenbasis preconditioning.  Contracts in soo_ext/reference.py.
 
+def _square_stack_valid(A: Tensor) -> bool:
+    return A.dim() >= 2 and A.shape[-1] == A.shape[-2] and A.dtype in _FLOAT_DTYPES
+
+
+@_fast_path(lambda op, A, name="A": _square_stack_valid(A))
 def _check_square_stack(op: str, A: Tensor, name: str = "A") -> None:
     torch._check(A.dim() >= 2 and A.shape[-1] == A.shape[-2],
                  lambda: f"{op}: {name} must be a [..., n, n] stack of square matrices, got shape "
@@ -492,6 +615,7 @@ def _check_square_stack(op: str, A: Tensor, name: str = "A") -> None:
                  lambda: f"{op}: {name} must be float32 or float64, got {A.dtype}")
 
 
+@_fast_path(lambda op, name, value: value >= 0)
 def _check_nonnegative(op: str, name: str, value: float) -> None:
     torch._check(value >= 0, lambda: f"{op}: {name} must be >= 0, got {value}")
 
@@ -499,6 +623,15 @@ def _check_nonnegative(op: str, name: str, value: float) -> None:
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def _kron_factor_update_valid(F: Tensor, X: Tensor) -> bool:
+    return (_square_stack_valid(F) and X.dim() == F.dim() and X.shape[:-2] == F.shape[:-2]
+            and X.shape[-1] == F.shape[-1]
+            and (X.dtype == F.dtype or X.dtype in _LOW_PRECISION
+                 or (X.dtype == torch.float32 and F.dtype == torch.float64))
+            and X.device == F.device)
+
+
+@_fast_path(_kron_factor_update_valid)
 def _check_kron_factor_update(F: Tensor, X: Tensor) -> None:
     op = "kron_factor_update_"
     _check_square_stack(op, F, "F")
@@ -513,6 +646,13 @@ def _check_kron_factor_update(F: Tensor, X: Tensor) -> None:
     torch._check(X.device == F.device, lambda: f"{op}: X is on {X.device}, F on {F.device}")
 
 
+def _kron_inverse_root_valid(A: Tensor, p: int, epsilon: float, method: str, max_iters: int,
+                             tol: float) -> bool:
+    return (_square_stack_valid(A) and p >= 1 and epsilon >= 0 and epsilon != float("inf")
+            and method in ("newton", "eigh") and max_iters >= 0 and tol >= 0)
+
+
+@_fast_path(_kron_inverse_root_valid)
 def _check_kron_inverse_root(A: Tensor, p: int, epsilon: float, method: str, max_iters: int,
                              tol: float) -> None:
     op = "kron_inverse_root"
@@ -526,6 +666,19 @@ def _check_kron_inverse_root(A: Tensor, p: int, epsilon: float, method: str, max
     _check_nonnegative(op, "tol", tol)
 
 
+def _kfac_precondition_valid(grad: Tensor, QG: Tensor, dG: Tensor, QA: Tensor,
+                             dA: Tensor) -> bool:
+    if not (grad.dim() >= 2 and grad.dtype in _FLOAT_DTYPES):
+        return False
+    *batch, o, i = grad.shape
+    dtype, device = grad.dtype, grad.device
+    return (QG.shape == (*batch, o, o) and dG.shape == (*batch, o) and QA.shape == (*batch, i, i)
+            and dA.shape == (*batch, i) and QG.dtype == dtype and dG.dtype == dtype
+            and QA.dtype == dtype and dA.dtype == dtype and QG.device == device
+            and dG.device == device and QA.device == device and dA.device == device)
+
+
+@_fast_path(_kfac_precondition_valid)
 def _check_kfac_precondition(grad: Tensor, QG: Tensor, dG: Tensor, QA: Tensor,
                              dA: Tensor) -> None:
     op = "kfac_precondition_eigen"
