@@ -131,15 +131,21 @@ def bfgs_update_(H: Tensor, s: Tensor, y: Tensor, take: Tensor) -> None:
     """``H <- (I - rho s y^T) H (I - rho y s^T) + rho s s^T`` (rho = 1 / s^T y) where
     ``take`` (bool, ``s``'s leading dims: the pair is finite, s^T y > 0 and the step was not
     skipped); ``H`` ``[..., n, n]``, a batch of matrices with a batch of pairs ``[..., n]``.
-    ``soo::bfgs_direction``'s update, written with torch ops so that it can be masked."""
+    ``soo::bfgs_direction``'s update, written with torch ops so that it can be masked, as
+    ``H - (r u^T + u r^T) + (y^T u r + s) r^T`` with ``u = H y``, ``r = rho s``: a pair at the
+    rounding level of the statistics (the batch mean of the output gradient of a layer that
+    feeds a BatchNorm is 0) has rho ~ 1e20, whose square, in the textbook
+    ``(rho^2 y^T u + rho) s s^T``, overflows float32.  A matrix that still comes out
+    non-finite (its sum is: a finite one whose entries sum past the dtype's range too) is
+    not taken, as in the authors' code."""
     take = take[..., None]
-    sy = _dot(s, y)
-    rho = torch.where(take, 1 / torch.where(take, sy, 1.0), 0.0)
+    rho = torch.where(take, 1 / torch.where(take, _dot(s, y), 1.0), 0.0)
     u = (H @ y[..., None])[..., 0]
-    c = rho * rho * _dot(y, u) + rho
-    su = s[..., :, None] * u[..., None, :]
-    new = H - rho[..., None] * (su + su.mT) + (c * s)[..., :, None] * s[..., None, :]
-    H.copy_(torch.where(take[..., None], new, H))
+    r = rho * s
+    ru = r[..., :, None] * u[..., None, :]
+    new = H - (ru + ru.mT) + (_dot(y, u) * r + s)[..., :, None] * r[..., None, :]
+    take = take[..., None] & torch.isfinite(new.sum((-2, -1), keepdim=True))
+    H.copy_(torch.where(take, new, H))
 
 
 def oldest_first(ring: Tensor, newest: int, count: int) -> Tensor:

@@ -64,6 +64,43 @@ def test_bfgs_update_is_the_ops_update_and_masked():
     assert torch.equal(kept, H)
 
 
+def test_bfgs_update_of_a_pair_at_the_rounding_level_does_not_overflow():
+    """float32, a pair ~1e-11 with s^T y < 0 (the output gradient's batch mean of a layer that
+    feeds a BatchNorm is 0, so y is rounding noise): Powell's damping makes s~ ~ H y and
+    rho = 1 / s~^T y~ ~ 1e21, whose square overflows float32; the update is O(1) all the same
+    and equals the float64 one of the same float32 pair within float32 rounding.  Bound:
+    u = H y and the dots are n-term sums, rho s two more roundings, each entry of the update
+    a sum of four products: |error| <= (2n + 10) eps T, T the sum of the terms' magnitudes."""
+    gen = torch.Generator().manual_seed(0)
+    n, F32 = 6, torch.float32
+    H = spd(n, gen).to(F32)
+    s = 1e-11 * torch.randn(n, dtype=F64, generator=gen)
+    y = 1e-11 * (torch.randn(n, dtype=F64, generator=gen) - s / s.norm())
+    s, y = s.to(F32), y.to(F32)
+    s, y = double_damping(s, y, H @ y, 0.2, math.sqrt(0.3))
+    assert 1 / float((s.double() @ y.double())) ** 2 > torch.finfo(F32).max
+    got = H.clone()
+    bfgs_update_(got, s, y, torch.tensor(True))
+    want = H.double()
+    reference.bfgs_direction(want, s.double(), y.double(), torch.zeros(n, dtype=F64), True)
+    rs = s.double().abs() / abs(float(s.double() @ y.double()))
+    u = H.double().abs() @ y.double().abs()
+    T = (H.double().abs() + 2 * rs[:, None] * u[None] + float(y.double().abs() @ u)
+         * rs[:, None] * rs[None] + rs[:, None] * s.double().abs()[None])
+    assert torch.isfinite(got).all()
+    assert ((got.double() - want).abs() <= (2 * n + 10) * torch.finfo(F32).eps * T).all()
+
+
+def test_bfgs_update_that_is_not_finite_is_not_taken():
+    """An update that overflows (here H's entries near float32's largest) leaves H as it was,
+    as the authors' code keeps H when the new one has an inf."""
+    H = torch.diag(torch.tensor([3e38, 1.0, 1.0]))
+    e1 = torch.tensor([1.0, 0.0, 0.0])
+    kept = H.clone()
+    bfgs_update_(kept, e1, e1, torch.tensor(True))
+    assert torch.equal(kept, H)
+
+
 @pytest.mark.parametrize("pushes", [0, 1, 3, 7])
 def test_lbfgs_matrix_product_is_the_two_loop_recursion(pushes):
     gen = torch.Generator().manual_seed(pushes)
