@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops, reference
+from .. import ops
 from .._support.device import device_tensor
 from .._support.errors import RootFailureError
 from .._support.guard import SkipGuard
@@ -69,10 +69,6 @@ class ShampooRoots:
         # updated in place)
         self._roots_t = [[self.roots[key][start:start + len(sg.members)].transpose(1, 2)
                           for key, start in sg.slots] for sg in blocking.shape_groups]
-        # the arguments are valid by construction: the op without ops.kron_factor_update_'s
-        # argument checks (in Python: they cost more than the op on small factors)
-        self._factor_update_ = (torch.ops.soo.kron_factor_update_.default
-                                if ops.extension_loaded() else reference.kron_factor_update_)
         self.grad = self.flat()
         self.grad_views = self.flat_views(self.grad)
         self.direction = self.flat()  # the grafting directions, then the final ones
@@ -171,7 +167,6 @@ class ShampooRoots:
             for key, F in self.factors.items():
                 F.mul_(torch.where(guard.ok, decay[key], 1.0)[:, None, None])
         stacked = []
-        update_ = self._factor_update_
         for kept, blocks in zip(self._kept, self._grad_layout[1]):
             G, unfolded = kept.G, kept.unfolded
             if unfolded is None:
@@ -179,7 +174,7 @@ class ShampooRoots:
                 unfolded = _unfoldings(G, kept.shape)
             stacked.append(G)
             for F, X in zip(kept.factors, unfolded):
-                update_(F, X, 1.0, 1.0)
+                ops.kron_factor_update_(F, X, 1.0, 1.0)
         return stacked
 
     def update_roots(self, guard: SkipGuard, epsilon: float, relative_epsilon: float, method: str,

@@ -9,7 +9,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
@@ -17,6 +16,7 @@ from .._support.guard import MaskedSteps, SkipGuard, SkipWarner, all_finite
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
+from .._support.step_wrapper import OnDemandStepWrapper
 from ..curvature.kbfgs import (LazyStatistics, bfgs_update_, layer_matrix, lbfgs_matrix_product,
                                PairGroup, refresh_inverses_, size_groups)
 from ..curvature.kfac_layers import LayerCapture, compiled_inner, find_layers, skip_patterns
@@ -59,7 +59,7 @@ SCALER_UNSCALED = (
 _UNCAST = ("nonfinite_steps", "history")
 
 
-class KBFGS(Optimizer):
+class KBFGS(OnDemandStepWrapper):
     r"""K-BFGS / K-BFGS(L), Kronecker-factored block-diagonal BFGS (Goldfarb, Ren & Bahamou,
     "Practical Quasi-Newton Methods for Training Deep Neural Networks", NeurIPS 2020).
 

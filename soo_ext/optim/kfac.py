@@ -15,6 +15,7 @@ from .._support.guard import MaskedSteps, SkipGuard, SkipWarner
 from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
+from .._support.step_wrapper import OnDemandStepWrapper
 from ..curvature.kfac_factors import (COUNTER_KEYS, EigenFactors, FactorStore, InverseFactors,
                                       KFACFactors, KFACLayout, LayerGradients, load_views,
                                       preconditioned_directions)
@@ -44,7 +45,7 @@ _VIEW_KEYS = ("A", "G") + EigenFactors.KEYS + InverseFactors.KEYS + COUNTER_KEYS
 _UNCAST = _VIEW_KEYS + ("nonfinite_steps",) + FALLBACK_UNCAST
 
 
-class KFAC(ModelHooks, Optimizer):
+class KFAC(ModelHooks, OnDemandStepWrapper):
     r"""K-FAC, Kronecker-factored approximate curvature (Martens & Grosse, ICML 2015), with the
     defaults of KAISA (Pauloski et al. 2021), as one optimizer: the preconditioner and SGD with
     momentum in one ``step()``.
@@ -62,7 +63,7 @@ class KFAC(ModelHooks, Optimizer):
         model: the nn.Module whose layers are hooked (or its ``torch.compile`` wrapper).
         lr, momentum, weight_decay: of the SGD step (0.1, 0.9, 0; per group).
         damping: lambda (default 1e-3).
-        factor_decay: the factors' running-average decay (0.95; per step when automatic).
+        factor_decay: running-average decay of the factors, per update (default 0.95).
         kl_clip: kappa of the KL clip, or None (default 1e-3).
         factor_update_steps, inv_update_steps: steps between factor updates and between
             decompositions; None (default): automatic, ``refresh_budget``/``refresh_timer``.
@@ -152,7 +153,7 @@ class KFAC(ModelHooks, Optimizer):
         ok = guard.ok if guard else None
         if factors is not None:
             if factor_step:
-                factors.commit(_factor_decay(self, glob, k), ok)
+                factors.commit(o["factor_decay"], ok)
             if _refresh_due(self, "inv_update_steps", k):
                 spread = self._process_group if o["spread_inverses"] else None
                 factors.refresh(o["damping"], ok, spread)
@@ -268,21 +269,6 @@ def _refresh_due(opt: KFAC, option: str, k: int) -> bool:
     first = opt.param_groups[0]["params"]
     record = _refresh_record(opt, opt.state.get(first[0], {}) if first else {}, create=False)
     return record is None or RefreshSchedule.due(record, k)
-
-
-def _factor_decay(opt: KFAC, glob: dict, k: int) -> float:
-    """The decay of the factors' running average at a factor update at step ``k``:
-    ``factor_decay`` per update at explicit ``factor_update_steps``; under the automatic schedule
-    ``factor_decay`` per step since the last update (``factor_decay ** interval``), so that the
-    average spans as many steps at any interval (per update it spans ``interval`` times more
-    and goes stale: see docs/kfac.md)."""
-    o = opt.param_groups[0]
-    decay = o["factor_decay"]
-    if o["factor_update_steps"] is None and _refresh_record(opt, glob, create=False) is not None:
-        last = glob.get("last_factor_step")
-        decay **= 1 if last is None or last >= k else k - last
-        glob["last_factor_step"] = k
-    return decay
 
 
 def _refresh_record(opt: KFAC, glob: dict, create: bool = True) -> dict | None:

@@ -823,10 +823,12 @@ def test_remove_hooks():
 
 
 @pytest.mark.parametrize("factor_update_steps", [None, 3])
-def test_factor_decay_per_step_under_the_automatic_schedule(monkeypatch, factor_update_steps):
-    """Automatic schedule: an update ``k`` steps after the last one decays the factors by
-    ``factor_decay ** k`` (steps 0, 2, 4, 6 measure, then every 9: a fake clock, 1 s a step and
-    3 s more a refresh, budget 0.25); explicit ``factor_update_steps``: by ``factor_decay``."""
+def test_factor_decay_per_update(monkeypatch, factor_update_steps):
+    """The factors decay by ``factor_decay`` at every update, whatever the interval (automatic:
+    steps 0, 2, 4, 6 measure, then every 9: a fake clock, 1 s a step and 3 s more a refresh,
+    budget 0.25).  A decay per step since the last update (``factor_decay ** k``) took 16-27 %
+    fewer steps on the development cases but reached the held-out ResNet's target in 2 of 15
+    runs instead of 14 (docs/kfac.md)."""
     decays = []
     commit = soo_ext.curvature.kfac_factors.KFACFactors.commit
     monkeypatch.setattr(soo_ext.curvature.kfac_factors.KFACFactors, "commit",
@@ -843,10 +845,7 @@ def test_factor_decay_per_step_under_the_automatic_schedule(monkeypatch, factor_
 
     opt = soo_ext.KFAC(model, refresh_timer=timer, factor_update_steps=factor_update_steps)
     train(opt, model, batches(25))
-    if factor_update_steps is None:
-        assert decays == [DECAY, DECAY ** 2, DECAY ** 2, DECAY ** 2, DECAY ** 9, DECAY ** 9]
-    else:
-        assert decays == [DECAY] * 9  # steps 0, 3, ..., 24
+    assert decays == [DECAY] * (6 if factor_update_steps is None else 9)  # 0, 3, ..., 24
 
 
 def test_second_kfac_on_a_hooked_model_raises():
