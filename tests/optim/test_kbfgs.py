@@ -26,6 +26,17 @@ def mlp(seed=0):
                          nn.Linear(6, 3)).to(torch.float64)
 
 
+def cross_entropy_closure(opt, model, x, t):
+    """torch's closure convention: zero the grads, the loss of ``model(x)`` against ``t``,
+    backward, return the loss."""
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), t)
+        loss.backward()
+        return loss
+    return closure
+
+
 def batch(i, n=16):
     gen = torch.Generator().manual_seed(10 + i)
     x = torch.randn(n, 5, dtype=torch.float64, generator=gen)
@@ -203,11 +214,7 @@ def test_no_capture_outside_step():
             if extra:
                 F.cross_entropy(model(x * 2), t).backward()
 
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x), t)
-                loss.backward()
-                return loss
+            closure = cross_entropy_closure(opt, model, x, t)
             opt.step(closure)
         runs.append(augmented(model))
     for a, b in zip(*runs):
@@ -236,11 +243,7 @@ def test_conv_layers_train():
     opt = KBFGS(model, lr=0.2)
     assert len(opt.layers) == 2
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), t)
-        loss.backward()
-        return loss
+    closure = cross_entropy_closure(opt, model, x, t)
     first = closure().item()
     for _ in range(15):
         opt.step(closure)
@@ -285,11 +288,7 @@ def test_convs_that_feed_batchnorm_train(seed):
         opt = KBFGS(model)
     assert len(opt.layers) == 5
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), t)
-        loss.backward()
-        return loss
+    closure = cross_entropy_closure(opt, model, x, t)
     first = closure().item()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a skipped step warns
@@ -306,11 +305,7 @@ def test_history_size_cannot_switch():
     opt = KBFGS(model, history_size=None)
     x, t = batch(0)
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), t)
-        loss.backward()
-        return loss
+    closure = cross_entropy_closure(opt, model, x, t)
     opt.step(closure)
     opt.param_groups[0]["history_size"] = 3
     values = [p.detach().clone() for p in model.parameters()]
@@ -327,11 +322,7 @@ def test_remove_hooks_takes_the_momentum_step():
     x, t = batch(0)
     bufs = [torch.zeros_like(p) for p in shadow.parameters()]
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), t)
-        loss.backward()
-        return loss
+    closure = cross_entropy_closure(opt, model, x, t)
     for _ in range(2):
         opt.step(closure)
         shadow.zero_grad()
@@ -379,11 +370,7 @@ def test_conv_pairs_and_factor_are_the_batch_and_position_means():
     before = outputs(model)
     opt = KBFGS(model, lr=0.2, pair_decay=0.0)
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), t)
-        loss.backward()
-        return loss
+    closure = cross_entropy_closure(opt, model, x, t)
     opt.step(closure)
     after = outputs(model)
     conv = model[0]
