@@ -10,6 +10,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from .device import kept_scalar
 from .errors import NonFiniteError
 
 __all__ = ["MaskedSteps", "SkipGuard", "SkipWarner", "all_finite", "max_abs"]
@@ -82,7 +83,7 @@ class SkipGuard:
     def unless_skipped(self, value: float, like: Tensor) -> Tensor:
         """``value`` as a 0-dim tensor of ``like``'s dtype and device, or 1 on a skipped step: the
         factor that leaves an accumulator unchanged."""
-        return torch.where(self.ok, like.new_full((), value), 1.0)
+        return torch.where(self.ok, kept_scalar(value, like), 1.0)
 
     def select(self, new: Tensor, old: Tensor) -> Tensor:
         """``new``, or ``old`` on a skipped step."""

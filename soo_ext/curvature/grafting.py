@@ -20,7 +20,6 @@ class SGDGrafting:
 
     def __init__(self, epsilon: float, beta2: float) -> None:
         self.epsilon, self.beta2 = epsilon, beta2
-        self._beta2: Tensor | None = None  # beta2 as a 0-dim tensor, kept
 
     def update(self, states: list[Tensor], grads: list[Tensor], guard: SkipGuard) -> None:
         """Add this step's gradients (zero on a skipped step) to the statistics."""
@@ -54,9 +53,7 @@ class AdamGrafting(SGDGrafting):
 
     def update(self, states, grads, guard):
         if states:
-            if self._beta2 is None or self._beta2.dtype != states[0].dtype:
-                self._beta2 = states[0].new_full((), self.beta2)
-            torch._foreach_mul_(states, torch.where(guard.ok, self._beta2, 1.0))
+            torch._foreach_mul_(states, guard.unless_skipped(self.beta2, states[0]))
             torch._foreach_addcmul_(states, grads, grads, value=1 - self.beta2)
 
     def precondition(self, states, grads, taken, out=None):

@@ -361,7 +361,7 @@ def _sgd_momentum_(groups: list[dict], state: dict, group_of: dict[int, int],
             if guard is None:
                 torch._foreach_mul_(bufs, m)
             else:
-                torch._foreach_mul_(bufs, torch.where(guard.ok, *_momentum_or_one(m, bufs[0])))
+                torch._foreach_mul_(bufs, guard.unless_skipped(m, bufs[0]))
             torch._foreach_add_(bufs, ds)
             if guard is None:
                 steps = bufs
@@ -373,18 +373,3 @@ def _sgd_momentum_(groups: list[dict], state: dict, group_of: dict[int, int],
         else:
             steps = ds  # already zero on a skipped step
         torch._foreach_add_(ps, steps, alpha=-lr)
-
-
-_MOMENTUM_OR_ONE: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-
-def _momentum_or_one(m: float, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``m`` and 1 as 0-dim tensors of ``like``'s dtype and device (a skipped step's momentum
-    factor is 1), kept: the select between them is then the only op of a step."""
-    key = (m, like.dtype, like.device)
-    pair = _MOMENTUM_OR_ONE.get(key)
-    if pair is None:
-        if len(_MOMENTUM_OR_ONE) >= 16:  # a momentum schedule: keep only the current ones
-            _MOMENTUM_OR_ONE.clear()
-        pair = _MOMENTUM_OR_ONE[key] = (like.new_full((), m), like.new_ones(()))
-    return pair

@@ -313,7 +313,7 @@ def _momentum_steps_(opt: Shampoo, blocking: ShampooBlocking, present: list[bool
     flat = all(present) and len({g["betas"][0] for g in groups}) == 1
     if flat and groups[0]["betas"][0] > 0:
         beta1 = groups[0]["betas"][0]
-        momentum.mul_(torch.where(guard.ok, _kept_scalar(opt, beta1, okf), 1.0))
+        momentum.mul_(guard.unless_skipped(beta1, okf))
         momentum.add_(dirs, alpha=1 - beta1)
     for gi, group in enumerate(groups):
         members = [i for i in blocking.by_group[gi] if present[i]]  # the others stay
@@ -335,17 +335,6 @@ def _momentum_steps_(opt: Shampoo, blocking: ShampooBlocking, present: list[bool
             coef = torch.where(guard.ok, okf.new_full((), -lr), 0.0)
             updates = [dir_views[i] for i in members]
         torch._foreach_addcmul_(params, updates, [coef] * len(params))
-
-
-def _kept_scalar(opt: Shampoo, value: float, like: Tensor) -> Tensor:
-    """``value`` as a 0-dim tensor of ``like``'s dtype and device, kept for the next steps."""
-    kept = opt.__dict__.setdefault("_scalars", {})
-    key = (value, like.dtype, like.device)
-    if key not in kept:
-        if len(kept) > 16:  # a schedule changes it: keep only the recent ones
-            kept.clear()
-        kept[key] = like.new_full((), value)
-    return kept[key]
 
 
 def _dense_grad(p: Tensor) -> Tensor | None:
