@@ -131,8 +131,49 @@ SOO_ALWAYS_INLINE Vec<double>::type load_wide(const c10::BFloat16* p) {
   return __builtin_convertvector(v, Vec<double>::type);
 }
 
-// sum_i a[i] b[i] with a in storage type T, b widened: four accumulators (four add chains),
-// summed in a fixed order; the tail in element order.
+SOO_ALWAYS_INLINE double wide(double x) { return x; }
+template <typename T>
+SOO_ALWAYS_INLINE double wide(T x) { return static_cast<double>(static_cast<float>(x)); }
+
+// p += a0 * b0 and q += a1 * b1 on Vec<double>::width elements (a widened exactly).
+template <bool shared_row, typename T>
+SOO_ALWAYS_INLINE void add_products(const T* a0, const T* a1, const double* b0, const double* b1,
+                                    Vec<double>::type& p, Vec<double>::type& q) {
+  const Vec<double>::type x0 = load_wide(a0);
+  p += x0 * load<double>(b0);
+  q += (shared_row ? x0 : load_wide(a1)) * load<double>(b1);
+}
+
+// Two dots at once, sum_i a0[i] b0[i] and sum_i a1[i] b1[i] (a in storage type T, b float64):
+// each with four accumulators (four add chains) summed in a fixed order, the tail in element
+// order.  Eight independent chains keep the adder busy where one dot's four wait on the add
+// latency.  `shared_row`: a0 == a1, loaded and widened once.
+template <bool shared_row, typename T>
+SOO_ALWAYS_INLINE void dot_pair(const T* a0, const T* a1, const double* b0, const double* b1,
+                                int64_t len, double* out0, double* out1) {
+  using Vt = Vec<double>::type;
+  constexpr int W = Vec<double>::width;
+  Vt p0{}, p1{}, p2{}, p3{}, q0{}, q1{}, q2{}, q3{};
+  int64_t i = 0;
+  for (; i + 4 * W <= len; i += 4 * W) {
+    add_products<shared_row>(a0 + i, a1 + i, b0 + i, b1 + i, p0, q0);
+    add_products<shared_row>(a0 + i + W, a1 + i + W, b0 + i + W, b1 + i + W, p1, q1);
+    add_products<shared_row>(a0 + i + 2 * W, a1 + i + 2 * W, b0 + i + 2 * W, b1 + i + 2 * W,
+                             p2, q2);
+    add_products<shared_row>(a0 + i + 3 * W, a1 + i + 3 * W, b0 + i + 3 * W, b1 + i + 3 * W,
+                             p3, q3);
+  }
+  for (; i + W <= len; i += W) add_products<shared_row>(a0 + i, a1 + i, b0 + i, b1 + i, p0, q0);
+  double s0 = lane_sum((p0 + p1) + (p2 + p3)), s1 = lane_sum((q0 + q1) + (q2 + q3));
+  for (; i < len; ++i) {
+    s0 += wide(a0[i]) * b0[i];
+    s1 += wide(a1[i]) * b1[i];
+  }
+  *out0 = s0;
+  *out1 = s1;
+}
+
+// One dot alone (same sums as one half of dot_pair).
 template <typename T>
 SOO_ALWAYS_INLINE double dot(const T* a, const double* b, int64_t len) {
   using Vt = Vec<double>::type;
@@ -147,39 +188,32 @@ SOO_ALWAYS_INLINE double dot(const T* a, const double* b, int64_t len) {
   }
   for (; i + W <= len; i += W) a0 += load_wide(a + i) * load<double>(b + i);
   double total = lane_sum((a0 + a1) + (a2 + a3));
-  for (; i < len; ++i) total += static_cast<double>(static_cast<float>(a[i])) * b[i];
-  return total;
-}
-SOO_ALWAYS_INLINE double dot(const double* a, const double* b, int64_t len) {
-  using Vt = Vec<double>::type;
-  constexpr int W = Vec<double>::width;
-  Vt a0{}, a1{}, a2{}, a3{};
-  int64_t i = 0;
-  for (; i + 4 * W <= len; i += 4 * W) {
-    a0 += load<double>(a + i) * load<double>(b + i);
-    a1 += load<double>(a + i + W) * load<double>(b + i + W);
-    a2 += load<double>(a + i + 2 * W) * load<double>(b + i + 2 * W);
-    a3 += load<double>(a + i + 3 * W) * load<double>(b + i + 3 * W);
-  }
-  for (; i + W <= len; i += W) a0 += load<double>(a + i) * load<double>(b + i);
-  double total = lane_sum((a0 + a1) + (a2 + a3));
-  for (; i < len; ++i) total += a[i] * b[i];
+  for (; i < len; ++i) total += wide(a[i]) * b[i];
   return total;
 }
 
+// The rows x k dots of one column chunk, in pairs: two vectors of one row while two remain,
+// then an odd last vector against two rows at a time.
 template <typename TW, typename TX>
 SOO_ALWAYS_INLINE void dots_chunk(const TW* W, int64_t n, const TX* const* X, int64_t k,
                                   int64_t rows, int64_t lo, int64_t hi, double* buf,
                                   double* out) {
-  const int64_t len = hi - lo;
+  const int64_t len = hi - lo, paired = k / 2 * 2;
   for (int64_t j = 0; j < k; ++j) widen(X[j] + lo, len, buf + j * kCols);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < k; ++j) out[i * k + j] = dot(W + i * n + lo, buf + j * kCols, len);
+  for (int64_t i = 0; i < rows; ++i) {
+    const TW* row = W + i * n + lo;
+    for (int64_t j = 0; j < paired; j += 2)
+      dot_pair<true>(row, row, buf + j * kCols, buf + (j + 1) * kCols, len, out + i * k + j,
+                     out + i * k + j + 1);
+  }
+  if (paired == k) return;
+  const double* last = buf + paired * kCols;
+  int64_t i = 0;
+  for (; i + 2 <= rows; i += 2)
+    dot_pair<false>(W + i * n + lo, W + (i + 1) * n + lo, last, last, len, out + i * k + paired,
+                    out + (i + 1) * k + paired);
+  if (i < rows) out[i * k + paired] = dot(W + i * n + lo, last, len);
 }
-
-SOO_ALWAYS_INLINE double wide(double x) { return x; }
-template <typename T>
-SOO_ALWAYS_INLINE double wide(T x) { return static_cast<double>(static_cast<float>(x)); }
 
 // Rows are added four at a time (their four products summed first, then added to the
 // accumulator), the last rows one at a time: a fixed order.

@@ -38,6 +38,7 @@ CASES = [  # m, n, rows, k, full, storage
     (4, 1001, 4, 0, True, "fp32"), (4, 1001, 0, 2, True, "fp32"), (5, 2049, 3, 8, False, "fp32"),
     (6, 4097, 6, 1, True, "fp64"), (33, 1001, 20, 2, True, "bf16"), (33, 100_003, 33, 2, False, "fp32"),
     (129, 65, 129, 1, True, "fp32"), (512, 33, 300, 2, True, "fp64"), (2, 1_000_000, 2, 2, True, "fp32"),
+    (7, 2053, 5, 5, False, "bf16"),  # odd k against odd rows: vector pairs, row pairs, a last row
 ]
 
 
