@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .._support.device import kept_scalar
 
 __all__ = ["GradientWindow", "MFACInverse", "ggt_coefficients", "replace_in_inverse_",
            "window_state_bytes"]
@@ -44,10 +45,11 @@ class GradientWindow:
                              "the params or the window options differ from the saved run's")
         self.state, self.size, self.dtype = state, size, dtype
         self._slots = torch.arange(size, device=device)
-        # What the last push wrote: its slot ([1] int64), the Gram matrix's row there, and g as
-        # stored in the window's dtype (None when that is g's own).
+        self._identity: Tensor | None = None
+        # What the last push wrote: its slot ([1] int64), the Gram matrix's column there
+        # ([size, 1]), and g as stored in the window's dtype (None when that is g's own).
         self.written: Tensor | None = None
-        self.row: Tensor | None = None
+        self._column: Tensor | None = None
         self.rounded: Tensor | None = None
 
     @property
@@ -58,6 +60,12 @@ class GradientWindow:
     def K(self) -> Tensor:
         return self.state["gram"]
 
+    def identity(self) -> Tensor:
+        """The float64 ``size x size`` identity (kept; read-only)."""
+        if self._identity is None:
+            self._identity = torch.eye(self.size, dtype=torch.float64, device=self._slots.device)
+        return self._identity
+
     def ages(self) -> Tensor:
         """Steps since each slot was written (0: the newest), float64 ``[size]``."""
         return torch.remainder(self.state["slot"] - 1 - self._slots, self.size).to(torch.float64)
@@ -66,21 +74,29 @@ class GradientWindow:
         """Write ``g`` over the oldest row and update the Gram matrix's row and column, unless
         ``ok`` (0-dim bool) is False; returns ``D = W [g, *others]^T`` (float64 ``[size, k]``,
         after the write) from the one pass over the window that gives the new Gram row."""
-        slot = self.state["slot"].reshape(1)
-        W, K = self.W, self.K
-        stored = g.to(W.dtype)
+        state = self.state
+        slot = state["slot"].reshape(1)
+        W, K = state["window"], state["gram"]
+        narrow = W.dtype != g.dtype
+        stored = g.to(W.dtype) if narrow else g
         W.index_copy_(0, slot, torch.where(ok, stored, W.index_select(0, slot)))
         # The Gram matrix is of the stored rows: with a narrower window, of g as rounded.
-        self.rounded = stored.to(g.dtype) if W.dtype != g.dtype else None
-        vectors = ([g] if self.rounded is None else [self.rounded, g]) + list(others)
-        _, D = ops.window_gram(W, vectors, self.size, False)
-        self.row = torch.where(ok, D[:, 0], K.index_select(0, slot)[0])
-        K.index_copy_(0, slot, self.row[None])
-        K.index_copy_(1, slot, self.row[:, None])
+        self.rounded = stored.to(g.dtype) if narrow else None
+        _, D = ops.window_gram(W, [self.rounded, g, *others] if narrow else [g, *others],
+                               self.size, False)
+        # K is symmetric (row and column are written together): its column is its row
+        self._column = torch.where(ok, D[:, :1], K.index_select(1, slot))
+        K.index_copy_(1, slot, self._column)
+        K.index_copy_(0, slot, self._column.T)
         # A new slot tensor: the old one stays what this push wrote.
         self.written = slot
-        self.state["slot"] = torch.remainder(self.state["slot"] + ok, self.size)
-        return D if self.rounded is None else D[:, 1:]
+        state["slot"] = torch.remainder(state["slot"] + ok, self.size)
+        return D[:, 1:] if narrow else D
+
+    @property
+    def row(self) -> Tensor:
+        """The Gram matrix's row that the last push wrote (float64 ``[size]``)."""
+        return self._column[:, 0]
 
     def combine(self, out: Tensor, coef: Tensor, base: Tensor | None = None,
                 base_coef: Tensor | None = None) -> None:
@@ -137,8 +153,8 @@ class MFACInverse:
         self.shift = window.size * damping
 
     def _factor(self) -> Tensor:
-        A = self.window.K.clone()
-        A.diagonal().add_(self.shift)
+        # K + shift I in one op (off the diagonal K + 0: equal, but for a -0 turned +0)
+        A = torch.add(self.window.K, self.window.identity(), alpha=self.shift)
         return torch.linalg.cholesky_ex(A)[0]  # SPD (damping > 0): no status check needed
 
     def _inverse(self, ok: Tensor, step: int) -> Tensor:
@@ -196,7 +212,7 @@ def ggt_coefficients(K: Tensor, d: Tensor, weights: Tensor | None, eps: float
     # sigma (sigma + eps) = lam + eps sigma; an unresolved lam as inf makes its 1 / (...) zero
     lam = torch.where(lam > lam[-1:] * (size * torch.finfo(torch.float64).eps), lam, torch.inf)
     scale = torch.add(lam, lam.sqrt(), alpha=eps).reciprocal_()
-    coef = (V @ (scale * (V.T @ d))).mul_(-1.0 / eps)
+    coef = (V @ (scale * (d @ V))).mul_(-1.0 / eps)  # d @ V: V^T d without a transpose op
     if weights is not None:
         coef = weights * coef
-    return coef, torch.full((), 1.0 / eps, dtype=torch.float64, device=K.device)
+    return coef, kept_scalar(1.0 / eps, K)

@@ -82,7 +82,7 @@ class GGT(WindowOptimizer):
         _warn_short_window(betas, eps, window)
 
     def _direction(self, g: Tensor, window: GradientWindow, state: dict, group: dict,
-                   guard, okf: Tensor) -> Tensor:
+                   guard, okf: Tensor, out: Tensor) -> None:
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(g)
         m = state["exp_avg"]
@@ -91,6 +91,4 @@ class GGT(WindowOptimizer):
         D = window.push(g, guard.ok, [m])
         weights = None if beta2 == 1 else torch.pow(beta2, window.ages())  # 1: unweighted
         coef, base_coef = ggt_coefficients(window.K, D[:, 1], weights, group["eps"])
-        direction = torch.empty_like(g)
-        window.combine(direction, coef, m, base_coef)
-        return direction
+        window.combine(out, coef, m, base_coef)

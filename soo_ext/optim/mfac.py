@@ -82,10 +82,8 @@ class MFAC(WindowOptimizer):
         return 2 if self._route(group) == "update" else 1  # the Gram matrix, its kept inverse
 
     def _direction(self, g: Tensor, window: GradientWindow, state: dict, group: dict,
-                   guard, okf: Tensor) -> Tensor:
+                   guard, okf: Tensor, out: Tensor) -> None:
         D = window.push(g, guard.ok)
         inverse = MFACInverse(state, window, group["damping"], self._route(group))
         coef, base, base_coef = inverse.coefficients(g, D[:, 0], guard.ok, state["step"])
-        direction = torch.empty_like(g)
-        window.combine(direction, coef, base, base_coef)
-        return direction
+        window.combine(out, coef, base, base_coef)

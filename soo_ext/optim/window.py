@@ -44,7 +44,7 @@ class WindowOptimizer(OnDemandStepWrapper):
     def __init__(self, params, defaults: dict) -> None:
         self.OPTIONS.check(defaults)
         self._skips, self._checks = SkipWarner(self.NAME), OptionChecks(self.OPTIONS)
-        self._run: tuple[Block, GradientWindow, Tensor] | None = None
+        self._run: tuple[Block, GradientWindow, Tensor, Tensor] | None = None
         super().__init__(params, defaults)
         self._check_params(all_params(self))
 
@@ -94,9 +94,9 @@ class WindowOptimizer(OnDemandStepWrapper):
         """The ``window x window`` float64 matrices kept besides the window (its Gram matrix)."""
         return 1
 
-    def _layout(self, params: list[Tensor]) -> tuple[Block, GradientWindow, Tensor, dict]:
-        """The flat block, the window and a 0-dim zero (built at the first step and after a
-        load)."""
+    def _layout(self, params: list[Tensor]) -> tuple[Block, GradientWindow, Tensor, Tensor, dict]:
+        """The flat block, the window, a 0-dim zero and the direction's buffer (built at the
+        first step and after a load)."""
         group = self.param_groups[0]
         state = self.state[params[0]]
         if self._run is None:
@@ -113,14 +113,16 @@ class WindowOptimizer(OnDemandStepWrapper):
             window = GradientWindow(state, group["window"], n, p0.dtype, p0.device,
                                     self._window_dtype(p0.dtype))
             zero = torch.zeros((), dtype=p0.dtype, device=p0.device)
-            self._run = (Block(params, group_of, state, None), window, zero)
+            block = Block(params, group_of, state, None)
+            self._run = (block, window, zero, torch.empty_like(block.grad))
         elif self._run[1].size != group["window"]:
             raise ValueError("Invalid window: it cannot change after the first step")
         return (*self._run, state)
 
     def _direction(self, g: Tensor, window: GradientWindow, state: dict, group: dict,
-                   guard: SkipGuard, okf: Tensor) -> Tensor:
-        """The step's direction from the flat gradient ``g`` (``g + wd p``); pushes ``g``."""
+                   guard: SkipGuard, okf: Tensor, out: Tensor) -> None:
+        """The step's direction from the flat gradient ``g`` (``g + wd p``) into ``out``; pushes
+        ``g``."""
         raise NotImplementedError
 
     @torch.compiler.disable  # eager under torch.compile: see docs/architecture.md
@@ -133,13 +135,13 @@ class WindowOptimizer(OnDemandStepWrapper):
         if not any(p.grad is not None for p in params):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
         self._checks(self.param_groups)  # skipped while no option changed
-        block, window, zero, state = self._layout(params)
+        block, window, zero, direction, state = self._layout(params)
         groups, group = self.param_groups, self.param_groups[0]
         decays = [g["weight_decay"] for g in groups]
         guard, okf = gather_guarded([block], group, state, self._skips, self.NAME,
                                     f"{self.NAME}: the gradient is not finite", params=any(decays))
         block.add_weight_decay(decays)  # (the params are gathered for it only)
-        direction = self._direction(block.grad, window, state, group, guard, okf)
+        self._direction(block.grad, window, state, group, guard, okf, direction)
         momenta = {m: guard.unless_skipped(m, okf) for m in {g["momentum"] for g in groups}}
         block.momentum_step(direction, okf, [momenta[g["momentum"]] for g in groups],
                             [g["lr"] for g in groups], guard.ok, zero)
