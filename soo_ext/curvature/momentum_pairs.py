@@ -135,8 +135,11 @@ def directions(pairs: list[MomentumPairs], grads: list[Tensor], normalize: str |
         # d = 0 (norm 0): c = 0, not inf (inf * 0 would be NaN)
         coef = torch.div(neg_okf, norm).nan_to_num_(0.0, 0.0, 0.0)
     elif normalize == "kl":
-        ghg = -torch.stack([stats[0] for _, stats in outs]).sum()  # stats[0] = g.d = -g.Hg
-        coef = neg_okf * torch.sqrt(kl_clip / ghg.clamp_min(0)).clamp_max(1)
+        gds = [stats[0] for _, stats in outs]  # stats[0] = g.d = -g.Hg
+        ghg = -(gds[0] if len(gds) == 1 else torch.stack(gds).sum())
+        # rsqrt(max(ghg / c, 1)) = min(1, sqrt(c / ghg)), also where ghg is -0.0 (a zero or
+        # skipped gradient), where c / ghg would be -inf and its sqrt NaN
+        coef = neg_okf * torch.rsqrt((ghg / kl_clip).clamp_min(1))
     else:
         coef = neg_okf
     return [d for d, _ in outs], coef

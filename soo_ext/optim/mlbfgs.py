@@ -29,7 +29,7 @@ class MLBFGS(OnDemandStepWrapper):
     Used like SGD: one gradient per step, no closure needed, LR schedulers work.  Each step
     accumulates the averages; every ``update_freq`` steps one damped pair per block is formed from
     them (one host sync); the direction ``H (g + wd p)`` of each block (one fused kernel call) is
-    normalised over all blocks and taken by SGD with momentum; plain SGD until the first pair.
+    clipped over all blocks and taken by SGD with momentum; plain SGD until the first pair.
     Steps with non-finite gradients are skipped on the device.  Algorithm, blocks, cost, state
     layout and results: docs/mlbfgs.md.
 
@@ -46,8 +46,8 @@ class MLBFGS(OnDemandStepWrapper):
         pair_momentum: beta, momentum on the pairs (default: 0.9).
         sigma_low, sigma_high: curvature bounds of the damping (default: 0.01 and 1.5).
         damping_delta: delta, the damping keeps ``phi <= 1 - delta`` (default: 0.01).
-        normalize: ``'l2'`` (default), ``'kl'`` or None.
-        kl_clip: c of ``normalize='kl'`` (default: 0.005).
+        normalize: ``'kl'`` (default: times ``min(1, sqrt(kl_clip / g.H g))``), ``'l2'`` or None.
+        kl_clip: c of ``normalize='kl'`` (default: 0.005, the authors').
         blocks: None (default: one block), ``'groups'`` or a list of lists of params (params left
             out of every block take plain SGD steps).
         history_dtype: storage dtype of the pairs (default: the params'; ``torch.bfloat16``
@@ -84,7 +84,7 @@ class MLBFGS(OnDemandStepWrapper):
                  weight_decay: float = 0.0, history_size: int = 10, update_freq: int = 50,
                  param_momentum: float = 0.999, grad_momentum: float = 0.999,
                  pair_momentum: float = 0.9, sigma_low: float = 0.01, sigma_high: float = 1.5,
-                 damping_delta: float = 0.01, normalize: str | None = "l2",
+                 damping_delta: float = 0.01, normalize: str | None = "kl",
                  kl_clip: float = 0.005, *, blocks=None, history_dtype: torch.dtype | None = None,
                  on_nonfinite: str = "skip", maximize: bool = False) -> None:
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,

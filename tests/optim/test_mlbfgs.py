@@ -144,6 +144,7 @@ OPTIONS = {  # besides the defaults; small update_freq and history so that the r
     "authors": dict(update_freq=3, history_size=3, lr=0.05, weight_decay=2e-4),
     "kl": dict(update_freq=3, history_size=3, lr=0.05, normalize="kl", kl_clip=0.1,
                param_momentum=0.9, grad_momentum=0.8, pair_momentum=0.5, weight_decay=1e-2),
+    "l2": dict(update_freq=3, history_size=3, lr=0.05, normalize="l2"),
     "unnormalised": dict(update_freq=2, history_size=4, lr=0.01, normalize=None, momentum=0.5,
                          sigma_low=0.2, sigma_high=1.2, damping_delta=0.1),
     # Classic stochastic L-BFGS pairs (no averaging): curvatures on both sides of the bounds.
@@ -152,7 +153,7 @@ OPTIONS = {  # besides the defaults; small update_freq and history so that the r
 }
 DEFAULTS = dict(lr=0.1, momentum=0.9, weight_decay=0.0, history_size=10, update_freq=50,
                 param_momentum=0.999, grad_momentum=0.999, pair_momentum=0.9, sigma_low=0.01,
-                sigma_high=1.5, damping_delta=0.01, normalize="l2", kl_clip=0.005)
+                sigma_high=1.5, damping_delta=0.01, normalize="kl", kl_clip=0.005)
 
 
 def grouped(model, options):

@@ -94,7 +94,8 @@ ADDED_OPTIONS = {"DRSOM": {"lr": 1.0},
 # every step, now automatic; Shampoo's roots: no relative_epsilon, now 1e-4), set where a case
 # left them to the defaults
 OLD_DEFAULTS = {"KFAC": {"refresh_budget": None, "factor_update_steps": 1, "inv_update_steps": 1},
-                "Shampoo": {"relative_epsilon": 0.0}}
+                "Shampoo": {"relative_epsilon": 0.0},
+                "MLBFGS": {"normalize": "l2"}}  # 'kl' since issue 17 (docs/mlbfgs.md)
 
 
 def make_optimizer(name, model):
