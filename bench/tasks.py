@@ -115,3 +115,31 @@ def mnist1d_resnet() -> nn.Module:
                          ResidualBlock(32, 32), ResidualBlock(32, 64, stride=2),
                          ResidualBlock(64, 64), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
                          nn.Linear(64, 10))
+
+
+class MNIST1DTransformer(nn.Module):
+    """MNIST-1D as a sequence: each of the 40 floats a token (a ``Linear(1, d)`` value embedding
+    plus an ``nn.Embedding`` of its position), pre-LN ``nn.TransformerEncoderLayer``s (no mask:
+    every token sees the whole signal), a final LayerNorm, the mean over positions, a linear
+    head.  A development case with LayerNorm, embeddings and ``nn.MultiheadAttention`` (the
+    layers K-FAC-type methods capture or leave to their fallback step), small enough for 10 s."""
+
+    def __init__(self, d_model: int = 32, layers: int = 2, heads: int = 4,
+                 feedforward: int = 64, length: int = 40, classes: int = 10) -> None:
+        super().__init__()
+        self.value = nn.Linear(1, d_model)
+        self.position = nn.Embedding(length, d_model)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=feedforward, dropout=0.0,
+                                       activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, classes)
+        self.register_buffer("positions", torch.arange(length), persistent=False)
+
+    def forward(self, signals: torch.Tensor) -> torch.Tensor:
+        """[batch, length] signals -> [batch, classes] logits."""
+        x = self.value(signals.unsqueeze(-1)) + self.position(self.positions)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x).mean(1))

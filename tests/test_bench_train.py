@@ -480,3 +480,35 @@ def test_defaults_protocol_sets_the_lm_target_from_adamw(one_thread):
     best = next(r for r in adamw if r["best"])
     assert best["reached"] == 1  # the target is its own final loss
     assert set(best["curve"]) == {"time", "step", "train_loss", "val_loss"}
+
+
+def test_mnist1d_transformer_is_a_development_case_whose_attention_kfac_captures(one_thread):
+    """A development case (defaults may be tuned on it) outside the tuned protocol's default
+    run; K-FAC preconditions its Linears and attention in-projections and leaves exactly the
+    LayerNorms and the position Embedding to the fallback step."""
+    case = next(c for c in train.CASES if c.name == "mnist1d-transformer")
+    assert not case.held_out and case.name not in train.DEFAULT_CASES
+    assert case.load is train.mnist1d_data and case.metric == "test_acc"
+    torch.manual_seed(0)
+    model = case.make_model()
+    assert sum(p.numel() for p in model.parameters()) == 18_826
+    with pytest.warns(UserWarning, match="KFAC: the trainable params") as caught:
+        optimizer = soo_ext.KFAC(model, lr=0.1)
+    left_out = [line.split()[0] for line in str(caught[0].message).splitlines()[1:]]
+    assert left_out == ["position"] + [f"layers.{i}.norm{j}" for i in (0, 1) for j in (1, 2)] \
+        + ["norm"]
+    assert [name for name, _ in optimizer.layers] == ["value"] + [
+        f"layers.{i}.{layer}" for i in (0, 1)
+        for layer in ("self_attn", "self_attn.out_proj", "linear1", "linear2")] + ["head"]
+    generator = torch.Generator().manual_seed(0)
+    signals, labels = torch.randn(16, 40, generator=generator), torch.arange(16) % 10
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        optimizer.zero_grad()
+        logits = model(signals)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        optimizer.step()
+    assert logits.shape == (16, 10) and torch.isfinite(logits).all()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for layer in model.layers:  # its statistics were captured at the steps
+        assert optimizer.state[layer.self_attn.in_proj_weight]["factor_updates"] >= 1
