@@ -122,7 +122,8 @@ class MNIST1DTransformer(nn.Module):
     plus an ``nn.Embedding`` of its position), pre-LN ``nn.TransformerEncoderLayer``s (no mask:
     every token sees the whole signal), a final LayerNorm, the mean over positions, a linear
     head.  A development case with LayerNorm, embeddings and ``nn.MultiheadAttention`` (the
-    layers K-FAC-type methods capture or leave to their fallback step), small enough for 10 s."""
+    layers K-FAC-type methods capture or leave to their fallback step); a step costs ~15x the
+    MNIST-1D CNN's, so its case has a budget in steps (bench/train.py)."""
 
     def __init__(self, d_model: int = 32, layers: int = 2, heads: int = 4,
                  feedforward: int = 64, length: int = 40, classes: int = 10) -> None:

@@ -45,7 +45,6 @@ class GradientWindow:
                              "the params or the window options differ from the saved run's")
         self.state, self.size, self.dtype = state, size, dtype
         self._slots = torch.arange(size, device=device)
-        self._identity: Tensor | None = None
         # What the last push wrote: its slot ([1] int64), the Gram matrix's column there
         # ([size, 1]), and g as stored in the window's dtype (None when that is g's own).
         self.written: Tensor | None = None
@@ -59,12 +58,6 @@ class GradientWindow:
     @property
     def K(self) -> Tensor:
         return self.state["gram"]
-
-    def identity(self) -> Tensor:
-        """The float64 ``size x size`` identity (kept; read-only)."""
-        if self._identity is None:
-            self._identity = torch.eye(self.size, dtype=torch.float64, device=self._slots.device)
-        return self._identity
 
     def ages(self) -> Tensor:
         """Steps since each slot was written (0: the newest), float64 ``[size]``."""
@@ -153,8 +146,8 @@ class MFACInverse:
         self.shift = window.size * damping
 
     def _factor(self) -> Tensor:
-        # K + shift I in one op (off the diagonal K + 0: equal, but for a -0 turned +0)
-        A = torch.add(self.window.K, self.window.identity(), alpha=self.shift)
+        A = self.window.K.clone()
+        A.diagonal().add_(self.shift)
         return torch.linalg.cholesky_ex(A)[0]  # SPD (damping > 0): no status check needed
 
     def _inverse(self, ok: Tensor, step: int) -> Tensor:
