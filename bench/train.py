@@ -57,7 +57,9 @@ Protocols (--protocol):
              linear warm-up over 5 % of the steps and a cosine decay to 0 over the budget) and
              SGD with momentum 0.9; the ratio column is to the faster of the two, so both
              run with any --optimizers (a note says so; --no-baselines leaves them out).  The
-             reference for stdlib-lm's target is AdamW (tuned: Adam).
+             reference for stdlib-lm's target is AdamW (tuned: Adam).  --schedule all gives
+             AdamW's warm-up and decay to every minibatch optimizer stepped once a step (a
+             variant, labelled in the table and the JSON; the target stays AdamW's).
 
 Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
   torch.optim.SGD     momentum 0.9, minibatch              lr 0.03, 0.1, 0.3        default 0.1
@@ -175,7 +177,7 @@ forward_evals), full_batch and closure (minibatch with a closure: DRSOM), best, 
 setting its mean curve (time, step, train_loss, and test_acc or val_loss, per evaluation; what
 --plot draws).
 null stands for "not reached"; NaN for a mean over seeds of which one diverged (non-finite).
-The environment holds the protocol, its reference and baselines, the options, the cases
+The environment holds the protocol, the schedule (--schedule), its reference and baselines, the options, the cases
 (n_params, n_train, n_test, metric, target, budget), the sweeps, the notes on skipped optimizers
 and, with stdlib-lm, what text was read (Python version, files, bytes).
 """
@@ -288,7 +290,7 @@ class Case:
     eval_every: int | None = None  # instead of --eval-every
     train_eval: int | None = None  # the train loss over this many training samples (None: all)
     full_batch: bool = True  # the full-batch optimizers run on it
-    schedule: bool = False  # the scheduled baseline (AdamW) warms up and decays (see schedule)
+    schedule: bool = False  # the scheduled optimizers warm up and decay (see schedule, --schedule)
     # held out: no default of any optimizer may be chosen by runs on it (the development cases
     # are where defaults are tuned; see --help)
     held_out: bool = False
@@ -334,7 +336,9 @@ class OptimizerSpec:
     default_lr: float | None = None
     make_default: Callable[..., torch.optim.Optimizer] | None = None
     protocols: tuple[str, ...] = ("tuned", "defaults")
-    scheduled: bool = False  # warm-up and cosine decay on the cases that use a schedule
+    # warm-up and cosine decay on the cases that use a schedule (every minibatch optimizer
+    # stepped once a step with --schedule all)
+    scheduled: bool = False
 
 
 def _strong_wolfe(make: Callable[..., torch.optim.Optimizer]) -> Callable:
@@ -574,6 +578,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="optimizers to run: " + ", ".join(o.name for o in OPTIMIZERS)
                              + " (default: all of the protocol; --protocol defaults adds its "
                                "baselines, " + " and ".join(BASELINES["defaults"]) + ")")
+    parser.add_argument("--schedule", choices=["baseline", "all"], default="baseline",
+                        help="on the cases that use a schedule (stdlib-lm): baseline: AdamW alone "
+                             "warms up and decays (the protocol's setting); all: every minibatch "
+                             "optimizer stepped once a step does (not DRSOM, K-BFGS, ASDL: they "
+                             "keep their lr), a separate, labelled variant (default: baseline)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="--protocol defaults with --optimizers: run only the optimizers "
                              "listed, not the baselines (the ratio column stays empty)")
@@ -777,7 +786,7 @@ class FullBatchTrainer:
 def make_trainer(spec: OptimizerSpec, model: nn.Module, lr: float, data: Data, budget: Budget,
                  seed: int, scheduled: bool = False) -> MinibatchTrainer | FullBatchTrainer:
     """``scheduled``: the case uses a schedule (a scheduled spec then warms up and decays over
-    ``budget.max_steps``)."""
+    ``budget.max_steps``; the closure-fed and full-batch optimizers never do)."""
     if spec.closure:
         optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters, model)
         return ClosureMinibatchTrainer(model, optimizer, data, budget, seed)
@@ -789,10 +798,10 @@ def make_trainer(spec: OptimizerSpec, model: nn.Module, lr: float, data: Data, b
         return AsdlTrainer(model, optimizer, data, budget, seed, grad_maker)
     if spec.takes_model:
         optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters, model)
-        return MinibatchTrainer(model, optimizer, data, budget, seed)
-    optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters)
-    if spec.full_batch:
-        return FullBatchTrainer(model, optimizer, data)
+    else:
+        optimizer = spec.make(model.parameters(), lr, budget.full_batch_iters)
+        if spec.full_batch:
+            return FullBatchTrainer(model, optimizer, data)
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(budget.max_steps))
                  if scheduled and spec.scheduled else None)
     return MinibatchTrainer(model, optimizer, data, budget, seed, scheduler)
@@ -988,6 +997,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     device = common.devices(args.device)[0]
     protocol = args.protocol
     specs = protocol_specs(protocol)
+    if args.schedule == "all":
+        specs = [spec if spec.closure or spec.backward_closure or spec.asdl or spec.full_batch
+                 else replace(spec, scheduled=True) for spec in specs]
     notes = []
     if args.optimizers is not None:
         # the defaults protocol's ratio column is to its baselines: they run unless left out
@@ -1027,7 +1039,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
 
     default_budget = resolve_budget(args)
     env = common.environment([device])
-    env.update(protocol=protocol, budget_seconds=default_budget.seconds,
+    env.update(protocol=protocol, schedule=args.schedule, budget_seconds=default_budget.seconds,
                max_steps=default_budget.max_steps, eval_every=default_budget.eval_every,
                full_batch_iters=default_budget.full_batch_iters,
                batch_size=default_budget.batch_size, seeds=args.seeds,
@@ -1113,7 +1125,9 @@ def report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
              b.rsplit(".", 1)[-1] for b in env["baselines"]),
          "final_train_loss": "train loss", "final": "final", "ms_per_step": "ms/step",
          "epochs": "epochs", "diverged": "diverged"},
-        f"Best lr per optimizer, protocol {env['protocol']} ({devices}; {env['budget_seconds']:g} "
+        f"Best lr per optimizer, protocol {env['protocol']}"
+        f"{', schedule: all' if env.get('schedule') == 'all' else ''} ({devices}; "
+        f"{env['budget_seconds']:g} "
         f"s or {env['max_steps']} steps a run unless the case sets its own, "
         f"{len(env['seeds'])} seeds; soo_ext: {kernels})")
     common.print_table(

@@ -386,6 +386,26 @@ def test_the_scheduled_baseline_decays_to_zero_over_the_budget(one_thread):
     assert unscheduled.scheduler is None
 
 
+@pytest.mark.parametrize("schedule", ["baseline", "all"])
+def test_schedule_all_warms_up_and_decays_every_optimizer_stepped_once_a_step(
+        schedule, monkeypatch, one_thread):
+    """--schedule all: soo_ext's minibatch optimizers (K-FAC from the model, SOAP from the
+    params) get the case's schedule too, DRSOM (closure-fed) keeps its lr; baseline: AdamW alone."""
+    made = {}
+    make_trainer = train.make_trainer
+
+    def record(spec, *args, **kwargs):
+        trainer = make_trainer(spec, *args, **kwargs)
+        made[spec.name] = getattr(trainer, "scheduler", None) is not None
+        return trainer
+    monkeypatch.setattr(train, "make_trainer", record)
+    records, env = quick_train("stdlib-lm", "soo_ext.KFAC", "soo_ext.SOAP", "soo_ext.DRSOM",
+                               "--protocol", "defaults", "--no-baselines", "--schedule", schedule)
+    assert env["schedule"] == schedule
+    assert made == {"soo_ext.KFAC": schedule == "all", "soo_ext.SOAP": schedule == "all",
+                    "soo_ext.DRSOM": False, "torch.optim.AdamW": True}
+
+
 def test_stdlib_text_is_split_by_file():
     from bench import tasks
     train_text, validation_text, info = tasks.stdlib_text()
