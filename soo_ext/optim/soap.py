@@ -8,7 +8,7 @@ import torch
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
 from .._support.guard import SkipGuard
-from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
+from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs
 from .._support.params import all_params, check_dense_grads
 from ..curvature.refresh_schedule import RefreshSchedule
 from ..curvature.soap_bases import SOAPBases
@@ -110,6 +110,7 @@ class SOAP(LaidOutOptimizer):
                     "factor_dtype": factor_dtype, "on_nonfinite": on_nonfinite}
         self._process_group = check_process_group(process_group)
         self._schedule = RefreshSchedule("SOAP bases", timer=refresh_timer)
+        self._checks = OptionChecks(OPTIONS)  # skipped while the options are unchanged
         super().__init__(params, defaults)  # self._run: (layout options, bases, sizes)
 
     def __setstate__(self, state: dict) -> None:
@@ -117,6 +118,7 @@ class SOAP(LaidOutOptimizer):
         # load_state_dict comes here too: it keeps these; a copy or unpickling has none
         self.__dict__.setdefault("_process_group", None)
         self.__dict__.setdefault("_schedule", RefreshSchedule("SOAP bases"))
+        self.__dict__.setdefault("_checks", OptionChecks(OPTIONS))
         for group in self.param_groups:  # saved before the option existed
             group.setdefault("one_sided", False)
 
@@ -128,7 +130,7 @@ class SOAP(LaidOutOptimizer):
         params = all_params(self)
         if not any(p.grad is not None for p in params):
             return loss  # nothing to step on (as torch.optim: a param without grad is left alone)
-        OPTIONS.check_groups(self.param_groups)
+        self._checks(self.param_groups)
         check_dense_grads(params, "SOAP")
         bases, sizes = self._prepare()
         o, gstate = self.param_groups[0], self.state[bases.params[0]]

@@ -166,6 +166,31 @@ def test_first_step_gathers_statistics_only():
     torch.testing.assert_close(Q.T @ Q, torch.eye(7, dtype=Q.dtype), atol=1e-5, rtol=0)
 
 
+def test_option_checks_run_when_an_option_changes(monkeypatch):
+    model = Net().double()
+    opt = soo_ext.SOAP(model.parameters())
+    checks = []
+    check_groups = opt._checks.specs.check_groups
+    monkeypatch.setattr(opt._checks.specs, "check_groups",
+                        lambda groups: (checks.append(1), check_groups(groups)))
+
+    def step(i):
+        opt.zero_grad()
+        loss_of(model, i).backward()
+        opt.step()
+    step(0)
+    step(1)
+    assert len(checks) == 1  # unchanged options pass without being checked again
+    opt.param_groups[0]["lr"] = 0.05
+    step(2)
+    assert len(checks) == 2
+    opt.param_groups[0]["eps"] = -1.0
+    for i in (3, 4):
+        with pytest.raises(ValueError, match="Invalid eps"):
+            step(i)
+    assert len(checks) == 4
+
+
 def test_bases_stay_orthonormal_and_sorted():
     model = Net()
     opt = soo_ext.SOAP(model.parameters(), precondition_frequency=2, lr=1e-3)
