@@ -35,6 +35,9 @@ TORCH_LIBRARY(soo, m) {
   // out <- base_coef base + sum_{i < rows} coef[i] W[i] (out may alias base, not W).
   m.def("window_combine(Tensor(a!) out, Tensor W, Tensor coef, int rows, Tensor? base, "
         "Tensor? base_coef) -> ()");
+  // True iff every element of every tensor is finite: a 0-dim bool on their device, no host
+  // sync (csrc/all_finite.h).  Float64, float32, bfloat16 and float16, mixed in one list.
+  m.def("all_finite(Tensor[] tensors) -> Tensor");
   // Kronecker factors of K-FAC / Shampoo (csrc/kron.h): [..., n, n] stacks, int32 statuses
   // 0 ok / 1 fallback / 2 failed per matrix.
   m.def("kron_factor_update_(Tensor(a!) F, Tensor X, float decay, float scale) -> ()");

@@ -22,7 +22,8 @@ from . import reference
 
 __all__ = ["lbfgs_direction", "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update",
            "drsom_subproblem", "window_gram", "window_combine", "kron_factor_update_", "kron_damped_inverse", "kron_eigh",
-           "kron_inverse_root", "kfac_precondition_eigen", "extension_loaded", "extension_error",
+           "kron_inverse_root", "kfac_precondition_eigen", "all_finite", "extension_loaded",
+           "extension_error",
            "build_info"]
 
 _BUILD_INFO_FILE = Path(__file__).with_name("_build_info.json")
@@ -779,3 +780,51 @@ if _LOADED:
     def _kfac_precondition_eigen_fake(grad, QG, dG, QA, dA, damping):
         _check_kfac_precondition(grad, QG, dG, QA, dA)
         return grad.new_empty(grad.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The finiteness check of the skip guard.  Contract in soo_ext/reference.py.
+
+_FINITE_CHECK_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _all_finite_valid(tensors) -> bool:
+    if not (isinstance(tensors, list) and tensors):
+        return False
+    device = tensors[0].device
+    for t in tensors:
+        if not (t.dtype in _FINITE_CHECK_DTYPES and t.device == device):
+            return False
+    return True
+
+
+@_fast_path(_all_finite_valid)
+def _check_all_finite(tensors) -> None:
+    op = "all_finite"
+    if not (isinstance(tensors, (list, tuple)) and tensors):
+        raise RuntimeError(f"{op}: tensors must not be empty (the result is on their device)")
+    for t in tensors:
+        torch._check(t.dtype in _FINITE_CHECK_DTYPES,
+                     lambda: f"{op}: every tensor must be float64, float32, bfloat16 or float16, "
+                             f"got {t.dtype}")
+        torch._check(t.device == tensors[0].device,
+                     lambda: f"{op}: all tensors must be on one device, got {t.device} and "
+                             f"{tensors[0].device}")
+
+
+def all_finite(tensors) -> Tensor:
+    """Whether every element of every tensor is finite: a 0-dim bool tensor on their device, from
+    one pass over each tensor's bits (never a host sync).  Float64, float32, bfloat16 and float16,
+    mixed and of any strides; not an empty list.  See :func:`soo_ext.reference.all_finite`."""
+    tensors = list(tensors)
+    _check_all_finite(tensors)
+    if _LOADED:
+        return torch.ops.soo.all_finite.default(tensors)
+    return reference.all_finite(tensors)
+
+
+if _LOADED:
+    @torch.library.register_fake("soo::all_finite")
+    def _all_finite_fake(tensors):
+        _check_all_finite(list(tensors))
+        return tensors[0].new_empty((), dtype=torch.bool)

@@ -11,10 +11,12 @@ import math
 import torch
 from torch import Tensor
 
+from ._support.guard import finite_by_extremes
+
 __all__ = ["accumulation_dtype", "ring_slots", "lbfgs_direction", "lbfgs_two_loop_textbook",
            "bfgs_direction", "drsom_perturb", "drsom_reduce", "drsom_update", "drsom_subproblem",
            "window_gram", "window_combine", "KRON_OK", "KRON_FALLBACK", "KRON_FAILED", "kron_factor_update_", "kron_damped_inverse",
-           "kron_eigh", "kron_inverse_root", "kfac_precondition_eigen"]
+           "kron_eigh", "kron_inverse_root", "kfac_precondition_eigen", "all_finite"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -463,3 +465,15 @@ def kfac_precondition_eigen(grad: Tensor, QG: Tensor, dG: Tensor, QA: Tensor, dA
     inner = QG.transpose(-1, -2) @ grad @ QA
     inner = inner / (dG[..., :, None] * dA[..., None, :] + damping)
     return QG @ inner @ QA.transpose(-1, -2)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The finiteness check of the skip guard
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """Whether every element of every tensor is finite (reference of ``soo::all_finite``): a 0-dim
+    bool tensor on their device, True for tensors without elements, no host sync.  The tensors are
+    float64, float32, bfloat16 or float16 (mixed in one list is fine), of any strides, all on one
+    device; an empty list is an error (the result's device would be unknown).  This is the skip
+    guard's own torch-ops version, ``soo_ext._support.guard.finite_by_extremes``."""
+    return finite_by_extremes(tensors)

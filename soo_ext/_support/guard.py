@@ -13,7 +13,7 @@ from torch import Tensor
 from .device import kept_scalar
 from .errors import NonFiniteError
 
-__all__ = ["MaskedSteps", "SkipGuard", "SkipWarner", "all_finite", "max_abs"]
+__all__ = ["MaskedSteps", "SkipGuard", "SkipWarner", "all_finite", "finite_by_extremes", "max_abs"]
 
 # soo_ext's and torch's own frames (step() runs under torch's decorators): a warning names the
 # first frame outside them, the user's call of step()
@@ -39,10 +39,32 @@ def max_abs(v: Tensor) -> Tensor:
     return torch.maximum(hi, -lo)
 
 
+_UNRESOLVED = object()
+_fused_all_finite = _UNRESOLVED  # soo::all_finite, or None without the compiled module
+
+
 def all_finite(vectors: list[Tensor]) -> Tensor:
     """0-dim bool tensor on the device: every entry of every vector is finite (no host sync).
+    One op, ``soo::all_finite`` (one pass over the bits of all of them), where the compiled module
+    registered it, else :func:`finite_by_extremes`.  The op is looked up in ``torch.ops`` at the
+    first call (``_support`` imports no soo_ext module; ``soo_ext.ops`` has loaded the compiled
+    module, or not, when the package was imported) and called without the wrapper's argument
+    checks: the kernel checks them too, and these are a step's own gradients."""
+    global _fused_all_finite
+    if _fused_all_finite is _UNRESOLVED:
+        op = getattr(torch.ops.soo, "all_finite", None)
+        _fused_all_finite = op.default if op is not None else None
+    if _fused_all_finite is None:
+        return finite_by_extremes(vectors)
+    return _fused_all_finite(vectors)
+
+
+def finite_by_extremes(vectors: list[Tensor]) -> Tensor:
+    """:func:`all_finite` in torch ops (the fallback, and ``soo_ext.reference.all_finite``).
     Extremes by aminmax: one pass, NaN propagates, and unlike a sum they cannot overflow; then
     ``max |extreme| < inf`` (amax propagates NaN), fewer ops than ``isfinite(...).all()``."""
+    if not vectors:
+        raise RuntimeError("all_finite: tensors must not be empty (the result is on their device)")
     extremes = [e for v in vectors if v.numel() for e in torch.aminmax(v)]
     if not extremes:
         return torch.ones((), dtype=torch.bool, device=vectors[0].device)

@@ -33,7 +33,7 @@ BUILD = ROOT / "build" / "cuda_emu"
 
 _LAUNCH = re.compile(r"^(\s*)(\S.*?)<<<(.*?)>>>\(")
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(\w[\w\s]*?)\s+(\w+)\[\];")
-_VEC_CAST = re.compile(r"reinterpret_cast<((?:const\s+)?(?:float4|float2|double2|uint2)\s*\*)>\(")
+_VEC_CAST = re.compile(r"reinterpret_cast<((?:const\s+)?(?:float4|float2|double2|uint4|uint2)\s*\*)>\(")
 _REGISTER = re.compile(r"TORCH_LIBRARY_IMPL\(soo,\s*CUDA,")
 _SHARED = re.compile(r"(?<!extern )__shared__\s+([\w:<>]+)\s+([^;]+);")
 _DECLARATOR = re.compile(r"\s*(\w+)\s*((?:\[[^\]]+\])*)\s*$")

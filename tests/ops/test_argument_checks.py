@@ -64,6 +64,7 @@ VALID = {
     "kfac_precondition_eigen": lambda: dict(grad=_randn(2, 3, 4), QG=_eye_stack(2, 3),
                                             dG=torch.ones(2, 3), QA=_eye_stack(2, 4),
                                             dA=torch.ones(2, 4), damping=1e-3),
+    "all_finite": lambda: dict(tensors=[_randn(6), _randn(3, 2).bfloat16(), _randn(4, dtype=F16)]),
 }
 
 
@@ -104,6 +105,8 @@ VALID_VARIANTS = [
     ("kfac_precondition_eigen", dict(grad=lambda a: a["grad"][0], QG=lambda a: a["QG"][0],
                                      dG=lambda a: a["dG"][0], QA=lambda a: a["QA"][0],
                                      dA=lambda a: a["dA"][0])),
+    ("all_finite", {}),
+    ("all_finite", dict(tensors=lambda a: [_strided(6, F64), torch.empty(0)])),
 ]
 
 
@@ -407,6 +410,13 @@ BAD = [
      "kfac_precondition_eigen: all tensors must be on cpu, got meta"),
     ("kfac_precondition_eigen", dict(dG=lambda a: _meta(a["dG"])),
      "kfac_precondition_eigen: all tensors must be on cpu, got meta"),
+    # all_finite
+    ("all_finite", dict(tensors=lambda a: []),
+     "all_finite: tensors must not be empty (the result is on their device)"),
+    ("all_finite", dict(tensors=lambda a: a["tensors"] + [torch.ones(2, dtype=torch.int32)]),
+     "all_finite: every tensor must be float64, float32, bfloat16 or float16, got torch.int32"),
+    ("all_finite", dict(tensors=lambda a: a["tensors"] + [_meta(_randn(2))]),
+     "all_finite: all tensors must be on one device, got meta and cpu"),
 ]
 
 # Arguments of other types where an int or a float goes: torch._check's errors (the fast path
@@ -504,6 +514,7 @@ CHECKS = {
         a["A"], a["p"], a["epsilon"], a["method"], a["max_iters"], a["tol"]),
     "kfac_precondition_eigen": lambda a: ops._check_kfac_precondition(
         a["grad"], a["QG"], a["dG"], a["QA"], a["dA"]),
+    "all_finite": lambda a: ops._check_all_finite(a["tensors"]),
 }
 
 

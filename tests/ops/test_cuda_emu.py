@@ -22,6 +22,7 @@ from soo_ext import ops
 from conftest import rel_err
 from op_inputs import (ill_conditioned, random_history, random_problem, rank_deficient, spd,
                        subproblem_inputs, vectors)
+from test_all_finite_ops import DTYPE_IDS, DTYPES, finite_tensor
 from test_window_ops import EPS64, STORAGE, dot_bound, window_inputs
 
 import cuda_emu
@@ -484,6 +485,57 @@ def test_window_combine(emu, device_config, storage, m, n, rows, with_base, alia
 
 
 # ---------------------------------------------------------------------------------------------
+# all_finite
+
+def check_all_finite(emu, tensors, want):
+    """The emulated op's answer is the CPU op's and ``want``."""
+    out = emu.all_finite(tensors)
+    assert out.dtype == torch.bool and out.shape == ()
+    assert bool(out) == bool(torch.ops.soo.all_finite(tensors)) == want
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 33, 1001, 40_000])
+@pytest.mark.parametrize("offset", [0, 1, 3, 7])
+def test_all_finite(emu, device_config, dtype, n, offset):
+    """Tensors between NaN guards (a read out of bounds turns a finite list non-finite), ``offset``
+    elements past 16 bytes (every head length for the 16-bit formats), a second tensor of
+    another dtype one element further; a non-finite value at every position of a short tensor
+    (head, vector units, tail), at the first, the last and a random one of a long one."""
+    other = torch.float32 if dtype != torch.float32 else torch.bfloat16
+    a, _ = guarded(finite_tensor(n, dtype, seed=n), offset)
+    b, _ = guarded(finite_tensor(n + 3, other, seed=n + 1), offset + 1)
+    check_all_finite(emu, [a, b], True)
+    positions = range(n) if n <= 33 else [0, n - 1, n // 3 + offset]
+    for i in positions:
+        for t in (a, b):
+            kept = t[i].clone()
+            t[i] = (math.nan, math.inf, -math.inf)[i % 3]
+            check_all_finite(emu, [a, b], False)
+            t[i] = kept
+
+
+def test_all_finite_batches_and_strides(emu, device_config):
+    """More tensors of one dtype than a launch takes (48), empty ones, and strided ones (dense
+    ones read in place, the others copied first)."""
+    tensors = [guarded(finite_tensor(n % 41, DTYPES[n % 4], seed=n), n % 5)[0]
+               for n in range(110)]
+    check_all_finite(emu, tensors, True)
+    for i in (0, 47, 48, 105):
+        if tensors[i].numel():
+            kept = tensors[i][-1].clone()
+            tensors[i][-1] = math.inf
+            check_all_finite(emu, tensors, False)
+            tensors[i][-1] = kept
+    M = finite_tensor(33 * 17, torch.float32, seed=1).view(33, 17)
+    check_all_finite(emu, [M.t(), M[:, ::2], M[0].expand(4, 17)], True)
+    M[5, 1] = math.nan
+    check_all_finite(emu, [M.t()], False)
+    check_all_finite(emu, [M[:, ::2]], True)
+    check_all_finite(emu, [M[5].expand(4, 17)], False)
+
+
+# ---------------------------------------------------------------------------------------------
 # host synchronisation of the CUDA host code
 
 # ATen ops that read device memory on the host (a host sync on a GPU)
@@ -530,6 +582,7 @@ def test_sync_free_ops_read_nothing_on_the_host(emu):
         "window_gram": lambda: emu.window_gram(torch.stack(V), [x, x0], 2, True),
         "window_combine": lambda: emu.window_combine(gp, torch.stack(V), torch.ones(3).double(),
                                                      3, x, torch.tensor(0.5).double()),
+        "all_finite": lambda: emu.all_finite([x, V[0].double(), gp[::2]]),
     }
     assert sorted(calls) == sorted(set(cuda_emu.op_names()) - {"kron_eigh", "kron_inverse_root"})
     for name, call in calls.items():
