@@ -125,8 +125,12 @@ class KFACFactors:
         """Pool one pass's rows into the layer's staged statistics (``decay`` the old rows'
         weight, ``w`` the new rows'; G's rows weigh ``g_scale`` more; the rows are ``samples``
         samples' rows, each sample's contiguous)."""
+        # a Linear shared over a sequence (or an in-projection): G sums a sample's rows as A
+        # averages them (K-FAC-expand, Eschenhagen et al. 2023); as their mean, G came out (rows
+        # per sample) times too small on transformers and the damping swamped it
+        expand = 1.0 if layer.conv else a.shape[0] / samples
         ops.kron_factor_update_(self.P[layer.a_dim][layer.a_pos], a, decay, w)
-        ops.kron_factor_update_(self.P[layer.out][layer.g_pos], g, decay, w * g_scale)
+        ops.kron_factor_update_(self.P[layer.out][layer.g_pos], g, decay, w * g_scale * expand)
         self.dirty[layer.a_dim] = self.dirty[layer.out] = True
 
     def staged_statistics(self, process_group) -> list[Tensor]:

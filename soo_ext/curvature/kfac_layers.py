@@ -351,7 +351,8 @@ class LayerCapture:
     after the forward, when the module is in training mode, grad is enabled and factors are due
     at the coming step (:attr:`due`), a hook is registered on the output tensor; that hook
     receives the output gradient and stages ``mean_rows(a a^T)`` and ``mean_rows(g g^T)``
-    (pooled with the earlier passes of the step: ``decay = rows_before / rows_after``).  (Module
+    (G times a sample's rows for a Linear on a sequence: the factors' ``stage``; pooled with the
+    earlier passes of the step: ``decay = rows_before / rows_after``).  (Module
     full backward hooks would refuse in-place ops on the output such as ``nn.ReLU(inplace=True)``.)
     Under torch.compile the registration is a graph break (the hook runs in eager autograd).
     RuntimeError if a layer is hooked by another live capture already.

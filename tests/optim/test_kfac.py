@@ -127,6 +127,33 @@ def test_shared_layer_pools_every_call():
                                + (1 - DECAY) * g.T @ g / len(g), rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("batch_averaged", [True, False])
+def test_sequence_linear_factors_by_hand(batch_averaged):
+    """A Linear applied to every position of a sequence ([B, T, E] input; K-FAC-expand,
+    Eschenhagen et al. 2023): A is the mean over all B T rows, G the sum over a sample's T rows
+    of the per-sample output gradients, averaged over the B samples (as the mean, it was T times
+    smaller)."""
+    torch.manual_seed(0)
+    B, T, E = 5, 7, 3
+    lin = nn.Linear(E, 4).double()
+    opt = KFAC(lin, factor_dtype=torch.float64, batch_averaged=batch_averaged)
+    x = torch.randn(B, T, E, dtype=torch.float64)
+    s = lin(x)
+    s.retain_grad()
+    s.sin().mean(dim=(1, 2)).mean().backward()  # a mean over the batch
+    opt.step()
+    c = B if batch_averaged else 1
+    A = sum(torch.outer(r, r) for r in torch.cat([x, torch.ones(B, T, 1, dtype=x.dtype)], 2)
+            .reshape(B * T, E + 1)) / (B * T)
+    G = sum(torch.outer(c * s.grad[n, t], c * s.grad[n, t]) for n in range(B)
+            for t in range(T)) / B
+    st = opt.state[lin.weight]
+    torch.testing.assert_close(st["A"], DECAY * torch.eye(E + 1, dtype=x.dtype) + (1 - DECAY) * A,
+                               rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(st["G"], DECAY * torch.eye(4, dtype=x.dtype) + (1 - DECAY) * G,
+                               rtol=1e-13, atol=1e-15)
+
+
 def patches(x, conv):
     """The patch rows of a Conv2d by explicit loops (padding by F.pad as the module does)."""
     pad = conv._reversed_padding_repeated_twice
