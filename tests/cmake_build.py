@@ -85,6 +85,7 @@ cases = {
     "kfac_precondition_eigen": (randn(2, 5, 7), *torch.linalg.qr(randn(2, 5, 5))[:1],
                                 randn(2, 5).abs(), *torch.linalg.qr(randn(2, 7, 7))[:1],
                                 randn(2, 7).abs(), 1e-3),
+    "all_finite": ([randn(n), randn(3, 5).float(), randn(0)],),
 }
 for name, args in cases.items():
     a, b = copy(args), copy(args)
@@ -94,6 +95,7 @@ for name, args in cases.items():
 A = spd(3, 9)
 (d, Q, status), (d_ref, Q_ref, _) = ops.kron_eigh(A), reference.kron_eigh(A)
 torch.testing.assert_close((Q * d[..., None, :]) @ Q.mT, (Q_ref * d_ref[..., None, :]) @ Q_ref.mT)
+assert not ops.all_finite([randn(n), torch.tensor([1.0, float("nan")]).bfloat16()])
 assert not (set(called) - set(cases) - {"kron_eigh"}), set(called) - set(cases)
 print(f"cmake-built module OK: {module}: {len(called)} ops registered and equal to their references")
 """
