@@ -997,9 +997,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     device = common.devices(args.device)[0]
     protocol = args.protocol
     specs = protocol_specs(protocol)
-    if args.schedule == "all":
-        specs = [spec if spec.closure or spec.backward_closure or spec.asdl or spec.full_batch
-                 else replace(spec, scheduled=True) for spec in specs]
+    if args.schedule == "all":  # make_trainer schedules only the optimizers stepped once a step
+        specs = [replace(spec, scheduled=True) for spec in specs]
     notes = []
     if args.optimizers is not None:
         # the defaults protocol's ratio column is to its baselines: they run unless left out
