@@ -39,6 +39,9 @@ class KFACLayer:
         self.out = self.weight.shape[0]
         self.fan_in = self.weight[0].numel()  # in_features, or C kh kw (C k for a Conv1d)
         self.a_dim = self.fan_in + (self.bias is not None)
+        # The layout of a sequence layer's input (find_layers): None for the others, whose
+        # batch is dim 0; else the batch_first of the torch module that states it.
+        self.batch_first: bool | None = None
         # Set by the layout: positions of A and G in their buckets, the shape group and the row
         # in it.
         self.a_pos = self.g_pos = self.row = -1
@@ -56,6 +59,17 @@ class KFACLayer:
     def batched(self, t: Tensor) -> Tensor:
         """A conv's input or output gradient with its batch dim (unbatched: a batch of 1)."""
         return t.unsqueeze(0) if self.conv and t.dim() == self.spatial + 1 else t
+
+    def batch_major(self, t: Tensor) -> Tensor:
+        """A sequence layer's input or output gradient as ``[N, T, ...]``, so that dim 0 holds
+        the samples and each sample's rows are contiguous: ``[T, N, ...]`` (``batch_first``
+        False) transposed, an unbatched ``[T, ...]`` one sample; the other layers' as they are
+        (their batch is dim 0)."""
+        if self.batch_first is None:
+            return t
+        if t.dim() == 2:
+            return t.unsqueeze(0)
+        return t if self.batch_first else t.transpose(0, 1)
 
     def a_rows(self, x: Tensor) -> Tensor:
         """The activation rows ``a`` (with the 1 of the bias), ``[N, a_dim]``: the layer input's
@@ -208,9 +222,27 @@ def find_layers(model: nn.Module, group_of: dict[int, int], patterns: tuple[re.P
             why[name] = "; ".join(tied)
         else:
             layers.append(KFACLayer(name, module, len(layers)))
+    for index, batch_first in _sequence_layouts(model, layers).items():
+        layers[index].batch_first = batch_first
     if warn:
         _warn_left_out(model, group_of, layers, why, owner, stacklevel, step)
     return layers
+
+
+def _sequence_layouts(model: nn.Module, layers: list[KFACLayer]) -> dict[int, bool]:
+    """``batch_first`` of the layers whose sequence layout the model states (layer index ->
+    bool): an nn.MultiheadAttention's in-projection and its ``out_proj`` (called by the hooked
+    attention on the input's layout), and ``linear1`` / ``linear2`` of torch's own
+    ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (which run them on the
+    attention's layout).  Any other Linear on ``[d0, d1, ..., in]`` has its batch at dim 0 for
+    K-FAC; the natural gradient resolves it against the batch size."""
+    first: dict[int, bool] = {}
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            first[id(module)] = first[id(module.out_proj)] = module.batch_first
+        elif type(module) in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer):
+            first[id(module.linear1)] = first[id(module.linear2)] = module.self_attn.batch_first
+    return {l.index: first[id(l.module)] for l in layers if id(l.module) in first}
 
 
 def _warn_left_out(model: nn.Module, group_of: dict[int, int], layers: list[KFACLayer],
@@ -473,7 +505,13 @@ class LayerCapture:
 
     @torch.no_grad()
     def _capture(self, layer: KFACLayer, x: Tensor, grad: Tensor) -> None:
-        """Output-gradient hook: stage the statistics of one pass (pooled by rows)."""
+        """Output-gradient hook: stage the statistics of one pass, batch-major
+        (:meth:`KFACLayer.batch_major`)."""
+        self._stage(layer, layer.batch_major(x), layer.batch_major(grad))
+
+    def _stage(self, layer: KFACLayer, x: Tensor, grad: Tensor) -> None:
+        """Stage the statistics of one pass (pooled by rows) of the batch-major input ``x``
+        and output gradient ``grad``."""
         factors = self._factors()
         a = layer.a_rows(x)
         g = layer.g_rows(grad)

@@ -14,32 +14,15 @@ variant) and ``J^T c`` by the same route."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import ops
 from .kfac_layers import KFACLayer, LayerCapture
 
 __all__ = ["PerSampleCapture", "PerSampleGradients", "SampleWindow", "TokenRows",
-           "WoodburyNaturalGradient", "layer_vector", "sequence_layouts",
-           "woodbury_coefficients"]
+           "WoodburyNaturalGradient", "layer_vector", "woodbury_coefficients"]
 
 F64 = torch.float64
-
-
-def sequence_layouts(model: nn.Module, layers: list[KFACLayer]) -> dict[int, bool]:
-    """``batch_first`` of the layers whose sequence layout the model states (layer index ->
-    bool): an nn.MultiheadAttention's in-projection and its ``out_proj`` (called by the hooked
-    attention on the input's layout), and ``linear1`` / ``linear2`` of torch's own
-    ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (which run them on the
-    attention's layout).  The other Linears on ``[d0, d1, ..., in]`` inputs are resolved at the
-    step against the batch size (:meth:`PerSampleGradients.resolve`)."""
-    first: dict[int, bool] = {}
-    for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention):
-            first[id(module)] = first[id(module.out_proj)] = module.batch_first
-        elif type(module) in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer):
-            first[id(module.linear1)] = first[id(module.linear2)] = module.self_attn.batch_first
-    return {l.index: first[id(l.module)] for l in layers if id(l.module) in first}
 
 
 class SampleRows:
@@ -65,11 +48,12 @@ class PerSampleGradients:
     the gradient of sample i's loss (a mean loss's rows are ``grad_i / N``).
 
     A conv's input is ``[N, C, ...]`` and a Linear's ``[N, in]``: the batch is dim 0.  An
-    attention's in-projection and the layers of :func:`sequence_layouts` follow its
-    ``batch_first`` (``[N, T, E]`` or ``[T, N, E]``; ``[T, E]``: one sample).  Any other Linear
-    on ``[d0, d1, ..., in]`` takes as batch dim the one dim of the batch size those layers
-    give; none, or more than one such dim, or layers that disagree on the batch size: a
-    ValueError naming the layers (their rows are not per-sample as far as can be told).
+    attention's in-projection and the other sequence layers (``KFACLayer.batch_first`` set)
+    arrive batch-major from the capture (``[N, T, E]``; ``[T, N, E]`` transposed, ``[T, E]``
+    one sample).  Any other Linear on ``[d0, d1, ..., in]`` takes as batch dim the one dim of
+    the batch size those layers give; none, or more than one such dim, or layers that disagree
+    on the batch size: a ValueError naming the layers (their rows are not per-sample as far as
+    can be told).
 
     ``curvature_samples`` (S, None: all): only the rows of the batch's first S samples are
     used; a layer whose batch dim is known when it is captured keeps only those
@@ -81,15 +65,13 @@ class PerSampleGradients:
         max_state_bytes: the most bytes the per-sample data may take (ValueError naming
             ``max_state_bytes`` before allocating more): the rows of a backward pass when they
             are captured, the whole batch's per-sample data at the step.
-        layouts: :func:`sequence_layouts`.
         owner: the optimizer's name, in the messages.
     """
 
     def __init__(self, layers: list[KFACLayer], dtype: torch.dtype, max_state_bytes: int,
-                 layouts: dict[int, bool] | None = None, owner: str = "NaturalGradient") -> None:
+                 owner: str = "NaturalGradient") -> None:
         self.layers, self.dtype, self.owner = layers, dtype, owner
         self.max_state_bytes = max_state_bytes
-        self.layouts = layouts or {}
         self.batch_averaged = True
         self.curvature_samples: int | None = None
         # of the pass being staged (PerSampleCapture): the input's shape, the samples kept
@@ -126,16 +108,15 @@ class PerSampleGradients:
     def samples_kept(self, layer: KFACLayer, shape: torch.Size) -> int | None:
         """How many leading samples of a pass with input ``shape`` to keep (the rows of the
         others are never formed), or None (all: S covers the batch, or where the samples are
-        is not known before the step).  The batch is dim 0 of the input and of the output
-        gradient where it is known now: a batched conv, a Linear on ``[N, in]``, a
-        batch-first layer of :func:`sequence_layouts`."""
+        is not known before the step).  The batch is dim 0 of the (batch-major) input and
+        output gradient where it is known now: a batched conv, a Linear on ``[N, in]``, a
+        sequence layer."""
         S = self.curvature_samples
         if S is None or len(shape) < 2 or S >= shape[0]:
             return None
         if layer.conv:
             return S if len(shape) == layer.spatial + 2 else None
-        batch_first = self.layouts.get(layer.index)
-        return S if (len(shape) == 2 and batch_first is None) or batch_first else None
+        return S if len(shape) == 2 or layer.batch_first is not None else None
 
     def _layout(self, layer: KFACLayer, R: int, samples: int) -> tuple[tuple[int, ...],
                                                                         int | None]:
@@ -147,12 +128,9 @@ class PerSampleGradients:
             lead = (self.kept, *lead[1:])
         if not lead:  # a 1-D input: one sample
             return (1,), 0
-        batch_first = self.layouts.get(layer.index)
-        if batch_first is None:  # a Linear: [N, in], or resolved at the step
+        if layer.batch_first is None:  # a Linear: [N, in], or resolved at the step
             return lead, 0 if len(lead) == 1 else None
-        if len(lead) == 1:  # unbatched attention [T, E]: one sample of T tokens
-            return (1, lead[0]), 0
-        return lead, 0 if batch_first else 1
+        return lead, 0  # a sequence layer's batch-major [N, T]
 
     def resolve(self, layers: list[KFACLayer]) -> int:
         """The batch size N of the captured ``layers`` (each one's batch dim set), or ValueError
@@ -244,12 +222,12 @@ class PerSampleCapture(LayerCapture):
         super().__init__(layers, lambda: sink, grad_scaler, owner)
         self.sink = sink
 
-    def _capture(self, layer: KFACLayer, x: Tensor, grad: Tensor) -> None:
+    def _stage(self, layer: KFACLayer, x: Tensor, grad: Tensor) -> None:
         sink = self.sink
         sink.input_shape, sink.kept = tuple(x.shape), sink.samples_kept(layer, x.shape)
         if sink.kept is not None:
             x, grad = x[:sink.kept], grad[:sink.kept]
-        super()._capture(layer, x, grad)
+        super()._stage(layer, x, grad)
 
 
 def layer_vector(layer: KFACLayer, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -20,7 +20,7 @@ from ..curvature.first_order_fallback import (OPTIONS as FALLBACK, PER_GROUP as 
                                               UNCAST as FALLBACK_UNCAST, restore_uncast)
 from ..curvature.kfac_layers import compiled_inner, find_layers, skip_patterns
 from ..curvature.woodbury import (PerSampleCapture, PerSampleGradients, WoodburyNaturalGradient,
-                                  layer_vector, sequence_layouts)
+                                  layer_vector)
 from .hooked import ModelHooks
 from .kfac import _momentum_and_fallback_
 
@@ -101,8 +101,7 @@ class NaturalGradient(ModelHooks, OnDemandStepWrapper):
         self._layers = find_layers(model, group_index(self), patterns, owner="NaturalGradient",
                                    stacklevel=4, step=f"fallback step ({fallback})")
         dtype = self._layers[0].weight.dtype if self._layers else torch.float32
-        self._sink = PerSampleGradients(self._layers, dtype, max_state_bytes,
-                                        sequence_layouts(model, self._layers))
+        self._sink = PerSampleGradients(self._layers, dtype, max_state_bytes)
         self._solver = WoodburyNaturalGradient(self._sink)
         self._capture = PerSampleCapture(self._layers, self._sink, grad_scaler)
         self._skips, self._checks = SkipWarner("NaturalGradient"), OptionChecks(OPTIONS)

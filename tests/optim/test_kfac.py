@@ -1176,14 +1176,14 @@ class Attn(nn.Module):
         h = self.norm(self.emb(tokens))  # [B, L, E]
         if not self.batch_first:
             h = h.transpose(0, 1)
-        if self.explicit:  # the Linears on the layout of h, as nn.MultiheadAttention's
-            qkv = self.qkv(h) if self.batch_first else self.qkv(h).transpose(0, 1)
-            B, L, E = h.shape[1 - self.batch_first], h.shape[self.batch_first], h.shape[2]
+        if self.explicit:  # the Linears on batch-major [B, L, E] (a Linear's batch is dim 0)
+            qkv = self.qkv(h if self.batch_first else h.transpose(0, 1))
+            B, L, E = qkv.shape[0], qkv.shape[1], h.shape[2]
             q, k, v = qkv.reshape(B, L, 3, self.heads, E // self.heads).permute(2, 0, 3, 1, 4)
             w = (q @ k.transpose(-1, -2)) / math.sqrt(E // self.heads)
             w = w.masked_fill(mask, float("-inf")) if mask is not None else w
             o = (w.softmax(-1) @ v).transpose(1, 2).reshape(B, L, E)
-            a = self.out(o if self.batch_first else o.transpose(0, 1))
+            a = self.out(o) if self.batch_first else self.out(o).transpose(0, 1)
         else:
             a = self.attn(h, h, h, attn_mask=mask, need_weights=need_weights)[0]
         if not self.batch_first:
@@ -1233,7 +1233,9 @@ def test_mha_capture_keeps_outputs_and_gradients(batch_first, mask, need_weights
 def test_mha_factors_equal_the_linear_formulation(batch_first):
     """The factors of the in-projection (A from the attention's input rows, G from the output
     gradients of the projection q|k|v) and of out_proj equal those of nn.Linear(E, 3E) and
-    nn.Linear(E, E) in the explicit attention, fp64."""
+    nn.Linear(E, E) in the explicit attention on batch-major rows, fp64: a sequence-first
+    attention's samples are dim 1 of its input (before, K-FAC took the tokens of dim 0 as the
+    samples: T times the batch's G scale, another sample grouping)."""
     runs = []
     for explicit in (False, True):
         model = Attn(batch_first, explicit=explicit).double()
@@ -1278,6 +1280,75 @@ def test_mha_left_out_cases():
     kv.attn = nn.MultiheadAttention(4, 2, kdim=3, vdim=3)
     _, ws = left_out_warnings(lambda: KFAC(kv))
     assert "kdim or vdim != embed_dim" in str(ws[0].message)
+
+
+class Encoder(nn.Module):
+    """torch's own pre-LN encoder layer over a value embedding, in either layout: the input
+    ``[B, T, 3]`` always, ``batch_first=False`` transposed around the layer."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(3, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                                batch_first=batch_first, norm_first=True)
+        self.head = nn.Linear(8, 5)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        h = self.embed(x)
+        if self.batch_first:
+            return self.head(self.layer(h).mean(1))
+        return self.head(self.layer(h.transpose(0, 1)).mean(0))
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_sequence_first_layers_take_the_samples_of_dim_1(cls):
+    """nn.TransformerEncoderLayer / nn.MultiheadAttention with batch_first=False take
+    [T, B, E]: their layers (in-projection, out_proj, linear1, linear2) group the rows by the
+    samples of dim 1, so the run equals the batch-first one (fp64; the two layouts sum the
+    attention's products in other orders: rounding of O(1) values over 3 steps). Before, dim 0
+    (the T tokens) was taken as the samples: G's scale and EKFAC's per-sample grouping wrong."""
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 6, 3, generator=gen, dtype=torch.float64),
+             torch.randint(0, 5, (4,), generator=gen)) for _ in range(3)]
+    runs = []
+    for batch_first in (True, False):
+        model = Encoder(batch_first).double()
+        opt = cls(model, factor_dtype=torch.float64, factor_update_steps=1, inv_update_steps=1)
+        assert {l.name: l.batch_first for l in opt._layers} == {
+            "embed": None, "head": None, **{n: batch_first for n in (
+                "layer.self_attn", "layer.self_attn.out_proj", "layer.linear1", "layer.linear2")}}
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        runs.append((list(model.parameters()), opt))
+    (ps, opt), (qs, seq_opt) = runs
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
+        for key in ("A", "G") + (("scale",) if cls is EKFAC else ()):
+            if key in opt.state[p]:
+                torch.testing.assert_close(opt.state[p][key], seq_opt.state[q][key], rtol=1e-12,
+                                           atol=1e-14)
+
+
+def test_unbatched_attention_input_is_one_sample():
+    """An nn.MultiheadAttention on an unbatched [T, E] input: one sample of T rows, the factors
+    of the same input batched as [1, T, E] (before: T samples of a row each)."""
+    factors = []
+    for unbatched in (True, False):
+        torch.manual_seed(0)
+        attn = nn.MultiheadAttention(4, 2, batch_first=True).double()
+        opt = KFAC(attn, factor_dtype=torch.float64)
+        x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        x = x if unbatched else x[None]
+        attn(x, x, x)[0].sin().sum().backward()
+        opt.step()
+        factors.append([opt.state[p][k] for p in (attn.in_proj_weight, attn.out_proj.weight)
+                        for k in ("A", "G")])
+    for a, b in zip(*factors):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
 
 
 @pytest.mark.parametrize("cls, fallback", [(KFAC, "sgd"), (KFAC, "adamw"), (EKFAC, "adamw")])
