@@ -13,7 +13,8 @@ from torch import Tensor
 from .device import kept_scalar
 from .errors import NonFiniteError
 
-__all__ = ["MaskedSteps", "SkipGuard", "SkipWarner", "all_finite", "finite_by_extremes", "max_abs"]
+__all__ = ["MaskedSteps", "SkipGuard", "SkipWarner", "all_finite", "fill_if_", "finite_by_extremes",
+           "host_flag", "max_abs", "select", "where_into_"]
 
 # soo_ext's and torch's own frames (step() runs under torch's decorators): a warning names the
 # first frame outside them, the user's call of step()
@@ -71,6 +72,45 @@ def finite_by_extremes(vectors: list[Tensor]) -> Tensor:
     return torch.stack(extremes).abs().amax() < math.inf
 
 
+def host_flag(flag: Tensor) -> bool | None:
+    """The value of a 0-dim bool ``flag`` where reading it waits for nothing (a CPU tensor), else
+    None (a GPU's stays on the device).  The masking below then does its work on the host: on a
+    taken step, the common case, no pass over the masked tensors at all."""
+    return bool(flag.numpy()) if flag.device.type == "cpu" else None
+
+
+def fill_if_(t: Tensor, flag: Tensor, value: float) -> Tensor:
+    """``t.masked_fill_(flag, value)`` for a 0-dim bool ``flag`` (a fill, or nothing, on the
+    CPU)."""
+    known = host_flag(flag)
+    if known is None:
+        return t.masked_fill_(flag, value)
+    return t.fill_(value) if known else t
+
+
+def where_into_(flag: Tensor, new: Tensor, old: Tensor | float, out: Tensor) -> Tensor:
+    """``torch.where(flag, new, old, out=out)`` for a 0-dim bool ``flag`` (one copy or fill, or
+    nothing where ``out`` already is the one chosen, on the CPU)."""
+    known = host_flag(flag)
+    if known is None:
+        return torch.where(flag, new, old, out=out)
+    chosen = new if known else old
+    if not isinstance(chosen, Tensor):
+        return out.fill_(chosen)
+    return out if chosen is out else out.copy_(chosen)
+
+
+def select(flag: Tensor, new: Tensor, old: Tensor | float) -> Tensor:
+    """``torch.where(flag, new, old)`` for a 0-dim bool ``flag`` and ``new`` of the result's
+    shape.  On the CPU ``new`` or ``old`` itself (no copy: callers must only read the result)."""
+    known = host_flag(flag)
+    if known is None:
+        return torch.where(flag, new, old)
+    if known:
+        return new
+    return old if isinstance(old, Tensor) else torch.full_like(new, old)
+
+
 class SkipGuard:
     """The finiteness flag ``ok`` of a step (0-dim bool, on the device) and the masks built from
     it: every update of a step goes through them, so that a step judged non-finite leaves every
@@ -104,12 +144,8 @@ class SkipGuard:
 
     def unless_skipped(self, value: float, like: Tensor) -> Tensor:
         """``value`` as a 0-dim tensor of ``like``'s dtype and device, or 1 on a skipped step: the
-        factor that leaves an accumulator unchanged."""
-        return torch.where(self.ok, kept_scalar(value, like), 1.0)
-
-    def select(self, new: Tensor, old: Tensor) -> Tensor:
-        """``new``, or ``old`` on a skipped step."""
-        return torch.where(self.ok, new, old)
+        factor that leaves an accumulator unchanged (read-only: it may be kept)."""
+        return select(self.ok, kept_scalar(value, like), kept_scalar(1.0, like))
 
 
 class MaskedSteps:
@@ -124,15 +160,20 @@ class MaskedSteps:
         self._slots: dict[object, tuple] = {}  # slot -> (shapes, buffers, views)
 
     def __call__(self, slot: object, tensors: list[Tensor], bad: Tensor) -> list[Tensor]:
-        """Copies of ``tensors``, all zero where ``bad`` (a 0-dim bool tensor) is True."""
+        """``tensors``, all zero where ``bad`` (a 0-dim bool tensor) is True: copies, or on the
+        CPU (:func:`host_flag`) the tensors themselves or zeros (callers only read them)."""
+        known = host_flag(bad)
+        if known is False:
+            return tensors
         shapes = [(t.shape, t.dtype, t.device) for t in tensors]
         kept = self._slots.get(slot)
         if kept is None or kept[0] != shapes:
             kept = self._slots[slot] = (shapes, *_flat_views(tensors))
         _, buffers, views = kept
-        torch._foreach_copy_(views, tensors)
+        if known is None:
+            torch._foreach_copy_(views, tensors)
         for b in buffers:
-            b.masked_fill_(bad, 0)
+            fill_if_(b, bad, 0)
         return views
 
 

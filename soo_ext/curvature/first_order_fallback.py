@@ -15,6 +15,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from .._support.guard import select
 from .._support.options import Number, OneOf, Spec
 
 __all__ = ["OPTIONS", "PER_GROUP", "UNCAST", "adamw_fallback_", "fallback_params",
@@ -78,7 +79,7 @@ def adamw_fallback_(groups: list[dict], state: dict, group_of: dict[int, int],
             step_lr = lr
         else:  # zero gradient and zero weights where skipped: m, v, t and p stay as they are
             okf = ok.to(ct)
-            g = torch.where(ok, g, 0)
+            g = select(ok, g, 0.0)
             t.add_(okf.to(t.dtype))
             m.lerp_(g, (1 - b1) * okf.to(m.dtype))
             v.mul_(torch.where(ok, v.new_full((), b2), 1)).addcmul_(g, g, value=1 - b2)

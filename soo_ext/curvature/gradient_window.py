@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import ops
 from .._support.device import kept_scalar
+from .._support.guard import select
 
 __all__ = ["GradientWindow", "MFACInverse", "ggt_coefficients", "replace_in_inverse_",
            "window_state_bytes"]
@@ -72,13 +73,13 @@ class GradientWindow:
         W, K = state["window"], state["gram"]
         narrow = W.dtype != g.dtype
         stored = g.to(W.dtype) if narrow else g
-        W.index_copy_(0, slot, torch.where(ok, stored, W.index_select(0, slot)))
+        W.index_copy_(0, slot, select(ok, stored[None], W.index_select(0, slot)))
         # The Gram matrix is of the stored rows: with a narrower window, of g as rounded.
         self.rounded = stored.to(g.dtype) if narrow else None
         _, D = ops.window_gram(W, [self.rounded, g, *others] if narrow else [g, *others],
                                self.size, False)
         # K is symmetric (row and column are written together): its column is its row
-        self._column = torch.where(ok, D[:, :1], K.index_select(1, slot))
+        self._column = select(ok, D[:, :1], K.index_select(1, slot))
         K.index_copy_(1, slot, self._column)
         K.index_copy_(0, slot, self._column.T)
         # A new slot tensor: the old one stays what this push wrote.

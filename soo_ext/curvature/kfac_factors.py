@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .. import ops
 from .._support.distributed import all_reduce_mean_
+from .._support.guard import fill_if_, where_into_
 from .._support.params import check_params
 from .kfac_layers import KFACLayer
 from .kron_buckets import KronBuckets, keep_where
@@ -261,7 +262,7 @@ def _select_into(old: Tensor, ok: Tensor | None, new: Tensor) -> None:
     if ok is None:
         old.copy_(new)
     else:
-        torch.where(ok, new, old, out=old)
+        where_into_(ok, new, old, old)
 
 
 class EigenCorrectedFactors(EigenFactors):
@@ -533,7 +534,7 @@ class LayerGradients:
         """Zero on a skipped step: ``V = 0`` (Q, d, X stay finite); one fill of the groups'
         buffer (the rows not preconditioned at this step are scratch too)."""
         if self.active:
-            next(iter(self.active)).buffer.masked_fill_(bad, 0)
+            fill_if_(next(iter(self.active)).buffer, bad, 0)
 
     def directions(self, Vs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """``V`` of each active group (in order) cut into the directions of its layers' params,

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .._support.flat import FlatLayout
+from .._support.guard import select, where_into_
 from .lbfgs_history import LBFGSHistory
 
 __all__ = ["Block", "BlockLayout", "MomentumPairs", "Segment", "SkipFactors", "block_partition",
@@ -172,7 +173,7 @@ class SkipFactors:
                 if value != old:
                     slot.fill_(value)
         self._values = values
-        return torch.where(ok, self._taken, self._skipped).unbind()
+        return select(ok, self._taken, self._skipped).unbind()
 
     def _filled(self, values: list[float]) -> Tensor:
         """A device vector of ``values``, filled slot by slot (a copy from the host would wait
@@ -292,7 +293,7 @@ class Block:
         self.scale(buf, momenta)
         buf.addcmul_(direction, coef)
         # What -lr multiplies: buf, or 0 on a skipped step (buf itself is kept).
-        torch.where(ok, buf, zero, out=self.grad)
+        where_into_(ok, buf, zero, self.grad)
         if absent is not None:
             buf.copy_(torch.where(absent, kept, buf))
         for seg in self.segments:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._support.device import device_tensor
+from .._support.guard import fill_if_
 from .kron_buckets import KronBuckets, keep_where
 from .shampoo_blocks import BlockShapeGroup, merge_dims
 
@@ -371,4 +372,4 @@ class PSGDKronFactors:
             rms = torch.stack(torch._foreach_norm(self._members)) / self.root_numels
             scale = torch.clamp(max_rms / (rms + 1e-12), max=1.0)
             U.mul_(scale.index_select(0, self.member_of))
-        return U.masked_fill_(skipped, 0)
+        return fill_if_(U, skipped, 0)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import ops
 from .._support.device import device_tensor
+from .._support.guard import fill_if_, where_into_
 from .kron_buckets import KronBuckets
 from .shampoo_blocks import BlockShapeGroup, merge_dims
 
@@ -348,7 +349,7 @@ class SOAPBases:
         """The step's masks: the gradient zeroed where ``bad`` (a non-finite step: nothing may
         change), and the coefficients of the params that may change (``ok`` and a gradient)
         into the kept table; the others get the ones that change nothing."""
-        self.grad.masked_fill_(bad, -0.0)  # NaN * 0 is NaN; adding -0 changes nothing
+        fill_if_(self.grad, bad, -0.0)  # NaN * 0 is NaN; adding -0 changes nothing
         if self._cast:
             self._grad_f.copy_(self.grad[:self._n_rot])
         if all(self._present):
@@ -371,7 +372,7 @@ class SOAPBases:
         """``value`` into the entries of ``flat`` (``stacks``: its shape groups' views, from the
         first) of the params that may not change."""
         if self._live.dim() == 0:
-            flat.masked_fill_(self._bad, value)
+            fill_if_(flat, self._bad, value)
         else:
             for U, (row, _, _) in zip(stacks, self._ranges):
                 U.masked_fill_(~self._live_rows(row, U.shape[0], U.dim() - 1), value)
@@ -454,7 +455,7 @@ class SOAPBases:
         self._exp_avg_in.run()
         n = self._n_rot
         if self._live.dim() == 0:
-            torch.where(self._live, self.work[:n], self._exp_avg[:n], out=self._exp_avg[:n])
+            where_into_(self._live, self.work[:n], self._exp_avg[:n], self._exp_avg[:n])
         else:
             for sg, M, D, (row, _, _) in zip(self.shape_groups, self.exp_avg, self.work_stacks,
                                              self._ranges):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._support.guard import SkipGuard, SkipWarner
+from .._support.guard import SkipGuard, SkipWarner, fill_if_
 from ..curvature.momentum_pairs import Block
 
 __all__ = ["gather_guarded"]
@@ -29,5 +29,5 @@ def gather_guarded(blocks: list[Block], group: dict, state: dict, skips: SkipWar
     guard = SkipGuard.check([b.grad for b in blocks], group["on_nonfinite"],
                             state["nonfinite_steps"], message, defer_raise=defer_raise)
     for b in blocks:
-        b.grad.masked_fill_(guard.bad, 0)
+        fill_if_(b.grad, guard.bad, 0)
     return guard, guard.ok.to(blocks[0].grad.dtype)

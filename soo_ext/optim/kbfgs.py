@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
-from .._support.guard import MaskedSteps, SkipGuard, SkipWarner, all_finite
+from .._support.guard import MaskedSteps, SkipGuard, SkipWarner, all_finite, fill_if_
 from .._support.options import Bool, Int, Number, OneOf, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
@@ -182,7 +182,7 @@ class KBFGS(OnDemandStepWrapper):
         guard = _guard(self, [p.grad for p in with_grad] + _first_pass(stats, active), glob)
         ok = guard.ok if guard else None
         if ok is not None and stats is not None:
-            stats.buffers[0].masked_fill_(guard.bad, 0)  # finite (unused) on a skipped step
+            fill_if_(stats.buffers[0], guard.bad, 0)  # finite (unused) on a skipped step
         bufs = _momentum_(self, with_grad, group_of, guard)
         _factors_([st["A"] for st in states], [stats.AA[l.index] for l in active],
                   o["factor_decay"], ok)

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
 from .._support.errors import NonFiniteError
-from .._support.guard import MaskedSteps, SkipGuard, SkipWarner
+from .._support.guard import MaskedSteps, SkipGuard, SkipWarner, fill_if_, select
 from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
@@ -308,9 +308,9 @@ def _sgd_directions(params: list[Tensor], weight_decays: list[float],
             ds = torch._foreach_add(grads, ps, alpha=wd)
             if guard:
                 for d in ds:
-                    d.masked_fill_(guard.bad, 0)
+                    fill_if_(d, guard.bad, 0)
         elif guard:
-            ds = [g.masked_fill(guard.bad, 0) for g in grads]
+            ds = [select(guard.ok, g, 0.0) for g in grads]
         else:
             ds = grads
         out += zip(ps, ds)
@@ -368,8 +368,7 @@ def _sgd_momentum_(groups: list[dict], state: dict, group_of: dict[int, int],
             elif masked is not None:
                 steps = masked(gi, bufs, guard.bad)
             else:  # +0 where skipped (see MaskedSteps)
-                zero = bufs[0].new_zeros(())
-                steps = [torch.where(guard.ok, b, zero) for b in bufs]
+                steps = [select(guard.ok, b, 0.0) for b in bufs]
         else:
             steps = ds  # already zero on a skipped step
         torch._foreach_add_(ps, steps, alpha=-lr)

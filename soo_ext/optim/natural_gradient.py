@@ -11,7 +11,7 @@ from torch import nn
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
 from .._support.errors import NonFiniteError
-from .._support.guard import MaskedSteps, SkipGuard, SkipWarner
+from .._support.guard import MaskedSteps, SkipGuard, SkipWarner, fill_if_
 from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs
 from .._support.params import (add_param_group_checked, all_params, check_dense_grads,
                                check_params, group_index, load_state_dict_uncast)
@@ -166,7 +166,7 @@ class NaturalGradient(ModelHooks, OnDemandStepWrapper):
         directions = []
         if layers:
             if guard:
-                flat.masked_fill_(guard.bad, 0)
+                fill_if_(flat, guard.bad, 0)
             for l, d in zip(layers, ds):
                 d = d.view(l.out, l.a_dim)  # views, not copies: the momentum reads them once
                 directions.append((l.weight, d[:, :l.fan_in].unflatten(1, l.weight.shape[1:])))

@@ -13,7 +13,7 @@ from torch import Tensor
 from .._support.closure import call_closure
 from .._support.device import device_tensor
 from .._support.distributed import check_process_group
-from .._support.guard import SkipGuard
+from .._support.guard import SkipGuard, select
 from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs, Spec
 from .._support.params import all_params, check_dense_grads
 from ..curvature.psgd_kron import (FLAT_START, MIN_PROB, START_INTERVAL, TRI, PSGDKronFactors,
@@ -157,7 +157,7 @@ class PSGDKron(LaidOutOptimizer):
         balance = decisions.random() < 0.01 and update
         self._generator.manual_seed((gstate["seed"] * 1_000_003 + k) % (2 ** 63))
         order = factors.order
-        G = torch.where(guard.ok, G, 0.0)  # NaN * 0 is NaN: replaced
+        G = select(guard.ok, G, 0.0)  # NaN * 0 is NaN: replaced
         present = tuple(params[i].grad is not None for i in order)
         take = guard.ok if all(present) else guard.ok & _on_device(present, G.device)
         momentum = {id(p): gr["momentum"] for gr in self.param_groups for p in gr["params"]}

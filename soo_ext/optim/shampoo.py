@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .._support.closure import call_closure
 from .._support.distributed import check_process_group
-from .._support.guard import SkipGuard
+from .._support.guard import SkipGuard, fill_if_
 from .._support.options import Bool, Int, Number, OneOf, OptionChecks, OptionSpecs, Spec
 from .._support.params import all_params
 from ..curvature.grafting import SGDGrafting, make_grafting
@@ -153,7 +153,7 @@ class Shampoo(LaidOutOptimizer):
         # From here every update is masked: on a skipped step the gradient is zero (NaN * 0 is
         # NaN, so it is replaced, not scaled) and every decay is 1.
         okf = guard.ok.to(roots.dtype)
-        grad.masked_fill_(guard.bad, 0.0)
+        fill_if_(grad, guard.bad, 0.0)
         if not o["decoupled_weight_decay"]:
             for P, g, has_grad in zip(blocking.params, roots.grad_views, present):
                 if has_grad and groups[P.group]["weight_decay"] != 0:

@@ -22,6 +22,7 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 
 import soo_ext
+from soo_ext._support import guard
 
 from conftest import assert_state_equal, count_host_syncs, saved_copy
 from contract import CASES, FAMILIES, build, first_param, global_state, problem, run, take_step
@@ -165,13 +166,18 @@ def test_nonfinite_raise_changes_nothing(case, poison, position):
     assert_params_differ(model, values)
 
 
+@pytest.mark.parametrize("flags", ["host", "device"])
 @pytest.mark.parametrize("case,poison,position", nonfinite_cases())
-def test_nonfinite_skip(case, poison, position):
+def test_nonfinite_skip(monkeypatch, case, poison, position, flags):
     """on_nonfinite='skip': the params do not move.  'noop' rows: nothing changes, step()
     returns the loss, and the run goes on exactly as if the step had never been taken.
     'counted' rows: the state is unchanged but for the step counters (which advance as at a
     finite step) and state['nonfinite_steps'] (int64, + 1); a skipped scheduled step (pair or
-    root update) does not count as one; the run goes on."""
+    root update) does not count as one; the run goes on.  ``flags``: the masking with the
+    step's finiteness read on the host (the CPU's way) or kept on the device (a GPU's, here
+    forced on the CPU)."""
+    if flags == "device":
+        monkeypatch.setattr(guard, "host_flag", lambda flag: None)
     good, scheduled = case.positions[position]
     overrides = policy_overrides(case, "skip")
     model, opt = problem(case, **overrides)
