@@ -1333,6 +1333,45 @@ def test_sequence_first_layers_take_the_samples_of_dim_1(cls):
                                            atol=1e-14)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_captures_each_layer_once(reentrant):
+    """A block under torch.utils.checkpoint (its forward run again in backward): each layer is
+    captured once a backward pass, and the run equals the one without checkpointing bit for
+    bit (a second capture of the recomputed forward would pool the same rows twice, and the
+    natural gradient would refuse a second backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, checkpointed):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.checkpointed = nn.Linear(5, 7), nn.Linear(7, 3), checkpointed
+
+        def block(self, x):
+            return torch.tanh(self.a(x))
+
+        def forward(self, x):
+            h = checkpoint(self.block, x, use_reentrant=reentrant) if self.checkpointed \
+                else self.block(x)
+            return self.b(h)
+
+    # reentrant checkpointing needs an input that requires grad for the block to get gradients
+    x = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (8,))
+    runs = []
+    for checkpointed in (False, True):
+        model = Net(checkpointed).double()
+        opt = KFAC(model, factor_dtype=torch.float64, factor_update_steps=1, inv_update_steps=1)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            assert [l.captures for l in opt._layers] == [1, 1]
+            opt.step()
+        runs.append([model.a.weight, model.b.weight, opt.state[model.a.weight]["A"],
+                     opt.state[model.a.weight]["G"]])
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
 def test_unbatched_attention_input_is_one_sample():
     """An nn.MultiheadAttention on an unbatched [T, E] input: one sample of T rows, the factors
     of the same input batched as [1, T, E] (before: T samples of a row each)."""
