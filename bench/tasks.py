@@ -8,6 +8,13 @@ sorted by path, read in that order until ``STDLIB_BYTES`` bytes; every ``VALIDAT
 file goes to validation, the rest to training (split by file, so that no file is in both).
 Each split is one byte stream cut into windows of ``CONTEXT + 1`` bytes (``CONTEXT`` inputs, the
 next byte of each as its label).  The text differs between Python versions: results name theirs.
+
+docs-lm (a development case): the prose of ``pydoc_data/topics.py`` (the help() topics of
+Python's documentation; not among the files stdlib-lm reads, which stop at ~1.5 MB, in the first
+letters of the sorted paths), the string values of its ``topics`` dict sorted by name, UTF-8,
+up to ``DOCS_BYTES`` (all ~466 kB in 3.11); every ``VALIDATION_EVERY``-th topic to validation
+(the topics' sizes vary: in 3.11 the validation topics are 7 short ones, 10.9 kB), the same
+windows.
 """
 from __future__ import annotations
 
@@ -16,11 +23,13 @@ import glob
 import os
 import sys
 import sysconfig
+from typing import Iterable
 
 import torch
 from torch import nn
 
 STDLIB_BYTES = 1_500_000
+DOCS_BYTES = 600_000  # more than the topics hold (~466 kB in 3.11): all of them
 VALIDATION_EVERY = 10
 CONTEXT = 64
 VOCAB = 256
@@ -42,21 +51,50 @@ def windows(stream: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     return x.contiguous(), y.contiguous()
 
 
+def split_by_document(documents: Iterable[tuple[str, bytes]],
+                      limit: int) -> tuple[bytes, bytes, dict]:
+    """Every ``VALIDATION_EVERY``-th of the (name, text) ``documents`` to validation, the rest to
+    training, read in order until ``limit`` bytes: (training bytes, validation bytes, how many
+    documents and bytes were read and the last one's name)."""
+    train, validation, read = [], [], 0
+    for i, (name, text) in enumerate(documents):
+        (validation if i % VALIDATION_EVERY == VALIDATION_EVERY - 1 else train).append(text)
+        read += len(text)
+        if read >= limit:
+            break
+    return b"".join(train), b"".join(validation), {"documents": i + 1, "bytes": read, "last": name}
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 @functools.lru_cache(maxsize=None)
 def stdlib_text() -> tuple[bytes, bytes, dict]:
     """(training bytes, validation bytes, what was read)."""
-    train, validation, read = [], [], 0
     files = stdlib_files()
-    for i, path in enumerate(files):
-        with open(path, "rb") as f:
-            text = f.read()
-        (validation if i % VALIDATION_EVERY == VALIDATION_EVERY - 1 else train).append(text)
-        read += len(text)
-        if read >= STDLIB_BYTES:
-            break
-    info = {"python": sys.version.split()[0], "files": i + 1, "of_files": len(files),
-            "bytes": read, "last_file": os.path.relpath(path, sysconfig.get_paths()["stdlib"])}
-    return b"".join(train), b"".join(validation), info
+    train, validation, read = split_by_document(((path, _read(path)) for path in files),
+                                                STDLIB_BYTES)
+    info = {"python": sys.version.split()[0], "files": read["documents"], "of_files": len(files),
+            "bytes": read["bytes"],
+            "last_file": os.path.relpath(read["last"], sysconfig.get_paths()["stdlib"])}
+    return train, validation, info
+
+
+@functools.lru_cache(maxsize=None)
+def docs_text() -> tuple[bytes, bytes, dict]:
+    """(training bytes, validation bytes, what was read): the topics of pydoc_data/topics.py,
+    sorted by name, each topic's text UTF-8 encoded."""
+    from pydoc_data import topics
+
+    names = sorted(topics.topics)
+    train, validation, read = split_by_document(
+        ((name, topics.topics[name].encode()) for name in names), DOCS_BYTES)
+    info = {"python": sys.version.split()[0], "topics": read["documents"],
+            "of_topics": len(names), "bytes": read["bytes"], "last_topic": read["last"],
+            "file": os.path.relpath(topics.__file__, sysconfig.get_paths()["stdlib"])}
+    return train, validation, info
 
 
 class CausalTransformer(nn.Module):
@@ -86,6 +124,11 @@ class CausalTransformer(nn.Module):
         for layer in self.layers:
             x = layer(x, src_mask=self.mask[:t, :t], is_causal=True)
         return self.head(self.norm(x)).transpose(1, 2)
+
+
+def docs_transformer() -> CausalTransformer:
+    """docs-lm's model: CausalTransformer at d 64, 2 layers, 4 heads (~0.45x stdlib-lm's step)."""
+    return CausalTransformer(d_model=64, layers=2, heads=4)
 
 
 class ResidualBlock(nn.Module):

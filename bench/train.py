@@ -10,6 +10,11 @@ Data (nothing is downloaded):
              sorted by path, read until 1.5 MB, every 10th file to validation; windows of 64
              bytes (each byte's label: the next byte); ~22k training windows, and 256 validation
              windows spread over the validation text (the test set).
+  docs       the prose of Python's documentation topics (pydoc_data/topics.py, what help() shows;
+             bench/tasks.py): the topics' texts sorted by name, UTF-8 (~466 kB, 79 topics in
+             3.11), every 10th topic to validation, as the files above (in 3.11: 7 short
+             topics, 10.9 kB, 2.3 %); the same windows: 7,112 training windows, and all 170
+             validation windows as the test set.
 
 Cases (model, parameter count, default target test accuracy):
   mnist1d-mlp  Linear 40-100, ReLU, Linear 100-100, ReLU, Linear 100-10      15,210 params  0.60
@@ -33,31 +38,39 @@ Cases (model, parameter count, default target test accuracy):
                best final one (see --protocol); minibatches of 16 windows, a budget of 600 steps
                (no time limit), evaluated every 50 steps (train loss over 256 training windows);
                the full-batch optimizers do not run on it
+  docs-lm      the same transformer, smaller (d 64, 2 layers, 4 heads, GELU MLP 256) on the
+               docs text                                                 137,216 params
+               a step costs ~0.45x stdlib-lm's; the same protocol (validation loss, target the
+               reference's best final one, 16 windows, evaluated every 50 steps), a budget of
+               1200 steps (AdamW at 600 / 1200 / 2400 steps: 1.97 / 1.46 / 1.29, seed 0: the
+               budget is where its gains have slowed, not where they stop)
 The MNIST-1D MLP over-fits: it levels off at 0.62-0.66 test accuracy with Adam (full-batch
 L-BFGS drives its training loss to 0 at about 0.58), hence its low target; the CNN passes 0.85.
 digits-mlp is the case sized for dense BFGS (n^2 state: 23 MB in float32; the MNIST-1D MLP's is
 0.93 GB).
 Loss: mean cross-entropy; no weight decay for any optimizer in the tuned protocol, so all
 minimise the same function.  Evaluations run the model in eval mode (BatchNorm's running
-statistics).  Without --cases: the first three cases (--protocol tuned) or all six (defaults).
+statistics).  Without --cases: the first three cases (--protocol tuned) or all seven (defaults).
 Development and held-out cases: the MNIST-1D MLP and CNN and the digits MLP are the development
 cases, where defaults were (and may be) tuned; mnist1d-resnet and stdlib-lm are held out: no
 default of any optimizer was or may be chosen by a run on them, so their defaults-protocol
 results are the ones that say what a new user gets (the JSON's case entry says "held_out").
 mnist1d-transformer is a development case too: LayerNorm, embeddings and nn.MultiheadAttention
 (what K-FAC-type methods capture or leave to their fallback step) where defaults may be tuned;
-it is not in the tuned protocol's default run.
+it is not in the tuned protocol's default run.  docs-lm is the development counterpart of
+stdlib-lm (a token embedding, a causal LM, other text: defaults for token models are chosen on
+it, never on stdlib-lm); not in the tuned protocol's default run either.
 
 Protocols (--protocol):
   tuned      the settings and lr sweeps below (some found by sweeps on these very cases: tuned
              results, labelled as such); the ratio column is to the best Adam setting
   defaults   every optimizer with its defaults, only the lr swept: 5 values a factor sqrt(10)
              apart around its default lr (the default lr of each is given below as 'default');
-             the baselines are AdamW (torch's defaults, weight decay 0.01; on stdlib-lm with a
+             the baselines are AdamW (torch's defaults, weight decay 0.01; on the LM cases with a
              linear warm-up over 5 % of the steps and a cosine decay to 0 over the budget) and
              SGD with momentum 0.9; the ratio column is to the faster of the two, so both
              run with any --optimizers (a note says so; --no-baselines leaves them out).  The
-             reference for stdlib-lm's target is AdamW (tuned: Adam).  --schedule all gives
+             reference for the LM cases' targets is AdamW (tuned: Adam).  --schedule all gives
              AdamW's warm-up and decay to every minibatch optimizer stepped once a step (a
              variant, labelled in the table and the JSON; the target stays AdamW's).
 
@@ -172,14 +185,14 @@ Columns (mean +- sample std over seeds; time and steps to target over the seeds 
 
 --json: one record per (case, optimizer, lr): the columns' means (keys time_to_target,
 steps_to_target, time_to_target_vs_baseline, final_train_loss, final_test_acc (final_val_loss
-on stdlib-lm), ms_per_step, steps, epochs) with their std as KEY_std, metric, the per-seed numbers under runs (with grad_evals and
+on the LM cases), ms_per_step, steps, epochs) with their std as KEY_std, metric, the per-seed numbers under runs (with grad_evals and
 forward_evals), full_batch and closure (minibatch with a closure: DRSOM), best, and for the best
 setting its mean curve (time, step, train_loss, and test_acc or val_loss, per evaluation; what
 --plot draws).
 null stands for "not reached"; NaN for a mean over seeds of which one diverged (non-finite).
 The environment holds the protocol, the schedule (--schedule), its reference and baselines, the options, the cases
 (n_params, n_train, n_test, metric, target, budget), the sweeps, the notes on skipped optimizers
-and, with stdlib-lm, what text was read (Python version, files, bytes).
+and, with stdlib-lm or docs-lm, what text was read (Python version, files or topics, bytes).
 """
 from __future__ import annotations
 
@@ -206,6 +219,7 @@ MNIST1D_SEED = 42  # mnist1d's default: the canonical MNIST-1D
 CURVE_KEYS = ("time", "step", "train_loss")  # and the case's metric (Case.metric)
 DEFAULTS = dict(budget=10.0, max_steps=5000, eval_every=10, full_batch_iters=10)
 QUICK = dict(budget=0.2, max_steps=10, eval_every=5, full_batch_iters=2)
+DOCS_LM_STEPS = 1200  # docs-lm's budget: AdamW has levelled off (module docstring)
 
 
 @dataclass(frozen=True)
@@ -265,15 +279,26 @@ def digits_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
 
 
-@functools.lru_cache(maxsize=None)
-def stdlib_lm_data() -> Data:
-    """Windows of the standard library's text (bench/tasks.py): all training windows; as the
-    'test' set EVAL_WINDOWS validation windows spread evenly over the validation text."""
-    train_text, validation_text, _ = tasks.stdlib_text()
+def text_windows(text: Callable[[], tuple[bytes, bytes, dict]]) -> Data:
+    """Windows of a text split (bench/tasks.py): all training windows; as the 'test' set
+    EVAL_WINDOWS validation windows spread evenly over the validation text."""
+    train_text, validation_text, _ = text()
     x, y = tasks.windows(train_text)
     x_val, y_val = tasks.windows(validation_text)
     keep = torch.linspace(0, len(x_val) - 1, min(tasks.EVAL_WINDOWS, len(x_val))).long()
     return Data(x, y, x_val[keep], y_val[keep])
+
+
+@functools.lru_cache(maxsize=None)
+def stdlib_lm_data() -> Data:
+    """The standard library's text in windows."""
+    return text_windows(tasks.stdlib_text)
+
+
+@functools.lru_cache(maxsize=None)
+def docs_lm_data() -> Data:
+    """The documentation topics' text (pydoc_data) in windows."""
+    return text_windows(tasks.docs_text)
 
 
 @dataclass(frozen=True)
@@ -304,6 +329,10 @@ CASES = (Case("mnist1d-mlp", mnist1d_data, mnist1d_mlp, 0.6),
          # 400-step budget (a step costs ~15x the CNN's: a budget in steps, not 10 s)
          Case("mnist1d-transformer", mnist1d_data, tasks.MNIST1DTransformer, 0.5,
               max_steps=400, eval_every=20, train_eval=1000),
+         # budget: AdamW's validation loss levels off (see the module docstring)
+         Case("docs-lm", docs_lm_data, tasks.docs_transformer, None, metric="val_loss",
+              batch_size=16, max_steps=DOCS_LM_STEPS, eval_every=50,
+              train_eval=tasks.EVAL_WINDOWS, full_batch=False, schedule=True),
          Case("mnist1d-resnet", mnist1d_data, tasks.mnist1d_resnet, 0.97, held_out=True),
          Case("stdlib-lm", stdlib_lm_data, tasks.CausalTransformer, None, metric="val_loss",
               batch_size=16, max_steps=600, eval_every=50, train_eval=tasks.EVAL_WINDOWS,
@@ -542,7 +571,7 @@ class Budget:
 
 
 def parse_target(text: str) -> tuple[str | None, float]:
-    """``0.7`` (every accuracy case) or ``CASE=0.7`` (one case; stdlib-lm: a validation loss)."""
+    """``0.7`` (every accuracy case) or ``CASE=0.7`` (one case; an LM case: a validation loss)."""
     name, _, value = text.rpartition("=")
     case = next((c for c in CASES if c.name == name), None)
     if name and case is None:
@@ -579,7 +608,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              + " (default: all of the protocol; --protocol defaults adds its "
                                "baselines, " + " and ".join(BASELINES["defaults"]) + ")")
     parser.add_argument("--schedule", choices=["baseline", "all"], default="baseline",
-                        help="on the cases that use a schedule (stdlib-lm): baseline: AdamW alone "
+                        help="on the cases that use a schedule (the LM cases): baseline: AdamW alone "
                              "warms up and decays (the protocol's setting); all: every minibatch "
                              "optimizer stepped once a step does (not DRSOM, K-BFGS, ASDL: they "
                              "keep their lr), a separate, labelled variant (default: baseline)")
@@ -590,7 +619,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="one run per seed and setting (default: 0 1 2)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="minibatch size of the minibatch optimizers (default: 128; "
-                             "stdlib-lm: 16 windows)")
+                             "the LM cases: 16 windows)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help=f"training seconds per run (default {DEFAULTS['budget']:g}; "
                              f"--quick: {QUICK['budget']:g})")
@@ -606,10 +635,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              f"--quick: {QUICK['full_batch_iters']})")
     parser.add_argument("--target", nargs="+", type=parse_target, default=[],
                         metavar="[CASE=]ACC",
-                        help="target test accuracy (stdlib-lm: validation loss), for every case "
+                        help="target test accuracy (LM cases: validation loss), for every case "
                              "or for one (default: " + ", ".join(
                                  f"{c.name}={c.target:g}" for c in CASES if c.target)
-                             + "; stdlib-lm: the reference optimizer's)")
+                             + "; LM cases: the reference optimizer's)")
     parser.add_argument("--quick", action="store_true", help="a tiny budget (smoke test)")
     parser.add_argument("--json", metavar="PATH", help="write records and environment as JSON")
     parser.add_argument("--plot", metavar="PATH",
@@ -1047,6 +1076,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                lrs={s.name: list(s.lrs) for s in specs}, notes=notes)
     if any(c.name == "stdlib-lm" for c in cases):
         env["stdlib_text"] = tasks.stdlib_text()[2]
+    if any(c.name == "docs-lm" for c in cases):
+        env["docs_text"] = tasks.docs_text()[2]
 
     runs: dict[tuple, list[dict]] = {}
     progress = tqdm(jobs, desc="train", unit="run")

@@ -4,6 +4,7 @@ written).  Whether an optimizer reaches a target fast is what the benchmark repo
 import argparse
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -419,6 +420,48 @@ def test_stdlib_text_is_split_by_file():
     assert torch.equal(x.flatten()[1:], y.flatten()[:-1])  # the next byte is the label
 
 
+def test_docs_text_is_split_by_topic_and_disjoint_from_the_stdlib_text():
+    """docs-lm's text: pydoc_data's topics (sorted by name, UTF-8), every VALIDATION_EVERY-th
+    to validation, as the stdlib files; not a file that stdlib-lm reads."""
+    import sysconfig
+    from pydoc_data import topics
+
+    from bench import tasks
+    train_text, validation_text, info = tasks.docs_text()
+    names = sorted(topics.topics)
+    assert info["of_topics"] == len(names) and info["file"] == "pydoc_data/topics.py"
+    texts = [topics.topics[name].encode() for name in names[:info["topics"]]]
+    assert len(train_text) + len(validation_text) == info["bytes"] == sum(map(len, texts))
+    assert validation_text == b"".join(texts[tasks.VALIDATION_EVERY - 1::tasks.VALIDATION_EVERY])
+    assert len(validation_text) > tasks.CONTEXT and train_text.startswith(texts[0])
+    stdlib_read = tasks.stdlib_files()[:tasks.stdlib_text()[2]["files"]]
+    root = sysconfig.get_paths()["stdlib"]
+    assert topics.__file__.startswith(root) and topics.__file__ not in stdlib_read
+
+
+def test_docs_lm_is_a_development_case_with_the_stdlib_lm_protocol(one_thread):
+    """docs-lm: development (defaults for token models are chosen on it), the LM protocol of
+    stdlib-lm (validation loss, AdamW's final as the target, a step budget, the schedule), a
+    smaller CausalTransformer; a --quick run works and reports its text."""
+    from bench import tasks
+    docs, stdlib = (next(c for c in train.CASES if c.name == name)
+                    for name in ("docs-lm", "stdlib-lm"))
+    assert not docs.held_out and docs.name not in train.DEFAULT_CASES
+    assert replace(docs, name="", load=None, make_model=None, max_steps=None, held_out=False) \
+        == replace(stdlib, name="", load=None, make_model=None, max_steps=None, held_out=False)
+    assert docs.max_steps == train.DOCS_LM_STEPS
+    model = docs.make_model()
+    assert isinstance(model, tasks.CausalTransformer) and len(model.layers) == 2
+    assert sum(p.numel() for p in model.parameters()) == 137_216
+    records, env = quick_train("docs-lm", "soo_ext.KFAC", "--protocol", "defaults",
+                               "--no-baselines")
+    assert env["docs_text"] == tasks.docs_text()[2] and "stdlib_text" not in env
+    assert not env["cases"]["docs-lm"]["held_out"]
+    adamw = [r for r in records if r["optimizer"] == "torch.optim.AdamW"]  # the reference
+    assert env["cases"]["docs-lm"]["target"] == min(r["final_val_loss"] for r in adamw)
+    assert all(r["metric"] == "val_loss" and math.isfinite(r["final_val_loss"]) for r in records)
+
+
 def test_causal_transformer_does_not_look_ahead():
     from bench import tasks
     torch.manual_seed(0)
@@ -447,7 +490,7 @@ def test_evaluation_runs_batchnorm_in_eval_mode():
 
 def test_development_and_held_out_cases():
     held_out = {c.name for c in train.CASES if c.held_out}
-    assert held_out == {"mnist1d-resnet", "stdlib-lm"}
+    assert held_out == {"mnist1d-resnet", "stdlib-lm"}  # docs-lm: development
     assert not held_out & set(train.DEFAULT_CASES)  # the tuned protocol's cases are development
 
 
