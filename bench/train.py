@@ -219,7 +219,7 @@ MNIST1D_SEED = 42  # mnist1d's default: the canonical MNIST-1D
 CURVE_KEYS = ("time", "step", "train_loss")  # and the case's metric (Case.metric)
 DEFAULTS = dict(budget=10.0, max_steps=5000, eval_every=10, full_batch_iters=10)
 QUICK = dict(budget=0.2, max_steps=10, eval_every=5, full_batch_iters=2)
-DOCS_LM_STEPS = 1200  # docs-lm's budget: AdamW has levelled off (module docstring)
+DOCS_LM_STEPS = 1200  # docs-lm's budget in steps (why this many: the module docstring)
 
 
 @dataclass(frozen=True)
@@ -329,7 +329,7 @@ CASES = (Case("mnist1d-mlp", mnist1d_data, mnist1d_mlp, 0.6),
          # 400-step budget (a step costs ~15x the CNN's: a budget in steps, not 10 s)
          Case("mnist1d-transformer", mnist1d_data, tasks.MNIST1DTransformer, 0.5,
               max_steps=400, eval_every=20, train_eval=1000),
-         # budget: AdamW's validation loss levels off (see the module docstring)
+         # budget: where AdamW's fall in validation loss has slowed (the module docstring)
          Case("docs-lm", docs_lm_data, tasks.docs_transformer, None, metric="val_loss",
               batch_size=16, max_steps=DOCS_LM_STEPS, eval_every=50,
               train_eval=tasks.EVAL_WINDOWS, full_batch=False, schedule=True),
