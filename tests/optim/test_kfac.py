@@ -1302,27 +1302,32 @@ class Encoder(nn.Module):
         return self.head(self.layer(h.transpose(0, 1)).mean(0))
 
 
-@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, soo_ext.KBFGS])
 def test_sequence_first_layers_take_the_samples_of_dim_1(cls):
     """nn.TransformerEncoderLayer / nn.MultiheadAttention with batch_first=False take
     [T, B, E]: their layers (in-projection, out_proj, linear1, linear2) group the rows by the
     samples of dim 1, so the run equals the batch-first one (fp64; the two layouts sum the
     attention's products in other orders: rounding of O(1) values over 3 steps). Before, dim 0
-    (the T tokens) was taken as the samples: G's scale and EKFAC's per-sample grouping wrong."""
+    (the T tokens) was taken as the samples: G's scale, EKFAC's per-sample grouping and K-BFGS's
+    output-gradient scale wrong (params apart by 3e-6, 1e-4, 9e-4)."""
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(4, 6, 3, generator=gen, dtype=torch.float64),
              torch.randint(0, 5, (4,), generator=gen)) for _ in range(3)]
     runs = []
     for batch_first in (True, False):
         model = Encoder(batch_first).double()
-        opt = cls(model, factor_dtype=torch.float64, factor_update_steps=1, inv_update_steps=1)
+        opt = cls(model) if cls is soo_ext.KBFGS else cls(
+            model, factor_dtype=torch.float64, factor_update_steps=1, inv_update_steps=1)
         assert {l.name: l.batch_first for l in opt._layers} == {
             "embed": None, "head": None, **{n: batch_first for n in (
                 "layer.self_attn", "layer.self_attn.out_proj", "layer.linear1", "layer.linear2")}}
         for x, y in data:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)  # (K-BFGS needs it; K-FAC and EKFAC run it once)
         runs.append((list(model.parameters()), opt))
     (ps, opt), (qs, seq_opt) = runs
     for p, q in zip(ps, qs):
