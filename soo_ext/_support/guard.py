@@ -88,15 +88,13 @@ def fill_if_(t: Tensor, flag: Tensor, value: float) -> Tensor:
     return t.fill_(value) if known else t
 
 
-def where_into_(flag: Tensor, new: Tensor, old: Tensor | float, out: Tensor) -> Tensor:
-    """``torch.where(flag, new, old, out=out)`` for a 0-dim bool ``flag`` (one copy or fill, or
-    nothing where ``out`` already is the one chosen, on the CPU)."""
+def where_into_(flag: Tensor, new: Tensor, old: Tensor, out: Tensor) -> Tensor:
+    """``torch.where(flag, new, old, out=out)`` for a 0-dim bool ``flag`` (one copy, or nothing
+    where ``out`` already is the one chosen, on the CPU)."""
     known = host_flag(flag)
     if known is None:
         return torch.where(flag, new, old, out=out)
     chosen = new if known else old
-    if not isinstance(chosen, Tensor):
-        return out.fill_(chosen)
     return out if chosen is out else out.copy_(chosen)
 
 

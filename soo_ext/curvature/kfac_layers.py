@@ -222,16 +222,17 @@ def find_layers(model: nn.Module, group_of: dict[int, int], patterns: tuple[re.P
             why[name] = "; ".join(tied)
         else:
             layers.append(KFACLayer(name, module, len(layers)))
-    for index, batch_first in _sequence_layouts(model, layers).items():
-        layers[index].batch_first = batch_first
+    stated = _stated_batch_first(model)
+    for layer in layers:
+        layer.batch_first = stated.get(id(layer.module))
     if warn:
         _warn_left_out(model, group_of, layers, why, owner, stacklevel, step)
     return layers
 
 
-def _sequence_layouts(model: nn.Module, layers: list[KFACLayer]) -> dict[int, bool]:
-    """``batch_first`` of the layers whose sequence layout the model states (layer index ->
-    bool): an nn.MultiheadAttention's in-projection and its ``out_proj`` (called by the hooked
+def _stated_batch_first(model: nn.Module) -> dict[int, bool]:
+    """``batch_first`` of the modules whose sequence layout the model states (id -> bool): an
+    nn.MultiheadAttention (its in-projection) and its ``out_proj`` (called by the hooked
     attention on the input's layout), and ``linear1`` / ``linear2`` of torch's own
     ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (which run them on the
     attention's layout).  Any other Linear on ``[d0, d1, ..., in]`` has its batch at dim 0 for
@@ -242,7 +243,7 @@ def _sequence_layouts(model: nn.Module, layers: list[KFACLayer]) -> dict[int, bo
             first[id(module)] = first[id(module.out_proj)] = module.batch_first
         elif type(module) in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer):
             first[id(module.linear1)] = first[id(module.linear2)] = module.self_attn.batch_first
-    return {l.index: first[id(l.module)] for l in layers if id(l.module) in first}
+    return first
 
 
 def _warn_left_out(model: nn.Module, group_of: dict[int, int], layers: list[KFACLayer],
