@@ -3,7 +3,8 @@ leaves out (embeddings, norms, biases of unsupported layers, bare params): its o
 (``fallback``, ``fallback_lr``, ``fallback_betas``, ``fallback_eps``) and the AdamW step
 (torch.optim.AdamW's update, decoupled weight decay, bias correction by a per-param step count
 on the device: no host sync).  The 'sgd' fallback is the optimizer's own SGD-with-momentum step
-(KFAC's ``_sgd_momentum_``).
+(KFAC's ``_sgd_momentum_``).  An LR scheduler scales ``fallback_lr`` as it scales the group's
+``lr`` (:func:`schedule_factor`): torch's schedulers write ``lr`` only.
 
 The AdamW state lives in the optimizer's per-param state (``exp_avg``, ``exp_avg_sq`` in the
 param's dtype, ``fallback_step`` a float32 count that ``Optimizer.load_state_dict`` must not
@@ -19,7 +20,7 @@ from .._support.guard import select
 from .._support.options import Number, OneOf, Spec
 
 __all__ = ["OPTIONS", "PER_GROUP", "UNCAST", "adamw_fallback_", "fallback_params",
-           "restore_uncast"]
+           "restore_uncast", "schedule_factor", "sgd_lr"]
 
 
 class _Betas(Spec):
@@ -46,22 +47,31 @@ def fallback_params(params: list[Tensor], group: dict) -> tuple[list[Tensor], li
     return (params, []) if group["fallback"] == "sgd" else ([], params)
 
 
+def schedule_factor(group: dict) -> float:
+    """What an LR scheduler has made of ``group``'s lr: ``lr / initial_lr`` (``initial_lr``: the
+    key every torch.optim.lr_scheduler sets), 1 without a scheduler (or an ``initial_lr`` of 0)."""
+    initial = group.get("initial_lr")
+    return group["lr"] / initial if initial else 1.0
+
+
 def sgd_lr(group: dict) -> float:
-    """The SGD fallback's lr in ``group``: ``fallback_lr``, or the group's ``lr``."""
-    return group["lr"] if group.get("fallback_lr") is None else group["fallback_lr"]
+    """The SGD fallback's lr in ``group``: ``fallback_lr`` (scheduled), or the group's ``lr``."""
+    fallback_lr = group.get("fallback_lr")
+    return group["lr"] if fallback_lr is None else fallback_lr * schedule_factor(group)
 
 
 @torch.no_grad()
 def adamw_fallback_(groups: list[dict], state: dict, group_of: dict[int, int],
                     params: list[Tensor], ok: Tensor | None) -> None:
     """One AdamW step of ``params`` (each with a gradient) in place, with each param group's
-    ``fallback_lr``, ``fallback_betas`` and ``weight_decay`` (decoupled: ``p *= 1 - lr wd``) and
-    the first group's ``fallback_eps``; ``ok`` (a bool scalar on the device, or None): where it
+    ``fallback_lr`` (scheduled), ``fallback_betas`` and ``weight_decay`` (decoupled:
+    ``p *= 1 - lr wd``) and the first group's ``fallback_eps``; ``ok`` (a bool scalar on the device, or None): where it
     is False nothing changes (params, moments and counts; the gradient may be non-finite)."""
     eps = groups[0]["fallback_eps"]
     for p in params:
         group = groups[group_of[id(p)]]
-        lr = ADAMW_LR if group["fallback_lr"] is None else group["fallback_lr"]
+        lr = (ADAMW_LR if group["fallback_lr"] is None else group["fallback_lr"]) \
+            * schedule_factor(group)
         b1, b2 = group["fallback_betas"]
         wd = group["weight_decay"]
         st = state[p]

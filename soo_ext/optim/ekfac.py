@@ -43,7 +43,7 @@ class EKFAC(KFAC):
         factor_update_steps, inv_update_steps, scale_update_steps: steps between factor
             updates, between eigendecompositions and between scaling updates (2, None, 2);
             None: automatic, the decompositions at most ``refresh_budget`` (0.1) of the time.
-        skip_layers, on_nonfinite, factor_dtype, accumulation_steps, batch_averaged,
+        kl_clip_lr, skip_layers, on_nonfinite, factor_dtype, accumulation_steps, batch_averaged,
             grad_scaler, params, process_group, spread_inverses, refresh_budget,
             refresh_timer, fallback, fallback_lr, fallback_betas, fallback_eps: as in
             :class:`soo_ext.KFAC`.
@@ -63,8 +63,9 @@ class EKFAC(KFAC):
                  weight_decay: float = 0.0, damping: float = 1e-3, factor_decay: float = 0.95,
                  scale_decay: float = 0.75, kl_clip: float | None = 1e-3,
                  factor_update_steps: int | None = 2, inv_update_steps: int | None = None,
-                 scale_update_steps: int = 2, *, skip_layers=None, on_nonfinite: str = "skip",
-                 factor_dtype: torch.dtype = torch.float32, accumulation_steps: int = 1,
+                 scale_update_steps: int = 2, *, kl_clip_lr: str = "peak", skip_layers=None,
+                 on_nonfinite: str = "skip", factor_dtype: torch.dtype = torch.float32,
+                 accumulation_steps: int = 1,
                  batch_averaged: bool = True, grad_scaler=None, params=None,
                  process_group=None, spread_inverses: bool = True,
                  refresh_budget: float | None = 0.1, refresh_timer=None, fallback: str = "sgd",

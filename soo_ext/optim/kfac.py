@@ -22,7 +22,8 @@ from ..curvature.kfac_factors import (COUNTER_KEYS, EigenFactors, FactorStore, I
 from ..curvature.first_order_fallback import (OPTIONS as FALLBACK, PER_GROUP as FALLBACK_GROUP,
                                               UNCAST as FALLBACK_UNCAST, adamw_fallback_,
                                               fallback_params, restore_uncast, sgd_lr)
-from ..curvature.kfac_layers import LayerCapture, compiled_inner, find_layers, skip_patterns
+from ..curvature.kfac_layers import (KFACLayer, LayerCapture, compiled_inner, find_layers,
+                                     skip_patterns)
 from ..curvature.refresh_schedule import RefreshSchedule
 from .hooked import ModelHooks
 
@@ -33,6 +34,7 @@ OPTIONS = OptionSpecs({
     "weight_decay": Number(0, high_open=True),
     "damping": Number(0, low_open=True, high_open=True), "factor_decay": Number(0, 1),
     "kl_clip": Number(0, low_open=True, high_open=True, none=True),
+    "kl_clip_lr": OneOf("current", "peak"),
     "factor_update_steps": Int(1, none=True), "inv_update_steps": Int(1, none=True),
     "refresh_budget": Number(0, 1, low_open=True, high_open=True, none=True),
     "accumulation_steps": Int(1),
@@ -47,8 +49,9 @@ _UNCAST = _VIEW_KEYS + ("nonfinite_steps",) + FALLBACK_UNCAST
 
 class KFAC(ModelHooks, OnDemandStepWrapper):
     r"""K-FAC, Kronecker-factored approximate curvature (Martens & Grosse, ICML 2015), with the
-    defaults of KAISA (Pauloski et al. 2021), as one optimizer: the preconditioner and SGD with
-    momentum in one ``step()``.
+    defaults of KAISA (Pauloski et al. 2021) but for the refresh intervals (automatic) and the
+    KL clip under a decaying lr (``kl_clip_lr``), as one optimizer: the preconditioner and SGD
+    with momentum in one ``step()``.
 
     Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` of ``model`` (compiled or not) whose
     params are optimised here (in one group, not tied) is preconditioned by
@@ -65,6 +68,9 @@ class KFAC(ModelHooks, OnDemandStepWrapper):
         damping: lambda (default 1e-3).
         factor_decay: running-average decay of the factors, per update (default 0.95).
         kl_clip: kappa of the KL clip, or None (default 1e-3).
+        kl_clip_lr: the lr the clip measures the step at: ``'peak'`` (default: the largest
+            lr so far, so a decaying lr schedule shrinks the clipped step) or ``'current'``
+            (KAISA's: the clipped step is the same at any lr).
         factor_update_steps, inv_update_steps: steps between factor updates and between
             decompositions; None (default): automatic, ``refresh_budget``/``refresh_timer``.
         mode: ``'eigen'`` (default) or ``'inverse'``.
@@ -92,7 +98,8 @@ class KFAC(ModelHooks, OnDemandStepWrapper):
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, damping: float = 1e-3, factor_decay: float = 0.95,
                  kl_clip: float | None = 1e-3, factor_update_steps: int | None = None,
-                 inv_update_steps: int | None = None, mode: str = "eigen", *, skip_layers=None,
+                 inv_update_steps: int | None = None, mode: str = "eigen", *,
+                 kl_clip_lr: str = "peak", skip_layers=None,
                  on_nonfinite: str = "skip", factor_dtype: torch.dtype = torch.float32,
                  accumulation_steps: int = 1, batch_averaged: bool = True, grad_scaler=None,
                  params=None, process_group=None, spread_inverses: bool = True,
@@ -161,7 +168,7 @@ class KFAC(ModelHooks, OnDemandStepWrapper):
                 self._statistics_captured(factors, k, ok)
         directions = preconditioned_directions(
             factors, grads, o["damping"], o["kl_clip"],
-            lambda l: self.param_groups[group_of[id(l.weight)]]["lr"]) if grads.active else []
+            lambda l: _clip_lr(self, l, group_of)) if grads.active else []
         _momentum_and_fallback_(self, directions, plain, group_of, guard, ok)
         _refresh_timed(self, glob, k, params[0].device)
         glob["step"] = k + 1
@@ -257,6 +264,17 @@ def kfac_init(opt: KFAC, args: dict) -> None:
     opt._schedule = RefreshSchedule(f"{type(opt).__name__} factors and decompositions",
                                     timer=args["refresh_timer"])
     opt._between_steps()
+
+
+def _clip_lr(opt: KFAC, layer: KFACLayer, group_of: dict[int, int]) -> float:
+    """The lr at which the KL clip measures ``layer``'s step: its group's lr, or with
+    ``kl_clip_lr='peak'`` the largest so far (``peak_lr`` in the weight's state, updated)."""
+    lr = opt.param_groups[group_of[id(layer.weight)]]["lr"]
+    if opt.param_groups[0]["kl_clip_lr"] == "current":
+        return lr
+    st = opt.state[layer.weight]
+    st["peak_lr"] = peak = max(st.get("peak_lr", lr), lr)
+    return peak
 
 
 def _refresh_due(opt: KFAC, option: str, k: int) -> bool:

@@ -570,6 +570,7 @@ KFAC_INVALID = (
     Invalid("momentum", dict(momentum=1.0)), Invalid("weight_decay", dict(weight_decay=-1e-3)),
     Invalid("damping", dict(damping=0.0)), Invalid("factor_decay", dict(factor_decay=1.5)),
     Invalid("kl_clip", dict(kl_clip=0.0)), Invalid("kl_clip", dict(kl_clip="big")),
+    Invalid("kl_clip_lr", dict(kl_clip_lr="max")),
     Invalid("factor_update_steps", dict(factor_update_steps=0)),
     Invalid("inv_update_steps", dict(inv_update_steps=1.5)), Invalid("mode", dict(mode="svd")),
     Invalid("on_nonfinite", dict(on_nonfinite="ignore")),
@@ -917,18 +918,20 @@ def ekfac(name, dtype, factor_dtype, poisons=("grad-nan", "grad-inf")):
 
 
 def kfac_adamw_fallback(name, dtype):
-    """KFAC's row with its Linear left out (skip_layers) to the AdamW fallback step."""
+    """KFAC's row with its Linear left out (skip_layers) to the AdamW fallback step, and the
+    KL clip at the peak lr (its state: a float per layer)."""
     from dataclasses import replace
     base = kfac(name, dtype, "eigen", dtype)
 
     def state_check(opt, model):
         conv, linear = model.net[0], model.net[3]
-        assert {"A", "G", "factor_updates", "momentum_buffer"} <= set(opt.state[conv.weight])
+        assert {"A", "G", "factor_updates", "momentum_buffer", "peak_lr"} <= set(
+            opt.state[conv.weight])
         assert {"exp_avg", "exp_avg_sq", "fallback_step"} <= set(opt.state[linear.weight])
         assert "momentum_buffer" not in opt.state[linear.weight]
 
     return replace(base, kwargs={**base.kwargs, "skip_layers": ["net.3"], "fallback": "adamw",
-                                 "fallback_lr": 1e-2},
+                                 "fallback_lr": 1e-2, "kl_clip_lr": "peak"},
                    added_param_is_sgd=False, state_check=state_check)
 
 
@@ -1008,7 +1011,7 @@ def natural_gradient_adamw_fallback(name, dtype):
         assert "momentum_buffer" not in opt.state[linear.weight]
 
     return replace(base, kwargs={**base.kwargs, "skip_layers": ["net.3"], "fallback": "adamw",
-                                 "fallback_lr": 1e-2},
+                                 "fallback_lr": 1e-2, "kl_clip_lr": "peak"},
                    added_param_is_sgd=False, state_check=state_check)
 
 

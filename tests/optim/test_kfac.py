@@ -358,6 +358,46 @@ def test_preconditioned_gradient_matches_dense(mode, variant):
         assert all(torch.equal(p, q) for p, q in zip(l1.parameters(), before[l1]))
 
 
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_kl_clip_at_the_peak_lr(cls):
+    """kl_clip_lr='peak': the clip measures the step at the largest lr so far, i.e. it is
+    KAISA's clip with kappa (lr / peak)^2 (the rise of a warm-up clips as KAISA does, a decay
+    shrinks the clipped step); the peak is state (a resume is bit-identical); at a constant lr
+    it is KAISA's clip, bit for bit."""
+    lrs = [0.1, 0.3, 0.6, 0.6, 0.45, 0.3, 0.15, 0.05]  # a warm-up, then a decay
+    data = batches(len(lrs))
+    kw = dict(momentum=0.5, factor_update_steps=1, inv_update_steps=1, kl_clip=1e-4,
+              factor_dtype=torch.float64)
+    peak_model, current_model = mlp(), mlp()
+    peak = cls(peak_model, kl_clip_lr="peak", **kw)
+    current = cls(current_model, kl_clip_lr="current", **kw)
+    nus = []
+    for k, (lr, batch) in enumerate(zip(lrs, data)):
+        peak.param_groups[0]["lr"] = current.param_groups[0]["lr"] = lr
+        current.param_groups[0]["kl_clip"] = 1e-4 * (lr / max(lrs[:k + 1])) ** 2
+        before = [p.detach().clone() for p in current_model.parameters()]
+        train(peak, peak_model, [batch])
+        train(current, current_model, [batch])
+        for p, q in zip(peak_model.parameters(), current_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+        if k == 3:  # resume from the middle of the decay
+            twin = copy.deepcopy(peak_model)
+            resumed = cls(twin, kl_clip_lr="peak", **kw)
+            resumed.load_state_dict(copy.deepcopy(peak.state_dict()))
+        nus.append(max((b - p).abs().max().item() for b, p in zip(before,
+                                                                   current_model.parameters())))
+    assert peak.state[peak_model[0].weight]["peak_lr"] == 0.6
+    assert nus[-1] < nus[3] / 4  # the decay shrinks the clipped step (KAISA's would not)
+    for lr, batch in zip(lrs[4:], data[4:]):
+        resumed.param_groups[0]["lr"] = lr
+        train(resumed, twin, [batch])
+    assert all(torch.equal(p, q) for p, q in zip(peak_model.parameters(), twin.parameters()))
+    constant = [mlp(), mlp()]
+    for model, clip_lr in zip(constant, ("peak", "current")):
+        train(cls(model, lr=0.3, kl_clip_lr=clip_lr, **kw), model, data)
+    assert all(torch.equal(p, q) for p, q in zip(*(m.parameters() for m in constant)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Layers left out: exactly torch.optim.SGD
 
@@ -407,11 +447,18 @@ def test_plain_layers_match_sgd(on_nonfinite):
     assert opt.state[model.fc.weight]["factor_updates"] == 5
 
 
+def warmup_then_decay(k: int) -> float:
+    """An lr schedule's factor (LambdaLR): a warm-up of 3 steps, then a decay."""
+    return min(1.0, (k + 1) / 3) * 0.7 ** max(0, k - 2)
+
+
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])
 @pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
-def test_plain_layers_match_adamw_fallback(cls, on_nonfinite):
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_plain_layers_match_adamw_fallback(cls, on_nonfinite, scheduled):
     """fallback='adamw': the params left out take torch.optim.AdamW's step (fallback_lr,
-    fallback_betas, fallback_eps, the group's weight_decay decoupled); the layers stay K-FAC's."""
+    fallback_betas, fallback_eps, the group's weight_decay decoupled); the layers stay K-FAC's.
+    An LR scheduler scales fallback_lr as it scales AdamW's lr."""
     torch.manual_seed(0)
     model = Mixed().double()
     opt = cls(model, lr=0.05, momentum=0.9, weight_decay=1e-2, skip_layers=["skipped"],
@@ -421,6 +468,8 @@ def test_plain_layers_match_adamw_fallback(cls, on_nonfinite):
     plain = [p for p in model.parameters() if id(p) not in kfac_params]
     shadow = [p.detach().clone().requires_grad_() for p in plain]
     adamw = torch.optim.AdamW(shadow, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, warmup_then_decay)
+                  for o in (opt, adamw)] if scheduled else []
     gen = torch.Generator().manual_seed(3)
     for _ in range(5):
         tokens = torch.randint(0, 10, (16,), generator=gen)
@@ -430,30 +479,43 @@ def test_plain_layers_match_adamw_fallback(cls, on_nonfinite):
             s.grad = p.grad.clone()
         opt.step()
         adamw.step()
+        for scheduler in schedulers:
+            scheduler.step()
         for p, s in zip(plain, shadow):  # fp64, steps of ~3e-3 with a few roundings each
             torch.testing.assert_close(p, s.detach(), rtol=0, atol=1e-14)
     assert opt.state[model.fc.weight]["factor_updates"] == 5
     assert "momentum_buffer" not in opt.state[model.emb.weight]
 
 
-def test_sgd_fallback_lr():
-    """fallback='sgd' (default) with fallback_lr: the params left out take SGD at fallback_lr."""
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_sgd_fallback_lr(scheduled):
+    """fallback='sgd' (default) with fallback_lr: the params left out take SGD at fallback_lr
+    (bit for bit); an LR scheduler scales it as it scales SGD's lr (fp64: to the rounding of
+    fallback_lr * lr / initial_lr against initial_lr's factor)."""
     torch.manual_seed(0)
-    model = Mixed()
+    model = Mixed().double()
     opt = KFAC(model, lr=0.05, skip_layers=["skipped"], factor_update_steps=1,
                inv_update_steps=1, fallback_lr=0.2)
     plain = [model.emb.weight, model.norm.weight, model.free]
     shadow = [p.detach().clone().requires_grad_() for p in plain]
     sgd = torch.optim.SGD(shadow, lr=0.2, momentum=0.9)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, warmup_then_decay)
+                  for o in (opt, sgd)] if scheduled else []
     gen = torch.Generator().manual_seed(3)
-    for _ in range(3):
+    for _ in range(5):
         opt.zero_grad()
         model(torch.randint(0, 10, (16,), generator=gen)).pow(2).mean().backward()
         for s, p in zip(shadow, plain):
             s.grad = p.grad.clone()
         opt.step()
         sgd.step()
-        assert all(torch.equal(p, s) for p, s in zip(plain, shadow))
+        for scheduler in schedulers:
+            scheduler.step()
+        if scheduled:
+            for p, s in zip(plain, shadow):
+                torch.testing.assert_close(p, s.detach(), rtol=0, atol=1e-15)
+        else:
+            assert all(torch.equal(p, s) for p, s in zip(plain, shadow))
 
 
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])

@@ -88,14 +88,21 @@ def _set_params(model, values):
 # Options added since 0f96eea, with their defaults (a loaded state takes them)
 ADDED_OPTIONS = {"DRSOM": {"lr": 1.0},
                  "KFAC": {"refresh_budget": 0.25, "fallback": "sgd", "fallback_lr": None,
-                          "fallback_betas": (0.9, 0.999), "fallback_eps": 1e-8},
+                          "fallback_betas": (0.9, 0.999), "fallback_eps": 1e-8,
+                          "kl_clip_lr": "peak"},
                  "Shampoo": {"refresh_budget": 0.1, "relative_epsilon": 1e-4}}
 # ... and the settings of 0f96eea's defaults where the defaults changed since (KFAC's intervals:
 # every step, now automatic; Shampoo's roots: no relative_epsilon, now 1e-4), set where a case
 # left them to the defaults
-OLD_DEFAULTS = {"KFAC": {"refresh_budget": None, "factor_update_steps": 1, "inv_update_steps": 1},
+OLD_DEFAULTS = {"KFAC": {"refresh_budget": None, "factor_update_steps": 1, "inv_update_steps": 1,
+                         "kl_clip_lr": "current"},
                 "Shampoo": {"relative_epsilon": 0.0},
                 "MLBFGS": {"normalize": "l2"}}  # 'kl' since issue 17 (docs/mlbfgs.md)
+
+
+# State entries of those options (the saved state dicts' continuation takes the new default:
+# 'peak' at the cases' constant lr is the old clip)
+ADDED_STATE = {"KFAC": ("peak_lr",)}
 
 
 def make_optimizer(name, model):
@@ -109,15 +116,18 @@ def make_optimizer(name, model):
 
 def _without_added_options(name, state_dict):
     """``state_dict`` with the options added since 0f96eea taken out of its param groups, after
-    checking that they hold their defaults."""
+    checking that they hold their defaults, and their state entries out of its state."""
     added = ADDED_OPTIONS.get(cases.CASES[name][0], {})
+    added_state = ADDED_STATE.get(cases.CASES[name][0], ())
     old = OLD_DEFAULTS.get(cases.CASES[name][0], {})  # or what make_optimizer set
     groups = []
     for group in state_dict["param_groups"]:
         for key, value in added.items():
             assert group[key] in (value, old.get(key, value)), key
         groups.append({key: v for key, v in group.items() if key not in added})
-    return {**state_dict, "param_groups": groups}
+    state = {i: {key: v for key, v in entry.items() if key not in added_state}
+             for i, entry in state_dict["state"].items()}
+    return {**state_dict, "param_groups": groups, "state": state}
 
 
 def _build(name):
