@@ -32,13 +32,15 @@ class _Betas(Spec):
 
 
 # 'fallback' and 'fallback_eps' are one setting for the run; 'fallback_lr' (None: the group's
-# lr with 'sgd', 1e-3 with 'adamw') and 'fallback_betas' may differ between param groups.
+# lr with 'sgd', ADAMW_LR with 'adamw') and 'fallback_betas' may differ between param groups.
 OPTIONS = {"fallback": OneOf("sgd", "adamw"),
            "fallback_lr": Number(0, high_open=True, none=True), "fallback_betas": _Betas(),
            "fallback_eps": Number(0, low_open=True, high_open=True)}
 PER_GROUP = ("fallback_lr", "fallback_betas")
 UNCAST = ("fallback_step",)
-ADAMW_LR = 1e-3  # fallback_lr=None with 'adamw' (torch.optim.AdamW's default)
+# fallback_lr=None with 'adamw': AdamW's best lr on the development token models (docs/kfac.md,
+# "Other params"; torch.optim.AdamW's default is 1e-3)
+ADAMW_LR = 1e-2
 
 
 def fallback_params(params: list[Tensor], group: dict) -> tuple[list[Tensor], list[Tensor]]:
@@ -49,7 +51,8 @@ def fallback_params(params: list[Tensor], group: dict) -> tuple[list[Tensor], li
 
 def schedule_factor(group: dict) -> float:
     """What an LR scheduler has made of ``group``'s lr: ``lr / initial_lr`` (``initial_lr``: the
-    key every torch.optim.lr_scheduler sets), 1 without a scheduler (or an ``initial_lr`` of 0)."""
+    key torch's LRSchedulers set; ReduceLROnPlateau sets none), else 1 (also for an
+    ``initial_lr`` of 0)."""
     initial = group.get("initial_lr")
     return group["lr"] / initial if initial else 1.0
 
@@ -65,8 +68,9 @@ def adamw_fallback_(groups: list[dict], state: dict, group_of: dict[int, int],
                     params: list[Tensor], ok: Tensor | None) -> None:
     """One AdamW step of ``params`` (each with a gradient) in place, with each param group's
     ``fallback_lr`` (scheduled), ``fallback_betas`` and ``weight_decay`` (decoupled:
-    ``p *= 1 - lr wd``) and the first group's ``fallback_eps``; ``ok`` (a bool scalar on the device, or None): where it
-    is False nothing changes (params, moments and counts; the gradient may be non-finite)."""
+    ``p *= 1 - lr wd``) and the first group's ``fallback_eps``; ``ok`` (a bool scalar on the
+    device, or None): where it is False nothing changes (params, moments and counts; the
+    gradient may be non-finite)."""
     eps = groups[0]["fallback_eps"]
     for p in params:
         group = groups[group_of[id(p)]]

@@ -68,7 +68,7 @@ class EKFAC(KFAC):
                  accumulation_steps: int = 1,
                  batch_averaged: bool = True, grad_scaler=None, params=None,
                  process_group=None, spread_inverses: bool = True,
-                 refresh_budget: float | None = 0.1, refresh_timer=None, fallback: str = "sgd",
+                 refresh_budget: float | None = 0.1, refresh_timer=None, fallback: str = "adamw",
                  fallback_lr=None, fallback_betas=(0.9, 0.999), fallback_eps=1e-8) -> None:
         kfac_init(self, locals())
 

@@ -57,7 +57,7 @@ class KFAC(ModelHooks, OnDemandStepWrapper):
     params are optimised here (in one group, not tied) is preconditioned by
     ``(A ⊗ G + damping)^{-1}`` from running averages of its activation and output-gradient
     statistics, captured by hooks; the direction is KL-clipped and taken by SGD with momentum;
-    the other params take the ``fallback`` step, SGD's or AdamW's (a warning names them).
+    the other params take the ``fallback`` step, AdamW's or SGD's (a warning names them).
     Factors of one size share one bucket (one op call per size). Gradient accumulation, AMP
     (``grad_scaler=``), data parallelism (DDP: statistics averaged, decompositions spread over
     the ranks), non-finite steps skipped on the device: see docs/kfac.md for all of it.
@@ -83,7 +83,8 @@ class KFAC(ModelHooks, OnDemandStepWrapper):
         params: the params to optimise (default: all of ``model``'s).
         process_group: data-parallel ranks (default: a DDP ``model``'s group).
         spread_inverses: spread the decompositions over the ranks (default True).
-        fallback: the others' step, ``'sgd'`` (default) or ``'adamw'``; ``fallback_lr`` etc.: docs.
+        fallback: the others' step, ``'adamw'`` (default; ``fallback_lr`` None: 1e-2) or
+            ``'sgd'`` (None: the group's lr); ``fallback_lr`` etc.: docs/kfac.md.
 
     Example::
 
@@ -103,7 +104,7 @@ class KFAC(ModelHooks, OnDemandStepWrapper):
                  on_nonfinite: str = "skip", factor_dtype: torch.dtype = torch.float32,
                  accumulation_steps: int = 1, batch_averaged: bool = True, grad_scaler=None,
                  params=None, process_group=None, spread_inverses: bool = True,
-                 refresh_budget: float | None = 0.25, refresh_timer=None, fallback: str = "sgd",
+                 refresh_budget: float | None = 0.25, refresh_timer=None, fallback: str = "adamw",
                  fallback_lr=None, fallback_betas=(0.9, 0.999), fallback_eps=1e-8) -> None:
         kfac_init(self, locals())
 

@@ -18,7 +18,7 @@ def groups_and_params(dtype=torch.float64):
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(4, 3, generator=gen, dtype=dtype), torch.randn(5, generator=gen,
                                                                         dtype=dtype)]
-    groups = [dict(params=[params[0]], lr=0.1, weight_decay=0.1, fallback_lr=0.01,
+    groups = [dict(params=[params[0]], lr=0.1, weight_decay=0.1, fallback_lr=3e-3,
                    fallback_betas=(0.9, 0.999), fallback_eps=1e-8),
               dict(params=[params[1]], lr=0.1, weight_decay=0.0, fallback_lr=None,
                    fallback_betas=(0.5, 0.9), fallback_eps=1e-8)]
@@ -60,8 +60,8 @@ def test_matches_naive_transcription_and_torch_adamw():
     start = [p.clone() for p in params]
     gs = grads(6, [p.shape for p in params])
     state = run(groups, params, group_of, gs)
-    # group 1: fallback_lr None is 1e-3 (torch.optim.AdamW's lr)
-    for i, (lr, (b1, b2), wd) in enumerate([(0.01, (0.9, 0.999), 0.1), (1e-3, (0.5, 0.9), 0.0)]):
+    # group 0: fallback_lr 3e-3; group 1: None is ADAMW_LR, 1e-2
+    for i, (lr, (b1, b2), wd) in enumerate([(3e-3, (0.9, 0.999), 0.1), (1e-2, (0.5, 0.9), 0.0)]):
         want = naive_adamw(start[i], [g[i] for g in gs], lr, b1, b2, 1e-8, wd)
         # a few roundings of fp64 per step: 1e-13 relative to the step sizes (~lr)
         torch.testing.assert_close(params[i].flatten(), want, rtol=0, atol=1e-13)

@@ -765,7 +765,7 @@ def kfac(name, dtype, mode, factor_dtype, poisons=("grad-nan", "grad-inf")):
     return OptimizerCase(
         name=name, cls="KFAC",
         kwargs=dict(lr=0.05, weight_decay=1e-3, mode=mode, factor_dtype=factor_dtype,
-                    factor_update_steps=2, inv_update_steps=3),
+                    factor_update_steps=2, inv_update_steps=3, fallback="sgd"),
         model=functools.partial(ConvClassifier, dtype),
         batch=functools.partial(image_batch, dtype), takes_model=True,
         convention="backward", on_nonfinite="skip", skip="counted", poisons=poisons,
@@ -912,14 +912,14 @@ def ekfac(name, dtype, factor_dtype, poisons=("grad-nan", "grad-inf")):
     return replace(
         kfac(name, dtype, "eigen", factor_dtype, poisons), cls="EKFAC",
         kwargs=dict(lr=0.05, weight_decay=1e-3, factor_dtype=factor_dtype, factor_update_steps=2,
-                    inv_update_steps=3, scale_update_steps=2, scale_decay=0.5),
+                    inv_update_steps=3, scale_update_steps=2, scale_decay=0.5, fallback="sgd"),
         live_state_keys=("A", "G", "QA", "dA", "QG", "dG", "scale"),
         state_check=ekfac_layer_state, invalid=EKFAC_INVALID)
 
 
 def kfac_adamw_fallback(name, dtype):
-    """KFAC's row with its Linear left out (skip_layers) to the AdamW fallback step, and the
-    KL clip at the peak lr (its state: a float per layer)."""
+    """KFAC's row at its default fallback, AdamW, with its Linear left out (skip_layers) to
+    it, and the default KL clip at the peak lr (its state: a float per layer)."""
     from dataclasses import replace
     base = kfac(name, dtype, "eigen", dtype)
 
@@ -930,8 +930,8 @@ def kfac_adamw_fallback(name, dtype):
         assert {"exp_avg", "exp_avg_sq", "fallback_step"} <= set(opt.state[linear.weight])
         assert "momentum_buffer" not in opt.state[linear.weight]
 
-    return replace(base, kwargs={**base.kwargs, "skip_layers": ["net.3"], "fallback": "adamw",
-                                 "fallback_lr": 1e-2, "kl_clip_lr": "peak"},
+    kwargs = {k: v for k, v in base.kwargs.items() if k != "fallback"}  # the default, 'adamw'
+    return replace(base, kwargs={**kwargs, "skip_layers": ["net.3"], "fallback_lr": 3e-3},
                    added_param_is_sgd=False, state_check=state_check)
 
 
@@ -1011,7 +1011,7 @@ def natural_gradient_adamw_fallback(name, dtype):
         assert "momentum_buffer" not in opt.state[linear.weight]
 
     return replace(base, kwargs={**base.kwargs, "skip_layers": ["net.3"], "fallback": "adamw",
-                                 "fallback_lr": 1e-2, "kl_clip_lr": "peak"},
+                                 "fallback_lr": 1e-2},
                    added_param_is_sgd=False, state_check=state_check)
 
 

@@ -428,7 +428,7 @@ def test_plain_layers_match_sgd(on_nonfinite):
     torch.manual_seed(0)
     model = Mixed()
     opt = KFAC(model, lr=0.05, momentum=0.9, weight_decay=1e-2, skip_layers=["skipped"],
-               on_nonfinite=on_nonfinite)
+               on_nonfinite=on_nonfinite, fallback="sgd")
     assert [n for n, _ in opt.layers] == ["fc", "conv"]
     kfac_params = {id(p) for _, m in opt.layers for p in m.parameters()}
     plain = [p for p in model.parameters() if id(p) not in kfac_params]
@@ -487,15 +487,39 @@ def test_plain_layers_match_adamw_fallback(cls, on_nonfinite, scheduled):
     assert "momentum_buffer" not in opt.state[model.emb.weight]
 
 
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_default_fallback_is_adamw_at_1e_2(cls):
+    """The params left out take torch.optim.AdamW's step at lr 1e-2 by default."""
+    torch.manual_seed(0)
+    model = Mixed().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = cls(model, lr=0.05, skip_layers=["skipped"])
+    kfac_params = {id(p) for _, m in opt.layers for p in m.parameters()}
+    plain = [p for p in model.parameters() if id(p) not in kfac_params]
+    shadow = [p.detach().clone().requires_grad_() for p in plain]
+    adamw = torch.optim.AdamW(shadow, lr=1e-2, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randint(0, 10, (16,), generator=gen)).pow(2).mean().backward()
+        for s, p in zip(shadow, plain):
+            s.grad = p.grad.clone()
+        opt.step()
+        adamw.step()
+        for p, s in zip(plain, shadow):
+            torch.testing.assert_close(p, s.detach(), rtol=0, atol=1e-14)
+
+
 @pytest.mark.parametrize("scheduled", [False, True])
 def test_sgd_fallback_lr(scheduled):
-    """fallback='sgd' (default) with fallback_lr: the params left out take SGD at fallback_lr
+    """fallback='sgd' with fallback_lr: the params left out take SGD at fallback_lr
     (bit for bit); an LR scheduler scales it as it scales SGD's lr (fp64: to the rounding of
     fallback_lr * lr / initial_lr against initial_lr's factor)."""
     torch.manual_seed(0)
     model = Mixed().double()
     opt = KFAC(model, lr=0.05, skip_layers=["skipped"], factor_update_steps=1,
-               inv_update_steps=1, fallback_lr=0.2)
+               inv_update_steps=1, fallback="sgd", fallback_lr=0.2)
     plain = [model.emb.weight, model.norm.weight, model.free]
     shadow = [p.detach().clone().requires_grad_() for p in plain]
     sgd = torch.optim.SGD(shadow, lr=0.2, momentum=0.9)
@@ -671,7 +695,8 @@ def test_params_argument_limits_the_layers():
 
 def test_all_layers_skipped_is_sgd():
     model, twin = mlp(dtype=torch.float32), mlp(dtype=torch.float32)
-    opt = KFAC(model, lr=0.1, momentum=0.5, weight_decay=1e-3, skip_layers="Linear")
+    opt = KFAC(model, lr=0.1, momentum=0.5, weight_decay=1e-3, skip_layers="Linear",
+               fallback="sgd")
     sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.5, weight_decay=1e-3)
     assert opt.layers == []
     data = batches(4, dtype=torch.float32)

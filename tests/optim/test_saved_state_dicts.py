@@ -87,7 +87,7 @@ def _set_params(model, values):
 # Options added since the files were made, with the default that reproduces the old behaviour.
 # Options added since 0f96eea, with their defaults (a loaded state takes them)
 ADDED_OPTIONS = {"DRSOM": {"lr": 1.0},
-                 "KFAC": {"refresh_budget": 0.25, "fallback": "sgd", "fallback_lr": None,
+                 "KFAC": {"refresh_budget": 0.25, "fallback": "adamw", "fallback_lr": None,
                           "fallback_betas": (0.9, 0.999), "fallback_eps": 1e-8,
                           "kl_clip_lr": "peak"},
                  "Shampoo": {"refresh_budget": 0.1, "relative_epsilon": 1e-4}}
@@ -95,7 +95,7 @@ ADDED_OPTIONS = {"DRSOM": {"lr": 1.0},
 # every step, now automatic; Shampoo's roots: no relative_epsilon, now 1e-4), set where a case
 # left them to the defaults
 OLD_DEFAULTS = {"KFAC": {"refresh_budget": None, "factor_update_steps": 1, "inv_update_steps": 1,
-                         "kl_clip_lr": "current"},
+                         "kl_clip_lr": "current", "fallback": "sgd"},
                 "Shampoo": {"relative_epsilon": 0.0},
                 "MLBFGS": {"normalize": "l2"}}  # 'kl' since issue 17 (docs/mlbfgs.md)
 
