@@ -48,10 +48,9 @@ _UNCAST = _VIEW_KEYS + ("nonfinite_steps",) + FALLBACK_UNCAST
 
 
 class KFAC(ModelHooks, OnDemandStepWrapper):
-    r"""K-FAC, Kronecker-factored approximate curvature (Martens & Grosse, ICML 2015), with the
-    defaults of KAISA (Pauloski et al. 2021) but for the refresh intervals (automatic) and the
-    KL clip under a decaying lr (``kl_clip_lr``), as one optimizer: the preconditioner and SGD
-    with momentum in one ``step()``.
+    r"""K-FAC, Kronecker-factored approximate curvature (Martens & Grosse, ICML 2015), with
+    KAISA's defaults (Pauloski et al. 2021; not its refresh intervals, clip under a decaying lr
+    and fallback), as one optimizer: the preconditioner and SGD with momentum in one ``step()``.
 
     Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` of ``model`` (compiled or not) whose
     params are optimised here (in one group, not tied) is preconditioned by
@@ -67,15 +66,12 @@ class KFAC(ModelHooks, OnDemandStepWrapper):
         lr, momentum, weight_decay: of the SGD step (0.1, 0.9, 0; per group).
         damping: lambda (default 1e-3).
         factor_decay: running-average decay of the factors, per update (default 0.95).
-        kl_clip: kappa of the KL clip, or None (default 1e-3).
-        kl_clip_lr: the lr the clip measures the step at: ``'peak'`` (default: the largest
-            lr so far, so a decaying lr schedule shrinks the clipped step) or ``'current'``
-            (KAISA's: the clipped step is the same at any lr).
+        kl_clip, kl_clip_lr: kappa of the KL clip, or None (default 1e-3); its lr, ``'peak'``
+            (default: the largest so far) or ``'current'`` (KAISA's).
         factor_update_steps, inv_update_steps: steps between factor updates and between
             decompositions; None (default): automatic, ``refresh_budget``/``refresh_timer``.
-        mode: ``'eigen'`` (default) or ``'inverse'``.
+        mode, on_nonfinite: ``'eigen'`` (default) or ``'inverse'``; ``'skip'`` (default) or ``'raise'``.
         skip_layers: module or class names (regexes, full match) not to precondition.
-        on_nonfinite: ``'skip'`` (default) or ``'raise'``.
         factor_dtype: ``torch.float32`` (default) or ``torch.float64``.
         accumulation_steps: backward passes per step (default 1).
         batch_averaged: the loss is a mean over the batch (default True).
@@ -83,8 +79,7 @@ class KFAC(ModelHooks, OnDemandStepWrapper):
         params: the params to optimise (default: all of ``model``'s).
         process_group: data-parallel ranks (default: a DDP ``model``'s group).
         spread_inverses: spread the decompositions over the ranks (default True).
-        fallback: the others' step, ``'adamw'`` (default; ``fallback_lr`` None: 1e-2) or
-            ``'sgd'`` (None: the group's lr); ``fallback_lr`` etc.: docs/kfac.md.
+        fallback: the others' step, ``'adamw'`` (default) or ``'sgd'``; ``fallback_lr`` etc.: docs.
 
     Example::
 
