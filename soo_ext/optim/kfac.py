@@ -70,7 +70,7 @@ class KFAC(ModelHooks, OnDemandStepWrapper):
             (default: the largest so far) or ``'current'`` (KAISA's).
         factor_update_steps, inv_update_steps: steps between factor updates and between
             decompositions; None (default): automatic, ``refresh_budget``/``refresh_timer``.
-        mode, on_nonfinite: ``'eigen'`` (default) / ``'inverse'``; ``'skip'`` (default) / ``'raise'``.
+        mode, on_nonfinite: ``'eigen'`` (default) or ``'inverse'``, ``'skip'`` or ``'raise'``.
         skip_layers: module or class names (regexes, full match) not to precondition.
         factor_dtype: ``torch.float32`` (default) or ``torch.float64``.
         accumulation_steps: backward passes per step (default 1).
