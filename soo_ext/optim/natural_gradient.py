@@ -46,7 +46,7 @@ class NaturalGradient(ModelHooks, OnDemandStepWrapper):
     The per-sample gradients of every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (groups=1) and
     self-attention ``nn.MultiheadAttention`` (in-projection) come from K-FAC's hooks (the
     layer's input rows and output gradients, a sample's summed over its tokens or positions);
-    the other params take the ``fallback`` step, SGD's or AdamW's (a warning names them). Where a
+    the other params take the ``fallback`` step, AdamW's or SGD's (a warning names them). Where a
     Linear's input ``[d0, d1, ..., in]`` holds the samples is told from the batch size of the
     other layers (or the attention's ``batch_first``); ValueError at ``step()`` where it cannot
     be told. One backward pass per step; the empirical Fisher of the loss given (mean or sum:
@@ -67,7 +67,8 @@ class NaturalGradient(ModelHooks, OnDemandStepWrapper):
         params: the params to optimise (default: all of ``model``'s).
         process_group: data-parallel ranks (default: a DDP ``model``'s group): the first S
             samples of the ranks' batch sent to every rank, each solving the same system.
-        fallback: the others' step, ``'sgd'`` (default) or ``'adamw'``; ``fallback_lr`` etc.: docs.
+        fallback: the others' step, ``'adamw'`` (default; ``fallback_lr`` None: 1e-2) or
+            ``'sgd'`` (None: the group's lr); ``fallback_lr`` etc.: docs.
 
     Example::
 
@@ -81,7 +82,7 @@ class NaturalGradient(ModelHooks, OnDemandStepWrapper):
                  weight_decay: float = 0.0, damping: float = 1.0, per_layer: bool = False, *,
                  curvature_samples: int | None = 32, max_state_bytes: int = 2 ** 30,
                  skip_layers=None, on_nonfinite: str = "skip", batch_averaged: bool = True,
-                 grad_scaler=None, params=None, process_group=None, fallback: str = "sgd",
+                 grad_scaler=None, params=None, process_group=None, fallback: str = "adamw",
                  fallback_lr=None, fallback_betas=(0.9, 0.999), fallback_eps=1e-8) -> None:
         model = compiled_inner(model)
         if process_group is None and isinstance(model, nn.parallel.DistributedDataParallel):

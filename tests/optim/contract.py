@@ -984,7 +984,7 @@ def natural_gradient(name, dtype, **kwargs):
     """NaturalGradient (Woodbury): nothing scheduled, every step solves its batch's system."""
     return OptimizerCase(
         name=name, cls="NaturalGradient",
-        kwargs=dict(lr=0.05, weight_decay=1e-3, damping=1e-2, **kwargs),
+        kwargs=dict(lr=0.05, weight_decay=1e-3, damping=1e-2, fallback="sgd", **kwargs),
         model=functools.partial(ConvClassifier, dtype),
         batch=functools.partial(image_batch, dtype), takes_model=True,
         convention="backward", on_nonfinite="skip", skip="counted",
@@ -1000,7 +1000,8 @@ def natural_gradient(name, dtype, **kwargs):
 
 
 def natural_gradient_adamw_fallback(name, dtype):
-    """NaturalGradient's row with its Linear left out (skip_layers) to the AdamW fallback step."""
+    """NaturalGradient's row at its default fallback, AdamW, with its Linear left out
+    (skip_layers) to it."""
     from dataclasses import replace
     base = natural_gradient(name, dtype)
 
@@ -1010,8 +1011,8 @@ def natural_gradient_adamw_fallback(name, dtype):
         assert {"exp_avg", "exp_avg_sq", "fallback_step"} <= set(opt.state[linear.weight])
         assert "momentum_buffer" not in opt.state[linear.weight]
 
-    return replace(base, kwargs={**base.kwargs, "skip_layers": ["net.3"], "fallback": "adamw",
-                                 "fallback_lr": 1e-2},
+    kwargs = {k: v for k, v in base.kwargs.items() if k != "fallback"}  # the default, 'adamw'
+    return replace(base, kwargs={**kwargs, "skip_layers": ["net.3"]},
                    added_param_is_sgd=False, state_check=state_check)
 
 

@@ -176,7 +176,7 @@ def test_sequence_models_match_the_naive_transcription(case, per_layer, curvatur
     model = make()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt = soo_ext.NaturalGradient(model, skip_layers=skip, **kw)
+        opt = soo_ext.NaturalGradient(model, skip_layers=skip, fallback="sgd", **kw)
     preconditioned = sorted(n for b in blocks for n in b)
     assert sorted(n for n, p in model.named_parameters() if any(
         p is q for _, m in opt.layers for q in m.parameters(recurse=False))) == preconditioned
@@ -242,11 +242,12 @@ def test_sum_loss_with_batch_averaged_false_is_the_same_step_scaled():
 
 @pytest.mark.parametrize("fallback_lr", [None, 0.3])
 def test_unsupported_layers_are_named_and_take_the_sgd_step(fallback_lr):
-    """The default fallback: SGD at ``fallback_lr``, None: the group's lr."""
+    """fallback='sgd': SGD at ``fallback_lr``, None: the group's lr."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)).to(F64)
     with pytest.warns(UserWarning, match=r"1 \(LayerNorm: weight, bias\)"):
-        opt = soo_ext.NaturalGradient(model, lr=0.1, momentum=0.0, fallback_lr=fallback_lr)
+        opt = soo_ext.NaturalGradient(model, lr=0.1, momentum=0.0, fallback="sgd",
+                                      fallback_lr=fallback_lr)
     assert [n for n, _ in opt.layers] == ["0", "2"]
     ln = model[1]
     before = ln.weight.detach().clone()
@@ -255,6 +256,27 @@ def test_unsupported_layers_are_named_and_take_the_sgd_step(fallback_lr):
     expected = before - (fallback_lr or 0.1) * ln.weight.grad
     opt.step()
     torch.testing.assert_close(ln.weight.detach(), expected, rtol=0, atol=0)
+
+
+def test_default_fallback_is_adamw_at_1e_2():
+    """The params left out (here a LayerNorm's) take torch.optim.AdamW's step at lr 1e-2 by
+    default (chosen on the development token models: docs/natural_gradient.md)."""
+    model = layer_norm_mlp()
+    with pytest.warns(UserWarning, match=r"fallback step \(adamw\)"):
+        opt = soo_ext.NaturalGradient(model, lr=0.1)
+    norm = list(model[1].parameters())
+    shadow = [p.detach().clone().requires_grad_() for p in norm]
+    adamw = torch.optim.AdamW(shadow, lr=1e-2, weight_decay=0.0)
+    for k in range(3):
+        x, y = data(k)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for s, p in zip(shadow, norm):
+            s.grad = p.grad.clone()
+        opt.step()
+        adamw.step()
+        for p, s in zip(norm, shadow):  # fp64 steps of ~1e-2: a few roundings of p (~1) each
+            torch.testing.assert_close(p, s.detach(), rtol=0, atol=1e-14)
 
 
 def test_a_step_without_a_captured_backward_raises():
@@ -324,7 +346,8 @@ def test_adamw_fallback_is_torch_adamw_and_leaves_the_preconditioned_step(on_non
         opt = soo_ext.NaturalGradient(model, params=norm_apart(model, **norm_kw),
                                       fallback="adamw", fallback_eps=1e-6, **kw)
     with pytest.warns(UserWarning, match=r"fallback step \(sgd\)"):
-        sgd = soo_ext.NaturalGradient(twin, params=norm_apart(twin, weight_decay=1e-2), **kw)
+        sgd = soo_ext.NaturalGradient(twin, params=norm_apart(twin, weight_decay=1e-2),
+                                      fallback="sgd", **kw)
     norm, twin_norm = list(model[1].parameters()), list(twin[1].parameters())
     shadow = [p.detach().clone().requires_grad_() for p in norm]
     adamw = torch.optim.AdamW(shadow, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)
