@@ -67,8 +67,7 @@ class NaturalGradient(ModelHooks, OnDemandStepWrapper):
         params: the params to optimise (default: all of ``model``'s).
         process_group: data-parallel ranks (default: a DDP ``model``'s group): the first S
             samples of the ranks' batch sent to every rank, each solving the same system.
-        fallback: the others' step, ``'adamw'`` (default; ``fallback_lr`` None: 1e-2) or
-            ``'sgd'`` (None: the group's lr); ``fallback_lr`` etc.: docs.
+        fallback: the others' step, ``'adamw'`` (default, at 1e-2) or ``'sgd'``: docs.
 
     Example::
 
