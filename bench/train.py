@@ -120,7 +120,7 @@ Optimizers and learning-rate sweeps (tuned protocol; defaults: see 'default'):
                                                            lr 0.03, 0.1, 0.3        default 0.1
   soo_ext.NaturalGradient  its defaults (damping 1, momentum 0.9, the Fisher of the first 32
                       samples of each minibatch: one 32 x 32 Woodbury system for all layers;
-                      norms and embeddings: the 'sgd' fallback, SGD with momentum at its lr),
+                      norms and embeddings: the 'adamw' fallback, AdamW at 1e-2),
                       minibatch                            lr 0.03, 0.1, 0.3        default 0.1
 Optional peers, run in the same process when their package is installed (otherwise skipped
 with a note), same models, data and budget:
