@@ -258,27 +258,6 @@ def test_unsupported_layers_are_named_and_take_the_sgd_step(fallback_lr):
     torch.testing.assert_close(ln.weight.detach(), expected, rtol=0, atol=0)
 
 
-def test_default_fallback_is_adamw_at_1e_2():
-    """The params left out (here a LayerNorm's) take torch.optim.AdamW's step at lr 1e-2 by
-    default (chosen on the development token models: docs/natural_gradient.md)."""
-    model = layer_norm_mlp()
-    with pytest.warns(UserWarning, match=r"fallback step \(adamw\)"):
-        opt = soo_ext.NaturalGradient(model, lr=0.1)
-    norm = list(model[1].parameters())
-    shadow = [p.detach().clone().requires_grad_() for p in norm]
-    adamw = torch.optim.AdamW(shadow, lr=1e-2, weight_decay=0.0)
-    for k in range(3):
-        x, y = data(k)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        for s, p in zip(shadow, norm):
-            s.grad = p.grad.clone()
-        opt.step()
-        adamw.step()
-        for p, s in zip(norm, shadow):  # fp64 steps of ~1e-2: a few roundings of p (~1) each
-            torch.testing.assert_close(p, s.detach(), rtol=0, atol=1e-14)
-
-
 def test_a_step_without_a_captured_backward_raises():
     model = mlp()
     opt = soo_ext.NaturalGradient(model)
@@ -333,24 +312,31 @@ def norm_apart(model, **norm_options):
 
 @pytest.mark.filterwarnings("ignore:NaturalGradient. a step was skipped:RuntimeWarning")
 @pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
-def test_adamw_fallback_is_torch_adamw_and_leaves_the_preconditioned_step(on_nonfinite):
-    """fallback='adamw': the LayerNorm's params take torch.optim.AdamW's step (their group's
-    fallback_lr, fallback_betas and weight_decay, decoupled; fallback_eps); the Linears' step is
-    bit for bit the one fallback='sgd' takes at the same params. 'skip': a step with a NaN in
-    the LayerNorm's gradient changes nothing (no AdamW step, count or moment)."""
+@pytest.mark.parametrize("settings", ["given", "default"])
+def test_adamw_fallback_is_torch_adamw_and_leaves_the_preconditioned_step(on_nonfinite,
+                                                                          settings):
+    """fallback='adamw' (the default): the LayerNorm's params take torch.optim.AdamW's step
+    (their group's fallback_lr, by default 1e-2, fallback_betas and weight_decay, decoupled;
+    fallback_eps); the Linears' step is bit for bit the one fallback='sgd' takes at the same
+    params. 'skip': a step with a NaN in the LayerNorm's gradient changes nothing (no AdamW
+    step, count or moment)."""
+    given = settings == "given"
     kw = dict(lr=0.2, momentum=0.9, weight_decay=1e-3, damping=5e-2, curvature_samples=4,
               on_nonfinite=on_nonfinite)
-    norm_kw = dict(weight_decay=1e-2, fallback_lr=3e-3, fallback_betas=(0.8, 0.99))
+    norm_kw = dict(weight_decay=1e-2, **(dict(fallback_lr=3e-3, fallback_betas=(0.8, 0.99))
+                                         if given else {}))
     model, twin = layer_norm_mlp(), layer_norm_mlp()
     with pytest.warns(UserWarning, match=r"fallback step \(adamw\)"):
         opt = soo_ext.NaturalGradient(model, params=norm_apart(model, **norm_kw),
-                                      fallback="adamw", fallback_eps=1e-6, **kw)
+                                      **(dict(fallback="adamw", fallback_eps=1e-6) if given
+                                         else {}), **kw)
     with pytest.warns(UserWarning, match=r"fallback step \(sgd\)"):
         sgd = soo_ext.NaturalGradient(twin, params=norm_apart(twin, weight_decay=1e-2),
                                       fallback="sgd", **kw)
     norm, twin_norm = list(model[1].parameters()), list(twin[1].parameters())
     shadow = [p.detach().clone().requires_grad_() for p in norm]
-    adamw = torch.optim.AdamW(shadow, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)
+    adamw = torch.optim.AdamW(shadow, weight_decay=1e-2, **(
+        dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6) if given else dict(lr=1e-2)))
     poisoned = 2 if on_nonfinite == "skip" else None
     for k in range(5):
         x, y = data(k)
@@ -367,7 +353,7 @@ def test_adamw_fallback_is_torch_adamw_and_leaves_the_preconditioned_step(on_non
             for s, p in zip(shadow, norm):
                 s.grad = p.grad.clone()
             adamw.step()
-        for p, s in zip(norm, shadow):  # fp64 steps of ~3e-3: a few roundings of p (~1) each
+        for p, s in zip(norm, shadow):  # fp64 steps of ~1e-2: a few roundings of p (~1) each
             torch.testing.assert_close(p, s.detach(), rtol=0, atol=1e-14)
         for i in (0, 3):
             assert all(torch.equal(p, q) for p, q in zip(model[i].parameters(),
